@@ -1,0 +1,111 @@
+"""``Quantizer``: the base class a backend's quantizer subclasses.
+
+A backend implements four things: which module types it replaces (``replaces``), which types it
+produces (``produces``), how big a module becomes (:meth:`quantized_nbytes`) and how to build the
+quantized module from a float one (:meth:`create_quantized_module`). Selection, skip lists,
+overrides, reports, rollback and the plugin hooks are the core's job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from torch import nn
+
+if TYPE_CHECKING:
+    from .config import QuantizationConfigMixin
+    from .report import QuantizationReport
+
+__all__ = ["Quantizer", "module_nbytes"]
+
+
+def module_nbytes(module: nn.Module) -> int:
+    """Bytes of a module's parameters and buffers (works on the meta device)."""
+    total = 0
+    for t in (*module.parameters(), *module.buffers()):
+        total += t.numel() * t.element_size()
+    return total
+
+
+class Quantizer:
+    """Turns float modules into a backend's quantized modules, as its config says."""
+
+    replaces: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear,)
+    """Module types this backend can replace."""
+
+    produces: ClassVar[tuple[type[nn.Module], ...]] = ()
+    """Module types this backend creates (how :func:`quantcore.dequantize` recognises them)."""
+
+    def __init__(self, config: QuantizationConfigMixin):
+        self.config = config
+
+    # ------------------------------------------------------------------ for backend authors
+    def check_environment(self) -> None:
+        """Raise :class:`~quantcore.BackendUnavailableError` if this machine can't run the backend."""
+
+    def describe(self) -> str:
+        """A short label for reports (``"bitsandbytes nf4"``)."""
+        return self.config.quant_method
+
+    def can_replace(self, module: nn.Module) -> bool:
+        """Whether ``module`` is a float module this backend can quantize."""
+        return isinstance(module, self.replaces) and not self.is_quantized_module(module)
+
+    def quantized_nbytes(self, module: nn.Module) -> int:
+        """Bytes ``module`` will take once quantized (from shapes alone; it may be on the meta device)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement quantized_nbytes()")
+
+    def create_quantized_module(self, module: nn.Module, name: str) -> nn.Module:
+        """Build the quantized replacement of ``module`` (called ``name`` in the model).
+
+        Reuse ``module``'s weights (never run a random initialisation) and leave ``module`` itself
+        unchanged: the core swaps modules only once every replacement was built. A ``module`` on
+        the meta device gives a quantized module on the meta device (a skeleton to load into).
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement create_quantized_module()")
+
+    @classmethod
+    def is_quantized_module(cls, module: nn.Module) -> bool:
+        """Whether ``module`` is one this backend produced."""
+        return bool(cls.produces) and isinstance(module, cls.produces)
+
+    @classmethod
+    def dequantize_module(cls, module: nn.Module) -> nn.Module:
+        """A float module equivalent to the quantized ``module`` (``nn.Linear`` for linear layers)."""
+        raise NotImplementedError(f"{cls.__name__} cannot dequantize")
+
+    # ------------------------------------------------------------------ for users
+    def plan(
+        self,
+        model: nn.Module,
+        *,
+        overrides: Mapping[str, Any] | None = None,
+        skip_modules: list[str] | None = None,
+        default_skips: bool = True,
+    ) -> QuantizationReport:
+        """What :meth:`quantize` would do, as a report; the model is not changed."""
+        from .walk import Walk
+
+        return Walk.build(self, model, overrides, skip_modules, default_skips).plan()
+
+    def quantize(
+        self,
+        model: nn.Module,
+        *,
+        overrides: Mapping[str, Any] | None = None,
+        skip_modules: list[str] | None = None,
+        default_skips: bool = True,
+        progress: bool | None = None,
+    ) -> QuantizationReport:
+        """Quantize ``model`` in place; every module is replaced, or (on any error) none is.
+
+        :param overrides: ``{pattern: config | dict | None}``; the first pattern matching a module
+            (or one of its ancestors) chooses its config, ``None`` keeps it in float.
+        :param skip_modules: more names or patterns to keep in float, added to the config's own.
+        :param default_skips: keep the output head and tied-weight linears in float (default).
+        :param progress: show a progress bar (default: when stderr is a terminal and the work is long).
+        """
+        from .walk import Walk
+
+        return Walk.build(self, model, overrides, skip_modules, default_skips).run(progress=progress)

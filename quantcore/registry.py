@@ -1,0 +1,175 @@
+"""The backend registry: what each plugin contributed, and whether it can run here."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import importlib.util
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from .errors import BackendUnavailableError, ConfigError, PluginError
+
+if TYPE_CHECKING:
+    from .config import QuantizationConfigMixin
+    from .quantizer import Quantizer
+
+__all__ = ["Backend", "BackendInfo", "available_backends", "get_backend"]
+
+
+@attrs.frozen
+class Backend:
+    """What a plugin registers through the ``register_backends`` hook.
+
+    :param quant_method: the ``quant_method`` its configs carry (``"bitsandbytes"``).
+    :param config_class: the :class:`~quantcore.QuantizationConfigMixin` subclass.
+    :param quantizer: the :class:`~quantcore.Quantizer` subclass, or ``"module:Class"`` to import it
+        only when the backend is used (keeps heavy imports out of discovery).
+    :param requires: requirement strings (``"bitsandbytes>=0.48"``) that must be installed to run.
+    :param install_hint: what to tell a user when a requirement is missing.
+    :param description: one line for ``quantcore backends``.
+    """
+
+    quant_method: str
+    config_class: type[QuantizationConfigMixin]
+    quantizer: type[Quantizer] | str
+    requires: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    install_hint: str | None = None
+    description: str = ""
+
+    def quantizer_class(self) -> type[Quantizer]:
+        """The quantizer class, imported on first use."""
+        if isinstance(self.quantizer, str):
+            module, _, name = self.quantizer.partition(":")
+            return getattr(importlib.import_module(module), name)
+        return self.quantizer
+
+    def missing_requirements(self) -> list[str]:
+        """One line per requirement that is not installed or too old here."""
+        from packaging.requirements import Requirement
+
+        problems = []
+        for text in self.requires:
+            req = Requirement(text)
+            try:
+                version = importlib.metadata.version(req.name)
+            except importlib.metadata.PackageNotFoundError:
+                problems.append(f"{req.name} is not installed")
+                continue
+            if req.specifier and not req.specifier.contains(version, prereleases=True):
+                problems.append(f"{req.name} {version} is installed but {text} is needed")
+        return problems
+
+
+@attrs.frozen
+class BackendInfo:
+    """One row of :func:`available_backends`."""
+
+    quant_method: str
+    plugin: str
+    distribution: str | None
+    version: str | None
+    usable: bool
+    reason: str | None
+    backend: Backend | None = attrs.field(default=None, repr=False, eq=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (``quantcore backends --json``)."""
+        return {
+            "quant_method": self.quant_method,
+            "plugin": self.plugin,
+            "distribution": self.distribution,
+            "version": self.version,
+            "usable": self.usable,
+            "reason": self.reason,
+        }
+
+
+# Methods that well-known plugins provide: only used to tell a user what to install when a config
+# names a method no installed plugin registers. The core imports none of them.
+KNOWN_PROVIDERS: dict[str, str] = {
+    "bitsandbytes": "quantcore-bnb (pip install 'quantcore[bnb]')",
+    "torch_wo": "quantcore-torch (pip install 'quantcore[torch-backend]')",
+}
+
+
+def _usability(backend: Backend) -> str | None:
+    missing = backend.missing_requirements()
+    if not missing:
+        return None
+    hint = f": {backend.install_hint}" if backend.install_hint else ""
+    return "; ".join(missing) + hint
+
+
+def available_backends() -> list[BackendInfo]:
+    """Every registered backend: method, providing plugin and version, usable here or why not."""
+    from .plugins import plugin_state
+
+    state = plugin_state()
+    rows = []
+    for method, claims in sorted(state.claims.items()):
+        if len(claims) > 1:
+            names = " and ".join(repr(c.plugin) for c in claims)
+            for claim in claims:
+                rows.append(
+                    BackendInfo(method, claim.plugin, claim.distribution, claim.version, False,
+                                f"claimed by plugins {names}: disable one (QUANTCORE_DISABLE_PLUGINS)",
+                                claim.backend)
+                )
+            continue
+        (claim,) = claims
+        reason = _usability(claim.backend)
+        rows.append(BackendInfo(method, claim.plugin, claim.distribution, claim.version, reason is None,
+                                reason, claim.backend))
+    return rows
+
+
+def get_backend(quant_method: Any, *, require_usable: bool = True) -> Backend:
+    """The backend registered for ``quant_method``; a clear error when there is none or it can't run."""
+    from .plugins import plugin_state
+
+    state = plugin_state()
+    claims = state.claims.get(quant_method) if isinstance(quant_method, str) else None
+    if not claims:
+        installed = ", ".join(repr(m) for m in sorted(state.claims)) or "none"
+        if quant_method is None:
+            message = f"missing; installed methods: {installed}"
+        elif isinstance(quant_method, str) and quant_method in KNOWN_PROVIDERS:
+            message = (f"{quant_method!r} is provided by the plugin {KNOWN_PROVIDERS[quant_method]}, "
+                       f"which is not installed or is disabled; installed methods: {installed}")
+        else:
+            close = _close(quant_method, state.claims)
+            message = f"unknown method {quant_method!r}{close}; installed methods: {installed}"
+        raise ConfigError([("quant_method", message)])
+    if len(claims) > 1:
+        names = " and ".join(f"{c.plugin!r} ({c.distribution or 'registered at run time'})" for c in claims)
+        raise PluginError(
+            f"quant_method {quant_method!r} is claimed by plugins {names}; disable one with "
+            f"QUANTCORE_DISABLE_PLUGINS or quantcore.disable_plugins()"
+        )
+    backend = claims[0].backend
+    if require_usable:
+        reason = _usability(backend)
+        if reason:
+            raise BackendUnavailableError(f"backend {quant_method!r} cannot run here: {reason}")
+    return backend
+
+
+def _close(name: Any, known: dict[str, Any]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(str(name), list(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def backend_for_module_type(predicate: Callable[[type[Quantizer]], bool]) -> list[Backend]:
+    """Usable backends whose quantizer class satisfies ``predicate`` (used by dequantize)."""
+    out = []
+    for info in available_backends():
+        if info.usable and info.backend is not None:
+            out.append(info.backend)
+    return [b for b in out if predicate(b.quantizer_class())]
+
+

@@ -1,0 +1,267 @@
+"""Choosing which modules to quantize, and replacing them all or none.
+
+Policies are data: an ordered list of rules (defaults, skip lists, overrides, the main config),
+each a name predicate and a quantizer (``None`` keeps the module in float). A module takes the
+first rule that matches its name or any of its ancestors' names.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import attrs
+from torch import nn
+
+from .errors import QuantizationError
+from .match import compile_pattern
+from .quantizer import Quantizer, module_nbytes
+from .report import ModuleRecord, QuantizationReport
+
+__all__ = ["Rule", "Walk", "default_float_modules"]
+
+
+@attrs.frozen
+class Rule:
+    """``label`` explains the decision in reports; ``quantizer`` is ``None`` for "keep in float"."""
+
+    label: str
+    matches: Callable[[str], bool] = attrs.field(repr=False)
+    quantizer: Quantizer | None
+
+
+@attrs.frozen
+class Decision:
+    """The rule chosen for one candidate module, and where the module sits."""
+
+    name: str
+    module: nn.Module
+    parent: nn.Module | None
+    child: str
+    rule: Rule | None  # None: no rule applies (no main config and no matching override)
+
+
+def default_float_modules(model: nn.Module) -> dict[str, str]:
+    """Modules kept in float by default: the output head and linears whose weight is tied elsewhere.
+
+    Returns ``{module name: reason}``.
+    """
+    out: dict[str, str] = {}
+    head = None
+    get_head = getattr(model, "get_output_embeddings", None)
+    if callable(get_head):
+        try:
+            head = get_head()
+        except Exception:  # some architectures raise NotImplementedError
+            head = None
+    users: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if head is not None and module is head:
+            out.setdefault(name, "default: output head")
+        for pname, param in module._parameters.items():
+            if param is not None:
+                users.setdefault(id(param), []).append(f"{name}.{pname}" if name else pname)
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(module, nn.Linear) and weight is not None and len(users.get(id(weight), ())) > 1:
+            others = [u for u in users[id(weight)] if u != f"{name}.weight"]
+            out.setdefault(name, f"default: weight tied to {others[0]}")
+    return out
+
+
+def _as_quantizer(value: Any, cache: dict[int, Quantizer]) -> Quantizer | None:
+    from .auto import AutoQuantizer
+
+    if value is None:
+        return None
+    if isinstance(value, Quantizer):
+        return value
+    key = id(value)
+    if key not in cache:
+        cache[key] = AutoQuantizer.from_config(value)
+    return cache[key]
+
+
+@attrs.define
+class Walk:
+    """One planned pass over a model: the rules, then the decisions they give."""
+
+    model: nn.Module
+    rules: list[Rule]
+    quantizers: list[Quantizer]
+    main: Quantizer | None
+
+    @classmethod
+    def build(
+        cls,
+        main: Quantizer | None,
+        model: nn.Module,
+        overrides: Mapping[str, Any] | None = None,
+        skip_modules: list[str] | None = None,
+        default_skips: bool = True,
+    ) -> Walk:
+        """Turn the call's arguments into ordered rules (bad patterns raise before anything runs)."""
+        from .errors import ConfigError
+
+        rules: list[Rule] = []
+        problems: list[tuple[str, str]] = []
+        if default_skips:
+            for name, reason in default_float_modules(model).items():
+                rules.append(Rule(reason, (lambda n, _name=name: n == _name), None))
+        skip_sources: list[tuple[str, str]] = []
+        if main is not None:
+            field = main.config.skip_modules_field or "skip_modules"
+            skip_sources += [(p, field) for p in main.config.skip_modules()]
+        skip_sources += [(p, "skip_modules") for p in (skip_modules or [])]
+        for pattern, source in skip_sources:
+            try:
+                rules.append(Rule(f"skip: {pattern!r} ({source})", compile_pattern(pattern), None))
+            except ValueError as exc:
+                problems.append((source, str(exc)))
+        cache: dict[int, Quantizer] = {}
+        for pattern, value in (overrides or {}).items():
+            try:
+                matcher = compile_pattern(pattern)
+                quantizer = _as_quantizer(value, cache)
+            except ValueError as exc:  # ConfigError is a ValueError: keep its text
+                problems.append((f"overrides[{pattern!r}]", str(exc)))
+                continue
+            label = f"override: {pattern!r}" + (" -> keep in float" if quantizer is None else "")
+            rules.append(Rule(label, matcher, quantizer))
+        if problems:
+            raise ConfigError(problems, title="invalid quantize arguments")
+        if main is not None:
+            rules.append(Rule("config", lambda n: True, main))
+        quantizers = [r.quantizer for r in rules if r.quantizer is not None]
+        unique = list({id(q): q for q in quantizers}.values())
+        return cls(model, rules, unique, main)
+
+    # ------------------------------------------------------------------ deciding
+    def _first_rule(self, name: str) -> int:
+        for i, rule in enumerate(self.rules):
+            if rule.matches(name):
+                return i
+        return len(self.rules)
+
+    def decide(self) -> list[Decision]:
+        """Every candidate module with its rule, in module order."""
+        replaceable = tuple({t for q in self.quantizers for t in q.replaces})
+        decisions: list[Decision] = []
+        none = len(self.rules)
+
+        def visit(module: nn.Module, name: str, parent: nn.Module | None, child: str, inherited: int) -> None:
+            here = self._first_rule(name) if name else none
+            index = min(here, inherited)
+            if replaceable and isinstance(module, replaceable) and not self._already_quantized(module):
+                rule = self.rules[index] if index < none else None
+                decisions.append(Decision(name, module, parent, child, rule))
+                return
+            for child_name, sub in module._modules.items():
+                if sub is not None:
+                    visit(sub, f"{name}.{child_name}" if name else child_name, module, child_name, index)
+
+        visit(self.model, "", None, "", none)
+        return decisions
+
+    def _already_quantized(self, module: nn.Module) -> bool:
+        return any(q.is_quantized_module(module) for q in self.quantizers)
+
+    # ------------------------------------------------------------------ reporting
+    def _report(
+        self, decisions: list[Decision], dry_run: bool, seconds: float = 0.0, size: tuple[int, int] | None = None
+    ) -> QuantizationReport:
+        records = []
+        saved = 0
+        for d in decisions:
+            before = module_nbytes(d.module)
+            quantizer = d.rule.quantizer if d.rule is not None else None
+            if quantizer is not None and not quantizer.can_replace(d.module):
+                quantizer = None
+                reason = f"{d.rule.label if d.rule else 'config'}: {type(d.module).__name__} not supported"
+            else:
+                reason = d.rule.label if d.rule is not None else "no rule matched"
+            after = quantizer.quantized_nbytes(d.module) if quantizer is not None else before
+            saved += before - after
+            records.append(ModuleRecord(
+                name=d.name,
+                module_type=type(d.module).__name__,
+                action="quantized" if quantizer is not None else "skipped",
+                rule=reason,
+                method=quantizer.describe() if quantizer is not None else None,
+                params=sum(p.numel() for p in d.module.parameters()),
+                bytes_before=before,
+                bytes_after=after,
+            ))
+        params, total = size or _model_size(self.model)
+        return QuantizationReport(records, params, total, total - saved, dry_run=dry_run, seconds=seconds)
+
+    def plan(self) -> QuantizationReport:
+        """The dry run: a report of what :meth:`run` would do."""
+        start = time.perf_counter()
+        decisions = self.decide()
+        return self._report(decisions, dry_run=True, seconds=time.perf_counter() - start)
+
+    # ------------------------------------------------------------------ replacing
+    def run(self, progress: bool | None = None) -> QuantizationReport:
+        """Replace every chosen module, or none: replacements are built first, then swapped in."""
+        from .plugins import call_observers
+
+        start = time.perf_counter()
+        for q in self.quantizers:
+            q.check_environment()
+        decisions = self.decide()
+        size = _model_size(self.model)
+        plan = self._report(decisions, dry_run=True, size=size)
+        config = self.main.config if self.main is not None else None
+        call_observers("before_quantize", model=self.model, config=config, plan=plan)
+        chosen = [(d, d.rule.quantizer) for d in decisions
+                  if d.rule is not None and d.rule.quantizer is not None and d.rule.quantizer.can_replace(d.module)]
+        built: list[tuple[Decision, nn.Module]] = []
+        bar = _progress(len(chosen), progress)
+        try:
+            for d, quantizer in chosen:
+                try:
+                    built.append((d, quantizer.create_quantized_module(d.module, d.name)))
+                except Exception as exc:
+                    raise QuantizationError(
+                        f"could not quantize module {d.name!r} ({type(d.module).__name__}) with "
+                        f"{quantizer.describe()}: {type(exc).__name__}: {exc}; the model was left unchanged"
+                    ) from exc
+                if bar is not None:
+                    bar.update()
+        finally:
+            if bar is not None:
+                bar.close()
+        # Swapping is plain dict assignment: nothing here can fail half-way.
+        for d, new in built:
+            if d.parent is None:
+                raise QuantizationError("the model itself is a single module: quantize a container instead")
+            d.parent._modules[d.child] = new
+        report = self._report(decisions, dry_run=False, seconds=time.perf_counter() - start, size=size)
+        call_observers("after_quantize", model=self.model, config=config, report=report)
+        return report
+
+
+def _model_size(model: nn.Module) -> tuple[int, int]:
+    params = 0
+    total = 0
+    for p in model.parameters():  # parameters() yields tied tensors once
+        params += p.numel()
+        total += p.numel() * p.element_size()
+    for b in model.buffers():
+        total += b.numel() * b.element_size()
+    return params, total
+
+
+def _progress(total: int, enabled: bool | None) -> Any:
+    if enabled is None:
+        enabled = total >= 200 and sys.stderr.isatty()
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        return None
+    return tqdm(total=total, desc="quantizing", unit="module", leave=False)
