@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import torch
 from torch import nn
 
 if TYPE_CHECKING:
@@ -64,6 +65,19 @@ class Quantizer:
         the meta device gives a quantized module on the meta device (a skeleton to load into).
         """
         raise NotImplementedError(f"{type(self).__name__} must implement create_quantized_module()")
+
+    def load_quantized_state(
+        self, module: nn.Module, state: Mapping[str, torch.Tensor], device: torch.device | str | None = None
+    ) -> nn.Module:
+        """Fill a quantized skeleton with tensors saved from ``quantized_module.state_dict()``.
+
+        ``module`` comes from :meth:`create_quantized_module` on a meta-device float module;
+        ``state`` holds its tensors (keys without the module's prefix). Return the loaded module,
+        placed on ``device`` (it may be a new object). Raise ``ValueError`` naming the tensor when
+        ``state`` does not fit. The default is ``load_state_dict(strict=True, assign=True)``.
+        """
+        module.load_state_dict(dict(state), strict=True, assign=True)
+        return module.to(device) if device is not None else module
 
     @classmethod
     def is_quantized_module(cls, module: nn.Module) -> bool:
