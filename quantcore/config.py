@@ -291,7 +291,7 @@ def _field_problems(tp: Any, field: attrs.Attribute, value: Any) -> list[tuple[s
     choices = field.metadata.get("choices")
     if choices is not None and structured not in choices:
         shown = ", ".join(repr(converter.unstructure(c)) for c in choices)
-        return [(name, f"expected one of {shown}, got {_show(value)}")]
+        return [(name, f"expected one of {shown}, got {_show(converter.unstructure(structured))}")]
     check = field.metadata.get("check")
     message = check(structured) if check is not None else None
     return [(name, message)] if message else []
@@ -344,3 +344,19 @@ def _atomic_write_text(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _is_config_class(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, QuantizationConfigMixin)
+
+
+def _structure_config(value: Any, cls: type[QuantizationConfigMixin]) -> QuantizationConfigMixin:
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, Mapping):
+        return cls.from_dict(value)  # type: ignore[return-value]
+    raise TypeError(f"expected an object ({cls.__name__}), got {value!r}")
+
+
+converter.register_structure_hook_func(_is_config_class, _structure_config)
+converter.register_unstructure_hook_func(_is_config_class, lambda c: c.to_dict())
