@@ -43,6 +43,8 @@ _EXPORTS = {
     "quantize": ".auto",
     "dequantize": ".auto",
     "compile_pattern": ".match",
+    "QuantizationState": ".state",
+    "get_quantization_state": ".state",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
@@ -74,6 +76,7 @@ if TYPE_CHECKING:
     from .quantizer import Quantizer
     from .registry import Backend, BackendInfo, available_backends, get_backend
     from .report import ModuleRecord, QuantizationReport
+    from .state import QuantizationState, get_quantization_state
 
 
 def __getattr__(name: str) -> Any:

@@ -30,6 +30,7 @@ class Rule:
     label: str
     matches: Callable[[str], bool] = attrs.field(repr=False)
     quantizer: Quantizer | None
+    source: str | None = None  # "config" or the override pattern: what QuantizationState records
 
 
 @attrs.frozen
@@ -92,6 +93,9 @@ class Walk:
     rules: list[Rule]
     quantizers: list[Quantizer]
     main: Quantizer | None
+    overrides: dict[str, Any] = attrs.Factory(dict)
+    skip_modules: list[str] = attrs.Factory(list)
+    default_skips: bool = True
 
     @classmethod
     def build(
@@ -129,14 +133,16 @@ class Walk:
                 problems.append((f"overrides[{pattern!r}]", str(exc)))
                 continue
             label = f"override: {pattern!r}" + (" -> keep in float" if quantizer is None else "")
-            rules.append(Rule(label, matcher, quantizer))
+            rules.append(Rule(label, matcher, quantizer, source=pattern))
         if problems:
             raise ConfigError(problems, title="invalid quantize arguments")
         if main is not None:
-            rules.append(Rule("config", lambda n: True, main))
+            rules.append(Rule("config", lambda n: True, main, source="config"))
         quantizers = [r.quantizer for r in rules if r.quantizer is not None]
         unique = list({id(q): q for q in quantizers}.values())
-        return cls(model, rules, unique, main)
+        overrides_used = {r.source: (r.quantizer.config if r.quantizer else None)
+                          for r in rules if r.source not in (None, "config")}
+        return cls(model, rules, unique, main, overrides_used, list(skip_modules or []), default_skips)
 
     # ------------------------------------------------------------------ deciding
     def _first_rule(self, name: str) -> int:
@@ -203,6 +209,28 @@ class Walk:
         decisions = self.decide()
         return self._report(decisions, dry_run=True, seconds=time.perf_counter() - start)
 
+    def _record_state(self, built: list[tuple[Decision, nn.Module]]) -> None:
+        """Keep on the model what was done, merged with earlier calls (for saving and loading)."""
+        from .state import STATE_ATTRIBUTE, QuantizationState, get_quantization_state
+
+        state = get_quantization_state(self.model)
+        if state is None:
+            state = QuantizationState(self.main.config if self.main else None, {}, self.skip_modules,
+                                      self.default_skips)
+            self.model.__dict__[STATE_ATTRIBUTE] = state
+        elif state.config is None and self.main is not None:
+            state.config = self.main.config
+        for d, _ in built:
+            assert d.rule is not None and d.rule.source is not None
+            source = d.rule.source
+            if source == "config" and state.config is not (self.main.config if self.main else None):
+                # a second call with another main config: record it as an exact-name override
+                source = d.name
+                state.overrides[source] = self.main.config if self.main else None
+            elif source != "config":
+                state.overrides[source] = self.overrides[source]
+            state.modules[d.name] = source
+
     # ------------------------------------------------------------------ replacing
     def run(self, progress: bool | None = None) -> QuantizationReport:
         """Replace every chosen module, or none: replacements are built first, then swapped in."""
@@ -239,6 +267,7 @@ class Walk:
             if d.parent is None:
                 raise QuantizationError("the model itself is a single module: quantize a container instead")
             d.parent._modules[d.child] = new
+        self._record_state(built)
         report = self._report(decisions, dry_run=False, seconds=time.perf_counter() - start, size=size)
         call_observers("after_quantize", model=self.model, config=config, report=report)
         return report

@@ -174,3 +174,15 @@ def test_auto_quantizer_overrides_config_fields():
 def test_quantize_requires_some_config(untied_lm):
     with pytest.raises(ConfigError, match="give a config"):
         quantcore.quantize(untied_lm, None)
+
+
+def test_state_on_model_records_configs_per_module(untied_lm):
+    assert quantcore.get_quantization_state(untied_lm) is None
+    quantcore.quantize(untied_lm, {"quant_method": "half"}, overrides={"*.mlp.*": {"quant_method": "half2"}})
+    state = quantcore.get_quantization_state(untied_lm)
+    assert state.modules["layers.0.self_attn.q_proj"] == "config"
+    assert state.modules["layers.0.mlp.up_proj"] == "*.mlp.*"
+    assert state.config_for("layers.0.mlp.up_proj").quant_method == "half2"
+    assert state.config_for("lm_head") is None
+    again = quantcore.QuantizationState.from_dict(state.to_dict())
+    assert again.to_dict() == state.to_dict()
