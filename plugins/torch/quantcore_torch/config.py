@@ -11,12 +11,6 @@ from quantcore import QuantizationConfigMixin, config_field, define_config
 __all__ = ["TorchWeightOnlyConfig"]
 
 
-def _floating(dtype: torch.dtype | None) -> str | None:
-    if dtype is not None and not dtype.is_floating_point:
-        return f"expected a floating-point dtype (e.g. 'bfloat16'), got {str(dtype).removeprefix('torch.')!r}"
-    return None
-
-
 @define_config
 class TorchWeightOnlyConfig(QuantizationConfigMixin):
     """Weight-only quantization of ``nn.Linear`` layers in plain PyTorch.
@@ -42,7 +36,7 @@ class TorchWeightOnlyConfig(QuantizationConfigMixin):
     )
     compute_dtype: torch.dtype | None = config_field(
         default=None,
-        check=_floating,
+        choices=(None, torch.float16, torch.bfloat16, torch.float32, torch.float64),
         help="Dtype of the matmul; None uses the activation's dtype. Outputs keep the activation's dtype.",
     )
     modules_to_not_convert: list[str] | None = config_field(

@@ -76,7 +76,8 @@ class WeightOnlyLinear(nn.Module):
         self.group_size = group_size
         self.compute_dtype = compute_dtype
         if bits == 8:
-            self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+            shape = (out_features, in_features)
+            self.register_buffer("qweight", torch.empty(shape, dtype=torch.int8, device=device))
             self.register_buffer("scale", torch.empty(out_features, dtype=dtype, device=device))
         else:
             packed, grouped = int4_shapes(out_features, in_features, group_size)

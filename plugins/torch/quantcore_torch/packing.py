@@ -55,7 +55,9 @@ def unpack_int4(packed: torch.Tensor, cols: int) -> torch.Tensor:
     return torch.stack((low, high), dim=-1).flatten(-2)[..., :cols]
 
 
-def int4_shapes(out_features: int, in_features: int, group_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
+def int4_shapes(
+    out_features: int, in_features: int, group_size: int
+) -> tuple[tuple[int, int], tuple[int, int]]:
     """``(packed weight shape, scale/zero shape)`` of an int4 ``[out_features, in_features]`` weight."""
     return (out_features, -(-in_features // 2)), (out_features, -(-in_features // group_size))
 
@@ -80,7 +82,7 @@ def dequantize_int8(qweight: torch.Tensor, scale: torch.Tensor, dtype: torch.dty
 
 
 def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
-    """``[out, in]`` -> ``[out, groups, group_size]``, the last group filled up by repeating its last column."""
+    """``[out, in]`` -> ``[out, groups, group_size]``; the last group is filled up with its last column."""
     out_features, in_features = w.shape
     missing = -in_features % group_size
     if missing:

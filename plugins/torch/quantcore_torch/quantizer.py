@@ -72,7 +72,9 @@ class TorchWeightOnlyQuantizer(Quantizer):
         for key, want in expected.items():
             got = state.get(key)
             if got is not None and (got.shape != want.shape or got.dtype != want.dtype):
-                problems.append(f"{key}: expected {want.dtype} {tuple(want.shape)}, got {got.dtype} {tuple(got.shape)}")
+                problems.append(
+                    f"{key}: expected {want.dtype} {tuple(want.shape)}, got {got.dtype} {tuple(got.shape)}"
+                )
         if problems:
             raise ValueError(f"state does not fit {module.extra_repr()}: " + "; ".join(problems))
         return super().load_quantized_state(module, state, device)
