@@ -320,12 +320,11 @@ def _build(cls: type[C], known: dict[str, Any], problems: list[tuple[str, str]])
     config = None
     missing = [f.name for f in attrs.fields(cls) if f.default is attrs.NOTHING and f.name not in known]
     problems.extend((name, "required field is missing") for name in missing)
-    if problems:
-        raise ConfigError(problems, title=f"invalid {cls.__name__}")
-    try:
-        config = cls(**known)
-    except ConfigError as exc:
-        problems.extend(exc.errors)
+    if not missing:
+        try:
+            config = cls(**known)
+        except ConfigError as exc:
+            problems.extend(exc.errors)
     if problems:
         raise ConfigError(problems, title=f"invalid {cls.__name__}")
     assert config is not None

@@ -88,3 +88,43 @@ def config_schema(cls: type) -> dict[str, Any]:
     schema["properties"] = {"quant_method": {"const": cls.quant_method}, **schema["properties"]}  # type: ignore[attr-defined]
     schema["required"] = ["quant_method", *schema.get("required", [])]
     return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
+
+
+def config_markdown(cls: type) -> str:
+    """A markdown reference table of a config class: every field's type, default, allowed values, meaning."""
+    from .converter import describe_type
+
+    attrs.resolve_types(cls)
+    lines = [
+        f"### `{cls.__name__}` (`quant_method: \"{cls.quant_method}\"`)",  # type: ignore[attr-defined]
+        "",
+        (cls.__doc__ or "").strip().split("\n\n")[0],
+        "",
+        "| field | type | default | allowed | meaning |",
+        "|---|---|---|---|---|",
+    ]
+    for f in attrs.fields(cls):
+        if f.default is attrs.NOTHING:
+            default = "required"
+        else:
+            value = f.default.factory() if isinstance(f.default, attrs.Factory) else f.default  # type: ignore[arg-type]
+            default = f"`{json_dumps(converter.unstructure(value))}`"
+        choices = f.metadata.get("choices")
+        schema = type_schema(f.type)
+        if choices is not None:
+            allowed = ", ".join(f"`{json_dumps(converter.unstructure(c))}`" for c in choices)
+        elif "enum" in schema and f.type is not torch.dtype:
+            allowed = ", ".join(f"`{json_dumps(v)}`" for v in schema["enum"])
+        else:
+            allowed = ""
+        meaning = f.metadata.get("help", "").replace("|", "\\|").replace("\n", " ")
+        kind = describe_type(f.type).removeprefix("a ").removeprefix("an ").replace("|", "\\|")
+        lines.append(f"| `{f.name}` | {kind} | {default} | {allowed} | {meaning} |")
+    return "\n".join(lines) + "\n"
+
+
+def json_dumps(value: Any) -> str:
+    """Compact JSON for docs tables."""
+    import json
+
+    return json.dumps(value)

