@@ -18,15 +18,22 @@ if TYPE_CHECKING:
     from .config import QuantizationConfigMixin
     from .report import QuantizationReport
 
-__all__ = ["Quantizer", "module_nbytes"]
+__all__ = ["Quantizer", "module_nbytes", "module_numel"]
 
 
 def module_nbytes(module: nn.Module) -> int:
     """Bytes of a module's parameters and buffers (works on the meta device)."""
-    total = 0
-    for t in (*module.parameters(), *module.buffers()):
-        total += t.numel() * t.element_size()
-    return total
+    if not module._modules:  # a leaf (the common case): skip the generic, slower traversal
+        tensors = [*module._parameters.values(), *module._buffers.values()]
+    else:
+        tensors = [*module.parameters(), *module.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def module_numel(module: nn.Module) -> int:
+    """Number of parameters of a module."""
+    params = module._parameters.values() if not module._modules else module.parameters()
+    return sum(p.numel() for p in params if p is not None)
 
 
 class Quantizer:

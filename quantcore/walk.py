@@ -17,7 +17,7 @@ from torch import nn
 
 from .errors import QuantizationError
 from .match import compile_pattern
-from .quantizer import Quantizer, module_nbytes
+from .quantizer import Quantizer, module_nbytes, module_numel
 from .report import ModuleRecord, QuantizationReport
 
 __all__ = ["Rule", "Walk", "default_float_modules"]
@@ -44,11 +44,58 @@ class Decision:
     rule: Rule | None  # None: no rule applies (no main config and no matching override)
 
 
-def default_float_modules(model: nn.Module) -> dict[str, str]:
+@attrs.define
+class ModelIndex:
+    """One pass over a model: every module with its parent, who uses each parameter, and the totals."""
+
+    entries: list[tuple[str, nn.Module, nn.Module | None, str, int]]  # name, module, parent, child, parent pos
+    param_users: dict[int, list[str]]
+    params: int
+    nbytes: int
+
+    @classmethod
+    def of(cls, model: nn.Module) -> ModelIndex:
+        """Index ``model`` (pre-order, like ``named_modules``; shared modules once)."""
+        entries: list[tuple[str, nn.Module, nn.Module | None, str, int]] = []
+        users: dict[int, list[str]] = {}
+        seen_modules: set[int] = set()
+        seen_tensors: set[int] = set()
+        params = nbytes = 0
+        stack: list[tuple[str, nn.Module, nn.Module | None, str, int]] = [("", model, None, "", -1)]
+        while stack:
+            entry = stack.pop()
+            name, module = entry[0], entry[1]
+            if id(module) in seen_modules:
+                continue
+            seen_modules.add(id(module))
+            pos = len(entries)
+            entries.append(entry)
+            prefix = f"{name}." if name else ""
+            for pname, p in module._parameters.items():
+                if p is None:
+                    continue
+                key = id(p)
+                users.setdefault(key, []).append(prefix + pname)
+                if key not in seen_tensors:
+                    seen_tensors.add(key)
+                    n = p.numel()
+                    params += n
+                    nbytes += n * p.element_size()
+            for b in module._buffers.values():
+                if b is not None and id(b) not in seen_tensors:
+                    seen_tensors.add(id(b))
+                    nbytes += b.numel() * b.element_size()
+            children = [(prefix + c, sub, module, c, pos) for c, sub in module._modules.items() if sub is not None]
+            stack.extend(reversed(children))
+        return cls(entries, users, params, nbytes)
+
+
+def default_float_modules(model: nn.Module, index: ModelIndex | None = None) -> dict[str, str]:
     """Modules kept in float by default: the output head and linears whose weight is tied elsewhere.
 
     Returns ``{module name: reason}``.
     """
+    index = index or ModelIndex.of(model)
     out: dict[str, str] = {}
     head = None
     get_head = getattr(model, "get_output_embeddings", None)
@@ -57,18 +104,15 @@ def default_float_modules(model: nn.Module) -> dict[str, str]:
             head = get_head()
         except Exception:  # some architectures raise NotImplementedError
             head = None
-    users: dict[int, list[str]] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
+    for name, module, *_ in index.entries:
         if head is not None and module is head:
             out.setdefault(name, "default: output head")
-        for pname, param in module._parameters.items():
-            if param is not None:
-                users.setdefault(id(param), []).append(f"{name}.{pname}" if name else pname)
-    for name, module in model.named_modules():
-        weight = getattr(module, "weight", None)
-        if isinstance(module, nn.Linear) and weight is not None and len(users.get(id(weight), ())) > 1:
-            others = [u for u in users[id(weight)] if u != f"{name}.weight"]
-            out.setdefault(name, f"default: weight tied to {others[0]}")
+        if isinstance(module, nn.Linear):
+            weight = module._parameters.get("weight")
+            users = index.param_users.get(id(weight), ()) if weight is not None else ()
+            if len(users) > 1:
+                others = [u for u in users if u != f"{name}.weight"]
+                out.setdefault(name, f"default: weight tied to {others[0]}")
     return out
 
 
@@ -96,6 +140,8 @@ class Walk:
     overrides: dict[str, Any] = attrs.Factory(dict)
     skip_modules: list[str] = attrs.Factory(list)
     default_skips: bool = True
+    index: ModelIndex | None = None
+    exact: dict[str, int] = attrs.Factory(dict)  # default rules by exact module name -> rule position
 
     @classmethod
     def build(
@@ -111,8 +157,11 @@ class Walk:
 
         rules: list[Rule] = []
         problems: list[tuple[str, str]] = []
+        index = ModelIndex.of(model)
+        exact: dict[str, int] = {}
         if default_skips:
-            for name, reason in default_float_modules(model).items():
+            for name, reason in default_float_modules(model, index).items():
+                exact[name] = len(rules)
                 rules.append(Rule(reason, (lambda n, _name=name: n == _name), None))
         skip_sources: list[tuple[str, str]] = []
         if main is not None:
@@ -142,33 +191,40 @@ class Walk:
         unique = list({id(q): q for q in quantizers}.values())
         overrides_used = {r.source: (r.quantizer.config if r.quantizer else None)
                           for r in rules if r.source not in (None, "config")}
-        return cls(model, rules, unique, main, overrides_used, list(skip_modules or []), default_skips)
+        return cls(model, rules, unique, main, overrides_used, list(skip_modules or []), default_skips,
+                   index, exact)
 
     # ------------------------------------------------------------------ deciding
-    def _first_rule(self, name: str) -> int:
-        for i, rule in enumerate(self.rules):
-            if rule.matches(name):
-                return i
-        return len(self.rules)
-
     def decide(self) -> list[Decision]:
         """Every candidate module with its rule, in module order."""
         replaceable = tuple({t for q in self.quantizers for t in q.replaces})
-        decisions: list[Decision] = []
+        if not replaceable:
+            return []
+        index = self.index or ModelIndex.of(self.model)
         none = len(self.rules)
-
-        def visit(module: nn.Module, name: str, parent: nn.Module | None, child: str, inherited: int) -> None:
-            here = self._first_rule(name) if name else none
-            index = min(here, inherited)
-            if replaceable and isinstance(module, replaceable) and not self._already_quantized(module):
-                rule = self.rules[index] if index < none else None
+        patterned = [(i, r.matches) for i, r in enumerate(self.rules) if r.label and i not in self.exact.values()]
+        effective: list[int] = []
+        inside: list[bool] = []  # under a candidate already: not a candidate itself
+        decisions: list[Decision] = []
+        for name, module, parent, child, parent_pos in index.entries:
+            inherited = effective[parent_pos] if parent_pos >= 0 else none
+            here = self.exact.get(name, none)
+            if name:
+                for i, matches in patterned:
+                    if i >= here or i >= inherited:
+                        break
+                    if matches(name):
+                        here = i
+                        break
+            rule_index = min(here, inherited)
+            effective.append(rule_index)
+            under = parent_pos >= 0 and inside[parent_pos]
+            candidate = (not under and isinstance(module, replaceable)
+                         and not self._already_quantized(module))
+            inside.append(under or candidate)
+            if candidate:
+                rule = self.rules[rule_index] if rule_index < none else None
                 decisions.append(Decision(name, module, parent, child, rule))
-                return
-            for child_name, sub in module._modules.items():
-                if sub is not None:
-                    visit(sub, f"{name}.{child_name}" if name else child_name, module, child_name, index)
-
-        visit(self.model, "", None, "", none)
         return decisions
 
     def _already_quantized(self, module: nn.Module) -> bool:
@@ -180,28 +236,40 @@ class Walk:
     ) -> QuantizationReport:
         records = []
         saved = 0
+        labels: dict[int, str] = {}
         for d in decisions:
-            before = module_nbytes(d.module)
+            module = d.module
+            before = module_nbytes(module)
             quantizer = d.rule.quantizer if d.rule is not None else None
-            if quantizer is not None and not quantizer.can_replace(d.module):
+            if quantizer is not None and not quantizer.can_replace(module):
                 quantizer = None
-                reason = f"{d.rule.label if d.rule else 'config'}: {type(d.module).__name__} not supported"
+                reason = f"{d.rule.label if d.rule else 'config'}: {type(module).__name__} not supported"
             else:
                 reason = d.rule.label if d.rule is not None else "no rule matched"
-            after = quantizer.quantized_nbytes(d.module) if quantizer is not None else before
+            method = None
+            after = before
+            if quantizer is not None:
+                after = quantizer.quantized_nbytes(module)
+                method = labels.get(id(quantizer))
+                if method is None:
+                    method = labels[id(quantizer)] = quantizer.describe()
             saved += before - after
             records.append(ModuleRecord(
                 name=d.name,
-                module_type=type(d.module).__name__,
+                module_type=type(module).__name__,
                 action="quantized" if quantizer is not None else "skipped",
                 rule=reason,
-                method=quantizer.describe() if quantizer is not None else None,
-                params=sum(p.numel() for p in d.module.parameters()),
+                method=method,
+                params=module_numel(module),
                 bytes_before=before,
                 bytes_after=after,
             ))
-        params, total = size or _model_size(self.model)
+        params, total = size or self._size()
         return QuantizationReport(records, params, total, total - saved, dry_run=dry_run, seconds=seconds)
+
+    def _size(self) -> tuple[int, int]:
+        index = self.index or ModelIndex.of(self.model)
+        return index.params, index.nbytes
 
     def plan(self) -> QuantizationReport:
         """The dry run: a report of what :meth:`run` would do."""
@@ -240,7 +308,7 @@ class Walk:
         for q in self.quantizers:
             q.check_environment()
         decisions = self.decide()
-        size = _model_size(self.model)
+        size = self._size()
         plan = self._report(decisions, dry_run=True, size=size)
         config = self.main.config if self.main is not None else None
         call_observers("before_quantize", model=self.model, config=config, plan=plan)
@@ -268,20 +336,10 @@ class Walk:
                 raise QuantizationError("the model itself is a single module: quantize a container instead")
             d.parent._modules[d.child] = new
         self._record_state(built)
-        report = self._report(decisions, dry_run=False, seconds=time.perf_counter() - start, size=size)
+        # The plan's records describe exactly what was built: reuse them instead of measuring twice.
+        report = attrs.evolve(plan, dry_run=False, seconds=time.perf_counter() - start)
         call_observers("after_quantize", model=self.model, config=config, report=report)
         return report
-
-
-def _model_size(model: nn.Module) -> tuple[int, int]:
-    params = 0
-    total = 0
-    for p in model.parameters():  # parameters() yields tied tensors once
-        params += p.numel()
-        total += p.numel() * p.element_size()
-    for b in model.buffers():
-        total += b.numel() * b.element_size()
-    return params, total
 
 
 def _progress(total: int, enabled: bool | None) -> Any:

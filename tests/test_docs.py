@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -23,8 +25,10 @@ def examples():
 @pytest.mark.parametrize(("page", "code"), list(examples()))
 def test_example_runs(page, code, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    module = types.ModuleType("docs_example")  # a real module: attrs resolves annotations through it
+    monkeypatch.setitem(sys.modules, module.__name__, module)
     try:
-        exec(compile(code, str(page), "exec"), {"__name__": "__docs__"})
+        exec(compile(code, str(page), "exec"), module.__dict__)
     except ModuleNotFoundError as exc:
         if exc.name in OPTIONAL:
             pytest.skip(f"needs {exc.name}, not installed here")

@@ -1,0 +1,485 @@
+"""The ``quantcore`` command: backends, validate, plan, quantize, inspect, eval and demo.
+
+Every command prints a readable table, or JSON on stdout with ``--json``. An error is one line that
+says what is wrong and what to do (``--debug`` shows the traceback); a config error lists every
+problem. Exit status: 0 success, 1 failure, 2 usage error (bad flags, missing files).
+
+``MODEL`` is always a local folder (``config.json`` + safetensors): the process runs with
+``HF_HUB_OFFLINE=1`` unless the environment says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+__all__ = ["PRESETS", "main", "resolve_method"]
+
+#: ``--method`` shorthands: name -> (config dict, what it is).
+PRESETS: dict[str, tuple[dict[str, Any], str]] = {
+    "int8": ({"quant_method": "bitsandbytes", "load_in_8bit": True}, "bitsandbytes LLM.int8()"),
+    "nf4": ({"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"},
+            "bitsandbytes 4-bit NormalFloat"),
+    "nf4-dq": ({"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+                "bnb_4bit_use_double_quant": True}, "bitsandbytes NF4 with double-quantized scales"),
+    "fp4": ({"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "fp4"},
+            "bitsandbytes 4-bit float"),
+    "int8-torch": ({"quant_method": "torch_wo", "bits": 8}, "pure-PyTorch weight-only int8, per channel"),
+    "int4-torch": ({"quant_method": "torch_wo", "bits": 4}, "pure-PyTorch weight-only int4, groups of 128"),
+}
+
+
+class UsageError(Exception):
+    """The command line asks for something impossible (exit status 2)."""
+
+
+def resolve_method(name: str) -> Any:
+    """A ``--method`` preset name -> its config (a :class:`~quantcore.QuantizationConfigMixin`)."""
+    from .auto import AutoQuantizationConfig
+
+    if name not in PRESETS:
+        raise UsageError(f"unknown --method {name!r}; choose one of {', '.join(PRESETS)} or pass --config FILE")
+    return AutoQuantizationConfig.from_dict(PRESETS[name][0])
+
+
+# ---------------------------------------------------------------------- output helpers
+def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """Plain-text columns; numbers (and ``-``) right-aligned."""
+    cells = [[str(c) for c in header], *([str(c) for c in r] for r in rows)]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    numeric = [all(_is_number(r[i]) for r in cells[1:]) and len(cells) > 1 for i in range(len(header))]
+
+    def line(r: list[str]) -> str:
+        return "  ".join(c.rjust(w) if num else c.ljust(w) for c, w, num in zip(r, widths, numeric)).rstrip()
+
+    return "\n".join([line(cells[0]), "  ".join("-" * w for w in widths), *map(line, cells[1:])])
+
+
+def _is_number(text: str) -> bool:
+    text = text.rstrip("%x").removesuffix(" s").removesuffix(" MiB").removesuffix(" KiB").removesuffix(" GiB")
+    try:
+        float(text.lstrip("+"))
+        return True
+    except ValueError:
+        return text == "-"
+
+
+def _bytes(n: float) -> str:
+    from .report import format_bytes
+
+    return format_bytes(n)
+
+
+def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
+    print(json.dumps(data, indent=2, default=str) if args.json else text)
+
+
+def _log(args: argparse.Namespace) -> Callable[[str], None]:
+    """Progress lines on stderr (quiet with --json or --quiet)."""
+    if args.json or getattr(args, "quiet", False):
+        return lambda message: None
+    return lambda message: print(f"... {message}", file=sys.stderr, flush=True)
+
+
+def _peak_rss() -> int:
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+# ---------------------------------------------------------------------- argument helpers
+def _model_dir(path: str) -> Path:
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        what = "does not exist" if not folder.exists() else "has no config.json"
+        raise UsageError(f"{path} {what}; MODEL must be a local transformers checkpoint folder "
+                         "(config.json + *.safetensors)")
+    return folder
+
+
+def _config(args: argparse.Namespace) -> Any:
+    """The config from ``--config FILE`` or ``--method NAME`` (exactly one)."""
+    from .auto import AutoQuantizationConfig
+
+    if bool(args.config) == bool(args.method):
+        raise UsageError("give exactly one of --config FILE or --method NAME "
+                         f"(methods: {', '.join(PRESETS)})")
+    if args.method:
+        return resolve_method(args.method)
+    if not Path(args.config).is_file():
+        raise UsageError(f"config file {args.config} does not exist")
+    return AutoQuantizationConfig.from_json_file(args.config)
+
+
+def _transformers() -> Any:
+    from .evaluate import _transformers
+
+    transformers = _transformers()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    return transformers
+
+
+def _meta_model(model_dir: Path, dtype: str) -> Any:
+    """The checkpoint's architecture built on the meta device from its config.json: no weights read."""
+    import torch
+
+    from .evaluate import _dtype
+
+    transformers = _transformers()
+    config = transformers.AutoConfig.from_pretrained(model_dir)
+    architecture = next((getattr(transformers, a, None) for a in (config.architectures or [])), None)
+    with torch.device("meta"):
+        if architecture is not None:
+            return architecture._from_config(config, dtype=_dtype(dtype, config))
+        return transformers.AutoModel.from_config(config, dtype=_dtype(dtype, config))
+
+
+# ---------------------------------------------------------------------- commands
+def cmd_backends(args: argparse.Namespace) -> int:
+    """The registry: each quantization method, its plugin and version, usable here or why not."""
+    from .registry import available_backends
+
+    infos = available_backends()
+    data = [{**i.to_dict(), "description": i.backend.description if i.backend else ""} for i in infos]
+    rows = [(d["quant_method"], d["plugin"], d["version"] or "-", "yes" if d["usable"] else f"no: {d['reason']}",
+             d["description"]) for d in data]
+    text = table(("method", "plugin", "version", "usable", "description"), rows) if rows else (
+        "no backends installed: pip install 'quantcore[bnb]' or 'quantcore[torch-backend]'")
+    _emit(args, data, text)
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    """Check a config file; every problem at once."""
+    from .auto import AutoQuantizationConfig
+    from .errors import ConfigError
+
+    if not Path(args.file).is_file():
+        raise UsageError(f"config file {args.file} does not exist")
+    try:
+        config = AutoQuantizationConfig.from_json_file(args.file)
+    except ConfigError as exc:
+        problems = [{"field": f, "message": m} for f, m in exc.errors]
+        lines = [f"{args.file}: {len(problems)} problem{'s' if len(problems) != 1 else ''}"]
+        lines += [f"  - {p['field']}: {p['message']}" if p["field"] else f"  - {p['message']}" for p in problems]
+        _emit(args, {"file": args.file, "valid": False, "problems": problems}, "\n".join(lines))
+        return 1
+    data = {"file": args.file, "valid": True, "config_class": type(config).__name__, "config": config.to_dict()}
+    _emit(args, data, f"{args.file}: valid {type(config).__name__}\n{config.to_json_string(use_diff=False)}".rstrip())
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """The dry run on a meta-device skeleton of the model."""
+    import quantcore
+
+    model_dir = _model_dir(args.model)
+    config = _config(args)
+    model = _meta_model(model_dir, args.dtype)
+    report = quantcore.quantize(model, config, skip_modules=args.skip or None, dry_run=True)
+    data = {"model": str(model_dir), "config": config.to_dict(), "report": report.to_dict()}
+    _emit(args, data, report.table(max_rows=None if args.all else 40))
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    """Quantize while loading, then save the quantized checkpoint."""
+    import quantcore
+
+    model_dir = _model_dir(args.model)
+    config = _config(args)
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise UsageError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
+    log = _log(args)
+    _transformers()
+    start = time.perf_counter()
+    log(f"loading and quantizing {model_dir}")
+    model = quantcore.from_pretrained(str(model_dir), quantization_config=config,
+                                      dtype=None if args.dtype == "auto" else args.dtype)
+    loaded = time.perf_counter() - start
+    log(f"saving to {out}")
+    quantcore.save_quantized(model, str(out))
+    seconds = time.perf_counter() - start
+    report = getattr(model, "quantcore_report", None)
+    if report is None:
+        report = _current_report(model)
+    before = _checkpoint_bytes(model_dir)
+    after = _checkpoint_bytes(out)
+    data = {
+        "model": str(model_dir), "out": str(out), "config": config.to_dict(),
+        "bytes_before": report.bytes_before, "bytes_after": report.bytes_after,
+        "files_bytes_before": before, "files_bytes_after": after,
+        "bits_per_param": report.bits_per_param, "quantized_bits_per_param": report.quantized_bits_per_param,
+        "params": report.model_params, "modules": report.counts(),
+        "seconds_load_and_quantize": loaded, "seconds_total": seconds, "peak_rss_bytes": _peak_rss(),
+    }
+    rows = [
+        ("model in memory", _bytes(report.bytes_before), _bytes(report.bytes_after)),
+        ("safetensors files", _bytes(before), _bytes(after)),
+        ("bits per parameter", f"{8.0 * report.bytes_before / report.model_params:.2f}",
+         f"{report.bits_per_param:.2f}"),
+    ]
+    counts = ", ".join(f"{n} {action}" for action, n in sorted(report.counts().items()))
+    text = "\n".join([
+        f"saved {out} ({counts})",
+        table(("", "before", "after"), rows),
+        f"time: {loaded:.1f} s to load and quantize, {seconds:.1f} s in all; peak memory {_bytes(_peak_rss())}",
+    ])
+    _emit(args, data, text)
+    return 0
+
+
+def _current_report(model: Any) -> Any:
+    """A report of how the model stands now (a dry run finds nothing left to quantize)."""
+    from .report import QuantizationReport
+    from .state import get_quantization_state
+
+    state = get_quantization_state(model)
+    params = sum(p.numel() for p in model.parameters())
+    nbytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    del state
+    return QuantizationReport([], params, nbytes, nbytes)
+
+
+def _checkpoint_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """What a quantized checkpoint holds: method, config, modules, sizes."""
+    raise UsageError("inspect needs quantcore.checkpoint, which is not available yet")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Quality of quantized versions of MODEL against the float model, as a table."""
+    from .evaluate import Evaluation
+
+    model_dir = _model_dir(args.model)
+    text = None
+    if args.text:
+        if not Path(args.text).is_file():
+            raise UsageError(f"text file {args.text} does not exist")
+        text = Path(args.text).read_text(encoding="utf-8")
+    configs = _eval_configs(args)
+    if not configs and not args.quantized:
+        raise UsageError("give what to compare: --method NAME, --config FILE or --quantized DIR")
+    _transformers()
+    evaluation = Evaluation(model_dir, dtype=args.dtype, text=text, max_tokens=args.max_tokens, log=_log(args))
+    rows = evaluation.compare(configs)
+    if args.quantized:
+        rows.append(_score_checkpoint(evaluation, Path(args.quantized), model_dir))
+    _emit(args, {"model": str(model_dir), "kind": evaluation.kind, "rows": [r.to_dict() for r in rows]},
+          quality_table(rows, evaluation.kind))
+    return 0
+
+
+def _eval_configs(args: argparse.Namespace) -> dict[str, Any]:
+    from .auto import AutoQuantizationConfig
+
+    configs: dict[str, Any] = {name: resolve_method(name) for name in args.method or []}
+    for path in args.config or []:
+        if not Path(path).is_file():
+            raise UsageError(f"config file {path} does not exist")
+        configs[Path(path).stem] = AutoQuantizationConfig.from_json_file(path)
+    return configs
+
+
+def _score_checkpoint(evaluation: Any, folder: Path, model_dir: Path) -> Any:
+    import quantcore
+
+    if not folder.is_dir():
+        raise UsageError(f"--quantized {folder} is not a folder")
+    model = quantcore.from_pretrained(str(folder))
+    return evaluation.score(folder.name, model, "checkpoint")
+
+
+def quality_table(rows: Sequence[Any], kind: str) -> str:
+    """The comparison as text: size, bits per parameter, time and the kind's metrics."""
+    if kind == "causal-lm":
+        header = ("model", "method", "size", "bits/param", "linear bits", "time", "perplexity", "change")
+        metrics = [(f"{r.metrics['perplexity']:.3f}", "-" if r.label == "float" else
+                    f"{100 * r.metrics['perplexity_change']:+.2f}%") for r in rows]
+    else:
+        header = ("model", "method", "size", "bits/param", "linear bits", "time", "cos mean", "cos min",
+                  "neighbours kept")
+        metrics = [(f"{r.metrics['cosine_mean']:.4f}", f"{r.metrics['cosine_min']:.4f}",
+                    f"{100 * r.metrics['neighbours_kept']:.0f}%" if "neighbours_kept" in r.metrics else "-")
+                   for r in rows]
+    body = [(r.label, r.method, _bytes(r.bytes), f"{r.bits_per_param:.2f}",
+             "-" if r.quantized_bits_per_param is None else f"{r.quantized_bits_per_param:.2f}",
+             "-" if r.seconds is None else f"{r.seconds:.2f} s", *m) for r, m in zip(rows, metrics)]
+    return table(header, body)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Quantize the real all-MiniLM-L6-v2 encoder several ways and compare its embeddings."""
+    from . import demo
+
+    start = time.perf_counter()
+    result = demo.run(methods=args.method or None, log=_log(args))
+    seconds = time.perf_counter() - start
+    data = {**result, "rows": [r.to_dict() for r in result["rows"]], "seconds": seconds}
+    text = "\n".join([
+        f"{result['model_name']} ({result['params'] / 1e6:.1f}M parameters), "
+        f"{len(result['sentences'])} sentences, mean-pooled embeddings vs float:",
+        quality_table(result["rows"], "encoder"),
+        f"done in {seconds:.1f} s",
+    ])
+    _emit(args, data, text)
+    return 0
+
+
+# ---------------------------------------------------------------------- parser and main
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line naming the command's --help (exit status 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message}; see '{self.prog} --help'")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``quantcore`` command."""
+    from . import __version__
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="print machine-readable JSON on stdout")
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the traceback of an error")
+    parser = _Parser(prog="quantcore", parents=[common],
+                     description="Quantize PyTorch / transformers models with any installed backend.")
+    parser.add_argument("--version", action="version", version=f"quantcore {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    def command(name: str, func: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common], help=help, description=help)
+        p.set_defaults(func=func)
+        return p
+
+    def config_args(p: argparse.ArgumentParser, many: bool = False) -> None:
+        action = "append" if many else "store"
+        p.add_argument("--config", action=action, metavar="FILE",
+                       help="quantization config JSON (or a transformers config.json with a quantization_config)")
+        p.add_argument("--method", action=action, metavar="NAME", choices=list(PRESETS),
+                       help="a preset instead of --config: " + ", ".join(f"{k} ({v[1]})" for k, v in PRESETS.items()))
+
+    def dtype_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--dtype", default="auto",
+                       help="float dtype of the unquantized weights: auto (the checkpoint's), float32, bfloat16, float16")
+
+    command("backends", cmd_backends, "list the quantization backends and whether they can run here")
+
+    p = command("validate", cmd_validate, "check a quantization config file and list every problem")
+    p.add_argument("file", metavar="CONFIG.json")
+
+    p = command("plan", cmd_plan, "show what quantizing MODEL would do, without loading its weights")
+    p.add_argument("model", metavar="MODEL", help="local transformers checkpoint folder")
+    config_args(p)
+    dtype_arg(p)
+    p.add_argument("--skip", action="append", metavar="PATTERN", help="also keep these modules in float")
+    p.add_argument("--all", action="store_true", help="list every module (default: at most 40 rows)")
+
+    p = command("quantize", cmd_quantize, "quantize MODEL while loading it and save the quantized checkpoint")
+    p.add_argument("model", metavar="MODEL", help="local transformers checkpoint folder")
+    config_args(p)
+    dtype_arg(p)
+    p.add_argument("--out", required=True, metavar="DIR", help="folder to write the quantized checkpoint to")
+    p.add_argument("--overwrite", action="store_true", help="write into --out even if it is not empty")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+
+    p = command("inspect", cmd_inspect, "show what a quantized checkpoint holds")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--all", action="store_true", help="list every module (default: at most 40 rows)")
+
+    p = command("eval", cmd_eval, "compare quantized versions of MODEL with the float model")
+    p.add_argument("model", metavar="MODEL", help="local transformers checkpoint folder (the float model)")
+    config_args(p, many=True)
+    p.add_argument("--quantized", metavar="DIR", help="a checkpoint saved by 'quantcore quantize'")
+    p.add_argument("--text", metavar="FILE",
+                   help="text to score (causal LMs; default: Shakespeare) or sentences, one a line (encoders)")
+    p.add_argument("--max-tokens", type=int, default=1024, help="tokens of the text to score (default 1024)")
+    dtype_arg(p)
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+
+    from .demo import DEFAULT_METHODS
+
+    p = command("demo", cmd_demo, "quantize the bundled all-MiniLM-L6-v2 encoder several ways and compare")
+    p.add_argument("--method", action="append", metavar="NAME", choices=list(PRESETS),
+                   help=f"methods to compare (default: {', '.join(DEFAULT_METHODS)})")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    return parser
+
+
+def _fail(args: argparse.Namespace | None, message: str, status: int, problems: list | None = None) -> int:
+    if args is not None and getattr(args, "json", False):
+        data: dict[str, Any] = {"error": message, "status": status}
+        if problems is not None:
+            data["problems"] = problems
+        print(json.dumps(data, indent=2))
+    print(f"quantcore: error: {message}", file=sys.stderr)
+    return status
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (the console script exits with it)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args: argparse.Namespace | None = None
+    debug = "--debug" in argv
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        args.json = getattr(args, "json", False)
+        if not debug:
+            # bitsandbytes warns on CPU that an optional faster kernel is missing; it still works.
+            logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+        if not getattr(args, "command", None):
+            parser.print_help()
+            return 2
+        return args.func(args)
+    except Exception as exc:
+        if args is None and "--json" in argv:
+            args = argparse.Namespace(json=True)
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        return _handle(args, exc)
+    except KeyboardInterrupt:
+        return _fail(args, "interrupted", 130)
+
+
+def _handle(args: argparse.Namespace | None, exc: Exception) -> int:
+    """One line (a config error: every problem) and the exit status for ``exc``."""
+    from .errors import BackendUnavailableError, ConfigError, QuantcoreError
+
+    if isinstance(exc, UsageError):
+        return _fail(args, str(exc), 2)
+    if isinstance(exc, ConfigError):
+        problems = [{"field": f, "message": m} for f, m in exc.errors]
+        return _fail(args, str(exc), 1, problems)
+    if isinstance(exc, BackendUnavailableError | QuantcoreError):
+        return _fail(args, str(exc), 1)
+    if isinstance(exc, ImportError) and exc.name:
+        hint = {"transformers": "pip install 'quantcore[transformers]'",
+                "bitsandbytes": "pip install 'quantcore[bnb]'"}.get(exc.name.split(".")[0], f"pip install {exc.name}")
+        return _fail(args, f"{exc.name} is not installed: {hint}", 1)
+    if isinstance(exc, OSError | ValueError):
+        return _fail(args, f"{exc} (run with --debug for the traceback)", 1)
+    return _fail(args, f"{type(exc).__name__}: {exc} (run with --debug for the traceback)", 1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

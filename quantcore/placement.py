@@ -1,0 +1,473 @@
+"""Placing a model over GPUs, the CPU and disk, sized as it will be once quantized.
+
+:func:`infer_device_map` asks accelerate's device-map inference (``infer_auto_device_map``,
+``get_balanced_memory``) where each module goes, but feeds it a meta-device skeleton in which every
+module the quantization will replace weighs what :meth:`Quantizer.quantized_nbytes` says: a 4-bit
+layer counts about a quarter of its bfloat16 size, so a model that fits only once quantized is put
+on the GPUs. A device map given as a dict is checked instead of inferred.
+
+Modules that land on the CPU or disk next to GPUs follow their backend's offload policy
+(:func:`offload_policy`): stay quantized there, stay unquantized in float32 (bitsandbytes'
+``llm_int8_enable_fp32_cpu_offload``), or make the map an error that names them.
+
+accelerate is optional: it is imported when a map is inferred (``pip install 'quantcore[transformers]'``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import difflib
+import itertools
+import logging
+from collections.abc import Iterator, Mapping
+from typing import Any, Literal
+
+import attrs
+import torch
+from torch import nn
+
+from .config import QuantizationConfigMixin
+from .errors import ConfigError
+from .quantizer import Quantizer, module_nbytes
+from .report import QuantizationReport, format_bytes
+from .walk import Rule, Walk
+
+__all__ = ["MODES", "OFFLOAD_DEVICES", "Placement", "infer_device_map", "offload_policy"]
+
+MODES = ("auto", "balanced", "balanced_low_0", "sequential")
+"""The ``device_map`` strings that ask for an inferred map (as in transformers)."""
+
+OFFLOAD_DEVICES = ("cpu", "disk")
+"""Device-map values that mean "offloaded" when GPUs hold the rest of the model."""
+
+OffloadPolicy = Literal["quantized", "float", "refuse"]
+Device = int | str  # accelerate's form: a GPU index, "cpu", "disk" or "mps"
+
+_INSTALL_HINT = "pip install 'quantcore[transformers]'"
+_SHOWN = 5  # module names an error lists before "and N more"
+
+
+def offload_policy(quantizer: Quantizer) -> OffloadPolicy:
+    """What becomes of ``quantizer``'s modules that a device map puts on the CPU or disk next to GPUs.
+
+    ``"quantized"``: they are quantized like the others (the backend runs, or accelerate moves,
+    its quantized modules off the GPU); ``"float"``: they are left unquantized, in float32;
+    ``"refuse"``: the map is an error. A quantizer decides with an ``offload_policy()`` method;
+    without one, a config with ``llm_int8_enable_fp32_cpu_offload=True`` means ``"float"`` and
+    anything else ``"refuse"`` (transformers' rule for bitsandbytes).
+    """
+    hook = getattr(quantizer, "offload_policy", None)
+    if callable(hook):
+        policy = hook()
+        if policy not in ("quantized", "float", "refuse"):
+            raise ValueError(f"{type(quantizer).__name__}.offload_policy() returned {policy!r}")
+        return policy
+    return "float" if getattr(quantizer.config, "llm_int8_enable_fp32_cpu_offload", False) else "refuse"
+
+
+@attrs.frozen
+class Placement:
+    """Where each module goes, and which modules the placement keeps out of quantization.
+
+    :param device_map: ``{module name: device}`` in accelerate's form (GPU index, ``"cpu"``,
+        ``"disk"``); a module not named goes where its closest named ancestor goes.
+    :param float_modules: ``{module name: rule label}``: modules the quantization would replace but
+        that stay unquantized in float32 because the map offloads them (fp32 offload).
+    :param module_sizes: bytes of every module as placed (quantized sizes; ``""`` is the model).
+    :param max_memory: the budgets the map was inferred with, in bytes (empty for a given map).
+    :param report: the quantization plan with ``float_modules`` kept in float.
+    """
+
+    device_map: dict[str, Device]
+    float_modules: dict[str, str]
+    module_sizes: dict[str, int] = attrs.field(repr=False)
+    max_memory: dict[Device, int]
+    report: QuantizationReport = attrs.field(repr=False)
+
+    @property
+    def skip_modules(self) -> list[str]:
+        """The names of :attr:`float_modules`, for a ``skip_modules=`` argument."""
+        return list(self.float_modules)
+
+    def device_of(self, name: str) -> Device:
+        """The device of the module or tensor called ``name`` (from its closest mapped ancestor)."""
+        found = _lookup(self.device_map, name)
+        if found is None:
+            raise KeyError(f"the device map places no ancestor of {name!r}")
+        return found
+
+    def apply(self, walk: Walk) -> Walk:
+        """``walk`` with :attr:`float_modules` kept in float, under their "device map" labels, first."""
+        rules = [Rule(label, (lambda n, _name=name: n == _name), None) for name, label in self.float_modules.items()]
+        return attrs.evolve(walk, rules=rules + walk.rules)
+
+    def bytes_per_device(self) -> dict[Device, int]:
+        """Bytes each device holds (quantized sizes; float32 for fp32-offloaded modules)."""
+        out: dict[Device, int] = {}
+        for key, device in self.device_map.items():
+            size = self.module_sizes.get(key, 0)
+            # a key nested under another key is counted by itself, not by its ancestor
+            out[device] = out.get(device, 0) + size
+            parent = _lookup({k: v for k, v in self.device_map.items() if k != key}, key)
+            if parent is not None and key:
+                out[parent] = out.get(parent, 0) - size
+        return {d: n for d, n in out.items() if n}
+
+    def summary(self) -> str:
+        """One line per device, then the fp32-offloaded modules."""
+        lines = [f"{_label(d)}: {format_bytes(n)}" for d, n in self.bytes_per_device().items()]
+        if self.float_modules:
+            lines.append(f"{len(self.float_modules)} modules kept unquantized in float32 (fp32 offload)")
+        return "\n".join(lines)
+
+
+def infer_device_map(
+    model: nn.Module,
+    quantization: Walk | Quantizer | QuantizationConfigMixin | Mapping[str, Any] | None = None,
+    device_map: str | Mapping[str, Any] | int | torch.device = "auto",
+    *,
+    max_memory: Mapping[Any, int | str] | None = None,
+    no_split_module_classes: list[str] | None = None,
+    dtype: torch.dtype | str | None = None,
+    check_devices: bool = True,
+) -> Placement:
+    """Place ``model`` over the GPUs, then the CPU, then disk, sized as ``quantization`` will make it.
+
+    :param model: the float model, usually on the meta device (nothing is allocated or changed).
+    :param quantization: a :class:`~quantcore.walk.Walk` (with its overrides and skips), a
+        quantizer, a config, or ``None`` to place the float model.
+    :param device_map: ``"auto"`` or ``"balanced"`` (spread evenly over the GPUs),
+        ``"balanced_low_0"`` (GPU 0 kept light for generation), ``"sequential"`` (fill GPU 0 first),
+        a dict ``{module name: device}`` (checked, not changed), or one device for the whole model.
+    :param max_memory: ``{0: "20GiB", 1: "20GiB", "cpu": "64GiB"}``; default: what is free now.
+        Each GPU keeps room for one float layer being quantized on it.
+    :param no_split_module_classes: class names never split over devices (default: the model's
+        ``_no_split_modules``, as transformers models declare).
+    :param dtype: the dtype floating-point weights are loaded in (default: as they are in ``model``).
+    :param check_devices: require every device of the map on this machine; ``False`` plans for
+        another machine (``max_memory={0: ..., 1: ...}`` on a computer without GPUs).
+    :raises ConfigError: a bad map, missing devices, or quantized modules offloaded against their
+        backend's :func:`offload_policy`, with every problem and what to set.
+    """
+    walk = _as_walk(model, quantization)
+    dtype = _as_dtype(dtype)
+    skeleton = _meta_copy(model, dtype)
+    plan = attrs.evolve(walk, model=skeleton)
+    chosen = {d.name: (d.rule.quantizer, d.module) for d in plan.decide()
+              if d.rule is not None and d.rule.quantizer is not None and d.rule.quantizer.can_replace(d.module)}
+    if no_split_module_classes is None:
+        no_split_module_classes = sorted(getattr(model, "_no_split_modules", None) or [])
+
+    fp32: set[str] = set()
+    budgets: dict[Device, int] = {}
+    if isinstance(device_map, str) and device_map in MODES:
+        budgets = _budgets(max_memory, chosen, check_devices)
+        # Offloaded modules kept in float32 weigh more, which can push more modules off the GPUs:
+        # re-infer until the set of offloaded float modules stops growing.
+        for _ in range(8):
+            sized = _sized(skeleton, chosen, fp32)
+            placed = _infer(sized, device_map, budgets, no_split_module_classes, check_devices)
+            grown = fp32 | _offloaded(placed, chosen, "float")
+            if grown == fp32:
+                break
+            fp32 = grown
+    else:
+        placed = _check_map(skeleton, _as_map(device_map), check_devices)
+        fp32 = _offloaded(placed, chosen, "float")
+        sized = _sized(skeleton, chosen, fp32)
+        if max_memory is not None:
+            budgets = _budgets(max_memory, chosen, check_devices=False)
+
+    sizes = _module_sizes(sized)
+    _check_policies(placed, chosen, sizes, budgets)
+    fp32 = _offloaded(placed, chosen, "float")  # the final map's, not an earlier round's
+    labels = {name: f"device map: {_lookup_devices(placed, name)[0]} (fp32 offload)" for name in chosen if name in fp32}
+    placement = Placement(placed, labels, sizes, budgets, attrs.evolve(plan, model=skeleton).plan())
+    return attrs.evolve(placement, report=placement.apply(plan).plan())
+
+
+# ---------------------------------------------------------------------- inputs
+def _accelerate() -> Any:
+    try:
+        import accelerate.utils.modeling as modeling
+    except ImportError:
+        raise ImportError(f"inferring a device map needs accelerate: {_INSTALL_HINT}") from None
+    return modeling
+
+
+def _as_walk(model: nn.Module, quantization: Any) -> Walk:
+    if isinstance(quantization, Walk):
+        if quantization.model is not model:
+            raise ValueError("the walk was built for another model: pass the model it was built with")
+        return quantization
+    if quantization is None or isinstance(quantization, Quantizer):
+        return Walk.build(quantization, model)
+    from .auto import AutoQuantizer
+
+    return Walk.build(AutoQuantizer.from_config(quantization), model)
+
+
+def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    found = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(found, torch.dtype):
+        raise ConfigError([("dtype", f"{dtype!r} is not a torch dtype (e.g. 'bfloat16')")], title="invalid dtype")
+    return found
+
+
+def _as_device(value: Any) -> Device:
+    """``"cuda:1"``, ``torch.device("cuda", 1)``, ``1`` -> ``1``; ``"cpu"``, ``"disk"``, ``"mps"`` as they are."""
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a device")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"{value!r} is not a GPU index")
+        return value
+    if isinstance(value, str) and value in ("disk", "cpu", "mps"):
+        return value
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"{value!r} is not a device: use a GPU index (0), 'cuda:N', 'cpu', 'disk' or 'mps'"
+        ) from None
+    if device.type == "cuda":
+        return device.index or 0
+    if device.type in ("cpu", "mps"):
+        return device.type
+    raise ValueError(f"{value!r}: device type {device.type!r} is not supported in device maps")
+
+
+def _as_map(device_map: Any) -> dict[str, Any]:
+    if isinstance(device_map, Mapping):
+        return dict(device_map)
+    if isinstance(device_map, str) and device_map not in ("cpu", "disk", "mps") and not device_map.startswith("cuda") \
+            and not device_map.isdigit():
+        raise ConfigError(
+            [("device_map", f"{device_map!r} is neither a mode ({', '.join(map(repr, MODES))}), a dict nor a device")],
+            title="invalid device map",
+        )
+    return {"": device_map}
+
+
+# ---------------------------------------------------------------------- the sizing skeleton
+class _Sized(nn.Module):
+    """Stands in for a module in the sizing skeleton: one meta tensor as large as the module will be."""
+
+    def __init__(self, nbytes: int):
+        super().__init__()
+        self.planned = nn.Parameter(torch.empty(nbytes, dtype=torch.uint8, device="meta"), requires_grad=False)
+
+
+def _meta_copy(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
+    """A deep copy on the meta device (tied tensors stay tied), floats cast to ``dtype``; no data is copied."""
+    memo: dict[int, Any] = {}
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        target = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+        meta = torch.empty_like(tensor, device="meta", dtype=target)
+        memo[id(tensor)] = nn.Parameter(meta, requires_grad=tensor.requires_grad) \
+            if isinstance(tensor, nn.Parameter) else meta
+    return copy.deepcopy(model, memo)
+
+
+def _fp32_nbytes(module: nn.Module) -> int:
+    return sum(t.numel() * (4 if t.is_floating_point() else t.element_size())
+               for t in itertools.chain(module.parameters(), module.buffers()))
+
+
+@contextlib.contextmanager
+def _sized(skeleton: nn.Module, chosen: Mapping[str, tuple[Quantizer, nn.Module]], fp32: set[str]) -> Iterator[nn.Module]:
+    """``skeleton`` with each chosen module swapped for a :class:`_Sized` of its planned bytes, then restored."""
+    swapped = []
+    try:
+        for name, (quantizer, module) in chosen.items():
+            nbytes = _fp32_nbytes(module) if name in fp32 else quantizer.quantized_nbytes(module)
+            parent_name, _, child = name.rpartition(".")
+            parent = skeleton.get_submodule(parent_name)
+            swapped.append((parent, child, module))
+            parent._modules[child] = _Sized(nbytes)
+        yield skeleton
+    finally:
+        for parent, child, module in reversed(swapped):
+            parent._modules[child] = module
+
+
+def _module_sizes(sized: nn.Module) -> dict[str, int]:
+    """Bytes of every module (tied tensors once), by module name."""
+    sizes: dict[str, int] = {name: 0 for name, _ in sized.named_modules()}
+    for name, tensor in itertools.chain(sized.named_parameters(), sized.named_buffers()):
+        owner = name.rpartition(".")[0]
+        parts = owner.split(".") if owner else []
+        for i in range(len(parts) + 1):
+            sizes[".".join(parts[:i])] += tensor.numel() * tensor.element_size()
+    return sizes
+
+
+# ---------------------------------------------------------------------- inferring and checking maps
+@contextlib.contextmanager
+def _quiet(enabled: bool) -> Iterator[None]:
+    """Silence accelerate's "Device 1 is not available" while planning for another machine."""
+    logger = logging.getLogger("accelerate.utils.modeling")
+    level = logger.level
+    if enabled:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _budgets(
+    max_memory: Mapping[Any, int | str] | None, chosen: Mapping[str, tuple[Quantizer, nn.Module]], check_devices: bool
+) -> dict[Device, int]:
+    """Bytes per device, less room on each GPU for the largest float layer while it is quantized."""
+    modeling = _accelerate()
+    problems: list[tuple[str, str]] = []
+    given: dict[Device, Any] | None = None
+    if max_memory is not None:
+        given = {}
+        for key, value in max_memory.items():
+            try:
+                device = _as_device(key)
+                given[device] = modeling.convert_file_size_to_int(value) if isinstance(value, str) else int(value)
+            except (ValueError, TypeError) as exc:
+                problems.append((f"max_memory[{key!r}]", str(exc)))
+    if problems:
+        raise ConfigError(problems, title="invalid max_memory")
+    with _quiet(not check_devices):
+        budgets = dict(modeling.get_max_memory(given))
+    if check_devices:
+        _check_devices(((f"max_memory[{d!r}]", d) for d in budgets), "max_memory")
+    headroom = max((module_nbytes(module) for _, module in chosen.values()), default=0)
+    return {d: max(0, int(n) - headroom) if isinstance(d, int) else int(n) for d, n in budgets.items()}
+
+
+def _infer(sized: nn.Module, mode: str, budgets: dict[Device, int], no_split: list[str], quiet: bool) -> dict[str, Device]:
+    modeling = _accelerate()
+    with _quiet(quiet):
+        if mode == "sequential":
+            memory = dict(budgets)
+        else:
+            memory = modeling.get_balanced_memory(sized, dict(budgets), no_split, low_zero=mode == "balanced_low_0")
+        return dict(modeling.infer_auto_device_map(sized, memory, no_split))
+
+
+def _check_devices(devices: Iterator[tuple[str, Device]], argument: str) -> None:
+    visible = torch.cuda.device_count()
+    problems = []
+    for field, device in devices:
+        if isinstance(device, int) and device >= visible:
+            problems.append((field, f"GPU {device} is not on this machine ({visible} CUDA device(s) visible); "
+                                    "pass check_devices=False to plan for another machine"))
+        elif device == "mps" and not torch.backends.mps.is_available():
+            problems.append((field, "MPS is not available on this machine"))
+    if problems:
+        raise ConfigError(problems, title=f"invalid {argument}")
+
+
+def _check_map(skeleton: nn.Module, device_map: Mapping[Any, Any], check_devices: bool) -> dict[str, Device]:
+    """The map in accelerate's form, once every key names a module or tensor and every tensor has a device."""
+    problems: list[tuple[str, str]] = []
+    placed: dict[str, Device] = {}
+    modules = [name for name, _ in skeleton.named_modules()]
+    tensors = [name for name, _ in itertools.chain(skeleton.named_parameters(remove_duplicate=False),
+                                                   skeleton.named_buffers(remove_duplicate=False))]
+    known = set(modules) | set(tensors)
+    for key, value in device_map.items():
+        field = f"device_map[{key!r}]"
+        if not isinstance(key, str):
+            problems.append((field, "keys are module names (strings)"))
+            continue
+        if key not in known:
+            close = difflib.get_close_matches(key, modules, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            problems.append((field, f"no module or tensor of the model is called {key!r}{hint}"))
+            continue
+        try:
+            placed[key] = _as_device(value)
+        except ValueError as exc:
+            problems.append((field, str(exc)))
+    if not problems:
+        missing = [t for t in tensors if _lookup(placed, t) is None]
+        if missing:
+            problems.append(("device_map", f"gives no device to {_names(missing)}; map them, or add "
+                                           "\"\" (the whole model) as a default"))
+    if problems:
+        raise ConfigError(problems, title="invalid device map")
+    if check_devices:
+        _check_devices(((f"device_map[{k!r}]", d) for k, d in placed.items()), "device map")
+    return placed
+
+
+def _lookup(device_map: Mapping[str, Device], name: str) -> Device | None:
+    """The device of the closest mapped ancestor of ``name`` (or ``name`` itself)."""
+    while True:
+        if name in device_map:
+            return device_map[name]
+        if not name:
+            return None
+        name = name.rpartition(".")[0]
+
+
+def _devices_of(device_map: Mapping[str, Device], name: str) -> list[Device]:
+    """Every device holding part of module ``name``: its own, then those of keys under it."""
+    own = _lookup(device_map, name)
+    nested = [d for k, d in device_map.items() if k.startswith(name + ".")]
+    return ([own] if own is not None else []) + nested
+
+
+def _offloaded(
+    placed: Mapping[str, Device], chosen: Mapping[str, tuple[Quantizer, nn.Module]], policy: str
+) -> set[str]:
+    """Chosen modules with this offload policy that the map puts (partly) on the CPU or disk next to GPUs."""
+    if set(placed.values()) == {"cpu"}:  # everything on the CPU is no offload: quantize there
+        return set()
+    return {name for name, (quantizer, _) in chosen.items()
+            if offload_policy(quantizer) == policy and any(d in OFFLOAD_DEVICES for d in _devices_of(placed, name))}
+
+
+def _check_policies(
+    placed: Mapping[str, Device],
+    chosen: Mapping[str, tuple[Quantizer, nn.Module]],
+    sizes: Mapping[str, int],
+    budgets: Mapping[Device, int],
+) -> None:
+    refused = _offloaded(placed, chosen, "refuse")
+    if not refused:
+        return
+    by_quantizer: dict[int, tuple[Quantizer, list[str]]] = {}
+    for name in chosen:  # model order
+        if name in refused:
+            quantizer = chosen[name][0]
+            by_quantizer.setdefault(id(quantizer), (quantizer, []))[1].append(name)
+    gpus = sum(n for d, n in budgets.items() if isinstance(d, int))
+    if budgets:
+        more = (f"or give the GPUs more max_memory (they offer {format_bytes(gpus)} after room to quantize "
+                f"one layer; the quantized model needs {format_bytes(sizes[''])})")
+    else:
+        more = "or map those modules to a GPU"
+    problems = []
+    for quantizer, names in by_quantizer.values():
+        where = f"the device map puts {_names(names)} ({quantizer.describe()}) on the CPU or disk next to GPUs"
+        if hasattr(quantizer.config, "llm_int8_enable_fp32_cpu_offload"):
+            problems.append(("llm_int8_enable_fp32_cpu_offload",
+                             f"{where}; set llm_int8_enable_fp32_cpu_offload=True to keep them unquantized "
+                             f"in float32 there, {more}"))
+        else:
+            problems.append(("device_map", f"{where}, where this backend cannot run them; {more}"))
+    raise ConfigError(problems, title="the quantized model does not fit this device map")
+
+
+def _names(names: list[str]) -> str:
+    shown = ", ".join(repr(n) for n in names[:_SHOWN])
+    rest = len(names) - _SHOWN
+    count = f"{len(names)} module{'s' if len(names) != 1 else ''}"
+    return f"{count}: {shown}" + (f" and {rest} more" if rest > 0 else "")
+
+
+def _label(device: Device) -> str:
+    return f"GPU {device}" if isinstance(device, int) else str(device)
