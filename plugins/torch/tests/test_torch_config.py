@@ -56,10 +56,10 @@ def test_every_bad_field_is_reported_at_once():
     with pytest.raises(quantcore.ConfigError) as caught:
         TorchWeightOnlyConfig.from_dict({
             "quant_method": "torch_wo", "bits": 3, "group_size": 48, "compute_dtype": "int8",
-            "modules_to_not_convert": "lm_head",
+            "modules_to_not_convert": "lm_head", "bitz": 4,
         })
     errors = dict(caught.value.errors)
-    assert set(errors) == {"bits", "group_size", "compute_dtype", "modules_to_not_convert"}
+    assert set(errors) == {"bits", "group_size", "compute_dtype", "modules_to_not_convert", "bitz"}
     assert "4, 8" in errors["bits"] and "32, 64, 128" in errors["group_size"]
     assert "'bfloat16'" in errors["compute_dtype"] and "list" in errors["modules_to_not_convert"]
 
