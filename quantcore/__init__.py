@@ -45,12 +45,17 @@ _EXPORTS = {
     "compile_pattern": ".match",
     "QuantizationState": ".state",
     "get_quantization_state": ".state",
+    "save_quantized": ".checkpoint",
+    "load_quantized": ".checkpoint",
+    "from_pretrained": ".loading",
+    "empty_weights": ".loading",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 if TYPE_CHECKING:
     from .auto import AutoQuantizationConfig, AutoQuantizer, dequantize, quantize
+    from .checkpoint import load_quantized, save_quantized
     from .config import QuantizationConfigMixin, config_field, define_config
     from .converter import converter
     from .errors import (
@@ -63,6 +68,7 @@ if TYPE_CHECKING:
         QuantizationVetoed,
     )
     from .hookspecs import hookimpl, hookspec
+    from .loading import empty_weights, from_pretrained
     from .match import compile_pattern
     from .plugins import (
         disable_plugins,
