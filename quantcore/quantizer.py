@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from .config import QuantizationConfigMixin
     from .report import QuantizationReport
 
-__all__ = ["Quantizer", "module_nbytes", "module_numel"]
+__all__ = ["Quantizer", "check_state", "module_nbytes", "module_numel"]
 
 
 def module_nbytes(module: nn.Module) -> int:
@@ -34,6 +34,23 @@ def module_numel(module: nn.Module) -> int:
     """Number of parameters of a module."""
     params = module._parameters.values() if not module._modules else module.parameters()
     return sum(p.numel() for p in params if p is not None)
+
+
+def check_state(module: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Raise one ``ValueError`` naming every missing, unexpected or mis-shaped (or mis-typed) tensor."""
+    expected = module.state_dict(keep_vars=True)
+    problems = [f"missing tensor {k!r}" for k in expected if k not in state]
+    problems += [f"unexpected tensor {k!r}" for k in state if k not in expected]
+    for key, tensor in state.items():
+        want = expected.get(key)
+        if want is None or not isinstance(tensor, torch.Tensor):
+            continue
+        if tuple(tensor.shape) != tuple(want.shape):
+            problems.append(f"tensor {key!r} has shape {tuple(tensor.shape)}, expected {tuple(want.shape)}")
+        elif tensor.dtype != want.dtype:
+            problems.append(f"tensor {key!r} has dtype {tensor.dtype}, expected {want.dtype}")
+    if problems:
+        raise ValueError("; ".join(problems))
 
 
 class Quantizer:
@@ -60,6 +77,12 @@ class Quantizer:
         """Whether ``module`` is a float module this backend can quantize."""
         return isinstance(module, self.replaces) and not self.is_quantized_module(module)
 
+    def unsupported_reason(self, module: nn.Module) -> str | None:
+        """Why :meth:`can_replace` refuses ``module`` (shown in reports); ``None`` when it does not."""
+        if self.can_replace(module):
+            return None
+        return f"{type(module).__name__} not supported by {self.describe()}"
+
     def quantized_nbytes(self, module: nn.Module) -> int:
         """Bytes ``module`` will take once quantized (from shapes alone; it may be on the meta device)."""
         raise NotImplementedError(f"{type(self).__name__} must implement quantized_nbytes()")
@@ -83,6 +106,7 @@ class Quantizer:
         placed on ``device`` (it may be a new object). Raise ``ValueError`` naming the tensor when
         ``state`` does not fit. The default is ``load_state_dict(strict=True, assign=True)``.
         """
+        check_state(module, state)
         module.load_state_dict(dict(state), strict=True, assign=True)
         return module.to(device) if device is not None else module
 

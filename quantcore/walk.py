@@ -90,6 +90,11 @@ class ModelIndex:
         return cls(entries, users, params, nbytes)
 
 
+# Containers whose forward reads a child linear's ``.weight`` itself (fused fast paths), so a
+# replaced child breaks them.
+_READS_CHILD_WEIGHTS = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+
+
 def default_float_modules(model: nn.Module, index: ModelIndex | None = None) -> dict[str, str]:
     """Modules kept in float by default: the output head and linears whose weight is tied elsewhere.
 
@@ -104,9 +109,11 @@ def default_float_modules(model: nn.Module, index: ModelIndex | None = None) -> 
             head = get_head()
         except Exception:  # some architectures raise NotImplementedError
             head = None
-    for name, module, *_ in index.entries:
+    for name, module, parent, *_ in index.entries:
         if head is not None and module is head:
             out.setdefault(name, "default: output head")
+        if parent is not None and isinstance(parent, _READS_CHILD_WEIGHTS) and isinstance(module, nn.Linear):
+            out.setdefault(name, f"default: {type(parent).__name__} reads its weight directly")
         if isinstance(module, nn.Linear):
             weight = module._parameters.get("weight")
             users = index.param_users.get(id(weight), ()) if weight is not None else ()
@@ -242,8 +249,8 @@ class Walk:
             before = module_nbytes(module)
             quantizer = d.rule.quantizer if d.rule is not None else None
             if quantizer is not None and not quantizer.can_replace(module):
+                reason = f"{d.rule.label if d.rule else 'config'}: {quantizer.unsupported_reason(module)}"
                 quantizer = None
-                reason = f"{d.rule.label if d.rule else 'config'}: {type(module).__name__} not supported"
             else:
                 reason = d.rule.label if d.rule is not None else "no rule matched"
             method = None

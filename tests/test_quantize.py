@@ -186,3 +186,24 @@ def test_state_on_model_records_configs_per_module(untied_lm):
     assert state.config_for("lm_head") is None
     again = quantcore.QuantizationState.from_dict(state.to_dict())
     assert again.to_dict() == state.to_dict()
+
+
+def test_linears_read_directly_by_torch_containers_stay_in_float():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, batch_first=True), nn.Linear(32, 8))
+    x = torch.randn(2, 5, 32)
+    report = quantcore.quantize(model.eval(), HalfConfig())
+    rules = {m.name: (m.action, m.rule) for m in report.modules}
+    assert rules["0.linear1"] == ("skipped", "default: TransformerEncoderLayer reads its weight directly")
+    assert rules["0.self_attn.out_proj"][1] == "default: MultiheadAttention reads its weight directly"
+    assert rules["1"] == ("quantized", "config")
+    assert model(x).shape == (2, 5, 8)
+
+
+def test_unsupported_module_reason_is_reported(untied_lm):
+    class PickyQuantizer(type(quantcore.AutoQuantizer.from_config({"quant_method": "half"}))):
+        def can_replace(self, module):
+            return module.in_features != 128
+
+    report = PickyQuantizer(HalfConfig()).plan(untied_lm)
+    assert report.record("layers.0.mlp.down_proj").rule == "config: Linear not supported by half fp16"

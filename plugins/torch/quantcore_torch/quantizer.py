@@ -6,7 +6,6 @@ from collections.abc import Mapping
 
 import torch
 from torch import nn
-from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from quantcore import Quantizer
 
@@ -39,13 +38,16 @@ class TorchWeightOnlyQuantizer(Quantizer):
         return f"torch_wo int4 g{self.config.group_size}"
 
     def can_replace(self, module: nn.Module) -> bool:
-        # nn.MultiheadAttention reads its out_proj's ``.weight`` directly: replacing it would break
-        # the attention, and that is what this Linear subclass exists to say.
-        return (
-            super().can_replace(module)
-            and not isinstance(module, NonDynamicallyQuantizableLinear)
-            and module.weight.is_floating_point()
-        )
+        # Integer weights are already "quantized" by someone else: leave them alone. (Linears that
+        # nn.MultiheadAttention reads directly are kept in float by the core's default rules.)
+        return super().can_replace(module) and module.weight.is_floating_point()
+
+    def unsupported_reason(self, module: nn.Module) -> str | None:
+        if self.can_replace(module):
+            return None
+        if isinstance(module, nn.Linear) and not module.weight.is_floating_point():
+            return f"weight dtype {module.weight.dtype} is not floating point"
+        return super().unsupported_reason(module)
 
     def quantized_nbytes(self, module: nn.Module) -> int:
         weight = weight_only_nbytes(
