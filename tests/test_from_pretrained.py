@@ -1,0 +1,191 @@
+"""from_pretrained on transformers checkpoints, and bitsandbytes checkpoints shared with transformers both ways.
+
+The model is a tiny Llama (hidden 64, 2 layers, vocab 128) saved to ``tmp_path``; bitsandbytes 0.50
+runs its 4-bit and 8-bit layers on the CPU, and transformers accepts them with ``device_map="cpu"``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+
+import pytest
+import torch
+
+import quantcore
+from quantcore import CheckpointError
+
+transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+pytest.importorskip("safetensors", reason="safetensors is not installed")
+
+IDS = torch.tensor([[1, 5, 9, 17, 33, 65, 2, 100, 127, 3]])
+
+BNB_FORMATS = {
+    "nf4": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"},
+    "nf4-dq": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True},
+    "fp4": {"load_in_4bit": True, "bnb_4bit_quant_type": "fp4"},
+    "fp4-dq": {"load_in_4bit": True, "bnb_4bit_quant_type": "fp4", "bnb_4bit_use_double_quant": True},
+    "int8": {"load_in_8bit": True},
+}
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    transformers.logging.set_verbosity_error()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def tiny_llama(tmp_path, dtype=torch.bfloat16, tied=True, shard=None):
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                      tie_word_embeddings=tied)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).to(dtype)
+    path = tmp_path / f"float-{str(dtype)[6:]}-{'tied' if tied else 'untied'}"
+    model.save_pretrained(path, **({"max_shard_size": shard} if shard else {}))
+    return model, path
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+# ---------------------------------------------------------------------- float checkpoints
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_float_load_matches_transformers(tmp_path, dtype):
+    _, path = tiny_llama(tmp_path, dtype)
+    model = quantcore.from_pretrained(path)
+    assert model.dtype == dtype and not model.training
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert torch.equal(logits(model), logits(transformers.AutoModelForCausalLM.from_pretrained(path)))
+    assert model.quantcore_report is None
+
+
+def test_sharded_float_checkpoint_and_dtype_cast(tmp_path):
+    _, path = tiny_llama(tmp_path, torch.float32, shard="50KB")
+    assert (path / "model.safetensors.index.json").is_file()
+    model = quantcore.from_pretrained(path, dtype="bfloat16")
+    assert model.dtype == torch.bfloat16
+    reference = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    assert torch.equal(logits(model), logits(reference))
+
+
+def test_torch_backend_quantizes_while_loading_and_round_trips(tmp_path):
+    pytest.importorskip("quantcore_torch", reason="the quantcore-torch backend is not installed")
+    from quantcore_torch import TorchWeightOnlyConfig, WeightOnlyLinear
+
+    reference, path = tiny_llama(tmp_path, torch.float32)
+    config = TorchWeightOnlyConfig(bits=4, group_size=32)
+    model = quantcore.from_pretrained(path, config)
+    quantcore.quantize(reference, config)  # the same, in memory
+    assert isinstance(model.model.layers[0].mlp.up_proj, WeightOnlyLinear)
+    assert torch.equal(logits(model), logits(reference.eval()))
+    report = model.quantcore_report
+    assert len(report.quantized) == 14 and report.bytes_after < report.bytes_before
+    quantcore.save_quantized(model, tmp_path / "q")
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["quant_method"] == "torch_wo"
+    again = quantcore.from_pretrained(tmp_path / "q")
+    assert torch.equal(logits(again), logits(model))
+    assert quantcore.get_quantization_state(again) == quantcore.get_quantization_state(model)
+
+
+def test_device_map(tmp_path):
+    _, path = tiny_llama(tmp_path)
+    assert quantcore.from_pretrained(path, device_map={"": "cpu"}).device.type == "cpu"
+    with pytest.raises(NotImplementedError, match="one device"):
+        quantcore.from_pretrained(path, device_map={"model": "cpu", "lm_head": "meta"})
+    with pytest.raises(NotImplementedError, match="not supported yet"):
+        quantcore.from_pretrained(path, device_map="auto")
+
+
+def test_not_a_checkpoint_folder(tmp_path):
+    with pytest.raises(CheckpointError, match="has no config.json"):
+        quantcore.from_pretrained(tmp_path)
+
+
+def test_corrupt_float_checkpoint_names_the_file(tmp_path):
+    _, path = tiny_llama(tmp_path)
+    f = path / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-10])
+    with pytest.raises(CheckpointError, match="(?s)model.safetensors.*truncated"):
+        quantcore.from_pretrained(path)
+
+
+# ---------------------------------------------------------------------- bitsandbytes, both ways
+@pytest.fixture
+def bnb():
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
+    return pytest.importorskip("quantcore_bnb", reason="the quantcore-bnb backend is not installed")
+
+
+@pytest.mark.parametrize("fmt", list(BNB_FORMATS))
+def test_quantcore_bnb_checkpoint_loads_in_transformers(tmp_path, bnb, fmt):
+    _, path = tiny_llama(tmp_path)
+    model = quantcore.from_pretrained(path, bnb.BitsAndBytesConfig(**BNB_FORMATS[fmt]))
+    quantcore.save_quantized(model, tmp_path / "q")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q", device_map="cpu")
+    ours = quantcore.from_pretrained(tmp_path / "q")
+    assert type(theirs.model.layers[0].mlp.up_proj) is type(ours.model.layers[0].mlp.up_proj)
+    assert torch.equal(logits(theirs), logits(ours))
+    # and it is what transformers itself makes from the float checkpoint
+    direct = transformers.AutoModelForCausalLM.from_pretrained(
+        path, device_map="cpu", quantization_config=transformers.BitsAndBytesConfig(**BNB_FORMATS[fmt]))
+    assert torch.equal(logits(direct), logits(ours))
+
+
+@pytest.mark.parametrize("fmt", list(BNB_FORMATS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_transformers_bnb_checkpoint_loads_in_quantcore(tmp_path, bnb, fmt, dtype):
+    _, path = tiny_llama(tmp_path, dtype)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(
+        path, device_map="cpu", quantization_config=transformers.BitsAndBytesConfig(**BNB_FORMATS[fmt]))
+    theirs.save_pretrained(tmp_path / "hf")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", device_map="cpu")
+    ours = quantcore.from_pretrained(tmp_path / "hf")
+    assert torch.equal(logits(ours), logits(reloaded))
+    state = quantcore.get_quantization_state(ours)
+    assert len(state.modules) == 14 and "lm_head" not in state.modules
+    # load_quantized reads the same checkpoint into a skeleton
+    with quantcore.empty_weights():
+        skeleton = transformers.AutoModelForCausalLM.from_config(theirs.config)
+    quantcore.load_quantized(tmp_path / "hf", skeleton)
+    assert torch.equal(logits(skeleton.eval()), logits(reloaded))
+
+
+def test_pre_quantized_checkpoint_ignores_a_new_config(tmp_path, bnb):
+    _, path = tiny_llama(tmp_path)
+    model = quantcore.from_pretrained(path, bnb.BitsAndBytesConfig(load_in_8bit=True))
+    quantcore.save_quantized(model, tmp_path / "q")
+    with pytest.warns(UserWarning, match="already quantized"):
+        warnings.simplefilter("always")
+        again = quantcore.from_pretrained(tmp_path / "q", bnb.BitsAndBytesConfig(load_in_4bit=True))
+    assert torch.equal(logits(again), logits(model))
+
+
+def test_saved_skip_list_tells_transformers_what_stayed_float(tmp_path, bnb):
+    _, path = tiny_llama(tmp_path)
+    model = quantcore.from_pretrained(path, bnb.BitsAndBytesConfig(load_in_4bit=True),
+                                      overrides={"model.layers.1.mlp.*": None})
+    quantcore.save_quantized(model, tmp_path / "q")
+    quant = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert "model.layers.1.mlp.down_proj" in quant["llm_int8_skip_modules"]
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q", device_map="cpu")
+    assert type(theirs.model.layers[1].mlp.down_proj) is torch.nn.Linear
+    assert torch.equal(logits(theirs), logits(quantcore.from_pretrained(tmp_path / "q")))
+
+
+# ---------------------------------------------------------------------- the real model
+@pytest.mark.slow
+def test_smollm2_nf4_matches_transformers(bnb):
+    path = os.path.join(os.path.dirname(__file__), "..", "bench", "_data", "smollm2-135m-bf16")
+    if not os.path.isdir(path):
+        pytest.skip("run bench/prepare_models.py first")
+    kw = BNB_FORMATS["nf4"]
+    ours = quantcore.from_pretrained(path, bnb.BitsAndBytesConfig(**kw))
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(
+        path, device_map="cpu", quantization_config=transformers.BitsAndBytesConfig(**kw))
+    assert torch.equal(logits(ours), logits(theirs))
