@@ -10,6 +10,9 @@ Accuracy, measured by ``tests/test_quantizer.py`` as the relative error ``|y - y
 of an ``nn.Linear(256, 512)`` (its default init) on Gaussian inputs, float32 or bfloat16: int8
 about 0.008, NF4 about 0.092, FP4 about 0.110; double quant changes these by under 0.1 %. The
 documented bounds, which the tests check: int8 < 0.02, NF4 < 0.12, FP4 < 0.14, NF4 < FP4.
+
+On the CPU, bitsandbytes runs 4-bit and int8 layers, but not the forward of
+``llm_int8_has_fp16_weight=True`` layers (no CPU kernel for ``int8_double_quant``): those need CUDA.
 """
 
 from __future__ import annotations
@@ -164,6 +167,7 @@ class BitsAndBytesQuantizer(Quantizer):
             quant_state = QuantState.from_dict(stats, device=device)
         except (ValueError, KeyError, AssertionError) as exc:
             raise ValueError(f"the quantization statistics 'weight.*' are incomplete or invalid: {exc}") from None
+        _repair_absmax_layout(quant_state)
         expected = (module.weight.quant_type, module.weight.compress_statistics)
         found = (quant_state.quant_type, quant_state.nested)
         if found != expected:
@@ -229,6 +233,7 @@ class BitsAndBytesQuantizer(Quantizer):
                 from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
                 data, state = _convert_weight_packed_for_cpu_inverse(data.clone(), copy.deepcopy(state))
+                _repair_absmax_layout(state)
             weight = bnb.functional.dequantize_4bit(data, state)
         elif isinstance(module, Linear8bitLt):
             if module.state.has_fp16_weights:
@@ -243,7 +248,8 @@ class BitsAndBytesQuantizer(Quantizer):
         nn.Module.__init__(linear)
         linear.in_features, linear.out_features = module.in_features, module.out_features
         linear.weight = nn.Parameter(weight.reshape(module.out_features, module.in_features).clone())
-        linear.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
+        # Linear4bit.forward casts its bias to the compute dtype in place: give it back in the weight's.
+        linear.bias = nn.Parameter(bias.detach().to(weight.dtype, copy=True)) if bias is not None else None
         return linear
 
 
@@ -252,6 +258,20 @@ def _meta_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     # Meta tensors hold no data: skeletons of one shape can start from the same one, since each
     # module wraps it in its own Parameter (``_make_subclass`` makes a new tensor object).
     return torch.empty(shape, dtype=dtype, device=_META)
+
+
+def _repair_absmax_layout(state: QuantState) -> None:
+    """Put back the scales of a layer saved after a CPU forward into bitsandbytes' own layout.
+
+    On an AVX512-BF16 CPU, ``Linear4bit.forward`` repacks the layer for its CPU kernel: the
+    per-block scales become a bfloat16 ``(in / 64, out)`` matrix. ``state_dict()`` undoes the
+    repacking, but (bitsandbytes 0.50.2) leaves that matrix as it is when there is no double
+    quant, so every later use reads the scales in the wrong order. The flat, row-major float32
+    vector is that matrix transposed (the bfloat16 rounding cannot be undone).
+    """
+    absmax = state.absmax
+    if not state.nested and absmax.dim() == 2:
+        state.absmax = absmax.T.reshape(-1).float()
 
 
 def _format4(quant_type: str, nested: bool) -> str:
