@@ -269,3 +269,23 @@ def test_offloaded_modules_stay_float32(stack):
     report = quantcore.quantize(stack, config, skip_modules=skips)
     assert [r.name for r in report.quantized] == ["up"]
     assert type(stack.down) is nn.Linear and stack.down.weight.dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------- CUDA
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["int8", "nf4", "nf4-dq"])
+def test_quantizes_on_the_weights_device(name):
+    q = quantizer(**CONFIGS[name])
+    torch.manual_seed(0)
+    linear = nn.Linear(256, 512).to("cuda", torch.float16)
+    layer = q.create_quantized_module(linear, "layer").eval()
+    assert layer.weight.device.type == "cuda" and layer.bias.device.type == "cuda"
+    assert q.quantized_nbytes(linear) == _tensor_nbytes(layer)
+    x = torch.randn(16, 256, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        y, yq = linear(x).float(), layer(x).float()
+    assert ((yq - y).norm() / y.norm()).item() < BOUNDS["int8" if name == "int8" else "nf4"]
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    loaded = q.load_quantized_state(_skeleton(q, linear), state, "cuda").eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), layer(x))
