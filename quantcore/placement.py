@@ -31,7 +31,7 @@ from .config import QuantizationConfigMixin
 from .errors import ConfigError
 from .quantizer import Quantizer, module_nbytes
 from .report import QuantizationReport, format_bytes
-from .walk import Rule, Walk
+from .walk import ModelIndex, Rule, Walk
 
 __all__ = ["MODES", "OFFLOAD_DEVICES", "Placement", "infer_device_map", "offload_policy"]
 
@@ -76,6 +76,7 @@ class Placement:
         that stay unquantized in float32 because the map offloads them (fp32 offload).
     :param module_sizes: bytes of every module as placed (quantized sizes; ``""`` is the model).
     :param max_memory: the budgets the map was inferred with, in bytes (empty for a given map).
+    :param device_bytes: bytes each device holds.
     :param report: the quantization plan with ``float_modules`` kept in float.
     """
 
@@ -83,6 +84,7 @@ class Placement:
     float_modules: dict[str, str]
     module_sizes: dict[str, int] = attrs.field(repr=False)
     max_memory: dict[Device, int]
+    device_bytes: dict[Device, int]
     report: QuantizationReport = attrs.field(repr=False)
 
     @property
@@ -99,24 +101,11 @@ class Placement:
 
     def apply(self, walk: Walk) -> Walk:
         """``walk`` with :attr:`float_modules` kept in float, under their "device map" labels, first."""
-        rules = [Rule(label, (lambda n, _name=name: n == _name), None) for name, label in self.float_modules.items()]
-        return attrs.evolve(walk, rules=rules + walk.rules)
-
-    def bytes_per_device(self) -> dict[Device, int]:
-        """Bytes each device holds (quantized sizes; float32 for fp32-offloaded modules)."""
-        out: dict[Device, int] = {}
-        for key, device in self.device_map.items():
-            size = self.module_sizes.get(key, 0)
-            # a key nested under another key is counted by itself, not by its ancestor
-            out[device] = out.get(device, 0) + size
-            parent = _lookup({k: v for k, v in self.device_map.items() if k != key}, key)
-            if parent is not None and key:
-                out[parent] = out.get(parent, 0) - size
-        return {d: n for d, n in out.items() if n}
+        return _keep_float(walk, self.float_modules)
 
     def summary(self) -> str:
         """One line per device, then the fp32-offloaded modules."""
-        lines = [f"{_label(d)}: {format_bytes(n)}" for d, n in self.bytes_per_device().items()]
+        lines = [f"{_label(d)}: {format_bytes(n)}" for d, n in self.device_bytes.items()]
         if self.float_modules:
             lines.append(f"{len(self.float_modules)} modules kept unquantized in float32 (fp32 offload)")
         return "\n".join(lines)
@@ -141,7 +130,7 @@ def infer_device_map(
         ``"balanced_low_0"`` (GPU 0 kept light for generation), ``"sequential"`` (fill GPU 0 first),
         a dict ``{module name: device}`` (checked, not changed), or one device for the whole model.
     :param max_memory: ``{0: "20GiB", 1: "20GiB", "cpu": "64GiB"}``; default: what is free now.
-        Each GPU keeps room for one float layer being quantized on it.
+        Each GPU keeps room for one float layer being quantized on it. Unused with a given map.
     :param no_split_module_classes: class names never split over devices (default: the model's
         ``_no_split_modules``, as transformers models declare).
     :param dtype: the dtype floating-point weights are loaded in (default: as they are in ``model``).
@@ -153,38 +142,54 @@ def infer_device_map(
     walk = _as_walk(model, quantization)
     dtype = _as_dtype(dtype)
     skeleton = _meta_copy(model, dtype)
-    plan = attrs.evolve(walk, model=skeleton)
-    chosen = {d.name: (d.rule.quantizer, d.module) for d in plan.decide()
-              if d.rule is not None and d.rule.quantizer is not None and d.rule.quantizer.can_replace(d.module)}
+    plan = attrs.evolve(walk, model=skeleton, index=ModelIndex.of(skeleton))  # same rules, sized copy
+    chosen = {
+        d.name: (d.rule.quantizer, d.module)
+        for d in plan.decide()
+        if d.rule is not None and d.rule.quantizer is not None and d.rule.quantizer.can_replace(d.module)
+    }
     if no_split_module_classes is None:
-        no_split_module_classes = sorted(getattr(model, "_no_split_modules", None) or [])
+        no_split_module_classes = _no_split(model)
 
     fp32: set[str] = set()
     budgets: dict[Device, int] = {}
     if isinstance(device_map, str) and device_map in MODES:
         budgets = _budgets(max_memory, chosen, check_devices)
         # Offloaded modules kept in float32 weigh more, which can push more modules off the GPUs:
-        # re-infer until the set of offloaded float modules stops growing.
+        # infer again until the set of offloaded float modules stops growing.
         for _ in range(8):
-            sized = _sized(skeleton, chosen, fp32)
-            placed = _infer(sized, device_map, budgets, no_split_module_classes, check_devices)
+            with _sized(skeleton, chosen, fp32) as sized:
+                placed = _infer(sized, device_map, budgets, no_split_module_classes, quiet=not check_devices)
             grown = fp32 | _offloaded(placed, chosen, "float")
             if grown == fp32:
                 break
             fp32 = grown
     else:
         placed = _check_map(skeleton, _as_map(device_map), check_devices)
-        fp32 = _offloaded(placed, chosen, "float")
-        sized = _sized(skeleton, chosen, fp32)
-        if max_memory is not None:
-            budgets = _budgets(max_memory, chosen, check_devices=False)
+    fp32 = _offloaded(placed, chosen, "float")  # the final map's (an earlier round's may differ)
+    with _sized(skeleton, chosen, fp32) as sized:
+        sizes = _module_sizes(sized)
+        device_bytes: dict[Device, int] = {}
+        for name, tensor in itertools.chain(sized.named_parameters(), sized.named_buffers()):
+            device = _lookup(placed, name)
+            device_bytes[device] = device_bytes.get(device, 0) + tensor.numel() * tensor.element_size()
+    _check_policies(placed, chosen, plan.plan().bytes_after, budgets)
+    labels = {}
+    for name in chosen:
+        if name in fp32:
+            device = next(d for d in _devices_of(placed, name) if d in OFFLOAD_DEVICES)
+            labels[name] = f"device map: {device} (fp32 offload)"
+    report = _keep_float(plan, labels).plan()
+    return Placement(placed, labels, sizes, budgets, device_bytes, report)
 
-    sizes = _module_sizes(sized)
-    _check_policies(placed, chosen, sizes, budgets)
-    fp32 = _offloaded(placed, chosen, "float")  # the final map's, not an earlier round's
-    labels = {name: f"device map: {_lookup_devices(placed, name)[0]} (fp32 offload)" for name in chosen if name in fp32}
-    placement = Placement(placed, labels, sizes, budgets, attrs.evolve(plan, model=skeleton).plan())
-    return attrs.evolve(placement, report=placement.apply(plan).plan())
+
+def _keep_float(walk: Walk, labels: Mapping[str, str]) -> Walk:
+    """``walk`` with a first rule per named module keeping it in float under its label."""
+    rules = [Rule(label, (lambda n, _name=name: n == _name), None) for name, label in labels.items()]
+    # Walk.exact holds rule positions of exact-name rules: shift them past the new rules, add these.
+    exact = {name: i + len(rules) for name, i in walk.exact.items()}
+    exact.update({name: i for i, name in enumerate(labels)})
+    return attrs.evolve(walk, rules=rules + walk.rules, exact=exact)
 
 
 # ---------------------------------------------------------------------- inputs
@@ -208,17 +213,30 @@ def _as_walk(model: nn.Module, quantization: Any) -> Walk:
     return Walk.build(AutoQuantizer.from_config(quantization), model)
 
 
+def _no_split(model: nn.Module) -> list[str]:
+    """The model's no-split classes, its transformers sub-models' included (e.g. a vision tower's)."""
+    gather = getattr(model, "_get_no_split_modules", None)
+    if callable(gather):
+        try:
+            return sorted(gather("auto"))
+        except ValueError:  # transformers: the model declares none
+            return []
+    return sorted(getattr(model, "_no_split_modules", None) or [])
+
+
 def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     found = getattr(torch, str(dtype).removeprefix("torch."), None)
     if not isinstance(found, torch.dtype):
-        raise ConfigError([("dtype", f"{dtype!r} is not a torch dtype (e.g. 'bfloat16')")], title="invalid dtype")
+        raise ConfigError(
+            [("dtype", f"{dtype!r} is not a torch dtype (e.g. 'bfloat16')")], title="invalid dtype"
+        )
     return found
 
 
 def _as_device(value: Any) -> Device:
-    """``"cuda:1"``, ``torch.device("cuda", 1)``, ``1`` -> ``1``; ``"cpu"``, ``"disk"``, ``"mps"`` as they are."""
+    """``"cuda:1"``, ``torch.device("cuda", 1)``, ``1`` -> ``1``; ``"cpu"``, ``"disk"``, ``"mps"`` kept."""
     if isinstance(value, bool):
         raise ValueError(f"{value!r} is not a device")
     if isinstance(value, int):
@@ -242,16 +260,22 @@ def _as_device(value: Any) -> Device:
     raise ValueError(f"{value!r}: device type {device.type!r} is not supported in device maps")
 
 
-def _as_map(device_map: Any) -> dict[str, Any]:
+def _as_map(device_map: Any) -> dict[Any, Any]:
+    """A dict as it is; one device (``"cuda:1"``, ``0``, ``"cpu"``) as ``{"": device}``."""
     if isinstance(device_map, Mapping):
         return dict(device_map)
-    if isinstance(device_map, str) and device_map not in ("cpu", "disk", "mps") and not device_map.startswith("cuda") \
-            and not device_map.isdigit():
+    try:
+        return {"": _as_device(device_map)}
+    except ValueError:
         raise ConfigError(
-            [("device_map", f"{device_map!r} is neither a mode ({', '.join(map(repr, MODES))}), a dict nor a device")],
+            [
+                (
+                    "device_map",
+                    f"{device_map!r} is neither a mode ({', '.join(map(repr, MODES))}), a dict nor a device",
+                )
+            ],
             title="invalid device map",
-        )
-    return {"": device_map}
+        ) from None
 
 
 # ---------------------------------------------------------------------- the sizing skeleton
@@ -260,28 +284,37 @@ class _Sized(nn.Module):
 
     def __init__(self, nbytes: int):
         super().__init__()
-        self.planned = nn.Parameter(torch.empty(nbytes, dtype=torch.uint8, device="meta"), requires_grad=False)
+        self.planned = nn.Parameter(
+            torch.empty(nbytes, dtype=torch.uint8, device="meta"), requires_grad=False
+        )
 
 
 def _meta_copy(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
-    """A deep copy on the meta device (tied tensors stay tied), floats cast to ``dtype``; no data is copied."""
+    """A deep copy on the meta device (tied tensors stay tied), floats cast to ``dtype``; no data copied."""
     memo: dict[int, Any] = {}
     for tensor in itertools.chain(model.parameters(), model.buffers()):
         target = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
         meta = torch.empty_like(tensor, device="meta", dtype=target)
-        memo[id(tensor)] = nn.Parameter(meta, requires_grad=tensor.requires_grad) \
-            if isinstance(tensor, nn.Parameter) else meta
+        memo[id(tensor)] = (
+            nn.Parameter(meta, requires_grad=tensor.requires_grad)
+            if isinstance(tensor, nn.Parameter)
+            else meta
+        )
     return copy.deepcopy(model, memo)
 
 
 def _fp32_nbytes(module: nn.Module) -> int:
-    return sum(t.numel() * (4 if t.is_floating_point() else t.element_size())
-               for t in itertools.chain(module.parameters(), module.buffers()))
+    return sum(
+        t.numel() * (4 if t.is_floating_point() else t.element_size())
+        for t in itertools.chain(module.parameters(), module.buffers())
+    )
 
 
 @contextlib.contextmanager
-def _sized(skeleton: nn.Module, chosen: Mapping[str, tuple[Quantizer, nn.Module]], fp32: set[str]) -> Iterator[nn.Module]:
-    """``skeleton`` with each chosen module swapped for a :class:`_Sized` of its planned bytes, then restored."""
+def _sized(
+    skeleton: nn.Module, chosen: Mapping[str, tuple[Quantizer, nn.Module]], fp32: set[str]
+) -> Iterator[nn.Module]:
+    """``skeleton`` with each chosen module swapped for a :class:`_Sized` of its planned size, then back."""
     swapped = []
     try:
         for name, (quantizer, module) in chosen.items():
@@ -322,7 +355,9 @@ def _quiet(enabled: bool) -> Iterator[None]:
 
 
 def _budgets(
-    max_memory: Mapping[Any, int | str] | None, chosen: Mapping[str, tuple[Quantizer, nn.Module]], check_devices: bool
+    max_memory: Mapping[Any, int | str] | None,
+    chosen: Mapping[str, tuple[Quantizer, nn.Module]],
+    check_devices: bool,
 ) -> dict[Device, int]:
     """Bytes per device, less room on each GPU for the largest float layer while it is quantized."""
     modeling = _accelerate()
@@ -333,7 +368,9 @@ def _budgets(
         for key, value in max_memory.items():
             try:
                 device = _as_device(key)
-                given[device] = modeling.convert_file_size_to_int(value) if isinstance(value, str) else int(value)
+                given[device] = (
+                    modeling.convert_file_size_to_int(value) if isinstance(value, str) else int(value)
+                )
             except (ValueError, TypeError) as exc:
                 problems.append((f"max_memory[{key!r}]", str(exc)))
     if problems:
@@ -346,13 +383,17 @@ def _budgets(
     return {d: max(0, int(n) - headroom) if isinstance(d, int) else int(n) for d, n in budgets.items()}
 
 
-def _infer(sized: nn.Module, mode: str, budgets: dict[Device, int], no_split: list[str], quiet: bool) -> dict[str, Device]:
+def _infer(
+    sized: nn.Module, mode: str, budgets: dict[Device, int], no_split: list[str], quiet: bool
+) -> dict[str, Device]:
     modeling = _accelerate()
     with _quiet(quiet):
         if mode == "sequential":
             memory = dict(budgets)
         else:
-            memory = modeling.get_balanced_memory(sized, dict(budgets), no_split, low_zero=mode == "balanced_low_0")
+            memory = modeling.get_balanced_memory(
+                sized, dict(budgets), no_split, low_zero=mode == "balanced_low_0"
+            )
         return dict(modeling.infer_auto_device_map(sized, memory, no_split))
 
 
@@ -361,8 +402,13 @@ def _check_devices(devices: Iterator[tuple[str, Device]], argument: str) -> None
     problems = []
     for field, device in devices:
         if isinstance(device, int) and device >= visible:
-            problems.append((field, f"GPU {device} is not on this machine ({visible} CUDA device(s) visible); "
-                                    "pass check_devices=False to plan for another machine"))
+            problems.append(
+                (
+                    field,
+                    f"GPU {device} is not on this machine ({visible} CUDA device(s) visible); "
+                    "pass check_devices=False to plan for another machine",
+                )
+            )
         elif device == "mps" and not torch.backends.mps.is_available():
             problems.append((field, "MPS is not available on this machine"))
     if problems:
@@ -374,8 +420,12 @@ def _check_map(skeleton: nn.Module, device_map: Mapping[Any, Any], check_devices
     problems: list[tuple[str, str]] = []
     placed: dict[str, Device] = {}
     modules = [name for name, _ in skeleton.named_modules()]
-    tensors = [name for name, _ in itertools.chain(skeleton.named_parameters(remove_duplicate=False),
-                                                   skeleton.named_buffers(remove_duplicate=False))]
+    tensors = [
+        name
+        for name, _ in itertools.chain(
+            skeleton.named_parameters(remove_duplicate=False), skeleton.named_buffers(remove_duplicate=False)
+        )
+    ]
     known = set(modules) | set(tensors)
     for key, value in device_map.items():
         field = f"device_map[{key!r}]"
@@ -392,15 +442,39 @@ def _check_map(skeleton: nn.Module, device_map: Mapping[Any, Any], check_devices
         except ValueError as exc:
             problems.append((field, str(exc)))
     if not problems:
-        missing = [t for t in tensors if _lookup(placed, t) is None]
+        missing = _unplaced(modules, tensors, placed)
         if missing:
-            problems.append(("device_map", f"gives no device to {_names(missing)}; map them, or add "
-                                           "\"\" (the whole model) as a default"))
+            problems.append(
+                (
+                    "device_map",
+                    f"gives no device to {_names(missing)}; map them, or add "
+                    '"" (the whole model) as a default',
+                )
+            )
     if problems:
         raise ConfigError(problems, title="invalid device map")
     if check_devices:
         _check_devices(((f"device_map[{k!r}]", d) for k, d in placed.items()), "device map")
     return placed
+
+
+def _unplaced(modules: list[str], tensors: list[str], placed: Mapping[str, Device]) -> list[str]:
+    """The outermost modules (or lone tensors) with no device, in model order."""
+    total: dict[str, int] = {}
+    missing: dict[str, int] = {}
+    for tensor in tensors:
+        lost = _lookup(placed, tensor) is None
+        owner = tensor
+        while owner:
+            owner = owner.rpartition(".")[0]
+            total[owner] = total.get(owner, 0) + 1
+            missing[owner] = missing.get(owner, 0) + lost
+    whole = [m for m in modules if m and total.get(m) and missing.get(m) == total[m]]
+    outer = [m for m in whole if not any(m.startswith(o + ".") for o in whole)]
+    lone = [
+        t for t in tensors if _lookup(placed, t) is None and not any(t.startswith(o + ".") for o in outer)
+    ]
+    return outer + lone
 
 
 def _lookup(device_map: Mapping[str, Device], name: str) -> Device | None:
@@ -426,14 +500,18 @@ def _offloaded(
     """Chosen modules with this offload policy that the map puts (partly) on the CPU or disk next to GPUs."""
     if set(placed.values()) == {"cpu"}:  # everything on the CPU is no offload: quantize there
         return set()
-    return {name for name, (quantizer, _) in chosen.items()
-            if offload_policy(quantizer) == policy and any(d in OFFLOAD_DEVICES for d in _devices_of(placed, name))}
+    return {
+        name
+        for name, (quantizer, _) in chosen.items()
+        if offload_policy(quantizer) == policy
+        and any(d in OFFLOAD_DEVICES for d in _devices_of(placed, name))
+    }
 
 
 def _check_policies(
     placed: Mapping[str, Device],
     chosen: Mapping[str, tuple[Quantizer, nn.Module]],
-    sizes: Mapping[str, int],
+    needed: int,
     budgets: Mapping[Device, int],
 ) -> None:
     refused = _offloaded(placed, chosen, "refuse")
@@ -446,26 +524,36 @@ def _check_policies(
             by_quantizer.setdefault(id(quantizer), (quantizer, []))[1].append(name)
     gpus = sum(n for d, n in budgets.items() if isinstance(d, int))
     if budgets:
-        more = (f"or give the GPUs more max_memory (they offer {format_bytes(gpus)} after room to quantize "
-                f"one layer; the quantized model needs {format_bytes(sizes[''])})")
+        more = (
+            f"or give the GPUs more max_memory (they offer {format_bytes(gpus)} after room to quantize "
+            f"one layer; the quantized model needs {format_bytes(needed)})"
+        )
     else:
         more = "or map those modules to a GPU"
     problems = []
     for quantizer, names in by_quantizer.values():
-        where = f"the device map puts {_names(names)} ({quantizer.describe()}) on the CPU or disk next to GPUs"
+        count, listed = _names(names).split(": ", 1)
+        where = f"the device map puts {count} on the CPU or disk next to GPUs"
         if hasattr(quantizer.config, "llm_int8_enable_fp32_cpu_offload"):
-            problems.append(("llm_int8_enable_fp32_cpu_offload",
-                             f"{where}; set llm_int8_enable_fp32_cpu_offload=True to keep them unquantized "
-                             f"in float32 there, {more}"))
+            problems.append(
+                (
+                    "llm_int8_enable_fp32_cpu_offload",
+                    f"{where} ({listed}); set llm_int8_enable_fp32_cpu_offload=True to keep them "
+                    f"unquantized in float32 there, {more}",
+                )
+            )
         else:
-            problems.append(("device_map", f"{where}, where this backend cannot run them; {more}"))
+            problems.append(
+                ("device_map", f"{where}, where {quantizer.describe()} cannot run them ({listed}); {more}")
+            )
     raise ConfigError(problems, title="the quantized model does not fit this device map")
 
 
-def _names(names: list[str]) -> str:
+def _names(names: list[str], noun: str = "module") -> str:
+    """``"7 modules: 'a', 'b', 'c', 'd', 'e' and 2 more"``."""
     shown = ", ".join(repr(n) for n in names[:_SHOWN])
     rest = len(names) - _SHOWN
-    count = f"{len(names)} module{'s' if len(names) != 1 else ''}"
+    count = f"{len(names)} {noun}{'s' if len(names) != 1 else ''}"
     return f"{count}: {shown}" + (f" and {rest} more" if rest > 0 else "")
 
 
