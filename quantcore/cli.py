@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -192,72 +193,153 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    """Quantize while loading, then save the quantized checkpoint."""
+    """Quantize while loading (one tensor at a time), then save the quantized checkpoint."""
     import quantcore
 
     model_dir = _model_dir(args.model)
     config = _config(args)
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise UsageError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+        raise UsageError(f"{out} exists and is not an empty folder; choose another --out or pass --overwrite")
     log = _log(args)
     _transformers()
     start = time.perf_counter()
-    log(f"loading and quantizing {model_dir}")
-    model = quantcore.from_pretrained(str(model_dir), quantization_config=config,
-                                      dtype=None if args.dtype == "auto" else args.dtype)
+    log(f"loading {model_dir} and quantizing it as it streams in")
+    model = quantcore.from_pretrained(model_dir, quantization_config=config, dtype=args.dtype,
+                                      skip_modules=args.skip or None, progress=False if args.json or args.quiet else None)
     loaded = time.perf_counter() - start
     log(f"saving to {out}")
-    quantcore.save_quantized(model, str(out))
+    quantcore.save_quantized(model, out)
+    copied = _copy_side_files(model_dir, out)
     seconds = time.perf_counter() - start
-    report = getattr(model, "quantcore_report", None)
-    if report is None:
-        report = _current_report(model)
-    before = _checkpoint_bytes(model_dir)
-    after = _checkpoint_bytes(out)
+    report = model.quantcore_report
+    files_before, files_after = _weights_bytes(model_dir), _weights_bytes(out)
+    peak = _peak_rss()
     data = {
-        "model": str(model_dir), "out": str(out), "config": config.to_dict(),
+        "model": str(model_dir), "out": str(out), "config": config.to_dict(), "copied": copied,
+        "params": report.model_params, "counts": report.counts(),
         "bytes_before": report.bytes_before, "bytes_after": report.bytes_after,
-        "files_bytes_before": before, "files_bytes_after": after,
+        "files_bytes_before": files_before, "files_bytes_after": files_after,
+        "bits_per_param_before": 8.0 * report.bytes_before / report.model_params,
         "bits_per_param": report.bits_per_param, "quantized_bits_per_param": report.quantized_bits_per_param,
-        "params": report.model_params, "modules": report.counts(),
-        "seconds_load_and_quantize": loaded, "seconds_total": seconds, "peak_rss_bytes": _peak_rss(),
+        "seconds_load_and_quantize": loaded, "seconds": seconds, "peak_rss_bytes": peak,
+        "report": report.to_dict(),
     }
+    counts = ", ".join(f"{n} {action}" for action, n in sorted(report.counts().items()))
     rows = [
         ("model in memory", _bytes(report.bytes_before), _bytes(report.bytes_after)),
-        ("safetensors files", _bytes(before), _bytes(after)),
-        ("bits per parameter", f"{8.0 * report.bytes_before / report.model_params:.2f}",
-         f"{report.bits_per_param:.2f}"),
+        ("safetensors files", _bytes(files_before), _bytes(files_after)),
+        ("bits per parameter", f"{data['bits_per_param_before']:.2f}", f"{report.bits_per_param:.2f}"),
     ]
-    counts = ", ".join(f"{n} {action}" for action, n in sorted(report.counts().items()))
     text = "\n".join([
-        f"saved {out} ({counts})",
+        f"saved {out}: {report.model_params / 1e6:.1f}M parameters, {counts} "
+        f"({report.quantized_bits_per_param:.2f} bits per parameter in quantized modules)",
         table(("", "before", "after"), rows),
-        f"time: {loaded:.1f} s to load and quantize, {seconds:.1f} s in all; peak memory {_bytes(_peak_rss())}",
+        f"time: {loaded:.1f} s to load and quantize, {seconds:.1f} s in all; peak memory (RSS) {_bytes(peak)}",
     ])
     _emit(args, data, text)
     return 0
 
 
-def _current_report(model: Any) -> Any:
-    """A report of how the model stands now (a dry run finds nothing left to quantize)."""
-    from .report import QuantizationReport
-    from .state import get_quantization_state
-
-    state = get_quantization_state(model)
-    params = sum(p.numel() for p in model.parameters())
-    nbytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
-    del state
-    return QuantizationReport([], params, nbytes, nbytes)
+#: Files of a checkpoint folder that ``quantize`` leaves to ``save_quantized`` (the rest is copied).
+_WEIGHT_FILES = ("config.json", "generation_config.json", "quantization_config.json", "model.safetensors.index.json")
 
 
-def _checkpoint_bytes(folder: Path) -> int:
+def _copy_side_files(source: Path, out: Path) -> list[str]:
+    """Copy the tokenizer and other small top-level files so that ``out`` is a complete checkpoint."""
+    import shutil
+
+    copied = []
+    for path in sorted(source.iterdir()):
+        if path.is_file() and path.name not in _WEIGHT_FILES and path.suffix not in (".safetensors", ".bin", ".pt"):
+            shutil.copy2(path, out / path.name)
+            copied.append(path.name)
+    return copied
+
+
+def _weights_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    """What a quantized checkpoint holds: method, config, modules, sizes."""
-    raise UsageError("inspect needs quantcore.checkpoint, which is not available yet")
+    """What a quantized checkpoint holds: configs, quantized modules and their sizes, files."""
+    from .checkpoint import STATE_NAME, read_quantization_state
+    from .shards import CheckpointFiles
+
+    folder = Path(args.dir)
+    if not folder.is_dir():
+        raise UsageError(f"{folder} is not a folder; give the --out folder of 'quantcore quantize'")
+    files = CheckpointFiles.open(folder)
+    model = None
+    if not (folder / STATE_NAME).is_file() and (folder / "config.json").is_file():
+        model = _meta_model(folder, "auto")  # a transformers-saved checkpoint: infer the quantized modules
+    found = read_quantization_state(folder, files, model)
+    if found is None:
+        raise UsageError(f"{folder} is not a quantized checkpoint (no {STATE_NAME} and no quantization_config "
+                         "in config.json)")
+    state, tied = found
+    modules: dict[str, dict[str, Any]] = {name: {"name": name, "source": source, "tensors": 0, "bytes": 0}
+                                          for name, source in state.modules.items()}
+    float_bytes = float_params = 0
+    for key, entry in files.entries.items():
+        owner = _owner(key, modules)
+        if owner is None:
+            float_bytes += entry.nbytes
+            float_params += math.prod(entry.shape)
+        else:
+            modules[owner]["tensors"] += 1
+            modules[owner]["bytes"] += entry.nbytes
+    for record in modules.values():
+        config = state.config_for(record["name"])
+        record["method"] = _describe(config)
+    total = sum(e.nbytes for e in files.entries.values())
+    configs = {"config": state.config.to_dict() if state.config else None,
+               **{p: (c.to_dict() if c else None) for p, c in state.overrides.items()}}
+    data = {
+        "dir": str(folder), "quant_methods": sorted({c["quant_method"] for c in configs.values() if c}),
+        "configs": configs, "skip_modules": state.skip_modules, "tied_weights": tied,
+        "files": {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()},
+        "tensors": len(files.entries), "tensor_bytes": total,
+        "quantized_bytes": sum(m["bytes"] for m in modules.values()),
+        "float_bytes": float_bytes, "float_params": float_params,
+        "modules": list(modules.values()),
+    }
+    rows = [(m["name"], m["method"], m["source"], m["tensors"], _bytes(m["bytes"])) for m in modules.values()]
+    if not args.all and len(rows) > 40:
+        rows = [*rows[:20], (f"... {len(rows) - 40} more ...", "", "", "", ""), *rows[-20:]]
+    lines = [f"{folder}: quantcore checkpoint, method {', '.join(data['quant_methods']) or '-'}"]
+    for source, config in configs.items():
+        if config is not None:
+            label = "config" if source == "config" else f"override {source!r}"
+            lines.append(f"  {label}: {json.dumps(config, default=str)}")
+    lines += [
+        f"  {len(modules)} quantized modules ({_bytes(data['quantized_bytes'])}), "
+        f"{_bytes(float_bytes)} of float tensors ({float_params / 1e6:.2f}M parameters); "
+        f"{len(files.entries)} tensors, {_bytes(total)} in all"
+        + (f"; {len(tied)} tied names stored once" if tied else ""),
+        "",
+        table(("module", "method", "config", "tensors", "size"), rows),
+    ]
+    _emit(args, data, "\n".join(lines))
+    return 0
+
+
+def _owner(key: str, names: dict[str, Any]) -> str | None:
+    parts = key.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        if ".".join(parts[:i]) in names:
+            return ".".join(parts[:i])
+    return None
+
+
+def _describe(config: Any) -> str:
+    """The backend's label for a config (``"bitsandbytes nf4"``), or its method when it can't run here."""
+    from .auto import AutoQuantizer
+
+    try:
+        return AutoQuantizer.from_config(config).describe()
+    except Exception:
+        return config.quant_method
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -277,7 +359,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     evaluation = Evaluation(model_dir, dtype=args.dtype, text=text, max_tokens=args.max_tokens, log=_log(args))
     rows = evaluation.compare(configs)
     if args.quantized:
-        rows.append(_score_checkpoint(evaluation, Path(args.quantized), model_dir))
+        rows.append(_score_checkpoint(evaluation, Path(args.quantized)))
     _emit(args, {"model": str(model_dir), "kind": evaluation.kind, "rows": [r.to_dict() for r in rows]},
           quality_table(rows, evaluation.kind))
     return 0
@@ -294,13 +376,23 @@ def _eval_configs(args: argparse.Namespace) -> dict[str, Any]:
     return configs
 
 
-def _score_checkpoint(evaluation: Any, folder: Path, model_dir: Path) -> Any:
+def _score_checkpoint(evaluation: Any, folder: Path) -> Any:
+    """Load a saved quantized checkpoint (no quantizing again) and score it like the others."""
     import quantcore
 
-    if not folder.is_dir():
-        raise UsageError(f"--quantized {folder} is not a folder")
-    model = quantcore.from_pretrained(str(folder))
-    return evaluation.score(folder.name, model, "checkpoint")
+    if not (folder / "config.json").is_file():
+        raise UsageError(f"--quantized {folder} is not a checkpoint folder; give the --out folder of 'quantcore quantize'")
+    start = time.perf_counter()
+    model = quantcore.from_pretrained(folder, dtype=evaluation.dtype, progress=False)
+    seconds = time.perf_counter() - start
+    report = model.quantcore_report
+    methods = sorted({m.method for m in report.quantized if m.method}) if report is not None else []
+    # the tensors saved (quantization constants included; tied weights once), as for the other rows
+    from .shards import CheckpointFiles
+
+    nbytes = sum(e.nbytes for e in CheckpointFiles.open(folder).entries.values())
+    return evaluation.score(f"{folder.name} (saved)", model, ", ".join(methods) or "checkpoint",
+                            nbytes=nbytes, seconds=seconds)
 
 
 def quality_table(rows: Sequence[Any], kind: str) -> str:
@@ -395,6 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     dtype_arg(p)
     p.add_argument("--out", required=True, metavar="DIR", help="folder to write the quantized checkpoint to")
     p.add_argument("--overwrite", action="store_true", help="write into --out even if it is not empty")
+    p.add_argument("--skip", action="append", metavar="PATTERN", help="also keep these modules in float")
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
     p = command("inspect", cmd_inspect, "show what a quantized checkpoint holds")

@@ -249,6 +249,7 @@ class Evaluation:
         self.log(f"loading {model_dir}")
         self.model, self.tokenizer, self.kind = load_float_model(model_dir, dtype)
         self.params, self.nbytes = _model_nbytes(self.model)
+        self.dtype = next(self.model.parameters()).dtype
         self.max_tokens = max_tokens
         if self.kind == "causal-lm":
             self.text = text if text is not None else default_text()
@@ -262,7 +263,7 @@ class Evaluation:
         self.log("scoring the float model")
         start = time.perf_counter()
         self._reference = self._outputs(self.model)
-        self.float_row = QualityRow("float", str(next(self.model.parameters()).dtype).removeprefix("torch."),
+        self.float_row = QualityRow("float", str(self.dtype).removeprefix("torch."),
                                     self.nbytes, 8.0 * self.nbytes / self.params, None, None,
                                     self._metrics(self._reference))
         self.seconds_per_score = time.perf_counter() - start

@@ -181,6 +181,42 @@ def test_plan_with_a_bad_config_lists_every_problem(tiny_llama, tmp_path):
     assert "Traceback" in result.stderr  # --debug shows where it came from
 
 
+# ---------------------------------------------------------------------- quantize, inspect
+def test_quantize_saves_a_checkpoint_that_inspect_and_eval_read(tiny_llama, tmp_path, text_file, capsys):
+    out = tmp_path / "q"
+    data = run_json("quantize", str(tiny_llama), "--method", "nf4", "--out", str(out))
+    assert data["counts"] == {"quantized": 14, "skipped": 1}
+    assert data["bytes_after"] < data["bytes_before"] / 3 and data["files_bytes_after"] < data["files_bytes_before"]
+    assert data["peak_rss_bytes"] > 0 and data["seconds"] > 0
+    assert {"quantization_config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    assert "tokenizer.json" in data["copied"]
+
+    status, text, err = call(capsys, "inspect", str(out), "--json")
+    assert status == 0, err
+    info = json.loads(text)
+    assert info["quant_methods"] == ["bitsandbytes"]
+    assert info["configs"]["config"]["bnb_4bit_quant_type"] == "nf4"
+    assert len(info["modules"]) == 14 and {m["method"] for m in info["modules"]} == {"bitsandbytes nf4"}
+    assert info["quantized_bytes"] + info["float_bytes"] == info["tensor_bytes"]
+
+    status, text, err = call(capsys, "eval", str(tiny_llama), "--quantized", str(out), "--method", "nf4",
+                             "--text", str(text_file), "--json")
+    assert status == 0, err
+    rows = {r["label"]: r for r in json.loads(text)["rows"]}
+    saved, fresh = rows["q (saved)"], rows["nf4"]
+    assert saved["method"] == "bitsandbytes nf4"
+    assert saved["metrics"]["perplexity"] == pytest.approx(fresh["metrics"]["perplexity"], rel=1e-3)
+
+    status, _, err = call(capsys, "quantize", str(tiny_llama), "--method", "nf4", "--out", str(out))
+    assert status == 2 and err.startswith("quantcore: error:") and "--overwrite" in err
+
+
+def test_inspect_a_float_folder_is_a_usage_error(tiny_llama, capsys):
+    status, out, err = call(capsys, "inspect", str(tiny_llama))
+    assert (status, out) == (2, "")
+    assert err.startswith("quantcore: error:") and "not a quantized checkpoint" in err
+
+
 # ---------------------------------------------------------------------- eval, demo
 def test_eval_causal_lm_reports_perplexity(tiny_llama, text_file):
     data = run_json("eval", str(tiny_llama), "--method", "int8-torch", "--method", "int4-torch",
