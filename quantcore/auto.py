@@ -90,13 +90,14 @@ def quantize(
     ``overrides`` maps patterns to other configs (of any backend) or ``None`` (keep in float); the
     first match wins. With ``dry_run=True`` nothing changes and the report is the plan.
     """
-    from .walk import Walk
+    from .walk import Walk, paused_gc
 
     main = AutoQuantizer.from_config(config) if config is not None else None
     if main is None and not overrides:
         raise ConfigError([("config", "give a config, or overrides that choose one per module")])
-    walk = Walk.build(main, model, overrides, skip_modules, default_skips)
-    return walk.plan() if dry_run else walk.run(progress=progress)
+    with paused_gc():
+        walk = Walk.build(main, model, overrides, skip_modules, default_skips)
+        return walk.plan() if dry_run else walk.run(progress=progress)
 
 
 def dequantize(model: nn.Module) -> QuantizationReport:

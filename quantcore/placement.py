@@ -53,17 +53,13 @@ def offload_policy(quantizer: Quantizer) -> OffloadPolicy:
 
     ``"quantized"``: they are quantized like the others (the backend runs, or accelerate moves,
     its quantized modules off the GPU); ``"float"``: they are left unquantized, in float32;
-    ``"refuse"``: the map is an error. A quantizer decides with an ``offload_policy()`` method;
-    without one, a config with ``llm_int8_enable_fp32_cpu_offload=True`` means ``"float"`` and
-    anything else ``"refuse"`` (transformers' rule for bitsandbytes).
+    ``"refuse"``: the map is an error. The quantizer decides, through
+    :meth:`quantcore.Quantizer.offload_policy`.
     """
-    hook = getattr(quantizer, "offload_policy", None)
-    if callable(hook):
-        policy = hook()
-        if policy not in ("quantized", "float", "refuse"):
-            raise ValueError(f"{type(quantizer).__name__}.offload_policy() returned {policy!r}")
-        return policy
-    return "float" if getattr(quantizer.config, "llm_int8_enable_fp32_cpu_offload", False) else "refuse"
+    policy = quantizer.offload_policy()
+    if policy not in ("quantized", "float", "refuse"):
+        raise ValueError(f"{type(quantizer).__name__}.offload_policy() returned {policy!r}")
+    return policy
 
 
 @attrs.frozen
@@ -101,7 +97,7 @@ class Placement:
 
     def apply(self, walk: Walk) -> Walk:
         """``walk`` with :attr:`float_modules` kept in float, under their "device map" labels, first."""
-        return _keep_float(walk, self.float_modules)
+        return walk.keep_in_float(self.float_modules)
 
     def summary(self) -> str:
         """One line per device, then the fp32-offloaded modules."""
@@ -179,17 +175,8 @@ def infer_device_map(
         if name in fp32:
             device = next(d for d in _devices_of(placed, name) if d in OFFLOAD_DEVICES)
             labels[name] = f"device map: {device} (fp32 offload)"
-    report = _keep_float(plan, labels).plan()
+    report = plan.keep_in_float(labels).plan()
     return Placement(placed, labels, sizes, budgets, device_bytes, report)
-
-
-def _keep_float(walk: Walk, labels: Mapping[str, str]) -> Walk:
-    """``walk`` with a first rule per named module keeping it in float under its label."""
-    rules = [Rule(label, (lambda n, _name=name: n == _name), None) for name, label in labels.items()]
-    # Walk.exact holds rule positions of exact-name rules: shift them past the new rules, add these.
-    exact = {name: i + len(rules) for name, i in walk.exact.items()}
-    exact.update({name: i for i, name in enumerate(labels)})
-    return attrs.evolve(walk, rules=rules + walk.rules, exact=exact)
 
 
 # ---------------------------------------------------------------------- inputs

@@ -110,6 +110,15 @@ class Quantizer:
         module.load_state_dict(dict(state), strict=True, assign=True)
         return module.to(device) if device is not None else module
 
+    def offload_policy(self) -> str:
+        """What becomes of modules a device map puts on the CPU or disk beside GPUs.
+
+        ``"quantized"``: quantize them like the rest (the backend runs there, or the quantized
+        tensors just move); ``"float"``: keep them unquantized, in float32 (bitsandbytes' fp32 CPU
+        offload); ``"refuse"``: such a map is an error (the default, the safe answer).
+        """
+        return "refuse"
+
     @classmethod
     def is_quantized_module(cls, module: nn.Module) -> bool:
         """Whether ``module`` is one this backend produced."""
@@ -130,9 +139,10 @@ class Quantizer:
         default_skips: bool = True,
     ) -> QuantizationReport:
         """What :meth:`quantize` would do, as a report; the model is not changed."""
-        from .walk import Walk
+        from .walk import Walk, paused_gc
 
-        return Walk.build(self, model, overrides, skip_modules, default_skips).plan()
+        with paused_gc():
+            return Walk.build(self, model, overrides, skip_modules, default_skips).plan()
 
     def quantize(
         self,
@@ -151,6 +161,7 @@ class Quantizer:
         :param default_skips: keep the output head and tied-weight linears in float (default).
         :param progress: show a progress bar (default: when stderr is a terminal and the work is long).
         """
-        from .walk import Walk
+        from .walk import Walk, paused_gc
 
-        return Walk.build(self, model, overrides, skip_modules, default_skips).run(progress=progress)
+        with paused_gc():
+            return Walk.build(self, model, overrides, skip_modules, default_skips).run(progress=progress)

@@ -7,9 +7,11 @@ first rule that matches its name or any of its ancestors' names.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import attrs
@@ -20,7 +22,7 @@ from .match import compile_pattern
 from .quantizer import Quantizer, module_nbytes, module_numel
 from .report import ModuleRecord, QuantizationReport
 
-__all__ = ["Rule", "Walk", "default_float_modules"]
+__all__ = ["ModelIndex", "Rule", "Walk", "default_float_modules", "paused_gc"]
 
 
 @attrs.frozen
@@ -201,6 +203,13 @@ class Walk:
         return cls(model, rules, unique, main, overrides_used, list(skip_modules or []), default_skips,
                    index, exact)
 
+    def keep_in_float(self, labels: Mapping[str, str]) -> Walk:
+        """A copy of this walk whose first rules keep the named modules in float, under their labels."""
+        rules = [Rule(label, (lambda n, _name=name: n == _name), None) for name, label in labels.items()]
+        exact = {name: i + len(rules) for name, i in self.exact.items()}
+        exact.update({name: i for i, name in enumerate(labels)})
+        return attrs.evolve(self, rules=rules + self.rules, exact=exact)
+
     # ------------------------------------------------------------------ deciding
     def decide(self) -> list[Decision]:
         """Every candidate module with its rule, in module order."""
@@ -347,6 +356,22 @@ class Walk:
         report = attrs.evolve(plan, dry_run=False, seconds=time.perf_counter() - start)
         call_observers("after_quantize", model=self.model, config=config, report=report)
         return report
+
+
+@contextlib.contextmanager
+def paused_gc() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector while a walk allocates thousands of modules.
+
+    Each new module brings a dozen containers; on a large model that sets off repeated full
+    collections, which cost more than the walk itself. Reference counting still frees memory.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _progress(total: int, enabled: bool | None) -> Any:

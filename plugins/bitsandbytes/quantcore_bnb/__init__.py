@@ -9,9 +9,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .config import BitsAndBytesConfig
-from .offload import fp32_offload_modules, keep_in_fp32
+from .offload import keep_in_fp32
 
-__all__ = ["BitsAndBytesConfig", "BitsAndBytesQuantizer", "fp32_offload_modules", "keep_in_fp32"]
+__all__ = ["BitsAndBytesConfig", "BitsAndBytesQuantizer", "keep_in_fp32"]
 
 if TYPE_CHECKING:
     from .quantizer import BitsAndBytesQuantizer

@@ -67,6 +67,10 @@ class BitsAndBytesQuantizer(Quantizer):
             label = "int8"
         self._label = f"bitsandbytes {label}"
 
+    def offload_policy(self) -> str:
+        """``"float"`` with ``llm_int8_enable_fp32_cpu_offload`` (offloaded modules stay float32), else ``"refuse"``."""
+        return "float" if self.config.llm_int8_enable_fp32_cpu_offload else "refuse"
+
     def describe(self) -> str:
         """``"bitsandbytes nf4"``, ``"bitsandbytes fp4"`` or ``"bitsandbytes int8"`` (+ ``" dq"``)."""
         return self._label

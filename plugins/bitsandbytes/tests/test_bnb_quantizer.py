@@ -10,7 +10,7 @@ from torch import nn
 
 import quantcore
 from quantcore import ConfigError
-from quantcore_bnb import BitsAndBytesConfig, fp32_offload_modules, keep_in_fp32
+from quantcore_bnb import BitsAndBytesConfig, keep_in_fp32
 
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
 
@@ -250,21 +250,15 @@ def test_whole_model_through_skeletons(stack):
 
 
 # ---------------------------------------------------------------------------- fp32 CPU offload
-def test_fp32_offload_modules():
-    off = BitsAndBytesConfig(load_in_8bit=True, llm_int8_enable_fp32_cpu_offload=True)
-    device_map = {"model.embed": 0, "model.layers.0": "cuda:0", "model.layers.1": "cpu", "lm_head": "disk"}
-    assert fp32_offload_modules(off, device_map) == ["model.layers.1", "lm_head"]
-    assert fp32_offload_modules(off, {"": "cpu"}) == []
-    assert fp32_offload_modules(off, None) == []
-    with pytest.raises(ConfigError, match="llm_int8_enable_fp32_cpu_offload=true"):
-        fp32_offload_modules(BitsAndBytesConfig(load_in_8bit=True), device_map)
-    assert fp32_offload_modules(BitsAndBytesConfig(load_in_8bit=True), {"a": 0, "b": "cuda:1"}) == []
+def test_offload_policy_follows_fp32_cpu_offload():
+    assert quantizer(load_in_8bit=True, llm_int8_enable_fp32_cpu_offload=True).offload_policy() == "float"
+    assert quantizer(load_in_8bit=True).offload_policy() == "refuse"
 
 
 def test_offloaded_modules_stay_float32(stack):
     config = BitsAndBytesConfig(**NF4, llm_int8_enable_fp32_cpu_offload=True)
     stack.to(torch.bfloat16)
-    skips = fp32_offload_modules(config, {"up": 0, "norm": 0, "down": "cpu", "lm_head": 0})
+    skips = ["down"]  # what quantcore.placement names for a map putting "down" on the CPU
     keep_in_fp32(stack, skips)
     report = quantcore.quantize(stack, config, skip_modules=skips)
     assert [r.name for r in report.quantized] == ["up"]

@@ -49,6 +49,10 @@ class TorchWeightOnlyQuantizer(Quantizer):
             return f"weight dtype {module.weight.dtype} is not floating point"
         return super().unsupported_reason(module)
 
+    def offload_policy(self) -> str:
+        """Offloaded modules are quantized too: the weights are plain tensors that run anywhere."""
+        return "quantized"
+
     def quantized_nbytes(self, module: nn.Module) -> int:
         weight = weight_only_nbytes(
             module.out_features, module.in_features, bits=self.config.bits,
