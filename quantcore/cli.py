@@ -69,7 +69,7 @@ def _is_number(text: str) -> bool:
         float(text.lstrip("+"))
         return True
     except ValueError:
-        return text == "-"
+        return text in ("-", "")
 
 
 def _bytes(n: float) -> str:
@@ -542,6 +542,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help()
             return 2
         return args.func(args)
+    except BrokenPipeError:  # `quantcore inspect DIR | head`: the reader left, nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except Exception as exc:
         if args is None and "--json" in argv:
             args = argparse.Namespace(json=True)
