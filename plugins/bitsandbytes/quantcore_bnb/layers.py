@@ -69,8 +69,10 @@ def _new_module(cls: type[nn.Module]) -> nn.Module:
 @functools.cache
 def _has_avx512bf16() -> bool | int:
     # Linear4bit.__init__ asks the native library every time; the answer never changes (and we
-    # keep its exact value, an int from the library, a bool from the fallback).
-    return bnb.functional.has_avx512bf16()
+    # keep its exact value, an int from the library, a bool from the fallback). bitsandbytes
+    # before 0.49 has no such probe and no such attribute to set: False is what it would act on.
+    probe = getattr(bnb.functional, "has_avx512bf16", None)
+    return probe() if probe is not None else False
 
 
 def packed_weight_shape(out_features: int, in_features: int, quant_storage: torch.dtype) -> tuple[int, int]:

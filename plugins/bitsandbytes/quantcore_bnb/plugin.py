@@ -10,7 +10,7 @@ from quantcore import Backend, hookimpl
 
 from .config import BitsAndBytesConfig
 
-REQUIRES = ("bitsandbytes>=0.48",)
+REQUIRES = ("bitsandbytes>=0.48.0",)
 INSTALL_HINT = "pip install 'quantcore[bnb]'"
 
 
