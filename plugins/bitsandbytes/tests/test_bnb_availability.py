@@ -65,7 +65,7 @@ def test_unavailable_without_bitsandbytes():
 
 def test_requirement_too_old_is_reported():
     backend = quantcore.get_backend("bitsandbytes", require_usable=False)
-    assert backend.requires == ("bitsandbytes>=0.48",)
+    assert backend.requires == ("bitsandbytes>=0.48.0",)
     assert backend.install_hint == INSTALL_HINT
     too_new = attrs.evolve(backend, requires=("bitsandbytes>=999",))
     (problem,) = too_new.missing_requirements()
