@@ -38,23 +38,38 @@ def load(library: str, fmt: str, path: str) -> dict:
 
     warnings.simplefilter("ignore")
     transformers.logging.set_verbosity_error()
-    import quantcore
     from quantcore_bnb import BitsAndBytesConfig as QuantcoreBnb
+
+    import quantcore
 
     quantcore.available_backends()  # plugin discovery is a one-time cost, not a load cost
     kwargs = dict(FORMATS[fmt])
+    baseline = _rss_bytes()
     start = time.perf_counter()
     if library == "quantcore":
         model = quantcore.from_pretrained(path, QuantcoreBnb(**kwargs), dtype=torch.bfloat16, progress=False)
     else:
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch.bfloat16, device_map="cpu",
-            quantization_config=transformers.BitsAndBytesConfig(**kwargs))
+            path,
+            dtype=torch.bfloat16,
+            device_map="cpu",
+            quantization_config=transformers.BitsAndBytesConfig(**kwargs),
+        )
     seconds = time.perf_counter() - start
     with torch.no_grad():
         logits = model(torch.tensor(IDS)).logits.float()
     nbytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
-    return {"load_s": seconds, "model_bytes": nbytes, "logits": logits.flatten().tolist()}
+    return {
+        "load_s": seconds,
+        "model_bytes": nbytes,
+        "rss_before_load": baseline,
+        "logits": logits.flatten().tolist(),
+    }
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
 
 
 def main() -> None:
@@ -71,21 +86,33 @@ def main() -> None:
         runs: dict[str, list[dict]] = {"quantcore": [], "transformers": []}
         for _ in range(args.repeats):
             for library in runs:  # interleaved, so drift hits both alike
-                out = run_in_fresh_process(load, {"library": library, "fmt": fmt, "path": str(path)},
-                                           with_stats=True, timeout=900)
+                out = run_in_fresh_process(
+                    load, {"library": library, "fmt": fmt, "path": str(path)}, with_stats=True, timeout=900
+                )
                 runs[library].append({**out["result"], "peak_rss_bytes": out["peak_rss_bytes"]})
         row = {}
         for library, samples in runs.items():
             row[library] = {
                 "load_s_median": statistics.median(s["load_s"] for s in samples),
                 "load_s": [s["load_s"] for s in samples],
+                "load_s_min": min(s["load_s"] for s in samples),
+                # what the load itself added to the process's peak (imports excluded)
+                "load_peak_mib_median": statistics.median(
+                    (s["peak_rss_bytes"] - s["rss_before_load"]) for s in samples
+                )
+                / 2**20,
                 "peak_rss_mib_median": statistics.median(s["peak_rss_bytes"] for s in samples) / 2**20,
                 "model_mib": samples[0]["model_bytes"] / 2**20,
             }
         a, b = runs["quantcore"][0]["logits"], runs["transformers"][0]["logits"]
-        row["max_abs_logit_diff"] = max(abs(x - y) for x, y in zip(a, b))
+        row["max_abs_logit_diff"] = max(abs(x - y) for x, y in zip(a, b, strict=True))
         row["time_ratio"] = row["quantcore"]["load_s_median"] / row["transformers"]["load_s_median"]
-        row["rss_ratio"] = row["quantcore"]["peak_rss_mib_median"] / row["transformers"]["peak_rss_mib_median"]
+        row["rss_ratio"] = (
+            row["quantcore"]["peak_rss_mib_median"] / row["transformers"]["peak_rss_mib_median"]
+        )
+        row["load_peak_ratio"] = (
+            row["quantcore"]["load_peak_mib_median"] / row["transformers"]["load_peak_mib_median"]
+        )
         results[fmt] = row
 
     out = Path(args.json)
@@ -95,20 +122,33 @@ def main() -> None:
     import torch
     import transformers
 
-    meta = {"model": str(path), "repeats": args.repeats, "torch": torch.__version__,
-            "transformers": transformers.__version__, "machine": platform.machine(), "cpus": __import__("os").cpu_count()}
+    meta = {
+        "model": str(path),
+        "repeats": args.repeats,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "machine": platform.machine(),
+        "cpus": __import__("os").cpu_count(),
+    }
     out.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
 
-    print("| format | quantcore load (s) | transformers load (s) | time ratio | quantcore peak RSS (MiB) "
-          "| transformers peak RSS (MiB) | RSS ratio | max abs logit diff |")
+    print(
+        "| format | load s: quantcore / transformers (min) | time ratio (median) | peak RSS MiB: quantcore / "
+        "transformers | RSS ratio | added by the load MiB | ratio | max abs logit diff |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for fmt, r in results.items():
         q, t = r["quantcore"], r["transformers"]
-        print(f"| {fmt} | {q['load_s_median']:.2f} | {t['load_s_median']:.2f} | {r['time_ratio']:.2f} "
-              f"| {q['peak_rss_mib_median']:.0f} | {t['peak_rss_mib_median']:.0f} | {r['rss_ratio']:.2f} "
-              f"| {r['max_abs_logit_diff']:.3g} |")
-    print(f"\n(medians of {args.repeats} fresh processes each; ratios are quantcore / transformers, lower is better; "
-          f"JSON: {out})")
+        print(
+            f"| {fmt} | {q['load_s_median']:.2f} / {t['load_s_median']:.2f} ({q['load_s_min']:.2f} / "
+            f"{t['load_s_min']:.2f}) | {r['time_ratio']:.2f} | {q['peak_rss_mib_median']:.0f} / "
+            f"{t['peak_rss_mib_median']:.0f} | {r['rss_ratio']:.2f} | {q['load_peak_mib_median']:.0f} / "
+            f"{t['load_peak_mib_median']:.0f} | {r['load_peak_ratio']:.2f} | {r['max_abs_logit_diff']:.3g} |"
+        )
+    print(
+        f"\n(medians of {args.repeats} fresh processes each; ratios are quantcore / transformers, "
+        f"lower is better; JSON: {out})"
+    )
 
 
 if __name__ == "__main__":

@@ -34,8 +34,14 @@ from .report import ModuleRecord, QuantizationReport
 from .shards import INDEX_NAME, WEIGHTS_NAME, CheckpointFiles, TensorEntry, write_shards
 from .state import STATE_ATTRIBUTE, QuantizationState, get_quantization_state
 
-__all__ = ["CONFIG_NAME", "FORMAT_VERSION", "STATE_NAME", "load_quantized", "read_quantization_state",
-           "save_quantized"]
+__all__ = [
+    "CONFIG_NAME",
+    "FORMAT_VERSION",
+    "STATE_NAME",
+    "load_quantized",
+    "read_quantization_state",
+    "save_quantized",
+]
 
 STATE_NAME = "quantization_config.json"
 CONFIG_NAME = "config.json"
@@ -44,7 +50,9 @@ _REPLACED = (WEIGHTS_NAME, INDEX_NAME, STATE_NAME, CONFIG_NAME, "generation_conf
 
 
 # ====================================================================== saving
-def save_quantized(model: nn.Module, path: str | os.PathLike[str], *, max_shard_size: int | str = "5GB") -> Path:
+def save_quantized(
+    model: nn.Module, path: str | os.PathLike[str], *, max_shard_size: int | str = "5GB"
+) -> Path:
     """Save a model quantized by quantcore to the folder ``path``; returns the folder.
 
     Writes safetensors (sharded past ``max_shard_size``: bytes, or ``"5GB"``, ``"500MiB"``),
@@ -70,7 +78,12 @@ def save_quantized(model: nn.Module, path: str | os.PathLike[str], *, max_shard_
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         write_shards(tensors, tmp, max_shard_size)
-        data = {"format": "quantcore", "format_version": FORMAT_VERSION, **state.to_dict(), "tied_weights": tied}
+        data = {
+            "format": "quantcore",
+            "format_version": FORMAT_VERSION,
+            **state.to_dict(),
+            "tied_weights": tied,
+        }
         _write_json(tmp / STATE_NAME, data)
         if _is_transformers_model(model):
             _write_json(tmp / CONFIG_NAME, _transformers_config(model, state))
@@ -95,7 +108,9 @@ def _collect_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[st
     storages: set[tuple] = set()
     for key, value in model.state_dict().items():
         if not isinstance(value, torch.Tensor):
-            problems.append(f"{key!r} is a {type(value).__name__}, not a tensor (safetensors stores tensors only)")
+            problems.append(
+                f"{key!r} is a {type(value).__name__}, not a tensor (safetensors stores tensors only)"
+            )
             continue
         if value.is_meta:
             problems.append(f"{key!r} is on the meta device (the model holds no weights)")
@@ -134,7 +149,11 @@ def _transformers_config(model: nn.Module, state: QuantizationState) -> dict[str
         quant = main.to_dict()
         field = type(main).skip_modules_field
         if field is not None:
-            floats = [name for name, m in model.named_modules() if type(m) is nn.Linear and name not in state.modules]
+            floats = [
+                name
+                for name, m in model.named_modules()
+                if type(m) is nn.Linear and name not in state.modules
+            ]
             quant[field] = sorted(set(quant.get(field) or []) | set(floats))
         config["quantization_config"] = quant
     else:
@@ -150,7 +169,11 @@ def _carry_over(old: Path, new: Path) -> None:
     """Copy what else the old folder held (a tokenizer, a README) into the new one; weights excepted."""
     for entry in old.iterdir():
         name = entry.name
-        if (new / name).exists() or name in _REPLACED or name.endswith((".safetensors", ".bin", ".index.json")):
+        if (
+            (new / name).exists()
+            or name in _REPLACED
+            or name.endswith((".safetensors", ".bin", ".index.json"))
+        ):
             continue
         if entry.is_dir():
             shutil.copytree(entry, new / name, symlinks=True)
@@ -175,8 +198,9 @@ def _replace_folder(new: Path, target: Path) -> None:
 
 
 # ====================================================================== the saved state
-def read_quantization_state(folder: str | os.PathLike[str], files: CheckpointFiles | None = None,
-                            model: nn.Module | None = None) -> tuple[QuantizationState, dict[str, str]] | None:
+def read_quantization_state(
+    folder: str | os.PathLike[str], files: CheckpointFiles | None = None, model: nn.Module | None = None
+) -> tuple[QuantizationState, dict[str, str]] | None:
     """The quantization state of a checkpoint and its tied names, or ``None`` for a float checkpoint.
 
     quantcore's ``quantization_config.json`` says which module each config made. A checkpoint saved
@@ -191,8 +215,10 @@ def read_quantization_state(folder: str | os.PathLike[str], files: CheckpointFil
         if not isinstance(data, dict) or "modules" not in data:
             raise CheckpointError(f"{own}: not a quantcore quantization state (no 'modules')")
         if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise CheckpointError(f"{own}: format_version {version!r} is newer than this quantcore "
-                                  f"reads ({FORMAT_VERSION}); upgrade quantcore")
+            raise CheckpointError(
+                f"{own}: format_version {version!r} is newer than this quantcore "
+                f"reads ({FORMAT_VERSION}); upgrade quantcore"
+            )
         try:
             state = QuantizationState.from_dict(data)
         except ConfigError as exc:
@@ -203,7 +229,9 @@ def read_quantization_state(folder: str | os.PathLike[str], files: CheckpointFil
     if not quant:
         return None
     if model is None or files is None:
-        raise CheckpointError(f"{config_file}: inferring which modules are quantized needs the model and files")
+        raise CheckpointError(
+            f"{config_file}: inferring which modules are quantized needs the model and files"
+        )
     from .auto import AutoQuantizationConfig, AutoQuantizer
 
     try:
@@ -220,12 +248,14 @@ def _infer_quantized(model: nn.Module, files: CheckpointFiles, quantizer: Quanti
     for key, entry in files.entries.items():
         owner = _owner(key, candidates)
         if owner is not None:
-            found.setdefault(owner, {})[key[len(owner) + 1:]] = entry
+            found.setdefault(owner, {})[key[len(owner) + 1 :]] = entry
     modules = {}
     for name, entries in found.items():
         plain = {k: t for k, t in candidates[name].named_parameters() if t is not None}
         is_float = set(entries) == set(plain) and all(
-            entries[k].shape == tuple(t.shape) and entries[k].dtype.is_floating_point for k, t in plain.items())
+            entries[k].shape == tuple(t.shape) and entries[k].dtype.is_floating_point
+            for k, t in plain.items()
+        )
         if not is_float:
             modules[name] = "config"
     return modules
@@ -248,8 +278,13 @@ def _read_json(path: Path) -> Any:
 
 
 # ====================================================================== loading
-def load_quantized(path: str | os.PathLike[str], model: nn.Module, *, device: torch.device | str | None = None,
-                   progress: bool | None = None) -> nn.Module:
+def load_quantized(
+    path: str | os.PathLike[str],
+    model: nn.Module,
+    *,
+    device: torch.device | str | None = None,
+    progress: bool | None = None,
+) -> nn.Module:
     """Load a quantized checkpoint into the float skeleton ``model`` (meta device is fine), in place.
 
     Nothing is quantized again: the quantized modules are rebuilt from the saved state and filled
@@ -264,8 +299,10 @@ def load_quantized(path: str | os.PathLike[str], model: nn.Module, *, device: to
     files = CheckpointFiles.open(folder)
     found = read_quantization_state(folder, files, model)
     if found is None:
-        raise CheckpointError(f"{folder} is not a quantized checkpoint (no {STATE_NAME}, and {CONFIG_NAME} has no "
-                              "quantization_config): load a float checkpoint with load_state_dict")
+        raise CheckpointError(
+            f"{folder} is not a quantized checkpoint (no {STATE_NAME}, and {CONFIG_NAME} has no "
+            "quantization_config): load a float checkpoint with load_state_dict"
+        )
     state, tied = found
     if device is None:
         device = next((t.device for t in (*model.parameters(), *model.buffers()) if not t.is_meta), "cpu")
@@ -277,9 +314,12 @@ def load_quantized(path: str | os.PathLike[str], model: nn.Module, *, device: to
     model.__dict__[STATE_ATTRIBUTE] = state
     left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
     if left:
-        warnings.warn(f"still on the meta device after loading (not saved in checkpoints): {', '.join(left[:5])}"
-                      f"{' ...' if len(left) > 5 else ''}; build the skeleton with quantcore.empty_weights() so that "
-                      "non-persistent buffers are real", stacklevel=2)
+        warnings.warn(
+            f"still on the meta device after loading (not saved in checkpoints): {', '.join(left[:5])}"
+            f"{' ...' if len(left) > 5 else ''}; build the skeleton with quantcore.empty_weights() so that "
+            "non-persistent buffers are real",
+            stacklevel=2,
+        )
     return model
 
 
@@ -328,8 +368,15 @@ class Loader:
 
     # ------------------------------------------------------------------ planning
     @classmethod
-    def prequantized(cls, model: nn.Module, state: QuantizationState, files: CheckpointFiles,
-                     tied: dict[str, str], device: torch.device, **kwargs: Any) -> Loader:
+    def prequantized(
+        cls,
+        model: nn.Module,
+        state: QuantizationState,
+        files: CheckpointFiles,
+        tied: dict[str, str],
+        device: torch.device,
+        **kwargs: Any,
+    ) -> Loader:
         """A load of modules saved quantized, as ``state`` records them."""
         from .auto import AutoQuantizer
 
@@ -344,13 +391,19 @@ class Loader:
                 problems.append(f"module {name!r}: its config {source!r} is not in the saved state")
                 continue
             if module is None:
-                problems.append(f"module {name!r} is quantized in the checkpoint but is not in the "
-                                f"{type(model).__name__} given")
+                problems.append(
+                    f"module {name!r} is quantized in the checkpoint but is not in the "
+                    f"{type(model).__name__} given"
+                )
                 continue
-            quantizer = cache.get(id(config)) or cache.setdefault(id(config), AutoQuantizer.from_config(config))
+            quantizer = cache.get(id(config)) or cache.setdefault(
+                id(config), AutoQuantizer.from_config(config)
+            )
             if not quantizer.can_replace(module):
-                problems.append(f"module {name!r} is a {type(module).__name__}, which {quantizer.describe()} "
-                                "cannot load into (pass a float skeleton)")
+                problems.append(
+                    f"module {name!r} is a {type(module).__name__}, which {quantizer.describe()} "
+                    "cannot load into (pass a float skeleton)"
+                )
                 continue
             parent, _, child = name.rpartition(".")
             targets[name] = Target(name, module, modules[parent], child, quantizer, True, source)
@@ -359,7 +412,7 @@ class Loader:
         return cls(model, files, targets, device, tied, **kwargs)
 
     def check(self) -> None:
-        """Match every checkpoint tensor to a place, or raise one :class:`CheckpointError` listing all problems."""
+        """Match every checkpoint tensor to a place, or raise one :class:`CheckpointError` listing all."""
         problems: list[str] = []
         entries = self.files.entries
         self.slots = self._slots()
@@ -373,42 +426,56 @@ class Loader:
                 continue
             entry = entries[slot.key]
             if entry.shape != tuple(slot.like.shape):
-                problems.append(f"tensor {slot.key!r} in {entry.file.name} has shape {list(entry.shape)}, "
-                                f"the model expects {list(slot.like.shape)}")
+                problems.append(
+                    f"tensor {slot.key!r} in {entry.file.name} has shape {list(entry.shape)}, "
+                    f"the model expects {list(slot.like.shape)}"
+                )
             elif slot.like.is_floating_point() != entry.dtype.is_floating_point or (
-                    not entry.dtype.is_floating_point and entry.dtype != slot.like.dtype):
-                problems.append(f"tensor {slot.key!r} in {entry.file.name} is {entry.dtype}, "
-                                f"the model expects {slot.like.dtype}")
+                not entry.dtype.is_floating_point and entry.dtype != slot.like.dtype
+            ):
+                problems.append(
+                    f"tensor {slot.key!r} in {entry.file.name} is {entry.dtype}, "
+                    f"the model expects {slot.like.dtype}"
+                )
             self._route(slot.key, slot, None)
         for key in entries:
             owner = _owner(key, self.targets)
             if owner is not None:
                 target = self.targets[owner]
                 if target.prequantized:
-                    target.keys[key[len(owner) + 1:]] = key
-                    self._route(key, target, key[len(owner) + 1:])
+                    target.keys[key[len(owner) + 1 :]] = key
+                    self._route(key, target, key[len(owner) + 1 :])
         for target in self.targets.values():
             problems += self._check_target(target, names_of)
         ignore = [re.compile(p) for p in self.ignore_unexpected]
         for key, entry in entries.items():
             if key not in self.routes and not any(p.search(key) for p in ignore):
-                problems.append(f"unexpected tensor {key!r} in {entry.file.name} (no such parameter or buffer "
-                                "in the model)")
+                problems.append(
+                    f"unexpected tensor {key!r} in {entry.file.name} (no such parameter or buffer "
+                    "in the model)"
+                )
         if problems:
-            raise CheckpointError(_listing(f"checkpoint {self.files.folder} does not fit the "
-                                           f"{type(self.model).__name__}", problems))
+            raise CheckpointError(
+                _listing(
+                    f"checkpoint {self.files.folder} does not fit the {type(self.model).__name__}", problems
+                )
+            )
 
     def _check_target(self, target: Target, names_of: dict[int, list[str]]) -> list[str]:
         quantizer = target.quantizer
         if target.prequantized:
             if not target.keys:
-                return [f"missing tensors of quantized module {target.name!r} ({quantizer.describe()}): none of "
-                        f"{target.name}.* is in the checkpoint"]
+                return [
+                    f"missing tensors of quantized module {target.name!r} ({quantizer.describe()}): none of "
+                    f"{target.name}.* is in the checkpoint"
+                ]
             try:
                 target.skeleton = quantizer.create_quantized_module(_meta_clone(target.module), target.name)
             except Exception as exc:
-                return [f"module {target.name!r}: {quantizer.describe()} cannot build its skeleton: "
-                        f"{type(exc).__name__}: {exc}"]
+                return [
+                    f"module {target.name!r}: {quantizer.describe()} cannot build its skeleton: "
+                    f"{type(exc).__name__}: {exc}"
+                ]
             return []
         problems = []
         for local, t in _own_tensors(target.module):
@@ -419,8 +486,10 @@ class Loader:
                 continue
             entry = self.files.entries[key]
             if entry.shape != tuple(t.shape) or not entry.dtype.is_floating_point:
-                problems.append(f"tensor {key!r} in {entry.file.name} is {entry.dtype} {list(entry.shape)}, "
-                                f"module {target.name!r} expects a float tensor of shape {list(t.shape)}")
+                problems.append(
+                    f"tensor {key!r} in {entry.file.name} is {entry.dtype} {list(entry.shape)}, "
+                    f"module {target.name!r} expects a float tensor of shape {list(t.shape)}"
+                )
             target.keys[local] = key
             self._route(key, target, local)
         return problems
@@ -444,7 +513,11 @@ class Loader:
 
         def visit(module: nn.Module, prefix: str) -> None:
             tensors = [(k, p, True) for k, p in module._parameters.items()]
-            tensors += [(k, b, False) for k, b in module._buffers.items() if k not in module._non_persistent_buffers_set]
+            tensors += [
+                (k, b, False)
+                for k, b in module._buffers.items()
+                if k not in module._non_persistent_buffers_set
+            ]
             for attr, t, is_param in tensors:
                 if t is None:
                     continue
@@ -505,27 +578,34 @@ class Loader:
         def apply() -> None:
             for module, attr, is_param in slot.places:
                 (module._parameters if is_param else module._buffers)[attr] = value
+
         return apply
 
-    def _build(self, target: Target, tensors: dict[str, torch.Tensor], entry: TensorEntry) -> Callable[[], None]:
+    def _build(
+        self, target: Target, tensors: dict[str, torch.Tensor], entry: TensorEntry
+    ) -> Callable[[], None]:
         where = f"{entry.file.name}" if len(self.files.shards) == 1 else "the checkpoint's shards"
         if target.prequantized:
             try:
                 new = target.quantizer.load_quantized_state(target.skeleton, tensors, self.device)
             except Exception as exc:
                 raise CheckpointError(
-                    f"tensors {target.name}.* in {where} do not fit module {target.name!r} as the saved config "
-                    f"builds it ({target.quantizer.describe()}): {exc}") from exc
+                    f"tensors {target.name}.* in {where} do not fit module {target.name!r} as the saved "
+                    f"config builds it ({target.quantizer.describe()}): {exc}"
+                ) from exc
         else:
             float_module = _with_tensors(target.module, {k: self._cast(t) for k, t in tensors.items()})
             try:
                 new = target.quantizer.create_quantized_module(float_module, target.name)
             except Exception as exc:
-                raise QuantizationError(f"could not quantize module {target.name!r} with "
-                                        f"{target.quantizer.describe()}: {type(exc).__name__}: {exc}") from exc
+                raise QuantizationError(
+                    f"could not quantize module {target.name!r} with "
+                    f"{target.quantizer.describe()}: {type(exc).__name__}: {exc}"
+                ) from exc
 
         def apply() -> None:
             target.parent._modules[target.child] = new
+
         return apply
 
     # ------------------------------------------------------------------ reporting
@@ -534,11 +614,18 @@ class Loader:
         records = []
         for t in self.targets.values():
             new = t.parent._modules[t.child]
-            records.append(ModuleRecord(
-                name=t.name, module_type=type(t.module).__name__, action="quantized",
-                rule=f"checkpoint: {t.source}", method=t.quantizer.describe(),
-                params=sum(p.numel() for p in t.module.parameters()),
-                bytes_before=module_nbytes(t.module), bytes_after=module_nbytes(new)))
+            records.append(
+                ModuleRecord(
+                    name=t.name,
+                    module_type=type(t.module).__name__,
+                    action="quantized",
+                    rule=f"checkpoint: {t.source}",
+                    method=t.quantizer.describe(),
+                    params=sum(p.numel() for p in t.module.parameters()),
+                    bytes_before=module_nbytes(t.module),
+                    bytes_after=module_nbytes(new),
+                )
+            )
         params = sum(p.numel() for p in self.model.parameters())
         after = sum(t.numel() * t.element_size() for t in (*self.model.parameters(), *self.model.buffers()))
         before = after + sum(r.bytes_before - r.bytes_after for r in records)
@@ -547,7 +634,11 @@ class Loader:
 
 def _own_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
     out = [(k, p) for k, p in module._parameters.items() if p is not None]
-    out += [(k, b) for k, b in module._buffers.items() if b is not None and k not in module._non_persistent_buffers_set]
+    out += [
+        (k, b)
+        for k, b in module._buffers.items()
+        if b is not None and k not in module._non_persistent_buffers_set
+    ]
     return out
 
 
@@ -556,8 +647,10 @@ def _meta_clone(module: nn.Module) -> nn.Module:
     if all(t.is_meta for t in (*module.parameters(), *module.buffers())):
         return module
     clone = _shallow(module)
-    clone._parameters = {k: None if p is None else nn.Parameter(p.detach().to("meta"), p.requires_grad)
-                         for k, p in module._parameters.items()}
+    clone._parameters = {
+        k: None if p is None else nn.Parameter(p.detach().to("meta"), p.requires_grad)
+        for k, p in module._parameters.items()
+    }
     clone._buffers = {k: None if b is None else b.detach().to("meta") for k, b in module._buffers.items()}
     clone._modules = {k: None if m is None else _meta_clone(m) for k, m in module._modules.items()}
     return clone
@@ -566,8 +659,10 @@ def _meta_clone(module: nn.Module) -> nn.Module:
 def _with_tensors(module: nn.Module, tensors: Mapping[str, torch.Tensor]) -> nn.Module:
     """A copy of ``module`` holding ``tensors`` (its own parameters and buffers, by local name)."""
     clone = _shallow(module)
-    clone._parameters = {k: nn.Parameter(tensors[k], requires_grad=False) if k in tensors else p
-                         for k, p in module._parameters.items()}
+    clone._parameters = {
+        k: nn.Parameter(tensors[k], requires_grad=False) if k in tensors else p
+        for k, p in module._parameters.items()
+    }
     clone._buffers = {k: tensors.get(k, b) for k, b in module._buffers.items()}
     return clone
 

@@ -92,8 +92,10 @@ def from_pretrained(
     start = time.perf_counter()
     folder = Path(path)
     if not (folder / CONFIG_NAME).is_file():
-        raise CheckpointError(f"{folder} has no {CONFIG_NAME}: give a local transformers checkpoint folder "
-                              "(download one first, e.g. with huggingface_hub.snapshot_download)")
+        raise CheckpointError(
+            f"{folder} has no {CONFIG_NAME}: give a local transformers checkpoint folder "
+            "(download one first, e.g. with huggingface_hub.snapshot_download)"
+        )
     device = _device(device_map)
     files = CheckpointFiles.open(folder)
     config = transformers.AutoConfig.from_pretrained(str(folder), **kwargs)
@@ -112,16 +114,22 @@ def from_pretrained(
         if quantization_config is not None or overrides:
             import warnings
 
-            warnings.warn(f"{folder} is already quantized: the quantization_config / overrides given are ignored "
-                          "and the checkpoint loads as it was saved", stacklevel=2)
+            warnings.warn(
+                f"{folder} is already quantized: the quantization_config / overrides given are ignored "
+                "and the checkpoint loads as it was saved",
+                stacklevel=2,
+            )
         state, tied = found
-        loader = Loader.prequantized(model, state, files, tied, device, cast_dtype=dtype, ignore_unexpected=ignore)
+        loader = Loader.prequantized(
+            model, state, files, tied, device, cast_dtype=dtype, ignore_unexpected=ignore
+        )
         loader.check()
         loader.run(immediate=True, progress=progress)
         report = loader.report(time.perf_counter() - start)
     else:
-        state, loader, plan = _quantizing_loader(model, files, device, dtype, quantization_config, overrides,
-                                                 skip_modules, default_skips, ignore)
+        state, loader, plan = _quantizing_loader(
+            model, files, device, dtype, quantization_config, overrides, skip_modules, default_skips, ignore
+        )
         loader.check()
         if plan is not None:
             from .plugins import call_observers
@@ -141,9 +149,15 @@ def from_pretrained(
 
 
 def _quantizing_loader(
-    model: nn.Module, files: CheckpointFiles, device: torch.device, dtype: torch.dtype,
-    quantization_config: Any, overrides: Mapping[str, Any] | None, skip_modules: list[str] | None,
-    default_skips: bool, ignore: list[str],
+    model: nn.Module,
+    files: CheckpointFiles,
+    device: torch.device,
+    dtype: torch.dtype,
+    quantization_config: Any,
+    overrides: Mapping[str, Any] | None,
+    skip_modules: list[str] | None,
+    default_skips: bool,
+    ignore: list[str],
 ) -> tuple[QuantizationState | None, Loader, Any]:
     """A float checkpoint: the modules the rules choose are quantized from their float weights."""
     from .auto import AutoQuantizer
@@ -159,13 +173,20 @@ def _quantizing_loader(
     targets: dict[str, Target] = {}
     for d in walk.decide():
         rule = d.rule
-        if rule is None or rule.quantizer is None or not rule.quantizer.can_replace(d.module) or d.parent is None:
+        if (
+            rule is None
+            or rule.quantizer is None
+            or not rule.quantizer.can_replace(d.module)
+            or d.parent is None
+        ):
             continue
         targets[d.name] = Target(d.name, d.module, d.parent, d.child, rule.quantizer, False, rule.source)
     state = QuantizationState(
         main.config if main is not None else None,
         {t.source: walk.overrides[t.source] for t in targets.values() if t.source != "config"},
-        list(skip_modules or []), default_skips, {name: t.source for name, t in targets.items()},
+        list(skip_modules or []),
+        default_skips,
+        {name: t.source for name, t in targets.items()},
     )
     return state, Loader(model, files, targets, device, **kwargs), walk.plan()
 
@@ -187,7 +208,9 @@ def _dtype(dtype: torch.dtype | str | None, config: Any, files: CheckpointFiles)
     if dtype in (None, "auto"):
         saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
         if saved is not None:
-            return saved if isinstance(saved, torch.dtype) else getattr(torch, str(saved).removeprefix("torch."))
+            return (
+                saved if isinstance(saved, torch.dtype) else getattr(torch, str(saved).removeprefix("torch."))
+            )
         floats = [e.dtype for e in files.entries.values() if e.dtype.is_floating_point]
         return floats[0] if floats else torch.float32
     value = getattr(torch, str(dtype).removeprefix("torch."), None)
@@ -203,16 +226,19 @@ def _device(device_map: Any) -> torch.device:
         devices = {_device(v) for v in device_map.values()}
         if len(devices) != 1:
             raise NotImplementedError(
-                f"device_map places modules on {len(devices)} devices ({', '.join(sorted(map(str, devices)))}): "
+                f"device_map places modules on {len(devices)} devices "
+                f"({', '.join(sorted(map(str, devices)))}): "
                 "quantcore.from_pretrained puts the whole model on one device for now; pass one device "
-                "(device_map='cuda:0' or {'': 0})")
+                "(device_map='cuda:0' or {'': 0})"
+            )
         return devices.pop()
     if isinstance(device_map, int):
         return torch.device("cuda", device_map)
     if device_map in ("auto", "balanced", "balanced_low_0", "sequential"):
         raise NotImplementedError(
-            f"device_map={device_map!r} (spreading a model over devices) is not supported yet: pass one device "
-            "(device_map='cuda', 'cpu', 0 or {'': 0})")
+            f"device_map={device_map!r} (spreading a model over devices) is not supported yet: "
+            "pass one device (device_map='cuda', 'cpu', 0 or {'': 0})"
+        )
     try:
         return torch.device(device_map)
     except (RuntimeError, TypeError) as exc:

@@ -41,10 +41,21 @@ INDEX_NAME = "model.safetensors.index.json"
 _MAX_HEADER = 100 * 1024 * 1024  # the limit safetensors itself enforces
 
 DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U64": torch.uint64,
+    "U32": torch.uint32,
+    "U16": torch.uint16,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
 }
 
 
@@ -116,10 +127,14 @@ class ShardFile:
             cursor = max(cursor, end)
         if cursor > data_size:
             last = max(self.entries.values(), key=lambda e: e.end)
-            problems.append(f"tensor {last.name!r}: needs {cursor} data bytes but the file has {data_size} "
-                            "(truncated file)")
+            problems.append(
+                f"tensor {last.name!r}: needs {cursor} data bytes but the file has {data_size} "
+                "(truncated file)"
+            )
         elif cursor < data_size:
-            problems.append(f"{data_size - cursor} bytes after the last tensor (corrupt or mismatched header)")
+            problems.append(
+                f"{data_size - cursor} bytes after the last tensor (corrupt or mismatched header)"
+            )
         return problems
 
     def _entry(self, name: str, info: Any, data_start: int) -> str | None:
@@ -131,14 +146,20 @@ class ShardFile:
         shape, offsets = info.get("shape"), info.get("data_offsets")
         if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
             return f"bad shape {shape!r}"
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) and o >= 0 for o in offsets)
-                and offsets[0] <= offsets[1]):
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(isinstance(o, int) and o >= 0 for o in offsets)
+            and offsets[0] <= offsets[1]
+        ):
             return f"bad data_offsets {offsets!r}"
         expected = math.prod(shape) * dtype.itemsize
         if offsets[1] - offsets[0] != expected:
-            return f"data_offsets {offsets} span {offsets[1] - offsets[0]} bytes but {dtype} {shape} needs {expected}"
-        self.entries[name] = TensorEntry(name, self.path, dtype, tuple(shape), data_start + offsets[0],
-                                         data_start + offsets[1])
+            span = offsets[1] - offsets[0]
+            return f"data_offsets {offsets} span {span} bytes but {dtype} {shape} needs {expected}"
+        self.entries[name] = TensorEntry(
+            name, self.path, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1]
+        )
         return None
 
     def read(self, entry: TensorEntry, f: Any = None) -> torch.Tensor:
@@ -178,7 +199,7 @@ class CheckpointFiles:
 
     @classmethod
     def open(cls, folder: str | os.PathLike[str]) -> CheckpointFiles:
-        """Read and check every header of the checkpoint in ``folder``; raise :class:`CheckpointError` if any is bad."""
+        """Read and check every header of the checkpoint in ``folder`` (:class:`CheckpointError`)."""
         folder = Path(folder)
         if not folder.is_dir():
             raise CheckpointError(f"{folder} is not a folder (give the folder a checkpoint was saved to)")
@@ -188,7 +209,9 @@ class CheckpointFiles:
         single = folder / WEIGHTS_NAME
         if single.is_file():
             return cls(folder, [ShardFile(single)])
-        found = sorted(p.name for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
+        found = sorted(
+            p.name for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth")
+        )
         hint = f" (found {', '.join(found)}; only safetensors checkpoints load)" if found else ""
         raise CheckpointError(f"{folder} holds neither {WEIGHTS_NAME} nor {INDEX_NAME}{hint}")
 
@@ -221,13 +244,17 @@ class CheckpointFiles:
                     problems.append(f"tensor {key!r} is in both {owner[key]} and {shard.path.name}")
                 owner[key] = shard.path.name
                 if weight_map.get(key) != shard.path.name:
-                    problems.append(f"tensor {key!r} is in {shard.path.name} but {index.name} says "
-                                    f"{weight_map.get(key)!r}")
+                    problems.append(
+                        f"tensor {key!r} is in {shard.path.name} but {index.name} says "
+                        f"{weight_map.get(key)!r}"
+                    )
         for key, name in weight_map.items():
             if key not in owner and (folder / name).is_file():
                 problems.append(f"tensor {key!r}: {index.name} places it in {name}, which does not hold it")
         if problems:
-            raise CheckpointError(_format(f"checkpoint {folder}: the index and the shards disagree", problems))
+            raise CheckpointError(
+                _format(f"checkpoint {folder}: the index and the shards disagree", problems)
+            )
         return cls(folder, shards)
 
     def stream(self, keys: set[str]) -> Iterator[tuple[TensorEntry, torch.Tensor]]:
@@ -237,7 +264,7 @@ class CheckpointFiles:
             if not wanted:
                 continue
             try:
-                f = open(shard.path, "rb", buffering=0)
+                f = open(shard.path, "rb", buffering=0)  # noqa: SIM115 - only opening may raise CheckpointError
             except OSError as exc:
                 raise CheckpointError(f"{shard.path}: cannot open: {exc}") from exc
             with f:
@@ -255,8 +282,18 @@ def _format(title: str, problems: list[str]) -> str:
 
 
 # ---------------------------------------------------------------------- writing
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 def parse_size(size: int | str) -> int:
@@ -265,7 +302,9 @@ def parse_size(size: int | str) -> int:
         return size
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", str(size).upper())
     if not m or float(m.group(1)) <= 0:
-        raise ValueError(f"max_shard_size must be a positive number of bytes or a string like '5GB', got {size!r}")
+        raise ValueError(
+            f"max_shard_size must be a positive number of bytes or a string like '5GB', got {size!r}"
+        )
     return int(float(m.group(1)) * _UNITS[m.group(2)])
 
 
@@ -298,7 +337,7 @@ def write_shards(tensors: Mapping[str, torch.Tensor], folder: Path, max_shard_si
     else:
         names = [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
     weight_map: dict[str, str] = {}
-    for name, keys in zip(names, groups):
+    for name, keys in zip(names, groups, strict=True):
         save_file({k: tensors[k].detach().to("cpu").contiguous() for k in keys}, folder / name)
         weight_map.update(dict.fromkeys(keys, name))
     if len(groups) > 1:

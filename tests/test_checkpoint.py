@@ -1,4 +1,4 @@
-"""save_quantized / load_quantized: round trips, tied weights, sharding, and every way a checkpoint can be wrong."""
+"""save_quantized / load_quantized: round trips, tied weights, shards, every way a checkpoint can be wrong."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from quantcore import CheckpointError
 from .conftest import TinyLM
 
 pytest.importorskip("quantcore_torch", reason="the quantcore-torch backend is not installed")
-from quantcore_torch import TorchWeightOnlyConfig  # noqa: E402
+from quantcore_torch import TorchWeightOnlyConfig
 
 IDS = torch.arange(20).reshape(2, 10) % 64
 
@@ -34,8 +34,10 @@ def skeleton(tied: bool = True) -> TinyLM:
 
 def snapshot(model: torch.nn.Module) -> dict:
     """Every module object and tensor of ``model``, to check it was not touched."""
-    return {"modules": [(n, id(m)) for n, m in model.named_modules()],
-            "tensors": [(n, id(t), t.device.type) for n, t in model.state_dict(keep_vars=True).items()]}
+    return {
+        "modules": [(n, id(m)) for n, m in model.named_modules()],
+        "tensors": [(n, id(t), t.device.type) for n, t in model.state_dict(keep_vars=True).items()],
+    }
 
 
 @pytest.fixture
@@ -46,7 +48,9 @@ def saved(tmp_path):
 
 
 # ---------------------------------------------------------------------- round trips
-@pytest.mark.parametrize("config", [{"bits": 8}, {"bits": 4, "group_size": 32}, {"bits": 4, "group_size": 64}])
+@pytest.mark.parametrize(
+    "config", [{"bits": 8}, {"bits": 4, "group_size": 32}, {"bits": 4, "group_size": 64}]
+)
 @pytest.mark.parametrize("tied", [True, False])
 def test_round_trip_gives_identical_outputs(tmp_path, config, tied):
     model = quantized_lm(tied, **config)
@@ -58,7 +62,7 @@ def test_round_trip_gives_identical_outputs(tmp_path, config, tied):
 
 
 def test_folder_layout_and_state_file(saved):
-    model, path = saved
+    _, path = saved
     assert sorted(os.listdir(path)) == ["model.safetensors", "quantization_config.json"]
     data = json.loads((path / "quantization_config.json").read_text())
     assert data["format"] == "quantcore" and data["format_version"] == 1
@@ -93,15 +97,22 @@ def test_sharded_save_writes_an_index_and_loads(tmp_path):
     index = json.loads((tmp_path / "ckpt" / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"].values()) == set(shards)
     assert index["metadata"]["total_size"] == sum(
-        t.numel() * t.element_size() for k, t in model.state_dict().items() if k != "lm_head.weight")
+        t.numel() * t.element_size() for k, t in model.state_dict().items() if k != "lm_head.weight"
+    )
     assert torch.equal(quantcore.load_quantized(tmp_path / "ckpt", skeleton())(IDS), model(IDS))
 
 
 def test_overrides_and_mixed_formats_round_trip(tmp_path):
     torch.manual_seed(0)
     model = TinyLM()
-    quantcore.quantize(model, TorchWeightOnlyConfig(bits=8),
-                       overrides={"*.mlp.*": TorchWeightOnlyConfig(bits=4, group_size=32), "layers.1.self_attn.q_proj": None})
+    quantcore.quantize(
+        model,
+        TorchWeightOnlyConfig(bits=8),
+        overrides={
+            "*.mlp.*": TorchWeightOnlyConfig(bits=4, group_size=32),
+            "layers.1.self_attn.q_proj": None,
+        },
+    )
     quantcore.save_quantized(model, tmp_path / "ckpt")
     loaded = quantcore.load_quantized(tmp_path / "ckpt", skeleton())
     assert loaded.layers[0].mlp.up_proj.bits == 4 and loaded.layers[0].self_attn.q_proj.bits == 8
@@ -286,7 +297,9 @@ def test_config_naming_a_module_the_model_lacks(saved):
     data = json.loads(state_file.read_text())
     data["modules"]["layers.7.mlp.up_proj"] = "config"
     state_file.write_text(json.dumps(data))
-    assert_load_fails(path, r"'layers\.7\.mlp\.up_proj' is quantized in the checkpoint but is not in the TinyLM")
+    assert_load_fails(
+        path, r"'layers\.7\.mlp\.up_proj' is quantized in the checkpoint but is not in the TinyLM"
+    )
 
 
 def test_corrupt_state_file(saved):

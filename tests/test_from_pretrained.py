@@ -1,4 +1,4 @@
-"""from_pretrained on transformers checkpoints, and bitsandbytes checkpoints shared with transformers both ways.
+"""from_pretrained on transformers checkpoints; bitsandbytes checkpoints shared with transformers both ways.
 
 The model is a tiny Llama (hidden 64, 2 layers, vocab 128) saved to ``tmp_path``; bitsandbytes 0.50
 runs its 4-bit and 8-bit layers on the CPU, and transformers accepts them with ``device_map="cpu"``.
@@ -39,9 +39,15 @@ def _quiet():
 
 
 def tiny_llama(tmp_path, dtype=torch.bfloat16, tied=True, shard=None):
-    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
-                                      tie_word_embeddings=tied)
+    config = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        tie_word_embeddings=tied,
+    )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).to(dtype)
     path = tmp_path / f"float-{str(dtype)[6:]}-{'tied' if tied else 'untied'}"
@@ -87,7 +93,10 @@ def test_torch_backend_quantizes_while_loading_and_round_trips(tmp_path):
     report = model.quantcore_report
     assert len(report.quantized) == 14 and report.bytes_after < report.bytes_before
     quantcore.save_quantized(model, tmp_path / "q")
-    assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["quant_method"] == "torch_wo"
+    assert (
+        json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["quant_method"]
+        == "torch_wo"
+    )
     again = quantcore.from_pretrained(tmp_path / "q")
     assert torch.equal(logits(again), logits(model))
     assert quantcore.get_quantization_state(again) == quantcore.get_quantization_state(model)
@@ -103,7 +112,7 @@ def test_device_map(tmp_path):
 
 
 def test_not_a_checkpoint_folder(tmp_path):
-    with pytest.raises(CheckpointError, match="has no config.json"):
+    with pytest.raises(CheckpointError, match=r"has no config\.json"):
         quantcore.from_pretrained(tmp_path)
 
 
@@ -111,7 +120,7 @@ def test_corrupt_float_checkpoint_names_the_file(tmp_path):
     _, path = tiny_llama(tmp_path)
     f = path / "model.safetensors"
     f.write_bytes(f.read_bytes()[:-10])
-    with pytest.raises(CheckpointError, match="(?s)model.safetensors.*truncated"):
+    with pytest.raises(CheckpointError, match=r"(?s)model\.safetensors.*truncated"):
         quantcore.from_pretrained(path)
 
 
@@ -133,7 +142,8 @@ def test_quantcore_bnb_checkpoint_loads_in_transformers(tmp_path, bnb, fmt):
     assert torch.equal(logits(theirs), logits(ours))
     # and it is what transformers itself makes from the float checkpoint
     direct = transformers.AutoModelForCausalLM.from_pretrained(
-        path, device_map="cpu", quantization_config=transformers.BitsAndBytesConfig(**BNB_FORMATS[fmt]))
+        path, device_map="cpu", quantization_config=transformers.BitsAndBytesConfig(**BNB_FORMATS[fmt])
+    )
     assert torch.equal(logits(direct), logits(ours))
 
 
@@ -142,7 +152,8 @@ def test_quantcore_bnb_checkpoint_loads_in_transformers(tmp_path, bnb, fmt):
 def test_transformers_bnb_checkpoint_loads_in_quantcore(tmp_path, bnb, fmt, dtype):
     _, path = tiny_llama(tmp_path, dtype)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(
-        path, device_map="cpu", quantization_config=transformers.BitsAndBytesConfig(**BNB_FORMATS[fmt]))
+        path, device_map="cpu", quantization_config=transformers.BitsAndBytesConfig(**BNB_FORMATS[fmt])
+    )
     theirs.save_pretrained(tmp_path / "hf")
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", device_map="cpu")
     ours = quantcore.from_pretrained(tmp_path / "hf")
@@ -168,8 +179,9 @@ def test_pre_quantized_checkpoint_ignores_a_new_config(tmp_path, bnb):
 
 def test_saved_skip_list_tells_transformers_what_stayed_float(tmp_path, bnb):
     _, path = tiny_llama(tmp_path)
-    model = quantcore.from_pretrained(path, bnb.BitsAndBytesConfig(load_in_4bit=True),
-                                      overrides={"model.layers.1.mlp.*": None})
+    model = quantcore.from_pretrained(
+        path, bnb.BitsAndBytesConfig(load_in_4bit=True), overrides={"model.layers.1.mlp.*": None}
+    )
     quantcore.save_quantized(model, tmp_path / "q")
     quant = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     assert "model.layers.1.mlp.down_proj" in quant["llm_int8_skip_modules"]
@@ -187,5 +199,6 @@ def test_smollm2_nf4_matches_transformers(bnb):
     kw = BNB_FORMATS["nf4"]
     ours = quantcore.from_pretrained(path, bnb.BitsAndBytesConfig(**kw))
     theirs = transformers.AutoModelForCausalLM.from_pretrained(
-        path, device_map="cpu", quantization_config=transformers.BitsAndBytesConfig(**kw))
+        path, device_map="cpu", quantization_config=transformers.BitsAndBytesConfig(**kw)
+    )
     assert torch.equal(logits(ours), logits(theirs))
