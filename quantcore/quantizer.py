@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from .config import QuantizationConfigMixin
     from .report import QuantizationReport
 
-__all__ = ["Quantizer", "check_state", "module_nbytes", "module_numel"]
+__all__ = ["Quantizer", "check_state", "leaf_size", "module_nbytes", "module_numel"]
 
 
 def module_nbytes(module: nn.Module) -> int:
@@ -32,8 +32,26 @@ def module_nbytes(module: nn.Module) -> int:
 
 def module_numel(module: nn.Module) -> int:
     """Number of parameters of a module."""
-    params = module._parameters.values() if not module._modules else module.parameters()
-    return sum(p.numel() for p in params if p is not None)
+    return leaf_size(module)[0]
+
+
+def leaf_size(module: nn.Module) -> tuple[int, int]:
+    """``(parameters, bytes of parameters and buffers)`` of a module, in one pass."""
+    if module._modules:
+        params = list(module.parameters())
+        buffers = list(module.buffers())
+    else:  # a leaf (the common case): skip the generic, slower traversal
+        params = [p for p in module._parameters.values() if p is not None]
+        buffers = [b for b in module._buffers.values() if b is not None]
+    numel = 0
+    nbytes = 0
+    for p in params:
+        n = p.numel()
+        numel += n
+        nbytes += n * p.element_size()
+    for b in buffers:
+        nbytes += b.numel() * b.element_size()
+    return numel, nbytes
 
 
 def check_state(module: nn.Module, state: Mapping[str, torch.Tensor]) -> None:

@@ -19,7 +19,7 @@ from torch import nn
 
 from .errors import QuantizationError
 from .match import compile_pattern
-from .quantizer import Quantizer, module_nbytes, module_numel
+from .quantizer import Quantizer, leaf_size
 from .report import ModuleRecord, QuantizationReport
 
 __all__ = ["ModelIndex", "Rule", "Walk", "default_float_modules", "paused_gc"]
@@ -51,7 +51,7 @@ class ModelIndex:
     """One pass over a model: every module with its parent, who uses each parameter, and the totals."""
 
     entries: list[tuple[str, nn.Module, nn.Module | None, str, int]]  # name, module, parent, child, parent pos
-    param_users: dict[int, list[str]]
+    tied: dict[int, list[str]]  # id(parameter) -> every "module.param" name, for parameters used twice or more
     params: int
     nbytes: int
 
@@ -59,37 +59,46 @@ class ModelIndex:
     def of(cls, model: nn.Module) -> ModelIndex:
         """Index ``model`` (pre-order, like ``named_modules``; shared modules once)."""
         entries: list[tuple[str, nn.Module, nn.Module | None, str, int]] = []
-        users: dict[int, list[str]] = {}
+        first_user: dict[int, tuple[int, str]] = {}  # id(tensor) -> (entry position, name in module)
+        tied: dict[int, list[str]] = {}
         seen_modules: set[int] = set()
-        seen_tensors: set[int] = set()
         params = nbytes = 0
         stack: list[tuple[str, nn.Module, nn.Module | None, str, int]] = [("", model, None, "", -1)]
         while stack:
             entry = stack.pop()
-            name, module = entry[0], entry[1]
+            module = entry[1]
             if id(module) in seen_modules:
                 continue
             seen_modules.add(id(module))
             pos = len(entries)
             entries.append(entry)
-            prefix = f"{name}." if name else ""
             for pname, p in module._parameters.items():
                 if p is None:
                     continue
                 key = id(p)
-                users.setdefault(key, []).append(prefix + pname)
-                if key not in seen_tensors:
-                    seen_tensors.add(key)
-                    n = p.numel()
-                    params += n
-                    nbytes += n * p.element_size()
+                if key in first_user:  # tied: spell out names only for these few
+                    if key not in tied:
+                        at, first = first_user[key]
+                        tied[key] = [_join(entries[at][0], first)]
+                    tied[key].append(_join(entry[0], pname))
+                    continue
+                first_user[key] = (pos, pname)
+                n = p.numel()
+                params += n
+                nbytes += n * p.element_size()
             for b in module._buffers.values():
-                if b is not None and id(b) not in seen_tensors:
-                    seen_tensors.add(id(b))
+                if b is not None and id(b) not in first_user:
+                    first_user[id(b)] = (pos, "")
                     nbytes += b.numel() * b.element_size()
-            children = [(prefix + c, sub, module, c, pos) for c, sub in module._modules.items() if sub is not None]
-            stack.extend(reversed(children))
-        return cls(entries, users, params, nbytes)
+            if module._modules:
+                prefix = f"{entry[0]}." if entry[0] else ""
+                stack.extend(reversed([(prefix + c, sub, module, c, pos)
+                                       for c, sub in module._modules.items() if sub is not None]))
+        return cls(entries, tied, params, nbytes)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
 
 
 # Containers whose forward reads a child linear's ``.weight`` itself (fused fast paths), so a
@@ -118,8 +127,8 @@ def default_float_modules(model: nn.Module, index: ModelIndex | None = None) -> 
             out.setdefault(name, f"default: {type(parent).__name__} reads its weight directly")
         if isinstance(module, nn.Linear):
             weight = module._parameters.get("weight")
-            users = index.param_users.get(id(weight), ()) if weight is not None else ()
-            if len(users) > 1:
+            users = index.tied.get(id(weight), ()) if weight is not None else ()
+            if users:
                 others = [u for u in users if u != f"{name}.weight"]
                 out.setdefault(name, f"default: weight tied to {others[0]}")
     return out
@@ -255,7 +264,7 @@ class Walk:
         labels: dict[int, str] = {}
         for d in decisions:
             module = d.module
-            before = module_nbytes(module)
+            params, before = leaf_size(module)
             quantizer = d.rule.quantizer if d.rule is not None else None
             if quantizer is not None and not quantizer.can_replace(module):
                 reason = f"{d.rule.label if d.rule else 'config'}: {quantizer.unsupported_reason(module)}"
@@ -276,7 +285,7 @@ class Walk:
                 action="quantized" if quantizer is not None else "skipped",
                 rule=reason,
                 method=method,
-                params=module_numel(module),
+                params=params,
                 bytes_before=before,
                 bytes_after=after,
             ))
