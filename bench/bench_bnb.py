@@ -41,13 +41,25 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _common  # noqa: E402
+import _common
 
 SIZES = {
-    "tiny": dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=8,
-                 num_key_value_heads=2, vocab_size=4096),
-    "1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                 num_key_value_heads=4, vocab_size=32000),
+    "tiny": dict(
+        hidden_size=256,
+        intermediate_size=704,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        vocab_size=4096,
+    ),
+    "1.1b": dict(
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        vocab_size=32000,
+    ),
 }
 MODES = {
     "int8": dict(load_in_8bit=True),
@@ -118,12 +130,13 @@ def run(device: str, size: str, tokens: int, repeats: int) -> dict:
     """Every variant on one checkpoint; returns the results."""
     import torch
     import transformers
-
-    import quantcore
     from quantcore_bnb import BitsAndBytesConfig
 
-    config = transformers.LlamaConfig(**SIZES[size], max_position_embeddings=max(256, tokens),
-                                      tie_word_embeddings=False)
+    import quantcore
+
+    config = transformers.LlamaConfig(
+        **SIZES[size], max_position_embeddings=max(256, tokens), tie_word_embeddings=False
+    )
     results: dict = {"size": size, "device": device, "tokens": tokens, "repeats": repeats, "variants": {}}
     with tempfile.TemporaryDirectory(prefix="bench_bnb_") as tmp:
         torch.manual_seed(0)
@@ -165,10 +178,12 @@ def run(device: str, size: str, tokens: int, repeats: int) -> dict:
             row["model_bytes"] = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
             row.update(_forward_times(model, device, tokens, repeats, config.vocab_size))
             results["variants"][name] = row
-            print(f"{name:<18} load+quantize {row['load_and_quantize_s']:7.2f} s   "
-                  f"peak {_common.mib(row['peak_bytes']):9.1f} MiB   model {_common.mib(row['model_bytes']):9.1f} MiB   "
-                  f"prefill {row['prefill_ms_per_token']:8.3f} ms/token   decode {row['decode_ms_per_token']:8.2f} ms",
-                  flush=True)
+            print(
+                f"{name:<18} load+quantize {row['load_and_quantize_s']:7.2f} s   "
+                f"peak {_common.mib(row['peak_bytes']):9.1f} MiB   model {_common.mib(row['model_bytes']):9.1f} MiB   "
+                f"prefill {row['prefill_ms_per_token']:8.3f} ms/token   decode {row['decode_ms_per_token']:8.2f} ms",
+                flush=True,
+            )
             del model
             gc.collect()
     return results

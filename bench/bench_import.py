@@ -47,8 +47,12 @@ def main() -> None:
         print(f"{name:48} {seconds:9.3f} {seconds - base:19.3f}")
     qc = results["import quantcore"] - base
     tf = results["from transformers import BitsAndBytesConfig"] - base
-    print(f"\nimport quantcore costs {qc * 1000:.0f} ms; transformers' BitsAndBytesConfig import {tf * 1000:.0f} ms "
-          f"({tf / qc:.0f}x more)" if qc > 0 else "")
+    print(
+        f"\nimport quantcore costs {qc * 1000:.0f} ms; transformers' BitsAndBytesConfig import {tf * 1000:.0f} ms "
+        f"({tf / qc:.0f}x more)"
+        if qc > 0
+        else ""
+    )
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"best_seconds": results, "repeats": args.repeats}, fh, indent=2)

@@ -97,9 +97,7 @@ def main() -> None:
                 "load_s": [s["load_s"] for s in samples],
                 "load_s_min": min(s["load_s"] for s in samples),
                 # what the load itself added to the process's peak (imports excluded)
-                "load_peak_mib_median": statistics.median(
-                    (s["peak_rss_bytes"] - s["rss_before_load"]) for s in samples
-                )
+                "load_peak_mib_median": statistics.median((s["peak_rss_bytes"] - s["rss_before_load"]) for s in samples)
                 / 2**20,
                 "peak_rss_mib_median": statistics.median(s["peak_rss_bytes"] for s in samples) / 2**20,
                 "model_mib": samples[0]["model_bytes"] / 2**20,
@@ -107,12 +105,8 @@ def main() -> None:
         a, b = runs["quantcore"][0]["logits"], runs["transformers"][0]["logits"]
         row["max_abs_logit_diff"] = max(abs(x - y) for x, y in zip(a, b, strict=True))
         row["time_ratio"] = row["quantcore"]["load_s_median"] / row["transformers"]["load_s_median"]
-        row["rss_ratio"] = (
-            row["quantcore"]["peak_rss_mib_median"] / row["transformers"]["peak_rss_mib_median"]
-        )
-        row["load_peak_ratio"] = (
-            row["quantcore"]["load_peak_mib_median"] / row["transformers"]["load_peak_mib_median"]
-        )
+        row["rss_ratio"] = row["quantcore"]["peak_rss_mib_median"] / row["transformers"]["peak_rss_mib_median"]
+        row["load_peak_ratio"] = row["quantcore"]["load_peak_mib_median"] / row["transformers"]["load_peak_mib_median"]
         results[fmt] = row
 
     out = Path(args.json)

@@ -44,8 +44,13 @@ def measure(methods: list[str], max_tokens: int, dtype: str) -> dict:
     transformers.utils.logging.disable_progress_bar()
     text = _common.load_shakespeare_text(12_000)
     start = time.perf_counter()
-    evaluation = Evaluation(_common.smollm2_bf16_dir(), dtype=dtype, text=text, max_tokens=max_tokens,
-                            log=lambda m: print(f"... {m} ({time.perf_counter() - start:.0f} s)", file=sys.stderr))
+    evaluation = Evaluation(
+        _common.smollm2_bf16_dir(),
+        dtype=dtype,
+        text=text,
+        max_tokens=max_tokens,
+        log=lambda m: print(f"... {m} ({time.perf_counter() - start:.0f} s)", file=sys.stderr),
+    )
     rows = evaluation.compare({name: resolve_method(name) for name in methods})
     return {
         "model": "SmolLM2-135M (bench/_data/smollm2-135m-bf16)",
@@ -55,8 +60,12 @@ def measure(methods: list[str], max_tokens: int, dtype: str) -> dict:
         "dtype": str(evaluation.dtype).removeprefix("torch."),
         "configs": {name: PRESETS[name][0] for name in methods},
         "rows": [r.to_dict() for r in rows],
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "bitsandbytes": bitsandbytes.__version__, "python": platform.python_version()},
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "bitsandbytes": bitsandbytes.__version__,
+            "python": platform.python_version(),
+        },
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, no GPU",
         "seconds": time.perf_counter() - start,
     }
@@ -78,8 +87,11 @@ def markdown(result: dict, command: str) -> str:
     ]
     for row in result["rows"]:
         config = result["configs"].get(row["label"])
-        config_text = "-" if config is None else ", ".join(
-            f"{k}={json.dumps(v)}" for k, v in config.items() if k != "quant_method")
+        config_text = (
+            "-"
+            if config is None
+            else ", ".join(f"{k}={json.dumps(v)}" for k, v in config.items() if k != "quant_method")
+        )
         change = row["metrics"].get("perplexity_change")
         linear = row["quantized_bits_per_param"]
         cells = [

@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _common  # noqa: E402
+import _common
 
 RESULTS_DIR = Path(__file__).resolve().parent / "_results"
 
@@ -55,15 +55,13 @@ def run(n_blocks: int, dim: int, repeats: int) -> dict:
     """Time the three operations, interleaved, best of ``repeats``; return the results."""
     import bitsandbytes as bnb
     import transformers
+    from quantcore_bnb import BitsAndBytesConfig
     from transformers.integrations.bitsandbytes import replace_with_bnb_linear
 
     import quantcore
-    from quantcore_bnb import BitsAndBytesConfig
 
     n_linear = 4 * n_blocks
-    qc_quantizer = quantcore.AutoQuantizer.from_config(
-        BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
-    )
+    qc_quantizer = quantcore.AutoQuantizer.from_config(BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"))
     tf_config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
 
     def qc_plan(model):
@@ -129,8 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     res = run(args.n_blocks, args.dim, args.repeats)
     n = res["n_linear"]
-    print(f"replacing {n:,} x nn.Linear({args.dim},{args.dim}) on meta with 4-bit NF4 Linear4bit "
-          f"(best of {args.repeats}, fresh model each run)")
+    print(
+        f"replacing {n:,} x nn.Linear({args.dim},{args.dim}) on meta with 4-bit NF4 Linear4bit "
+        f"(best of {args.repeats}, fresh model each run)"
+    )
     print(f"{'operation':<32} {'best':>10} {'per linear':>12}   runs")
     for name, best in res["best_s"].items():
         runs = ", ".join(f"{t:.3f}" for t in res["times_s"].get(name, []))

@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _common  # noqa: E402
+import _common
 
 
 def time_replace_with_bnb_linear(n_blocks: int = 2500, dim: int = 64, repeats: int = 3) -> dict:
@@ -74,6 +74,7 @@ def time_per_layer_construction(n: int = 10_000, dim: int = 64, repeats: int = 3
     def loop(factory):
         def run():
             return [factory() for _ in range(n)]  # keep them alive: no dealloc inside the timed region
+
         return _common.best_of(run, repeats=repeats)
 
     variants = {
@@ -128,7 +129,10 @@ def main(argv: list[str] | None = None) -> int:
         f"runs {[round(t, 4) for t in rep['replace_times_s']]} s)",
         flush=True,
     )
-    print(f"  (building the meta model itself: best {_common.format_seconds(rep['build_meta_model_best_s'])}, untimed in the above)")
+    print(
+        "  (building the meta model itself: best "
+        f"{_common.format_seconds(rep['build_meta_model_best_s'])}, untimed in the above)"
+    )
 
     per = time_per_layer_construction(args.per_layer_n, args.dim, args.repeats)
     print(f"per-layer construction on meta (best of {args.repeats} x {per['n']:,}):")

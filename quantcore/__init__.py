@@ -51,7 +51,7 @@ _EXPORTS = {
     "empty_weights": ".loading",
 }
 
-__all__ = sorted(_EXPORTS) + ["__version__"]
+__all__ = [*sorted(_EXPORTS), "__version__"]
 
 if TYPE_CHECKING:
     from .auto import AutoQuantizationConfig, AutoQuantizer, dequantize, quantize

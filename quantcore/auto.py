@@ -27,9 +27,7 @@ class AutoQuantizationConfig:
         return get_backend(quant_method, require_usable=False).config_class
 
     @classmethod
-    def from_dict(
-        cls, config_dict: Mapping[str, Any], return_unused_kwargs: bool = False, **kwargs: Any
-    ) -> Any:
+    def from_dict(cls, config_dict: Mapping[str, Any], return_unused_kwargs: bool = False, **kwargs: Any) -> Any:
         """``{"quant_method": "bitsandbytes", ...}`` -> ``BitsAndBytesConfig(...)``.
 
         An unknown or missing method raises :class:`ConfigError` listing the installed methods.
@@ -39,9 +37,7 @@ class AutoQuantizationConfig:
         if not isinstance(config_dict, Mapping):
             raise ConfigError([("", f"expected a JSON object (dict), got {type(config_dict).__name__}")])
         method = config_dict.get("quant_method", kwargs.get("quant_method"))
-        return cls.config_class(method).from_dict(
-            config_dict, return_unused_kwargs=return_unused_kwargs, **kwargs
-        )
+        return cls.config_class(method).from_dict(config_dict, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     @classmethod
     def from_json_file(cls, path: Any) -> QuantizationConfigMixin:
@@ -105,8 +101,9 @@ def dequantize(model: nn.Module) -> QuantizationReport:
     from .registry import available_backends
 
     start = time.perf_counter()
-    quantizers = [info.backend.quantizer_class() for info in available_backends()
-                  if info.usable and info.backend is not None]
+    quantizers = [
+        info.backend.quantizer_class() for info in available_backends() if info.usable and info.backend is not None
+    ]
     found: list[tuple[str, nn.Module, str, nn.Module, type[Quantizer]]] = []
 
     def visit(module: nn.Module, name: str) -> None:
@@ -134,8 +131,18 @@ def dequantize(model: nn.Module) -> QuantizationReport:
     for parent, child, sub, new, owner, full in built:
         before, after = module_nbytes(sub), module_nbytes(new)
         parent._modules[child] = new
-        records.append(ModuleRecord(full, type(sub).__name__, "dequantized", owner.__name__, None,
-                                    sum(p.numel() for p in new.parameters()), before, after))
+        records.append(
+            ModuleRecord(
+                full,
+                type(sub).__name__,
+                "dequantized",
+                owner.__name__,
+                None,
+                sum(p.numel() for p in new.parameters()),
+                before,
+                after,
+            )
+        )
     params = sum(p.numel() for p in model.parameters())
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     before_total = total - sum(r.bytes_after - r.bytes_before for r in records)

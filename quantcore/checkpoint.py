@@ -50,9 +50,7 @@ _REPLACED = (WEIGHTS_NAME, INDEX_NAME, STATE_NAME, CONFIG_NAME, "generation_conf
 
 
 # ====================================================================== saving
-def save_quantized(
-    model: nn.Module, path: str | os.PathLike[str], *, max_shard_size: int | str = "5GB"
-) -> Path:
+def save_quantized(model: nn.Module, path: str | os.PathLike[str], *, max_shard_size: int | str = "5GB") -> Path:
     """Save a model quantized by quantcore to the folder ``path``; returns the folder.
 
     Writes safetensors (sharded past ``max_shard_size``: bytes, or ``"5GB"``, ``"500MiB"``),
@@ -108,9 +106,7 @@ def _collect_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[st
     storages: set[tuple] = set()
     for key, value in model.state_dict().items():
         if not isinstance(value, torch.Tensor):
-            problems.append(
-                f"{key!r} is a {type(value).__name__}, not a tensor (safetensors stores tensors only)"
-            )
+            problems.append(f"{key!r} is a {type(value).__name__}, not a tensor (safetensors stores tensors only)")
             continue
         if value.is_meta:
             problems.append(f"{key!r} is on the meta device (the model holds no weights)")
@@ -149,11 +145,7 @@ def _transformers_config(model: nn.Module, state: QuantizationState) -> dict[str
         quant = main.to_dict()
         field = type(main).skip_modules_field
         if field is not None:
-            floats = [
-                name
-                for name, m in model.named_modules()
-                if type(m) is nn.Linear and name not in state.modules
-            ]
+            floats = [name for name, m in model.named_modules() if type(m) is nn.Linear and name not in state.modules]
             quant[field] = sorted(set(quant.get(field) or []) | set(floats))
         config["quantization_config"] = quant
     else:
@@ -169,11 +161,7 @@ def _carry_over(old: Path, new: Path) -> None:
     """Copy what else the old folder held (a tokenizer, a README) into the new one; weights excepted."""
     for entry in old.iterdir():
         name = entry.name
-        if (
-            (new / name).exists()
-            or name in _REPLACED
-            or name.endswith((".safetensors", ".bin", ".index.json"))
-        ):
+        if (new / name).exists() or name in _REPLACED or name.endswith((".safetensors", ".bin", ".index.json")):
             continue
         if entry.is_dir():
             shutil.copytree(entry, new / name, symlinks=True)
@@ -229,9 +217,7 @@ def read_quantization_state(
     if not quant:
         return None
     if model is None or files is None:
-        raise CheckpointError(
-            f"{config_file}: inferring which modules are quantized needs the model and files"
-        )
+        raise CheckpointError(f"{config_file}: inferring which modules are quantized needs the model and files")
     from .auto import AutoQuantizationConfig, AutoQuantizer
 
     try:
@@ -253,8 +239,7 @@ def _infer_quantized(model: nn.Module, files: CheckpointFiles, quantizer: Quanti
     for name, entries in found.items():
         plain = {k: t for k, t in candidates[name].named_parameters() if t is not None}
         is_float = set(entries) == set(plain) and all(
-            entries[k].shape == tuple(t.shape) and entries[k].dtype.is_floating_point
-            for k, t in plain.items()
+            entries[k].shape == tuple(t.shape) and entries[k].dtype.is_floating_point for k, t in plain.items()
         )
         if not is_float:
             modules[name] = "config"
@@ -392,13 +377,10 @@ class Loader:
                 continue
             if module is None:
                 problems.append(
-                    f"module {name!r} is quantized in the checkpoint but is not in the "
-                    f"{type(model).__name__} given"
+                    f"module {name!r} is quantized in the checkpoint but is not in the {type(model).__name__} given"
                 )
                 continue
-            quantizer = cache.get(id(config)) or cache.setdefault(
-                id(config), AutoQuantizer.from_config(config)
-            )
+            quantizer = cache.get(id(config)) or cache.setdefault(id(config), AutoQuantizer.from_config(config))
             if not quantizer.can_replace(module):
                 problems.append(
                     f"module {name!r} is a {type(module).__name__}, which {quantizer.describe()} "
@@ -434,8 +416,7 @@ class Loader:
                 not entry.dtype.is_floating_point and entry.dtype != slot.like.dtype
             ):
                 problems.append(
-                    f"tensor {slot.key!r} in {entry.file.name} is {entry.dtype}, "
-                    f"the model expects {slot.like.dtype}"
+                    f"tensor {slot.key!r} in {entry.file.name} is {entry.dtype}, the model expects {slot.like.dtype}"
                 )
             self._route(slot.key, slot, None)
         for key in entries:
@@ -451,14 +432,11 @@ class Loader:
         for key, entry in entries.items():
             if key not in self.routes and not any(p.search(key) for p in ignore):
                 problems.append(
-                    f"unexpected tensor {key!r} in {entry.file.name} (no such parameter or buffer "
-                    "in the model)"
+                    f"unexpected tensor {key!r} in {entry.file.name} (no such parameter or buffer in the model)"
                 )
         if problems:
             raise CheckpointError(
-                _listing(
-                    f"checkpoint {self.files.folder} does not fit the {type(self.model).__name__}", problems
-                )
+                _listing(f"checkpoint {self.files.folder} does not fit the {type(self.model).__name__}", problems)
             )
 
     def _check_target(self, target: Target, names_of: dict[int, list[str]]) -> list[str]:
@@ -514,9 +492,7 @@ class Loader:
         def visit(module: nn.Module, prefix: str) -> None:
             tensors = [(k, p, True) for k, p in module._parameters.items()]
             tensors += [
-                (k, b, False)
-                for k, b in module._buffers.items()
-                if k not in module._non_persistent_buffers_set
+                (k, b, False) for k, b in module._buffers.items() if k not in module._non_persistent_buffers_set
             ]
             for attr, t, is_param in tensors:
                 if t is None:
@@ -581,9 +557,7 @@ class Loader:
 
         return apply
 
-    def _build(
-        self, target: Target, tensors: dict[str, torch.Tensor], entry: TensorEntry
-    ) -> Callable[[], None]:
+    def _build(self, target: Target, tensors: dict[str, torch.Tensor], entry: TensorEntry) -> Callable[[], None]:
         where = f"{entry.file.name}" if len(self.files.shards) == 1 else "the checkpoint's shards"
         if target.prequantized:
             try:
@@ -634,11 +608,7 @@ class Loader:
 
 def _own_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
     out = [(k, p) for k, p in module._parameters.items() if p is not None]
-    out += [
-        (k, b)
-        for k, b in module._buffers.items()
-        if b is not None and k not in module._non_persistent_buffers_set
-    ]
+    out += [(k, b) for k, b in module._buffers.items() if b is not None and k not in module._non_persistent_buffers_set]
     return out
 
 
@@ -660,8 +630,7 @@ def _with_tensors(module: nn.Module, tensors: Mapping[str, torch.Tensor]) -> nn.
     """A copy of ``module`` holding ``tensors`` (its own parameters and buffers, by local name)."""
     clone = _shallow(module)
     clone._parameters = {
-        k: nn.Parameter(tensors[k], requires_grad=False) if k in tensors else p
-        for k, p in module._parameters.items()
+        k: nn.Parameter(tensors[k], requires_grad=False) if k in tensors else p for k, p in module._parameters.items()
     }
     clone._buffers = {k: tensors.get(k, b) for k, b in module._buffers.items()}
     return clone

@@ -26,12 +26,23 @@ __all__ = ["PRESETS", "main", "resolve_method"]
 #: ``--method`` shorthands: name -> (config dict, what it is).
 PRESETS: dict[str, tuple[dict[str, Any], str]] = {
     "int8": ({"quant_method": "bitsandbytes", "load_in_8bit": True}, "bitsandbytes LLM.int8()"),
-    "nf4": ({"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"},
-            "bitsandbytes 4-bit NormalFloat"),
-    "nf4-dq": ({"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
-                "bnb_4bit_use_double_quant": True}, "bitsandbytes NF4 with double-quantized scales"),
-    "fp4": ({"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "fp4"},
-            "bitsandbytes 4-bit float"),
+    "nf4": (
+        {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"},
+        "bitsandbytes 4-bit NormalFloat",
+    ),
+    "nf4-dq": (
+        {
+            "quant_method": "bitsandbytes",
+            "load_in_4bit": True,
+            "bnb_4bit_quant_type": "nf4",
+            "bnb_4bit_use_double_quant": True,
+        },
+        "bitsandbytes NF4 with double-quantized scales",
+    ),
+    "fp4": (
+        {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "fp4"},
+        "bitsandbytes 4-bit float",
+    ),
     "int8-torch": ({"quant_method": "torch_wo", "bits": 8}, "pure-PyTorch weight-only int8, per channel"),
     "int4-torch": ({"quant_method": "torch_wo", "bits": 4}, "pure-PyTorch weight-only int4, groups of 128"),
 }
@@ -58,7 +69,8 @@ def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     numeric = [all(_is_number(r[i]) for r in cells[1:]) and len(cells) > 1 for i in range(len(header))]
 
     def line(r: list[str]) -> str:
-        return "  ".join(c.rjust(w) if num else c.ljust(w) for c, w, num in zip(r, widths, numeric)).rstrip()
+        cells = zip(r, widths, numeric, strict=False)
+        return "  ".join(c.rjust(w) if num else c.ljust(w) for c, w, num in cells).rstrip()
 
     return "\n".join([line(cells[0]), "  ".join("-" * w for w in widths), *map(line, cells[1:])])
 
@@ -101,8 +113,9 @@ def _model_dir(path: str) -> Path:
     folder = Path(path)
     if not (folder / "config.json").is_file():
         what = "does not exist" if not folder.exists() else "has no config.json"
-        raise UsageError(f"{path} {what}; MODEL must be a local transformers checkpoint folder "
-                         "(config.json + *.safetensors)")
+        raise UsageError(
+            f"{path} {what}; MODEL must be a local transformers checkpoint folder (config.json + *.safetensors)"
+        )
     return folder
 
 
@@ -111,8 +124,7 @@ def _config(args: argparse.Namespace) -> Any:
     from .auto import AutoQuantizationConfig
 
     if bool(args.config) == bool(args.method):
-        raise UsageError("give exactly one of --config FILE or --method NAME "
-                         f"(methods: {', '.join(PRESETS)})")
+        raise UsageError(f"give exactly one of --config FILE or --method NAME (methods: {', '.join(PRESETS)})")
     if args.method:
         return resolve_method(args.method)
     if not Path(args.config).is_file():
@@ -151,10 +163,21 @@ def cmd_backends(args: argparse.Namespace) -> int:
 
     infos = available_backends()
     data = [{**i.to_dict(), "description": i.backend.description if i.backend else ""} for i in infos]
-    rows = [(d["quant_method"], d["plugin"], d["version"] or "-", "yes" if d["usable"] else f"no: {d['reason']}",
-             d["description"]) for d in data]
-    text = table(("method", "plugin", "version", "usable", "description"), rows) if rows else (
-        "no backends installed: pip install 'quantcore[bnb]' or 'quantcore[torch-backend]'")
+    rows = [
+        (
+            d["quant_method"],
+            d["plugin"],
+            d["version"] or "-",
+            "yes" if d["usable"] else f"no: {d['reason']}",
+            d["description"],
+        )
+        for d in data
+    ]
+    text = (
+        table(("method", "plugin", "version", "usable", "description"), rows)
+        if rows
+        else ("no backends installed: pip install 'quantcore[bnb]' or 'quantcore[torch-backend]'")
+    )
     _emit(args, data, text)
     return 0
 
@@ -205,8 +228,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     _transformers()
     start = time.perf_counter()
     log(f"loading {model_dir} and quantizing it as it streams in")
-    model = quantcore.from_pretrained(model_dir, quantization_config=config, dtype=args.dtype,
-                                      skip_modules=args.skip or None, progress=False if args.json or args.quiet else None)
+    model = quantcore.from_pretrained(
+        model_dir,
+        quantization_config=config,
+        dtype=args.dtype,
+        skip_modules=args.skip or None,
+        progress=False if args.json or args.quiet else None,
+    )
     loaded = time.perf_counter() - start
     log(f"saving to {out}")
     quantcore.save_quantized(model, out)
@@ -216,13 +244,22 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     files_before, files_after = _weights_bytes(model_dir), _weights_bytes(out)
     peak = _peak_rss()
     data = {
-        "model": str(model_dir), "out": str(out), "config": config.to_dict(), "copied": copied,
-        "params": report.model_params, "counts": report.counts(),
-        "bytes_before": report.bytes_before, "bytes_after": report.bytes_after,
-        "files_bytes_before": files_before, "files_bytes_after": files_after,
+        "model": str(model_dir),
+        "out": str(out),
+        "config": config.to_dict(),
+        "copied": copied,
+        "params": report.model_params,
+        "counts": report.counts(),
+        "bytes_before": report.bytes_before,
+        "bytes_after": report.bytes_after,
+        "files_bytes_before": files_before,
+        "files_bytes_after": files_after,
         "bits_per_param_before": 8.0 * report.bytes_before / report.model_params,
-        "bits_per_param": report.bits_per_param, "quantized_bits_per_param": report.quantized_bits_per_param,
-        "seconds_load_and_quantize": loaded, "seconds": seconds, "peak_rss_bytes": peak,
+        "bits_per_param": report.bits_per_param,
+        "quantized_bits_per_param": report.quantized_bits_per_param,
+        "seconds_load_and_quantize": loaded,
+        "seconds": seconds,
+        "peak_rss_bytes": peak,
         "report": report.to_dict(),
     }
     counts = ", ".join(f"{n} {action}" for action, n in sorted(report.counts().items()))
@@ -231,12 +268,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         ("safetensors files", _bytes(files_before), _bytes(files_after)),
         ("bits per parameter", f"{data['bits_per_param_before']:.2f}", f"{report.bits_per_param:.2f}"),
     ]
-    text = "\n".join([
-        f"saved {out}: {report.model_params / 1e6:.1f}M parameters, {counts} "
-        f"({report.quantized_bits_per_param:.2f} bits per parameter in quantized modules)",
-        table(("", "before", "after"), rows),
-        f"time: {loaded:.1f} s to load and quantize, {seconds:.1f} s in all; peak memory (RSS) {_bytes(peak)}",
-    ])
+    text = "\n".join(
+        [
+            f"saved {out}: {report.model_params / 1e6:.1f}M parameters, {counts} "
+            f"({report.quantized_bits_per_param:.2f} bits per parameter in quantized modules)",
+            table(("", "before", "after"), rows),
+            f"time: {loaded:.1f} s to load and quantize, {seconds:.1f} s in all; peak memory (RSS) {_bytes(peak)}",
+        ]
+    )
     _emit(args, data, text)
     return 0
 
@@ -275,11 +314,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         model = _meta_model(folder, "auto")  # a transformers-saved checkpoint: infer the quantized modules
     found = read_quantization_state(folder, files, model)
     if found is None:
-        raise UsageError(f"{folder} is not a quantized checkpoint (no {STATE_NAME} and no quantization_config "
-                         "in config.json)")
+        raise UsageError(
+            f"{folder} is not a quantized checkpoint (no {STATE_NAME} and no quantization_config in config.json)"
+        )
     state, tied = found
-    modules: dict[str, dict[str, Any]] = {name: {"name": name, "source": source, "tensors": 0, "bytes": 0}
-                                          for name, source in state.modules.items()}
+    modules: dict[str, dict[str, Any]] = {
+        name: {"name": name, "source": source, "tensors": 0, "bytes": 0} for name, source in state.modules.items()
+    }
     float_bytes = float_params = 0
     for key, entry in files.entries.items():
         owner = _owner(key, modules)
@@ -293,15 +334,22 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         config = state.config_for(record["name"])
         record["method"] = _describe(config)
     total = sum(e.nbytes for e in files.entries.values())
-    configs = {"config": state.config.to_dict() if state.config else None,
-               **{p: (c.to_dict() if c else None) for p, c in state.overrides.items()}}
+    configs = {
+        "config": state.config.to_dict() if state.config else None,
+        **{p: (c.to_dict() if c else None) for p, c in state.overrides.items()},
+    }
     data = {
-        "dir": str(folder), "quant_methods": sorted({c["quant_method"] for c in configs.values() if c}),
-        "configs": configs, "skip_modules": state.skip_modules, "tied_weights": tied,
+        "dir": str(folder),
+        "quant_methods": sorted({c["quant_method"] for c in configs.values() if c}),
+        "configs": configs,
+        "skip_modules": state.skip_modules,
+        "tied_weights": tied,
         "files": {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()},
-        "tensors": len(files.entries), "tensor_bytes": total,
+        "tensors": len(files.entries),
+        "tensor_bytes": total,
         "quantized_bytes": sum(m["bytes"] for m in modules.values()),
-        "float_bytes": float_bytes, "float_params": float_params,
+        "float_bytes": float_bytes,
+        "float_params": float_params,
         "modules": list(modules.values()),
     }
     rows = [(m["name"], m["method"], m["source"], m["tensors"], _bytes(m["bytes"])) for m in modules.values()]
@@ -360,8 +408,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     rows = evaluation.compare(configs)
     if args.quantized:
         rows.append(_score_checkpoint(evaluation, Path(args.quantized)))
-    _emit(args, {"model": str(model_dir), "kind": evaluation.kind, "rows": [r.to_dict() for r in rows]},
-          quality_table(rows, evaluation.kind))
+    _emit(
+        args,
+        {"model": str(model_dir), "kind": evaluation.kind, "rows": [r.to_dict() for r in rows]},
+        quality_table(rows, evaluation.kind),
+    )
     return 0
 
 
@@ -381,7 +432,9 @@ def _score_checkpoint(evaluation: Any, folder: Path) -> Any:
     import quantcore
 
     if not (folder / "config.json").is_file():
-        raise UsageError(f"--quantized {folder} is not a checkpoint folder; give the --out folder of 'quantcore quantize'")
+        raise UsageError(
+            f"--quantized {folder} is not a checkpoint folder; give the --out folder of 'quantcore quantize'"
+        )
     start = time.perf_counter()
     model = quantcore.from_pretrained(folder, dtype=evaluation.dtype, progress=False)
     seconds = time.perf_counter() - start
@@ -391,25 +444,54 @@ def _score_checkpoint(evaluation: Any, folder: Path) -> Any:
     from .shards import CheckpointFiles
 
     nbytes = sum(e.nbytes for e in CheckpointFiles.open(folder).entries.values())
-    return evaluation.score(f"{folder.name} (saved)", model, ", ".join(methods) or "checkpoint",
-                            nbytes=nbytes, seconds=seconds)
+    return evaluation.score(
+        f"{folder.name} (saved)", model, ", ".join(methods) or "checkpoint", nbytes=nbytes, seconds=seconds
+    )
 
 
 def quality_table(rows: Sequence[Any], kind: str) -> str:
     """The comparison as text: size, bits per parameter, time and the kind's metrics."""
     if kind == "causal-lm":
         header = ("model", "method", "size", "bits/param", "linear bits", "time", "perplexity", "change")
-        metrics = [(f"{r.metrics['perplexity']:.3f}", "-" if r.label == "float" else
-                    f"{100 * r.metrics['perplexity_change']:+.2f}%") for r in rows]
+        metrics = [
+            (
+                f"{r.metrics['perplexity']:.3f}",
+                "-" if r.label == "float" else f"{100 * r.metrics['perplexity_change']:+.2f}%",
+            )
+            for r in rows
+        ]
     else:
-        header = ("model", "method", "size", "bits/param", "linear bits", "time", "cos mean", "cos min",
-                  "neighbours kept")
-        metrics = [(f"{r.metrics['cosine_mean']:.4f}", f"{r.metrics['cosine_min']:.4f}",
-                    f"{100 * r.metrics['neighbours_kept']:.0f}%" if "neighbours_kept" in r.metrics else "-")
-                   for r in rows]
-    body = [(r.label, r.method, _bytes(r.bytes), f"{r.bits_per_param:.2f}",
-             "-" if r.quantized_bits_per_param is None else f"{r.quantized_bits_per_param:.2f}",
-             "-" if r.seconds is None else f"{r.seconds:.2f} s", *m) for r, m in zip(rows, metrics)]
+        header = (
+            "model",
+            "method",
+            "size",
+            "bits/param",
+            "linear bits",
+            "time",
+            "cos mean",
+            "cos min",
+            "neighbours kept",
+        )
+        metrics = [
+            (
+                f"{r.metrics['cosine_mean']:.4f}",
+                f"{r.metrics['cosine_min']:.4f}",
+                f"{100 * r.metrics['neighbours_kept']:.0f}%" if "neighbours_kept" in r.metrics else "-",
+            )
+            for r in rows
+        ]
+    body = [
+        (
+            r.label,
+            r.method,
+            _bytes(r.bytes),
+            f"{r.bits_per_param:.2f}",
+            "-" if r.quantized_bits_per_param is None else f"{r.quantized_bits_per_param:.2f}",
+            "-" if r.seconds is None else f"{r.seconds:.2f} s",
+            *m,
+        )
+        for r, m in zip(rows, metrics, strict=False)
+    ]
     return table(header, body)
 
 
@@ -421,12 +503,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     result = demo.run(methods=args.method or None, log=_log(args))
     seconds = time.perf_counter() - start
     data = {**result, "rows": [r.to_dict() for r in result["rows"]], "seconds": seconds}
-    text = "\n".join([
-        f"{result['model_name']} ({result['params'] / 1e6:.1f}M parameters), "
-        f"{len(result['sentences'])} sentences, mean-pooled embeddings vs float:",
-        quality_table(result["rows"], "encoder"),
-        f"done in {seconds:.1f} s",
-    ])
+    text = "\n".join(
+        [
+            f"{result['model_name']} ({result['params'] / 1e6:.1f}M parameters), "
+            f"{len(result['sentences'])} sentences, mean-pooled embeddings vs float:",
+            quality_table(result["rows"], "encoder"),
+            f"done in {seconds:.1f} s",
+        ]
+    )
     _emit(args, data, text)
     return 0
 
@@ -444,12 +528,17 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
-                        help="print machine-readable JSON on stdout")
-    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                        help="show the traceback of an error")
-    parser = _Parser(prog="quantcore", parents=[common],
-                     description="Quantize PyTorch / transformers models with any installed backend.")
+    common.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="print machine-readable JSON on stdout"
+    )
+    common.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error"
+    )
+    parser = _Parser(
+        prog="quantcore",
+        parents=[common],
+        description="Quantize PyTorch / transformers models with any installed backend.",
+    )
     parser.add_argument("--version", action="version", version=f"quantcore {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
@@ -460,14 +549,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     def config_args(p: argparse.ArgumentParser, many: bool = False) -> None:
         action = "append" if many else "store"
-        p.add_argument("--config", action=action, metavar="FILE",
-                       help="quantization config JSON (or a transformers config.json with a quantization_config)")
-        p.add_argument("--method", action=action, metavar="NAME", choices=list(PRESETS),
-                       help="a preset instead of --config: " + ", ".join(f"{k} ({v[1]})" for k, v in PRESETS.items()))
+        p.add_argument(
+            "--config",
+            action=action,
+            metavar="FILE",
+            help="quantization config JSON (or a transformers config.json with a quantization_config)",
+        )
+        p.add_argument(
+            "--method",
+            action=action,
+            metavar="NAME",
+            choices=list(PRESETS),
+            help="a preset instead of --config: " + ", ".join(f"{k} ({v[1]})" for k, v in PRESETS.items()),
+        )
 
     def dtype_arg(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--dtype", default="auto",
-                       help="float dtype of the unquantized weights: auto (the checkpoint's), float32, bfloat16, float16")
+        p.add_argument(
+            "--dtype",
+            default="auto",
+            help="float dtype of the unquantized weights: auto (the checkpoint's), float32, bfloat16, float16",
+        )
 
     command("backends", cmd_backends, "list the quantization backends and whether they can run here")
 
@@ -498,8 +599,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL", help="local transformers checkpoint folder (the float model)")
     config_args(p, many=True)
     p.add_argument("--quantized", metavar="DIR", help="a checkpoint saved by 'quantcore quantize'")
-    p.add_argument("--text", metavar="FILE",
-                   help="text to score (causal LMs; default: Shakespeare) or sentences, one a line (encoders)")
+    p.add_argument(
+        "--text",
+        metavar="FILE",
+        help="text to score (causal LMs; default: Shakespeare) or sentences, one a line (encoders)",
+    )
     p.add_argument("--max-tokens", type=int, default=1024, help="tokens of the text to score (default 1024)")
     dtype_arg(p)
     p.add_argument("--quiet", action="store_true", help="no progress output")
@@ -507,8 +611,13 @@ def build_parser() -> argparse.ArgumentParser:
     from .demo import DEFAULT_METHODS
 
     p = command("demo", cmd_demo, "quantize the bundled all-MiniLM-L6-v2 encoder several ways and compare")
-    p.add_argument("--method", action="append", metavar="NAME", choices=list(PRESETS),
-                   help=f"methods to compare (default: {', '.join(DEFAULT_METHODS)})")
+    p.add_argument(
+        "--method",
+        action="append",
+        metavar="NAME",
+        choices=list(PRESETS),
+        help=f"methods to compare (default: {', '.join(DEFAULT_METHODS)})",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress output")
     return parser
 
@@ -569,8 +678,10 @@ def _handle(args: argparse.Namespace | None, exc: Exception) -> int:
     if isinstance(exc, BackendUnavailableError | QuantcoreError):
         return _fail(args, str(exc), 1)
     if isinstance(exc, ImportError) and exc.name:
-        hint = {"transformers": "pip install 'quantcore[transformers]'",
-                "bitsandbytes": "pip install 'quantcore[bnb]'"}.get(exc.name.split(".")[0], f"pip install {exc.name}")
+        hint = {
+            "transformers": "pip install 'quantcore[transformers]'",
+            "bitsandbytes": "pip install 'quantcore[bnb]'",
+        }.get(exc.name.split(".")[0], f"pip install {exc.name}")
         return _fail(args, f"{exc.name} is not installed: {hint}", 1)
     if isinstance(exc, OSError | ValueError):
         return _fail(args, f"{exc} (run with --debug for the traceback)", 1)

@@ -106,7 +106,7 @@ def _structure_tuple(value: Any, tp: Any) -> tuple:
         return tuple(converter.structure(v, args[0]) for v in value)
     if args and len(args) != len(value):
         raise TypeError(f"expected {len(args)} items, got {len(value)}")
-    return tuple(converter.structure(v, a) for v, a in zip(value, args or [Any] * len(value)))
+    return tuple(converter.structure(v, a) for v, a in zip(value, args or [Any] * len(value), strict=False))
 
 
 def _structure_dict(value: Any, tp: Any) -> dict:
@@ -179,12 +179,8 @@ converter.register_structure_hook_func(lambda t: typing.get_origin(t) is Literal
 converter.register_structure_hook_func(_is_list, _structure_list)
 converter.register_structure_hook_func(_is_tuple, _structure_tuple)
 converter.register_structure_hook_func(_is_dict, _structure_dict)
-converter.register_structure_hook_func(
-    lambda t: isinstance(t, type) and issubclass(t, enum.Enum), _structure_enum
-)
-converter.register_unstructure_hook_func(
-    lambda t: isinstance(t, type) and issubclass(t, enum.Enum), lambda e: e.value
-)
+converter.register_structure_hook_func(lambda t: isinstance(t, type) and issubclass(t, enum.Enum), _structure_enum)
+converter.register_unstructure_hook_func(lambda t: isinstance(t, type) and issubclass(t, enum.Enum), lambda e: e.value)
 converter.register_unstructure_hook(tuple, lambda t: [converter.unstructure(v) for v in t])
 
 

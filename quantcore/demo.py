@@ -53,11 +53,11 @@ def run(methods: Sequence[str] | None = None, log: Callable[[str], None] | None 
         if config.quant_method in usable or methods:  # asked for by name: let the error say why
             configs[name] = config
         else:
-            log(f"leaving out {name}: backend {config.quant_method!r} is not usable here "
-                "(see 'quantcore backends')")
+            log(f"leaving out {name}: backend {config.quant_method!r} is not usable here (see 'quantcore backends')")
     if not configs:
-        raise BackendUnavailableError("no quantization backend can run here: pip install 'quantcore[bnb]' "
-                                      "or 'quantcore[torch-backend]'")
+        raise BackendUnavailableError(
+            "no quantization backend can run here: pip install 'quantcore[bnb]' or 'quantcore[torch-backend]'"
+        )
     evaluation = Evaluation(model_dir(), dtype="float32", sentences=SENTENCES, log=log)
     return {
         "model_name": MODEL_NAME,

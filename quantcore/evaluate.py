@@ -72,9 +72,7 @@ def _transformers() -> Any:
     except ImportError:
         from .errors import BackendUnavailableError
 
-        raise BackendUnavailableError(
-            "transformers is not installed: pip install 'quantcore[transformers]'"
-        ) from None
+        raise BackendUnavailableError("transformers is not installed: pip install 'quantcore[transformers]'") from None
     return transformers
 
 
@@ -148,8 +146,9 @@ def default_text(max_chars: int = 12_000) -> str:
 
 
 @torch.inference_mode()
-def perplexity(model: nn.Module, tokenizer: Any, text: str, max_tokens: int = 1024,
-               window: int | None = None) -> dict[str, float]:
+def perplexity(
+    model: nn.Module, tokenizer: Any, text: str, max_tokens: int = 1024, window: int | None = None
+) -> dict[str, float]:
     """Perplexity of a causal LM on the first ``max_tokens`` tokens of ``text``.
 
     The tokens are scored in non-overlapping windows of ``window`` tokens (default: one window).
@@ -160,7 +159,7 @@ def perplexity(model: nn.Module, tokenizer: Any, text: str, max_tokens: int = 10
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for start in range(0, len(ids), window):
-        chunk = ids[start:start + window].unsqueeze(0).to(device)
+        chunk = ids[start : start + window].unsqueeze(0).to(device)
         if chunk.shape[1] < 2:
             break
         logits = model(chunk).logits.float()
@@ -178,8 +177,9 @@ def embed(model: nn.Module, tokenizer: Any, sentences: Sequence[str], batch_size
     device = next(model.parameters()).device
     rows = []
     for start in range(0, len(sentences), batch_size):
-        batch = tokenizer(list(sentences[start:start + batch_size]), padding=True, truncation=True,
-                          return_tensors="pt").to(device)
+        batch = tokenizer(
+            list(sentences[start : start + batch_size]), padding=True, truncation=True, return_tensors="pt"
+        ).to(device)
         hidden = model(**batch).last_hidden_state.float()
         mask = batch["attention_mask"].unsqueeze(-1).float()
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
@@ -196,6 +196,7 @@ def embedding_similarity(reference: torch.Tensor, other: torch.Tensor) -> dict[s
     cosine = (reference * other).sum(-1)
     result = {"cosine_mean": cosine.mean().item(), "cosine_min": cosine.min().item()}
     if len(reference) > 1:
+
         def nearest(e: torch.Tensor) -> torch.Tensor:
             sims = e @ e.T
             sims.fill_diagonal_(-2.0)
@@ -263,9 +264,15 @@ class Evaluation:
         self.log("scoring the float model")
         start = time.perf_counter()
         self._reference = self._outputs(self.model)
-        self.float_row = QualityRow("float", str(self.dtype).removeprefix("torch."),
-                                    self.nbytes, 8.0 * self.nbytes / self.params, None, None,
-                                    self._metrics(self._reference))
+        self.float_row = QualityRow(
+            "float",
+            str(self.dtype).removeprefix("torch."),
+            self.nbytes,
+            8.0 * self.nbytes / self.params,
+            None,
+            None,
+            self._metrics(self._reference),
+        )
         self.seconds_per_score = time.perf_counter() - start
 
     def _outputs(self, model: nn.Module) -> Any:
@@ -290,19 +297,28 @@ class Evaluation:
         report = quantcore.quantize(model, config, progress=False, **quantize_kwargs)
         method = report.quantized[0].method if report.quantized else "nothing quantized"
         self.log(f"scoring {label}")
-        row = QualityRow(label, method or "-", report.bytes_after, report.bits_per_param,
-                         report.quantized_bits_per_param, report.seconds, self._metrics(self._outputs(model)))
+        row = QualityRow(
+            label,
+            method or "-",
+            report.bytes_after,
+            report.bits_per_param,
+            report.quantized_bits_per_param,
+            report.seconds,
+            self._metrics(self._outputs(model)),
+        )
         del model
         return row
 
-    def score(self, label: str, model: nn.Module, method: str, nbytes: int | None = None,
-              seconds: float | None = None) -> QualityRow:
+    def score(
+        self, label: str, model: nn.Module, method: str, nbytes: int | None = None, seconds: float | None = None
+    ) -> QualityRow:
         """Score an already quantized model (for instance one loaded from a checkpoint)."""
         self.log(f"scoring {label}")
         if nbytes is None:
             nbytes = _model_nbytes(model)[1]
-        return QualityRow(label, method, nbytes, 8.0 * nbytes / self.params, None, seconds,
-                          self._metrics(self._outputs(model)))
+        return QualityRow(
+            label, method, nbytes, 8.0 * nbytes / self.params, None, seconds, self._metrics(self._outputs(model))
+        )
 
     def compare(self, configs: Mapping[str, Any]) -> list[QualityRow]:
         """The float row, then one row per ``{label: config}``."""

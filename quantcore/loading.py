@@ -120,9 +120,7 @@ def from_pretrained(
                 stacklevel=2,
             )
         state, tied = found
-        loader = Loader.prequantized(
-            model, state, files, tied, device, cast_dtype=dtype, ignore_unexpected=ignore
-        )
+        loader = Loader.prequantized(model, state, files, tied, device, cast_dtype=dtype, ignore_unexpected=ignore)
         loader.check()
         loader.run(immediate=True, progress=progress)
         report = loader.report(time.perf_counter() - start)
@@ -173,12 +171,7 @@ def _quantizing_loader(
     targets: dict[str, Target] = {}
     for d in walk.decide():
         rule = d.rule
-        if (
-            rule is None
-            or rule.quantizer is None
-            or not rule.quantizer.can_replace(d.module)
-            or d.parent is None
-        ):
+        if rule is None or rule.quantizer is None or not rule.quantizer.can_replace(d.module) or d.parent is None:
             continue
         targets[d.name] = Target(d.name, d.module, d.parent, d.child, rule.quantizer, False, rule.source)
     state = QuantizationState(
@@ -208,9 +201,7 @@ def _dtype(dtype: torch.dtype | str | None, config: Any, files: CheckpointFiles)
     if dtype in (None, "auto"):
         saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
         if saved is not None:
-            return (
-                saved if isinstance(saved, torch.dtype) else getattr(torch, str(saved).removeprefix("torch."))
-            )
+            return saved if isinstance(saved, torch.dtype) else getattr(torch, str(saved).removeprefix("torch."))
         floats = [e.dtype for e in files.entries.values() if e.dtype.is_floating_point]
         return floats[0] if floats else torch.float32
     value = getattr(torch, str(dtype).removeprefix("torch."), None)

@@ -31,7 +31,7 @@ from .config import QuantizationConfigMixin
 from .errors import ConfigError
 from .quantizer import Quantizer, module_nbytes
 from .report import QuantizationReport, format_bytes
-from .walk import ModelIndex, Rule, Walk
+from .walk import ModelIndex, Walk
 
 __all__ = ["MODES", "OFFLOAD_DEVICES", "Placement", "infer_device_map", "offload_policy"]
 
@@ -216,9 +216,7 @@ def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
         return dtype
     found = getattr(torch, str(dtype).removeprefix("torch."), None)
     if not isinstance(found, torch.dtype):
-        raise ConfigError(
-            [("dtype", f"{dtype!r} is not a torch dtype (e.g. 'bfloat16')")], title="invalid dtype"
-        )
+        raise ConfigError([("dtype", f"{dtype!r} is not a torch dtype (e.g. 'bfloat16')")], title="invalid dtype")
     return found
 
 
@@ -237,9 +235,7 @@ def _as_device(value: Any) -> Device:
     try:
         device = torch.device(value)
     except (RuntimeError, TypeError):
-        raise ValueError(
-            f"{value!r} is not a device: use a GPU index (0), 'cuda:N', 'cpu', 'disk' or 'mps'"
-        ) from None
+        raise ValueError(f"{value!r} is not a device: use a GPU index (0), 'cuda:N', 'cpu', 'disk' or 'mps'") from None
     if device.type == "cuda":
         return device.index or 0
     if device.type in ("cpu", "mps"):
@@ -271,9 +267,7 @@ class _Sized(nn.Module):
 
     def __init__(self, nbytes: int):
         super().__init__()
-        self.planned = nn.Parameter(
-            torch.empty(nbytes, dtype=torch.uint8, device="meta"), requires_grad=False
-        )
+        self.planned = nn.Parameter(torch.empty(nbytes, dtype=torch.uint8, device="meta"), requires_grad=False)
 
 
 def _meta_copy(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
@@ -283,9 +277,7 @@ def _meta_copy(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
         target = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
         meta = torch.empty_like(tensor, device="meta", dtype=target)
         memo[id(tensor)] = (
-            nn.Parameter(meta, requires_grad=tensor.requires_grad)
-            if isinstance(tensor, nn.Parameter)
-            else meta
+            nn.Parameter(meta, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else meta
         )
     return copy.deepcopy(model, memo)
 
@@ -355,9 +347,7 @@ def _budgets(
         for key, value in max_memory.items():
             try:
                 device = _as_device(key)
-                given[device] = (
-                    modeling.convert_file_size_to_int(value) if isinstance(value, str) else int(value)
-                )
+                given[device] = modeling.convert_file_size_to_int(value) if isinstance(value, str) else int(value)
             except (ValueError, TypeError) as exc:
                 problems.append((f"max_memory[{key!r}]", str(exc)))
     if problems:
@@ -378,9 +368,7 @@ def _infer(
         if mode == "sequential":
             memory = dict(budgets)
         else:
-            memory = modeling.get_balanced_memory(
-                sized, dict(budgets), no_split, low_zero=mode == "balanced_low_0"
-            )
+            memory = modeling.get_balanced_memory(sized, dict(budgets), no_split, low_zero=mode == "balanced_low_0")
         return dict(modeling.infer_auto_device_map(sized, memory, no_split))
 
 
@@ -434,8 +422,7 @@ def _check_map(skeleton: nn.Module, device_map: Mapping[Any, Any], check_devices
             problems.append(
                 (
                     "device_map",
-                    f"gives no device to {_names(missing)}; map them, or add "
-                    '"" (the whole model) as a default',
+                    f'gives no device to {_names(missing)}; map them, or add "" (the whole model) as a default',
                 )
             )
     if problems:
@@ -458,9 +445,7 @@ def _unplaced(modules: list[str], tensors: list[str], placed: Mapping[str, Devic
             missing[owner] = missing.get(owner, 0) + lost
     whole = [m for m in modules if m and total.get(m) and missing.get(m) == total[m]]
     outer = [m for m in whole if not any(m.startswith(o + ".") for o in whole)]
-    lone = [
-        t for t in tensors if _lookup(placed, t) is None and not any(t.startswith(o + ".") for o in outer)
-    ]
+    lone = [t for t in tensors if _lookup(placed, t) is None and not any(t.startswith(o + ".") for o in outer)]
     return outer + lone
 
 
@@ -490,8 +475,7 @@ def _offloaded(
     return {
         name
         for name, (quantizer, _) in chosen.items()
-        if offload_policy(quantizer) == policy
-        and any(d in OFFLOAD_DEVICES for d in _devices_of(placed, name))
+        if offload_policy(quantizer) == policy and any(d in OFFLOAD_DEVICES for d in _devices_of(placed, name))
     }
 
 
@@ -530,9 +514,7 @@ def _check_policies(
                 )
             )
         else:
-            problems.append(
-                ("device_map", f"{where}, where {quantizer.describe()} cannot run them ({listed}); {more}")
-            )
+            problems.append(("device_map", f"{where}, where {quantizer.describe()} cannot run them ({listed}); {more}"))
     raise ConfigError(problems, title="the quantized model does not fit this device map")
 
 

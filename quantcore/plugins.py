@@ -94,8 +94,10 @@ def _load() -> _State:
             pm.register(plugin, name=ep.name)
         except Exception as exc:
             state.failed[ep.name] = f"{type(exc).__name__}: {exc}"
-            _warn(f"quantcore plugin {ep.name!r} ({dist or ep.value}) failed to load and was left out: "
-                  f"{type(exc).__name__}: {exc}")
+            _warn(
+                f"quantcore plugin {ep.name!r} ({dist or ep.value}) failed to load and was left out: "
+                f"{type(exc).__name__}: {exc}"
+            )
             continue
         state.dists[ep.name] = (dist, version)
     for plugin, name in _runtime_plugins:
@@ -123,8 +125,13 @@ def _collect_backends(state: _State) -> dict[str, list[Claim]]:
         dist, version = state.dists.get(name, (None, None))
         found: list[Claim] = []
 
-        def register(backend: Backend, _found: list[Claim] = found, _name: str = name,
-                     _dist: str | None = dist, _version: str | None = version) -> None:
+        def register(
+            backend: Backend,
+            _found: list[Claim] = found,
+            _name: str = name,
+            _dist: str | None = dist,
+            _version: str | None = version,
+        ) -> None:
             if not isinstance(backend, Backend):
                 raise TypeError(f"register() expects a quantcore.Backend, got {type(backend).__name__}")
             _found.append(Claim(backend, _name, _dist, _version))
@@ -133,16 +140,19 @@ def _collect_backends(state: _State) -> dict[str, list[Claim]]:
             impl.function(register=register)
         except Exception as exc:
             state.failed[name] = f"{type(exc).__name__}: {exc}"
-            _warn(f"quantcore plugin {name!r} raised in register_backends and was left out: "
-                  f"{type(exc).__name__}: {exc}")
+            _warn(
+                f"quantcore plugin {name!r} raised in register_backends and was left out: {type(exc).__name__}: {exc}"
+            )
             continue
         for claim in found:
             claims.setdefault(claim.backend.quant_method, []).append(claim)
     for method, owners in claims.items():
         if len(owners) > 1:
             names = " and ".join(repr(c.plugin) for c in owners)
-            _warn(f"quant_method {method!r} is claimed by plugins {names}; it is unusable until one is "
-                  f"disabled ({DISABLE_ENV}=name or quantcore.disable_plugins('name'))")
+            _warn(
+                f"quant_method {method!r} is claimed by plugins {names}; it is unusable until one is "
+                f"disabled ({DISABLE_ENV}=name or quantcore.disable_plugins('name'))"
+            )
     return claims
 
 
@@ -214,8 +224,7 @@ def list_plugins() -> list[dict[str, Any]]:
     _ = state.claims  # run the register hooks so their failures show too
     rows = []
     for name, (dist, version) in sorted(state.dists.items()):
-        rows.append({"name": name, "distribution": dist, "version": version,
-                     "error": state.failed.get(name)})
+        rows.append({"name": name, "distribution": dist, "version": version, "error": state.failed.get(name)})
     for name, error in sorted(state.failed.items()):
         if name not in state.dists:
             rows.append({"name": name, "distribution": None, "version": None, "error": error})

@@ -114,15 +114,22 @@ def available_backends() -> list[BackendInfo]:
             names = " and ".join(repr(c.plugin) for c in claims)
             for claim in claims:
                 rows.append(
-                    BackendInfo(method, claim.plugin, claim.distribution, claim.version, False,
-                                f"claimed by plugins {names}: disable one (QUANTCORE_DISABLE_PLUGINS)",
-                                claim.backend)
+                    BackendInfo(
+                        method,
+                        claim.plugin,
+                        claim.distribution,
+                        claim.version,
+                        False,
+                        f"claimed by plugins {names}: disable one (QUANTCORE_DISABLE_PLUGINS)",
+                        claim.backend,
+                    )
                 )
             continue
         (claim,) = claims
         reason = _usability(claim.backend)
-        rows.append(BackendInfo(method, claim.plugin, claim.distribution, claim.version, reason is None,
-                                reason, claim.backend))
+        rows.append(
+            BackendInfo(method, claim.plugin, claim.distribution, claim.version, reason is None, reason, claim.backend)
+        )
     return rows
 
 
@@ -137,8 +144,10 @@ def get_backend(quant_method: Any, *, require_usable: bool = True) -> Backend:
         if quant_method is None:
             message = f"missing; installed methods: {installed}"
         elif isinstance(quant_method, str) and quant_method in KNOWN_PROVIDERS:
-            message = (f"{quant_method!r} is provided by the plugin {KNOWN_PROVIDERS[quant_method]}, "
-                       f"which is not installed or is disabled; installed methods: {installed}")
+            message = (
+                f"{quant_method!r} is provided by the plugin {KNOWN_PROVIDERS[quant_method]}, "
+                f"which is not installed or is disabled; installed methods: {installed}"
+            )
         else:
             close = _close(quant_method, state.claims)
             message = f"unknown method {quant_method!r}{close}; installed methods: {installed}"
@@ -171,5 +180,3 @@ def backend_for_module_type(predicate: Callable[[type[Quantizer]], bool]) -> lis
         if info.usable and info.backend is not None:
             out.append(info.backend)
     return [b for b in out if predicate(b.quantizer_class())]
-
-

@@ -123,16 +123,18 @@ class QuantizationReport:
 
     def table(self, max_rows: int | None = 40) -> str:
         """A readable table, one row per module (the middle elided past ``max_rows``)."""
-        rows = [(m.name, m.action, m.method or "-", m.rule, format_bytes(m.bytes_before),
-                 format_bytes(m.bytes_after)) for m in self.modules]
+        rows = [
+            (m.name, m.action, m.method or "-", m.rule, format_bytes(m.bytes_before), format_bytes(m.bytes_after))
+            for m in self.modules
+        ]
         header = ("module", "action", "method", "rule", "before", "after")
         if max_rows is not None and len(rows) > max_rows:
             half = max_rows // 2
             rows = [*rows[:half], (f"... {len(rows) - 2 * half} more ...", "", "", "", "", ""), *rows[-half:]]
         widths = [max(len(str(r[i])) for r in (header, *rows)) for i in range(len(header))]
-        lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths)).rstrip()]
+        lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths, strict=False)).rstrip()]
         lines.append("  ".join("-" * w for w in widths))
-        lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=False)).rstrip() for r in rows]
         lines.append(self.summary())
         return "\n".join(lines)
 

@@ -96,7 +96,7 @@ def config_markdown(cls: type) -> str:
 
     attrs.resolve_types(cls)
     lines = [
-        f"### `{cls.__name__}` (`quant_method: \"{cls.quant_method}\"`)",  # type: ignore[attr-defined]
+        f'### `{cls.__name__}` (`quant_method: "{cls.quant_method}"`)',  # type: ignore[attr-defined]
         "",
         (cls.__doc__ or "").strip().split("\n\n")[0],
         "",

@@ -128,13 +128,10 @@ class ShardFile:
         if cursor > data_size:
             last = max(self.entries.values(), key=lambda e: e.end)
             problems.append(
-                f"tensor {last.name!r}: needs {cursor} data bytes but the file has {data_size} "
-                "(truncated file)"
+                f"tensor {last.name!r}: needs {cursor} data bytes but the file has {data_size} (truncated file)"
             )
         elif cursor < data_size:
-            problems.append(
-                f"{data_size - cursor} bytes after the last tensor (corrupt or mismatched header)"
-            )
+            problems.append(f"{data_size - cursor} bytes after the last tensor (corrupt or mismatched header)")
         return problems
 
     def _entry(self, name: str, info: Any, data_start: int) -> str | None:
@@ -209,9 +206,7 @@ class CheckpointFiles:
         single = folder / WEIGHTS_NAME
         if single.is_file():
             return cls(folder, [ShardFile(single)])
-        found = sorted(
-            p.name for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth")
-        )
+        found = sorted(p.name for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
         hint = f" (found {', '.join(found)}; only safetensors checkpoints load)" if found else ""
         raise CheckpointError(f"{folder} holds neither {WEIGHTS_NAME} nor {INDEX_NAME}{hint}")
 
@@ -245,16 +240,13 @@ class CheckpointFiles:
                 owner[key] = shard.path.name
                 if weight_map.get(key) != shard.path.name:
                     problems.append(
-                        f"tensor {key!r} is in {shard.path.name} but {index.name} says "
-                        f"{weight_map.get(key)!r}"
+                        f"tensor {key!r} is in {shard.path.name} but {index.name} says {weight_map.get(key)!r}"
                     )
         for key, name in weight_map.items():
             if key not in owner and (folder / name).is_file():
                 problems.append(f"tensor {key!r}: {index.name} places it in {name}, which does not hold it")
         if problems:
-            raise CheckpointError(
-                _format(f"checkpoint {folder}: the index and the shards disagree", problems)
-            )
+            raise CheckpointError(_format(f"checkpoint {folder}: the index and the shards disagree", problems))
         return cls(folder, shards)
 
     def stream(self, keys: set[str]) -> Iterator[tuple[TensorEntry, torch.Tensor]]:
@@ -302,9 +294,7 @@ def parse_size(size: int | str) -> int:
         return size
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", str(size).upper())
     if not m or float(m.group(1)) <= 0:
-        raise ValueError(
-            f"max_shard_size must be a positive number of bytes or a string like '5GB', got {size!r}"
-        )
+        raise ValueError(f"max_shard_size must be a positive number of bytes or a string like '5GB', got {size!r}")
     return int(float(m.group(1)) * _UNITS[m.group(2)])
 
 

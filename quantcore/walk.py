@@ -92,8 +92,11 @@ class ModelIndex:
                     nbytes += b.numel() * b.element_size()
             if module._modules:
                 prefix = f"{entry[0]}." if entry[0] else ""
-                stack.extend(reversed([(prefix + c, sub, module, c, pos)
-                                       for c, sub in module._modules.items() if sub is not None]))
+                stack.extend(
+                    reversed(
+                        [(prefix + c, sub, module, c, pos) for c, sub in module._modules.items() if sub is not None]
+                    )
+                )
         return cls(entries, tied, params, nbytes)
 
 
@@ -207,10 +210,10 @@ class Walk:
             rules.append(Rule("config", lambda n: True, main, source="config"))
         quantizers = [r.quantizer for r in rules if r.quantizer is not None]
         unique = list({id(q): q for q in quantizers}.values())
-        overrides_used = {r.source: (r.quantizer.config if r.quantizer else None)
-                          for r in rules if r.source not in (None, "config")}
-        return cls(model, rules, unique, main, overrides_used, list(skip_modules or []), default_skips,
-                   index, exact)
+        overrides_used = {
+            r.source: (r.quantizer.config if r.quantizer else None) for r in rules if r.source not in (None, "config")
+        }
+        return cls(model, rules, unique, main, overrides_used, list(skip_modules or []), default_skips, index, exact)
 
     def keep_in_float(self, labels: Mapping[str, str]) -> Walk:
         """A copy of this walk whose first rules keep the named modules in float, under their labels."""
@@ -244,8 +247,7 @@ class Walk:
             rule_index = min(here, inherited)
             effective.append(rule_index)
             under = parent_pos >= 0 and inside[parent_pos]
-            candidate = (not under and isinstance(module, replaceable)
-                         and not self._already_quantized(module))
+            candidate = not under and isinstance(module, replaceable) and not self._already_quantized(module)
             inside.append(under or candidate)
             if candidate:
                 rule = self.rules[rule_index] if rule_index < none else None
@@ -279,16 +281,18 @@ class Walk:
                 if method is None:
                     method = labels[id(quantizer)] = quantizer.describe()
             saved += before - after
-            records.append(ModuleRecord(
-                name=d.name,
-                module_type=type(module).__name__,
-                action="quantized" if quantizer is not None else "skipped",
-                rule=reason,
-                method=method,
-                params=params,
-                bytes_before=before,
-                bytes_after=after,
-            ))
+            records.append(
+                ModuleRecord(
+                    name=d.name,
+                    module_type=type(module).__name__,
+                    action="quantized" if quantizer is not None else "skipped",
+                    rule=reason,
+                    method=method,
+                    params=params,
+                    bytes_before=before,
+                    bytes_after=after,
+                )
+            )
         params, total = size or self._size()
         return QuantizationReport(records, params, total, total - saved, dry_run=dry_run, seconds=seconds)
 
@@ -308,8 +312,9 @@ class Walk:
 
         state = get_quantization_state(self.model)
         if state is None:
-            state = QuantizationState(self.main.config if self.main else None, {}, self.skip_modules,
-                                      self.default_skips)
+            state = QuantizationState(
+                self.main.config if self.main else None, {}, self.skip_modules, self.default_skips
+            )
             self.model.__dict__[STATE_ATTRIBUTE] = state
         elif state.config is None and self.main is not None:
             state.config = self.main.config
@@ -337,8 +342,11 @@ class Walk:
         plan = self._report(decisions, dry_run=True, size=size)
         config = self.main.config if self.main is not None else None
         call_observers("before_quantize", model=self.model, config=config, plan=plan)
-        chosen = [(d, d.rule.quantizer) for d in decisions
-                  if d.rule is not None and d.rule.quantizer is not None and d.rule.quantizer.can_replace(d.module)]
+        chosen = [
+            (d, d.rule.quantizer)
+            for d in decisions
+            if d.rule is not None and d.rule.quantizer is not None and d.rule.quantizer.can_replace(d.module)
+        ]
         built: list[tuple[Decision, nn.Module]] = []
         bar = _progress(len(chosen), progress)
         try:

@@ -67,15 +67,27 @@ class HalfQuantizer(Quantizer):
 
 def make_plugin(method: str = "half", requires: tuple[str, ...] = (), hint: str | None = None) -> type:
     """A plugin class registering the half backend under ``method``."""
-    config = HalfConfig if method == "half" else define_config(
-        type(f"HalfConfig_{method}", (HalfConfig,), {"quant_method": method, "__module__": __name__})
+    config = (
+        HalfConfig
+        if method == "half"
+        else define_config(
+            type(f"HalfConfig_{method}", (HalfConfig,), {"quant_method": method, "__module__": __name__})
+        )
     )
 
     class Plugin:
         @quantcore.hookimpl
         def register_backends(register):
-            register(Backend(method, config, HalfQuantizer, requires=requires, install_hint=hint,
-                             description="float16 weights (tests)"))
+            register(
+                Backend(
+                    method,
+                    config,
+                    HalfQuantizer,
+                    requires=requires,
+                    install_hint=hint,
+                    description="float16 weights (tests)",
+                )
+            )
 
     Plugin.__name__ = f"plugin_{method}"
     return Plugin

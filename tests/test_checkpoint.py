@@ -48,9 +48,7 @@ def saved(tmp_path):
 
 
 # ---------------------------------------------------------------------- round trips
-@pytest.mark.parametrize(
-    "config", [{"bits": 8}, {"bits": 4, "group_size": 32}, {"bits": 4, "group_size": 64}]
-)
+@pytest.mark.parametrize("config", [{"bits": 8}, {"bits": 4, "group_size": 32}, {"bits": 4, "group_size": 64}])
 @pytest.mark.parametrize("tied", [True, False])
 def test_round_trip_gives_identical_outputs(tmp_path, config, tied):
     model = quantized_lm(tied, **config)
@@ -297,9 +295,7 @@ def test_config_naming_a_module_the_model_lacks(saved):
     data = json.loads(state_file.read_text())
     data["modules"]["layers.7.mlp.up_proj"] = "config"
     state_file.write_text(json.dumps(data))
-    assert_load_fails(
-        path, r"'layers\.7\.mlp\.up_proj' is quantized in the checkpoint but is not in the TinyLM"
-    )
+    assert_load_fails(path, r"'layers\.7\.mlp\.up_proj' is quantized in the checkpoint but is not in the TinyLM")
 
 
 def test_corrupt_state_file(saved):

@@ -64,8 +64,15 @@ def tiny_llama(tmp_path_factory) -> Path:
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("tiny-llama")
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    config = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
     transformers.LlamaForCausalLM(config).save_pretrained(path)
     _save_tokenizer(path)
     return path
@@ -79,8 +86,14 @@ def tiny_bert(tmp_path_factory) -> Path:
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("tiny-bert")
-    config = transformers.BertConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                     num_attention_heads=4, max_position_embeddings=64)
+    config = transformers.BertConfig(
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+    )
     transformers.BertModel(config).save_pretrained(path)
     _save_tokenizer(path)
     return path
@@ -131,7 +144,10 @@ def test_validate_reports_every_problem_at_once(tmp_path):
     assert result.returncode == 1
     assert result.stdout.splitlines()[0].endswith("3 problems")
     assert {line.split(":")[0].strip() for line in result.stdout.splitlines()[1:]} == {
-        "- bits", "- group_size", "- colour"}
+        "- bits",
+        "- group_size",
+        "- colour",
+    }
     data = json.loads(run("validate", str(bad), "--json").stdout)
     assert data["valid"] is False
     assert {p["field"] for p in data["problems"]} == {"bits", "group_size", "colour"}
@@ -142,8 +158,10 @@ def test_usage_errors_are_one_line_with_status_2(tmp_path):
     assert_one_line_error(run("plan", str(tmp_path)), 2, "no config.json")
     assert_one_line_error(run("plan"), 2, "MODEL", "quantcore plan --help")
     result = run("validate", str(tmp_path / "missing.json"), "--json")
-    assert json.loads(result.stdout) == {"error": f"config file {tmp_path / 'missing.json'} does not exist",
-                                         "status": 2}
+    assert json.loads(result.stdout) == {
+        "error": f"config file {tmp_path / 'missing.json'} does not exist",
+        "status": 2,
+    }
 
 
 def test_plugin_not_installed_gives_the_install_hint(tiny_llama):
@@ -199,8 +217,9 @@ def test_quantize_saves_a_checkpoint_that_inspect_and_eval_read(tiny_llama, tmp_
     assert len(info["modules"]) == 14 and {m["method"] for m in info["modules"]} == {"bitsandbytes nf4"}
     assert info["quantized_bytes"] + info["float_bytes"] == info["tensor_bytes"]
 
-    status, text, err = call(capsys, "eval", str(tiny_llama), "--quantized", str(out), "--method", "nf4",
-                             "--text", str(text_file), "--json")
+    status, text, err = call(
+        capsys, "eval", str(tiny_llama), "--quantized", str(out), "--method", "nf4", "--text", str(text_file), "--json"
+    )
     assert status == 0, err
     rows = {r["label"]: r for r in json.loads(text)["rows"]}
     saved, fresh = rows["q (saved)"], rows["nf4"]
@@ -219,8 +238,9 @@ def test_inspect_a_float_folder_is_a_usage_error(tiny_llama, capsys):
 
 # ---------------------------------------------------------------------- eval, demo
 def test_eval_causal_lm_reports_perplexity(tiny_llama, text_file):
-    data = run_json("eval", str(tiny_llama), "--method", "int8-torch", "--method", "int4-torch",
-                    "--text", str(text_file))
+    data = run_json(
+        "eval", str(tiny_llama), "--method", "int8-torch", "--method", "int4-torch", "--text", str(text_file)
+    )
     assert data["kind"] == "causal-lm"
     rows = {r["label"]: r for r in data["rows"]}
     assert list(rows) == ["float", "int8-torch", "int4-torch"]

@@ -44,7 +44,9 @@ class DemoConfig(QuantizationConfigMixin):
     block: tuple[int, int] = config_field(default=(1, 64), help="Block shape.")
     skip: list[str] | None = config_field(default=None, help="Modules kept in float.")
     inner: Inner = config_field(factory=Inner, help="Nested settings.")
-    damp: float = config_field(default=0.01, help="Dampening.", check=lambda v: None if 0 <= v <= 1 else f"expected 0 <= damp <= 1, got {v}")
+    damp: float = config_field(
+        default=0.01, help="Dampening.", check=lambda v: None if 0 <= v <= 1 else f"expected 0 <= damp <= 1, got {v}"
+    )
 
     def validate(self):
         if self.load_in_8bit and self.load_in_4bit:
@@ -70,8 +72,15 @@ def test_to_dict_serializes_dtype_enum_tuple_and_nested():
 
 
 def test_round_trips_through_json_both_forms():
-    c = DemoConfig(load_in_4bit=True, threshold=3, quant_type="nf4", compute_dtype="float16", skip=["lm_head"],
-                   inner={"bits": 4}, block=[2, 2])
+    c = DemoConfig(
+        load_in_4bit=True,
+        threshold=3,
+        quant_type="nf4",
+        compute_dtype="float16",
+        skip=["lm_head"],
+        inner={"bits": 4},
+        block=[2, 2],
+    )
     for use_diff in (True, False):
         assert DemoConfig.from_dict(json.loads(c.to_json_string(use_diff=use_diff))) == c
 

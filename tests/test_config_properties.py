@@ -16,7 +16,6 @@ from hypothesis import strategies as st
 import quantcore
 from quantcore import ConfigError, QuantizationConfigMixin
 from quantcore.converter import dtype_names
-
 from tests.test_config import DemoConfig
 
 

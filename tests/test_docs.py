@@ -17,7 +17,7 @@ OPTIONAL = {"bitsandbytes", "transformers", "quantcore_bnb", "accelerate", "gt_a
 
 def examples():
     for page in PAGES:
-        for i, match in enumerate(BLOCK.finditer(page.read_text(encoding="utf-8"))):
+        for match in BLOCK.finditer(page.read_text(encoding="utf-8")):
             line = page.read_text(encoding="utf-8")[: match.start()].count("\n") + 1
             yield pytest.param(page, match.group(1), id=f"{page.relative_to(ROOT)}:{line}")
 

@@ -93,10 +93,7 @@ def test_torch_backend_quantizes_while_loading_and_round_trips(tmp_path):
     report = model.quantcore_report
     assert len(report.quantized) == 14 and report.bytes_after < report.bytes_before
     quantcore.save_quantized(model, tmp_path / "q")
-    assert (
-        json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["quant_method"]
-        == "torch_wo"
-    )
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["quant_method"] == "torch_wo"
     again = quantcore.from_pretrained(tmp_path / "q")
     assert torch.equal(logits(again), logits(model))
     assert quantcore.get_quantization_state(again) == quantcore.get_quantization_state(model)

@@ -190,9 +190,7 @@ def test_apply_adds_the_float_modules_to_a_walk_ahead_of_its_rules(model):
     for name, label in placement.float_modules.items():
         assert report.record(name).rule == label
     assert report.record("lm_head").rule == "default: output head"
-    assert (
-        report.record("model.layers.23.mlp.up_proj").rule == "override: 'model.layers.23.*' -> keep in float"
-    )
+    assert report.record("model.layers.23.mlp.up_proj").rule == "override: 'model.layers.23.*' -> keep in float"
     assert "model.layers.23.mlp.up_proj" not in placement.float_modules
     assert report.record("model.layers.0.mlp.up_proj").action == "quantized"
 
@@ -273,9 +271,7 @@ def test_a_given_map_must_place_every_tensor(model):
 def test_a_given_map_names_devices_of_this_machine(model):
     if torch.cuda.device_count() >= 2:
         pytest.skip("this machine has the GPUs")
-    with pytest.raises(
-        ConfigError, match=r"device_map\['lm_head'\]: GPU 1 is not on this machine.*check_devices"
-    ):
+    with pytest.raises(ConfigError, match=r"device_map\['lm_head'\]: GPU 1 is not on this machine.*check_devices"):
         infer_device_map(model, int4(), device_map={"": "cpu", "lm_head": "cuda:1"})
 
 

@@ -74,12 +74,16 @@ def test_plugin_failing_to_import_is_reported_and_others_keep_working(site):
 
 
 def test_plugin_raising_in_its_hook_is_left_out(site):
-    install_distribution(site, "qc-raiser", """
+    install_distribution(
+        site,
+        "qc-raiser",
+        """
         import quantcore
         @quantcore.hookimpl
         def register_backends(register):
             raise RuntimeError("boom")
-    """)
+    """,
+    )
     quantcore.register_plugin(make_plugin("half"))
     with pytest.warns(PluginWarning, match=r"'qc-raiser' raised in register_backends.*RuntimeError: boom"):
         assert set(methods()) >= {"half"}
@@ -116,8 +120,9 @@ def test_api_switch_disables_and_reenables(site):
 
 
 def test_missing_requirement_makes_backend_unusable_with_install_hint(tiny_lm):
-    quantcore.register_plugin(make_plugin("needy", requires=("surely-not-installed-pkg>=1",),
-                                          hint="pip install 'quantcore[needy]'"))
+    quantcore.register_plugin(
+        make_plugin("needy", requires=("surely-not-installed-pkg>=1",), hint="pip install 'quantcore[needy]'")
+    )
     info = methods()["needy"]
     assert not info.usable
     assert info.reason == "surely-not-installed-pkg is not installed: pip install 'quantcore[needy]'"
@@ -135,7 +140,7 @@ def test_too_old_requirement_is_reported():
 
 def test_unknown_and_missing_methods_list_installed_ones_and_known_providers():
     quantcore.register_plugin(make_plugin("half"))
-    with pytest.raises(ConfigError, match="quant_method: missing; installed methods: .*'half'"):
+    with pytest.raises(ConfigError, match=r"quant_method: missing; installed methods: .*'half'"):
         quantcore.AutoQuantizationConfig.from_dict({})
     with pytest.raises(ConfigError, match=r"unknown method 'hlaf' \(did you mean 'half'\?\)"):
         quantcore.AutoQuantizationConfig.from_dict({"quant_method": "hlaf"})
@@ -156,7 +161,7 @@ def test_before_hook_can_veto_and_model_is_untouched(tiny_lm):
 
     quantcore.register_plugin(Veto, name="veto")
     before = dict(tiny_lm.named_modules())
-    with pytest.raises(QuantizationVetoed, match="plugin 'veto' vetoed the quantization: .*not on Fridays"):
+    with pytest.raises(QuantizationVetoed, match=r"plugin 'veto' vetoed the quantization: .*not on Fridays"):
         quantcore.quantize(tiny_lm, {"quant_method": "half"})
     assert dict(tiny_lm.named_modules()) == before
     assert seen["plan"].dry_run and len(seen["plan"].quantized) == 12

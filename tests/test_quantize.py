@@ -12,9 +12,18 @@ from quantcore import ConfigError, QuantizationError
 from .conftest import TinyLM
 from .half_backend import HalfConfig, HalfLinear, make_plugin
 
-LINEARS = [f"layers.{i}.{p}" for i in range(2) for p in
-           ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.up_proj",
-            "mlp.down_proj")]
+LINEARS = [
+    f"layers.{i}.{p}"
+    for i in range(2)
+    for p in (
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    )
+]
 
 
 @pytest.fixture(autouse=True)
@@ -61,7 +70,9 @@ def test_report_sizes_match_reality(untied_lm):
 
 
 def test_skip_list_matches_full_name_suffix_glob_and_regex(untied_lm):
-    config = HalfConfig(modules_to_not_convert=["layers.0.self_attn.q_proj", "k_proj", "*.mlp.up_*", "re:.*\\.1\\..*o_proj"])
+    config = HalfConfig(
+        modules_to_not_convert=["layers.0.self_attn.q_proj", "k_proj", "*.mlp.up_*", "re:.*\\.1\\..*o_proj"]
+    )
     r = rules(quantcore.quantize(untied_lm, config, dry_run=True))
     assert r["layers.0.self_attn.q_proj"][0] == "skipped"
     assert r["layers.1.self_attn.q_proj"][0] == "quantized"
@@ -93,10 +104,17 @@ def test_overrides_mix_backends_first_match_wins_and_none_skips(untied_lm):
     report = quantcore.quantize(
         untied_lm,
         {"quant_method": "half"},
-        overrides={"*.self_attn.*": {"quant_method": "half2"}, "layers.1.mlp": None, "*.mlp.*": {"quant_method": "half2"}},
+        overrides={
+            "*.self_attn.*": {"quant_method": "half2"},
+            "layers.1.mlp": None,
+            "*.mlp.*": {"quant_method": "half2"},
+        },
     )
     by = {m.name: m for m in report.modules}
-    assert (by["layers.0.self_attn.q_proj"].method, by["layers.0.self_attn.q_proj"].rule) == ("half2 fp16", "override: '*.self_attn.*'")
+    assert (by["layers.0.self_attn.q_proj"].method, by["layers.0.self_attn.q_proj"].rule) == (
+        "half2 fp16",
+        "override: '*.self_attn.*'",
+    )
     assert by["layers.1.mlp.up_proj"].rule == "override: 'layers.1.mlp' -> keep in float"
     assert by["layers.1.mlp.up_proj"].action == "skipped"
     assert by["layers.0.mlp.up_proj"].method == "half2 fp16"
@@ -112,8 +130,11 @@ def test_overrides_alone_without_main_config(untied_lm):
 
 def test_bad_override_and_skip_patterns_are_reported_together(untied_lm):
     with pytest.raises(ConfigError) as err:
-        quantcore.quantize(untied_lm, HalfConfig(modules_to_not_convert=["re:("]),
-                           overrides={"*.mlp.*": {"quant_method": "half", "bogus": 1}})
+        quantcore.quantize(
+            untied_lm,
+            HalfConfig(modules_to_not_convert=["re:("]),
+            overrides={"*.mlp.*": {"quant_method": "half", "bogus": 1}},
+        )
     fields = [f for f, _ in err.value.errors]
     assert fields == ["modules_to_not_convert", "overrides['*.mlp.*']"]
 

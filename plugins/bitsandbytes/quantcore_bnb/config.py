@@ -81,8 +81,7 @@ class BitsAndBytesConfig(QuantizationConfigMixin):
     )
     llm_int8_has_fp16_weight: bool = config_field(
         default=False,
-        help="Keep LLM.int8() layers' main weights in 16-bit and quantize them at every forward "
-        "(for fine-tuning).",
+        help="Keep LLM.int8() layers' main weights in 16-bit and quantize them at every forward (for fine-tuning).",
     )
     bnb_4bit_compute_dtype: torch.dtype = _dtype_field(
         torch.float32,

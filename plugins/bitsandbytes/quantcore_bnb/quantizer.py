@@ -86,12 +86,18 @@ class BitsAndBytesQuantizer(Quantizer):
         c = self.config
         if self._four_bit:
             return linear4bit_nbytes(
-                module.out_features, module.in_features, double_quant=c.bnb_4bit_use_double_quant,
-                quant_storage=c.bnb_4bit_quant_storage, bias_nbytes=bias_nbytes,
+                module.out_features,
+                module.in_features,
+                double_quant=c.bnb_4bit_use_double_quant,
+                quant_storage=c.bnb_4bit_quant_storage,
+                bias_nbytes=bias_nbytes,
             )
         return linear8bit_nbytes(
-            module.out_features, module.in_features, has_fp16_weights=c.llm_int8_has_fp16_weight,
-            weight_itemsize=module.weight.element_size(), bias_nbytes=bias_nbytes,
+            module.out_features,
+            module.in_features,
+            has_fp16_weights=c.llm_int8_has_fp16_weight,
+            weight_itemsize=module.weight.element_size(),
+            bias_nbytes=bias_nbytes,
         )
 
     # ------------------------------------------------------------------ building
@@ -105,19 +111,31 @@ class BitsAndBytesQuantizer(Quantizer):
     def _linear4bit(self, module: nn.Module, weight: torch.Tensor) -> Linear4bit:
         c = self.config
         if weight.device == _META:
-            packed, state = _meta_tensor(
-                packed_weight_shape(module.out_features, module.in_features, c.bnb_4bit_quant_storage),
-                c.bnb_4bit_quant_storage,
-            ), None
+            packed, state = (
+                _meta_tensor(
+                    packed_weight_shape(module.out_features, module.in_features, c.bnb_4bit_quant_storage),
+                    c.bnb_4bit_quant_storage,
+                ),
+                None,
+            )
         else:
             packed, state = bnb.functional.quantize_4bit(
-                weight.detach().contiguous(), blocksize=BLOCKSIZE, compress_statistics=c.bnb_4bit_use_double_quant,
-                quant_type=c.bnb_4bit_quant_type, quant_storage=c.bnb_4bit_quant_storage,
+                weight.detach().contiguous(),
+                blocksize=BLOCKSIZE,
+                compress_statistics=c.bnb_4bit_use_double_quant,
+                quant_type=c.bnb_4bit_quant_type,
+                quant_storage=c.bnb_4bit_quant_storage,
             )
         return make_linear4bit(
-            module.in_features, module.out_features, packed, state, module.bias,
-            compute_dtype=c.bnb_4bit_compute_dtype, quant_type=c.bnb_4bit_quant_type,
-            compress_statistics=c.bnb_4bit_use_double_quant, quant_storage=c.bnb_4bit_quant_storage,
+            module.in_features,
+            module.out_features,
+            packed,
+            state,
+            module.bias,
+            compute_dtype=c.bnb_4bit_compute_dtype,
+            quant_type=c.bnb_4bit_quant_type,
+            compress_statistics=c.bnb_4bit_use_double_quant,
+            quant_storage=c.bnb_4bit_quant_storage,
         )
 
     def _linear8bit(self, module: nn.Module, weight: torch.Tensor) -> Linear8bitLt:
@@ -132,8 +150,13 @@ class BitsAndBytesQuantizer(Quantizer):
             # What Int8Params._quantize does: row-wise absmax int8 of the float16 weight.
             data, scb, _ = bnb.functional.int8_vectorwise_quant(weight.detach().contiguous().to(torch.float16))
         return make_linear8bit(
-            module.in_features, module.out_features, data, scb, module.bias,
-            threshold=c.llm_int8_threshold, has_fp16_weights=fp16_weights,
+            module.in_features,
+            module.out_features,
+            data,
+            scb,
+            module.bias,
+            threshold=c.llm_int8_threshold,
+            has_fp16_weights=fp16_weights,
         )
 
     # ------------------------------------------------------------------ loading
@@ -161,7 +184,7 @@ class BitsAndBytesQuantizer(Quantizer):
     def _load_linear4bit(
         self, module: Linear4bit, state: Mapping[str, torch.Tensor], bias: torch.Tensor | None, device: torch.device
     ) -> Linear4bit:
-        stats = {k[len("weight."):]: v for k, v in state.items() if k.startswith("weight.")}
+        stats = {k[len("weight.") :]: v for k, v in state.items() if k.startswith("weight.")}
         unexpected = sorted(set(state) - {"weight", "bias"} - {f"weight.{k}" for k in stats})
         if unexpected:
             raise ValueError(f"unexpected tensor(s) {', '.join(map(repr, unexpected))}")
@@ -184,9 +207,15 @@ class BitsAndBytesQuantizer(Quantizer):
                 f"expected {(module.out_features, module.in_features)}"
             )
         return make_linear4bit(
-            module.in_features, module.out_features, weight.to(device), quant_state, bias,
-            compute_dtype=module.compute_dtype, quant_type=quant_state.quant_type,
-            compress_statistics=quant_state.nested, quant_storage=module.quant_storage,
+            module.in_features,
+            module.out_features,
+            weight.to(device),
+            quant_state,
+            bias,
+            compute_dtype=module.compute_dtype,
+            quant_type=quant_state.quant_type,
+            compress_statistics=quant_state.nested,
+            quant_storage=module.quant_storage,
             blocksize=quant_state.blocksize,
         )
 
@@ -214,8 +243,13 @@ class BitsAndBytesQuantizer(Quantizer):
             if fmt is not None and int(fmt) != 0:
                 raise ValueError(f"tensor 'weight_format' is {int(fmt)}: only the row-major format (0) loads")
         return make_linear8bit(
-            module.in_features, module.out_features, weight.to(device), scb, bias,
-            threshold=module.state.threshold, has_fp16_weights=fp16_weights,
+            module.in_features,
+            module.out_features,
+            weight.to(device),
+            scb,
+            bias,
+            threshold=module.state.threshold,
+            has_fp16_weights=fp16_weights,
         )
 
     # ------------------------------------------------------------------ dequantizing
@@ -302,5 +336,7 @@ def _load_bias(module: nn.Module, state: Mapping[str, torch.Tensor], device: tor
         raise ValueError("missing tensor 'bias'")
     bias = state["bias"]
     if not isinstance(bias, torch.Tensor) or bias.shape != expected.shape:
-        raise ValueError(f"tensor 'bias' has shape {tuple(getattr(bias, 'shape', ()))}, expected {tuple(expected.shape)}")
+        raise ValueError(
+            f"tensor 'bias' has shape {tuple(getattr(bias, 'shape', ()))}, expected {tuple(expected.shape)}"
+        )
     return nn.Parameter(bias.to(device), requires_grad=expected.requires_grad)

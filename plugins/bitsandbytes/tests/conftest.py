@@ -29,8 +29,13 @@ def tiny_llama_config(**overrides):
     """A tiny LlamaConfig: every linear dimension a multiple of 32 (bitsandbytes' CPU 4-bit kernel)."""
     transformers = pytest.importorskip("transformers", reason="transformers is not installed")
     values = dict(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
         tie_word_embeddings=False,
     )
     values.update(overrides)

@@ -7,8 +7,9 @@ import sys
 import textwrap
 
 import attrs
-import quantcore
 from quantcore_bnb.plugin import INSTALL_HINT
+
+import quantcore
 
 # Run in a fresh interpreter in which bitsandbytes can neither be imported nor found as installed.
 HIDE_BITSANDBYTES = textwrap.dedent(
@@ -55,7 +56,9 @@ CHECKS = textwrap.dedent(
 def test_unavailable_without_bitsandbytes():
     done = subprocess.run(
         [sys.executable, "-c", HIDE_BITSANDBYTES + "\nimport sys\n" + CHECKS],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 0, done.stderr
     assert f"REASON: bitsandbytes is not installed: {INSTALL_HINT}" in done.stdout
@@ -76,9 +79,15 @@ def test_requirement_too_old_is_reported():
 
 def test_plugin_module_does_not_import_bitsandbytes():
     done = subprocess.run(
-        [sys.executable, "-c", "import sys, quantcore, quantcore_bnb, quantcore_bnb.plugin;"
-         "quantcore.available_backends(); print('bitsandbytes' in sys.modules)"],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-c",
+            "import sys, quantcore, quantcore_bnb, quantcore_bnb.plugin;"
+            "quantcore.available_backends(); print('bitsandbytes' in sys.modules)",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"

@@ -7,10 +7,10 @@ import json
 import attrs
 import pytest
 import torch
+from quantcore_bnb import BitsAndBytesConfig
 
 import quantcore
 from quantcore import ConfigError
-from quantcore_bnb import BitsAndBytesConfig
 
 CONFIGS = [
     {},
@@ -32,17 +32,31 @@ CONFIGS = [
 # quantization_config blocks as they appear in real checkpoints' config.json.
 CHECKPOINT_DICTS = [
     {  # an older 4-bit checkpoint (transformers 4.3x)
-        "bnb_4bit_compute_dtype": "bfloat16", "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
-        "llm_int8_enable_fp32_cpu_offload": False, "llm_int8_has_fp16_weight": False,
-        "llm_int8_skip_modules": None, "llm_int8_threshold": 6.0, "load_in_4bit": True,
-        "load_in_8bit": False, "quant_method": "bitsandbytes",
+        "bnb_4bit_compute_dtype": "bfloat16",
+        "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_use_double_quant": True,
+        "llm_int8_enable_fp32_cpu_offload": False,
+        "llm_int8_has_fp16_weight": False,
+        "llm_int8_skip_modules": None,
+        "llm_int8_threshold": 6.0,
+        "load_in_4bit": True,
+        "load_in_8bit": False,
+        "quant_method": "bitsandbytes",
     },
     {  # a newer one, with the private keys and quant_storage
-        "_load_in_4bit": True, "_load_in_8bit": False, "bnb_4bit_compute_dtype": "float16",
-        "bnb_4bit_quant_storage": "uint8", "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": False,
-        "llm_int8_enable_fp32_cpu_offload": False, "llm_int8_has_fp16_weight": False,
-        "llm_int8_skip_modules": ["lm_head", "multi_modal_projector"], "llm_int8_threshold": 6.0,
-        "load_in_4bit": True, "load_in_8bit": False, "quant_method": "bitsandbytes",
+        "_load_in_4bit": True,
+        "_load_in_8bit": False,
+        "bnb_4bit_compute_dtype": "float16",
+        "bnb_4bit_quant_storage": "uint8",
+        "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_use_double_quant": False,
+        "llm_int8_enable_fp32_cpu_offload": False,
+        "llm_int8_has_fp16_weight": False,
+        "llm_int8_skip_modules": ["lm_head", "multi_modal_projector"],
+        "llm_int8_threshold": 6.0,
+        "load_in_4bit": True,
+        "load_in_8bit": False,
+        "quant_method": "bitsandbytes",
     },
     {"load_in_8bit": True, "llm_int8_threshold": 5.0, "quant_method": "bitsandbytes"},  # an 8-bit diff dict
 ]
@@ -96,8 +110,9 @@ class TestSameAsTransformers:
             "json_full": lambda: json.loads(tf.to_json_string(use_diff=False)),
         }[how]()
         assert BitsAndBytesConfig.from_dict(data) == BitsAndBytesConfig(**kwargs)
-        assert quantcore.AutoQuantizationConfig.from_dict({"quant_method": "bitsandbytes", **data}) == \
-            BitsAndBytesConfig(**kwargs)
+        assert quantcore.AutoQuantizationConfig.from_dict(
+            {"quant_method": "bitsandbytes", **data}
+        ) == BitsAndBytesConfig(**kwargs)
 
     @pytest.mark.parametrize("diff", [False, True])
     def test_our_dicts_load_in_transformers(self, kwargs, diff):
@@ -191,8 +206,11 @@ def test_unknown_key_suggests():
 
 @pytest.mark.parametrize(
     "data",
-    [{"_load_in_4bit": True, "load_in_4bit": False}, {"_load_in_8bit": False, "load_in_8bit": True},
-     {"_load_in_4bit": 1, "load_in_4bit": True}],
+    [
+        {"_load_in_4bit": True, "load_in_4bit": False},
+        {"_load_in_8bit": False, "load_in_8bit": True},
+        {"_load_in_4bit": 1, "load_in_4bit": True},
+    ],
 )
 def test_contradicting_private_key(data):
     with pytest.raises(ConfigError, match=r"_load_in_\dbit"):
@@ -217,5 +235,12 @@ def test_json_schema_lists_choices():
     schema = BitsAndBytesConfig.json_schema()
     props = schema["properties"]
     assert props["bnb_4bit_quant_type"]["enum"] == ["fp4", "nf4"]
-    assert set(props["bnb_4bit_quant_storage"]["enum"]) == {"float16", "float32", "int8", "uint8", "float64", "bfloat16"}
+    assert set(props["bnb_4bit_quant_storage"]["enum"]) == {
+        "float16",
+        "float32",
+        "int8",
+        "uint8",
+        "float64",
+        "bfloat16",
+    }
     assert all(props[f.name].get("description") == f.metadata["help"] for f in attrs.fields(BitsAndBytesConfig))

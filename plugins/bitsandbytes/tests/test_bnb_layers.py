@@ -6,10 +6,10 @@ import copy
 
 import pytest
 import torch
+from quantcore_bnb import BitsAndBytesConfig
 from torch import nn
 
 import quantcore
-from quantcore_bnb import BitsAndBytesConfig
 
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
 
@@ -32,14 +32,21 @@ def _reference(config: BitsAndBytesConfig, linear: nn.Linear) -> nn.Module:
     bias = linear.bias is not None
     if config.load_in_4bit:
         ref = bnb.nn.Linear4bit(
-            linear.in_features, linear.out_features, bias, config.bnb_4bit_compute_dtype,
-            compress_statistics=config.bnb_4bit_use_double_quant, quant_type=config.bnb_4bit_quant_type,
+            linear.in_features,
+            linear.out_features,
+            bias,
+            config.bnb_4bit_compute_dtype,
+            compress_statistics=config.bnb_4bit_use_double_quant,
+            quant_type=config.bnb_4bit_quant_type,
             quant_storage=config.bnb_4bit_quant_storage,
         )
     else:
         ref = bnb.nn.Linear8bitLt(
-            linear.in_features, linear.out_features, bias,
-            has_fp16_weights=config.llm_int8_has_fp16_weight, threshold=config.llm_int8_threshold,
+            linear.in_features,
+            linear.out_features,
+            bias,
+            has_fp16_weights=config.llm_int8_has_fp16_weight,
+            threshold=config.llm_int8_threshold,
         )
     ref.load_state_dict(linear.state_dict())
     return ref.to(linear.weight.device)

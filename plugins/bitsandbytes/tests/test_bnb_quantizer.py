@@ -6,11 +6,11 @@ import copy
 
 import pytest
 import torch
+from quantcore_bnb import BitsAndBytesConfig, keep_in_fp32
 from torch import nn
 
 import quantcore
 from quantcore import ConfigError
-from quantcore_bnb import BitsAndBytesConfig, keep_in_fp32
 
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
 
@@ -20,7 +20,9 @@ CONFIGS = {
     "fp4": dict(load_in_4bit=True),
     "nf4": NF4,
     "nf4-dq": dict(NF4, bnb_4bit_use_double_quant=True),
-    "fp4-dq-bf16-storage": dict(load_in_4bit=True, bnb_4bit_use_double_quant=True, bnb_4bit_quant_storage=torch.bfloat16),
+    "fp4-dq-bf16-storage": dict(
+        load_in_4bit=True, bnb_4bit_use_double_quant=True, bnb_4bit_quant_storage=torch.bfloat16
+    ),
 }
 # The documented bounds (quantcore_bnb/quantizer.py) on the relative output error.
 BOUNDS = {"int8": 0.02, "nf4": 0.12, "fp4": 0.14}
@@ -67,7 +69,7 @@ def _tensor_nbytes(layer: nn.Module) -> int:
 
 @pytest.mark.parametrize("shape", [(64, 96), (192, 320), (256, 1024)])
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("name", list(CONFIGS) + ["int8-fp16-weights"])
+@pytest.mark.parametrize("name", [*list(CONFIGS), "int8-fp16-weights"])
 def test_quantized_nbytes_is_exact(name, bias, shape):
     kwargs = CONFIGS.get(name, dict(load_in_8bit=True, llm_int8_has_fp16_weight=True))
     q = quantizer(**kwargs)
@@ -96,8 +98,12 @@ def test_plan_reports_sizes(stack):
 
 @pytest.mark.parametrize(
     ("kwargs", "label"),
-    [(dict(load_in_4bit=True), "bitsandbytes fp4"), (NF4, "bitsandbytes nf4"),
-     (dict(NF4, bnb_4bit_use_double_quant=True), "bitsandbytes nf4 dq"), (dict(load_in_8bit=True), "bitsandbytes int8")],
+    [
+        (dict(load_in_4bit=True), "bitsandbytes fp4"),
+        (NF4, "bitsandbytes nf4"),
+        (dict(NF4, bnb_4bit_use_double_quant=True), "bitsandbytes nf4 dq"),
+        (dict(load_in_8bit=True), "bitsandbytes int8"),
+    ],
 )
 def test_describe(kwargs, label):
     assert quantizer(**kwargs).describe() == label
@@ -176,8 +182,10 @@ def test_load_quantized_state_round_trip(name, bias):
     assert type(loaded) is type(saved) and not loaded.weight.is_meta
     assert list(loaded.state_dict()) == list(saved.state_dict())
     for key, value in saved.state_dict().items():
-        assert torch.equal(loaded.state_dict()[key].view(torch.uint8) if value.dim() else loaded.state_dict()[key],
-                           value.view(torch.uint8) if value.dim() else value), key
+        assert torch.equal(
+            loaded.state_dict()[key].view(torch.uint8) if value.dim() else loaded.state_dict()[key],
+            value.view(torch.uint8) if value.dim() else value,
+        ), key
     x = torch.randn(3, 128)
     with torch.no_grad():
         assert torch.equal(loaded(x), saved(x))
@@ -240,10 +248,11 @@ def test_whole_model_through_skeletons(stack):
     q.quantize(meta_model)
     for name in ("up", "down"):
         prefix = f"{name}."
-        layer_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        layer_state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         setattr(meta_model, name, q.load_quantized_state(getattr(meta_model, name), layer_state, "cpu"))
-    meta_model.load_state_dict({k: v for k, v in state.items() if k.split(".")[0] in ("norm", "lm_head")},
-                               strict=False, assign=True)
+    meta_model.load_state_dict(
+        {k: v for k, v in state.items() if k.split(".")[0] in ("norm", "lm_head")}, strict=False, assign=True
+    )
     x = torch.randn(2, 64)
     with torch.no_grad():
         assert torch.equal(meta_model(x), stack(x))

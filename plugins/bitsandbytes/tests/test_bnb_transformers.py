@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from quantcore_bnb import BitsAndBytesConfig
 
 import quantcore
-from quantcore_bnb import BitsAndBytesConfig
 
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
 transformers = pytest.importorskip("transformers", reason="transformers is not installed")
@@ -29,7 +29,9 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 def test_same_tensors_as_transformers_from_pretrained(tmp_path, tiny_llama, kwargs):
     tiny_llama.save_pretrained(tmp_path)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(
-        tmp_path, quantization_config=transformers.BitsAndBytesConfig(**kwargs), dtype=torch.float32,
+        tmp_path,
+        quantization_config=transformers.BitsAndBytesConfig(**kwargs),
+        dtype=torch.float32,
         device_map="cpu",
     )
     report = quantcore.quantize(tiny_llama, {"quant_method": "bitsandbytes", **kwargs})
@@ -44,9 +46,11 @@ def test_same_tensors_as_transformers_from_pretrained(tmp_path, tiny_llama, kwar
 
 @pytest.mark.parametrize(
     ("kwargs", "bound"),
-    [(dict(load_in_4bit=True, bnb_4bit_quant_type="nf4"), 0.25),
-     (dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True), 0.25),
-     (dict(load_in_8bit=True), 0.05)],
+    [
+        (dict(load_in_4bit=True, bnb_4bit_quant_type="nf4"), 0.25),
+        (dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True), 0.25),
+        (dict(load_in_8bit=True), 0.05),
+    ],
     ids=["nf4", "nf4-dq", "int8"],
 )
 def test_llama_end_to_end(tiny_llama, kwargs, bound):

@@ -18,7 +18,7 @@ _EXPORTS = {
     "weight_only_nbytes": ".quantizer",
 }
 
-__all__ = sorted(_EXPORTS) + ["__version__"]
+__all__ = [*sorted(_EXPORTS), "__version__"]
 
 if TYPE_CHECKING:
     from .config import TorchWeightOnlyConfig

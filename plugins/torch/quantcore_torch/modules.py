@@ -99,8 +99,14 @@ class WeightOnlyLinear(nn.Module):
         """
         weight = linear.weight
         module = cls(
-            linear.in_features, linear.out_features, bits=bits, group_size=group_size,
-            bias=linear.bias is not None, dtype=weight.dtype, device="meta", compute_dtype=compute_dtype,
+            linear.in_features,
+            linear.out_features,
+            bits=bits,
+            group_size=group_size,
+            bias=linear.bias is not None,
+            dtype=weight.dtype,
+            device="meta",
+            compute_dtype=compute_dtype,
         )
         if linear.bias is not None:
             module.bias = nn.Parameter(linear.bias.detach(), requires_grad=linear.bias.requires_grad)

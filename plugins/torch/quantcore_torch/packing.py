@@ -55,9 +55,7 @@ def unpack_int4(packed: torch.Tensor, cols: int) -> torch.Tensor:
     return torch.stack((low, high), dim=-1).flatten(-2)[..., :cols]
 
 
-def int4_shapes(
-    out_features: int, in_features: int, group_size: int
-) -> tuple[tuple[int, int], tuple[int, int]]:
+def int4_shapes(out_features: int, in_features: int, group_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
     """``(packed weight shape, scale/zero shape)`` of an int4 ``[out_features, in_features]`` weight."""
     return (out_features, -(-in_features // 2)), (out_features, -(-in_features // group_size))
 
@@ -105,7 +103,11 @@ def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, 
 
 
 def dequantize_int4(
-    packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, in_features: int, group_size: int,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    in_features: int,
+    group_size: int,
     dtype: torch.dtype,
 ) -> torch.Tensor:
     """The float ``[out, in_features]`` weight that packed int4 codes stand for, in ``dtype``."""

@@ -15,9 +15,7 @@ from .modules import WeightOnlyLinear
 __all__ = ["TorchWeightOnlyQuantizer", "weight_only_nbytes"]
 
 
-def weight_only_nbytes(
-    out_features: int, in_features: int, *, bits: int, group_size: int, dtype: torch.dtype
-) -> int:
+def weight_only_nbytes(out_features: int, in_features: int, *, bits: int, group_size: int, dtype: torch.dtype) -> int:
     """Bytes of a :class:`WeightOnlyLinear` weight (``qweight``, ``scale``, ``zero``), bias excluded."""
     if bits == 8:
         return out_features * in_features + out_features * dtype.itemsize
@@ -55,15 +53,20 @@ class TorchWeightOnlyQuantizer(Quantizer):
 
     def quantized_nbytes(self, module: nn.Module) -> int:
         weight = weight_only_nbytes(
-            module.out_features, module.in_features, bits=self.config.bits,
-            group_size=self.config.group_size, dtype=module.weight.dtype,
+            module.out_features,
+            module.in_features,
+            bits=self.config.bits,
+            group_size=self.config.group_size,
+            dtype=module.weight.dtype,
         )
         bias = module.bias.numel() * module.bias.element_size() if module.bias is not None else 0
         return weight + bias
 
     def create_quantized_module(self, module: nn.Module, name: str) -> WeightOnlyLinear:
         return WeightOnlyLinear.from_linear(
-            module, bits=self.config.bits, group_size=self.config.group_size,
+            module,
+            bits=self.config.bits,
+            group_size=self.config.group_size,
             compute_dtype=self.config.compute_dtype,
         )
 
@@ -78,9 +81,7 @@ class TorchWeightOnlyQuantizer(Quantizer):
         for key, want in expected.items():
             got = state.get(key)
             if got is not None and (got.shape != want.shape or got.dtype != want.dtype):
-                problems.append(
-                    f"{key}: expected {want.dtype} {tuple(want.shape)}, got {got.dtype} {tuple(got.shape)}"
-                )
+                problems.append(f"{key}: expected {want.dtype} {tuple(want.shape)}, got {got.dtype} {tuple(got.shape)}")
         if problems:
             raise ValueError(f"state does not fit {module.extra_repr()}: " + "; ".join(problems))
         return super().load_quantized_state(module, state, device)
@@ -89,8 +90,11 @@ class TorchWeightOnlyQuantizer(Quantizer):
     def dequantize_module(cls, module: nn.Module) -> nn.Linear:
         # Built on the meta device so no random initialisation runs; real tensors are assigned after.
         linear = nn.Linear(
-            module.in_features, module.out_features, bias=module.bias is not None,
-            device="meta", dtype=module.weight_dtype,
+            module.in_features,
+            module.out_features,
+            bias=module.bias is not None,
+            device="meta",
+            dtype=module.weight_dtype,
         )
         linear.weight = nn.Parameter(module.dequantized_weight())
         if module.bias is not None:

@@ -11,7 +11,6 @@ import quantcore
 CUDA = torch.cuda.is_available()
 
 
-
 def pytest_configure(config):
     # Registered here too, so the plugin's tests also run outside the quantcore repository.
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
@@ -24,12 +23,19 @@ def _fresh_plugins():
     quantcore.reset_plugins()
 
 
-@pytest.fixture(params=[
-    pytest.param("cpu", id="cpu"),
-    pytest.param("cuda", id="cuda", marks=[
-        pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA device"),
-    ]),
-])
+@pytest.fixture(
+    params=[
+        pytest.param("cpu", id="cpu"),
+        pytest.param(
+            "cuda",
+            id="cuda",
+            marks=[
+                pytest.mark.gpu,
+                pytest.mark.skipif(not CUDA, reason="needs a CUDA device"),
+            ],
+        ),
+    ]
+)
 def device(request) -> str:
     """Each test taking ``device`` runs on the CPU, and on CUDA where there is one (marked ``gpu``)."""
     return request.param
@@ -39,8 +45,9 @@ def device(request) -> str:
 def gaussian_linear():
     """A factory of ``nn.Linear`` layers with N(0, 0.02) weights and biases, like a trained transformer's."""
 
-    def make(in_features: int, out_features: int, *, bias: bool = True, dtype=torch.float32,
-             device="cpu", seed: int = 0) -> nn.Linear:
+    def make(
+        in_features: int, out_features: int, *, bias: bool = True, dtype=torch.float32, device="cpu", seed: int = 0
+    ) -> nn.Linear:
         generator = torch.Generator().manual_seed(seed)
         linear = nn.Linear(in_features, out_features, bias=bias)
         with torch.no_grad():

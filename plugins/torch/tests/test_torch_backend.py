@@ -6,11 +6,11 @@ import importlib.metadata
 
 import pytest
 import torch
+from quantcore_torch import TorchWeightOnlyConfig, TorchWeightOnlyQuantizer, WeightOnlyLinear
 from torch import nn
 
 import quantcore
 from quantcore.quantizer import module_nbytes
-from quantcore_torch import TorchWeightOnlyConfig, TorchWeightOnlyQuantizer, WeightOnlyLinear
 
 
 def model_nbytes(model: nn.Module) -> int:
@@ -48,11 +48,14 @@ def test_auto_config_builds_the_plugins_config():
     assert isinstance(quantcore.AutoQuantizer.from_config(config), TorchWeightOnlyQuantizer)
 
 
-@pytest.mark.parametrize(("settings", "label"), [
-    ({"bits": 8}, "torch_wo int8"),
-    ({"bits": 4, "group_size": 32}, "torch_wo int4 g32"),
-    ({"bits": 4}, "torch_wo int4 g128"),
-])
+@pytest.mark.parametrize(
+    ("settings", "label"),
+    [
+        ({"bits": 8}, "torch_wo int8"),
+        ({"bits": 4, "group_size": 32}, "torch_wo int4 g32"),
+        ({"bits": 4}, "torch_wo int4 g128"),
+    ],
+)
 def test_quantize_a_whole_model(tiny_model, ids, settings, label):
     reference = tiny_model(ids)
     size_before = model_nbytes(tiny_model)
@@ -84,8 +87,9 @@ def test_dry_run_plans_the_same_numbers(tiny_model, ids):
     assert not any(isinstance(m, WeightOnlyLinear) for m in tiny_model.modules())
     report = quantcore.quantize(tiny_model, config)
     assert plan.dry_run and not report.dry_run
-    assert [(r.name, r.action, r.bytes_after) for r in plan.modules] == \
-        [(r.name, r.action, r.bytes_after) for r in report.modules]
+    assert [(r.name, r.action, r.bytes_after) for r in plan.modules] == [
+        (r.name, r.action, r.bytes_after) for r in report.modules
+    ]
     assert plan.bytes_after == report.bytes_after == model_nbytes(tiny_model)
 
 
@@ -93,8 +97,14 @@ def test_modules_to_not_convert_keeps_them_in_float(tiny_model):
     config = TorchWeightOnlyConfig(bits=8, modules_to_not_convert=["down_proj", "layers.0.*"])
     report = quantcore.quantize(tiny_model, config)
     skipped = {r.name: r.rule for r in report.modules if r.action == "skipped"}
-    assert set(skipped) == {"lm_head", "layers.1.down_proj", "layers.0.q_proj", "layers.0.o_proj",
-                            "layers.0.up_proj", "layers.0.down_proj"}
+    assert set(skipped) == {
+        "lm_head",
+        "layers.1.down_proj",
+        "layers.0.q_proj",
+        "layers.0.o_proj",
+        "layers.0.up_proj",
+        "layers.0.down_proj",
+    }
     assert "modules_to_not_convert" in skipped["layers.1.down_proj"]
     assert isinstance(tiny_model.layers[1].up_proj, WeightOnlyLinear)
 
@@ -147,10 +157,13 @@ def test_save_and_load_a_quantized_model_through_meta_skeletons(tiny_model, ids)
         if isinstance(module, nn.Linear) and name != "lm_head":
             skeleton = quantizer.create_quantized_module(module, name)
             prefix = name + "."
-            part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            part = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
             parent, _, child = name.rpartition(".")
             setattr(fresh.get_submodule(parent), child, quantizer.load_quantized_state(skeleton, part))
-    rest = {k: v for k, v in state.items() if not any(
-        k.startswith(n + ".") for n, m in fresh.named_modules() if isinstance(m, WeightOnlyLinear))}
+    rest = {
+        k: v
+        for k, v in state.items()
+        if not any(k.startswith(n + ".") for n, m in fresh.named_modules() if isinstance(m, WeightOnlyLinear))
+    }
     fresh.load_state_dict(rest, strict=False, assign=True)
     assert torch.equal(fresh.eval()(ids), expected)

@@ -6,16 +6,14 @@ import json
 
 import pytest
 import torch
+from quantcore_torch import TorchWeightOnlyConfig
 
 import quantcore
-from quantcore_torch import TorchWeightOnlyConfig
 
 CONFIGS = [
     TorchWeightOnlyConfig(),
     TorchWeightOnlyConfig(bits=4, group_size=32),
-    TorchWeightOnlyConfig(
-        bits=4, group_size=64, compute_dtype=torch.bfloat16, modules_to_not_convert=["lm_head"]
-    ),
+    TorchWeightOnlyConfig(bits=4, group_size=64, compute_dtype=torch.bfloat16, modules_to_not_convert=["lm_head"]),
     TorchWeightOnlyConfig(bits=8, compute_dtype="float32", modules_to_not_convert=[]),
 ]
 
@@ -54,19 +52,31 @@ def test_skip_modules_come_from_modules_to_not_convert():
 
 def test_every_bad_field_is_reported_at_once():
     with pytest.raises(quantcore.ConfigError) as caught:
-        TorchWeightOnlyConfig.from_dict({
-            "quant_method": "torch_wo", "bits": 3, "group_size": 48, "compute_dtype": "int8",
-            "modules_to_not_convert": "lm_head", "bitz": 4,
-        })
+        TorchWeightOnlyConfig.from_dict(
+            {
+                "quant_method": "torch_wo",
+                "bits": 3,
+                "group_size": 48,
+                "compute_dtype": "int8",
+                "modules_to_not_convert": "lm_head",
+                "bitz": 4,
+            }
+        )
     errors = dict(caught.value.errors)
     assert set(errors) == {"bits", "group_size", "compute_dtype", "modules_to_not_convert", "bitz"}
     assert "4, 8" in errors["bits"] and "32, 64, 128" in errors["group_size"]
     assert "'bfloat16'" in errors["compute_dtype"] and "list" in errors["modules_to_not_convert"]
 
 
-@pytest.mark.parametrize(("key", "value"), [
-    ("bits", True), ("bits", "8"), ("group_size", 32.5), ("compute_dtype", "fp16"),
-])
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("bits", True),
+        ("bits", "8"),
+        ("group_size", 32.5),
+        ("compute_dtype", "fp16"),
+    ],
+)
 def test_wrong_types_are_errors(key, value):
     with pytest.raises(quantcore.ConfigError, match=key):
         TorchWeightOnlyConfig(**{key: value})

@@ -6,10 +6,10 @@ import io
 
 import pytest
 import torch
+from quantcore_torch import TorchWeightOnlyConfig, TorchWeightOnlyQuantizer, WeightOnlyLinear
 from torch import nn
 
 from quantcore.quantizer import module_nbytes
-from quantcore_torch import TorchWeightOnlyConfig, TorchWeightOnlyQuantizer, WeightOnlyLinear
 
 # The bounds stated in quantcore_torch/modules.py and docs/writing-a-plugin.md (relative L2 error of
 # the outputs, N(0, 0.02) weights with 512 inputs, N(0, 1) activations).
@@ -58,9 +58,17 @@ def test_bits_per_parameter_is_the_formats_promise(bits, group_size, dtype, gaus
     assert 8 * module_nbytes(module) / linear.weight.numel() == expected
 
 
-@pytest.mark.parametrize(("in_features", "bits", "group_size"), [
-    (512, 8, 128), (100, 8, 128), (512, 4, 32), (100, 4, 32), (33, 4, 128), (7, 4, 64),
-])
+@pytest.mark.parametrize(
+    ("in_features", "bits", "group_size"),
+    [
+        (512, 8, 128),
+        (100, 8, 128),
+        (512, 4, 32),
+        (100, 4, 32),
+        (33, 4, 128),
+        (7, 4, 64),
+    ],
+)
 @pytest.mark.parametrize("bias", [True, False])
 def test_quantized_nbytes_equals_the_real_modules_bytes(in_features, bits, group_size, bias, gaussian_linear):
     quantizer = TorchWeightOnlyQuantizer(TorchWeightOnlyConfig(bits=bits, group_size=group_size))
@@ -129,7 +137,7 @@ def test_load_quantized_state_names_every_mismatch(gaussian_linear):
     with pytest.raises(ValueError, match=expected):
         quantizer.load_quantized_state(skeleton, state)
     int8 = TorchWeightOnlyQuantizer(TorchWeightOnlyConfig(bits=8)).create_quantized_module(linear, "layer")
-    with pytest.raises(ValueError, match="qweight: expected torch.uint8"):
+    with pytest.raises(ValueError, match=r"qweight: expected torch\.uint8"):
         quantizer.load_quantized_state(skeleton, int8.state_dict())
 
 
@@ -138,9 +146,7 @@ def test_load_quantized_state_names_every_mismatch(gaussian_linear):
 def test_meta_module_gives_a_meta_skeleton(bits, group_size, dtype, gaussian_linear):
     linear = nn.Linear(100, 40, device="meta", dtype=dtype)
     skeleton = WeightOnlyLinear.from_linear(linear, bits=bits, group_size=group_size)
-    real = WeightOnlyLinear.from_linear(
-        gaussian_linear(100, 40, dtype=dtype), bits=bits, group_size=group_size
-    )
+    real = WeightOnlyLinear.from_linear(gaussian_linear(100, 40, dtype=dtype), bits=bits, group_size=group_size)
     meta_state, real_state = skeleton.state_dict(), real.state_dict()
     assert meta_state.keys() == real_state.keys()
     for key, tensor in meta_state.items():
@@ -175,6 +181,4 @@ def test_compute_dtype_sets_the_matmul_dtype_not_the_output_dtype(gaussian_linea
 
 def test_repr_says_the_format(gaussian_linear):
     module = WeightOnlyLinear.from_linear(gaussian_linear(64, 32, bias=False), bits=4, group_size=32)
-    assert repr(module) == (
-        "WeightOnlyLinear(in_features=64, out_features=32, bits=4, group_size=32, bias=False)"
-    )
+    assert repr(module) == ("WeightOnlyLinear(in_features=64, out_features=32, bits=4, group_size=32, bias=False)")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from quantcore_torch.packing import (
     dequantize_int4,
     dequantize_int8,
