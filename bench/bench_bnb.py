@@ -7,9 +7,10 @@ intermediate 5632, 22 layers, 32 heads, 4 kv heads, vocab 32000). It is saved on
 safetensors checkpoint in a temporary folder, and every variant starts from that checkpoint:
 
 - ``bf16``: ``from_pretrained(dir, dtype=bfloat16, device_map=device)``, not quantized;
-- ``quantcore``: the same ``from_pretrained`` (float weights on the device), then
-  ``quantcore.quantize(model, BitsAndBytesConfig(...))``, which quantizes each layer where its
-  weight is;
+- ``quantcore``: ``quantcore.from_pretrained(dir, quantization_config=BitsAndBytesConfig(...))``,
+  quantize-on-load: each layer is quantized as soon as its tensors are read;
+- ``quantcore_quantize``: transformers' float ``from_pretrained`` (float weights on the device),
+  then ``quantcore.quantize(model, BitsAndBytesConfig(...))`` (in place: peak holds the float model);
 - ``transformers``: ``from_pretrained(dir, dtype=bfloat16, device_map=device,
   quantization_config=transformers.BitsAndBytesConfig(...))``, transformers' own path, which
   quantizes each weight as it loads it.
@@ -126,6 +127,14 @@ def _forward_times(model, device: str, tokens: int, repeats: int, vocab: int) ->
     return out
 
 
+def _logits(model, device: str, vocab: int):
+    import torch
+
+    ids = torch.randint(0, vocab, (1, 32), generator=torch.Generator().manual_seed(1)).to(device)
+    with torch.no_grad():
+        return model(ids).logits.float().cpu()
+
+
 def run(device: str, size: str, tokens: int, repeats: int) -> dict:
     """Every variant on one checkpoint; returns the results."""
     import torch
@@ -151,9 +160,14 @@ def run(device: str, size: str, tokens: int, repeats: int) -> dict:
                 tmp, dtype=torch.bfloat16, device_map=device, **kwargs
             ).eval()
 
+        logits: dict = {}
         variants = [("bf16", None, None)]
         for mode, kwargs in MODES.items():
-            variants += [(f"quantcore_{mode}", "quantcore", kwargs), (f"transformers_{mode}", "transformers", kwargs)]
+            variants += [
+                (f"quantcore_{mode}", "quantcore-stream", kwargs),
+                (f"quantcore_quantize_{mode}", "quantcore", kwargs),
+                (f"transformers_{mode}", "transformers", kwargs),
+            ]
         for name, path, kwargs in variants:
             row: dict = {}
             with Memory(device) as mem:
@@ -163,6 +177,18 @@ def run(device: str, size: str, tokens: int, repeats: int) -> dict:
                     _sync(device)
                     row["load_s"] = time.perf_counter() - start
                     row["quantize_s"] = None
+                elif path == "quantcore-stream":  # quantize-on-load: each layer as its tensors arrive
+                    model = quantcore.from_pretrained(
+                        tmp,
+                        quantization_config=BitsAndBytesConfig(**kwargs),
+                        dtype=torch.bfloat16,
+                        device_map=device,
+                        progress=False,
+                    ).eval()
+                    _sync(device)
+                    row["load_s"] = time.perf_counter() - start
+                    row["quantize_s"] = None
+                    row["quantized_modules"] = len(model.quantcore_report.quantized)
                 else:
                     model = load()
                     _sync(device)
@@ -177,9 +203,15 @@ def run(device: str, size: str, tokens: int, repeats: int) -> dict:
                 row["peak_bytes"] = mem.peak_bytes()
             row["model_bytes"] = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
             row.update(_forward_times(model, device, tokens, repeats, config.vocab_size))
+            logits[name] = _logits(model, device, config.vocab_size)
+            mode = name.rsplit("_", 1)[-1]
+            if name.startswith("transformers_"):
+                for other in (f"quantcore_{mode}", f"quantcore_quantize_{mode}"):
+                    diff = (logits[other] - logits[name]).abs().max().item()
+                    results["variants"][other]["logits_max_abs_diff_vs_transformers"] = diff
             results["variants"][name] = row
             print(
-                f"{name:<18} load+quantize {row['load_and_quantize_s']:7.2f} s   "
+                f"{name:<24} load+quantize {row['load_and_quantize_s']:7.2f} s   "
                 f"peak {_common.mib(row['peak_bytes']):9.1f} MiB   model {_common.mib(row['model_bytes']):9.1f} MiB   "
                 f"prefill {row['prefill_ms_per_token']:8.3f} ms/token   decode {row['decode_ms_per_token']:8.2f} ms",
                 flush=True,
