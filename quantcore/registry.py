@@ -21,23 +21,21 @@ __all__ = ["Backend", "BackendInfo", "available_backends", "get_backend"]
 
 @attrs.frozen
 class Backend:
-    """What a plugin registers through the ``register_backends`` hook.
-
-    :param quant_method: the ``quant_method`` its configs carry (``"bitsandbytes"``).
-    :param config_class: the :class:`~quantcore.QuantizationConfigMixin` subclass.
-    :param quantizer: the :class:`~quantcore.Quantizer` subclass, or ``"module:Class"`` to import it
-        only when the backend is used (keeps heavy imports out of discovery).
-    :param requires: requirement strings (``"bitsandbytes>=0.48"``) that must be installed to run.
-    :param install_hint: what to tell a user when a requirement is missing.
-    :param description: one line for ``quantcore backends``.
-    """
+    """What a plugin registers through the ``register_backends`` hook."""
 
     quant_method: str
+    """The ``quant_method`` its configs carry (``"bitsandbytes"``)."""
     config_class: type[QuantizationConfigMixin]
+    """The :class:`~quantcore.QuantizationConfigMixin` subclass."""
     quantizer: type[Quantizer] | str
+    """The :class:`~quantcore.Quantizer` subclass, or ``"module:Class"`` to import it only when the
+    backend is used (keeps heavy imports out of discovery)."""
     requires: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    """Requirement strings (``"bitsandbytes>=0.48"``) that must be installed to run."""
     install_hint: str | None = None
+    """What to tell a user when a requirement is missing."""
     description: str = ""
+    """One line for ``quantcore backends``."""
 
     def quantizer_class(self) -> type[Quantizer]:
         """The quantizer class, imported on first use."""

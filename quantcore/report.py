@@ -21,21 +21,24 @@ def format_bytes(n: float) -> str:
 
 @attrs.define
 class ModuleRecord:
-    """One module the call considered.
-
-    :param action: ``"quantized"``, ``"skipped"`` or ``"dequantized"``.
-    :param rule: the rule that decided (``"default: output head"``, ``"skip: 'lm_head'"``, ...).
-    :param method: the backend's label for quantized modules (``"bitsandbytes nf4"``).
-    """
+    """One module the call considered."""
 
     name: str
+    """The module's qualified name in the model (``"model.layers.0.mlp.up_proj"``)."""
     module_type: str
+    """The class name of the module the call found there (``"Linear"``)."""
     action: str
+    """``"quantized"``, ``"skipped"`` or ``"dequantized"``."""
     rule: str
+    """The rule that decided (``"default: output head"``, ``"skip: 'lm_head'"``, ...)."""
     method: str | None
+    """The backend's label for quantized modules (``"bitsandbytes nf4"``)."""
     params: int
+    """How many parameters the module holds."""
     bytes_before: int
+    """Bytes of the module's tensors before the call."""
     bytes_after: int
+    """Bytes of the module's tensors after the call (quantization constants included)."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
