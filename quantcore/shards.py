@@ -12,6 +12,7 @@ the shards agree. Problems raise one :class:`~quantcore.CheckpointError` naming 
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
@@ -137,9 +138,10 @@ class ShardFile:
     def _entry(self, name: str, info: Any, data_start: int) -> str | None:
         if not isinstance(info, dict):
             return "its header entry is not a JSON object"
-        dtype = DTYPES.get(info.get("dtype"))
+        dtype_name = info.get("dtype")
+        dtype = DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
         if dtype is None:
-            return f"unknown dtype {info.get('dtype')!r}"
+            return f"unknown dtype {dtype_name!r}"
         shape, offsets = info.get("shape"), info.get("data_offsets")
         if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
             return f"bad shape {shape!r}"
@@ -163,7 +165,9 @@ class ShardFile:
         """The tensor ``entry`` describes, in memory of its own (``f``: this file, already open)."""
         if entry.nbytes == 0:
             return torch.empty(entry.shape, dtype=entry.dtype)
-        buf = bytearray(entry.nbytes)
+        # Read straight into the tensor's own storage: no zero-filled bytearray, no second copy.
+        data = torch.empty(entry.nbytes, dtype=torch.uint8)
+        buf = (ctypes.c_char * entry.nbytes).from_address(data.data_ptr())
         try:
             if f is None:
                 with open(self.path, "rb", buffering=0) as own:
@@ -172,17 +176,17 @@ class ShardFile:
                 _read_exactly(f, entry, buf)
         except OSError as exc:
             raise CheckpointError(f"{self.path}: cannot read tensor {entry.name!r}: {exc}") from exc
-        return torch.frombuffer(buf, dtype=torch.uint8).view(entry.dtype).reshape(entry.shape)
+        return data.view(entry.dtype).reshape(entry.shape)
 
 
-def _read_exactly(f: Any, entry: TensorEntry, buf: bytearray) -> None:
+def _read_exactly(f: Any, entry: TensorEntry, buf: Any) -> None:
     f.seek(entry.start)
-    view = memoryview(buf)
+    view = memoryview(buf).cast("B")
     got = 0
-    while got < len(buf):
+    while got < len(view):
         n = f.readinto(view[got:])
         if not n:
-            raise OSError(f"the file ended after {got} of the tensor's {len(buf)} bytes (truncated)")
+            raise OSError(f"the file ended after {got} of the tensor's {len(view)} bytes (truncated)")
         got += n
 
 
