@@ -4,6 +4,11 @@ The architecture is built with its parameters on the meta device (no memory, no 
 then the tensors are read one at a time, shard by shard. Each linear layer to quantize gets its
 float weight, is quantized by its backend and swapped in as soon as its tensors are complete, so
 the peak memory is about the quantized model plus the largest tensor, not the float model.
+
+With a device map over several devices (``device_map="auto"``, a dict), the placement is planned
+first by :mod:`quantcore.placement`, sized as the model will be once quantized; every problem of
+the map is raised before a tensor is read. Each tensor then goes straight to its module's device
+and is quantized there, and accelerate's dispatch hooks make the forward run across devices.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import os
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import torch
@@ -21,13 +26,19 @@ from torch import nn
 
 from .checkpoint import CONFIG_NAME, Loader, Target, read_quantization_state
 from .config import QuantizationConfigMixin
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 from .shards import CheckpointFiles
 from .state import STATE_ATTRIBUTE, QuantizationState
 
-__all__ = ["REPORT_ATTRIBUTE", "empty_weights", "from_pretrained"]
+if TYPE_CHECKING:
+    from .placement import Placement
+    from .walk import Walk
+
+__all__ = ["DEVICE_MAP_ATTRIBUTE", "REPORT_ATTRIBUTE", "empty_weights", "from_pretrained", "plan_device_map"]
 
 REPORT_ATTRIBUTE = "quantcore_report"
+DEVICE_MAP_ATTRIBUTE = "hf_device_map"
+"""Where the loaded model records its device map (transformers' name, which its ``generate`` reads)."""
 
 
 @contextlib.contextmanager
@@ -58,6 +69,8 @@ def from_pretrained(
     dtype: torch.dtype | str | None = None,
     device_map: str | int | torch.device | Mapping[str, Any] | None = None,
     *,
+    max_memory: Mapping[Any, int | str] | None = None,
+    no_split_module_classes: list[str] | None = None,
     overrides: Mapping[str, Any] | None = None,
     skip_modules: list[str] | None = None,
     default_skips: bool = True,
@@ -73,9 +86,16 @@ def from_pretrained(
         ignored with a warning.
     :param dtype: dtype of the float tensors (and of the weights before quantizing): a
         ``torch.dtype``, its name, or ``None``/``"auto"`` for the checkpoint's ``config.dtype``.
-    :param device_map: where to put the model: ``None`` (the CPU), a device (``"cuda"``, ``0``,
-        ``torch.device``), or a dict whose values are all one device (``{"": 0}``). Spreading a
-        model over several devices is not supported yet.
+    :param device_map: where to put the model: ``None`` (the CPU), one device (``"cuda"``, ``0``,
+        ``torch.device``, ``{"": 0}``), ``"auto"``/``"balanced"``/``"balanced_low_0"``/``"sequential"``
+        (inferred over the GPUs then the CPU, sized as the model will be once quantized), or a dict
+        ``{module name: device}``. See :func:`quantcore.placement.infer_device_map`; offloading to
+        ``"disk"`` is not supported yet. A model spread over several devices gets accelerate's
+        dispatch hooks, so its forward runs across them.
+    :param max_memory: ``{0: "20GiB", 1: "20GiB", "cpu": "64GiB"}`` for an inferred map (default:
+        what is free now).
+    :param no_split_module_classes: class names never split over devices (default: the model's
+        ``_no_split_modules``).
     :param overrides: ``{pattern: config | None}`` as in :func:`quantcore.quantize`.
     :param skip_modules: more module names or patterns to keep in float.
     :param default_skips: keep the output head and tied linears in float (default).
@@ -84,21 +104,142 @@ def from_pretrained(
     :param progress: a progress bar (default: when stderr is a terminal).
     :param kwargs: passed to ``AutoConfig.from_pretrained`` (``trust_remote_code``, config overrides).
     :returns: the model in eval mode; ``model.quantcore_report`` is the
-        :class:`~quantcore.QuantizationReport` of the load, and :func:`quantcore.save_quantized`
-        saves it.
+        :class:`~quantcore.QuantizationReport` of the load (modules kept in float32 by the fp32
+        offload rule are labelled ``device map: cpu (fp32 offload)``), ``model.hf_device_map`` the
+        device map in accelerate's form when ``device_map`` was given, and
+        :func:`quantcore.save_quantized` saves it.
+    :raises ConfigError: before any tensor is read, for a map that does not fit (devices this
+        machine lacks, quantized modules offloaded against their backend's rule).
     """
+    start = time.perf_counter()
+    load = _prepare(
+        path,
+        quantization_config,
+        dtype,
+        device_map,
+        max_memory=max_memory,
+        no_split_module_classes=no_split_module_classes,
+        overrides=overrides,
+        skip_modules=skip_modules,
+        default_skips=default_skips,
+        auto_class=auto_class,
+        check_devices=True,
+        config_kwargs=kwargs,
+    )
+    model, loader = load.model, load.loader
+    loader.check()
+    report = None
+    if load.plan is None:
+        loader.run(immediate=True, progress=progress)
+        if load.prequantized:
+            report = loader.report(time.perf_counter() - start)
+    else:
+        from .plugins import call_observers
+
+        call_observers("before_quantize", model=model, config=load.state.config, plan=load.plan)
+        loader.run(immediate=True, progress=progress)
+        report = attrs.evolve(load.plan, dry_run=False, seconds=time.perf_counter() - start)
+        call_observers("after_quantize", model=model, config=load.state.config, report=report)
+    if load.state is not None:
+        model.__dict__[STATE_ATTRIBUTE] = load.state
+    if load.placement is not None and len(set(load.placement.device_map.values())) > 1:
+        _dispatch(model, load.placement)
+    elif loader.device.type != "cpu":
+        _move_unsaved_buffers(model, loader.device)
+    if device_map is not None:
+        setattr(
+            model,
+            DEVICE_MAP_ATTRIBUTE,
+            load.placement.device_map if load.placement else _one(device_map, loader.device),
+        )
+    _load_generation_config(model, load.folder)
+    model.eval()
+    model.__dict__[REPORT_ATTRIBUTE] = report
+    return model
+
+
+def plan_device_map(
+    path: str | os.PathLike[str],
+    quantization_config: QuantizationConfigMixin | Mapping[str, Any] | None = None,
+    device_map: str | int | torch.device | Mapping[str, Any] = "auto",
+    *,
+    max_memory: Mapping[Any, int | str] | None = None,
+    dtype: torch.dtype | str | None = None,
+    no_split_module_classes: list[str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    skip_modules: list[str] | None = None,
+    default_skips: bool = True,
+    auto_class: Any = None,
+    check_devices: bool = True,
+    **kwargs: Any,
+) -> Placement:
+    """The placement :func:`from_pretrained` would use, without reading a tensor.
+
+    Takes :func:`from_pretrained`'s arguments, plus ``check_devices=False`` to plan for another
+    machine (``max_memory={0: "20GiB", 1: "20GiB", "cpu": "64GiB"}`` on a computer without GPUs).
+    The :class:`~quantcore.placement.Placement` holds the map, the bytes per device, the modules
+    the fp32 offload rule keeps in float32, and the quantization plan under the map.
+    """
+    load = _prepare(
+        path,
+        quantization_config,
+        dtype,
+        device_map,
+        max_memory=max_memory,
+        no_split_module_classes=no_split_module_classes,
+        overrides=overrides,
+        skip_modules=skip_modules,
+        default_skips=default_skips,
+        auto_class=auto_class,
+        check_devices=check_devices,
+        config_kwargs=kwargs,
+        plan_only=True,
+    )
+    assert load.placement is not None
+    return load.placement
+
+
+@attrs.define
+class _Load:
+    """What a load decided before reading a tensor: the skeleton, where its tensors go, what is quantized."""
+
+    model: nn.Module
+    folder: Path
+    loader: Loader
+    state: QuantizationState | None
+    plan: Any  # the QuantizationReport of a quantizing load
+    placement: Placement | None
+    prequantized: bool
+
+
+def _prepare(
+    path: str | os.PathLike[str],
+    quantization_config: Any,
+    dtype: torch.dtype | str | None,
+    device_map: Any,
+    *,
+    max_memory: Mapping[Any, int | str] | None,
+    no_split_module_classes: list[str] | None,
+    overrides: Mapping[str, Any] | None,
+    skip_modules: list[str] | None,
+    default_skips: bool,
+    auto_class: Any,
+    check_devices: bool,
+    config_kwargs: Mapping[str, Any],
+    plan_only: bool = False,
+) -> _Load:
+    """Build the skeleton, choose the modules to quantize and place them; every check that needs no tensor data."""
     import transformers
 
-    start = time.perf_counter()
     folder = Path(path)
     if not (folder / CONFIG_NAME).is_file():
         raise CheckpointError(
             f"{folder} has no {CONFIG_NAME}: give a local transformers checkpoint folder "
             "(download one first, e.g. with huggingface_hub.snapshot_download)"
         )
-    device = _device(device_map)
+    device = None if plan_only else _device(device_map)  # None: a map to plan over devices
     files = CheckpointFiles.open(folder)
-    config = transformers.AutoConfig.from_pretrained(str(folder), **kwargs)
+    config = transformers.AutoConfig.from_pretrained(str(folder), **config_kwargs)
     saved_quantization = getattr(config, "quantization_config", None)
     if saved_quantization is not None:
         config.quantization_config = None  # transformers' model classes must not act on it
@@ -107,7 +248,23 @@ def from_pretrained(
         model = _auto_class(auto_class, config).from_config(config, dtype=dtype)
     if saved_quantization is not None:
         config.quantization_config = saved_quantization
-    ignore = list(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])
+    kwargs = {
+        "cast_dtype": dtype,
+        "ignore_unexpected": list(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []),
+    }
+
+    def place(walk: Walk | None) -> Placement:
+        from .placement import infer_device_map
+
+        return infer_device_map(
+            model,
+            walk,
+            device_map,
+            max_memory=max_memory,
+            no_split_module_classes=no_split_module_classes,
+            dtype=dtype,
+            check_devices=check_devices,
+        )
 
     found = read_quantization_state(folder, files, model)
     if found is not None:
@@ -117,63 +274,81 @@ def from_pretrained(
             warnings.warn(
                 f"{folder} is already quantized: the quantization_config / overrides given are ignored "
                 "and the checkpoint loads as it was saved",
-                stacklevel=2,
+                stacklevel=3,
             )
         state, tied = found
-        loader = Loader.prequantized(model, state, files, tied, device, cast_dtype=dtype, ignore_unexpected=ignore)
-        loader.check()
-        loader.run(immediate=True, progress=progress)
-        report = loader.report(time.perf_counter() - start)
+        loader = Loader.prequantized(model, state, files, tied, device or _CPU, **kwargs)
+        placement = None
+        if device is None:
+            placement = place(_checkpoint_walk(model, loader.targets))
+            if placement.float_modules:
+                raise ConfigError(
+                    [
+                        (
+                            "device_map",
+                            f"puts {_names(list(placement.float_modules))} of a checkpoint saved quantized on the "
+                            "CPU or disk next to GPUs, where they cannot run quantized and cannot be kept in "
+                            "float32 (their float weights are not in the checkpoint); map them to a GPU, or give "
+                            "the GPUs more max_memory",
+                        )
+                    ],
+                    title="the quantized model does not fit this device map",
+                )
+            loader = _loader_for(placement, model, files, loader.targets, tied, kwargs, plan_only)
+        return _Load(model, folder, loader, state, None, placement, prequantized=True)
+
+    walk = _walk(model, quantization_config, overrides, skip_modules, default_skips)
+    placement = None
+    if device is None:
+        placement = place(walk)
+        if walk is not None:
+            walk = placement.apply(walk)
+    if walk is None:
+        targets: dict[str, Target] = {}
+        state, plan = None, None
     else:
-        state, loader, plan = _quantizing_loader(
-            model, files, device, dtype, quantization_config, overrides, skip_modules, default_skips, ignore
-        )
-        loader.check()
-        if plan is not None:
-            from .plugins import call_observers
-
-            call_observers("before_quantize", model=model, config=state.config, plan=plan)
-        loader.run(immediate=True, progress=progress)
-        report = None
-        if plan is not None:
-            report = attrs.evolve(plan, dry_run=False, seconds=time.perf_counter() - start)
-            call_observers("after_quantize", model=model, config=state.config, report=report)
-    if state is not None:
-        model.__dict__[STATE_ATTRIBUTE] = state
-    _load_generation_config(model, folder)
-    model.eval()
-    model.__dict__[REPORT_ATTRIBUTE] = report
-    return model
+        state, targets, plan = _targets(walk, skip_modules, default_skips)
+    if placement is None:
+        loader = Loader(model, files, targets, device or _CPU, **kwargs)
+    else:
+        loader = _loader_for(placement, model, files, targets, {}, kwargs, plan_only)
+    return _Load(model, folder, loader, state, plan, placement, prequantized=False)
 
 
-def _quantizing_loader(
+_CPU = torch.device("cpu")
+
+
+def _walk(
     model: nn.Module,
-    files: CheckpointFiles,
-    device: torch.device,
-    dtype: torch.dtype,
     quantization_config: Any,
     overrides: Mapping[str, Any] | None,
     skip_modules: list[str] | None,
     default_skips: bool,
-    ignore: list[str],
-) -> tuple[QuantizationState | None, Loader, Any]:
-    """A float checkpoint: the modules the rules choose are quantized from their float weights."""
+) -> Walk | None:
+    """The rules choosing what to quantize (``None`` for a plain float load); backends checked first."""
     from .auto import AutoQuantizer
     from .walk import Walk
 
-    kwargs = {"cast_dtype": dtype, "ignore_unexpected": ignore}
     if quantization_config is None and not overrides:
-        return None, Loader(model, files, {}, device, **kwargs), None
+        return None
     main = AutoQuantizer.from_config(quantization_config) if quantization_config is not None else None
     walk = Walk.build(main, model, overrides, skip_modules, default_skips)
     for quantizer in walk.quantizers:
         quantizer.check_environment()
+    return walk
+
+
+def _targets(
+    walk: Walk, skip_modules: list[str] | None, default_skips: bool
+) -> tuple[QuantizationState, dict[str, Target], Any]:
+    """A float checkpoint: the modules the rules choose are quantized from their float weights."""
     targets: dict[str, Target] = {}
     for d in walk.decide():
         rule = d.rule
         if rule is None or rule.quantizer is None or not rule.quantizer.can_replace(d.module) or d.parent is None:
             continue
         targets[d.name] = Target(d.name, d.module, d.parent, d.child, rule.quantizer, False, rule.source)
+    main = walk.main
     state = QuantizationState(
         main.config if main is not None else None,
         {t.source: walk.overrides[t.source] for t in targets.values() if t.source != "config"},
@@ -181,7 +356,129 @@ def _quantizing_loader(
         default_skips,
         {name: t.source for name, t in targets.items()},
     )
-    return state, Loader(model, files, targets, device, **kwargs), walk.plan()
+    return state, targets, walk.plan()
+
+
+def _checkpoint_walk(model: nn.Module, targets: Mapping[str, Target]) -> Walk:
+    """A walk that quantizes exactly the modules a checkpoint holds quantized (to size them for placing)."""
+    from .walk import Rule, Walk
+
+    rules = [
+        Rule(f"checkpoint: {t.source}", (lambda n, _name=name: n == _name), t.quantizer, t.source)
+        for name, t in targets.items()
+    ]
+    quantizers = list({id(t.quantizer): t.quantizer for t in targets.values()}.values())
+    exact = {name: i for i, name in enumerate(targets)}
+    return Walk(model, rules, quantizers, None, default_skips=False, exact=exact)
+
+
+def _loader_for(
+    placement: Placement,
+    model: nn.Module,
+    files: CheckpointFiles,
+    targets: dict[str, Target],
+    tied: dict[str, str],
+    kwargs: Mapping[str, Any],
+    plan_only: bool,
+) -> Loader:
+    """One device: the plain loader onto it; several: a :class:`_PlacedLoader`. Disk is refused here."""
+    devices = set(placement.device_map.values())
+    if "disk" in devices and not plan_only:
+        disk = [name for name, d in placement.device_map.items() if d == "disk"]
+        raise NotImplementedError(
+            f"the device map offloads {_names(disk)} to disk, which quantcore.from_pretrained does not "
+            "support yet: give the CPU more max_memory (max_memory={'cpu': ...}) or the GPUs more room"
+        )
+    if len(devices) == 1:
+        return Loader(model, files, targets, _torch_device(devices.pop()), tied, **kwargs)
+    return _PlacedLoader(model, files, targets, _CPU, tied, **kwargs, placement=placement)
+
+
+@attrs.define(eq=False)
+class _PlacedLoader(Loader):
+    """A load over several devices: each tensor goes to its module's device as ``placement`` says.
+
+    Modules the fp32 offload rule keeps out of quantization get their tensors in float32.
+    """
+
+    placement: Placement | None = None
+
+    @contextlib.contextmanager
+    def _at(self, name: str) -> Iterator[None]:
+        assert self.placement is not None
+        device, dtype = self.device, self.cast_dtype
+        self.device = _torch_device(self.placement.device_of(name))
+        if name.rpartition(".")[0] in self.placement.float_modules:
+            self.cast_dtype = torch.float32
+        try:
+            yield
+        finally:
+            self.device, self.cast_dtype = device, dtype
+
+    def _place(self, slot: Any, tensor: torch.Tensor) -> Any:
+        with self._at(slot.names[0]):
+            return super()._place(slot, tensor)
+
+    def _build(self, target: Target, tensors: dict[str, torch.Tensor], entry: Any) -> Any:
+        with self._at(target.name):
+            return super()._build(target, tensors, entry)
+
+
+def _dispatch(model: nn.Module, placement: Placement) -> None:
+    """accelerate's hooks: each block runs on its device (offloaded ones on the first GPU), outputs come back."""
+    from accelerate import dispatch_model
+
+    for name in placement.float_modules:
+        _compute_in_float32(model.get_submodule(name))
+    gpus = [d for d in placement.device_map.values() if isinstance(d, int)]
+    dispatch_model(
+        model,
+        device_map=placement.device_map,
+        main_device=_torch_device(gpus[0]) if gpus else None,
+        skip_keys=getattr(model, "_skip_keys_device_placement", None),
+    )
+
+
+def _compute_in_float32(module: nn.Module) -> None:
+    """Run a float32-kept module on float32 inputs and give its output back in the input's dtype."""
+    dtypes: list[torch.dtype] = []
+
+    def before(_: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        x = args[0]
+        dtypes.append(x.dtype)
+        return (x.float(), *args[1:])
+
+    def after(_: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+        return output.to(dtypes.pop())
+
+    module.register_forward_pre_hook(before)
+    module.register_forward_hook(after)
+
+
+def _move_unsaved_buffers(model: nn.Module, device: torch.device) -> None:
+    """Non-persistent buffers (rotary frequencies) are built on the CPU and never read: move them along."""
+    for module in model.modules():
+        for name in module._non_persistent_buffers_set:
+            buffer = module._buffers.get(name)
+            if buffer is not None and buffer.device != device:
+                module._buffers[name] = buffer.to(device)
+
+
+def _torch_device(device: Any) -> torch.device:
+    """A device-map value (GPU index, ``"cpu"``, ``"mps"``) as a ``torch.device``."""
+    return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+
+
+def _one(device_map: Any, device: torch.device) -> dict[str, Any]:
+    """A one-device map in accelerate's form (``0`` for ``cuda:0``), with the keys it was given."""
+    value = (device.index or 0) if device.type == "cuda" else device.type
+    return {key: value for key in device_map} if isinstance(device_map, Mapping) else {"": value}
+
+
+def _names(names: list[str]) -> str:
+    from .placement import _names as listed
+
+    return listed(names)
 
 
 def _auto_class(auto_class: Any, config: Any) -> Any:
@@ -210,26 +507,22 @@ def _dtype(dtype: torch.dtype | str | None, config: Any, files: CheckpointFiles)
     return value
 
 
-def _device(device_map: Any) -> torch.device:
+def _device(device_map: Any) -> torch.device | None:
+    """The one device of ``device_map``, or ``None`` for a map to plan (a mode, several devices)."""
     if device_map is None:
         return torch.device("cpu")
     if isinstance(device_map, Mapping):
-        devices = {_device(v) for v in device_map.values()}
-        if len(devices) != 1:
-            raise NotImplementedError(
-                f"device_map places modules on {len(devices)} devices "
-                f"({', '.join(sorted(map(str, devices)))}): "
-                "quantcore.from_pretrained puts the whole model on one device for now; pass one device "
-                "(device_map='cuda:0' or {'': 0})"
-            )
-        return devices.pop()
+        try:
+            devices = {_device(v) for v in device_map.values()}
+        except ValueError:
+            return None  # the planner reports every bad value at once
+        return devices.pop() if len(devices) == 1 and None not in devices else None
     if isinstance(device_map, int):
         return torch.device("cuda", device_map)
     if device_map in ("auto", "balanced", "balanced_low_0", "sequential"):
-        raise NotImplementedError(
-            f"device_map={device_map!r} (spreading a model over devices) is not supported yet: "
-            "pass one device (device_map='cuda', 'cpu', 0 or {'': 0})"
-        )
+        return None
+    if device_map == "disk":
+        return None  # the planner refuses it with the others' rules
     try:
         return torch.device(device_map)
     except (RuntimeError, TypeError) as exc:

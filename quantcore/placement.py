@@ -149,19 +149,22 @@ def infer_device_map(
 
     fp32: set[str] = set()
     budgets: dict[Device, int] = {}
+    absent: list[tuple[str, str]] = []  # devices this machine lacks: reported with the map's other problems
     if isinstance(device_map, str) and device_map in MODES:
-        budgets = _budgets(max_memory, chosen, check_devices)
+        budgets, absent = _budgets(max_memory, chosen, check_devices)
         # Offloaded modules kept in float32 weigh more, which can push more modules off the GPUs:
         # infer again until the set of offloaded float modules stops growing.
         for _ in range(8):
             with _sized(skeleton, chosen, fp32) as sized:
-                placed = _infer(sized, device_map, budgets, no_split_module_classes, quiet=not check_devices)
+                placed = _infer(
+                    sized, device_map, budgets, no_split_module_classes, quiet=not check_devices or bool(absent)
+                )
             grown = fp32 | _offloaded(placed, chosen, "float")
             if grown == fp32:
                 break
             fp32 = grown
     else:
-        placed = _check_map(skeleton, _as_map(device_map), check_devices)
+        placed, absent = _check_map(skeleton, _as_map(device_map), check_devices)
     fp32 = _offloaded(placed, chosen, "float")  # the final map's (an earlier round's may differ)
     with _sized(skeleton, chosen, fp32) as sized:
         sizes = _module_sizes(sized)
@@ -169,7 +172,7 @@ def infer_device_map(
         for name, tensor in itertools.chain(sized.named_parameters(), sized.named_buffers()):
             device = _lookup(placed, name)
             device_bytes[device] = device_bytes.get(device, 0) + tensor.numel() * tensor.element_size()
-    _check_policies(placed, chosen, plan.plan().bytes_after, budgets)
+    _check_policies(placed, chosen, plan.plan().bytes_after, budgets, absent, "max_memory" if budgets else "device map")
     labels = {}
     for name in chosen:
         if name in fp32:
@@ -337,8 +340,9 @@ def _budgets(
     max_memory: Mapping[Any, int | str] | None,
     chosen: Mapping[str, tuple[Quantizer, nn.Module]],
     check_devices: bool,
-) -> dict[Device, int]:
-    """Bytes per device, less room on each GPU for the largest float layer while it is quantized."""
+) -> tuple[dict[Device, int], list[tuple[str, str]]]:
+    """Bytes per device, less room on each GPU for the largest float layer while it is quantized,
+    and the problems of devices this machine lacks (when ``check_devices``)."""
     modeling = _accelerate()
     problems: list[tuple[str, str]] = []
     given: dict[Device, Any] | None = None
@@ -352,12 +356,12 @@ def _budgets(
                 problems.append((f"max_memory[{key!r}]", str(exc)))
     if problems:
         raise ConfigError(problems, title="invalid max_memory")
-    with _quiet(not check_devices):
+    with _quiet(True):  # a GPU this machine lacks is reported below, with the map's other problems
         budgets = dict(modeling.get_max_memory(given))
-    if check_devices:
-        _check_devices(((f"max_memory[{d!r}]", d) for d in budgets), "max_memory")
+    absent = _absent_devices((f"max_memory[{d!r}]", d) for d in budgets) if check_devices else []
     headroom = max((module_nbytes(module) for _, module in chosen.values()), default=0)
-    return {d: max(0, int(n) - headroom) if isinstance(d, int) else int(n) for d, n in budgets.items()}
+    sized = {d: max(0, int(n) - headroom) if isinstance(d, int) else int(n) for d, n in budgets.items()}
+    return sized, absent
 
 
 def _infer(
@@ -372,7 +376,8 @@ def _infer(
         return dict(modeling.infer_auto_device_map(sized, memory, no_split))
 
 
-def _check_devices(devices: Iterator[tuple[str, Device]], argument: str) -> None:
+def _absent_devices(devices: Iterator[tuple[str, Device]]) -> list[tuple[str, str]]:
+    """``(field, problem)`` for each device named that this machine does not have."""
     visible = torch.cuda.device_count()
     problems = []
     for field, device in devices:
@@ -386,12 +391,14 @@ def _check_devices(devices: Iterator[tuple[str, Device]], argument: str) -> None
             )
         elif device == "mps" and not torch.backends.mps.is_available():
             problems.append((field, "MPS is not available on this machine"))
-    if problems:
-        raise ConfigError(problems, title=f"invalid {argument}")
+    return problems
 
 
-def _check_map(skeleton: nn.Module, device_map: Mapping[Any, Any], check_devices: bool) -> dict[str, Device]:
-    """The map in accelerate's form, once every key names a module or tensor and every tensor has a device."""
+def _check_map(
+    skeleton: nn.Module, device_map: Mapping[Any, Any], check_devices: bool
+) -> tuple[dict[str, Device], list[tuple[str, str]]]:
+    """The map in accelerate's form, once every key names a module or tensor and every tensor has a device,
+    and the problems of devices this machine lacks (when ``check_devices``)."""
     problems: list[tuple[str, str]] = []
     placed: dict[str, Device] = {}
     modules = [name for name, _ in skeleton.named_modules()]
@@ -427,9 +434,8 @@ def _check_map(skeleton: nn.Module, device_map: Mapping[Any, Any], check_devices
             )
     if problems:
         raise ConfigError(problems, title="invalid device map")
-    if check_devices:
-        _check_devices(((f"device_map[{k!r}]", d) for k, d in placed.items()), "device map")
-    return placed
+    absent = _absent_devices((f"device_map[{k!r}]", d) for k, d in placed.items()) if check_devices else []
+    return placed, absent
 
 
 def _unplaced(modules: list[str], tensors: list[str], placed: Mapping[str, Device]) -> list[str]:
@@ -484,9 +490,14 @@ def _check_policies(
     chosen: Mapping[str, tuple[Quantizer, nn.Module]],
     needed: int,
     budgets: Mapping[Device, int],
+    absent: list[tuple[str, str]],
+    argument: str,
 ) -> None:
+    """Raise one :class:`ConfigError` for offloaded modules their backend refuses and for absent devices."""
     refused = _offloaded(placed, chosen, "refuse")
     if not refused:
+        if absent:
+            raise ConfigError(absent, title=f"invalid {argument}")
         return
     by_quantizer: dict[int, tuple[Quantizer, list[str]]] = {}
     for name in chosen:  # model order
@@ -515,7 +526,7 @@ def _check_policies(
             )
         else:
             problems.append(("device_map", f"{where}, where {quantizer.describe()} cannot run them ({listed}); {more}"))
-    raise ConfigError(problems, title="the quantized model does not fit this device map")
+    raise ConfigError(absent + problems, title="the quantized model does not fit this device map")
 
 
 def _names(names: list[str], noun: str = "module") -> str:

@@ -101,11 +101,11 @@ def test_torch_backend_quantizes_while_loading_and_round_trips(tmp_path):
 
 def test_device_map(tmp_path):
     _, path = tiny_llama(tmp_path)
-    assert quantcore.from_pretrained(path, device_map={"": "cpu"}).device.type == "cpu"
-    with pytest.raises(NotImplementedError, match="one device"):
+    model = quantcore.from_pretrained(path, device_map={"": "cpu"})
+    assert model.device.type == "cpu" and model.hf_device_map == {"": "cpu"}
+    with pytest.raises(quantcore.ConfigError, match=r"device_map\['lm_head'\]: 'meta': device type 'meta' is not supported"):
         quantcore.from_pretrained(path, device_map={"model": "cpu", "lm_head": "meta"})
-    with pytest.raises(NotImplementedError, match="not supported yet"):
-        quantcore.from_pretrained(path, device_map="auto")
+    assert not hasattr(quantcore.from_pretrained(path), "hf_device_map")  # no map asked, none recorded
 
 
 def test_not_a_checkpoint_folder(tmp_path):
