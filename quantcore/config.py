@@ -21,7 +21,7 @@ import os
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, cast
 
 import attrs
 
@@ -50,7 +50,7 @@ def config_field(
     :param choices: the only values allowed, when the type alone does not say it.
     :param check: ``check(value)`` returns a message when the (well-typed) value is wrong.
     """
-    metadata = {"help": help}
+    metadata: dict[str, Any] = {"help": help}
     if choices is not None:
         metadata["choices"] = tuple(choices)
     if check is not None:
@@ -60,18 +60,30 @@ def config_field(
     return attrs.field(default=default, metadata=metadata)
 
 
-def _coerce(value: Any, self: QuantizationConfigMixin, field: attrs.Attribute) -> Any:
+def _coerce(value: Any, self: attrs.AttrsInstance, field: attrs.Attribute) -> Any:
     """Field converter: structure ``value`` to the field's type, or keep it for ``_problems`` to report."""
+    # _field_transformer gives this converter to the fields of config classes only
+    config_class = cast("type[QuantizationConfigMixin]", type(self))
     try:
-        return converter.structure(value, type(self)._field_types()[field.name])
+        return converter.structure(value, config_class._field_types()[field.name])
     except Exception:
         return value
+
+
+def _evolve(config: C, **changes: Any) -> C:
+    """``attrs.evolve`` for a config.
+
+    mypy's attrs plugin only knows classes decorated with attrs' own decorators, not through
+    :func:`define_config`, so it would reject every config here.
+    """
+    evolved: C = attrs.evolve(cast(Any, config), **changes)
+    return evolved
 
 
 def _validate_assignment(instance: QuantizationConfigMixin, attribute: attrs.Attribute, value: Any) -> Any:
     # Build the would-be config first: if any rule fails, the ConfigError propagates and
     # ``instance`` keeps its old value.
-    candidate = attrs.evolve(instance, **{attribute.alias or attribute.name: value})
+    candidate = _evolve(instance, **{attribute.alias or attribute.name: value})
     return getattr(candidate, attribute.name)
 
 
@@ -110,7 +122,8 @@ def define_config(cls: type[T] | None = None, **kwargs: Any) -> Any:
 
 
 def _default_of(field: attrs.Attribute) -> Any:
-    default = field.default
+    default: Any = field.default
+    # attrs' stubs declare Factory a function (so that `x: list = Factory(list)` checks); it is a class
     if isinstance(default, attrs.Factory):  # type: ignore[arg-type]
         return default.factory()
     return default
@@ -120,6 +133,10 @@ class QuantizationConfigMixin:
     """Base of every backend's quantization config (see the module docstring)."""
 
     __slots__ = ()
+
+    if TYPE_CHECKING:
+        # set on every config class by define_config (attrs.define); declared for type checkers
+        __attrs_attrs__: ClassVar[tuple[attrs.Attribute[Any], ...]]
 
     quant_method: ClassVar[str] = ""
     """The backend's method name; a class constant, always present in the serialized dict."""
@@ -252,7 +269,7 @@ class QuantizationConfigMixin:
         """Set the known fields together (all validated before any is set); return the unknown ones."""
         known, unused = _split_known(type(self), kwargs)
         if known:
-            candidate = attrs.evolve(self, **known)
+            candidate = _evolve(self, **known)
             for f in attrs.fields(type(self)):
                 if f.name in known:
                     object.__setattr__(self, f.name, getattr(candidate, f.name))
@@ -260,7 +277,7 @@ class QuantizationConfigMixin:
 
     def copy(self: C, **changes: Any) -> C:
         """A validated copy, with ``changes`` applied."""
-        return attrs.evolve(self, **changes)
+        return _evolve(self, **changes)
 
     def __iter__(self) -> Iterator[tuple[str, Any]]:
         yield from self.to_dict().items()
