@@ -62,13 +62,13 @@ class AutoQuantizer:
         """``config`` (an instance or a dict) with ``overrides`` applied -> the backend's quantizer."""
         from .registry import get_backend
 
+        resolved: QuantizationConfigMixin
         if isinstance(config, QuantizationConfigMixin):
-            if overrides:
-                config = config.copy(**overrides)
+            resolved = config.copy(**overrides) if overrides else config
         else:
-            config = AutoQuantizationConfig.from_dict(config, **overrides)
-        backend = get_backend(config.quant_method)
-        return backend.quantizer_class()(config)
+            resolved = AutoQuantizationConfig.from_dict(config, **overrides)
+        backend = get_backend(resolved.quant_method)
+        return backend.quantizer_class()(resolved)
 
 
 def quantize(

@@ -132,8 +132,9 @@ def _is_transformers_model(model: nn.Module) -> bool:
     return transformers is not None and isinstance(model, transformers.PreTrainedModel)
 
 
-def _transformers_config(model: nn.Module, state: QuantizationState) -> dict[str, Any]:
-    """``config.json`` as ``save_pretrained`` writes it, with ``quantization_config`` for transformers.
+def _transformers_config(model: Any, state: QuantizationState) -> dict[str, Any]:
+    """``config.json`` of a transformers ``PreTrainedModel`` as ``save_pretrained`` writes it, with
+    ``quantization_config`` for transformers.
 
     transformers quantizes every linear layer its own rules pick: the config's skip list names
     each linear layer quantcore kept in float, so that it rebuilds the same skeleton.
@@ -490,7 +491,7 @@ class Loader:
         seen: set[tuple[int, str]] = set()
 
         def visit(module: nn.Module, prefix: str) -> None:
-            tensors = [(k, p, True) for k, p in module._parameters.items()]
+            tensors: list[tuple[str, torch.Tensor | None, bool]] = [(k, p, True) for k, p in module._parameters.items()]
             tensors += [
                 (k, b, False) for k, b in module._buffers.items() if k not in module._non_persistent_buffers_set
             ]
@@ -524,6 +525,7 @@ class Loader:
                     if isinstance(to, Slot):
                         apply = self._place(to, tensor)
                     else:
+                        assert local is not None  # a module's tensors are routed with their local names
                         parts = pending.setdefault(to.name, {})
                         parts[local] = tensor
                         if len(parts) < len(to.keys):
@@ -547,19 +549,24 @@ class Loader:
 
     def _place(self, slot: Slot, tensor: torch.Tensor) -> Callable[[], None]:
         value = self._cast(tensor)
+        param: nn.Parameter | None = None
         if any(is_param for _, _, is_param in slot.places):
             grad = slot.like.requires_grad and value.is_floating_point()
-            value = nn.Parameter(value, requires_grad=grad)
+            value = param = nn.Parameter(value, requires_grad=grad)
 
         def apply() -> None:
             for module, attr, is_param in slot.places:
-                (module._parameters if is_param else module._buffers)[attr] = value
+                if is_param:
+                    module._parameters[attr] = param
+                else:
+                    module._buffers[attr] = value
 
         return apply
 
     def _build(self, target: Target, tensors: dict[str, torch.Tensor], entry: TensorEntry) -> Callable[[], None]:
         where = f"{entry.file.name}" if len(self.files.shards) == 1 else "the checkpoint's shards"
         if target.prequantized:
+            assert target.skeleton is not None  # check() built it
             try:
                 new = target.quantizer.load_quantized_state(target.skeleton, tensors, self.device)
             except Exception as exc:
@@ -587,7 +594,7 @@ class Loader:
         """What the load put in the model: one record per quantized module."""
         records = []
         for t in self.targets.values():
-            new = t.parent._modules[t.child]
+            new = t.parent.get_submodule(t.child)
             records.append(
                 ModuleRecord(
                     name=t.name,
@@ -607,7 +614,7 @@ class Loader:
 
 
 def _own_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    out = [(k, p) for k, p in module._parameters.items() if p is not None]
+    out: list[tuple[str, torch.Tensor]] = [(k, p) for k, p in module._parameters.items() if p is not None]
     out += [(k, b) for k, b in module._buffers.items() if b is not None and k not in module._non_persistent_buffers_set]
     return out
 

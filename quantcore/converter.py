@@ -26,7 +26,7 @@ converter = cattrs.Converter(forbid_extra_keys=True, prefer_attrib_converters=Fa
 
 @functools.cache
 def _dtypes() -> dict[str, torch.dtype]:
-    names = {}
+    names: dict[str, torch.dtype] = {}
     for name in dir(torch):
         value = getattr(torch, name)
         if isinstance(value, torch.dtype):

@@ -253,7 +253,7 @@ class Evaluation:
         self.dtype = next(self.model.parameters()).dtype
         self.max_tokens = max_tokens
         if self.kind == "causal-lm":
-            self.text = text if text is not None else default_text()
+            self.text: str | None = text if text is not None else default_text()
             self.sentences: Sequence[str] = ()
         else:
             self.text = None

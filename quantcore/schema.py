@@ -38,8 +38,8 @@ def type_schema(tp: Any) -> dict[str, Any]:
         args = [a for a in typing.get_args(tp) if a is not Ellipsis]
         return {"type": "array", "items": type_schema(args[0])} if args else {"type": "array"}
     if _is_dict(tp):
-        args = typing.get_args(tp)
-        return {"type": "object", "additionalProperties": type_schema(args[1]) if args else {}}
+        key_value = typing.get_args(tp)
+        return {"type": "object", "additionalProperties": type_schema(key_value[1]) if key_value else {}}
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         return {"enum": [m.value for m in tp]}
     if isinstance(tp, type) and attrs.has(tp):
