@@ -19,7 +19,12 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from .report import QuantizationReport
 
 __all__ = ["PRESETS", "main", "resolve_method"]
 
@@ -99,6 +104,13 @@ def _log(args: argparse.Namespace) -> Callable[[str], None]:
     if args.json or getattr(args, "quiet", False):
         return lambda message: None
     return lambda message: print(f"... {message}", file=sys.stderr, flush=True)
+
+
+def _load_report(model: nn.Module) -> QuantizationReport | None:
+    """The report :func:`quantcore.from_pretrained` attached to ``model`` (``None``: nothing quantized)."""
+    from .loading import REPORT_ATTRIBUTE
+
+    return model.__dict__.get(REPORT_ATTRIBUTE)
 
 
 def _peak_rss() -> int:
@@ -240,7 +252,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     quantcore.save_quantized(model, out)
     copied = _copy_side_files(model_dir, out)
     seconds = time.perf_counter() - start
-    report = model.quantcore_report
+    report = _load_report(model)
+    assert report is not None  # a load with a quantization config always has a report
     files_before, files_after = _weights_bytes(model_dir), _weights_bytes(out)
     peak = _peak_rss()
     data = {
@@ -356,10 +369,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if not args.all and len(rows) > 40:
         rows = [*rows[:20], (f"... {len(rows) - 40} more ...", "", "", "", ""), *rows[-20:]]
     lines = [f"{folder}: quantcore checkpoint, method {', '.join(data['quant_methods']) or '-'}"]
-    for source, config in configs.items():
-        if config is not None:
+    for source, saved in configs.items():
+        if saved is not None:
             label = "config" if source == "config" else f"override {source!r}"
-            lines.append(f"  {label}: {json.dumps(config, default=str)}")
+            lines.append(f"  {label}: {json.dumps(saved, default=str)}")
     lines += [
         f"  {len(modules)} quantized modules ({_bytes(data['quantized_bytes'])}), "
         f"{_bytes(float_bytes)} of float tensors ({float_params / 1e6:.2f}M parameters); "
@@ -438,7 +451,7 @@ def _score_checkpoint(evaluation: Any, folder: Path) -> Any:
     start = time.perf_counter()
     model = quantcore.from_pretrained(folder, dtype=evaluation.dtype, progress=False)
     seconds = time.perf_counter() - start
-    report = model.quantcore_report
+    report = _load_report(model)
     methods = sorted({m.method for m in report.quantized if m.method}) if report is not None else []
     # the tensors saved (quantization constants included; tied weights once), as for the other rows
     from .shards import CheckpointFiles
@@ -451,6 +464,8 @@ def _score_checkpoint(evaluation: Any, folder: Path) -> Any:
 
 def quality_table(rows: Sequence[Any], kind: str) -> str:
     """The comparison as text: size, bits per parameter, time and the kind's metrics."""
+    header: tuple[str, ...]
+    metrics: list[tuple[str, ...]]
     if kind == "causal-lm":
         header = ("model", "method", "size", "bits/param", "linear bits", "time", "perplexity", "change")
         metrics = [
@@ -527,7 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``quantcore`` command."""
     from . import __version__
 
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument(
         "--json", action="store_true", default=argparse.SUPPRESS, help="print machine-readable JSON on stdout"
     )
