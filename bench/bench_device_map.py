@@ -80,6 +80,7 @@ def load(library: str, path: str, max_memory: dict) -> dict:
     quantcore.available_backends()
     budgets = {int(k) if k.isdigit() else k: v for k, v in max_memory.items()}
     for d in range(torch.cuda.device_count()):
+        torch.empty(1, device=f"cuda:{d}")  # the allocator of a device exists only once it was used
         torch.cuda.reset_peak_memory_stats(d)
     start = time.perf_counter()
     try:
