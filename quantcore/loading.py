@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+import unittest.mock
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -56,11 +57,8 @@ def empty_weights() -> Iterator[None]:
         if param is not None and not param.is_meta:
             module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
 
-    nn.Module.register_parameter = register_on_meta
-    try:
+    with unittest.mock.patch.object(nn.Module, "register_parameter", register_on_meta):
         yield
-    finally:
-        nn.Module.register_parameter = register
 
 
 def from_pretrained(
@@ -136,6 +134,7 @@ def from_pretrained(
     else:
         from .plugins import call_observers
 
+        assert load.state is not None  # a quantizing load records what it quantizes
         call_observers("before_quantize", model=model, config=load.state.config, plan=load.plan)
         loader.run(immediate=True, progress=progress)
         report = attrs.evolve(load.plan, dry_run=False, seconds=time.perf_counter() - start)
@@ -248,7 +247,7 @@ def _prepare(
         model = _auto_class(auto_class, config).from_config(config, dtype=dtype)
     if saved_quantization is not None:
         config.quantization_config = saved_quantization
-    kwargs = {
+    kwargs: dict[str, Any] = {
         "cast_dtype": dtype,
         "ignore_unexpected": list(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []),
     }
@@ -276,8 +275,8 @@ def _prepare(
                 "and the checkpoint loads as it was saved",
                 stacklevel=3,
             )
-        state, tied = found
-        loader = Loader.prequantized(model, state, files, tied, device or _CPU, **kwargs)
+        saved, tied = found
+        loader = Loader.prequantized(model, saved, files, tied, device or _CPU, **kwargs)
         placement = None
         if device is None:
             placement = place(_checkpoint_walk(model, loader.targets))
@@ -295,7 +294,7 @@ def _prepare(
                     title="the quantized model does not fit this device map",
                 )
             loader = _loader_for(placement, model, files, loader.targets, tied, kwargs, plan_only)
-        return _Load(model, folder, loader, state, None, placement, prequantized=True)
+        return _Load(model, folder, loader, saved, None, placement, prequantized=True)
 
     walk = _walk(model, quantization_config, overrides, skip_modules, default_skips)
     placement = None
@@ -347,6 +346,7 @@ def _targets(
         rule = d.rule
         if rule is None or rule.quantizer is None or not rule.quantizer.can_replace(d.module) or d.parent is None:
             continue
+        assert rule.source is not None  # a rule with a quantizer names its config: "config" or an override
         targets[d.name] = Target(d.name, d.module, d.parent, d.child, rule.quantizer, False, rule.source)
     main = walk.main
     state = QuantizationState(
@@ -361,12 +361,10 @@ def _targets(
 
 def _checkpoint_walk(model: nn.Module, targets: Mapping[str, Target]) -> Walk:
     """A walk that quantizes exactly the modules a checkpoint holds quantized (to size them for placing)."""
+    from .match import exact_name
     from .walk import Rule, Walk
 
-    rules = [
-        Rule(f"checkpoint: {t.source}", (lambda n, _name=name: n == _name), t.quantizer, t.source)
-        for name, t in targets.items()
-    ]
+    rules = [Rule(f"checkpoint: {t.source}", exact_name(name), t.quantizer, t.source) for name, t in targets.items()]
     quantizers = list({id(t.quantizer): t.quantizer for t in targets.values()}.values())
     exact = {name: i for i, name in enumerate(targets)}
     return Walk(model, rules, quantizers, None, default_skips=False, exact=exact)

@@ -6,7 +6,7 @@ import fnmatch
 import re
 from collections.abc import Callable
 
-__all__ = ["compile_pattern"]
+__all__ = ["compile_pattern", "exact_name"]
 
 
 def compile_pattern(pattern: str) -> Callable[[str], bool]:
@@ -30,3 +30,8 @@ def compile_pattern(pattern: str) -> Callable[[str], bool]:
         return lambda name: glob.match(name) is not None
     suffix = "." + pattern
     return lambda name: name == pattern or name.endswith(suffix)
+
+
+def exact_name(name: str) -> Callable[[str], bool]:
+    """A predicate true for the module called ``name`` alone (for rules that name one module)."""
+    return lambda other: other == name

@@ -21,7 +21,7 @@ import difflib
 import itertools
 import logging
 from collections.abc import Iterator, Mapping
-from typing import Any, Literal
+from typing import Any, Literal, cast, get_args
 
 import attrs
 import torch
@@ -57,31 +57,29 @@ def offload_policy(quantizer: Quantizer) -> OffloadPolicy:
     :meth:`quantcore.Quantizer.offload_policy`.
     """
     policy = quantizer.offload_policy()
-    if policy not in ("quantized", "float", "refuse"):
+    if policy not in get_args(OffloadPolicy):
         raise ValueError(f"{type(quantizer).__name__}.offload_policy() returned {policy!r}")
-    return policy
+    return cast(OffloadPolicy, policy)
 
 
 @attrs.frozen
 class Placement:
-    """Where each module goes, and which modules the placement keeps out of quantization.
-
-    :param device_map: ``{module name: device}`` in accelerate's form (GPU index, ``"cpu"``,
-        ``"disk"``); a module not named goes where its closest named ancestor goes.
-    :param float_modules: ``{module name: rule label}``: modules the quantization would replace but
-        that stay unquantized in float32 because the map offloads them (fp32 offload).
-    :param module_sizes: bytes of every module as placed (quantized sizes; ``""`` is the model).
-    :param max_memory: the budgets the map was inferred with, in bytes (empty for a given map).
-    :param device_bytes: bytes each device holds.
-    :param report: the quantization plan with ``float_modules`` kept in float.
-    """
+    """Where each module goes, and which modules the placement keeps out of quantization."""
 
     device_map: dict[str, Device]
+    """``{module name: device}`` in accelerate's form (GPU index, ``"cpu"``, ``"disk"``); a module
+    not named goes where its closest named ancestor goes."""
     float_modules: dict[str, str]
+    """``{module name: rule label}``: modules the quantization would replace but that stay
+    unquantized in float32 because the map offloads them (fp32 offload)."""
     module_sizes: dict[str, int] = attrs.field(repr=False)
+    """Bytes of every module as placed (quantized sizes; ``""`` is the model)."""
     max_memory: dict[Device, int]
+    """The budgets the map was inferred with, in bytes (empty for a given map)."""
     device_bytes: dict[Device, int]
+    """Bytes each device holds."""
     report: QuantizationReport = attrs.field(repr=False)
+    """The quantization plan with :attr:`float_modules` kept in float."""
 
     @property
     def skip_modules(self) -> list[str]:
@@ -171,6 +169,7 @@ def infer_device_map(
         device_bytes: dict[Device, int] = {}
         for name, tensor in itertools.chain(sized.named_parameters(), sized.named_buffers()):
             device = _lookup(placed, name)
+            assert device is not None  # the map gives every tensor a device (checked or inferred so)
             device_bytes[device] = device_bytes.get(device, 0) + tensor.numel() * tensor.element_size()
     _check_policies(placed, chosen, plan.plan().bytes_after, budgets, absent, "max_memory" if budgets else "device map")
     labels = {}

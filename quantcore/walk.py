@@ -18,7 +18,7 @@ import attrs
 from torch import nn
 
 from .errors import QuantizationError
-from .match import compile_pattern
+from .match import compile_pattern, exact_name
 from .quantizer import Quantizer, leaf_size
 from .report import ModuleRecord, QuantizationReport
 
@@ -33,11 +33,6 @@ class Rule:
     matches: Callable[[str], bool] = attrs.field(repr=False)
     quantizer: Quantizer | None
     source: str | None = None  # "config" or the override pattern: what QuantizationState records
-
-
-def _named(name: str) -> Callable[[str], bool]:
-    """The rule predicate that matches the module called ``name`` alone."""
-    return lambda n: n == name
 
 
 @attrs.frozen
@@ -188,7 +183,7 @@ class Walk:
         if default_skips:
             for name, reason in default_float_modules(model, index).items():
                 exact[name] = len(rules)
-                rules.append(Rule(reason, _named(name), None))
+                rules.append(Rule(reason, exact_name(name), None))
         skip_sources: list[tuple[str, str]] = []
         if main is not None:
             field = main.config.skip_modules_field or "skip_modules"
@@ -222,7 +217,7 @@ class Walk:
 
     def keep_in_float(self, labels: Mapping[str, str]) -> Walk:
         """A copy of this walk whose first rules keep the named modules in float, under their labels."""
-        rules = [Rule(label, _named(name), None) for name, label in labels.items()]
+        rules = [Rule(label, exact_name(name), None) for name, label in labels.items()]
         exact = {name: i + len(rules) for name, i in self.exact.items()}
         exact.update({name: i for i, name in enumerate(labels)})
         return attrs.evolve(self, rules=rules + self.rules, exact=exact)
