@@ -19,12 +19,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
-
-if TYPE_CHECKING:
-    from torch import nn
-
-    from .report import QuantizationReport
+from typing import Any, NoReturn
 
 __all__ = ["PRESETS", "main", "resolve_method"]
 
@@ -104,13 +99,6 @@ def _log(args: argparse.Namespace) -> Callable[[str], None]:
     if args.json or getattr(args, "quiet", False):
         return lambda message: None
     return lambda message: print(f"... {message}", file=sys.stderr, flush=True)
-
-
-def _load_report(model: nn.Module) -> QuantizationReport | None:
-    """The report :func:`quantcore.from_pretrained` attached to ``model`` (``None``: nothing quantized)."""
-    from .loading import REPORT_ATTRIBUTE
-
-    return model.__dict__.get(REPORT_ATTRIBUTE)
 
 
 def _peak_rss() -> int:
@@ -231,6 +219,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     """Quantize while loading (one tensor at a time), then save the quantized checkpoint."""
     import quantcore
 
+    from .loading import get_report
+
     model_dir = _model_dir(args.model)
     config = _config(args)
     out = Path(args.out)
@@ -252,7 +242,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     quantcore.save_quantized(model, out)
     copied = _copy_side_files(model_dir, out)
     seconds = time.perf_counter() - start
-    report = _load_report(model)
+    report = get_report(model)
     assert report is not None  # a load with a quantization config always has a report
     files_before, files_after = _weights_bytes(model_dir), _weights_bytes(out)
     peak = _peak_rss()
@@ -444,6 +434,8 @@ def _score_checkpoint(evaluation: Any, folder: Path) -> Any:
     """Load a saved quantized checkpoint (no quantizing again) and score it like the others."""
     import quantcore
 
+    from .loading import get_report
+
     if not (folder / "config.json").is_file():
         raise UsageError(
             f"--quantized {folder} is not a checkpoint folder; give the --out folder of 'quantcore quantize'"
@@ -451,7 +443,7 @@ def _score_checkpoint(evaluation: Any, folder: Path) -> Any:
     start = time.perf_counter()
     model = quantcore.from_pretrained(folder, dtype=evaluation.dtype, progress=False)
     seconds = time.perf_counter() - start
-    report = _load_report(model)
+    report = get_report(model)
     methods = sorted({m.method for m in report.quantized if m.method}) if report is not None else []
     # the tensors saved (quantization constants included; tied weights once), as for the other rows
     from .shards import CheckpointFiles

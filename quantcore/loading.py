@@ -33,9 +33,17 @@ from .state import STATE_ATTRIBUTE, QuantizationState
 
 if TYPE_CHECKING:
     from .placement import Placement
+    from .report import QuantizationReport
     from .walk import Walk
 
-__all__ = ["DEVICE_MAP_ATTRIBUTE", "REPORT_ATTRIBUTE", "empty_weights", "from_pretrained", "plan_device_map"]
+__all__ = [
+    "DEVICE_MAP_ATTRIBUTE",
+    "REPORT_ATTRIBUTE",
+    "empty_weights",
+    "from_pretrained",
+    "get_report",
+    "plan_device_map",
+]
 
 REPORT_ATTRIBUTE = "quantcore_report"
 DEVICE_MAP_ATTRIBUTE = "hf_device_map"
@@ -155,6 +163,15 @@ def from_pretrained(
     model.eval()
     model.__dict__[REPORT_ATTRIBUTE] = report
     return model
+
+
+def get_report(model: nn.Module) -> QuantizationReport | None:
+    """The :class:`~quantcore.QuantizationReport` :func:`from_pretrained` attached to ``model``.
+
+    ``model.quantcore_report``, typed; ``None`` when the load quantized nothing (a float checkpoint
+    and no config) or ``model`` did not come from :func:`from_pretrained`.
+    """
+    return model.__dict__.get(REPORT_ATTRIBUTE)
 
 
 def plan_device_map(
