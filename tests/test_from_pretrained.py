@@ -103,7 +103,9 @@ def test_device_map(tmp_path):
     _, path = tiny_llama(tmp_path)
     model = quantcore.from_pretrained(path, device_map={"": "cpu"})
     assert model.device.type == "cpu" and model.hf_device_map == {"": "cpu"}
-    with pytest.raises(quantcore.ConfigError, match=r"device_map\['lm_head'\]: 'meta': device type 'meta' is not supported"):
+    with pytest.raises(
+        quantcore.ConfigError, match=r"device_map\['lm_head'\]: 'meta': device type 'meta' is not supported"
+    ):
         quantcore.from_pretrained(path, device_map={"model": "cpu", "lm_head": "meta"})
     assert not hasattr(quantcore.from_pretrained(path), "hf_device_map")  # no map asked, none recorded
 
