@@ -102,14 +102,16 @@ def load(library: str, path: str, max_memory: dict) -> dict:
         torch.cuda.synchronize(d)
     seconds = time.perf_counter() - start
     peaks = {str(d): torch.cuda.max_memory_allocated(d) for d in range(torch.cuda.device_count())}
+    # transformers leaves hf_device_map unset when "auto" put everything on one device
+    device_map = getattr(model, "hf_device_map", None) or {"": str(next(model.parameters()).device)}
     with torch.no_grad():
         first = next(p.device for p in model.parameters() if p.device.type != "meta")
         logits = model(torch.tensor(IDS, device=first)).logits.float().cpu()
     return {
         "load_s": seconds,
         "peak_allocated_bytes": peaks,
-        "devices": _by_device(model, model.hf_device_map),
-        "device_map": {k: str(v) for k, v in model.hf_device_map.items()},
+        "devices": _by_device(model, device_map),
+        "device_map": {k: str(v) for k, v in device_map.items()},
         "logits": logits.flatten().tolist(),
     }
 

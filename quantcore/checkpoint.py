@@ -520,7 +520,7 @@ class Loader:
         done: list[Callable[[], None]] = []
         bar = _progress(sum(self.files.entries[k].nbytes for k in self.routes), progress)
         try:
-            for entry, tensor in self.files.stream(set(self.routes)):
+            for entry, tensor in self.files.stream(set(self.routes), to=self._stream_device()):
                 for to, local in self.routes[entry.name]:
                     if isinstance(to, Slot):
                         apply = self._place(to, tensor)
@@ -541,6 +541,10 @@ class Loader:
             if bar is not None:
                 bar.close()
         return done
+
+    def _stream_device(self) -> torch.device | None:
+        """Where the reader may copy every tensor straight away (one device for the whole load)."""
+        return self.device
 
     def _cast(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.cast_dtype is not None and tensor.is_floating_point():

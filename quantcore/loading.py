@@ -433,6 +433,9 @@ class _PlacedLoader(Loader):
 
     placement: Placement | None = None
 
+    def _stream_device(self) -> torch.device | None:
+        return None  # tensors go to their own module's device, chosen per module
+
     @contextlib.contextmanager
     def _at(self, name: str) -> Iterator[None]:
         assert self.placement is not None

@@ -161,12 +161,15 @@ class ShardFile:
         )
         return None
 
-    def read(self, entry: TensorEntry, f: Any = None) -> torch.Tensor:
-        """The tensor ``entry`` describes, in memory of its own (``f``: this file, already open)."""
+    def read(self, entry: TensorEntry, f: Any = None, into: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor ``entry`` describes (``f``: this file, already open).
+
+        In memory of its own, or a view of the start of the uint8 buffer ``into`` (reused by the caller).
+        """
         if entry.nbytes == 0:
             return torch.empty(entry.shape, dtype=entry.dtype)
-        # Read straight into the tensor's own storage: no zero-filled bytearray, no second copy.
-        data = torch.empty(entry.nbytes, dtype=torch.uint8)
+        # Read straight into the tensor's storage: no zero-filled bytearray, no second copy.
+        data = torch.empty(entry.nbytes, dtype=torch.uint8) if into is None else into[: entry.nbytes]
         buf = (ctypes.c_char * entry.nbytes).from_address(data.data_ptr())
         try:
             if f is None:
@@ -177,6 +180,12 @@ class ShardFile:
         except OSError as exc:
             raise CheckpointError(f"{self.path}: cannot read tensor {entry.name!r}: {exc}") from exc
         return data.view(entry.dtype).reshape(entry.shape)
+
+
+def _staging_buffer(nbytes: int, device: torch.device) -> torch.Tensor:
+    """A host buffer for copies to ``device``: page-locked where CUDA can use that."""
+    pin = device.type == "cuda" and torch.cuda.is_available()
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
 
 
 def _read_exactly(f: Any, entry: TensorEntry, buf: Any) -> None:
@@ -253,8 +262,13 @@ class CheckpointFiles:
             raise CheckpointError(_format(f"checkpoint {folder}: the index and the shards disagree", problems))
         return cls(folder, shards)
 
-    def stream(self, keys: set[str]) -> Iterator[tuple[TensorEntry, torch.Tensor]]:
-        """Read the tensors named in ``keys``, shard by shard, in file order (sequential reads)."""
+    def stream(self, keys: set[str], to: torch.device | None = None) -> Iterator[tuple[TensorEntry, torch.Tensor]]:
+        """Read the tensors named in ``keys``, shard by shard, in file order (sequential reads).
+
+        With ``to`` an accelerator, each tensor is read into one reused (pinned) staging buffer and
+        copied to ``to``: no fresh host allocation, and no page faults, per tensor.
+        """
+        staging: torch.Tensor | None = None
         for shard in self.shards:
             wanted = sorted((e for k, e in shard.entries.items() if k in keys), key=lambda e: e.start)
             if not wanted:
@@ -265,7 +279,13 @@ class CheckpointFiles:
                 raise CheckpointError(f"{shard.path}: cannot open: {exc}") from exc
             with f:
                 for entry in wanted:
-                    yield entry, shard.read(entry, f)
+                    if to is None or to.type == "cpu" or entry.nbytes == 0:
+                        yield entry, shard.read(entry, f)
+                        continue
+                    largest = max(e.nbytes for e in wanted)
+                    if staging is None or staging.numel() < largest:
+                        staging = _staging_buffer(largest, to)
+                    yield entry, shard.read(entry, f, into=staging).to(to)
 
 
 def _shard_order(name: str) -> tuple[int, str]:
