@@ -70,9 +70,10 @@ def test_requirement_too_old_is_reported():
     backend = quantcore.get_backend("bitsandbytes", require_usable=False)
     assert backend.requires == ("bitsandbytes>=0.48.0",)
     assert backend.install_hint == INSTALL_HINT
-    too_new = attrs.evolve(backend, requires=("bitsandbytes>=999",))
+    # torch is installed wherever these tests run, bitsandbytes not always (tox -e core)
+    too_new = attrs.evolve(backend, requires=("torch>=999",))
     (problem,) = too_new.missing_requirements()
-    assert "is installed but bitsandbytes>=999 is needed" in problem
+    assert "is installed but torch>=999 is needed" in problem
     missing = attrs.evolve(backend, requires=("quantcore-no-such-package>=1",))
     assert missing.missing_requirements() == ["quantcore-no-such-package is not installed"]
 
