@@ -273,7 +273,9 @@ def _prepare(
     config = transformers.AutoConfig.from_pretrained(str(folder), **config_kwargs)
     saved_quantization = getattr(config, "quantization_config", None)
     if saved_quantization is not None:
-        config.quantization_config = None  # transformers' model classes must not act on it
+        # transformers' model classes must not act on it; delete it rather than set None, which
+        # transformers 4.x's config.to_dict() would try to serialize
+        del config.quantization_config
     dtype = _dtype(dtype, config, files)
     with empty_weights():
         model = _auto_class(auto_class, config).from_config(config, dtype=dtype)
