@@ -132,18 +132,28 @@ def bnb():
     return pytest.importorskip("quantcore_bnb", reason="the quantcore-bnb backend is not installed")
 
 
+def _skip_broken_int8_reload(fmt: str) -> None:
+    # Measured with transformers 4.56.0 + bitsandbytes 0.48.0 on the CPU: transformers' own int8
+    # save -> from_pretrained round trip changes the logits by 0.74 (5.x: identical). Comparing
+    # with it there would test transformers, not us.
+    if fmt == "int8" and int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip("transformers 4.x reloads int8 checkpoints wrongly on the CPU (its own round trip differs)")
+
+
 @pytest.mark.parametrize("fmt", list(BNB_FORMATS))
 def test_quantcore_bnb_checkpoint_loads_in_transformers(tmp_path, bnb, fmt):
+    # dtype="auto" below: the checkpoint's dtype (transformers 4.x would pick float16 for bnb)
+    _skip_broken_int8_reload(fmt)
     _, path = tiny_llama(tmp_path)
     model = quantcore.from_pretrained(path, bnb.BitsAndBytesConfig(**BNB_FORMATS[fmt]))
     quantcore.save_quantized(model, tmp_path / "q")
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q", device_map="cpu")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q", device_map="cpu", dtype="auto")
     ours = quantcore.from_pretrained(tmp_path / "q")
     assert type(theirs.model.layers[0].mlp.up_proj) is type(ours.model.layers[0].mlp.up_proj)
     assert torch.equal(logits(theirs), logits(ours))
     # and it is what transformers itself makes from the float checkpoint
     direct = transformers.AutoModelForCausalLM.from_pretrained(
-        path, device_map="cpu", quantization_config=transformers.BitsAndBytesConfig(**BNB_FORMATS[fmt])
+        path, device_map="cpu", dtype="auto", quantization_config=transformers.BitsAndBytesConfig(**BNB_FORMATS[fmt])
     )
     assert torch.equal(logits(direct), logits(ours))
 
@@ -151,12 +161,13 @@ def test_quantcore_bnb_checkpoint_loads_in_transformers(tmp_path, bnb, fmt):
 @pytest.mark.parametrize("fmt", list(BNB_FORMATS))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_transformers_bnb_checkpoint_loads_in_quantcore(tmp_path, bnb, fmt, dtype):
+    _skip_broken_int8_reload(fmt)
     _, path = tiny_llama(tmp_path, dtype)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(
-        path, device_map="cpu", quantization_config=transformers.BitsAndBytesConfig(**BNB_FORMATS[fmt])
+        path, device_map="cpu", dtype="auto", quantization_config=transformers.BitsAndBytesConfig(**BNB_FORMATS[fmt])
     )
     theirs.save_pretrained(tmp_path / "hf")
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", device_map="cpu")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", device_map="cpu", dtype="auto")
     ours = quantcore.from_pretrained(tmp_path / "hf")
     assert torch.equal(logits(ours), logits(reloaded))
     state = quantcore.get_quantization_state(ours)
@@ -186,7 +197,7 @@ def test_saved_skip_list_tells_transformers_what_stayed_float(tmp_path, bnb):
     quantcore.save_quantized(model, tmp_path / "q")
     quant = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     assert "model.layers.1.mlp.down_proj" in quant["llm_int8_skip_modules"]
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q", device_map="cpu")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q", device_map="cpu", dtype="auto")
     assert type(theirs.model.layers[1].mlp.down_proj) is torch.nn.Linear
     assert torch.equal(logits(theirs), logits(quantcore.from_pretrained(tmp_path / "q")))
 
@@ -200,6 +211,6 @@ def test_smollm2_nf4_matches_transformers(bnb):
     kw = BNB_FORMATS["nf4"]
     ours = quantcore.from_pretrained(path, bnb.BitsAndBytesConfig(**kw))
     theirs = transformers.AutoModelForCausalLM.from_pretrained(
-        path, device_map="cpu", quantization_config=transformers.BitsAndBytesConfig(**kw)
+        path, device_map="cpu", dtype="auto", quantization_config=transformers.BitsAndBytesConfig(**kw)
     )
     assert torch.equal(logits(ours), logits(theirs))

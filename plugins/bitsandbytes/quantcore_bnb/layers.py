@@ -67,12 +67,12 @@ def _new_module(cls: type[nn.Module]) -> nn.Module:
 
 
 @functools.cache
-def _has_avx512bf16() -> bool | int:
+def _has_avx512bf16() -> bool | int | None:
     # Linear4bit.__init__ asks the native library every time; the answer never changes (and we
-    # keep its exact value, an int from the library, a bool from the fallback). bitsandbytes
-    # before 0.49 has no such probe and no such attribute to set: False is what it would act on.
+    # keep its exact value). bitsandbytes before 0.49 has no such probe and no such attribute:
+    # None says there is nothing to set.
     probe = getattr(bnb.functional, "has_avx512bf16", None)
-    return probe() if probe is not None else False
+    return probe() if probe is not None else None
 
 
 def packed_weight_shape(out_features: int, in_features: int, quant_storage: torch.dtype) -> tuple[int, int]:
@@ -122,8 +122,9 @@ def make_linear4bit(
         compute_type_is_set=compute_dtype is not None,
         quant_state=quant_state,
         quant_storage=quant_storage,
-        support_avx512bf16_for_cpu=_has_avx512bf16(),
     )
+    if _has_avx512bf16() is not None:  # bitsandbytes >= 0.49 sets (and reads) this attribute
+        module.__dict__["support_avx512bf16_for_cpu"] = _has_avx512bf16()
     return module
 
 
