@@ -5,7 +5,7 @@ excluded), peak RSS of the whole process, and the logits on a fixed input, compa
 two libraries (max abs diff). Both load on the CPU (transformers with ``device_map="cpu"``) in
 bf16 with the same bitsandbytes settings.
 
-    /tmp/venv/bin/python bench/bench_load.py [--repeats 3] [--json bench/_results/load.json]
+    .venv/bin/python bench/bench_load.py [--repeats 3] [--json bench/_results/load.json]
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Quality of each quantization method on SmolLM2-135M: perplexity on real Shakespeare text.
 
-    /tmp/venv/bin/python bench/bench_quality.py [--max-tokens 2048] [--methods int8,nf4,...]
+    .venv/bin/python bench/bench_quality.py [--max-tokens 2048] [--methods int8,nf4,...]
 
 Loads the bf16 checkpoint that ``bench/prepare_models.py`` writes, scores it, then quantizes a copy
 with each ``--method`` preset of the CLI (:data:`quantcore.cli.PRESETS`) and scores that. The text
