@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from .config import QuantizationConfigMixin
     from .report import QuantizationReport
 
-__all__ = ["Quantizer", "check_state", "leaf_size", "module_nbytes", "module_numel"]
+__all__ = ["Quantizer", "check_state", "leaf_size", "module_nbytes"]
 
 
 def module_nbytes(module: nn.Module) -> int:
@@ -28,11 +28,6 @@ def module_nbytes(module: nn.Module) -> int:
     else:
         tensors = [*module.parameters(), *module.buffers()]
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
-
-
-def module_numel(module: nn.Module) -> int:
-    """Number of parameters of a module."""
-    return leaf_size(module)[0]
 
 
 def leaf_size(module: nn.Module) -> tuple[int, int]:

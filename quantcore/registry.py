@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import importlib.util
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -169,12 +168,3 @@ def _close(name: Any, known: dict[str, Any]) -> str:
 
     close = difflib.get_close_matches(str(name), list(known), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def backend_for_module_type(predicate: Callable[[type[Quantizer]], bool]) -> list[Backend]:
-    """Usable backends whose quantizer class satisfies ``predicate`` (used by dequantize)."""
-    out = []
-    for info in available_backends():
-        if info.usable and info.backend is not None:
-            out.append(info.backend)
-    return [b for b in out if predicate(b.quantizer_class())]
