@@ -12,6 +12,7 @@ from .config import QuantizationConfigMixin
 from .errors import ConfigError, QuantizationError
 from .quantizer import Quantizer, module_nbytes
 from .report import ModuleRecord, QuantizationReport
+from .swap import swap_module
 
 __all__ = ["AutoQuantizationConfig", "AutoQuantizer", "dequantize", "quantize"]
 
@@ -130,7 +131,7 @@ def dequantize(model: nn.Module) -> QuantizationReport:
     records = []
     for parent, child, sub, new, owner, full in built:
         before, after = module_nbytes(sub), module_nbytes(new)
-        parent._modules[child] = new
+        swap_module(parent, child, new)
         records.append(
             ModuleRecord(
                 full,

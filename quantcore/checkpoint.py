@@ -33,6 +33,7 @@ from .quantizer import Quantizer, module_nbytes
 from .report import ModuleRecord, QuantizationReport
 from .shards import INDEX_NAME, WEIGHTS_NAME, CheckpointFiles, TensorEntry, write_shards
 from .state import STATE_ATTRIBUTE, QuantizationState, get_quantization_state
+from .swap import swap_module
 
 __all__ = [
     "CONFIG_NAME",
@@ -589,7 +590,7 @@ class Loader:
                 ) from exc
 
         def apply() -> None:
-            target.parent._modules[target.child] = new
+            swap_module(target.parent, target.child, new)
 
         return apply
 

@@ -21,6 +21,7 @@ from .errors import QuantizationError
 from .match import compile_pattern, exact_name
 from .quantizer import Quantizer, leaf_size
 from .report import ModuleRecord, QuantizationReport
+from .swap import swap_module
 
 __all__ = ["ModelIndex", "Rule", "Walk", "default_float_modules", "paused_gc"]
 
@@ -363,11 +364,12 @@ class Walk:
         finally:
             if bar is not None:
                 bar.close()
-        # Swapping is plain dict assignment: nothing here can fail half-way.
+        if any(d.parent is None for d, _ in built):
+            raise QuantizationError("the model itself is a single module: quantize a container instead")
+        # Swapping is a mode flag and a dict assignment: nothing here can fail half-way.
         for d, new in built:
-            if d.parent is None:
-                raise QuantizationError("the model itself is a single module: quantize a container instead")
-            d.parent._modules[d.child] = new
+            assert d.parent is not None
+            swap_module(d.parent, d.child, new)
         self._record_state(built)
         # The plan's records describe exactly what was built: reuse them instead of measuring twice.
         report = attrs.evolve(plan, dry_run=False, seconds=time.perf_counter() - start)

@@ -42,6 +42,11 @@ def test_same_tensors_as_transformers_from_pretrained(tmp_path, tiny_llama, kwar
     layer_types = {type(m) for m in theirs.modules() if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))}
     assert {type(tiny_llama.get_submodule(r.name)) for r in report.quantized} == layer_types
     assert len(report.quantized) == 2 * 7 and report.record("lm_head").action == "skipped"
+    # the same model: both in eval mode (int8 takes another matmul path in training), same logits
+    assert not tiny_llama.training and not any(m.training for m in tiny_llama.modules())
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(tiny_llama(ids).logits, theirs(ids).logits)
 
 
 @pytest.mark.parametrize(
