@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, cast
 
 import attrs
 
-from .converter import converter, describe_type
+from .converter import NonFiniteError, allow_infinity, converter, describe_type
 from .errors import ConfigError
 
 __all__ = ["QuantizationConfigMixin", "config_field", "define_config"]
@@ -43,18 +43,24 @@ def config_field(
     help: str,
     choices: Iterable[Any] | None = None,
     check: Callable[[Any], str | None] | None = None,
+    allow_infinity: bool = False,
 ) -> Any:
     """An attrs field with the metadata quantcore derives docs, schema and checks from.
 
     :param help: one sentence on what the field means (docs, JSON Schema, CLI help).
     :param choices: the only values allowed, when the type alone does not say it.
     :param check: ``check(value)`` returns a message when the (well-typed) value is wrong.
+    :param allow_infinity: a float field whose value may be ``inf`` or ``-inf`` because they mean
+        something (say what in ``help``). Floats are finite otherwise; NaN never passes. JSON
+        holds these infinities as the strings ``"inf"`` and ``"-inf"``, which load back too.
     """
     metadata: dict[str, Any] = {"help": help}
     if choices is not None:
         metadata["choices"] = tuple(choices)
     if check is not None:
         metadata["check"] = check
+    if allow_infinity:
+        metadata["allow_infinity"] = True
     if factory is not None:
         return attrs.field(factory=factory, metadata=metadata)
     return attrs.field(default=default, metadata=metadata)
@@ -116,7 +122,13 @@ def define_config(cls: type[T] | None = None, **kwargs: Any) -> Any:
             raise TypeError(f"{c!r} must subclass quantcore.QuantizationConfigMixin")
         if not isinstance(getattr(c, "quant_method", None), str) or not c.quant_method:
             raise TypeError(f"{c.__name__} must set `quant_method: ClassVar[str] = '...'`")
-        return attrs.define(c, **options)
+        defined = attrs.define(c, **options)
+        if any(f.metadata.get("allow_infinity") for f in attrs.fields(defined)):
+            try:
+                defined._field_types()  # a misplaced allow_infinity fails here, not at first use
+            except NameError:  # a forward reference not defined yet: checked at first use instead
+                pass
+        return defined
 
     return wrap if cls is None else wrap(cls)
 
@@ -172,7 +184,15 @@ class QuantizationConfigMixin:
         types = cls.__dict__.get("_qc_types")
         if types is None:
             attrs.resolve_types(cls)
-            types = {f.name: f.type for f in attrs.fields(cls)}
+            types = {}
+            for f in attrs.fields(cls):
+                if f.metadata.get("allow_infinity"):
+                    try:
+                        types[f.name] = allow_infinity(f.type)
+                    except TypeError as exc:
+                        raise TypeError(f"{cls.__name__}.{f.name}: {exc}") from None
+                else:
+                    types[f.name] = f.type
             type.__setattr__(cls, "_qc_types", types)
         return types
 
@@ -225,7 +245,8 @@ class QuantizationConfigMixin:
     def to_json_string(self, use_diff: bool = True) -> str:
         """JSON text of :meth:`to_diff_dict` (or :meth:`to_dict` with ``use_diff=False``)."""
         data = self.to_diff_dict() if use_diff else self.to_dict()
-        return json.dumps(data, indent=2, sort_keys=True) + "\n"
+        # allow_nan=False: a NaN or infinity reaching here would be a bug; never write non-JSON
+        return json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n"
 
     def to_json_file(self, path: str | os.PathLike[str], use_diff: bool = True) -> None:
         """Write :meth:`to_json_string` to ``path`` atomically (never a half-written file)."""
@@ -303,6 +324,8 @@ def _field_problems(tp: Any, field: attrs.Attribute, value: Any) -> list[tuple[s
         structured = converter.structure(value, tp)
     except ConfigError as exc:  # a nested config: keep its paths
         return [(f"{name}.{sub}" if sub else name, message) for sub, message in exc.errors]
+    except NonFiniteError as exc:  # the right type, a value JSON cannot hold
+        return [(name, str(exc))]
     except Exception:
         return [(name, f"expected {describe_type(tp)}, got {_show(value)}")]
     choices = field.metadata.get("choices")

@@ -2,23 +2,36 @@
 
 Every config is structured and unstructured here, so a type learns its JSON form in one place.
 Coercions happen only where nothing is lost: an ``int`` becomes a ``float``, a dtype name becomes
-a ``torch.dtype``, a whole float becomes an ``int``. ``True`` for a number, ``6.5`` for an ``int``
-or a string for a list are errors.
+a ``torch.dtype``, a whole float becomes an ``int``, a NumPy scalar becomes the Python value it
+holds (``np.bool_(True)`` -> ``True``, ``np.float32(5.0)`` -> ``5.0``). ``True`` for a number,
+``6.5`` for an ``int`` or a string for a list are errors, and so are NaN and the infinities where
+a float is meant: JSON has no form for them. A field opts in to infinities with
+``config_field(..., allow_infinity=True)``; they are written ``"inf"`` and ``"-inf"`` in JSON.
 """
 
 from __future__ import annotations
 
 import enum
 import functools
+import math
+import sys
 import typing
 from collections.abc import Mapping
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import attrs
 import cattrs
 import torch
 
-__all__ = ["converter", "describe_type", "dtype_from_name", "dtype_names"]
+__all__ = [
+    "InfiniteFloat",
+    "NonFiniteError",
+    "allow_infinity",
+    "converter",
+    "describe_type",
+    "dtype_from_name",
+    "dtype_names",
+]
 
 converter = cattrs.Converter(forbid_extra_keys=True, prefer_attrib_converters=False)
 """The project's single converter. Plugins may register hooks for their own types on it."""
@@ -50,13 +63,69 @@ def dtype_from_name(value: Any) -> torch.dtype:
     raise ValueError(f"expected a torch dtype or its name, got {value!r}")
 
 
+class NonFiniteError(ValueError):
+    """NaN, or an infinity, where a finite float is meant (JSON has no form for either)."""
+
+
+class _InfinityAllowed:
+    """Marks the float of :data:`InfiniteFloat`."""
+
+    def __repr__(self) -> str:
+        return "allow_infinity"
+
+
+InfiniteFloat = Annotated[float, _InfinityAllowed()]
+"""A float that may be ``inf`` or ``-inf`` (never NaN): the type of an ``allow_infinity`` field."""
+
+_INFINITIES = {"inf": math.inf, "+inf": math.inf, "-inf": -math.inf}
+
+
+def allow_infinity(tp: Any) -> Any:
+    """``tp`` with each ``float`` in it (``float | None``, ``list[float]``) made an :data:`InfiniteFloat`.
+
+    Raises ``TypeError`` when ``tp`` holds no float, so a misplaced opt-in is caught.
+    """
+    out = _with_infinity(tp)
+    if out is tp:
+        raise TypeError(f"allow_infinity is for float fields, not {describe_type(tp)}")
+    return out
+
+
+def _with_infinity(tp: Any) -> Any:
+    if tp is float:
+        return InfiniteFloat
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if not args or origin in (Literal, Annotated):
+        return tp
+    new = tuple(_with_infinity(a) for a in args)
+    if all(n is a for n, a in zip(new, args, strict=True)):
+        return tp
+    if _is_union(tp):
+        return Union[new]  # noqa: UP007 - the arguments are only known at run time
+    return origin[new]
+
+
+def _plain(value: Any) -> Any:
+    """A NumPy scalar as the Python value it holds (``np.float32(5.0)`` -> ``5.0``); others as they are.
+
+    ``.item()`` is exact for NumPy's bools, ints and floats (a float32 widens to a Python float
+    without loss). NumPy is looked up, never imported: if it is not loaded, no value comes from it.
+    """
+    numpy = sys.modules.get("numpy")
+    if numpy is not None and isinstance(value, numpy.generic):
+        return value.item()
+    return value
+
+
 def _structure_bool(value: Any, _: type) -> bool:
+    value = _plain(value)
     if isinstance(value, bool):
         return value
     raise TypeError(f"expected a bool, got {value!r}")
 
 
 def _structure_int(value: Any, _: type) -> int:
+    value = _plain(value)
     if isinstance(value, bool):
         raise TypeError(f"expected an int, got {value!r}")
     if isinstance(value, int):
@@ -66,15 +135,39 @@ def _structure_int(value: Any, _: type) -> int:
     raise TypeError(f"expected an int, got {value!r}")
 
 
-def _structure_float(value: Any, _: type) -> float:
+def _structure_float(value: Any, _: Any) -> float:
+    value = _plain(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"expected a float, got {value!r}")
-    return float(value)
+    value = float(value)
+    if not math.isfinite(value):
+        raise NonFiniteError(f"expected a finite float, got {value!r}")
+    return value
+
+
+def _structure_infinite_float(value: Any, _: Any) -> float:
+    value = _plain(value)
+    if isinstance(value, str) and value.lower() in _INFINITIES:
+        return _INFINITIES[value.lower()]
+    if isinstance(value, float) and math.isinf(value):
+        return value
+    try:
+        return _structure_float(value, float)
+    except NonFiniteError:
+        raise NonFiniteError(f"expected a float, 'inf' or '-inf', got {value!r}") from None
+
+
+def _unstructure_float(value: float) -> float | str:
+    # JSON has no infinity: an allow_infinity field's infinities are written as strings
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return value
 
 
 def _structure_str(value: Any, _: type) -> str:
+    value = _plain(value)
     if isinstance(value, str):
-        return value
+        return str(value)
     raise TypeError(f"expected a str, got {value!r}")
 
 
@@ -128,6 +221,7 @@ def _structure_enum(value: Any, tp: type[enum.Enum]) -> enum.Enum:
 
 
 def _structure_literal(value: Any, tp: Any) -> Any:
+    value = _plain(value)
     choices = typing.get_args(tp)
     # bool is an int: keep True from matching a Literal[1].
     for choice in choices:
@@ -160,6 +254,9 @@ def _structure_union(value: Any, tp: Any) -> Any:
             return converter.structure(value, arg)
         except Exception as exc:
             errors.append(exc)
+    for exc in errors:
+        if isinstance(exc, NonFiniteError):  # the right type, a value JSON cannot hold: say that
+            raise exc
     raise TypeError(f"expected {describe_type(tp)}, got {value!r}") from (errors[0] if errors else None)
 
 
@@ -170,6 +267,7 @@ def _is_any(tp: Any) -> bool:
 converter.register_structure_hook(bool, _structure_bool)
 converter.register_structure_hook(int, _structure_int)
 converter.register_structure_hook(float, _structure_float)
+converter.register_unstructure_hook(float, _unstructure_float)
 converter.register_structure_hook(str, _structure_str)
 converter.register_structure_hook(torch.dtype, lambda v, _: dtype_from_name(v))
 converter.register_unstructure_hook(torch.dtype, lambda d: str(d).removeprefix("torch."))
@@ -182,6 +280,8 @@ converter.register_structure_hook_func(_is_dict, _structure_dict)
 converter.register_structure_hook_func(lambda t: isinstance(t, type) and issubclass(t, enum.Enum), _structure_enum)
 converter.register_unstructure_hook_func(lambda t: isinstance(t, type) and issubclass(t, enum.Enum), lambda e: e.value)
 converter.register_unstructure_hook(tuple, lambda t: [converter.unstructure(v) for v in t])
+# registered last: checked before the generic hooks above (cattrs tries the newest first)
+converter.register_structure_hook_func(lambda t: t == InfiniteFloat, _structure_infinite_float)
 
 
 def describe_type(tp: Any) -> str:
@@ -196,6 +296,8 @@ def describe_type(tp: Any) -> str:
         return "an int"
     if tp is float:
         return "a float"
+    if tp == InfiniteFloat:
+        return "a float, 'inf' or '-inf'"
     if tp is str:
         return "a str"
     if tp is torch.dtype:

@@ -9,7 +9,7 @@ from typing import Any, Literal
 import attrs
 import torch
 
-from .converter import _is_dict, _is_list, _is_tuple, _is_union, converter, dtype_names
+from .converter import InfiniteFloat, _is_dict, _is_list, _is_tuple, _is_union, converter, dtype_names
 
 __all__ = ["config_schema", "type_schema"]
 
@@ -26,6 +26,8 @@ def type_schema(tp: Any) -> dict[str, Any]:
         return {"type": "integer"}
     if tp is float:
         return {"type": "number"}
+    if tp == InfiniteFloat:
+        return {"anyOf": [{"type": "number"}, {"enum": ["inf", "-inf"]}]}
     if tp is str:
         return {"type": "string"}
     if tp is torch.dtype:
@@ -51,12 +53,19 @@ def type_schema(tp: Any) -> dict[str, Any]:
     raise TypeError(f"no JSON Schema for type {tp!r}")
 
 
-def _object_schema(cls: type) -> dict[str, Any]:
+def _field_types(cls: type) -> dict[str, Any]:
+    """Each field's type as the converter structures it (a config's ``allow_infinity`` included)."""
     attrs.resolve_types(cls)
+    types = getattr(cls, "_field_types", None)
+    return types() if callable(types) else {f.name: f.type for f in attrs.fields(cls)}
+
+
+def _object_schema(cls: type) -> dict[str, Any]:
+    types = _field_types(cls)
     properties: dict[str, Any] = {}
     required = []
     for f in attrs.fields(cls):
-        prop = type_schema(f.type)
+        prop = type_schema(types[f.name])
         choices = f.metadata.get("choices")
         if choices is not None:
             allowed = [converter.unstructure(c) for c in choices]
@@ -94,7 +103,7 @@ def config_markdown(cls: type) -> str:
     """A markdown reference table of a config class: every field's type, default, allowed values, meaning."""
     from .converter import describe_type
 
-    attrs.resolve_types(cls)
+    types = _field_types(cls)
     lines = [
         f'### `{cls.__name__}` (`quant_method: "{cls.quant_method}"`)',  # type: ignore[attr-defined]
         "",
@@ -110,7 +119,7 @@ def config_markdown(cls: type) -> str:
             value = f.default.factory() if isinstance(f.default, attrs.Factory) else f.default  # type: ignore[arg-type]
             default = f"`{json_dumps(converter.unstructure(value))}`"
         choices = f.metadata.get("choices")
-        schema = type_schema(f.type)
+        schema = type_schema(types[f.name])
         if choices is not None:
             allowed = ", ".join(f"`{json_dumps(converter.unstructure(c))}`" for c in choices)
         elif "enum" in schema and f.type is not torch.dtype:
@@ -118,7 +127,7 @@ def config_markdown(cls: type) -> str:
         else:
             allowed = ""
         meaning = f.metadata.get("help", "").replace("|", "\\|").replace("\n", " ")
-        kind = describe_type(f.type).removeprefix("a ").removeprefix("an ").replace("|", "\\|")
+        kind = describe_type(types[f.name]).removeprefix("a ").removeprefix("an ").replace("|", "\\|")
         lines.append(f"| `{f.name}` | {kind} | {default} | {allowed} | {meaning} |")
     return "\n".join(lines) + "\n"
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import enum
 import json
+import math
 from typing import ClassVar, Literal
 
 import attrs
 import jsonschema
+import numpy as np
 import pytest
 import torch
 
@@ -46,6 +48,9 @@ class DemoConfig(QuantizationConfigMixin):
     inner: Inner = config_field(factory=Inner, help="Nested settings.")
     damp: float = config_field(
         default=0.01, help="Dampening.", check=lambda v: None if 0 <= v <= 1 else f"expected 0 <= damp <= 1, got {v}"
+    )
+    clip: float | None = config_field(
+        default=math.inf, allow_infinity=True, help="Clip weights beyond this magnitude (inf: never)."
     )
 
     def validate(self):
@@ -229,3 +234,82 @@ def test_config_error_is_a_value_error_and_pickles():
     assert isinstance(err, ValueError)
     again = pickle.loads(pickle.dumps(err))
     assert again.errors == err.errors and str(again) == str(err)
+
+
+# ---------------------------------------------------------------------- non-finite floats
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf, np.float64("nan"), np.float32("-inf")])
+def test_non_finite_floats_are_refused(value):
+    with pytest.raises(ConfigError) as err:
+        DemoConfig(threshold=value)
+    assert err.value.errors == [("threshold", f"expected a finite float, got {float(value)!r}")]
+    with pytest.raises(ConfigError, match="threshold: expected a finite float, got nan"):
+        DemoConfig.from_dict({"threshold": math.nan, "damp": 0.5})
+    c = DemoConfig()
+    with pytest.raises(ConfigError):
+        c.threshold = value  # assignment too, and the old value stays
+    assert c.threshold == 6.0
+
+
+def test_a_field_may_opt_in_to_infinities():
+    c = DemoConfig(clip=-math.inf)
+    assert c.clip == -math.inf
+    text = c.to_json_string()
+    assert json.loads(text, parse_constant=_no_constants)["clip"] == "-inf"  # strict JSON
+    assert DemoConfig.from_dict(json.loads(text)) == c
+    assert DemoConfig(clip="inf").clip == math.inf and DemoConfig(clip=2).clip == 2.0
+    assert DemoConfig().to_dict()["clip"] == "inf" and "clip" not in DemoConfig().to_diff_dict()
+    with pytest.raises(ConfigError) as err:
+        DemoConfig(clip=math.nan)
+    assert err.value.errors == [("clip", "expected a float, 'inf' or '-inf', got nan")]
+    with pytest.raises(ConfigError, match="clip: expected a float, 'inf' or '-inf' or null, got 'infinite'"):
+        DemoConfig(clip="infinite")
+    prop = DemoConfig.json_schema()["properties"]["clip"]
+    assert prop["anyOf"] == [{"anyOf": [{"type": "number"}, {"enum": ["inf", "-inf"]}]}, {"type": "null"}]
+    assert prop["default"] == "inf"
+
+
+def test_allow_infinity_on_a_field_without_a_float_is_refused():
+    with pytest.raises(TypeError, match="Bad.n: allow_infinity is for float fields, not an int"):
+
+        @define_config
+        class Bad(QuantizationConfigMixin):
+            quant_method: ClassVar[str] = "bad"
+            n: int = config_field(default=1, allow_infinity=True, help="n")
+
+
+def _no_constants(name):
+    raise ValueError(f"not JSON: {name}")
+
+
+# ---------------------------------------------------------------------- NumPy scalars
+def test_numpy_scalars_coerce_when_nothing_is_lost():
+    c = DemoConfig(
+        load_in_8bit=np.bool_(True),
+        threshold=np.float32(5.0),
+        damp=np.float32(0.25),
+        group_size=np.int64(32),
+        quant_type=np.str_("nf4"),
+        block=[np.int32(2), np.float64(32.0)],
+        inner={"bits": np.int8(4)},
+    )
+    assert c == DemoConfig(load_in_8bit=True, threshold=5.0, damp=0.25, group_size=32, quant_type="nf4",
+                           block=(2, 32), inner=Inner(bits=4))  # fmt: skip
+    assert type(c.load_in_8bit) is bool and type(c.threshold) is float and type(c.group_size) is int
+    assert type(c.quant_type) is str and type(c.inner.bits) is int
+    json.loads(c.to_json_string(), parse_constant=_no_constants)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [
+        ("group_size", np.float64(4.5), "expected an int, got np.float64(4.5)"),
+        ("group_size", np.float32(32.5), "expected an int, got np.float32(32.5)"),
+        ("load_in_8bit", np.int64(1), "expected a bool, got np.int64(1)"),
+        ("threshold", np.bool_(True), "expected a float, got np.True_"),
+        ("threshold", np.complex128(1 + 2j), "expected a float, got np.complex128(1+2j)"),
+    ],
+)
+def test_numpy_scalars_that_would_lose_something_are_refused(field, value, expected):
+    with pytest.raises(ConfigError) as err:
+        DemoConfig(**{field: value})
+    assert err.value.errors == [(field, expected)]

@@ -7,7 +7,10 @@ import json
 import typing
 from typing import Any, Literal
 
+import math
+
 import attrs
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
@@ -15,7 +18,7 @@ from hypothesis import strategies as st
 
 import quantcore
 from quantcore import ConfigError, QuantizationConfigMixin
-from quantcore.converter import dtype_names
+from quantcore.converter import InfiniteFloat, dtype_names
 from tests.test_config import DemoConfig
 
 
@@ -40,6 +43,8 @@ def strategy_for(tp: Any, field: attrs.Attribute | None = None) -> st.SearchStra
         return st.integers(-(2**31), 2**31)
     if tp is float:
         return st.floats(allow_nan=False, allow_infinity=False, width=64)
+    if tp == InfiniteFloat:
+        return st.floats(allow_nan=False, allow_infinity=True, width=64)
     if tp is str:
         return st.text(max_size=20)
     if tp is torch.dtype:
@@ -103,8 +108,9 @@ def _json_dicts(cls: type[QuantizationConfigMixin]) -> st.SearchStrategy:
 @given(data=st.data())
 def test_valid_configs_survive_json_round_trip(cls, data):
     config = data.draw(configs(cls))
-    full = cls.from_dict(json.loads(config.to_json_string(use_diff=False)))
-    diff = cls.from_dict(json.loads(config.to_json_string(use_diff=True)))
+    # strict JSON: NaN and Infinity are not JSON and must never be written
+    full = cls.from_dict(json.loads(config.to_json_string(use_diff=False), parse_constant=_not_json))
+    diff = cls.from_dict(json.loads(config.to_json_string(use_diff=True), parse_constant=_not_json))
     assert full == config
     assert diff == config
 
@@ -122,3 +128,79 @@ def test_any_json_gives_a_valid_config_or_config_error(cls, data):
         return
     assert isinstance(config, cls)
     assert cls.from_dict(config.to_dict()) == config
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+# ---------------------------------------------------------------------- NumPy scalars, non-finite floats
+def _as_numpy(value: Any, draw: Any) -> Any:
+    """``value`` (a JSON form) with its numbers and bools as NumPy scalars that hold them exactly."""
+    if isinstance(value, bool):
+        return np.bool_(value)
+    if isinstance(value, int) and -(2**63) <= value < 2**63:
+        return draw(st.sampled_from([np.int64, np.int32] if -(2**31) <= value < 2**31 else [np.int64]))(value)
+    if isinstance(value, float):
+        exact32 = abs(value) < 3e38 and float(np.float32(value)) == value
+        return draw(st.sampled_from([np.float64, np.float32] if exact32 else [np.float64]))(value)
+    if isinstance(value, list):
+        return [_as_numpy(v, draw) for v in value]
+    if isinstance(value, dict):
+        return {k: v if k == "quant_method" else _as_numpy(v, draw) for k, v in value.items()}
+    return value
+
+
+@pytest.mark.parametrize("cls", CONFIG_CLASSES, ids=lambda c: c.__name__)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
+@given(data=st.data())
+def test_lossless_numpy_scalars_give_the_same_config(cls, data):
+    config = data.draw(configs(cls))
+    numpy_dict = _as_numpy(config.to_dict(), data.draw)
+    again = cls.from_dict(numpy_dict)
+    assert again == config
+    assert again.to_dict() == config.to_dict()  # plain Python values again, not NumPy ones
+    assert not any(isinstance(v, np.generic) for _, v in again)
+
+
+def _fields_of(cls: type[QuantizationConfigMixin], kinds: tuple[Any, ...]) -> list[str]:
+    types = cls._field_types()
+    return [
+        f.name
+        for f in attrs.fields(cls)
+        if types[f.name] in kinds or any(a in kinds for a in typing.get_args(types[f.name]))
+    ]
+
+
+INT_FIELDS = [(c, n) for c in CONFIG_CLASSES for n in _fields_of(c, (int,)) if "choices" not in attrs.fields_dict(c)[n].metadata]
+FLOAT_FIELDS = [(c, n) for c in CONFIG_CLASSES for n in _fields_of(c, (float, InfiniteFloat))]
+
+
+@pytest.mark.parametrize(("cls", "name"), INT_FIELDS, ids=lambda x: getattr(x, "__name__", x))
+@settings(max_examples=30, deadline=None)
+@given(value=st.floats(allow_nan=False, allow_infinity=False).filter(lambda v: not v.is_integer()))
+def test_lossy_numpy_floats_are_refused_for_ints(cls, name, value):
+    for scalar in (np.float64(value), np.float32(value)):
+        if float(scalar).is_integer():
+            continue
+        with pytest.raises(ConfigError) as err:
+            cls.from_dict({name: scalar})
+        assert name in [f for f, _ in err.value.errors]
+
+
+@pytest.mark.parametrize(("cls", "name"), FLOAT_FIELDS, ids=lambda x: getattr(x, "__name__", x))
+@settings(max_examples=20, deadline=None)
+@given(value=st.sampled_from([math.nan, math.inf, -math.inf]), numpy=st.booleans())
+def test_non_finite_floats_are_refused_unless_the_field_allows_infinity(cls, name, value, numpy):
+    allows = bool(attrs.fields_dict(cls)[name].metadata.get("allow_infinity"))
+    allowed = allows and not math.isnan(value)
+    given_value = np.float64(value) if numpy else value
+    try:
+        config = cls.from_dict({name: given_value})
+    except ConfigError as err:
+        assert not allowed
+        expected = "expected a float, 'inf' or '-inf'" if math.isnan(value) and allows else "expected a finite float"
+        assert (name, f"{expected}, got {value!r}") in err.errors
+        return
+    assert allowed and getattr(config, name) == value
+    assert cls.from_dict(json.loads(config.to_json_string(), parse_constant=_not_json)) == config

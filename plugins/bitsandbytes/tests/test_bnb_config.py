@@ -244,3 +244,17 @@ def test_json_schema_lists_choices():
         "bfloat16",
     }
     assert all(props[f.name].get("description") == f.metadata["help"] for f in attrs.fields(BitsAndBytesConfig))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("-inf"), float("inf")])
+def test_non_finite_threshold_is_refused(value):
+    # transformers accepts it and to_json_string() writes NaN, which is not JSON
+    with pytest.raises(ConfigError, match=f"llm_int8_threshold: expected a finite float, got {value!r}"):
+        BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=value)
+
+
+def test_numpy_scalars_are_taken_when_lossless():
+    np = pytest.importorskip("numpy")
+    c = BitsAndBytesConfig(load_in_8bit=np.bool_(True), llm_int8_threshold=np.float32(5.0))
+    assert c == BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=5.0)
+    assert type(c.load_in_8bit) is bool and type(c.llm_int8_threshold) is float
