@@ -28,6 +28,7 @@ import attrs
 import torch
 from torch import nn
 
+from .auto import AutoQuantizationConfig, AutoQuantizer
 from .errors import CheckpointError, ConfigError, QuantizationError
 from .quantizer import Quantizer, module_nbytes
 from .report import ModuleRecord, QuantizationReport
@@ -213,21 +214,65 @@ def read_quantization_state(
             state = QuantizationState.from_dict(data)
         except ConfigError as exc:
             raise CheckpointError(f"{own}: {exc}") from exc
+        _check_configs_agree(folder, state)
         return state, dict(data.get("tied_weights") or {})
     config_file = folder / CONFIG_NAME
-    quant = _read_json(config_file).get("quantization_config") if config_file.is_file() else None
+    quant = _transformers_quantization_config(config_file)
     if not quant:
         return None
     if model is None or files is None:
         raise CheckpointError(f"{config_file}: inferring which modules are quantized needs the model and files")
-    from .auto import AutoQuantizationConfig, AutoQuantizer
-
     try:
         config = AutoQuantizationConfig.from_dict(quant)
     except ConfigError as exc:
         raise CheckpointError(f"{config_file}: quantization_config: {exc}") from exc
     quantizer = AutoQuantizer.from_config(config)
     return QuantizationState(config, modules=_infer_quantized(model, files, quantizer)), {}
+
+
+def _transformers_quantization_config(config_file: Path) -> Any:
+    """``config.json``'s ``quantization_config`` (``None`` without the file or the key)."""
+    if not config_file.is_file():
+        return None
+    data = _read_json(config_file)
+    return data.get("quantization_config") if isinstance(data, dict) else None
+
+
+def _check_configs_agree(folder: Path, state: QuantizationState) -> None:
+    """Refuse a checkpoint whose ``config.json`` and ``quantization_config.json`` say different things.
+
+    quantcore reads ``quantization_config.json``, transformers reads ``config.json``: if one was
+    edited, each library would load another model. The skip list may differ in one way only:
+    ``config.json`` also names the linears kept in float (see :func:`_transformers_config`).
+    """
+    quant = _transformers_quantization_config(folder / CONFIG_NAME)
+    main = state.config or next((c for c in state.overrides.values() if c is not None), None)
+    if not quant or main is None:
+        return
+    where = f"{CONFIG_NAME} (quantization_config)"
+    try:
+        theirs = AutoQuantizationConfig.from_dict(quant).to_dict()
+    except ConfigError as exc:
+        raise CheckpointError(f"{folder / CONFIG_NAME}: quantization_config: {exc}") from exc
+    ours = main.to_dict()
+    skips = type(main).skip_modules_field
+    differences = []
+    for key in dict.fromkeys([*ours, *theirs]):
+        mine, other = ours.get(key, "(absent)"), theirs.get(key, "(absent)")
+        if key == skips and ours.get("quant_method") == theirs.get("quant_method"):
+            missing = sorted(set(mine or []) - set(other or []))
+            if missing:
+                differences.append(f"{key}: {', '.join(map(repr, missing))} only in {STATE_NAME}")
+        elif mine != other:
+            differences.append(f"{key}: {json.dumps(mine)} in {STATE_NAME}, {json.dumps(other)} in {where}")
+    if differences:
+        raise CheckpointError(
+            _listing(
+                f"{folder}: {STATE_NAME} and {where} disagree, so quantcore and transformers would load "
+                "different models; make the two agree (or save the checkpoint again)",
+                differences,
+            )
+        )
 
 
 def _infer_quantized(model: nn.Module, files: CheckpointFiles, quantizer: Quantizer) -> dict[str, str]:
@@ -365,8 +410,6 @@ class Loader:
         **kwargs: Any,
     ) -> Loader:
         """A load of modules saved quantized, as ``state`` records them."""
-        from .auto import AutoQuantizer
-
         cache: dict[int, Quantizer] = {}
         modules = dict(model.named_modules())
         targets: dict[str, Target] = {}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 
 import pytest
@@ -99,6 +100,38 @@ def test_torch_backend_quantizes_while_loading_and_round_trips(tmp_path):
     again = quantcore.from_pretrained(tmp_path / "q")
     assert torch.equal(logits(again), logits(model))
     assert quantcore.get_quantization_state(again) == quantcore.get_quantization_state(model)
+
+
+@pytest.mark.parametrize("edited", ["config.json", "quantization_config.json"])
+def test_checkpoint_whose_two_configs_disagree_is_refused(tmp_path, edited):
+    pytest.importorskip("quantcore_torch", reason="the quantcore-torch backend is not installed")
+    _, path = tiny_llama(tmp_path, torch.float32)
+    model = quantcore.from_pretrained(path, {"quant_method": "torch_wo", "bits": 8}, skip_modules=["*.mlp.*"])
+    quantcore.save_quantized(model, tmp_path / "q")
+    file = tmp_path / "q" / edited
+    data = json.loads(file.read_text())
+    quant = data["quantization_config"] if edited == "config.json" else data["config"]
+    quant["bits"], quant["group_size"] = 4, 32
+    if edited == "quantization_config.json":
+        quant["modules_to_not_convert"] = ["*.mlp.*"]  # a pattern config.json lacks
+    file.write_text(json.dumps(data))
+    ours, theirs = ("4", "8") if edited == "quantization_config.json" else ("8", "4")
+    expected = [
+        r"quantization_config\.json and config\.json \(quantization_config\) disagree",
+        rf"bits: {ours} in quantization_config\.json, {theirs} in config\.json \(quantization_config\)",
+        r"group_size: (128|32) in quantization_config\.json, (32|128) in config\.json",
+    ]
+    if edited == "quantization_config.json":
+        expected.append(r"modules_to_not_convert: '\*\.mlp\.\*' only in quantization_config\.json")
+    for load in (
+        lambda: quantcore.from_pretrained(tmp_path / "q"),
+        lambda: quantcore.load_quantized(tmp_path / "q", transformers.AutoModelForCausalLM.from_config(model.config)),
+    ):
+        with pytest.raises(CheckpointError) as err:
+            load()
+        for pattern in expected:
+            assert re.search(pattern, str(err.value)), (pattern, str(err.value))
+        assert f"{len(expected) - 1} problems" in str(err.value)
 
 
 def test_device_map(tmp_path):
