@@ -18,7 +18,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -33,6 +32,7 @@ from .errors import CheckpointError, ConfigError, QuantizationError
 from .quantizer import Quantizer, module_nbytes
 from .report import ModuleRecord, QuantizationReport
 from .shards import INDEX_NAME, WEIGHTS_NAME, CheckpointFiles, TensorEntry, write_shards
+from .staging import StagedFolder, clear_debris
 from .state import STATE_ATTRIBUTE, QuantizationState, get_quantization_state
 from .swap import swap_module
 
@@ -59,9 +59,11 @@ def save_quantized(model: nn.Module, path: str | os.PathLike[str], *, max_shard_
     ``quantization_config.json`` and, for a transformers ``PreTrainedModel``, ``config.json`` and
     ``generation_config.json``. Tensors shared by several names (tied weights) are stored once.
 
-    The folder is written beside ``path`` and renamed into place once complete: on any error an
-    existing checkpoint at ``path`` is left as it was. Other files already in ``path`` (a
-    tokenizer) are kept; old weight files are not.
+    The folder is written beside ``path`` and swapped into place once complete: on any error, or
+    a kill at any moment, an existing checkpoint at ``path`` is left as it was. Other files already
+    in ``path`` (a tokenizer) are kept; old weight files are not. What earlier saves to ``path``
+    left when they were killed (``.NAME.*.tmp`` folders) is removed first, once their writers are
+    provably gone (see :mod:`quantcore.staging`).
     """
     state = get_quantization_state(model)
     if state is None:
@@ -75,7 +77,9 @@ def save_quantized(model: nn.Module, path: str | os.PathLike[str], *, max_shard_
     if target.exists() and not target.is_dir():
         raise CheckpointError(f"{target} exists and is not a folder")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    clear_debris(target)  # what earlier saves to this target left when they were killed
+    staged = StagedFolder.create(target)
+    tmp = staged.path
     try:
         write_shards(tensors, tmp, max_shard_size)
         data = {
@@ -92,9 +96,9 @@ def save_quantized(model: nn.Module, path: str | os.PathLike[str], *, max_shard_
                 generation.to_json_file(str(tmp / "generation_config.json"))
         if target.is_dir():
             _carry_over(target, tmp)
-        _replace_folder(tmp, target)
+        staged.commit()
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        staged.discard()
         raise
     return target
 
@@ -170,22 +174,6 @@ def _carry_over(old: Path, new: Path) -> None:
             shutil.copytree(entry, new / name, symlinks=True)
         else:
             shutil.copy2(entry, new / name, follow_symlinks=False)
-
-
-def _replace_folder(new: Path, target: Path) -> None:
-    """Rename ``new`` to ``target``; an old ``target`` is moved aside first and restored on failure."""
-    if not target.exists():
-        os.replace(new, target)
-        return
-    backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-    os.rmdir(backup)
-    os.replace(target, backup)
-    try:
-        os.replace(new, target)
-    except BaseException:
-        os.replace(backup, target)
-        raise
-    shutil.rmtree(backup, ignore_errors=True)
 
 
 # ====================================================================== the saved state

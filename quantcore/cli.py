@@ -309,8 +309,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from .shards import CheckpointFiles
 
     folder = Path(args.dir)
+    debris = _debris(folder)
     if not folder.is_dir():
-        raise UsageError(f"{folder} is not a folder; give the --out folder of 'quantcore quantize'")
+        raise UsageError(
+            f"{folder} is not a folder; give the --out folder of 'quantcore quantize'"
+            + (f" ({debris[0]})" if debris else "")
+        )
     files = CheckpointFiles.open(folder)
     model = None
     if not (folder / STATE_NAME).is_file() and (folder / "config.json").is_file():
@@ -354,6 +358,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         "float_bytes": float_bytes,
         "float_params": float_params,
         "modules": list(modules.values()),
+        "debris": debris,
     }
     rows = [(m["name"], m["method"], m["source"], m["tensors"], _bytes(m["bytes"])) for m in modules.values()]
     if not args.all and len(rows) > 40:
@@ -368,11 +373,31 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         f"{_bytes(float_bytes)} of float tensors ({float_params / 1e6:.2f}M parameters); "
         f"{len(files.entries)} tensors, {_bytes(total)} in all"
         + (f"; {len(tied)} tied names stored once" if tied else ""),
+        *(f"  {line}" for line in debris),
         "",
         table(("module", "method", "config", "tensors", "size"), rows),
     ]
     _emit(args, data, "\n".join(lines))
     return 0
+
+
+def _debris(folder: Path) -> list[str]:
+    """One line per folder that killed saves to ``folder`` left beside it."""
+    from .staging import find_debris
+
+    lines = []
+    for d in find_debris(folder):
+        writer = d.writer or {}
+        if d.removable:
+            whose = f"its writer (pid {writer.get('pid')}) is gone; the next save to {folder.name} removes it"
+        elif d.alive:
+            whose = f"a save in progress (pid {writer.get('pid')})"
+        elif d.writer is not None:
+            whose = f"written on {writer.get('host')!r}: its writer cannot be checked from here; remove it by hand"
+        else:
+            whose = "no writer marker (an older quantcore, or not a save): remove it by hand if no save is running"
+        lines.append(f"debris of a killed save: {d.path.name} ({_bytes(d.nbytes())}); {whose}")
+    return lines
 
 
 def _owner(key: str, names: dict[str, Any]) -> str | None:
