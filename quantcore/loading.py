@@ -568,4 +568,5 @@ def _load_generation_config(model: nn.Module, folder: Path) -> None:
     if (folder / "generation_config.json").is_file() and hasattr(model, "generation_config"):
         from transformers import GenerationConfig
 
-        model.generation_config = GenerationConfig.from_pretrained(str(folder))
+        # torch's stubs type nn.Module attributes as Tensor | Module; a PreTrainedModel's is this config
+        model.generation_config = GenerationConfig.from_pretrained(str(folder))  # type: ignore[assignment]
