@@ -15,6 +15,7 @@ project's one cattrs converter, ``to_diff_dict``, JSON files, ``update``, ``copy
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import os
@@ -124,10 +125,10 @@ def define_config(cls: type[T] | None = None, **kwargs: Any) -> Any:
             raise TypeError(f"{c.__name__} must set `quant_method: ClassVar[str] = '...'`")
         defined = attrs.define(c, **options)
         if any(f.metadata.get("allow_infinity") for f in attrs.fields(defined)):
-            try:
-                defined._field_types()  # a misplaced allow_infinity fails here, not at first use
-            except NameError:  # a forward reference not defined yet: checked at first use instead
-                pass
+            # a misplaced allow_infinity fails here, not at first use (unless a forward reference
+            # is not defined yet: then at first use)
+            with contextlib.suppress(NameError):
+                defined._field_types()
         return defined
 
     return wrap if cls is None else wrap(cls)

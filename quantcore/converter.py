@@ -254,9 +254,9 @@ def _structure_union(value: Any, tp: Any) -> Any:
             return converter.structure(value, arg)
         except Exception as exc:
             errors.append(exc)
-    for exc in errors:
-        if isinstance(exc, NonFiniteError):  # the right type, a value JSON cannot hold: say that
-            raise exc
+    non_finite = [e for e in errors if isinstance(e, NonFiniteError)]
+    if non_finite:  # the right type, a value JSON cannot hold: say that
+        raise non_finite[0]
     raise TypeError(f"expected {describe_type(tp)}, got {value!r}") from (errors[0] if errors else None)
 
 

@@ -121,7 +121,8 @@ def _entries(target: Path) -> Iterator[tuple[str, str, Path]]:
         else:
             ident, _, kind = rest.rpartition(".")
         # quantcore's ids are hex; older releases' tempfile names ([a-z0-9_]{8}) are recognised as folders only
-        if kind in ("tmp", "old") and re.fullmatch(r"[A-Za-z0-9_]+", ident) or kind == "writer" and _ID.fullmatch(ident):
+        ours = kind == "writer" and _ID.fullmatch(ident)
+        if ours or (kind in ("tmp", "old") and re.fullmatch(r"[A-Za-z0-9_]+", ident)):
             yield ident, kind, target.parent / name
 
 

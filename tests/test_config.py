@@ -269,7 +269,7 @@ def test_a_field_may_opt_in_to_infinities():
 
 
 def test_allow_infinity_on_a_field_without_a_float_is_refused():
-    with pytest.raises(TypeError, match="Bad.n: allow_infinity is for float fields, not an int"):
+    with pytest.raises(TypeError, match=r"Bad\.n: allow_infinity is for float fields, not an int"):
 
         @define_config
         class Bad(QuantizationConfigMixin):

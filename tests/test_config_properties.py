@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import enum
 import json
+import math
 import typing
 from typing import Any, Literal
-
-import math
 
 import attrs
 import numpy as np
@@ -172,7 +171,9 @@ def _fields_of(cls: type[QuantizationConfigMixin], kinds: tuple[Any, ...]) -> li
     ]
 
 
-INT_FIELDS = [(c, n) for c in CONFIG_CLASSES for n in _fields_of(c, (int,)) if "choices" not in attrs.fields_dict(c)[n].metadata]
+INT_FIELDS = [
+    (c, n) for c in CONFIG_CLASSES for n in _fields_of(c, (int,)) if "choices" not in attrs.fields_dict(c)[n].metadata
+]
 FLOAT_FIELDS = [(c, n) for c in CONFIG_CLASSES for n in _fields_of(c, (float, InfiniteFloat))]
 
 
