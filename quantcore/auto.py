@@ -13,6 +13,7 @@ from .errors import ConfigError, QuantizationError
 from .quantizer import Quantizer, module_nbytes
 from .report import ModuleRecord, QuantizationReport
 from .swap import swap_module
+from .walk import Walk, paused_gc
 
 __all__ = ["AutoQuantizationConfig", "AutoQuantizer", "dequantize", "quantize"]
 
@@ -87,8 +88,6 @@ def quantize(
     ``overrides`` maps patterns to other configs (of any backend) or ``None`` (keep in float); the
     first match wins. With ``dry_run=True`` nothing changes and the report is the plan.
     """
-    from .walk import Walk, paused_gc
-
     main = AutoQuantizer.from_config(config) if config is not None else None
     if main is None and not overrides:
         raise ConfigError([("config", "give a config, or overrides that choose one per module")])

@@ -30,6 +30,7 @@ from torch import nn
 from .auto import AutoQuantizationConfig, AutoQuantizer
 from .errors import CheckpointError, ConfigError, QuantizationError
 from .quantizer import Quantizer, module_nbytes
+from .quantizer_base import QuantizerBase
 from .report import ModuleRecord, QuantizationReport
 from .shards import INDEX_NAME, WEIGHTS_NAME, CheckpointFiles, TensorEntry, write_shards
 from .staging import StagedFolder, clear_debris
@@ -361,7 +362,7 @@ class Target:
     module: nn.Module
     parent: nn.Module
     child: str
-    quantizer: Quantizer
+    quantizer: QuantizerBase
     prequantized: bool
     source: str
     keys: dict[str, str] = attrs.Factory(dict)  # local key -> checkpoint key
@@ -398,7 +399,7 @@ class Loader:
         **kwargs: Any,
     ) -> Loader:
         """A load of modules saved quantized, as ``state`` records them."""
-        cache: dict[int, Quantizer] = {}
+        cache: dict[int, QuantizerBase] = {}
         modules = dict(model.named_modules())
         targets: dict[str, Target] = {}
         problems: list[str] = []

@@ -30,6 +30,7 @@ from torch import nn
 from .config import QuantizationConfigMixin
 from .errors import ConfigError
 from .quantizer import Quantizer, module_nbytes
+from .quantizer_base import QuantizerBase
 from .report import QuantizationReport, format_bytes
 from .walk import ModelIndex, Walk
 
@@ -48,7 +49,7 @@ _INSTALL_HINT = "pip install 'quantcore[transformers]'"
 _SHOWN = 5  # module names an error lists before "and N more"
 
 
-def offload_policy(quantizer: Quantizer) -> OffloadPolicy:
+def offload_policy(quantizer: QuantizerBase) -> OffloadPolicy:
     """What becomes of ``quantizer``'s modules that a device map puts on the CPU or disk next to GPUs.
 
     ``"quantized"``: they are quantized like the others (the backend runs, or accelerate moves,
@@ -293,7 +294,7 @@ def _fp32_nbytes(module: nn.Module) -> int:
 
 @contextlib.contextmanager
 def _sized(
-    skeleton: nn.Module, chosen: Mapping[str, tuple[Quantizer, nn.Module]], fp32: set[str]
+    skeleton: nn.Module, chosen: Mapping[str, tuple[QuantizerBase, nn.Module]], fp32: set[str]
 ) -> Iterator[nn.Module]:
     """``skeleton`` with each chosen module swapped for a :class:`_Sized` of its planned size, then back."""
     swapped = []
@@ -337,7 +338,7 @@ def _quiet(enabled: bool) -> Iterator[None]:
 
 def _budgets(
     max_memory: Mapping[Any, int | str] | None,
-    chosen: Mapping[str, tuple[Quantizer, nn.Module]],
+    chosen: Mapping[str, tuple[QuantizerBase, nn.Module]],
     check_devices: bool,
 ) -> tuple[dict[Device, int], list[tuple[str, str]]]:
     """Bytes per device, less room on each GPU for the largest float layer while it is quantized,
@@ -472,7 +473,7 @@ def _devices_of(device_map: Mapping[str, Device], name: str) -> list[Device]:
 
 
 def _offloaded(
-    placed: Mapping[str, Device], chosen: Mapping[str, tuple[Quantizer, nn.Module]], policy: str
+    placed: Mapping[str, Device], chosen: Mapping[str, tuple[QuantizerBase, nn.Module]], policy: str
 ) -> set[str]:
     """Chosen modules with this offload policy that the map puts (partly) on the CPU or disk next to GPUs."""
     if set(placed.values()) == {"cpu"}:  # everything on the CPU is no offload: quantize there
@@ -486,7 +487,7 @@ def _offloaded(
 
 def _check_policies(
     placed: Mapping[str, Device],
-    chosen: Mapping[str, tuple[Quantizer, nn.Module]],
+    chosen: Mapping[str, tuple[QuantizerBase, nn.Module]],
     needed: int,
     budgets: Mapping[Device, int],
     absent: list[tuple[str, str]],
@@ -498,7 +499,7 @@ def _check_policies(
         if absent:
             raise ConfigError(absent, title=f"invalid {argument}")
         return
-    by_quantizer: dict[int, tuple[Quantizer, list[str]]] = {}
+    by_quantizer: dict[int, tuple[QuantizerBase, list[str]]] = {}
     for name in chosen:  # model order
         if name in refused:
             quantizer = chosen[name][0]

@@ -1,24 +1,27 @@
-"""``Quantizer``: the base class a backend's quantizer subclasses.
+"""``QuantizerBase``: what a backend's quantizer implements, and what the engine calls.
 
 A backend implements four things: which module types it replaces (``replaces``), which types it
-produces (``produces``), how big a module becomes (:meth:`quantized_nbytes`) and how to build the
-quantized module from a float one (:meth:`create_quantized_module`). Selection, skip lists,
-overrides, reports, rollback and the plugin hooks are the core's job.
+produces (``produces``), how big a module becomes (:meth:`~QuantizerBase.quantized_nbytes`) and
+how to build the quantized module from a float one (:meth:`~QuantizerBase.create_quantized_module`).
+Selection, skip lists, overrides, reports, rollback and the plugin hooks are the core's job.
+
+Backends subclass :class:`quantcore.Quantizer`, which adds the user-facing ``plan`` and
+``quantize`` on top of this class; this part sits below the walk (:mod:`quantcore.walk`), which
+drives it, and the user-facing part above it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
 
 if TYPE_CHECKING:
     from .config import QuantizationConfigMixin
-    from .report import QuantizationReport
 
-__all__ = ["Quantizer", "check_state", "leaf_size", "module_nbytes"]
+__all__ = ["QuantizerBase", "check_state", "leaf_size", "module_nbytes"]
 
 
 def module_nbytes(module: nn.Module) -> int:
@@ -66,8 +69,11 @@ def check_state(module: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
         raise ValueError("; ".join(problems))
 
 
-class Quantizer:
-    """Turns float modules into a backend's quantized modules, as its config says."""
+class QuantizerBase:
+    """Turns float modules into a backend's quantized modules, as its config says (the backend's part).
+
+    Subclass :class:`quantcore.Quantizer`, not this class: it adds ``plan`` and ``quantize``.
+    """
 
     replaces: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear,)
     """Module types this backend can replace."""
@@ -141,40 +147,3 @@ class Quantizer:
     def dequantize_module(cls, module: nn.Module) -> nn.Module:
         """A float module equivalent to the quantized ``module`` (``nn.Linear`` for linear layers)."""
         raise NotImplementedError(f"{cls.__name__} cannot dequantize")
-
-    # ------------------------------------------------------------------ for users
-    def plan(
-        self,
-        model: nn.Module,
-        *,
-        overrides: Mapping[str, Any] | None = None,
-        skip_modules: list[str] | None = None,
-        default_skips: bool = True,
-    ) -> QuantizationReport:
-        """What :meth:`quantize` would do, as a report; the model is not changed."""
-        from .walk import Walk, paused_gc
-
-        with paused_gc():
-            return Walk.build(self, model, overrides, skip_modules, default_skips).plan()
-
-    def quantize(
-        self,
-        model: nn.Module,
-        *,
-        overrides: Mapping[str, Any] | None = None,
-        skip_modules: list[str] | None = None,
-        default_skips: bool = True,
-        progress: bool | None = None,
-    ) -> QuantizationReport:
-        """Quantize ``model`` in place; every module is replaced, or (on any error) none is.
-
-        :param overrides: ``{pattern: config | dict | None}``; the first pattern matching a module
-            (or one of its ancestors) chooses its config, ``None`` keeps it in float.
-        :param skip_modules: more names or patterns to keep in float, added to the config's own.
-        :param default_skips: keep the output head and tied-weight linears in float (default).
-        :param progress: show a progress bar (default: when stderr is a terminal and the work is long).
-        """
-        from .walk import Walk, paused_gc
-
-        with paused_gc():
-            return Walk.build(self, model, overrides, skip_modules, default_skips).run(progress=progress)

@@ -19,7 +19,7 @@ from torch import nn
 
 from .errors import QuantizationError
 from .match import compile_pattern, exact_name
-from .quantizer import Quantizer, leaf_size
+from .quantizer_base import QuantizerBase, leaf_size
 from .report import ModuleRecord, QuantizationReport
 from .swap import swap_module
 
@@ -32,7 +32,7 @@ class Rule:
 
     label: str
     matches: Callable[[str], bool] = attrs.field(repr=False)
-    quantizer: Quantizer | None
+    quantizer: QuantizerBase | None
     source: str | None = None  # "config" or the override pattern: what QuantizationState records
 
 
@@ -138,12 +138,12 @@ def default_float_modules(model: nn.Module, index: ModelIndex | None = None) -> 
     return out
 
 
-def _as_quantizer(value: Any, cache: dict[int, Quantizer]) -> Quantizer | None:
+def _as_quantizer(value: Any, cache: dict[int, QuantizerBase]) -> QuantizerBase | None:
     from .auto import AutoQuantizer
 
     if value is None:
         return None
-    if isinstance(value, Quantizer):
+    if isinstance(value, QuantizerBase):
         return value
     key = id(value)
     if key not in cache:
@@ -157,8 +157,8 @@ class Walk:
 
     model: nn.Module
     rules: list[Rule]
-    quantizers: list[Quantizer]
-    main: Quantizer | None
+    quantizers: list[QuantizerBase]
+    main: QuantizerBase | None
     overrides: dict[str, Any] = attrs.Factory(dict)
     skip_modules: list[str] = attrs.Factory(list)
     default_skips: bool = True
@@ -168,7 +168,7 @@ class Walk:
     @classmethod
     def build(
         cls,
-        main: Quantizer | None,
+        main: QuantizerBase | None,
         model: nn.Module,
         overrides: Mapping[str, Any] | None = None,
         skip_modules: list[str] | None = None,
@@ -195,7 +195,7 @@ class Walk:
                 rules.append(Rule(f"skip: {pattern!r} ({source})", compile_pattern(pattern), None))
             except ValueError as exc:
                 problems.append((source, str(exc)))
-        cache: dict[int, Quantizer] = {}
+        cache: dict[int, QuantizerBase] = {}
         for pattern, value in (overrides or {}).items():
             try:
                 matcher = compile_pattern(pattern)
