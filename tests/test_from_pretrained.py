@@ -188,6 +188,10 @@ def test_quantcore_bnb_checkpoint_loads_in_transformers(tmp_path, bnb, fmt):
         path, device_map="cpu", dtype="auto", quantization_config=transformers.BitsAndBytesConfig(**BNB_FORMATS[fmt])
     )
     assert torch.equal(logits(direct), logits(ours))
+    # and what quantcore.quantize makes in memory of the float model transformers loads (eval mode)
+    float_model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype="auto")
+    quantcore.quantize(float_model, bnb.BitsAndBytesConfig(**BNB_FORMATS[fmt]))
+    assert not float_model.training and torch.equal(logits(float_model), logits(direct))
     if not _reload_is_broken(fmt):
         theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q", device_map="cpu", dtype="auto")
         assert type(theirs.model.layers[0].mlp.up_proj) is type(ours.model.layers[0].mlp.up_proj)
