@@ -3,11 +3,12 @@
 A save writes ``.NAME.<id>.tmp`` next to the folder ``NAME``, then swaps it into place. A save
 killed half-way (SIGKILL, a power cut) leaves that folder behind, as large as the checkpoint. So
 that a later save can prove such a folder is debris, each writer first leaves a small marker,
-``.NAME.<id>.writer.json``: its process id, host, boot and process start time. The marker is
-written before the folder is made and removed after the folder is gone, so a leftover folder
-always has its marker. A later save to ``NAME`` removes the folders whose writer is provably gone
-(same host and boot, and no such process, or another process under a reused id); it never touches
-a live writer's, another host's, or a folder without a marker.
+``.NAME.<id>.writer.json``: its process id, host, boot, pid namespace and process start time.
+The marker is written before the folder is made and removed after the folder is gone, so a
+leftover folder always has its marker. A later save to ``NAME`` removes the folders whose writer
+is provably gone (same host, boot and pid namespace, and no such process, another process under a
+reused id, or one killed and not yet reaped); it never touches a live writer's, another host's,
+or a folder without a marker.
 """
 
 from __future__ import annotations
@@ -53,9 +54,23 @@ def _boot_id() -> str | None:
         return None
 
 
+def _pid_namespace() -> str | None:
+    """Which process ids this process sees (containers on one host can share a disk, not their pids)."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
 def _this_writer() -> dict[str, Any]:
     pid = os.getpid()
-    return {"pid": pid, "host": socket.gethostname(), "boot": _boot_id(), "started": _start_time(pid)}
+    return {
+        "pid": pid,
+        "host": socket.gethostname(),
+        "boot": _boot_id(),
+        "pidns": _pid_namespace(),
+        "started": _start_time(pid),
+    }
 
 
 def writer_alive(writer: dict[str, Any]) -> bool | None:
@@ -66,6 +81,8 @@ def writer_alive(writer: dict[str, Any]) -> bool | None:
     pid = writer.get("pid")
     if not isinstance(pid, int) or writer.get("host") != socket.gethostname():
         return None
+    if writer.get("pidns") != _pid_namespace():
+        return None  # its pid means another process here, or none: nothing can be told
     boot = _boot_id()
     if boot is not None and writer.get("boot") not in (None, boot):
         return False  # the machine rebooted since: every process of that boot is gone

@@ -135,18 +135,20 @@ def _leftover(target: Path, ident: str, writer: dict | None) -> Path:
 
 
 def test_only_provably_dead_writers_debris_is_removed(tmp_path):
-    from quantcore.staging import _boot_id, _start_time
+    from quantcore.staging import _this_writer
 
     target = tmp_path / "ckpt"
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "boot": _boot_id(), "started": _start_time(os.getpid())}
+    me = _this_writer()
+    assert me["pid"] == os.getpid() and me["host"] == socket.gethostname()
     live = _leftover(target, "a" * 16, me)  # a save in progress (this process)
     elsewhere = _leftover(target, "b" * 16, {**me, "host": "another-host"})  # cannot be checked
     unmarked = _leftover(target, "c" * 16, None)  # no proof it is a save's
     reused = _leftover(target, "d" * 16, {**me, "started": (me["started"] or 0) + 1})  # our pid, another process
+    container = _leftover(target, "f" * 16, {**me, "pid": 2**22 + 7, "pidns": "pid:[1]"})  # pids of another namespace
     other = tmp_path / ".ckpt2.eeeeeeeeeeeeeeee.tmp"  # another target's
     other.mkdir()
     quantcore.save_quantized(quantized(NEW), target)
-    assert live.exists() and elsewhere.exists() and unmarked.exists() and other.exists()
+    assert live.exists() and elsewhere.exists() and unmarked.exists() and other.exists() and container.exists()
     if me["started"] is not None:  # Linux: a reused pid is told apart by its start time
         assert not reused.exists() and not reused.with_name(f".ckpt.{'d' * 16}.writer.json").exists()
     states = {d.path.name: (d.removable, d.alive) for d in find_debris(target)}
