@@ -21,7 +21,7 @@ from torch import nn
 import quantcore
 from quantcore import ConfigError
 from quantcore.loading import plan_device_map
-from quantcore.shards import CheckpointFiles
+from quantcore.shards import CheckpointFiles, parse_size
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed")
 pytest.importorskip("accelerate", reason="accelerate is not installed")
@@ -80,6 +80,15 @@ def int4():
 
 
 CONFIGS = [pytest.param(lambda: None, id="float"), pytest.param(nf4, id="bnb-nf4"), pytest.param(int4, id="torch-int4")]
+
+# Per-GPU budgets that split ``deep`` over two GPUs with nothing left over: the float model (18 MiB)
+# needs three times the quantized one's (5 to 6 MiB), and a budget sized for NF4 would send 14 of
+# its 16 float layers to disk. test_the_two_gpu_budgets_fit_both_gpus checks them on any machine.
+TWO_GPUS = [
+    pytest.param(lambda: None, {0: "12MiB", 1: "12MiB"}, id="float"),
+    pytest.param(nf4, {0: "4MiB", 1: "4MiB"}, id="bnb-nf4"),
+    pytest.param(int4, {0: "4MiB", 1: "4MiB"}, id="torch-int4"),
+]
 
 
 def logits(model: nn.Module, device: str = "cpu") -> torch.Tensor:
@@ -172,6 +181,14 @@ def test_fp32_offload_plan_keeps_the_offloaded_linears_in_float(deep):
     assert placement.report.record("model.layers.0.mlp.down_proj").action == "quantized"
 
 
+@pytest.mark.parametrize("config, budgets", TWO_GPUS)
+def test_the_two_gpu_budgets_fit_both_gpus(deep, config, budgets):
+    """test_two_gpus_give_the_one_gpu_logits's budgets put the model on both GPUs, nowhere else."""
+    placement = plan_device_map(deep, config(), "balanced", max_memory=budgets, check_devices=False)
+    assert set(placement.device_map.values()) == {0, 1}
+    assert placement.module_sizes[""] > parse_size(budgets[0])  # and one GPU is too small: the split is needed
+
+
 def test_the_gpu_tests_premises_hold(deep, tmp_path):
     """The budgets the gpu tests use split the model as they expect (checked here, on any machine)."""
     balanced = plan_device_map(deep, nf4(), "balanced", max_memory={0: "4MiB", 1: "4MiB"}, check_devices=False)
@@ -241,10 +258,10 @@ def test_one_gpu_with_fp32_cpu_offload(deep):
 
 @pytest.mark.gpu
 @needs_two_gpus
-@pytest.mark.parametrize("config", CONFIGS)
-def test_two_gpus_give_the_one_gpu_logits(deep, config):
+@pytest.mark.parametrize("config, budgets", TWO_GPUS)
+def test_two_gpus_give_the_one_gpu_logits(deep, config, budgets):
     one = quantcore.from_pretrained(deep, config(), device_map={"": 0})
-    two = quantcore.from_pretrained(deep, config(), device_map="balanced", max_memory={0: "4MiB", 1: "4MiB"})
+    two = quantcore.from_pretrained(deep, config(), device_map="balanced", max_memory=budgets)
     assert set(two.hf_device_map.values()) == {0, 1}
     torch.testing.assert_close(logits(two, "cuda:0"), logits(one, "cuda:0"), rtol=1e-2, atol=1e-2)
 
