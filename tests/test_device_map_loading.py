@@ -138,6 +138,71 @@ def test_a_saved_quantized_checkpoint_loads_with_a_map(tiny, tmp_path):
     assert torch.equal(logits(model), logits(plain))
 
 
+# ---------------------------------------------------------------------- the CPU and disk
+ON_DISK = {"": "cpu", "model.layers.1": "disk", "lm_head": "disk"}
+
+
+@pytest.mark.parametrize(
+    "config, device_map, max_memory",  # float, and torch_wo (its offload policy: "quantized")
+    [
+        pytest.param(lambda: None, ON_DISK, None, id="float-dict"),
+        pytest.param(int4, ON_DISK, None, id="torch-int4-dict"),
+        pytest.param(lambda: None, "sequential", {"cpu": "100KB"}, id="float-sequential"),
+        pytest.param(int4, "sequential", {"cpu": "60KB"}, id="torch-int4-sequential"),  # smaller: 4-bit fits more
+    ],
+)
+def test_cpu_and_disk_maps_give_the_plain_load(tiny, tmp_path, config, device_map, max_memory):
+    plain = quantcore.from_pretrained(tiny, config())
+    folder = tmp_path / "offload"
+    model = quantcore.from_pretrained(
+        tiny, config(), device_map=device_map, max_memory=max_memory, offload_folder=folder
+    )
+    on_disk = [name for name, device in model.hf_device_map.items() if device == "disk"]
+    assert on_disk and "cpu" in model.hf_device_map.values()
+    assert not any(a.startswith(b + ".") or not b for a in model.hf_device_map for b in model.hf_device_map if a != b)
+    held = [n for n, t in model.named_parameters() if not t.is_meta]
+    assert held and not any(n.startswith(tuple(f"{d}." for d in on_disk)) for n in held)  # disk tensors not in memory
+    assert torch.equal(logits(model), logits(plain))
+    written = sorted(p.name for p in folder.iterdir())
+    if config() is None:
+        assert written == []  # float tensors on disk are read from the checkpoint itself
+    else:  # one file per quantized module on disk
+        assert "model.layers.1.mlp.down_proj.safetensors" in written and len(written) in (7, 14)
+        assert model.quantcore_report.to_dict()["modules"] == plain.quantcore_report.to_dict()["modules"]
+
+
+def test_fp32_offload_to_disk_keeps_the_disk_linears_in_float32(tiny, tmp_path):
+    from bitsandbytes.nn import Linear4bit
+
+    config = nf4(llm_int8_enable_fp32_cpu_offload=True)
+    model = quantcore.from_pretrained(tiny, config, device_map=ON_DISK, offload_folder=tmp_path / "offload")
+    kept = [r.name for r in model.quantcore_report.modules if r.rule == "device map: disk (fp32 offload)"]
+    linears = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj")
+    assert kept == [f"model.layers.1.{m}" for m in (*linears, "mlp.up_proj", "mlp.down_proj")]
+    assert all(type(model.get_submodule(name)) is nn.Linear for name in kept)
+    assert isinstance(model.model.layers[0].mlp.down_proj, Linear4bit)  # on the CPU: quantized there
+    assert model.model.layers[1].mlp.down_proj.weight.dtype == torch.float32
+    reference = logits(quantcore.from_pretrained(tiny, nf4(), skip_modules=kept))  # kept in bf16 instead
+    out = logits(model)
+    assert (out - reference).abs().max() <= 0.05 * reference.abs().max()
+
+
+def test_a_failed_disk_offload_leaves_no_file(tiny, tmp_path, monkeypatch):
+    real, calls = quantcore.shards.save_file, []
+
+    def fail_on_the_third_module(tensors, path):
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError("disk full")
+        real(tensors, path)
+
+    monkeypatch.setattr(quantcore.shards, "save_file", fail_on_the_third_module)
+    folder = tmp_path / "offload"
+    with pytest.raises(OSError, match="disk full"):
+        quantcore.from_pretrained(tiny, int4(), device_map=ON_DISK, offload_folder=folder)
+    assert len(calls) == 3 and list(folder.iterdir()) == []
+
+
 # ---------------------------------------------------------------------- refusals, before any tensor is read
 def test_offloading_nf4_without_the_setting_is_refused(tiny, no_reads):
     with pytest.raises(ConfigError) as info:
@@ -159,9 +224,25 @@ def test_a_gpu_this_machine_lacks_is_an_error(tiny, no_reads):
     assert "llm_int8_enable_fp32_cpu_offload" not in str(info.value)  # allowed: only the device is wrong
 
 
-def test_disk_offload_is_not_supported_yet(tiny, no_reads):
-    with pytest.raises(NotImplementedError, match=r"offloads .*'model.layers.1'.* to disk"):
-        quantcore.from_pretrained(tiny, device_map={"": "cpu", "model.layers.1": "disk"})
+def test_quantized_modules_on_disk_need_an_offload_folder(tiny, no_reads):
+    with pytest.raises(ConfigError, match=r"(?s)offload_folder: the device map puts 7 modules: .*on disk, quantized"):
+        quantcore.from_pretrained(tiny, int4(), device_map=ON_DISK)
+
+
+def test_an_offload_folder_that_cannot_be_written_is_an_error(tiny, tmp_path, no_reads):
+    (tmp_path / "a-file").write_text("in the way")
+    with pytest.raises(ConfigError, match=r"offload_folder: .*a-file/offload' cannot hold the offloaded tensors"):
+        quantcore.from_pretrained(tiny, int4(), device_map=ON_DISK, offload_folder=tmp_path / "a-file" / "offload")
+
+
+def test_disk_offload_follows_the_backends_policy(tiny, tmp_path, no_reads):
+    """bitsandbytes refuses offloaded modules unless they stay float32; on the CPU the rest is quantized."""
+    with pytest.raises(ConfigError) as info:
+        quantcore.from_pretrained(tiny, nf4(), device_map=ON_DISK, offload_folder=tmp_path / "offload")
+    message = str(info.value)
+    assert "llm_int8_enable_fp32_cpu_offload=True" in message and "puts 7 modules on disk (" in message
+    assert "'model.layers.0." not in message  # the CPU modules of a map without GPUs are not offloaded
+    assert not (tmp_path / "offload").exists()
 
 
 def test_a_bad_map_lists_every_problem(tiny, no_reads):
@@ -254,6 +335,17 @@ def test_one_gpu_with_fp32_cpu_offload(deep):
     # the same quantization on one GPU, the kept modules in bf16 instead of float32: close
     reference = logits(quantcore.from_pretrained(deep, nf4(), device_map={"": 0}, skip_modules=kept), "cuda:0")
     assert (out - reference).abs().max() <= 0.05 * reference.abs().max()
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("config", [CONFIGS[0], CONFIGS[2]])
+def test_one_gpu_and_disk_give_the_one_gpu_logits(deep, tmp_path, config):
+    one = quantcore.from_pretrained(deep, config(), device_map={"": 0})
+    device_map = {"": 0, "model.layers.14": "disk", "model.layers.15": "disk", "lm_head": "cpu"}
+    offloaded = quantcore.from_pretrained(deep, config(), device_map=device_map, offload_folder=tmp_path / "offload")
+    assert set(offloaded.hf_device_map.values()) == {0, "disk", "cpu"}
+    torch.testing.assert_close(logits(offloaded, "cuda:0"), logits(one, "cuda:0"), rtol=1e-2, atol=1e-2)
 
 
 @pytest.mark.gpu
