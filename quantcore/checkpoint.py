@@ -601,6 +601,15 @@ class Loader:
         return apply
 
     def _build(self, target: Target, tensors: dict[str, torch.Tensor], entry: TensorEntry) -> Callable[[], None]:
+        new = self._module_for(target, tensors, entry)
+
+        def apply() -> None:
+            swap_module(target.parent, target.child, new)
+
+        return apply
+
+    def _module_for(self, target: Target, tensors: dict[str, torch.Tensor], entry: TensorEntry) -> nn.Module:
+        """The quantized module of ``target``, from its saved quantized tensors or its float ones."""
         where = f"{entry.file.name}" if len(self.files.shards) == 1 else "the checkpoint's shards"
         if target.prequantized:
             assert target.skeleton is not None  # check() built it
@@ -620,11 +629,7 @@ class Loader:
                     f"could not quantize module {target.name!r} with "
                     f"{target.quantizer.describe()}: {type(exc).__name__}: {exc}"
                 ) from exc
-
-        def apply() -> None:
-            swap_module(target.parent, target.child, new)
-
-        return apply
+        return new
 
     # ------------------------------------------------------------------ reporting
     def report(self, seconds: float) -> QuantizationReport:

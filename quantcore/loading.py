@@ -9,6 +9,8 @@ With a device map over several devices (``device_map="auto"``, a dict), the plac
 first by :mod:`quantcore.placement`, sized as the model will be once quantized; every problem of
 the map is raised before a tensor is read. Each tensor then goes straight to its module's device
 and is quantized there, and accelerate's dispatch hooks make the forward run across devices.
+Modules on ``"disk"`` are read at each forward from the checkpoint itself, or, once quantized,
+from ``offload_folder`` (:mod:`quantcore.offload`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import time
 import unittest.mock
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import attrs
 import torch
@@ -30,7 +32,8 @@ from torch import nn
 from .checkpoint import CONFIG_NAME, Loader, Target, read_quantization_state
 from .config import QuantizationConfigMixin
 from .errors import CheckpointError, ConfigError
-from .shards import CheckpointFiles
+from .offload import DiskOffload, check_offload_folder
+from .shards import CheckpointFiles, TensorEntry
 from .state import STATE_ATTRIBUTE, QuantizationState
 
 if TYPE_CHECKING:
@@ -92,6 +95,7 @@ def from_pretrained(
     *,
     max_memory: Mapping[Any, int | str] | None = None,
     no_split_module_classes: list[str] | None = None,
+    offload_folder: str | os.PathLike[str] | None = None,
     overrides: Mapping[str, Any] | None = None,
     skip_modules: list[str] | None = None,
     default_skips: bool = True,
@@ -110,13 +114,16 @@ def from_pretrained(
     :param device_map: where to put the model: ``None`` (the CPU), one device (``"cuda"``, ``0``,
         ``torch.device``, ``{"": 0}``), ``"auto"``/``"balanced"``/``"balanced_low_0"``/``"sequential"``
         (inferred over the GPUs then the CPU, sized as the model will be once quantized), or a dict
-        ``{module name: device}``. See :func:`quantcore.placement.infer_device_map`; offloading to
-        ``"disk"`` is not supported yet. A model spread over several devices gets accelerate's
-        dispatch hooks, so its forward runs across them.
+        ``{module name: device}`` whose devices may include ``"disk"``. See
+        :func:`quantcore.placement.infer_device_map`. A model spread over several devices, or
+        partly on disk, gets accelerate's dispatch hooks, so its forward runs across them.
     :param max_memory: ``{0: "20GiB", 1: "20GiB", "cpu": "64GiB"}`` for an inferred map (default:
         what is free now).
     :param no_split_module_classes: class names never split over devices (default: the model's
         ``_no_split_modules``).
+    :param offload_folder: where quantized modules the map puts on ``"disk"`` are written (created
+        if missing). Float modules on disk need none: they are read from the checkpoint's own
+        files at each forward, as transformers does.
     :param overrides: ``{pattern: config | None}`` as in :func:`quantcore.quantize`.
     :param skip_modules: more module names or patterns to keep in float.
     :param default_skips: keep the output head and tied linears in float (default).
@@ -130,7 +137,8 @@ def from_pretrained(
         device map in accelerate's form when ``device_map`` was given, and
         :func:`quantcore.save_quantized` saves it.
     :raises ConfigError: before any tensor is read, for a map that does not fit (devices this
-        machine lacks, quantized modules offloaded against their backend's rule).
+        machine lacks, quantized modules offloaded against their backend's rule, quantized modules
+        on disk without a writable ``offload_folder``).
     """
     start = time.perf_counter()
     load = _prepare(
@@ -146,6 +154,7 @@ def from_pretrained(
         auto_class=auto_class,
         check_devices=True,
         config_kwargs=kwargs,
+        offload_folder=offload_folder,
     )
     model, loader = load.model, load.loader
     loader.check()
@@ -164,8 +173,8 @@ def from_pretrained(
         call_observers("after_quantize", model=model, config=load.state.config, report=report)
     if load.state is not None:
         model.__dict__[STATE_ATTRIBUTE] = load.state
-    if load.placement is not None and len(set(load.placement.device_map.values())) > 1:
-        _dispatch(model, load.placement)
+    if isinstance(loader, _PlacedLoader):
+        _dispatch(model, loader)
     elif loader.device.type != "cpu":
         _move_unsaved_buffers(model, loader.device)
     if device_map is not None:
@@ -258,6 +267,7 @@ def _prepare(
     check_devices: bool,
     config_kwargs: Mapping[str, Any],
     plan_only: bool = False,
+    offload_folder: str | os.PathLike[str] | None = None,
 ) -> _Load:
     """Build the skeleton, choose the modules to quantize and place them; every check that needs no tensor data."""
     import transformers
@@ -327,7 +337,7 @@ def _prepare(
                     ],
                     title="the quantized model does not fit this device map",
                 )
-            loader = _loader_for(placement, model, files, loader.targets, tied, kwargs, plan_only)
+            loader = _loader_for(placement, model, files, loader.targets, tied, kwargs, plan_only, offload_folder)
         return _Load(model, folder, loader, saved, None, placement, prequantized=True)
 
     walk = _walk(model, quantization_config, overrides, skip_modules, default_skips)
@@ -344,7 +354,7 @@ def _prepare(
     if placement is None:
         loader = Loader(model, files, targets, device or _CPU, **kwargs)
     else:
-        loader = _loader_for(placement, model, files, targets, {}, kwargs, plan_only)
+        loader = _loader_for(placement, model, files, targets, {}, kwargs, plan_only, offload_folder)
     return _Load(model, folder, loader, state, plan, placement, prequantized=False)
 
 
@@ -412,37 +422,86 @@ def _loader_for(
     tied: dict[str, str],
     kwargs: Mapping[str, Any],
     plan_only: bool,
+    offload_folder: str | os.PathLike[str] | None,
 ) -> Loader:
-    """One device: the plain loader onto it; several: a :class:`_PlacedLoader`. Disk is refused here."""
+    """One device: the plain loader onto it; several, or disk: a :class:`_PlacedLoader`.
+
+    A map with disk needs ``offload_folder`` when quantized modules go there (checked here, before
+    anything is read; not when only planning).
+    """
     devices = set(placement.device_map.values())
-    if "disk" in devices and not plan_only:
-        disk = [name for name, d in placement.device_map.items() if d == "disk"]
-        raise NotImplementedError(
-            f"the device map offloads {_names(disk)} to disk, which quantcore.from_pretrained does not "
-            "support yet: give the CPU more max_memory (max_memory={'cpu': ...}) or the GPUs more room"
-        )
-    if len(devices) == 1:
+    if len(devices) == 1 and "disk" not in devices:
         return Loader(model, files, targets, _torch_device(devices.pop()), tied, **kwargs)
-    return _PlacedLoader(model, files, targets, _CPU, tied, **kwargs, placement=placement)
+    offload = None
+    if "disk" in devices and not plan_only:
+        on_disk = [name for name in targets if placement.device_of(name) == "disk"]
+        needed = sum(placement.module_sizes.get(name, 0) for name in on_disk)
+        offload = DiskOffload(check_offload_folder(offload_folder, on_disk, needed))
+    return _PlacedLoader(model, files, targets, _CPU, tied, **kwargs, placement=placement, offload=offload)
 
 
 @attrs.define(eq=False)
 class _PlacedLoader(Loader):
     """A load over several devices: each tensor goes to its module's device as ``placement`` says.
 
-    Modules the fp32 offload rule keeps out of quantization get their tensors in float32.
+    Modules the fp32 offload rule keeps out of quantization get their tensors in float32. Tensors on
+    disk are left in the checkpoint (``offload`` indexes them there) and never read; quantized
+    modules on disk are built on the CPU, then written by ``offload``.
     """
 
     placement: Placement | None = None
+    offload: DiskOffload | None = None
+
+    def check(self) -> None:
+        super().check()
+        if self.offload is None:
+            return
+        for slot in self.slots:
+            on_disk = [name for name in slot.names if self._where(name) == "disk"]
+            if not on_disk:
+                continue
+            assert slot.key is not None  # check() found every slot's tensor
+            entry = self.files.entries[slot.key]
+            for name in on_disk:
+                self.offload.serve(name, entry, self._dtype(name, entry))
+            if len(on_disk) == len(slot.names):  # no other place wants it: never read
+                kept = [route for route in self.routes[slot.key] if route[0] is not slot]
+                if kept:
+                    self.routes[slot.key] = kept
+                else:
+                    del self.routes[slot.key]
+                _retype(slot, self._dtype(slot.names[0], entry))
+
+    def run(self, *, immediate: bool, progress: bool | None = None) -> list[Any]:
+        try:
+            return super().run(immediate=immediate, progress=progress)
+        except BaseException:
+            if self.offload is not None:
+                self.offload.discard()
+            raise
 
     def _stream_device(self) -> torch.device | None:
         return None  # tensors go to their own module's device, chosen per module
+
+    def _where(self, name: str) -> Any:
+        assert self.placement is not None
+        return self.placement.device_of(name)
+
+    def _dtype(self, name: str, entry: TensorEntry) -> torch.dtype:
+        """The dtype tensor ``name`` is loaded in (as :meth:`_at` and ``_cast`` would make it)."""
+        assert self.placement is not None
+        if not entry.dtype.is_floating_point:
+            return entry.dtype
+        if name.rpartition(".")[0] in self.placement.float_modules:
+            return torch.float32
+        return self.cast_dtype or entry.dtype
 
     @contextlib.contextmanager
     def _at(self, name: str) -> Iterator[None]:
         assert self.placement is not None
         device, dtype = self.device, self.cast_dtype
-        self.device = _torch_device(self.placement.device_of(name))
+        place = self._where(name)
+        self.device = _CPU if place == "disk" else _torch_device(place)  # quantized on the CPU, then written
         if name.rpartition(".")[0] in self.placement.float_modules:
             self.cast_dtype = torch.float32
         try:
@@ -451,26 +510,60 @@ class _PlacedLoader(Loader):
             self.device, self.cast_dtype = device, dtype
 
     def _place(self, slot: Any, tensor: torch.Tensor) -> Any:
-        with self._at(slot.names[0]):
+        # a tensor tied between disk and another device is placed there (the disk names are indexed)
+        name = next((n for n in slot.names if self._where(n) != "disk"), slot.names[0])
+        with self._at(name):
             return super()._place(slot, tensor)
 
-    def _build(self, target: Target, tensors: dict[str, torch.Tensor], entry: Any) -> Any:
+    def _module_for(self, target: Target, tensors: dict[str, torch.Tensor], entry: TensorEntry) -> nn.Module:
         with self._at(target.name):
-            return super()._build(target, tensors, entry)
+            new = super()._module_for(target, tensors, entry)
+        if self.offload is not None and self._where(target.name) == "disk":
+            try:
+                new = self.offload.write(target.name, new)
+            except TypeError as exc:
+                raise ConfigError([("device_map", str(exc))], title="cannot offload to disk") from None
+        return new
 
 
-def _dispatch(model: nn.Module, placement: Placement) -> None:
-    """accelerate's hooks: each block runs on its device (offloaded ones on the first GPU), outputs come back."""
+def _retype(slot: Any, dtype: torch.dtype) -> None:
+    """Give a meta tensor the dtype it is read in: accelerate's hooks cast what they read to it."""
+    if slot.like.dtype == dtype:
+        return
+    meta = torch.empty_like(slot.like, device="meta", dtype=dtype)
+    param = nn.Parameter(meta, requires_grad=False)
+    for module, attr, is_param in slot.places:
+        if is_param:
+            module._parameters[attr] = param
+        else:
+            module._buffers[attr] = meta
+
+
+def _dispatch(model: nn.Module, loader: _PlacedLoader) -> None:
+    """accelerate's hooks: each block runs on its device (offloaded ones on the first GPU, or the CPU
+    without one; disk ones read through the offload index), outputs come back."""
     from accelerate import dispatch_model
 
+    placement = loader.placement
+    assert placement is not None
     for name in placement.float_modules:
         _compute_in_float32(model.get_submodule(name))
     gpus = [d for d in placement.device_map.values() if isinstance(d, int)]
+    offload: dict[str, Any] = {}
+    if loader.offload is not None:
+        folder = loader.offload.folder
+        # buffers too: a quantized module on disk may keep its weights in buffers (torch_wo does)
+        offload = {
+            "offload_dir": str(folder) if folder is not None else None,
+            "offload_index": loader.offload.index,
+            "offload_buffers": True,
+        }
     dispatch_model(
         model,
         device_map=placement.device_map,
-        main_device=_torch_device(gpus[0]) if gpus else None,
+        main_device=gpus[0] if gpus else None,  # accelerate's form: the index, which safetensors also reads
         skip_keys=getattr(model, "_skip_keys_device_placement", None),
+        **offload,
     )
 
 
@@ -568,5 +661,4 @@ def _load_generation_config(model: nn.Module, folder: Path) -> None:
     if (folder / "generation_config.json").is_file() and hasattr(model, "generation_config"):
         from transformers import GenerationConfig
 
-        # torch's stubs type nn.Module attributes as Tensor | Module; a PreTrainedModel's is this config
-        model.generation_config = GenerationConfig.from_pretrained(str(folder))  # type: ignore[assignment]
+        cast(Any, model).generation_config = GenerationConfig.from_pretrained(str(folder))  # a config, not a module

@@ -6,9 +6,10 @@ module the quantization will replace weighs what :meth:`Quantizer.quantized_nbyt
 layer counts about a quarter of its bfloat16 size, so a model that fits only once quantized is put
 on the GPUs. A device map given as a dict is checked instead of inferred.
 
-Modules that land on the CPU or disk next to GPUs follow their backend's offload policy
+Offloaded modules (on disk, or on the CPU next to GPUs) follow their backend's offload policy
 (:func:`offload_policy`): stay quantized there, stay unquantized in float32 (bitsandbytes'
-``llm_int8_enable_fp32_cpu_offload``), or make the map an error that names them.
+``llm_int8_enable_fp32_cpu_offload``), or make the map an error that names them. A map of the CPU
+and disk alone runs on the CPU: there only the disk modules are offloaded.
 
 accelerate is optional: it is imported when a map is inferred (``pip install 'quantcore[transformers]'``).
 """
@@ -40,7 +41,7 @@ MODES = ("auto", "balanced", "balanced_low_0", "sequential")
 """The ``device_map`` strings that ask for an inferred map (as in transformers)."""
 
 OFFLOAD_DEVICES = ("cpu", "disk")
-"""Device-map values that mean "offloaded" when GPUs hold the rest of the model."""
+"""Device-map values that mean "offloaded" when GPUs hold the rest of the model ("disk" always does)."""
 
 OffloadPolicy = Literal["quantized", "float", "refuse"]
 Device = int | str  # accelerate's form: a GPU index, "cpu", "disk" or "mps"
@@ -176,7 +177,7 @@ def infer_device_map(
     labels = {}
     for name in chosen:
         if name in fp32:
-            device = next(d for d in _devices_of(placed, name) if d in OFFLOAD_DEVICES)
+            device = next(d for d in _devices_of(placed, name) if d in _offload_devices(placed))
             labels[name] = f"device map: {device} (fp32 offload)"
     report = plan.keep_in_float(labels).plan()
     return Placement(placed, labels, sizes, budgets, device_bytes, report)
@@ -435,7 +436,33 @@ def _check_map(
     if problems:
         raise ConfigError(problems, title="invalid device map")
     absent = _absent_devices((f"device_map[{k!r}]", d) for k, d in placed.items()) if check_devices else []
-    return placed, absent
+    return _flat(skeleton, placed), absent
+
+
+def _flat(skeleton: nn.Module, placed: Mapping[str, Device]) -> dict[str, Device]:
+    """The same placement with no key inside another key's module, in model order.
+
+    accelerate's dispatch hooks move a key's whole module to its device, so ``{"": 0, "lm_head":
+    "cpu"}`` would bring ``lm_head`` to GPU 0 (and a ``"disk"`` module's meta tensors with it): a
+    key with keys under it is replaced by its children and own tensors, as inferred maps have it.
+    """
+    flat = dict(placed)
+    while True:
+        outer = next((k for k in flat if any(o != k and (not k or o.startswith(k + ".")) for o in flat)), None)
+        if outer is None:
+            break
+        device = flat.pop(outer)
+        module = skeleton.get_submodule(outer)
+        prefix = f"{outer}." if outer else ""
+        own = itertools.chain(module.named_parameters(recurse=False), module.named_buffers(recurse=False))
+        for name in [*(n for n, _ in module.named_children()), *(n for n, _ in own)]:
+            flat.setdefault(prefix + name, device)
+    if len(flat) == len(placed) and flat.keys() == placed.keys():
+        return flat
+    order = {name: i for i, (name, _) in enumerate(skeleton.named_modules())}
+    tensors = itertools.chain(skeleton.named_parameters(), skeleton.named_buffers())
+    order.update({name: len(order) + i for i, (name, _) in enumerate(tensors)})
+    return dict(sorted(flat.items(), key=lambda item: order.get(item[0], len(order))))
 
 
 def _unplaced(modules: list[str], tensors: list[str], placed: Mapping[str, Device]) -> list[str]:
@@ -472,16 +499,21 @@ def _devices_of(device_map: Mapping[str, Device], name: str) -> list[Device]:
     return ([own] if own is not None else []) + nested
 
 
+def _offload_devices(placed: Mapping[str, Device]) -> tuple[Device, ...]:
+    """The devices whose modules run elsewhere: disk always, the CPU only next to an accelerator
+    (a map of the CPU, or of the CPU and disk, runs on the CPU: its CPU modules are quantized there)."""
+    return OFFLOAD_DEVICES if any(d not in OFFLOAD_DEVICES for d in placed.values()) else ("disk",)
+
+
 def _offloaded(
     placed: Mapping[str, Device], chosen: Mapping[str, tuple[QuantizerBase, nn.Module]], policy: str
 ) -> set[str]:
-    """Chosen modules with this offload policy that the map puts (partly) on the CPU or disk next to GPUs."""
-    if set(placed.values()) == {"cpu"}:  # everything on the CPU is no offload: quantize there
-        return set()
+    """Chosen modules with this offload policy that the map offloads (in part)."""
+    offload = _offload_devices(placed)
     return {
         name
         for name, (quantizer, _) in chosen.items()
-        if offload_policy(quantizer) == policy and any(d in OFFLOAD_DEVICES for d in _devices_of(placed, name))
+        if offload_policy(quantizer) == policy and any(d in offload for d in _devices_of(placed, name))
     }
 
 
@@ -505,17 +537,20 @@ def _check_policies(
             quantizer = chosen[name][0]
             by_quantizer.setdefault(id(quantizer), (quantizer, []))[1].append(name)
     gpus = sum(n for d, n in budgets.items() if isinstance(d, int))
-    if budgets:
+    if budgets and not gpus:
+        more = "or give the CPU more max_memory"
+    elif budgets:
         more = (
             f"or give the GPUs more max_memory (they offer {format_bytes(gpus)} after room to quantize "
             f"one layer; the quantized model needs {format_bytes(needed)})"
         )
     else:
-        more = "or map those modules to a GPU"
+        more = "or map those modules to a GPU" if "cpu" in _offload_devices(placed) else "or map them to the CPU"
     problems = []
     for quantizer, names in by_quantizer.values():
         count, listed = _names(names).split(": ", 1)
-        where = f"the device map puts {count} on the CPU or disk next to GPUs"
+        offload = "the CPU or disk next to GPUs" if "cpu" in _offload_devices(placed) else "disk"
+        where = f"the device map puts {count} on {offload}"
         if hasattr(quantizer.config, "llm_int8_enable_fp32_cpu_offload"):
             problems.append(
                 (

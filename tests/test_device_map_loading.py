@@ -21,7 +21,7 @@ from torch import nn
 import quantcore
 from quantcore import ConfigError
 from quantcore.loading import plan_device_map
-from quantcore.shards import CheckpointFiles
+from quantcore.shards import CheckpointFiles, parse_size
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed")
 pytest.importorskip("accelerate", reason="accelerate is not installed")
@@ -81,6 +81,15 @@ def int4():
 
 CONFIGS = [pytest.param(lambda: None, id="float"), pytest.param(nf4, id="bnb-nf4"), pytest.param(int4, id="torch-int4")]
 
+# Per-GPU budgets that split ``deep`` over two GPUs with nothing left over: the float model (18 MiB)
+# needs three times the quantized one's (5 to 6 MiB), and a budget sized for NF4 would send 14 of
+# its 16 float layers to disk. test_the_two_gpu_budgets_fit_both_gpus checks them on any machine.
+TWO_GPUS = [
+    pytest.param(lambda: None, {0: "12MiB", 1: "12MiB"}, id="float"),
+    pytest.param(nf4, {0: "4MiB", 1: "4MiB"}, id="bnb-nf4"),
+    pytest.param(int4, {0: "4MiB", 1: "4MiB"}, id="torch-int4"),
+]
+
 
 def logits(model: nn.Module, device: str = "cpu") -> torch.Tensor:
     with torch.no_grad():
@@ -129,6 +138,71 @@ def test_a_saved_quantized_checkpoint_loads_with_a_map(tiny, tmp_path):
     assert torch.equal(logits(model), logits(plain))
 
 
+# ---------------------------------------------------------------------- the CPU and disk
+ON_DISK = {"": "cpu", "model.layers.1": "disk", "lm_head": "disk"}
+
+
+@pytest.mark.parametrize(
+    "config, device_map, max_memory",  # float, and torch_wo (its offload policy: "quantized")
+    [
+        pytest.param(lambda: None, ON_DISK, None, id="float-dict"),
+        pytest.param(int4, ON_DISK, None, id="torch-int4-dict"),
+        pytest.param(lambda: None, "sequential", {"cpu": "100KB"}, id="float-sequential"),
+        pytest.param(int4, "sequential", {"cpu": "60KB"}, id="torch-int4-sequential"),  # smaller: 4-bit fits more
+    ],
+)
+def test_cpu_and_disk_maps_give_the_plain_load(tiny, tmp_path, config, device_map, max_memory):
+    plain = quantcore.from_pretrained(tiny, config())
+    folder = tmp_path / "offload"
+    model = quantcore.from_pretrained(
+        tiny, config(), device_map=device_map, max_memory=max_memory, offload_folder=folder
+    )
+    on_disk = [name for name, device in model.hf_device_map.items() if device == "disk"]
+    assert on_disk and "cpu" in model.hf_device_map.values()
+    assert not any(a.startswith(b + ".") or not b for a in model.hf_device_map for b in model.hf_device_map if a != b)
+    held = [n for n, t in model.named_parameters() if not t.is_meta]
+    assert held and not any(n.startswith(tuple(f"{d}." for d in on_disk)) for n in held)  # disk tensors not in memory
+    assert torch.equal(logits(model), logits(plain))
+    written = sorted(p.name for p in folder.iterdir())
+    if config() is None:
+        assert written == []  # float tensors on disk are read from the checkpoint itself
+    else:  # one file per quantized module on disk
+        assert "model.layers.1.mlp.down_proj.safetensors" in written and len(written) in (7, 14)
+        assert model.quantcore_report.to_dict()["modules"] == plain.quantcore_report.to_dict()["modules"]
+
+
+def test_fp32_offload_to_disk_keeps_the_disk_linears_in_float32(tiny, tmp_path):
+    from bitsandbytes.nn import Linear4bit
+
+    config = nf4(llm_int8_enable_fp32_cpu_offload=True)
+    model = quantcore.from_pretrained(tiny, config, device_map=ON_DISK, offload_folder=tmp_path / "offload")
+    kept = [r.name for r in model.quantcore_report.modules if r.rule == "device map: disk (fp32 offload)"]
+    linears = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj")
+    assert kept == [f"model.layers.1.{m}" for m in (*linears, "mlp.up_proj", "mlp.down_proj")]
+    assert all(type(model.get_submodule(name)) is nn.Linear for name in kept)
+    assert isinstance(model.model.layers[0].mlp.down_proj, Linear4bit)  # on the CPU: quantized there
+    assert model.model.layers[1].mlp.down_proj.weight.dtype == torch.float32
+    reference = logits(quantcore.from_pretrained(tiny, nf4(), skip_modules=kept))  # kept in bf16 instead
+    out = logits(model)
+    assert (out - reference).abs().max() <= 0.05 * reference.abs().max()
+
+
+def test_a_failed_disk_offload_leaves_no_file(tiny, tmp_path, monkeypatch):
+    real, calls = quantcore.shards.save_file, []
+
+    def fail_on_the_third_module(tensors, path):
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError("disk full")
+        real(tensors, path)
+
+    monkeypatch.setattr(quantcore.shards, "save_file", fail_on_the_third_module)
+    folder = tmp_path / "offload"
+    with pytest.raises(OSError, match="disk full"):
+        quantcore.from_pretrained(tiny, int4(), device_map=ON_DISK, offload_folder=folder)
+    assert len(calls) == 3 and list(folder.iterdir()) == []
+
+
 # ---------------------------------------------------------------------- refusals, before any tensor is read
 def test_offloading_nf4_without_the_setting_is_refused(tiny, no_reads):
     with pytest.raises(ConfigError) as info:
@@ -150,9 +224,25 @@ def test_a_gpu_this_machine_lacks_is_an_error(tiny, no_reads):
     assert "llm_int8_enable_fp32_cpu_offload" not in str(info.value)  # allowed: only the device is wrong
 
 
-def test_disk_offload_is_not_supported_yet(tiny, no_reads):
-    with pytest.raises(NotImplementedError, match=r"offloads .*'model.layers.1'.* to disk"):
-        quantcore.from_pretrained(tiny, device_map={"": "cpu", "model.layers.1": "disk"})
+def test_quantized_modules_on_disk_need_an_offload_folder(tiny, no_reads):
+    with pytest.raises(ConfigError, match=r"(?s)offload_folder: the device map puts 7 modules: .*on disk, quantized"):
+        quantcore.from_pretrained(tiny, int4(), device_map=ON_DISK)
+
+
+def test_an_offload_folder_that_cannot_be_written_is_an_error(tiny, tmp_path, no_reads):
+    (tmp_path / "a-file").write_text("in the way")
+    with pytest.raises(ConfigError, match=r"offload_folder: .*a-file/offload' cannot hold the offloaded tensors"):
+        quantcore.from_pretrained(tiny, int4(), device_map=ON_DISK, offload_folder=tmp_path / "a-file" / "offload")
+
+
+def test_disk_offload_follows_the_backends_policy(tiny, tmp_path, no_reads):
+    """bitsandbytes refuses offloaded modules unless they stay float32; on the CPU the rest is quantized."""
+    with pytest.raises(ConfigError) as info:
+        quantcore.from_pretrained(tiny, nf4(), device_map=ON_DISK, offload_folder=tmp_path / "offload")
+    message = str(info.value)
+    assert "llm_int8_enable_fp32_cpu_offload=True" in message and "puts 7 modules on disk (" in message
+    assert "'model.layers.0." not in message  # the CPU modules of a map without GPUs are not offloaded
+    assert not (tmp_path / "offload").exists()
 
 
 def test_a_bad_map_lists_every_problem(tiny, no_reads):
@@ -170,6 +260,14 @@ def test_fp32_offload_plan_keeps_the_offloaded_linears_in_float(deep):
     assert "model.layers.15.mlp.down_proj" in placement.float_modules
     assert not any(name.startswith("model.layers.0.") for name in placement.float_modules)
     assert placement.report.record("model.layers.0.mlp.down_proj").action == "quantized"
+
+
+@pytest.mark.parametrize("config, budgets", TWO_GPUS)
+def test_the_two_gpu_budgets_fit_both_gpus(deep, config, budgets):
+    """test_two_gpus_give_the_one_gpu_logits's budgets put the model on both GPUs, nowhere else."""
+    placement = plan_device_map(deep, config(), "balanced", max_memory=budgets, check_devices=False)
+    assert set(placement.device_map.values()) == {0, 1}
+    assert placement.module_sizes[""] > parse_size(budgets[0])  # and one GPU is too small: the split is needed
 
 
 def test_the_gpu_tests_premises_hold(deep, tmp_path):
@@ -240,11 +338,22 @@ def test_one_gpu_with_fp32_cpu_offload(deep):
 
 
 @pytest.mark.gpu
-@needs_two_gpus
-@pytest.mark.parametrize("config", CONFIGS)
-def test_two_gpus_give_the_one_gpu_logits(deep, config):
+@needs_cuda
+@pytest.mark.parametrize("config", [CONFIGS[0], CONFIGS[2]])
+def test_one_gpu_and_disk_give_the_one_gpu_logits(deep, tmp_path, config):
     one = quantcore.from_pretrained(deep, config(), device_map={"": 0})
-    two = quantcore.from_pretrained(deep, config(), device_map="balanced", max_memory={0: "4MiB", 1: "4MiB"})
+    device_map = {"": 0, "model.layers.14": "disk", "model.layers.15": "disk", "lm_head": "cpu"}
+    offloaded = quantcore.from_pretrained(deep, config(), device_map=device_map, offload_folder=tmp_path / "offload")
+    assert set(offloaded.hf_device_map.values()) == {0, "disk", "cpu"}
+    torch.testing.assert_close(logits(offloaded, "cuda:0"), logits(one, "cuda:0"), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.gpu
+@needs_two_gpus
+@pytest.mark.parametrize("config, budgets", TWO_GPUS)
+def test_two_gpus_give_the_one_gpu_logits(deep, config, budgets):
+    one = quantcore.from_pretrained(deep, config(), device_map={"": 0})
+    two = quantcore.from_pretrained(deep, config(), device_map="balanced", max_memory=budgets)
     assert set(two.hf_device_map.values()) == {0, 1}
     torch.testing.assert_close(logits(two, "cuda:0"), logits(one, "cuda:0"), rtol=1e-2, atol=1e-2)
 

@@ -202,7 +202,12 @@ def test_a_given_map_follows_the_same_rule(model):
     placement = plan(model, nf4(llm_int8_enable_fp32_cpu_offload=True), device_map=offloaded)
     assert len(placement.float_modules) == 14
     assert placement.float_modules["model.layers.21.mlp.up_proj"] == "device map: disk (fp32 offload)"
-    assert placement.device_map == offloaded
+    # in accelerate's form: no key inside another's module (its hooks move a key's whole module)
+    assert placement.device_map["model.layers.21"] == "disk" and placement.device_map["model.layers.0"] == 0
+    assert "" not in placement.device_map and "model.layers" not in placement.device_map
+    for name, _ in model.named_parameters():
+        expected = "disk" if ".layers.21." in name else "cpu" if ".layers.20." in name else 0
+        assert placement.device_of(name) == expected
 
 
 def test_all_on_the_cpu_is_not_an_offload(model):
