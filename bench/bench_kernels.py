@@ -51,16 +51,34 @@ def timer(device: str):
     return cpu
 
 
+def eager_timer(device: str):
+    """Microseconds per call of 200 back-to-back eager calls: what an eager decode step pays per layer."""
+
+    def run(fn):
+        fn()
+        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+        sync()
+        t = time.perf_counter()
+        for _ in range(200):
+            fn()
+        sync()
+        return 1e6 * (time.perf_counter() - t) / 200
+
+    return run
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", default="1,16")
+    parser.add_argument("--eager", action="store_true", help="time back-to-back eager calls (launch cost included)")
+    parser.add_argument("--shapes", type=int, default=len(SHAPES), help="only the first N shapes")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     from quantcore_torch import WeightOnlyLinear, kernels
 
     dev = args.device
-    bench = timer(dev)
+    bench = eager_timer(dev) if args.eager else timer(dev)
     src = torch.randn(1 << 28, device=dev)
     dst = torch.empty_like(src)
     dst.copy_(src)
@@ -70,7 +88,7 @@ def main(argv=None) -> int:
     print(f"{torch.cuda.get_device_name() if dev == 'cuda' else 'cpu'}: copy {bandwidth / 1e9:.0f} GB/s", flush=True)
     rows = []
     torch.manual_seed(0)
-    for n, k in SHAPES:
+    for n, k in SHAPES[: args.shapes]:
         lin = nn.Linear(k, n, bias=False, device=dev, dtype=torch.bfloat16)
         m8 = WeightOnlyLinear.from_linear(lin, bits=8)
         m4 = WeightOnlyLinear.from_linear(lin, bits=4, group_size=128)
@@ -81,10 +99,13 @@ def main(argv=None) -> int:
                 "bf16": lambda: lin(x),
                 "int8_torch_wo": lambda: m8(x),
                 "int8pack_mm": lambda: torch.ops.aten._weight_int8pack_mm(x, m8.qweight, m8.scale),
+                "int8_cast_linear": lambda: torch.nn.functional.linear(x, m8.qweight.to(x.dtype)) * m8.scale,
                 "int8_reference": lambda: m8.reference_forward(x),
                 "int4_torch_wo": lambda: m4(x),
                 "int4_reference": lambda: m4.reference_forward(x),
             }
+            if dev == "cuda" and kernels.triton_available():
+                cases["int4_triton"] = lambda: kernels._TRITON.int4_mm(x, m4.qweight, m4.scale, m4.zero, 128, None)
             if tg is not None:
                 cases["int4_tinygemm"] = lambda: kernels.int4_weight_only_linear(
                     x, m4.qweight, m4.scale, m4.zero, 128, None, tg

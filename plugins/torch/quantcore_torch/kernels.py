@@ -10,10 +10,10 @@ format       CPU                                                CUDA (``M`` = ro
 int8         ``torch._weight_int8pack_mm`` (the stored int8     Triton kernel on the stored tensors for
              weight as it is; fp32 / fp16 / bf16;              ``M <= SMALL_BATCH``, fp16 / bf16
              ``in_features % 64 == 0``)
-int4         ``torch._weight_int4pack_mm_for_cpu`` on a         Triton kernel on the stored tensors for
-             kernel layout built by :func:`int4_cpu_layout`     ``M <= SMALL_BATCH``, fp16 / bf16; or
-             (``out_features % 16 == 0``, a kernel group of     tinygemm (``torch._weight_int4pack_mm``)
-             32..256 columns dividing ``in_features``)          on :func:`int4_tinygemm_layout`, bf16
+int4         ``torch._weight_int4pack_mm_for_cpu`` on a         tinygemm (``torch._weight_int4pack_mm``)
+             kernel layout built by :func:`int4_cpu_layout`     on :func:`int4_tinygemm_layout`, bf16,
+             (``out_features % 16 == 0``, a kernel group of     ``M <= SMALL_BATCH``; else the Triton
+             32..256 columns dividing ``in_features``)          kernel on the stored tensors (fp16 too)
 ===========  =================================================  ========================================
 
 Everything else (odd shapes, fp32 activations on CUDA, large-batch prefill where a float matmul
@@ -60,9 +60,10 @@ __all__ = [
 #: Rows of ``x`` up to which the CUDA kernels run; above it (prefill) one dequantize + cuBLAS wins.
 SMALL_BATCH = 32
 
-#: The kernel the CUDA int4 path uses: ``"triton"`` (reads the stored tensors, no extra memory) or
-#: ``"tinygemm"`` (``torch._weight_int4pack_mm``, a second copy of the weight in its layout).
-INT4_CUDA_KERNEL = os.environ.get("QUANTCORE_INT4_CUDA_KERNEL", "triton")
+#: The kernel the CUDA int4 path uses for bf16 activations: ``"tinygemm"`` (``torch._weight_int4pack_mm``,
+#: a second copy of the packed weight in its layout; measured faster, see docs/benchmarks.md) or
+#: ``"triton"`` (reads the stored tensors, no extra memory). fp16 always takes the Triton kernel.
+INT4_CUDA_KERNEL = os.environ.get("QUANTCORE_INT4_CUDA_KERNEL", "tinygemm")
 
 _HALF = (torch.float16, torch.bfloat16)
 _CPU_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
@@ -201,8 +202,8 @@ def int4_tinygemm_layout(
 ) -> Int4Layout | None:
     """The layout of tinygemm (``torch._weight_int4pack_mm``, CUDA, bf16 activations); ``None`` if it can't.
 
-    tinygemm needs ``in_features`` a multiple of 1024 / inner tiles (here 8 tiles: 128 columns... see
-    torchao's ``_check_linear_int4_k``) and ``out_features`` a multiple of 8.
+    tinygemm needs ``in_features`` a multiple of 16 times its inner k-tiles (2, 4 or 8) and of the
+    kernel group, and ``out_features`` a multiple of 8 (torchao checks the same).
     """
     out_features = packed.shape[0]
     kernel_group = int4_kernel_group(in_features, group_size)
@@ -211,8 +212,6 @@ def int4_tinygemm_layout(
         return None
     # tinygemm's packing wants the even column in the high nibble: ours has it in the low one.
     swapped = ((packed & 0x0F) << 4) | (packed >> 4)
-    if in_features % 2:
-        return None
     weight = torch.ops.aten._convert_weight_to_int4pack(swapped.contiguous(), inner_k_tiles)
     sz = _kernel_scales_and_zeros(scale, zero, in_features, group_size, kernel_group, torch.bfloat16)
     return Int4Layout("tinygemm", weight, sz, kernel_group)
