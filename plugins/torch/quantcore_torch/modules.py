@@ -36,16 +36,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .packing import dequantize_int4, dequantize_int8, int4_shapes, quantize_int4, quantize_int8
 
 __all__ = ["WeightOnlyLinear"]
 
 
 class WeightOnlyLinear(nn.Module):
-    """``y = x @ W.T + b`` with ``W`` stored in int8 or int4, dequantized at each forward.
+    """``y = x @ W.T + b`` with ``W`` stored in int8 or int4, read by a fused weight-only kernel.
 
     The matmul runs in ``compute_dtype`` when set, else in the input's dtype; the output has the
     input's dtype. Buffers: ``qweight``, ``scale`` and (int4) ``zero``; ``bias`` is a parameter.
+    :mod:`quantcore_torch.kernels` picks the kernel where the tensors live (and dequantize +
+    ``F.linear`` where no kernel fits); an int4 layer on the CPU also keeps its weight in the CPU
+    kernel's layout (``kernel_layout``, about the size of ``qweight``; not saved, not counted in the
+    module's size), rebuilt whenever the module is built, loaded or moved.
 
     The constructor allocates uninitialised storage (pass ``device="meta"`` for a skeleton to load
     a state dict into); :meth:`from_linear` quantizes an existing ``nn.Linear``.
@@ -88,6 +93,10 @@ class WeightOnlyLinear(nn.Module):
             self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device))
         else:
             self.register_parameter("bias", None)
+        # A plain attribute, not a buffer: it is derived from the buffers, so state dicts, sizes
+        # and checkpoints never see it. Built by refresh_kernel_layout() (uninitialised storage here).
+        self.kernel_layout: kernels.Int4Layout | None = None
+        self.register_load_state_dict_post_hook(_refresh_after_load)
 
     @classmethod
     def from_linear(
@@ -116,7 +125,38 @@ class WeightOnlyLinear(nn.Module):
             module.qweight, module.scale = quantize_int8(weight)
         else:
             module.qweight, module.scale, module.zero = quantize_int4(weight, group_size)
+        module.refresh_kernel_layout()
         return module
+
+    def refresh_kernel_layout(self) -> None:
+        """Rebuild :attr:`kernel_layout` from the stored weight (after changing the buffers by hand).
+
+        Only int4 on the CPU (``torch._weight_int4pack_mm_for_cpu``) and, when chosen through
+        ``QUANTCORE_INT4_CUDA_KERNEL=tinygemm``, int4 on CUDA need one; the other kernels read the
+        stored tensors. Nothing is built on the meta device or for shapes no kernel takes.
+        """
+        self.kernel_layout = None
+        if self.bits != 4 or self.qweight.is_meta:
+            return
+        if self.qweight.device.type == "cpu":
+            dtype = self.compute_dtype or self.weight_dtype
+            self.kernel_layout = kernels.int4_cpu_layout(
+                self.qweight, self.scale, self.zero, self.in_features, self.group_size, dtype
+            )
+        elif self.qweight.is_cuda and kernels.INT4_CUDA_KERNEL == "tinygemm":
+            self.kernel_layout = kernels.int4_tinygemm_layout(
+                self.qweight, self.scale, self.zero, self.in_features, self.group_size
+            )
+            if self.kernel_layout is not None:
+                # CUDA graphs would copy a plain tensor input at every replay; this one never changes.
+                torch._dynamo.mark_static_address(self.kernel_layout.weight)
+                torch._dynamo.mark_static_address(self.kernel_layout.scales_and_zeros)
+
+    def _apply(self, fn, recurse=True):
+        # .to(), .cuda(), .half(): the buffers move or change, so the layout derived from them must follow.
+        result = super()._apply(fn, recurse)
+        self.refresh_kernel_layout()
+        return result
 
     @property
     def weight_dtype(self) -> torch.dtype:
@@ -132,6 +172,17 @@ class WeightOnlyLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.compute_dtype or x.dtype
+        if self.bits == 8:
+            y = kernels.int8_weight_only_linear(x.to(dtype), self.qweight, self.scale, self.bias)
+        else:
+            y = kernels.int4_weight_only_linear(
+                x.to(dtype), self.qweight, self.scale, self.zero, self.group_size, self.bias, self.kernel_layout
+            )
+        return y.to(x.dtype)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The forward through dequantize + ``F.linear``: what every kernel is tested against."""
+        dtype = self.compute_dtype or x.dtype
         bias = self.bias.to(dtype) if self.bias is not None else None
         return F.linear(x.to(dtype), self.dequantized_weight(dtype), bias).to(x.dtype)
 
@@ -143,3 +194,8 @@ class WeightOnlyLinear(nn.Module):
         if self.compute_dtype is not None:
             parts.append(f"compute_dtype={self.compute_dtype}")
         return ", ".join(parts)
+
+
+def _refresh_after_load(module: nn.Module, incompatible_keys) -> None:
+    # load_state_dict() (assign=True included) replaced the buffers: rebuild what derives from them.
+    module.refresh_kernel_layout()

@@ -163,8 +163,10 @@ def test_dequantize_gives_a_close_linear(bits, group_size, device, gaussian_line
     assert back.weight.dtype == torch.float16 and back.weight.device == linear.weight.device
     assert torch.equal(back.bias, linear.bias)
     x = torch.randn(8, 128, dtype=torch.float16, device=device)
-    # The dequantized layer computes what the quantized one computes.
-    torch.testing.assert_close(back(x), module(x))
+    # The dequantized layer computes what the quantized one's reference path computes; its
+    # kernels round differently (int8: the scale applied after the sum), within fp16 rounding.
+    torch.testing.assert_close(back(x), module.reference_forward(x))
+    torch.testing.assert_close(back(x), module(x), atol=1e-3, rtol=1e-2)
     bound = BOUNDS[bits, 128]
     assert relative_error(back.weight, linear.weight) < bound
 

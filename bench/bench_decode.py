@@ -1,0 +1,352 @@
+#!/usr/bin/env python
+"""Decode speed of quantized models against bf16, in one run: tokens/s, time to first token, peak memory.
+
+Each method (``bf16`` or a quantcore CLI preset name from ``quantcore.cli.PRESETS``: ``int8-torch``,
+``int4-torch``, ``int8``, ``nf4``, and any preset another backend adds) quantizes a copy of the
+same bf16 model in memory with ``quantcore.quantize``. Generation is greedy, gpt-fast style: a
+``--prompt``-token prompt (random token ids) is prefilled eagerly into a transformers
+``StaticCache``, then ``--new`` tokens are decoded one step at a time. Modes:
+
+- ``eager``: the decode step as it is;
+- ``compiled``: the step under ``torch.compile(mode="reduce-overhead", fullgraph=True)``, which
+  captures CUDA graphs. The cache's tensors are marked static first: transformers' static cache
+  mutates its own tensors (``cumulative_length.add_``), and inductor skips CUDA graphs for
+  mutated inputs unless they are static. The ``cudagraph_skips`` column must read 0 for the
+  figure to mean what it says. A method whose layers cannot compile with ``fullgraph=True`` is
+  compiled without it (``fullgraph`` column) and reported as such.
+
+Reported per method, mode and batch: decode tokens/s (all sequences; the first token, from the
+prefill, excluded), time to first token (the eager prefill), ``torch.cuda.max_memory_allocated``
+during generation (model included), the bytes one decode step must read (every parameter and
+buffer except the input embeddings, of which it reads a row per sequence) and the floor that
+sets: those bytes over the measured copy bandwidth (a large device-to-device copy, bytes read +
+written), as tokens/s for batch 1. On the CPU, also the 1-token forward without a cache (best of
+``--repeats``), the figure the CPU targets use.
+
+Models: ``--model llama-1.1b`` (TinyLlama-1.1B's shape from a ``LlamaConfig``, random weights,
+built on the device: no download), ``--model smollm2`` (SmolLM2-135M, ``bench/prepare_models.py``
+first), ``--model tiny`` (a small random Llama, for smoke tests).
+
+A method suffix ``@tinygemm`` (``int4-torch@tinygemm``) runs torch_wo int4 on CUDA through
+``torch._weight_int4pack_mm`` instead of the Triton kernel, to compare the two.
+
+Usage::
+
+    python bench/bench_decode.py --device cpu --model smollm2 --modes eager --out bench/_results/decode_cpu.json
+    python bench/bench_decode.py --device cuda --model llama-1.1b --out decode_cuda.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch
+
+import _common
+
+LLAMA = {
+    "llama-1.1b": dict(
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        vocab_size=32000,
+    ),
+    "tiny": dict(
+        hidden_size=256,
+        intermediate_size=704,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        vocab_size=4096,
+    ),
+}
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def build_model(name: str, device: str, max_len: int):
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    if name == "smollm2":
+        model = AutoModelForCausalLM.from_pretrained(_common.smollm2_bf16_dir(), dtype=torch.bfloat16)
+        return model.to(device).eval()
+    config = LlamaConfig(**LLAMA[name], max_position_embeddings=max(2048, max_len), tie_word_embeddings=False)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    return model.eval()
+
+
+def make_variant(base, method: str):
+    """A copy of ``base`` quantized with the preset ``method`` (``bf16``: the copy as it is)."""
+    if method == "bf16":
+        return copy.deepcopy(base)
+    import quantcore
+    from quantcore.cli import resolve_method
+
+    preset, _, kernel = method.partition("@")
+    model = copy.deepcopy(base)
+    if kernel:
+        from quantcore_torch import kernels
+
+        previous, kernels.INT4_CUDA_KERNEL = kernels.INT4_CUDA_KERNEL, kernel
+        try:
+            quantcore.quantize(model, resolve_method(preset), progress=False)
+        finally:
+            kernels.INT4_CUDA_KERNEL = previous
+    else:
+        quantcore.quantize(model, resolve_method(preset), progress=False)
+    return model
+
+
+def step_bytes(model) -> int:
+    """Bytes of parameters and buffers one decode step reads (input embeddings excluded)."""
+    from quantcore.quantizer import module_nbytes
+
+    embed = model.get_input_embeddings()
+    return module_nbytes(model) - module_nbytes(embed)
+
+
+def copy_bandwidth(device: str) -> float:
+    """Bytes/s of a large copy on ``device``, counting bytes read and written."""
+    n = (1 << 30) if device == "cuda" else (256 << 20)
+    src = torch.randn(n // 4, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(10):
+        sync(device)
+        t = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return 2 * n / min(times[2:])
+
+
+class Decoder:
+    """Greedy generation with one static cache, reused (reset) across runs so graphs stay valid."""
+
+    def __init__(self, model, batch: int, prompt: int, new: int, device: str, compiled: bool):
+        from transformers import StaticCache
+
+        self.model, self.device, self.new, self.prompt = model, device, new, prompt
+        self.cache = StaticCache(config=model.config, max_cache_len=prompt + new)
+        g = torch.Generator().manual_seed(1)
+        vocab = model.config.vocab_size
+        self.ids = torch.randint(0, vocab, (batch, prompt), generator=g).to(device)
+        self.fullgraph = True
+        self.step = self._step
+        self.compiled = compiled
+        self.marked = False
+
+    def _step(self, token, position):
+        out = self.model(
+            input_ids=token,
+            past_key_values=self.cache,
+            cache_position=position,
+            position_ids=position.unsqueeze(0).expand(token.shape[0], -1),
+            use_cache=True,
+        )
+        return out.logits[:, -1].argmax(-1, keepdim=True)
+
+    def _mark_cache_static(self):
+        for layer in self.cache.layers:
+            for value in vars(layer).values():
+                if isinstance(value, torch.Tensor):
+                    torch._dynamo.mark_static_address(value)
+
+    def run(self):
+        """``(tokens [batch, new], prefill seconds, decode seconds)``."""
+        self.cache.reset()
+        sync(self.device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            position = torch.arange(self.prompt, device=self.device)
+            token = self._step(self.ids, position)
+            sync(self.device)
+            t1 = time.perf_counter()
+            if self.compiled and not self.marked:
+                self._mark_cache_static()
+                self.step = self._compile()
+                self.marked = True
+            out = [token]
+            position = torch.tensor([self.prompt], device=self.device)
+            for _ in range(self.new - 1):
+                token = self.step(token, position).clone()
+                position = position + 1
+                out.append(token)
+            sync(self.device)
+            t2 = time.perf_counter()
+        return torch.cat(out, dim=1), t1 - t0, t2 - t1
+
+    def _compile(self):
+        mode = "reduce-overhead" if self.device == "cuda" else None
+        compiled = torch.compile(self._step, mode=mode, fullgraph=True)
+        probe = torch.tensor([self.prompt], device=self.device)
+        token = torch.zeros((self.ids.shape[0], 1), dtype=torch.long, device=self.device)
+        try:
+            compiled(token, probe)
+        except Exception as exc:  # a layer that breaks the graph: compile what can be, and say so
+            print(f"    fullgraph=True failed ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})", flush=True)
+            torch._dynamo.reset()
+            self.fullgraph = False
+            compiled = torch.compile(self._step, mode=mode)
+        return compiled
+
+
+def forward_ms(model, device: str, repeats: int) -> float:
+    """Best 1-token forward (no cache) in ms: the CPU targets' measure."""
+    token = torch.tensor([[1]], device=device)
+    times = []
+    with torch.no_grad():
+        model(token, use_cache=False)
+        for _ in range(repeats):
+            sync(device)
+            t = time.perf_counter()
+            model(token, use_cache=False)
+            sync(device)
+            times.append(time.perf_counter() - t)
+    return 1e3 * min(times)
+
+
+def measure(base, method: str, args, bandwidth: float) -> list[dict]:
+    rows = []
+    t = time.perf_counter()
+    model = make_variant(base, method)
+    quantize_s = time.perf_counter() - t
+    nbytes = step_bytes(model)
+    extra = {}
+    if args.device == "cpu":
+        extra["forward_1tok_ms"] = forward_ms(model, args.device, args.repeats)
+    for mode in args.modes:
+        for batch in args.batch:
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            skips0 = _cudagraph_skips()
+            dec = Decoder(model, batch, args.prompt, args.new, args.device, compiled=mode == "compiled")
+            t = time.perf_counter()
+            tokens, _, _ = dec.run()  # warm-up: compiles, records the graphs
+            warm = time.perf_counter() - t
+            runs = [dec.run() for _ in range(args.repeats)]
+            prefill = statistics.median(r[1] for r in runs)
+            decode = statistics.median(r[2] for r in runs)
+            same = all(torch.equal(r[0], runs[0][0]) for r in runs)
+            row = dict(
+                method=method,
+                mode=mode,
+                batch=batch,
+                tokens_per_s=batch * (args.new - 1) / decode,
+                ms_per_step=1e3 * decode / (args.new - 1),
+                ttft_ms=1e3 * prefill,
+                warmup_s=warm,
+                peak_mib=torch.cuda.max_memory_allocated() / 2**20 if args.device == "cuda" else None,
+                step_mib=nbytes / 2**20,
+                floor_tokens_per_s=bandwidth / nbytes,
+                fullgraph=dec.fullgraph if mode == "compiled" else None,
+                cudagraph_skips=_cudagraph_skips() - skips0 if mode == "compiled" else None,
+                repeatable=same,
+                quantize_s=quantize_s,
+                tokens_head=tokens[0, :8].tolist(),
+                **extra,
+            )
+            rows.append(row)
+            print(_line(row), flush=True)
+            del dec
+            torch._dynamo.reset()
+    del model
+    return rows
+
+
+def _cudagraph_skips() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["cudagraph_skips"]
+
+
+def _line(r: dict) -> str:
+    fwd = f" fwd1={r['forward_1tok_ms']:.1f}ms" if "forward_1tok_ms" in r else ""
+    peak = f" peak={r['peak_mib']:.0f}MiB" if r["peak_mib"] is not None else ""
+    extra = f" fullgraph={r['fullgraph']} skips={r['cudagraph_skips']}" if r["mode"] == "compiled" else ""
+    return (
+        f"  {r['method']:<20} {r['mode']:<8} b={r['batch']:<3} {r['tokens_per_s']:9.1f} tok/s "
+        f"({r['ms_per_step']:.3f} ms/step) ttft={r['ttft_ms']:.1f}ms{peak} step={r['step_mib']:.0f}MiB "
+        f"floor={r['floor_tokens_per_s']:.0f}tok/s{fwd}{extra} warm={r['warmup_s']:.1f}s"
+    )
+
+
+def summary(rows: list[dict]) -> str:
+    base = {(r["mode"], r["batch"]): r for r in rows if r["method"] == "bf16"}
+    lines = ["| method | mode | batch | tokens/s | x bf16 | % of floor | TTFT ms | peak MiB |", "|---|---|--:|--:|--:|--:|--:|--:|"]
+    for r in rows:
+        b = base.get((r["mode"], r["batch"]))
+        ratio = f"{r['tokens_per_s'] / b['tokens_per_s']:.2f}x" if b else "-"
+        floor = 100 * r["tokens_per_s"] / (r["floor_tokens_per_s"] * r["batch"]) if r["batch"] == 1 else None
+        peak = f"{r['peak_mib']:,.0f}" if r["peak_mib"] is not None else "-"
+        lines.append(
+            f"| {r['method']} | {r['mode']} | {r['batch']} | {r['tokens_per_s']:,.1f} | {ratio} | "
+            f"{'-' if floor is None else f'{floor:.0f}%'} | {r['ttft_ms']:,.1f} | {peak} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--model", choices=("llama-1.1b", "smollm2", "tiny"), default=None)
+    parser.add_argument("--methods", default="bf16,int8-torch,int4-torch,int8,nf4")
+    parser.add_argument("--modes", default="eager,compiled")
+    parser.add_argument("--batch", default="1,16")
+    parser.add_argument("--prompt", type=int, default=512)
+    parser.add_argument("--new", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    args.model = args.model or ("llama-1.1b" if args.device == "cuda" else "smollm2")
+    args.modes = args.modes.split(",")
+    args.batch = [int(b) for b in args.batch.split(",")]
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda needs a CUDA device")
+
+    bandwidth = copy_bandwidth(args.device)
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
+    print(f"{device_name}: copy bandwidth {bandwidth / 1e9:.0f} GB/s; torch {torch.__version__}", flush=True)
+    base = build_model(args.model, args.device, args.prompt + args.new)
+    import transformers
+
+    meta = dict(
+        device=device_name,
+        torch=torch.__version__,
+        transformers=transformers.__version__,
+        bandwidth_bytes_per_s=bandwidth,
+        args={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    )
+    rows = []
+    for method in args.methods.split(","):
+        try:
+            rows += measure(base, method, args, bandwidth)
+        except Exception as exc:  # one method failing must not lose the others' figures
+            print(f"  {method}: FAILED {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+            rows.append(dict(method=method, error=f"{type(exc).__name__}: {exc}"))
+        if args.out:  # after each method, so a run cut short keeps what it measured
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    print(summary([r for r in rows if "error" not in r]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

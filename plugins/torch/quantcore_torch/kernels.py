@@ -1,0 +1,256 @@
+"""Fused weight-only matmuls: ``y = x @ W.T + b`` with ``W`` read in int8 or int4, never written out in float.
+
+The public functions take the activation ``x`` (``[..., in_features]``, already in the compute
+dtype) and the weight in the storage format of :mod:`quantcore_torch.packing`, and pick the
+fastest valid path for where the tensors live:
+
+===========  =================================================  ========================================
+format       CPU                                                CUDA (``M`` = rows of ``x``)
+===========  =================================================  ========================================
+int8         ``torch._weight_int8pack_mm`` (the stored int8     Triton kernel on the stored tensors for
+             weight as it is; fp32 / fp16 / bf16;              ``M <= SMALL_BATCH``, fp16 / bf16
+             ``in_features % 64 == 0``)
+int4         ``torch._weight_int4pack_mm_for_cpu`` on a         tinygemm (``torch._weight_int4pack_mm``)
+             kernel layout built by :func:`int4_cpu_layout`     on :func:`int4_tinygemm_layout`, bf16,
+             (``out_features % 16 == 0``, a kernel group of     ``M <= SMALL_BATCH``; else the Triton
+             32..256 columns dividing ``in_features``)          kernel on the stored tensors (fp16 too)
+===========  =================================================  ========================================
+
+Everything else (odd shapes, fp32 activations on CUDA, large-batch prefill where a float matmul
+after one dequantize wins, other devices, float64) takes :func:`int8_reference_linear` /
+:func:`int4_reference_linear`: dequantize, then ``F.linear``. Every path computes the same
+function within float rounding; the tests check each one against the reference.
+
+Why the int4 CPU kernel needs its own layout while CUDA's Triton kernels read the stored tensors:
+``_weight_int4pack_mm_for_cpu`` wants its weights reordered in blocks and scales and zero points
+interleaved as ``[groups, out, 2]`` with ``w = (q - 8) * scale + zero'``; our format stores
+``w = (q - zero) * scale``, so ``zero' = (8 - zero) * scale``. The conversion is exact in fp32 and
+rounds once to the compute dtype. :mod:`quantcore_torch.modules` keeps such a layout as a
+non-persistent cache, rebuilt whenever the module is built, loaded or moved; checkpoints hold only
+the storage format.
+
+For other backends whose weights use the same asymmetric group-wise int4 scheme
+(``w = (q - zero) * scale``, two codes per byte, low nibble first): call
+:func:`int4_weight_only_linear` with their packed codes, scales and zero points.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from .packing import dequantize_int4, dequantize_int8
+
+__all__ = [
+    "SMALL_BATCH",
+    "Int4Layout",
+    "int4_cpu_layout",
+    "int4_kernel_group",
+    "int4_reference_linear",
+    "int4_tinygemm_layout",
+    "int4_weight_only_linear",
+    "int8_reference_linear",
+    "int8_weight_only_linear",
+    "triton_available",
+]
+
+#: Rows of ``x`` up to which the CUDA kernels run; above it (prefill) one dequantize + cuBLAS wins.
+SMALL_BATCH = 32
+
+#: The kernel the CUDA int4 path uses for bf16 activations: ``"tinygemm"`` (``torch._weight_int4pack_mm``,
+#: a second copy of the packed weight in its layout; measured faster, see docs/benchmarks.md) or
+#: ``"triton"`` (reads the stored tensors, no extra memory). fp16 always takes the Triton kernel.
+INT4_CUDA_KERNEL = os.environ.get("QUANTCORE_INT4_CUDA_KERNEL", "tinygemm")
+
+_HALF = (torch.float16, torch.bfloat16)
+_CPU_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+# The group sizes the int4 kernels were written for (tinygemm's and the CPU kernel's).
+_KERNEL_GROUPS = (256, 128, 64, 32)
+
+
+def _load_triton():
+    # Only where a CUDA device and Triton exist: the CPU wheel of torch ships without Triton.
+    if not torch.cuda.is_available():
+        return None
+    try:
+        from . import _triton
+    except ImportError:
+        return None
+    return _triton
+
+
+_TRITON = _load_triton()
+
+
+def triton_available() -> bool:
+    """Whether the CUDA Triton kernels can run here (a CUDA device and the ``triton`` package)."""
+    return _TRITON is not None
+
+
+class Int4Layout(NamedTuple):
+    """An int4 weight in a kernel's layout: ``kind`` is ``"cpu"`` or ``"tinygemm"``."""
+
+    kind: str
+    weight: torch.Tensor
+    scales_and_zeros: torch.Tensor
+    group_size: int
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
+def _unflat(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def _add_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return y if bias is None else y + bias.to(y.dtype)
+
+
+# ----------------------------------------------------------------------------- int8
+def int8_reference_linear(
+    x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Dequantize the int8 weight to ``x.dtype``, then ``F.linear``: the path every kernel must match."""
+    weight = dequantize_int8(qweight, scale, x.dtype)
+    return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
+
+
+def int8_weight_only_linear(
+    x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``x @ (qweight * scale[:, None]).T + bias`` in ``x.dtype``, through the fastest valid kernel.
+
+    :param x: ``[..., in_features]`` activations, in the compute dtype.
+    :param qweight: ``int8 [out_features, in_features]``, symmetric per output channel.
+    :param scale: ``[out_features]`` per-row scales (any float dtype).
+    :param bias: ``[out_features]`` or ``None``.
+    """
+    x2 = _flat(x)
+    # The CPU kernel reads out of bounds (a crash, seen with torch 2.13) when in_features is not a
+    # multiple of 16 and x has more than one row: keep it to whole 64-column blocks.
+    if x.device.type == "cpu" and x.dtype in _CPU_FLOATS and x2.shape[0] <= SMALL_BATCH and x.shape[-1] % 64 == 0:
+        y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), qweight, scale.to(x.dtype))
+        return _unflat(_add_bias(y, bias), x)
+    if _TRITON is not None and x.is_cuda and x.dtype in _HALF and 0 < x2.shape[0] <= SMALL_BATCH:
+        return _unflat(_TRITON.int8_mm(x2.contiguous(), qweight, scale, bias), x)
+    return int8_reference_linear(x, qweight, scale, bias)
+
+
+# ----------------------------------------------------------------------------- int4
+def int4_reference_linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Dequantize the int4 weight to ``x.dtype``, then ``F.linear``: the path every kernel must match."""
+    weight = dequantize_int4(packed, scale, zero, x.shape[-1], group_size, x.dtype)
+    return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
+
+
+def int4_kernel_group(in_features: int, group_size: int) -> int | None:
+    """The group size the int4 CPU / tinygemm kernels can run a layer with, or ``None``.
+
+    Our last group may be shorter than ``group_size`` (``in_features`` not a multiple of it). The
+    kernels want equal groups, so a group is split into equal parts that share its scale and zero
+    point (the same weights exactly): SmolLM2's 576 inputs in groups of 128 run as groups of 64.
+    """
+    for g in _KERNEL_GROUPS:
+        if g <= group_size and group_size % g == 0 and in_features % g == 0:
+            return g
+    return None
+
+
+def _kernel_scales_and_zeros(
+    scale: torch.Tensor, zero: torch.Tensor, in_features: int, group_size: int, kernel_group: int, dtype: torch.dtype
+) -> torch.Tensor:
+    # Ours: w = (q - zero) * scale. The kernels': w = (q - 8) * scale + zero', so zero' = (8 - zero) * scale.
+    repeat = group_size // kernel_group
+    groups = in_features // kernel_group
+    s = scale.float().repeat_interleave(repeat, dim=1)[:, :groups]
+    z = (8 - zero.float().repeat_interleave(repeat, dim=1)[:, :groups]) * s
+    return torch.stack((s, z), dim=-1).transpose(0, 1).contiguous().to(dtype)
+
+
+def int4_cpu_layout(
+    packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, in_features: int, group_size: int, dtype: torch.dtype
+) -> Int4Layout | None:
+    """The layout ``torch._weight_int4pack_mm_for_cpu`` takes, for activations in ``dtype``; ``None`` if it can't.
+
+    :param packed: ``uint8 [out_features, ceil(in_features / 2)]``, low nibble first.
+    :param scale: ``[out_features, groups]``; :param zero: the same shape (``w = (q - zero) * scale``).
+    """
+    out_features = packed.shape[0]
+    kernel_group = int4_kernel_group(in_features, group_size)
+    if packed.device.type != "cpu" or dtype not in _CPU_FLOATS or kernel_group is None or out_features % 16:
+        return None
+    codes = torch.stack((packed & 0x0F, packed >> 4), dim=-1).flatten(-2)[:, :in_features].to(torch.int32)
+    weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
+    sz = _kernel_scales_and_zeros(scale, zero, in_features, group_size, kernel_group, dtype)
+    return Int4Layout("cpu", weight, sz, kernel_group)
+
+
+def int4_tinygemm_layout(
+    packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, in_features: int, group_size: int
+) -> Int4Layout | None:
+    """The layout of tinygemm (``torch._weight_int4pack_mm``, CUDA, bf16 activations); ``None`` if it can't.
+
+    tinygemm needs ``in_features`` a multiple of 16 times its inner k-tiles (2, 4 or 8) and of the
+    kernel group, and ``out_features`` a multiple of 8 (torchao checks the same).
+    """
+    out_features = packed.shape[0]
+    kernel_group = int4_kernel_group(in_features, group_size)
+    inner_k_tiles = 8 if in_features % 128 == 0 else 4 if in_features % 64 == 0 else 2 if in_features % 32 == 0 else 0
+    if not packed.is_cuda or kernel_group is None or not inner_k_tiles or out_features % 8:
+        return None
+    # tinygemm's packing wants the even column in the high nibble: ours has it in the low one.
+    swapped = ((packed & 0x0F) << 4) | (packed >> 4)
+    weight = torch.ops.aten._convert_weight_to_int4pack(swapped.contiguous(), inner_k_tiles)
+    sz = _kernel_scales_and_zeros(scale, zero, in_features, group_size, kernel_group, torch.bfloat16)
+    return Int4Layout("tinygemm", weight, sz, kernel_group)
+
+
+def int4_weight_only_linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+    layout: Int4Layout | None = None,
+) -> torch.Tensor:
+    """``x @ W.T + bias`` in ``x.dtype`` for ``W = (q - zero) * scale`` in int4 groups, through the fastest kernel.
+
+    :param x: ``[..., in_features]`` activations, in the compute dtype.
+    :param packed: ``uint8 [out_features, ceil(in_features / 2)]``: column ``2j`` in the low nibble.
+    :param scale: ``[out_features, ceil(in_features / group_size)]`` scales.
+    :param zero: zero points of the same shape, as floats (codes that stand for 0.0; may be fractional).
+    :param group_size: input columns per scale and zero point (the last group may be shorter).
+    :param bias: ``[out_features]`` or ``None``.
+    :param layout: a kernel layout from :func:`int4_cpu_layout` / :func:`int4_tinygemm_layout` of
+        the same weight, or ``None``. The CUDA Triton kernel needs none.
+    """
+    x2 = _flat(x)
+    rows = x2.shape[0]
+    if layout is not None and layout.kind == "cpu" and x.device.type == "cpu" and rows <= SMALL_BATCH:
+        if layout.scales_and_zeros.dtype == x.dtype:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x2.contiguous(), layout.weight, layout.group_size, layout.scales_and_zeros
+            )
+            return _unflat(_add_bias(y, bias), x)
+    if x.is_cuda and 0 < rows <= SMALL_BATCH:
+        if layout is not None and layout.kind == "tinygemm" and x.dtype == torch.bfloat16:
+            y = torch.ops.aten._weight_int4pack_mm(
+                x2.contiguous(), layout.weight, layout.group_size, layout.scales_and_zeros
+            )
+            return _unflat(_add_bias(y, bias), x)
+        if _TRITON is not None and x.dtype in _HALF:
+            return _unflat(_TRITON.int4_mm(x2.contiguous(), packed, scale, zero, group_size, bias), x)
+    return int4_reference_linear(x, packed, scale, zero, group_size, bias)

@@ -1,0 +1,177 @@
+"""The fused kernels of ``quantcore_torch.kernels``: every path against the reference dequantize path,
+the kernel layout's life cycle, and torch.compile / CUDA graphs / the static KV cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from quantcore_torch import WeightOnlyLinear, kernels
+from torch import nn
+
+import quantcore
+
+# Shapes every path must take: kernel-friendly ones, K not a multiple of the group (SmolLM2's 576
+# in groups of 128), odd K, N not a multiple of 16 (no CPU int4 kernel).
+SHAPES = [(64, 256), (192, 576), (48, 130), (40, 99)]
+# Relative L2 error allowed between a kernel and the reference path: float rounding of the dtype
+# (the kernels accumulate in fp32 and round once; the reference rounds the weight first).
+ROUNDING = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+FORMATS = [(8, 128), (4, 128), (4, 64), (4, 32)]
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def _module(n, k, bits, group_size, dtype, device, bias=True):
+    torch.manual_seed(n + k)
+    linear = nn.Linear(k, n, bias=bias).to(device=device, dtype=dtype)
+    nn.init.normal_(linear.weight, std=0.02)
+    return WeightOnlyLinear.from_linear(linear, bits=bits, group_size=group_size)
+
+
+@pytest.mark.parametrize("rows", [1, kernels.SMALL_BATCH + 8], ids=lambda r: f"rows{r}")
+@pytest.mark.parametrize("dtype", list(ROUNDING), ids=str)
+@pytest.mark.parametrize(("bits", "group_size"), FORMATS)
+@pytest.mark.parametrize(("n", "k"), SHAPES, ids=lambda s: str(s))
+def test_every_path_matches_the_reference(n, k, bits, group_size, dtype, rows, device):
+    module = _module(n, k, bits, group_size, dtype, device)
+    x = torch.randn(2, rows, k, dtype=dtype, device=device)  # 3-D: the kernels flatten leading dims
+    out = module(x)
+    ref = module.reference_forward(x)
+    assert out.shape == ref.shape and out.dtype == dtype
+    assert relative_error(out, ref) < ROUNDING[dtype]
+
+
+def test_the_cpu_kernels_are_the_ones_that_run():
+    # The dispatch must actually reach the fused ops for the shapes they take (not only fall back).
+    module = _module(192, 576, 4, 128, torch.bfloat16, "cpu")
+    assert module.kernel_layout is not None and module.kernel_layout.group_size == 64
+    assert _module(40, 99, 4, 128, torch.bfloat16, "cpu").kernel_layout is None  # N % 16, odd K
+    x = torch.randn(1, 576, dtype=torch.bfloat16)
+    layout = module.kernel_layout
+    direct = torch.ops.aten._weight_int4pack_mm_for_cpu(x, layout.weight, layout.group_size, layout.scales_and_zeros)
+    torch.testing.assert_close(module(x), direct + module.bias, rtol=0, atol=0)
+
+
+def test_compute_dtype_other_than_the_activations():
+    module = _module(64, 256, 4, 64, torch.float32, "cpu")
+    module.compute_dtype = torch.bfloat16
+    module.refresh_kernel_layout()
+    x = torch.randn(3, 256)
+    out = module(x)
+    assert out.dtype == torch.float32
+    assert relative_error(out, module.reference_forward(x)) < ROUNDING[torch.bfloat16]
+
+
+def test_the_kernel_layout_is_never_saved_and_follows_loads_and_moves():
+    module = _module(64, 256, 4, 128, torch.bfloat16, "cpu")
+    assert set(module.state_dict()) == {"qweight", "scale", "zero", "bias"}
+    x = torch.randn(2, 256, dtype=torch.bfloat16)
+    expected = module(x)
+
+    skeleton = WeightOnlyLinear(256, 64, bits=4, group_size=128, dtype=torch.bfloat16, device="meta")
+    assert skeleton.kernel_layout is None
+    skeleton.load_state_dict(module.state_dict(), assign=True)
+    assert skeleton.kernel_layout is not None
+    torch.testing.assert_close(skeleton(x), expected, rtol=0, atol=0)
+
+    # A dtype move changes the scales: the layout is rebuilt for the new dtype.
+    module.half()
+    assert module.kernel_layout.scales_and_zeros.dtype == torch.float16
+    assert relative_error(module(x.half()), module.reference_forward(x.half())) < ROUNDING[torch.float16]
+
+    # Changing the stored weight by hand and refreshing keeps the kernel in step with it.
+    module.qweight.zero_()
+    module.refresh_kernel_layout()
+    torch.testing.assert_close(module(x.half()), module.reference_forward(x.half()), rtol=2e-3, atol=2e-3)
+
+
+def _tiny_llama(device: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+        max_position_embeddings=128,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).to(device=device, dtype=torch.bfloat16).eval()
+
+
+@pytest.mark.parametrize("preset", ["int8-torch", "int4-torch"])
+def test_fullgraph_compile_traces_the_layers(preset):
+    # aot_eager: dynamo + AOT autograd tracing of every op (custom ops included), no C++ compile.
+    from quantcore.cli import resolve_method
+
+    model = _tiny_llama("cpu")
+    quantcore.quantize(model, resolve_method(preset), progress=False)
+    ids = torch.randint(0, 512, (2, 16))
+    with torch.no_grad():
+        expected = model(ids).logits
+        torch._dynamo.reset()
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(ids).logits, expected, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["int8-torch", "int4-torch"])
+def test_inductor_compile_on_cpu(preset):
+    from quantcore.cli import resolve_method
+
+    model = _tiny_llama("cpu")
+    quantcore.quantize(model, resolve_method(preset), progress=False)
+    ids = torch.randint(0, 512, (1, 8))
+    with torch.no_grad():
+        expected = model(ids).logits
+        torch._dynamo.reset()
+        compiled = torch.compile(model, fullgraph=True)
+        torch.testing.assert_close(compiled(ids).logits, expected, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_triton_kernels_are_the_ones_that_run_on_cuda():
+    # fp16: tinygemm takes bf16 only, so the Triton kernel runs.
+    assert kernels.triton_available()
+    module = _module(64, 256, 4, 128, torch.float16, "cuda")
+    x = torch.randn(1, 256, dtype=torch.float16, device="cuda")
+    direct = torch.ops.quantcore_torch.int4_mm(x, module.qweight, module.scale, module.zero, 128, module.bias)
+    torch.testing.assert_close(module(x), direct, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize(("n", "k"), [(64, 256), (2048, 2048), (256, 576)], ids=str)
+def test_tinygemm_layout_matches_the_reference(n, k):
+    module = _module(n, k, 4, 128, torch.bfloat16, "cuda")
+    layout = kernels.int4_tinygemm_layout(module.qweight, module.scale, module.zero, k, 128)
+    assert layout is not None
+    for rows in (1, 16):
+        x = torch.randn(rows, k, dtype=torch.bfloat16, device="cuda")
+        out = kernels.int4_weight_only_linear(x, module.qweight, module.scale, module.zero, 128, module.bias, layout)
+        assert relative_error(out, module.reference_forward(x)) < ROUNDING[torch.bfloat16]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("preset", ["int8-torch", "int4-torch"])
+def test_cuda_graphs_and_the_static_cache(preset):
+    # generate(cache_implementation="static") with the forward under reduce-overhead (CUDA graphs):
+    # the same greedy tokens as the eager model.
+    from quantcore.cli import resolve_method
+
+    model = _tiny_llama("cuda")
+    quantcore.quantize(model, resolve_method(preset), progress=False)
+    ids = torch.randint(0, 512, (1, 12), device="cuda")
+    kwargs = dict(max_new_tokens=8, do_sample=False, cache_implementation="static")
+    with torch.no_grad():
+        expected = model.generate(ids, **kwargs)
+        torch._dynamo.reset()
+        model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+        for _ in range(2):  # the second run replays the recorded graphs
+            assert torch.equal(model.generate(ids, **kwargs), expected)
