@@ -75,7 +75,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike[str], *, max_shard_
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
-        write_shards(tensors, tmp, max_shard_size)
+        write_shards(tensors, tmp, max_shard_size, _header_metadata(model, state))
         data = {
             "format": "quantcore",
             "format_version": FORMAT_VERSION,
@@ -125,6 +125,23 @@ def _collect_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[st
     if problems:
         raise CheckpointError("cannot save the model:\n" + "\n".join(f"  - {p}" for p in problems))
     return tensors, tied
+
+
+def _header_metadata(model: nn.Module, state: QuantizationState) -> dict[str, str]:
+    """What each backend asks to write into the safetensors headers about its modules."""
+    from .registry import get_backend
+
+    modules = dict(model.named_modules())
+    by_backend: dict[type[Quantizer], dict[str, nn.Module]] = {}
+    for name in state.modules:
+        config = state.config_for(name)
+        if config is not None and name in modules:
+            backend = get_backend(config.quant_method, require_usable=False).quantizer_class()
+            by_backend.setdefault(backend, {})[name] = modules[name]
+    metadata: dict[str, str] = {}
+    for backend, owned in by_backend.items():
+        metadata.update(backend.checkpoint_metadata(owned))
+    return metadata
 
 
 def _is_transformers_model(model: nn.Module) -> bool:

@@ -133,6 +133,13 @@ class Quantizer:
         return "refuse"
 
     @classmethod
+    def checkpoint_metadata(cls, modules: Mapping[str, nn.Module]) -> dict[str, str]:
+        """Entries for the safetensors header of a checkpoint holding ``modules`` (``{name: module}``,
+        every module of this backend in the model). Empty by default; a backend whose state dict
+        flattens tensor subclasses writes what rebuilding them takes (as torchao's format does)."""
+        return {}
+
+    @classmethod
     def is_quantized_module(cls, module: nn.Module) -> bool:
         """Whether ``module`` is one this backend produced."""
         return bool(cls.produces) and isinstance(module, cls.produces)
