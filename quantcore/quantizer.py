@@ -18,7 +18,16 @@ if TYPE_CHECKING:
     from .config import QuantizationConfigMixin
     from .report import QuantizationReport
 
-__all__ = ["Quantizer", "check_state", "leaf_size", "module_nbytes"]
+__all__ = ["Quantizer", "check_state", "leaf_size", "module_nbytes", "tensor_nbytes"]
+
+
+def tensor_nbytes(tensor: torch.Tensor) -> int:
+    """Bytes a tensor holds; for a tensor subclass (torchao's quantized weights), those of its inner tensors."""
+    cls = type(tensor)  # a Parameter of a subclass has the subclass's type
+    if cls is torch.Tensor or cls is nn.Parameter or not hasattr(cls, "__tensor_flatten__"):
+        return tensor.numel() * tensor.element_size()
+    names, _ = tensor.__tensor_flatten__()  # type: ignore[attr-defined]
+    return sum(tensor_nbytes(inner) for name in names if (inner := getattr(tensor, name)) is not None)
 
 
 def module_nbytes(module: nn.Module) -> int:
@@ -27,7 +36,7 @@ def module_nbytes(module: nn.Module) -> int:
         tensors = [*module._parameters.values(), *module._buffers.values()]
     else:
         tensors = [*module.parameters(), *module.buffers()]
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+    return sum(tensor_nbytes(t) for t in tensors if t is not None)
 
 
 def leaf_size(module: nn.Module) -> tuple[int, int]:
@@ -41,11 +50,10 @@ def leaf_size(module: nn.Module) -> tuple[int, int]:
     numel = 0
     nbytes = 0
     for p in params:
-        n = p.numel()
-        numel += n
-        nbytes += n * p.element_size()
+        numel += p.numel()
+        nbytes += tensor_nbytes(p)
     for b in buffers:
-        nbytes += b.numel() * b.element_size()
+        nbytes += tensor_nbytes(b)
     return numel, nbytes
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import re
 import sys
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -276,6 +277,26 @@ class TorchAoConfig(QuantizationConfigMixin):
     def to_diff_dict(self) -> dict[str, Any]:
         out = super().to_diff_dict()
         out["quant_type"] = quant_type_to_dict(self.quant_type)
+        return out
+
+    def module_overrides(self) -> dict[str, Any]:
+        """An ``FqnToConfig`` quant_type as quantcore overrides, in torchao's order: exact module names,
+        then ``"re:"`` patterns, then everything else with ``"_default"`` (kept in float without one)."""
+        table = getattr(self.quant_type, "fqn_to_config", None)
+        if table is None:
+            return {}
+
+        def config(sub: Any) -> TorchAoConfig | None:
+            return None if sub is None else self.copy(quant_type=sub)
+
+        out: dict[str, Any] = {}
+        for key, sub in table.items():
+            if not key.startswith("re:") and key != "_default":
+                out["re:" + re.escape(key)] = config(sub)
+        for key, sub in table.items():
+            if key.startswith("re:"):
+                out[key] = config(sub)
+        out["re:.*"] = config(table.get("_default"))
         return out
 
     def describe(self) -> str:

@@ -81,11 +81,6 @@ class _TorchAoLayer(nn.Module):
         """The float weight this layer stands for, in its original dtype."""
         return self.weight.dequantize()
 
-    def tensor_nbytes(self) -> int:
-        """Bytes of the weight's inner tensors and of the other parameters."""
-        total = sum(t.numel() * t.element_size() for t in flat_weight(self.weight).values())
-        return total + sum(p.numel() * p.element_size() for n, p in self._parameters.items() if n != "weight" and p is not None)
-
 
 class TorchAoLinear(_TorchAoLayer):
     """``y = x @ W.T + b`` with ``W`` a torchao tensor subclass (its kernel runs in ``F.linear``)."""

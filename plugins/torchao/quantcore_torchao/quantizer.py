@@ -18,9 +18,10 @@ import torch
 from torch import nn
 
 from quantcore import BackendUnavailableError, Quantizer
+from quantcore.quantizer import tensor_nbytes
 
 from .config import TorchAoConfig
-from .modules import TorchAoEmbedding, TorchAoLinear, _TorchAoLayer, flat_weight, rebuild_weight, weight_metadata
+from .modules import TorchAoEmbedding, TorchAoLinear, _TorchAoLayer, rebuild_weight, weight_metadata
 
 __all__ = ["TorchAoQuantizer", "config_for_module"]
 
@@ -133,7 +134,7 @@ class TorchAoQuantizer(Quantizer):
             _apply(skeleton, config)
         except Exception:
             return _int4_nbytes(module.weight, config)
-        return sum(t.numel() * t.element_size() for t in flat_weight(skeleton.weight).values())
+        return tensor_nbytes(skeleton.weight)
 
     # ------------------------------------------------------------------ building and loading
     def create_quantized_module(self, module: nn.Module, name: str) -> nn.Module:
