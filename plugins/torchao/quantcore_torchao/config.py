@@ -250,7 +250,7 @@ class TorchAoConfig(QuantizationConfigMixin):
     include_input_output_embeddings: bool = config_field(
         default=False,
         help="Quantize nn.Embedding layers too (the input embeddings); the output head follows quantcore's "
-        "default skips (pass default_skips=False or an override to quantize it).",
+        "default skips (pass default_skips=False to quantize it).",
     )
     untie_embedding_weights: bool = config_field(
         default=False,

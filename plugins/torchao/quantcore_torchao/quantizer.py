@@ -70,7 +70,7 @@ class TorchAoQuantizer(Quantizer):
         super().__init__(config)
         if config.include_input_output_embeddings:
             self.replaces = (nn.Linear, nn.Embedding)
-        self._sizes: dict[tuple, int] = {}
+        self._sizes: dict[tuple, tuple[int, str | None]] = {}
 
     # ------------------------------------------------------------------ environment and labels
     def check_environment(self) -> None:
@@ -95,46 +95,57 @@ class TorchAoQuantizer(Quantizer):
         return self.config.describe()
 
     def can_replace(self, module: nn.Module) -> bool:
-        if not super().can_replace(module):
-            return False
-        weight = getattr(module, "weight", None)
-        # A float weight only: integer weights, or a torchao subclass that transformers' own torchao
-        # path left on a plain nn.Linear, are quantized already.
-        return isinstance(weight, torch.Tensor) and type(weight.data) in (torch.Tensor,) and weight.is_floating_point()
+        return self.unsupported_reason(module) is None
 
     def unsupported_reason(self, module: nn.Module) -> str | None:
-        if self.can_replace(module):
-            return None
+        if not isinstance(module, self.replaces) or self.is_quantized_module(module):
+            return super().unsupported_reason(module)
         weight = getattr(module, "weight", None)
-        if isinstance(module, self.replaces) and isinstance(weight, torch.Tensor):
-            if type(weight.data) is not torch.Tensor:
-                return f"weight is already a {type(weight.data).__name__}"
+        if not isinstance(weight, torch.Tensor):
+            return f"{type(module).__name__} has no weight tensor"
+        # Only a float weight: integer weights, or a torchao subclass that transformers' own torchao
+        # path left on a plain nn.Linear, are quantized already.
+        if type(weight.data) is not torch.Tensor:
+            return f"weight is already a {type(weight.data).__name__}"
+        if not weight.is_floating_point():
             return f"weight dtype {weight.dtype} is not floating point"
-        return super().unsupported_reason(module)
+        return self._sized(module)[1]
 
     # ------------------------------------------------------------------ sizes
     def quantized_nbytes(self, module: nn.Module) -> int:
-        weight = module.weight
-        key = (type(module), tuple(weight.shape), weight.dtype)
-        size = self._sizes.get(key)
-        if size is None:
-            size = self._sizes[key] = self._weight_nbytes(module)
+        size, reason = self._sized(module)
+        if reason is not None:
+            raise ValueError(reason)
         bias = getattr(module, "bias", None)
         return size + (bias.numel() * bias.element_size() if isinstance(bias, torch.Tensor) else 0)
 
-    def _weight_nbytes(self, module: nn.Module) -> int:
-        """Bytes of the quantized weight, exactly: quantize a meta copy and count its inner tensors."""
-        config = self.config.quant_type
-        if getattr(config, "fqn_to_config", None) is not None:
-            config = next(iter(self._configs()), None)
+    def _sized(self, module: nn.Module) -> tuple[int, str | None]:
+        """``(bytes of the quantized weight, None)``, or ``(0, why torchao cannot take this weight)``.
+
+        Exact: torchao quantizes a meta copy (no data, no time) and its inner tensors are counted.
+        One trial per weight shape and dtype.
+        """
+        weight = module.weight
+        key = (type(module), tuple(weight.shape), weight.dtype)
+        found = self._sizes.get(key)
+        if found is None:
+            found = self._sizes[key] = self._try_size(module)
+        return found
+
+    def _try_size(self, module: nn.Module) -> tuple[int, str | None]:
+        config = self._configs()[0] if self._configs() else None
         if config is None:
-            return module.weight.numel() * module.weight.element_size()
+            return module.weight.numel() * module.weight.element_size(), None
         skeleton = _float_copy(module, on_meta=True)
         try:
             _apply(skeleton, config)
-        except Exception:
-            return _int4_nbytes(module.weight, config)
-        return tensor_nbytes(skeleton.weight)
+        except Exception as exc:
+            if _cuda_only_reason(config) and not torch.cuda.is_available():
+                # its packing runs on CUDA only: size it from the format (check_environment refuses
+                # to run it here)
+                return _formula_nbytes(module.weight, config), None
+            return 0, f"torchao {type(config).__name__} cannot take a {tuple(module.weight.shape)} weight: {exc}"
+        return tensor_nbytes(skeleton.weight), None
 
     # ------------------------------------------------------------------ building and loading
     def create_quantized_module(self, module: nn.Module, name: str) -> nn.Module:
@@ -224,12 +235,21 @@ def _apply(layer: nn.Module, config: Any) -> None:
     quantize_(layer, config, filter_fn=lambda m, fqn: m is layer)
 
 
-def _int4_nbytes(weight: torch.Tensor, config: Any) -> int:
-    """Bytes of an int4 weight where it cannot be built here (CUDA-only packing): packed codes plus
-    one scale and one zero point per group, in the weight's dtype."""
-    group_size = getattr(config, "group_size", None)
-    if type(config).__name__ != "Int4WeightOnlyConfig" or not group_size:
-        raise ValueError(f"cannot size {type(config).__name__} for a {tuple(weight.shape)} weight on this machine")
+def _formula_nbytes(weight: torch.Tensor, config: Any) -> int:
+    """Bytes of a weight in a format that cannot be built here (its packing runs on CUDA only).
+
+    int4: two codes per byte, and one scale and one zero point per group in the weight's dtype.
+    float8: one byte per value, and a float32 scale per row (``PerRow``) or for the whole tensor.
+    """
     out_features, in_features = weight.shape
-    groups = -(-in_features // group_size)
-    return out_features * in_features // 2 + 2 * out_features * groups * weight.element_size()
+    name = type(config).__name__
+    if name == "Int4WeightOnlyConfig":
+        groups = -(-in_features // config.group_size)
+        return out_features * in_features // 2 + 2 * out_features * groups * weight.element_size()
+    if name == "Float8DynamicActivationFloat8WeightConfig":
+        granularity = config.granularity
+        if isinstance(granularity, (list, tuple)):
+            granularity = granularity[-1]
+        scales = out_features if type(granularity).__name__ == "PerRow" else 1
+        return out_features * in_features + 4 * scales
+    raise ValueError(f"cannot size {name} for a {tuple(weight.shape)} weight on this machine")
