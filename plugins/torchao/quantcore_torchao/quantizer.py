@@ -98,8 +98,10 @@ class TorchAoQuantizer(Quantizer):
         return self.unsupported_reason(module) is None
 
     def unsupported_reason(self, module: nn.Module) -> str | None:
-        if not isinstance(module, self.replaces) or self.is_quantized_module(module):
-            return super().unsupported_reason(module)
+        if self.is_quantized_module(module):
+            return f"already a {type(module).__name__}"
+        if not isinstance(module, self.replaces):
+            return f"{type(module).__name__} not supported by {self.describe()}"
         weight = getattr(module, "weight", None)
         if not isinstance(weight, torch.Tensor):
             return f"{type(module).__name__} has no weight tensor"
