@@ -77,7 +77,8 @@ class TorchAoQuantizer(Quantizer):
         try:
             import torchao  # noqa: F401
         except ImportError as exc:
-            raise BackendUnavailableError(f"torchao cannot be imported: {exc}; pip install 'quantcore[torchao]'") from None
+            hint = "pip install 'quantcore[torchao]'"
+            raise BackendUnavailableError(f"torchao cannot be imported: {exc}; {hint}") from None
         if torch.cuda.is_available():
             return
         for config in self._configs():

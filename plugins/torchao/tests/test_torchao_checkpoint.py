@@ -10,13 +10,13 @@ pytest.importorskip("torchao", reason="torchao is not installed")
 transformers = pytest.importorskip("transformers", reason="transformers is not installed")
 
 import torch
+from quantcore_torchao import TorchAoConfig, TorchAoLinear
 from safetensors import safe_open
 from torch import nn
 from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig
 
 import quantcore
 from quantcore import CheckpointError
-from quantcore_torchao import TorchAoConfig, TorchAoLinear
 
 FORMATS = [
     pytest.param(Int8WeightOnlyConfig(), id="int8-weight-only"),
@@ -84,9 +84,10 @@ def test_transformers_loads_ours(tiny_llama, ids, tmp_path, quant_type):
     quantcore.quantize(tiny_llama, TorchAoConfig(quant_type=quant_type))
     quantcore.save_quantized(tiny_llama, tmp_path / "q")
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.float32).eval()
-    assert type(theirs.model.layers[0].self_attn.q_proj.weight).__name__ == type(
-        tiny_llama.model.layers[0].self_attn.q_proj.weight
-    ).__name__
+    assert (
+        type(theirs.model.layers[0].self_attn.q_proj.weight).__name__
+        == type(tiny_llama.model.layers[0].self_attn.q_proj.weight).__name__
+    )
     assert torch.equal(logits(theirs, ids), logits(tiny_llama, ids))
 
 

@@ -9,6 +9,7 @@ import pytest
 pytest.importorskip("torchao", reason="torchao is not installed")
 
 import torch
+from quantcore_torchao import TorchAoConfig
 from torchao.quantization import (
     Float8DynamicActivationFloat8WeightConfig,
     Float8WeightOnlyConfig,
@@ -23,7 +24,6 @@ from torchao.quantization.granularity import PerGroup
 
 import quantcore
 from quantcore import AutoQuantizationConfig, ConfigError
-from quantcore_torchao import TorchAoConfig
 
 QUANT_TYPES = [
     Int4WeightOnlyConfig(group_size=64),

@@ -7,6 +7,7 @@ import pytest
 pytest.importorskip("torchao", reason="torchao is not installed")
 
 import torch
+from quantcore_torchao import TorchAoConfig, TorchAoEmbedding, TorchAoLinear
 from torch import nn
 from torchao.quantization import (
     Float8WeightOnlyConfig,
@@ -21,7 +22,6 @@ from torchao.quantization.granularity import PerGroup
 import quantcore
 from quantcore import BackendUnavailableError
 from quantcore.quantizer import module_nbytes
-from quantcore_torchao import TorchAoConfig, TorchAoEmbedding, TorchAoLinear
 
 CUDA = torch.cuda.is_available()
 
