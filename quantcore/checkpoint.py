@@ -158,6 +158,10 @@ def _transformers_config(model: Any, state: QuantizationState) -> dict[str, Any]
     """
     config = model.config.to_diff_dict()
     config["architectures"] = [type(model).__name__]
+    if getattr(model.config, "tie_word_embeddings", False) and _untied(model):
+        # a backend that quantized the input embeddings alone untied them from the head: say so,
+        # or transformers would tie them again on load
+        config["tie_word_embeddings"] = False
     main = state.config or next((c for c in state.overrides.values() if c is not None), None)
     if main is not None:
         quant = main.to_dict()
@@ -169,6 +173,16 @@ def _transformers_config(model: Any, state: QuantizationState) -> dict[str, Any]
     else:
         config.pop("quantization_config", None)
     return config
+
+
+def _untied(model: Any) -> bool:
+    try:
+        inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return False
+    if inputs is None or outputs is None:
+        return False
+    return getattr(inputs, "weight", None) is not getattr(outputs, "weight", None)
 
 
 def _write_json(path: Path, data: Any) -> None:

@@ -126,3 +126,17 @@ def test_a_tensor_that_does_not_fit_is_named_and_nothing_changes(tiny_llama, tin
         quantcore.load_quantized(tmp_path / "q", skeleton)
     assert type(skeleton.model.layers[1].mlp.up_proj) is nn.Linear
     assert all(torch.equal(before[k], v) for k, v in skeleton.state_dict().items())
+
+
+def test_a_quantized_embedding_is_saved_untied_from_the_head(tiny_llama_config, ids, tmp_path):
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(tiny_llama_config(tie_word_embeddings=True)).eval()
+    config = TorchAoConfig(quant_type=Int8WeightOnlyConfig(), include_input_output_embeddings=True)
+    quantcore.quantize(model, config)
+    assert type(model.lm_head) is nn.Linear  # the tied head keeps the float weight
+    expected = logits(model, ids)
+    quantcore.save_quantized(model, tmp_path / "q")
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["tie_word_embeddings"] is False
+    assert torch.equal(logits(quantcore.from_pretrained(tmp_path / "q"), ids), expected)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.float32).eval()
+    assert torch.equal(logits(theirs, ids), expected)
