@@ -28,7 +28,7 @@ import _common  # noqa: E402
 RESULTS = BENCH_DIR / "_results" / "quality.json"
 DOCS = BENCH_DIR.parent / "docs" / "benchmarks.md"
 HEADING = "## Quality"
-METHODS = ("int8", "nf4", "fp4", "nf4-dq", "int8-torch", "int4-torch")
+METHODS = ("int8", "nf4", "fp4", "nf4-dq", "int8-torch", "int4-torch", "int8-ao", "fp8wo-ao")
 
 
 def measure(methods: list[str], max_tokens: int, dtype: str) -> dict:
@@ -64,11 +64,21 @@ def measure(methods: list[str], max_tokens: int, dtype: str) -> dict:
             "torch": torch.__version__,
             "transformers": transformers.__version__,
             "bitsandbytes": bitsandbytes.__version__,
+            "torchao": _version("torchao"),
             "python": platform.python_version(),
         },
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, no GPU",
         "seconds": time.perf_counter() - start,
     }
+
+
+def _version(distribution: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(distribution)
+    except PackageNotFoundError:
+        return None
 
 
 def markdown(result: dict, command: str) -> str:
@@ -109,7 +119,9 @@ def markdown(result: dict, command: str) -> str:
     lines += [
         "",
         f"Command: `{command}` ({result['seconds']:.0f} s in all). {result['machine']}; torch {v['torch']}, "
-        f"transformers {v['transformers']}, bitsandbytes {v['bitsandbytes']}, Python {v['python']}. "
+        f"transformers {v['transformers']}, bitsandbytes {v['bitsandbytes']}, "
+        + (f"torchao {v['torchao']}, " if v.get("torchao") else "")
+        + f"Python {v['python']}. "
         "Sizes count every parameter and buffer once (tied weights once), quantization constants included. "
         "Quantize times are wall-clock on a shared machine: compare them only roughly. "
         f"Raw numbers: `bench/_results/{RESULTS.name}`.",

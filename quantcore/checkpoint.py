@@ -82,7 +82,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike[str], *, max_shard_
     staged = StagedFolder.create(target)
     tmp = staged.path
     try:
-        write_shards(tensors, tmp, max_shard_size)
+        write_shards(tensors, tmp, max_shard_size, _header_metadata(model, state))
         data = {
             "format": "quantcore",
             "format_version": FORMAT_VERSION,
@@ -134,6 +134,23 @@ def _collect_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[st
     return tensors, tied
 
 
+def _header_metadata(model: nn.Module, state: QuantizationState) -> dict[str, str]:
+    """What each backend asks to write into the safetensors headers about its modules."""
+    from .registry import get_backend
+
+    modules = dict(model.named_modules())
+    by_backend: dict[type[Quantizer], dict[str, nn.Module]] = {}
+    for name in state.modules:
+        config = state.config_for(name)
+        if config is not None and name in modules:
+            backend = get_backend(config.quant_method, require_usable=False).quantizer_class()
+            by_backend.setdefault(backend, {})[name] = modules[name]
+    metadata: dict[str, str] = {}
+    for backend, owned in by_backend.items():
+        metadata.update(backend.checkpoint_metadata(owned))
+    return metadata
+
+
 def _is_transformers_model(model: nn.Module) -> bool:
     transformers = sys.modules.get("transformers")
     return transformers is not None and isinstance(model, transformers.PreTrainedModel)
@@ -148,6 +165,10 @@ def _transformers_config(model: Any, state: QuantizationState) -> dict[str, Any]
     """
     config = model.config.to_diff_dict()
     config["architectures"] = [type(model).__name__]
+    if getattr(model.config, "tie_word_embeddings", False) and _untied(model):
+        # a backend that quantized the input embeddings alone untied them from the head: say so,
+        # or transformers would tie them again on load
+        config["tie_word_embeddings"] = False
     main = state.config or next((c for c in state.overrides.values() if c is not None), None)
     if main is not None:
         quant = main.to_dict()
@@ -159,6 +180,16 @@ def _transformers_config(model: Any, state: QuantizationState) -> dict[str, Any]
     else:
         config.pop("quantization_config", None)
     return config
+
+
+def _untied(model: Any) -> bool:
+    try:
+        inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return False
+    if inputs is None or outputs is None:
+        return False
+    return getattr(inputs, "weight", None) is not getattr(outputs, "weight", None)
 
 
 def _write_json(path: Path, data: Any) -> None:

