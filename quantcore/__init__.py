@@ -36,6 +36,7 @@ _EXPORTS = {
     "available_backends": ".registry",
     "get_backend": ".registry",
     "Quantizer": ".quantizer",
+    "QuantizedLinear": ".layers",
     "QuantizationReport": ".report",
     "ModuleRecord": ".report",
     "AutoQuantizationConfig": ".auto",
@@ -79,6 +80,7 @@ if TYPE_CHECKING:
         reset_plugins,
         unregister_plugin,
     )
+    from .layers import QuantizedLinear
     from .quantizer import Quantizer
     from .registry import Backend, BackendInfo, available_backends, get_backend
     from .report import ModuleRecord, QuantizationReport
