@@ -13,7 +13,9 @@ goes through the same two classes, built on quantcore's generic API (the backend
   quantizes each linear layer as soon as transformers has read its weight, on the device the
   device map gives it; on a quantized checkpoint (written by ``save_pretrained`` or
   :func:`quantcore.save_quantized`) it builds the quantized skeleton the checkpoint describes and
-  transformers fills it.
+  transformers fills it, assigning each saved tensor (the default
+  :meth:`~quantcore.Quantizer.load_quantized_state`; a backend's own override of it is not
+  called on this path).
 
 Methods transformers has itself (``bitsandbytes``, ``torchao``, ``gptq``, ...) stay
 transformers' own: quantcore's configs for those already write the dicts transformers reads.
@@ -34,12 +36,11 @@ from packaging.version import Version
 from torch import nn
 
 from ..auto import AutoQuantizationConfig, AutoQuantizer, dequantize
-from ..checkpoint import read_quantization_state
+from ..checkpoint import STATE_NAME, read_quantization_state
 from ..config import QuantizationConfigMixin
 from ..errors import CheckpointError
 from ..quantizer import Quantizer
 from ..registry import available_backends
-from ..shards import CheckpointFiles
 from ..state import STATE_ATTRIBUTE, QuantizationState
 
 MIN_TRANSFORMERS = "5.0"
@@ -158,22 +159,24 @@ class QuantcoreHfQuantizer(HfQuantizer):
         )
 
     def _build_quantized_skeleton(self, model: nn.Module, checkpoint_files: list[str] | None) -> None:
-        """A quantized checkpoint: its quantized modules, on the meta device, for transformers to fill."""
-        if not checkpoint_files:
-            raise CheckpointError(
-                f"loading a {self.quantization_config.quant_method} checkpoint through transformers needs its "
-                "safetensors files (a state_dict= argument is not supported)"
-            )
-        folder = Path(checkpoint_files[0]).parent
-        found = read_quantization_state(folder, CheckpointFiles.open(folder), model)
-        if found is None:
-            raise CheckpointError(f"{folder}: config.json has no quantization_config")
-        self.state = found[0]
-        for name in self.state.modules:
-            config = self.state.config_for(name)
-            assert config is not None  # every module the state lists was quantized with a config
-            quantizer = self.quantizer_for(config)
-            self.targets[name] = quantizer
+        """A quantized checkpoint: its quantized modules, on the meta device, for transformers to fill.
+
+        Which modules: those quantcore's ``quantization_config.json`` lists when
+        :func:`quantcore.save_quantized` wrote the checkpoint; otherwise (``save_pretrained``) those
+        the same rules pick as when the model was quantized while loading.
+        """
+        folder = Path(checkpoint_files[0]).parent if checkpoint_files else None
+        if folder is not None and (folder / STATE_NAME).is_file():
+            found = read_quantization_state(folder)
+            assert found is not None  # a quantization_config.json is a state, or read_quantization_state raises
+            self.state = found[0]
+            for name in self.state.modules:
+                config = self.state.config_for(name)
+                assert config is not None  # every module the state lists was quantized with a config
+                self.targets[name] = self.quantizer_for(config)
+        else:
+            self._plan(model)
+        for name, quantizer in self.targets.items():
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name)
             parent._modules[child] = quantizer.create_quantized_module(parent._modules[child], name)
