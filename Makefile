@@ -13,7 +13,7 @@ VENV        ?= .venv
 CONSTRAINTS ?= constraints/cpu.txt
 TORCH_SPEC  ?= torch==2.13.0
 PLUGINS     ?= plugins/torch plugins/bitsandbytes
-EXTRAS      ?= bnb,transformers,test,demo
+EXTRAS      ?= bnb,transformers,test,demo,peft
 PYTEST_MARK ?= not slow and not gpu
 PYTEST_ARGS ?=
 DEMO_ARGS   ?=
