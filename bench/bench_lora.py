@@ -122,8 +122,7 @@ def main() -> None:
             f"{variant:<20} {step:>7.2f} {step / statistics.median(base['step_s']):>7.2f} "
             f"{r['model_bytes'] / mib:>10.0f} {r['model_bytes'] / base['model_bytes']:>7.2f} "
             f"{r['step_rss_bytes'] / mib:>13.0f} {r['peak_rss_bytes'] / mib:>13.0f} "
-            f"{r['peak_rss_bytes'] / base['peak_rss_bytes']:>7.2f}  "
-            + " ".join(f"{x:.3f}" for x in r["losses"])
+            f"{r['peak_rss_bytes'] / base['peak_rss_bytes']:>7.2f}  " + " ".join(f"{x:.3f}" for x in r["losses"])
         )
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)

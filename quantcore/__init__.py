@@ -69,6 +69,7 @@ if TYPE_CHECKING:
         QuantizationVetoed,
     )
     from .hookspecs import hookimpl, hookspec
+    from .layers import QuantizedLinear
     from .loading import empty_weights, from_pretrained
     from .match import compile_pattern
     from .plugins import (
@@ -80,7 +81,6 @@ if TYPE_CHECKING:
         reset_plugins,
         unregister_plugin,
     )
-    from .layers import QuantizedLinear
     from .quantizer import Quantizer
     from .registry import Backend, BackendInfo, available_backends, get_backend
     from .report import ModuleRecord, QuantizationReport

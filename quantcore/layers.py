@@ -41,7 +41,7 @@ class QuantizedWeightView(torch.Tensor):
     _layer: QuantizedLinear
 
     # Operations on the view give plain tensors and skip the subclass machinery (speed).
-    __torch_function__ = torch._C._disabled_torch_function_impl
+    __torch_function__ = torch._C._disabled_torch_function_impl  # type: ignore[assignment]
 
     @staticmethod
     def of(layer: QuantizedLinear, weight: torch.Tensor) -> QuantizedWeightView:
@@ -50,7 +50,7 @@ class QuantizedWeightView(torch.Tensor):
         view._layer = layer
         return view
 
-    @property  # type: ignore[override]
+    @property
     def data(self) -> torch.Tensor:
         return self
 
@@ -88,7 +88,7 @@ class QuantizedLinear(nn.Linear):
             "merge, and quantize again"
         )
 
-    @property  # type: ignore[override]
+    @property
     def weight(self) -> torch.Tensor:
         """The dequantized weight, as a :class:`QuantizedWeightView` (computed at each read)."""
         return QuantizedWeightView.of(self, self.dequantize())

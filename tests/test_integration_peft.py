@@ -103,7 +103,7 @@ def test_adapter_saves_and_loads(tmp_path):
 
 
 @pytest.mark.parametrize("safe_merge", [False, True])
-@pytest.mark.parametrize(("config", "bound"), list(zip(CONFIGS, [0.15, 0.02])), ids=["int4", "int8"])
+@pytest.mark.parametrize(("config", "bound"), list(zip(CONFIGS, [0.15, 0.02], strict=True)), ids=["int4", "int8"])
 def test_merge_and_unload_requantizes(config, bound, safe_merge):
     base = logits(tiny_llama(config))
     peft_model = lora(tiny_llama(config), init_lora_weights=False)
@@ -140,7 +140,7 @@ def test_merge_refuses_a_layer_that_cannot_requantize():
 def test_weight_view_cannot_be_replaced():
     layer = WeightOnlyLinear.from_linear(nn.Linear(64, 32), bits=8)
     assert isinstance(layer, nn.Linear) and layer.weight.shape == (32, 64)
-    with pytest.raises(AttributeError, match="weight.data = tensor"):
+    with pytest.raises(AttributeError, match=r"weight\.data = tensor"):
         layer.weight = torch.zeros(32, 64)
     with pytest.raises(ValueError, match=r"float weight of shape \(32, 64\)"):
         layer.weight.data = torch.zeros(64, 32)

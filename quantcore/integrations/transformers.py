@@ -116,6 +116,8 @@ class QuantcoreHfQuantizer(HfQuantizer):
                 f"expected a quantcore config for quant_method {getattr(quantization_config, 'quant_method', None)!r}, "
                 f"got {type(quantization_config).__name__}"
             )
+        self.config: QuantizationConfigMixin = quantization_config
+        """The quantcore config (transformers' ``quantization_config``, typed as what it is)."""
         self._quantizers: dict[int, Quantizer] = {}
         self.targets: dict[str, Quantizer] = {}
         """Module name -> the quantizer that makes (or made) it."""
@@ -131,7 +133,7 @@ class QuantcoreHfQuantizer(HfQuantizer):
 
     # ------------------------------------------------------------------ checks
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
-        self.quantizer_for(self.quantization_config).check_environment()
+        self.quantizer_for(self.config).check_environment()
 
     # ------------------------------------------------------------------ before the weights
     def _process_model_before_weight_loading(
@@ -145,7 +147,7 @@ class QuantcoreHfQuantizer(HfQuantizer):
 
     def _plan(self, model: nn.Module) -> None:
         """A float checkpoint: quantcore's rules choose the modules, quantized as their weights arrive."""
-        quantizer = self.quantizer_for(self.quantization_config)
+        quantizer = self.quantizer_for(self.config)
         keep = [str(k) for k in (getattr(model, "_keep_in_fp32_modules", None) or [])]
         report = quantizer.plan(model, skip_modules=keep)
         for record in report.quantized:
@@ -155,7 +157,7 @@ class QuantcoreHfQuantizer(HfQuantizer):
             if weight is not None and weight.numel():
                 self._weight_sizes[f"{record.name}.weight"] = quantizer.quantized_nbytes(module) / weight.numel()
         self.state = QuantizationState(
-            self.quantization_config, skip_modules=keep, modules={r.name: "config" for r in report.quantized}
+            self.config, skip_modules=keep, modules={r.name: "config" for r in report.quantized}
         )
 
     def _build_quantized_skeleton(self, model: nn.Module, checkpoint_files: list[str] | None) -> None:
@@ -179,7 +181,9 @@ class QuantcoreHfQuantizer(HfQuantizer):
         for name, quantizer in self.targets.items():
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name)
-            parent._modules[child] = quantizer.create_quantized_module(parent._modules[child], name)
+            float_module = parent._modules[child]
+            assert float_module is not None  # the planner names existing modules only
+            parent._modules[child] = quantizer.create_quantized_module(float_module, name)
 
     # ------------------------------------------------------------------ while loading
     def param_needs_quantization(self, model: Any, param_name: str, **kwargs: Any) -> bool:
