@@ -13,7 +13,7 @@ VENV        ?= .venv
 CONSTRAINTS ?= constraints/cpu.txt
 TORCH_SPEC  ?= torch==2.13.0
 PLUGINS     ?= plugins/torch plugins/bitsandbytes plugins/torchao
-EXTRAS      ?= bnb,transformers,test,demo,torchao
+EXTRAS      ?= bnb,transformers,test,demo,torchao,peft
 PYTEST_MARK ?= not slow and not gpu
 PYTEST_ARGS ?=
 DEMO_ARGS   ?=

@@ -36,6 +36,7 @@ _EXPORTS = {
     "available_backends": ".registry",
     "get_backend": ".registry",
     "Quantizer": ".quantizer",
+    "QuantizedLinear": ".layers",
     "QuantizationReport": ".report",
     "ModuleRecord": ".report",
     "AutoQuantizationConfig": ".auto",
@@ -68,6 +69,7 @@ if TYPE_CHECKING:
         QuantizationVetoed,
     )
     from .hookspecs import hookimpl, hookspec
+    from .layers import QuantizedLinear
     from .loading import empty_weights, from_pretrained
     from .match import compile_pattern
     from .plugins import (

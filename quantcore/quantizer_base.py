@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import nn
 
+from .layers import QuantizedLinear
+
 if TYPE_CHECKING:
     from .config import QuantizationConfigMixin
 
@@ -101,8 +103,16 @@ class QuantizerBase:
         return self.config.quant_method
 
     def can_replace(self, module: nn.Module) -> bool:
-        """Whether ``module`` is a float module this backend can quantize."""
-        return isinstance(module, self.replaces) and not self.is_quantized_module(module)
+        """Whether ``module`` is a float module this backend can quantize.
+
+        Never a :class:`~quantcore.layers.QuantizedLinear` (of any backend): it is an ``nn.Linear``
+        to other libraries, but already quantized.
+        """
+        return (
+            isinstance(module, self.replaces)
+            and not isinstance(module, QuantizedLinear)
+            and not self.is_quantized_module(module)
+        )
 
     def unsupported_reason(self, module: nn.Module) -> str | None:
         """Why :meth:`can_replace` refuses ``module`` (shown in reports); ``None`` when it does not."""

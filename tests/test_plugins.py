@@ -191,7 +191,8 @@ def test_after_hook_sees_report_and_its_errors_only_warn(tiny_lm):
 def test_import_is_lazy_and_light():
     code = (
         "import sys, json, quantcore, quantcore.plugins as p\n"
-        "heavy = [m for m in ('bitsandbytes', 'transformers', 'quantcore_bnb', 'quantcore_torch', 'torch') "
+        "heavy = [m for m in ('bitsandbytes', 'transformers', 'peft', 'quantcore_bnb', 'quantcore_torch', 'torch', "
+        "'quantcore.integrations') "
         "if m in sys.modules]\n"
         "print(json.dumps({'heavy': heavy, 'loaded': p._state is not None}))\n"
     )

@@ -36,13 +36,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quantcore.layers import QuantizedLinear, linear_recomputing_weight
+
 from . import kernels
 from .packing import dequantize_int4, dequantize_int8, int4_shapes, quantize_int4, quantize_int8
 
 __all__ = ["WeightOnlyLinear"]
 
 
-class WeightOnlyLinear(nn.Module):
+class WeightOnlyLinear(QuantizedLinear):
     """``y = x @ W.T + b`` with ``W`` stored in int8 or int4, read by a fused weight-only kernel.
 
     The matmul runs in ``compute_dtype`` when set, else in the input's dtype; the output has the
@@ -54,6 +56,11 @@ class WeightOnlyLinear(nn.Module):
 
     The constructor allocates uninitialised storage (pass ``device="meta"`` for a skeleton to load
     a state dict into); :meth:`from_linear` quantizes an existing ``nn.Linear``.
+
+    It is an ``nn.Linear`` to other libraries (:class:`quantcore.layers.QuantizedLinear`): ``weight``
+    reads as the dequantized weight, and assigning ``weight.data`` re-quantizes (how PEFT merges
+    a LoRA adapter). When gradients flow, the backward dequantizes again rather than keeping the
+    float weight alive (training adapters on a frozen quantized base).
     """
 
     def __init__(
@@ -170,8 +177,26 @@ class WeightOnlyLinear(nn.Module):
             return dequantize_int8(self.qweight, self.scale, dtype)
         return dequantize_int4(self.qweight, self.scale, self.zero, self.in_features, self.group_size, dtype)
 
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Same as :meth:`dequantized_weight` (the :class:`~quantcore.layers.QuantizedLinear` API)."""
+        return self.dequantized_weight(dtype)
+
+    def requantize_(self, weight: torch.Tensor) -> None:
+        """Quantize ``weight`` (float ``[out_features, in_features]``) into this layer, in its format."""
+        self._check_weight(weight)
+        weight = weight.detach().to(device=self.qweight.device, dtype=self.weight_dtype)
+        if self.bits == 8:
+            self.qweight, self.scale = quantize_int8(weight)
+        else:
+            self.qweight, self.scale, self.zero = quantize_int4(weight, self.group_size)
+        self.refresh_kernel_layout()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.compute_dtype or x.dtype
+        if torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad)):
+            # Training adapters on this frozen layer: the fused kernels have no backward.
+            bias = self.bias.to(dtype) if self.bias is not None else None
+            return linear_recomputing_weight(x.to(dtype), self, dtype, bias).to(x.dtype)
         if self.bits == 8:
             y = kernels.int8_weight_only_linear(x.to(dtype), self.qweight, self.scale, self.bias)
         else:
