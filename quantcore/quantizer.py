@@ -8,13 +8,14 @@ overrides, reports, rollback and the plugin hooks are the core's job.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
 if TYPE_CHECKING:
+    from .calibrate import CalibrationBlock
     from .config import QuantizationConfigMixin
     from .report import QuantizationReport
 
@@ -74,6 +75,11 @@ class Quantizer:
 
     produces: ClassVar[tuple[type[nn.Module], ...]] = ()
     """Module types this backend creates (how :func:`quantcore.dequantize` recognises them)."""
+
+    requires_calibration: ClassVar[bool] = False
+    """Whether the method quantizes from calibration activations (GPTQ, AWQ): the engine then runs
+    the model block by block and calls :meth:`quantize_block` instead of
+    :meth:`create_quantized_module` (which still builds the meta skeletons checkpoints load into)."""
 
     def __init__(self, config: QuantizationConfigMixin):
         self.config = config
@@ -142,6 +148,30 @@ class Quantizer:
         """A float module equivalent to the quantized ``module`` (``nn.Linear`` for linear layers)."""
         raise NotImplementedError(f"{cls.__name__} cannot dequantize")
 
+    # ------------------------------------------------------------------ calibrated backends
+    def quantize_block(self, block: CalibrationBlock) -> None:
+        """Quantize the modules ``block.targets`` of one repeated block from calibration activations.
+
+        Called once per block, in order, by a calibrated quantize call (:attr:`requires_calibration`).
+        Observe the inputs of the targets with ``block.observe(names, fn)`` while ``block.run()``
+        feeds the block every calibration batch, build each quantized module, and put it in place
+        with ``block.replace(name, new)``; every target must be replaced. The block's later runs,
+        and the next block's inputs, go through what was replaced. Raise to refuse: the engine
+        undoes every replacement of the call and names the block.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement quantize_block() (requires_calibration)")
+
+    def calibration_data(self, model: nn.Module) -> Iterable[Any] | None:
+        """Calibration batches built from the config (a dataset and tokenizer it names), or ``None``.
+
+        Asked only when a calibrated call got no ``calibration=`` argument.
+        """
+        return None
+
+    def blocks_name(self) -> str | None:
+        """The qualified name of the ``nn.ModuleList`` of blocks to calibrate; ``None`` infers it."""
+        return None
+
     # ------------------------------------------------------------------ for users
     def plan(
         self,
@@ -165,6 +195,8 @@ class Quantizer:
         skip_modules: list[str] | None = None,
         default_skips: bool = True,
         progress: bool | None = None,
+        calibration: Iterable[Any] | None = None,
+        calibration_device: torch.device | str | None = None,
     ) -> QuantizationReport:
         """Quantize ``model`` in place; every module is replaced, or (on any error) none is.
 
@@ -173,8 +205,12 @@ class Quantizer:
         :param skip_modules: more names or patterns to keep in float, added to the config's own.
         :param default_skips: keep the output head and tied-weight linears in float (default).
         :param progress: show a progress bar (default: when stderr is a terminal and the work is long).
+        :param calibration: batches for a calibrated method, as :func:`quantcore.quantize` takes them.
+        :param calibration_device: where blocks are calibrated, as :func:`quantcore.quantize` says.
         """
+        from .calibrate import quantize_walk
         from .walk import Walk, paused_gc
 
         with paused_gc():
-            return Walk.build(self, model, overrides, skip_modules, default_skips).run(progress=progress)
+            walk = Walk.build(self, model, overrides, skip_modules, default_skips)
+        return quantize_walk(walk, calibration, progress=progress, device=calibration_device)

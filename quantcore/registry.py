@@ -89,6 +89,7 @@ class BackendInfo:
 KNOWN_PROVIDERS: dict[str, str] = {
     "bitsandbytes": "quantcore-bnb (pip install 'quantcore[bnb]')",
     "torch_wo": "quantcore-torch (pip install 'quantcore[torch-backend]')",
+    "gptq": "quantcore-gptq (pip install 'quantcore[gptq]')",
 }
 
 
