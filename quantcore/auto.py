@@ -7,7 +7,6 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
-
 from torch import nn
 
 from .config import QuantizationConfigMixin

@@ -212,7 +212,7 @@ class CalibratedRun:
 
     def _restricted(self) -> tuple[Walk, str, nn.ModuleList]:
         """The walk with calibrated modules outside the blocks kept in float (labelled why)."""
-        names = {q.blocks_name() for q in self.walk.quantizers if q.requires_calibration} - {None}
+        names = {n for q in self.walk.quantizers if q.requires_calibration and (n := q.blocks_name()) is not None}
         if len(names) > 1:
             raise ConfigError([("", f"the configs name different blocks to calibrate: {sorted(names)}")])
         blocks_name, blocks = find_blocks(self.walk.model, next(iter(names), None))
@@ -376,7 +376,12 @@ def _batches(calibration: Iterable[Any]) -> list[Any]:
     """The calibration batches, checked: token-id tensors or dicts of forward keyword arguments."""
     if isinstance(calibration, (torch.Tensor, Mapping, str)):
         raise ConfigError(
-            [("calibration", f"expected an iterable of batches, got one {type(calibration).__name__}: wrap it in a list")]
+            [
+                (
+                    "calibration",
+                    f"expected an iterable of batches, got one {type(calibration).__name__}: wrap it in a list",
+                )
+            ]
         )
     try:
         batches = list(calibration)
@@ -447,9 +452,11 @@ def _next_inputs(block: nn.Module, inputs: Inputs) -> Inputs:
     return out
 
 
-def _move_outside(model: nn.Module, block: nn.Module, device: torch.device) -> list[tuple[nn.Module, torch.device]]:
+def _move_outside(
+    model: nn.Module, block: nn.Module, device: torch.device
+) -> list[tuple[nn.Module | _OwnTensors, torch.device]]:
     """Move everything of ``model`` but the blocks' list to ``device``; returns what moved, from where."""
-    moved: list[tuple[nn.Module, torch.device]] = []
+    moved: list[tuple[nn.Module | _OwnTensors, torch.device]] = []
     path = _ancestors(model, block)
 
     def visit(module: nn.Module) -> None:
@@ -493,7 +500,7 @@ class _OwnTensors:
 
     def to(self, device: torch.device) -> None:
         m = self.module
-        for key, p in m._parameters.items():
+        for p in m._parameters.values():
             if p is not None:
                 p.data = p.data.to(device)
         for key, b in m._buffers.items():
@@ -530,4 +537,3 @@ def _progress(total: int, enabled: bool | None) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc="calibrating", unit="block", leave=False)
-

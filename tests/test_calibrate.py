@@ -126,7 +126,7 @@ def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 def test_blocks_are_the_largest_list_of_same_type_layers(decoder):
     name, blocks = find_blocks(decoder)
     assert name == "layers" and blocks is decoder.layers
-    with pytest.raises(ConfigError, match="'head' is not a non-empty nn.ModuleList"):
+    with pytest.raises(ConfigError, match=r"'head' is not a non-empty nn\.ModuleList"):
         find_blocks(decoder, "head")
 
 
@@ -162,7 +162,9 @@ def test_later_blocks_see_the_quantized_earlier_blocks(decoder):
 def test_dict_batches_pass_keyword_arguments_to_every_block(decoder):
     ids = torch.randint(0, 50, (2, 5), generator=torch.Generator().manual_seed(3))
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
-    report = quantcore.quantize(decoder, {"quant_method": "absmax"}, calibration=[{"input_ids": ids, "attention_mask": mask}])
+    report = quantcore.quantize(
+        decoder, {"quant_method": "absmax"}, calibration=[{"input_ids": ids, "attention_mask": mask}]
+    )
     assert report.record("layers.1.up").calibration_tokens == 10
 
 
@@ -185,7 +187,9 @@ def test_missing_calibration_is_an_error_naming_it(decoder):
 
 def test_bad_calibration_batches_are_listed_together(decoder):
     with pytest.raises(ConfigError) as info:
-        quantcore.quantize(decoder, {"quant_method": "absmax"}, calibration=[torch.zeros(1, 3, dtype=torch.long), "text", 3])
+        quantcore.quantize(
+            decoder, {"quant_method": "absmax"}, calibration=[torch.zeros(1, 3, dtype=torch.long), "text", 3]
+        )
     assert [field for field, _ in info.value.errors] == ["calibration[1]", "calibration[2]"]
     with pytest.raises(ConfigError, match="wrap it in a list"):
         quantcore.quantize(decoder, {"quant_method": "absmax"}, calibration=torch.zeros(1, 3, dtype=torch.long))

@@ -65,9 +65,7 @@ class GPTQResult:
     """int32 ``[in]``: the group of each input column."""
 
 
-def _group_params(
-    w: torch.Tensor, bits: int, sym: bool, scale_dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _group_params(w: torch.Tensor, bits: int, sym: bool, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row ``(scale, zero)`` for the columns ``w [out, columns]`` of one group (min-max)."""
     maxq = 2**bits - 1
     lo = w.amin(dim=1).clamp(max=0)
@@ -80,10 +78,7 @@ def _group_params(
     hi = torch.where(flat, 1.0, hi)
     scale = ((hi - lo) / maxq).to(scale_dtype).float()
     scale = torch.where(scale == 0, torch.finfo(scale_dtype).tiny, scale)  # underflowed in fp16
-    if sym:
-        zero = torch.full_like(scale, (maxq + 1) // 2)
-    else:
-        zero = torch.round(-lo / scale).clamp(0, maxq)
+    zero = torch.full_like(scale, (maxq + 1) // 2) if sym else torch.round(-lo / scale).clamp(0, maxq)
     return scale, zero
 
 

@@ -128,7 +128,11 @@ class GPTQQuantizer(Quantizer):
     @classmethod
     def dequantize_module(cls, module: nn.Module) -> nn.Linear:
         linear = nn.Linear(
-            module.in_features, module.out_features, bias=module.bias is not None, device="meta", dtype=module.weight_dtype
+            module.in_features,
+            module.out_features,
+            bias=module.bias is not None,
+            device="meta",
+            dtype=module.weight_dtype,
         )
         linear.weight = nn.Parameter(module.dequantized_weight())
         if module.bias is not None:
@@ -178,14 +182,26 @@ class GPTQQuantizer(Quantizer):
         with block.observe(names, add):
             block.run()
         groups = _groups_by_input(names, first)
-        del first
+        first.clear()
         for k, group in enumerate(groups):
+            hessian = hessians.pop(group[0], None)
             if k and self.config.true_sequential:
-                leader = group[0]
-                hessians = {leader: Hessian.zeros(block.targets[leader].in_features, block.device)}
-                with block.observe(group, lambda name, x: hessians[name].add(x) if name == leader else None):
-                    block.run()
-            self._quantize_group(block, group, hessians.get(group[0]))
+                hessian = self._rerun(block, group)
+            self._quantize_group(block, group, hessian)
+
+    @staticmethod
+    def _rerun(block: CalibrationBlock, group: list[str]) -> Hessian:
+        """The Hessian of ``group``'s shared input, through the layers already quantized."""
+        leader = group[0]
+        hessian = Hessian.zeros(block.targets[leader].in_features, block.device)
+
+        def add(name: str, x: torch.Tensor) -> None:
+            if name == leader:  # the others see the same input; observed only for their token counts
+                hessian.add(x)
+
+        with block.observe(group, add):
+            block.run()
+        return hessian
 
     def _quantize_group(self, block: CalibrationBlock, group: list[str], hessian: Hessian | None) -> None:
         """One GPTQ run over the stacked weights of layers that share an input."""

@@ -57,7 +57,9 @@ def as_uint32(t: torch.Tensor) -> np.ndarray:
     return t.numpy().view(np.uint32)
 
 
-def dequantize_v1_4bit(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor) -> np.ndarray:
+def dequantize_v1_4bit(
+    qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor
+) -> np.ndarray:
     """``W [out, in]`` of a 4-bit v1 checkpoint the way GPTQModel reads it: add 1 to every zero point
     by adding ``0x11111111`` to each whole word (undoing the saved borrow), then unpack."""
     in_features = g_idx.numel()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from quantcore_gptq.gptq import Hessian, gptq_quantize
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from quantcore_gptq.packing import (
     pack_cols,
     pack_rows,

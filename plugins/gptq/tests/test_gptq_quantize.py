@@ -7,18 +7,26 @@ import json
 import numpy as np
 import pytest
 import torch
+from quantcore_gptq import GPTQConfig, GPTQLinear
+from quantcore_gptq.quantizer import _groups_by_input
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 import quantcore
 from quantcore import ConfigError
-from quantcore_gptq import GPTQConfig, GPTQLinear
-from quantcore_gptq.quantizer import _groups_by_input
 
 from .conftest import CUDA
 from .reference import dequantize_v1_4bit, pack_autogptq
 
-LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+LINEARS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
 
 
 def logits(model, ids):
@@ -41,7 +49,10 @@ def test_quantize_replaces_every_block_linear_and_stays_close(tiny_llama, calibr
     layer = tiny_llama.model.layers[1].mlp.down_proj
     assert isinstance(layer, GPTQLinear)
     assert (layer.qweight.dtype, layer.qzeros.dtype, layer.scales.dtype, layer.g_idx.dtype) == (
-        torch.int32, torch.int32, torch.float16, torch.int32
+        torch.int32,
+        torch.int32,
+        torch.float16,
+        torch.int32,
     )
     assert relative_error(logits(tiny_llama, prompt), before) < 0.1
 
@@ -95,7 +106,9 @@ def test_calibration_from_dataset_texts_and_a_tokenizer(tiny_llama):
         def __call__(self, text, return_tensors="pt"):
             return {"input_ids": torch.tensor([[ord(c) % 128 for c in text]])}
 
-    config = GPTQConfig(bits=4, dataset=["to be or not to be", "that is the question"], tokenizer=CharTokenizer(), model_seqlen=10)
+    config = GPTQConfig(
+        bits=4, dataset=["to be or not to be", "that is the question"], tokenizer=CharTokenizer(), model_seqlen=10
+    )
     report = quantcore.quantize(tiny_llama, config)
     assert report.record("model.layers.0.mlp.up_proj").calibration_tokens == 20
     with pytest.raises(ValueError, match="does not download"):
@@ -108,11 +121,16 @@ def test_save_and_reload_give_equal_logits(tiny_llama, calibration, prompt, tmp_
     quantcore.save_quantized(tiny_llama, tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
     assert {k: config[k] for k in ("quant_method", "bits", "group_size", "sym", "desc_act", "checkpoint_format")} == {
-        "quant_method": "gptq", "bits": 4, "group_size": 32, "sym": False, "desc_act": True, "checkpoint_format": "gptq"
+        "quant_method": "gptq",
+        "bits": 4,
+        "group_size": 32,
+        "sym": False,
+        "desc_act": True,
+        "checkpoint_format": "gptq",
     }
     tensors = load_file(tmp_path / "model.safetensors")
     prefix = "model.layers.0.self_attn.q_proj."
-    assert {k[len(prefix):]: (v.dtype, tuple(v.shape)) for k, v in tensors.items() if k.startswith(prefix)} == {
+    assert {k[len(prefix) :]: (v.dtype, tuple(v.shape)) for k, v in tensors.items() if k.startswith(prefix)} == {
         "qweight": (torch.int32, (8, 64)),
         "qzeros": (torch.int32, (2, 8)),
         "scales": (torch.float16, (2, 64)),
@@ -157,7 +175,9 @@ def hub_checkpoint(model: nn.Module, folder, *, group_size: int = 32) -> dict[st
             state[prefix + "scales"] = scales.t().contiguous().half()
             state[prefix + "g_idx"] = torch.arange(in_f, dtype=torch.int32) // group_size
             expected[f"model.layers.{i}.{name}"] = ((codes - 8) * scales.repeat_interleave(group_size, 1)).float()
-    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"), metadata={"format": "pt"}
+    )
     config = model.config.to_dict()
     config["quantization_config"] = {
         "bits": 4,
@@ -199,14 +219,23 @@ def test_gptq_and_transformers_configs_load_each_other():
     transformers = pytest.importorskip("transformers")
     theirs = transformers.GPTQConfig(bits=3, group_size=64, desc_act=True, sym=False, damp_percent=0.05)
     ours = GPTQConfig.from_dict(theirs.to_dict())
-    assert (ours.bits, ours.group_size, ours.desc_act, ours.sym, ours.damp_percent, ours.format) == (3, 64, True, False, 0.05, "gptq")
+    assert (ours.bits, ours.group_size, ours.desc_act, ours.sym, ours.damp_percent, ours.format) == (
+        3,
+        64,
+        True,
+        False,
+        0.05,
+        "gptq",
+    )
     back = transformers.GPTQConfig.from_dict(ours.to_dict())
     assert (back.bits, back.group_size, back.desc_act, back.sym, back.format) == (3, 64, True, False, "gptq")
 
 
 def test_bad_config_values_are_listed_together():
     with pytest.raises(ConfigError) as info:
-        GPTQConfig.from_dict({"quant_method": "gptq", "bits": 5, "group_size": 0, "damp_percent": 1.5, "fromat": "gptq"})
+        GPTQConfig.from_dict(
+            {"quant_method": "gptq", "bits": 5, "group_size": 0, "damp_percent": 1.5, "fromat": "gptq"}
+        )
     assert sorted(field for field, _ in info.value.errors) == ["bits", "damp_percent", "fromat", "group_size"]
     with pytest.raises(ConfigError, match="bits: required field is missing"):
         GPTQConfig.from_dict({"quant_method": "gptq"})
@@ -215,6 +244,8 @@ def test_bad_config_values_are_listed_together():
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 def test_blocks_calibrate_on_the_gpu_while_the_model_stays_on_the_cpu(tiny_llama, calibration, prompt):
-    quantcore.quantize(tiny_llama, GPTQConfig(bits=4, group_size=32), calibration=calibration, calibration_device="cuda")
+    quantcore.quantize(
+        tiny_llama, GPTQConfig(bits=4, group_size=32), calibration=calibration, calibration_device="cuda"
+    )
     assert {t.device.type for t in (*tiny_llama.parameters(), *tiny_llama.buffers())} == {"cpu"}
     assert torch.isfinite(logits(tiny_llama, prompt)).all()
