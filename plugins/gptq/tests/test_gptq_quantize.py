@@ -249,3 +249,9 @@ def test_blocks_calibrate_on_the_gpu_while_the_model_stays_on_the_cpu(tiny_llama
     )
     assert {t.device.type for t in (*tiny_llama.parameters(), *tiny_llama.buffers())} == {"cpu"}
     assert torch.isfinite(logits(tiny_llama, prompt)).all()
+
+
+def test_quantize_on_load_is_refused_before_reading(tiny_llama, tmp_path):
+    tiny_llama.save_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match="quantization_config: gptq int4 g128 sym quantizes from calibration data"):
+        quantcore.from_pretrained(tmp_path, quantization_config=GPTQConfig(bits=4))
