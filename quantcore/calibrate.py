@@ -47,6 +47,10 @@ class _ReachedBlock(Exception):
     """Raised by the pre-hook on block 0: the rest of the model need not run."""
 
 
+class _ReachedLast(Exception):
+    """Raised once every module a :meth:`CalibrationBlock.run` waits for has run: the rest of the block need not."""
+
+
 # ====================================================================== finding the blocks
 def find_blocks(model: nn.Module, name: str | None = None) -> tuple[str, nn.ModuleList]:
     """The repeated blocks of ``model``: ``(qualified name, the nn.ModuleList)``.
@@ -109,11 +113,35 @@ class CalibrationBlock:
         """How many calibration batches :meth:`run` feeds."""
         return len(self._inputs)
 
-    def run(self) -> None:
-        """Run the block's forward on every calibration batch (outputs are dropped)."""
-        with torch.no_grad():
-            for args, kwargs in self._inputs:
-                self.module(*args, **kwargs)
+    def run(self, stop_after: Iterable[str] | None = None) -> None:
+        """Run the block's forward on every calibration batch (outputs are dropped).
+
+        ``stop_after`` names modules of the block: each batch stops once all of them have run,
+        which saves the rest of the block when only their inputs are wanted.
+        """
+        waiting = set(stop_after or ())
+        left: set[str] = set()
+        handles = []
+
+        def hook_for(name: str) -> Callable[..., None]:
+            def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+                left.discard(name)
+                if not left:
+                    raise _ReachedLast
+
+            return hook
+
+        try:
+            for name in waiting:
+                handles.append(self.module.get_submodule(name).register_forward_hook(hook_for(name)))
+            with torch.no_grad():
+                for args, kwargs in self._inputs:
+                    left.update(waiting)
+                    with contextlib.suppress(_ReachedLast):
+                        self.module(*args, **kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()
 
     @contextlib.contextmanager
     def observe(self, names: Iterable[str], fn: Callable[[str, torch.Tensor], None]) -> Iterator[None]:

@@ -228,3 +228,18 @@ def test_training_mode_is_kept(decoder):
         warnings.simplefilter("error")
         quantcore.quantize(decoder, {"quant_method": "absmax"}, calibration=batches(n=1))
     assert decoder.training and decoder.layers[0].up.training
+
+
+def test_a_run_can_stop_once_the_modules_it_waits_for_have_run():
+    from quantcore.calibrate import CalibrationBlock
+
+    block = Block(8)
+    inputs = [((torch.randn(1, 3, 8),), {}), ((torch.randn(1, 5, 8),), {})]
+    view = CalibrationBlock("b", block, {"q_proj": block.q_proj, "down": block.down}, torch.device("cpu"), inputs, [])
+    calls: list[str] = []
+    with view.observe(["q_proj", "down"], lambda name, x: calls.append(name)):
+        view.run(stop_after=["q_proj"])
+    assert calls == ["q_proj", "q_proj"] and view.tokens == {"q_proj": 8, "down": 0}
+    with view.observe(["q_proj", "down"], lambda name, x: calls.append(name)):
+        view.run()
+    assert calls[2:] == ["q_proj", "down", "q_proj", "down"] and view.tokens == {"q_proj": 8, "down": 8}

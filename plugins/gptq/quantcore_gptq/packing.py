@@ -75,13 +75,13 @@ def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack_rows(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Inverse of :func:`pack_rows`: int32 ``[n * bits / 32, cols]`` -> int32 codes ``[n, cols]``."""
     cols = packed.shape[1]
-    p = packed.to(torch.int64) & _MASK32
     mask = (1 << bits) - 1
     if 32 % bits == 0:
+        # int32 shifts are arithmetic, but the mask drops the copied sign bits
         per = 32 // bits
-        shifts = (torch.arange(per, device=p.device) * bits).view(1, per, 1)
-        return ((p.unsqueeze(1) >> shifts) & mask).reshape(-1, cols)[:n].to(torch.int32)
-    p = p.reshape(-1, bits, cols)
+        shifts = (torch.arange(per, device=packed.device, dtype=torch.int32) * bits).view(1, per, 1)
+        return ((packed.unsqueeze(1) >> shifts) & mask).reshape(-1, cols)[:n]
+    p = (packed.to(torch.int64) & _MASK32).reshape(-1, bits, cols)
     out = []
     for k in range(32):
         word, offset = divmod(bits * k, 32)

@@ -170,18 +170,25 @@ class GPTQQuantizer(Quantizer):
         if self.config.modules_in_block_to_quantize is not None:
             raise ValueError("modules_in_block_to_quantize is not supported for quantizing yet: use skip_modules")
         hessians: dict[str, Hessian] = {}
-        first: dict[str, torch.Tensor] = {}
+        first: dict[str, torch.Tensor] = {}  # each target's first input, to tell which share one
+        leader: dict[str, str] = {}  # target -> the first target of its group, whose Hessian it shares
 
         def add(name: str, x: torch.Tensor) -> None:
-            if name not in hessians:
-                hessians[name] = Hessian.zeros(x.shape[-1], block.device)
+            if name not in leader:
+                previous = next(reversed(first), None)
+                if previous is not None and _same(first[previous], x):
+                    leader[name] = leader[previous]
+                else:
+                    leader[name] = name
+                    hessians[name] = Hessian.zeros(x.shape[-1], block.device)
                 first[name] = x
-            hessians[name].add(x)
+            if leader[name] == name:
+                hessians[name].add(x)
 
         names = list(block.targets)
         with block.observe(names, add):
             block.run()
-        groups = _groups_by_input(names, first)
+        groups = _groups(names, leader)
         first.clear()
         for k, group in enumerate(groups):
             hessian = hessians.pop(group[0], None)
@@ -192,15 +199,15 @@ class GPTQQuantizer(Quantizer):
     @staticmethod
     def _rerun(block: CalibrationBlock, group: list[str]) -> Hessian:
         """The Hessian of ``group``'s shared input, through the layers already quantized."""
-        leader = group[0]
-        hessian = Hessian.zeros(block.targets[leader].in_features, block.device)
+        lead = group[0]
+        hessian = Hessian.zeros(block.targets[lead].in_features, block.device)
 
         def add(name: str, x: torch.Tensor) -> None:
-            if name == leader:  # the others see the same input; observed only for their token counts
+            if name == lead:  # the others see the same input; observed only for their token counts
                 hessian.add(x)
 
         with block.observe(group, add):
-            block.run()
+            block.run(stop_after=group)
         return hessian
 
     def _quantize_group(self, block: CalibrationBlock, group: list[str], hessian: Hessian | None) -> None:
@@ -228,18 +235,15 @@ class GPTQQuantizer(Quantizer):
             block.replace(name, new)
 
 
-def _groups_by_input(names: list[str], first: dict[str, torch.Tensor]) -> list[list[str]]:
-    """Targets in the order of their first call, consecutive ones with the same input together;
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two inputs are one: the same storage, or equal values."""
+    return a.shape == b.shape and (a.data_ptr() == b.data_ptr() or torch.equal(a, b))
+
+
+def _groups(names: list[str], leader: dict[str, str]) -> list[list[str]]:
+    """Targets in the order of their first call, grouped by the leader whose input they share;
     targets the calibration never reached (unrouted experts) come last, each alone."""
-    called = sorted((n for n in names if n in first), key=list(first).index)
-    groups: list[list[str]] = []
-    for name in called:
-        if groups:
-            lead = first[groups[-1][0]]
-            x = first[name]
-            if x.shape == lead.shape and (x.data_ptr() == lead.data_ptr() or torch.equal(x, lead)):
-                groups[-1].append(name)
-                continue
-        groups.append([name])
-    groups += [[n] for n in names if n not in first]
-    return groups
+    groups: dict[str, list[str]] = {}
+    for name in leader:  # insertion order: the order of first calls
+        groups.setdefault(leader[name], []).append(name)
+    return [*groups.values(), *([n] for n in names if n not in leader)]

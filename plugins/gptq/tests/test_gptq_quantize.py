@@ -6,9 +6,9 @@ import json
 
 import numpy as np
 import pytest
+import quantcore_gptq.quantizer
 import torch
 from quantcore_gptq import GPTQConfig, GPTQLinear
-from quantcore_gptq.quantizer import _groups_by_input
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -66,8 +66,8 @@ def test_other_bit_widths(tiny_llama, calibration, prompt, bits):
     assert relative_error(logits(tiny_llama, prompt), before) < bound
 
 
-def test_gptq_beats_its_own_rounding_on_the_model(tiny_llama, calibration, prompt):
-    """The same format with plain rounding (a Hessian of no rows) moves the logits more."""
+def test_gptq_beats_its_own_rounding_on_the_model(tiny_llama, calibration, prompt, monkeypatch):
+    """The same format with plain rounding (every Hessian left empty) moves the logits more."""
     import copy
 
     from quantcore_gptq import gptq
@@ -76,20 +76,24 @@ def test_gptq_beats_its_own_rounding_on_the_model(tiny_llama, calibration, promp
     rounded = copy.deepcopy(tiny_llama)
     config = GPTQConfig(bits=3, group_size=32, sym=False)
     quantcore.quantize(tiny_llama, config, calibration=calibration)
-    original = gptq.Hessian.add
-    gptq.Hessian.add = lambda self, x: None  # every Hessian stays empty: plain rounding
-    try:
-        quantcore.quantize(rounded, config, calibration=calibration)
-    finally:
-        gptq.Hessian.add = original
+    monkeypatch.setattr(gptq.Hessian, "add", lambda self, x: None)
+    quantcore.quantize(rounded, config, calibration=calibration)
     assert relative_error(logits(tiny_llama, prompt), before) < 0.9 * relative_error(logits(rounded, prompt), before)
 
 
-def test_layers_sharing_an_input_are_grouped_in_call_order():
-    x, y, z = torch.randn(4, 8), torch.randn(4, 8), torch.randn(4, 16)
-    first = {"q": x, "k": x, "v": x.clone(), "o": y, "gate": z, "up": z, "down": torch.randn(4, 8)}
-    names = ["q", "k", "v", "o", "gate", "up", "down", "expert_never_routed"]
-    assert _groups_by_input(names, first) == [["q", "k", "v"], ["o"], ["gate", "up"], ["down"], ["expert_never_routed"]]
+def test_layers_sharing_an_input_are_grouped_in_call_order(tiny_llama, calibration, monkeypatch):
+    """Llama's q/k/v, then o, then gate/up, then down: found from the inputs, not from names."""
+    seen: list[tuple[int, int]] = []
+    original = quantcore_gptq.quantizer.gptq_quantize
+
+    def recording(weight, hessian, **options):
+        seen.append((weight.shape[0], hessian.rows))
+        return original(weight, hessian, **options)
+
+    monkeypatch.setattr(quantcore_gptq.quantizer, "gptq_quantize", recording)
+    quantcore.quantize(tiny_llama, GPTQConfig(bits=4, group_size=32), calibration=calibration)
+    # rows stacked per GPTQ run: q (64) + k (32) + v (32); o; gate + up; down -- for each of 2 blocks
+    assert seen == [(128, 256), (64, 256), (256, 256), (64, 256)] * 2
 
 
 def test_no_calibration_is_an_error_naming_it(tiny_llama):
