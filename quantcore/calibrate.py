@@ -321,7 +321,7 @@ class CalibratedRun:
         built: list[tuple[Decision, nn.Module]] = []
         last = max(per_block, default=-1)
         bar = _progress(last + 1, progress)
-        training = model.training
+        modes = {m: m.training for m in model.modules()}  # calibration runs in eval mode; each module gets its own back
         model.eval()
         try:
             inputs = _capture(model, blocks[0], batches, device)
@@ -340,7 +340,12 @@ class CalibratedRun:
                 if bar is not None:
                     bar.update()
         finally:
-            model.train(training)
+            for module, mode in modes.items():
+                module.training = mode
+            for parent, child, old in journal:
+                replacement = parent._modules[child]
+                if replacement is not None:
+                    replacement.train(modes[old])
             if bar is not None:
                 bar.close()
         return built

@@ -222,12 +222,14 @@ def test_a_forward_that_never_reaches_the_blocks_is_named(decoder):
         quantcore.quantize(decoder, {"quant_method": "absmax"}, calibration=batches())
 
 
-def test_training_mode_is_kept(decoder):
+def test_training_modes_are_kept_module_by_module(decoder):
     decoder.train()
+    decoder.layers[1].eval()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         quantcore.quantize(decoder, {"quant_method": "absmax"}, calibration=batches(n=1))
-    assert decoder.training and decoder.layers[0].up.training
+    assert decoder.training and decoder.layers[0].training and decoder.layers[0].up.training
+    assert not decoder.layers[1].training and not decoder.layers[1].up.training
 
 
 def test_a_run_can_stop_once_the_modules_it_waits_for_have_run():
