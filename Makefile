@@ -12,8 +12,8 @@ PYTHON      ?= python3
 VENV        ?= .venv
 CONSTRAINTS ?= constraints/cpu.txt
 TORCH_SPEC  ?= torch==2.13.0
-PLUGINS     ?= plugins/torch plugins/bitsandbytes plugins/torchao
-EXTRAS      ?= bnb,transformers,test,demo,torchao,peft
+PLUGINS     ?= plugins/torch plugins/bitsandbytes plugins/torchao plugins/gptq
+EXTRAS      ?= bnb,transformers,test,demo,torchao,peft,gptq
 PYTEST_MARK ?= not slow and not gpu
 PYTEST_ARGS ?=
 DEMO_ARGS   ?=

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
+import torch
 from torch import nn
 
 from .config import QuantizationConfigMixin
@@ -13,6 +14,7 @@ from .errors import ConfigError, QuantizationError
 from .quantizer import Quantizer, module_nbytes
 from .report import ModuleRecord, QuantizationReport
 from .swap import swap_module
+from .calibrate import quantize_walk
 from .walk import Walk, paused_gc
 
 __all__ = ["AutoQuantizationConfig", "AutoQuantizer", "dequantize", "quantize"]
@@ -82,18 +84,27 @@ def quantize(
     default_skips: bool = True,
     dry_run: bool = False,
     progress: bool | None = None,
+    calibration: Iterable[Any] | None = None,
+    calibration_device: torch.device | str | None = None,
 ) -> QuantizationReport:
     """Quantize ``model`` in place with ``config`` (the one-call form); returns the report.
 
     ``overrides`` maps patterns to other configs (of any backend) or ``None`` (keep in float); the
     first match wins. With ``dry_run=True`` nothing changes and the report is the plan.
+
+    ``calibration`` feeds methods that quantize from activations (GPTQ): an iterable of token-id
+    tensors (``[batch, seq]`` or ``[seq]``) or dicts of forward keyword arguments. The model then
+    runs block by block on ``calibration_device`` (default: where its first block is), one block
+    there at a time; the report gives the tokens each module saw. A method that needs calibration
+    and gets none raises :class:`ConfigError` naming ``calibration``; a data-free method ignores
+    it with a warning.
     """
     main = AutoQuantizer.from_config(config) if config is not None else None
     if main is None and not overrides:
         raise ConfigError([("config", "give a config, or overrides that choose one per module")])
     with paused_gc():
         walk = Walk.build(main, model, overrides, skip_modules, default_skips)
-        return walk.plan() if dry_run else walk.run(progress=progress)
+    return quantize_walk(walk, calibration, dry_run=dry_run, progress=progress, device=calibration_device)
 
 
 def dequantize(model: nn.Module) -> QuantizationReport:

@@ -376,6 +376,17 @@ def _walk(
         return None
     main = AutoQuantizer.from_config(quantization_config) if quantization_config is not None else None
     walk = Walk.build(main, model, overrides, skip_modules, default_skips)
+    calibrated = sorted({q.describe() for q in walk.quantizers if q.requires_calibration})
+    if calibrated:
+        raise ConfigError(
+            [
+                (
+                    "quantization_config",
+                    f"{', '.join(calibrated)} quantizes from calibration data, which a load cannot feed: load the "
+                    "float model, then quantcore.quantize(model, config, calibration=batches)",
+                )
+            ]
+        )
     for quantizer in walk.quantizers:
         quantizer.check_environment()
     return walk

@@ -10,10 +10,13 @@ which run the engine (:mod:`quantcore.walk`) and so sit above it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
+import torch
 from torch import nn
+
+from .calibrate import quantize_walk
 
 from .quantizer_base import QuantizerBase, check_state, leaf_size, module_nbytes, tensor_nbytes
 from .report import QuantizationReport
@@ -49,6 +52,8 @@ class Quantizer(QuantizerBase):
         skip_modules: list[str] | None = None,
         default_skips: bool = True,
         progress: bool | None = None,
+        calibration: Iterable[Any] | None = None,
+        calibration_device: torch.device | str | None = None,
     ) -> QuantizationReport:
         """Quantize ``model`` in place; every module is replaced, or (on any error) none is.
 
@@ -57,6 +62,9 @@ class Quantizer(QuantizerBase):
         :param skip_modules: more names or patterns to keep in float, added to the config's own.
         :param default_skips: keep the output head and tied-weight linears in float (default).
         :param progress: show a progress bar (default: when stderr is a terminal and the work is long).
+        :param calibration: batches for a calibrated method, as :func:`quantcore.quantize` takes them.
+        :param calibration_device: where blocks are calibrated, as :func:`quantcore.quantize` says.
         """
         with paused_gc():
-            return Walk.build(self, model, overrides, skip_modules, default_skips).run(progress=progress)
+            walk = Walk.build(self, model, overrides, skip_modules, default_skips)
+        return quantize_walk(walk, calibration, progress=progress, device=calibration_device)

@@ -12,8 +12,8 @@ drives it, and the user-facing part above it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, ClassVar
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -21,6 +21,7 @@ from torch import nn
 from .layers import QuantizedLinear
 
 if TYPE_CHECKING:
+    from .calibrate import CalibrationBlock
     from .config import QuantizationConfigMixin
 
 __all__ = ["QuantizerBase", "check_state", "leaf_size", "module_nbytes", "tensor_nbytes"]
@@ -90,6 +91,11 @@ class QuantizerBase:
 
     produces: ClassVar[tuple[type[nn.Module], ...]] = ()
     """Module types this backend creates (how :func:`quantcore.dequantize` recognises them)."""
+
+    requires_calibration: ClassVar[bool] = False
+    """Whether the method quantizes from calibration activations (GPTQ, AWQ): the engine then runs
+    the model block by block and calls :meth:`quantize_block` instead of
+    :meth:`create_quantized_module` (which still builds the meta skeletons checkpoints load into)."""
 
     def __init__(self, config: QuantizationConfigMixin):
         self.config = config
@@ -172,3 +178,27 @@ class QuantizerBase:
     def dequantize_module(cls, module: nn.Module) -> nn.Module:
         """A float module equivalent to the quantized ``module`` (``nn.Linear`` for linear layers)."""
         raise NotImplementedError(f"{cls.__name__} cannot dequantize")
+
+    # ------------------------------------------------------------------ calibrated backends
+    def quantize_block(self, block: CalibrationBlock) -> None:
+        """Quantize the modules ``block.targets`` of one repeated block from calibration activations.
+
+        Called once per block, in order, by a calibrated quantize call (:attr:`requires_calibration`).
+        Observe the inputs of the targets with ``block.observe(names, fn)`` while ``block.run()``
+        feeds the block every calibration batch, build each quantized module, and put it in place
+        with ``block.replace(name, new)``; every target must be replaced. The block's later runs,
+        and the next block's inputs, go through what was replaced. Raise to refuse: the engine
+        undoes every replacement of the call and names the block.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement quantize_block() (requires_calibration)")
+
+    def calibration_data(self, model: nn.Module) -> Iterable[Any] | None:
+        """Calibration batches built from the config (a dataset and tokenizer it names), or ``None``.
+
+        Asked only when a calibrated call got no ``calibration=`` argument.
+        """
+        return None
+
+    def blocks_name(self) -> str | None:
+        """The qualified name of the ``nn.ModuleList`` of blocks to calibrate; ``None`` infers it."""
+        return None

@@ -90,6 +90,7 @@ KNOWN_PROVIDERS: dict[str, str] = {
     "bitsandbytes": "quantcore-bnb (pip install 'quantcore[bnb]')",
     "torch_wo": "quantcore-torch (pip install 'quantcore[torch-backend]')",
     "torchao": "quantcore-torchao (pip install 'quantcore[torchao]')",
+    "gptq": "quantcore-gptq (pip install 'quantcore[gptq]')",
 }
 
 

@@ -39,6 +39,8 @@ class ModuleRecord:
     """Bytes of the module's tensors before the call."""
     bytes_after: int
     """Bytes of the module's tensors after the call (quantization constants included)."""
+    calibration_tokens: int | None = None
+    """Calibration tokens (activation rows) the module was quantized from; ``None`` for data-free methods."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
