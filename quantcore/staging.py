@@ -26,10 +26,11 @@ from typing import Any
 
 import attrs
 
-__all__ = ["Debris", "StagedFolder", "clear_debris", "find_debris"]
+__all__ = ["Debris", "StagedFolder", "clear_debris", "find_debris", "writer_alive"]
 
 _MARKER = ".writer.json"
 _ID = re.compile(r"[0-9a-f]{16}")
+_FOLDER_ID = re.compile(r"[0-9a-f]{16}|[a-z0-9_]{8}")
 
 
 def _stat(pid: int) -> list[str] | None:
@@ -137,9 +138,10 @@ def _entries(target: Path) -> Iterator[tuple[str, str, Path]]:
             ident, kind = rest[: -len(_MARKER)], "writer"
         else:
             ident, _, kind = rest.rpartition(".")
-        # quantcore's ids are hex; older releases' tempfile names ([a-z0-9_]{8}) are recognised as folders only
-        ours = kind == "writer" and _ID.fullmatch(ident)
-        if ours or (kind in ("tmp", "old") and re.fullmatch(r"[A-Za-z0-9_]+", ident)):
+        # quantcore's ids are 16 hex digits; older releases' tempfile names ([a-z0-9_]{8}) are
+        # recognised as folders too (reported, never removed: they have no marker)
+        pattern = _ID if kind == "writer" else _FOLDER_ID if kind in ("tmp", "old") else None
+        if pattern is not None and pattern.fullmatch(ident):
             yield ident, kind, target.parent / name
 
 

@@ -145,6 +145,8 @@ def test_only_provably_dead_writers_debris_is_removed(tmp_path):
     unmarked = _leftover(target, "c" * 16, None)  # no proof it is a save's
     reused = _leftover(target, "d" * 16, {**me, "started": (me["started"] or 0) + 1})  # our pid, another process
     container = _leftover(target, "f" * 16, {**me, "pid": 2**22 + 7, "pidns": "pid:[1]"})  # pids of another namespace
+    legacy = target.parent / ".ckpt.k3_x9q0z.tmp"  # an older quantcore's tempfile name, no marker
+    legacy.mkdir()
     other = tmp_path / ".ckpt2.eeeeeeeeeeeeeeee.tmp"  # another target's
     other.mkdir()
     quantcore.save_quantized(quantized(NEW), target)
@@ -154,3 +156,4 @@ def test_only_provably_dead_writers_debris_is_removed(tmp_path):
     states = {d.path.name: (d.removable, d.alive) for d in find_debris(target)}
     assert states[live.name] == (False, True)
     assert states[elsewhere.name] == (False, None) and states[unmarked.name] == (False, None)
+    assert states[legacy.name] == (False, None) and legacy.exists() and other.name not in states
