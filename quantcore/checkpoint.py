@@ -542,8 +542,9 @@ class Loader:
                 bar.close()
         return done
 
-    def _stream_device(self) -> torch.device | None:
-        """Where the reader may copy every tensor straight away (one device for the whole load)."""
+    def _stream_device(self) -> torch.device | Callable[[TensorEntry], torch.device | None] | None:
+        """Where the reader may copy each tensor straight away: one device for the whole load, or a
+        function of the tensor (``None``: read it into host memory)."""
         return self.device
 
     def _cast(self, tensor: torch.Tensor) -> torch.Tensor:
