@@ -537,6 +537,10 @@ class Loader:
                         done.append(apply)
                 if bar is not None:
                     bar.update(entry.nbytes)
+                # Drop this loop's hold on the float tensors of the module just built before the
+                # next tensor is read: else both would be alive on the device at once.
+                del tensor
+                parts = {}
         finally:
             if bar is not None:
                 bar.close()
