@@ -601,13 +601,18 @@ class Loader:
                         done.append(apply)
                 if bar is not None:
                     bar.update(entry.nbytes)
+                # Drop this loop's hold on the float tensors of the module just built before the
+                # next tensor is read: else both would be alive on the device at once.
+                del tensor
+                parts = {}
         finally:
             if bar is not None:
                 bar.close()
         return done
 
-    def _stream_device(self) -> torch.device | None:
-        """Where the reader may copy every tensor straight away (one device for the whole load)."""
+    def _stream_device(self) -> torch.device | Callable[[TensorEntry], torch.device | None] | None:
+        """Where the reader may copy each tensor straight away: one device for the whole load, or a
+        function of the tensor (``None``: read it into host memory)."""
         return self.device
 
     def _cast(self, tensor: torch.Tensor) -> torch.Tensor:

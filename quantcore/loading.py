@@ -21,7 +21,7 @@ import os
 import sys
 import time
 import unittest.mock
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -29,7 +29,7 @@ import attrs
 import torch
 from torch import nn
 
-from .checkpoint import CONFIG_NAME, Loader, Target, read_quantization_state
+from .checkpoint import CONFIG_NAME, Loader, Slot, Target, read_quantization_state
 from .config import QuantizationConfigMixin
 from .errors import CheckpointError, ConfigError
 from .offload import DiskOffload, check_offload_folder
@@ -491,8 +491,19 @@ class _PlacedLoader(Loader):
                 self.offload.discard()
             raise
 
-    def _stream_device(self) -> torch.device | None:
-        return None  # tensors go to their own module's device, chosen per module
+    def _stream_device(self) -> Callable[[TensorEntry], torch.device | None]:
+        """Each tensor straight to its one accelerator (through the pinned staging buffer, no host
+        copy of its own); a tensor for the CPU, disk, or several devices (tied) is read to the CPU."""
+        assert self.placement is not None
+        devices: dict[str, torch.device | None] = {}
+        for key, routes in self.routes.items():
+            found = set()
+            for to, _ in routes:
+                names = to.names if isinstance(to, Slot) else [to.name]
+                place = next((d for d in map(self._where, names) if d != "disk"), "disk")
+                found.add(None if place in ("cpu", "disk") else _torch_device(place))
+            devices[key] = found.pop() if len(found) == 1 else None
+        return lambda entry: devices.get(entry.name)
 
     def _where(self, name: str) -> Any:
         assert self.placement is not None

@@ -17,7 +17,6 @@ accelerate is optional: it is imported when a map is inferred (``pip install 'qu
 from __future__ import annotations
 
 import contextlib
-import copy
 import difflib
 import itertools
 import logging
@@ -275,15 +274,38 @@ class _Sized(nn.Module):
 
 
 def _meta_copy(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
-    """A deep copy on the meta device (tied tensors stay tied), floats cast to ``dtype``; no data copied."""
-    memo: dict[int, Any] = {}
-    for tensor in itertools.chain(model.parameters(), model.buffers()):
-        target = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
-        meta = torch.empty_like(tensor, device="meta", dtype=target)
-        memo[id(tensor)] = (
-            nn.Parameter(meta, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else meta
-        )
-    return copy.deepcopy(model, memo)
+    """A copy of the module tree on the meta device (tied tensors and shared modules stay shared),
+    floats cast to ``dtype``; no data copied.
+
+    Each module is copied shallowly, with its own parameter, buffer and child dicts: the sizing
+    swaps modules in the copy, never in ``model``. Other attributes are shared with ``model``
+    (a ``copy.deepcopy`` spent 0.24 s per load of a 30-layer model copying them for nothing).
+    """
+    tensors: dict[int, Any] = {}
+    modules: dict[int, nn.Module] = {}
+
+    def meta(tensor: torch.Tensor) -> Any:
+        found = tensors.get(id(tensor))
+        if found is None:
+            target = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+            found = torch.empty_like(tensor, device="meta", dtype=target)
+            if isinstance(tensor, nn.Parameter):
+                found = nn.Parameter(found, requires_grad=tensor.requires_grad)
+            tensors[id(tensor)] = found
+        return found
+
+    def clone(module: nn.Module) -> nn.Module:
+        if id(module) in modules:
+            return modules[id(module)]
+        copied = module.__class__.__new__(module.__class__)
+        copied.__dict__ = dict(module.__dict__)
+        modules[id(module)] = copied
+        copied._parameters = {k: None if t is None else meta(t) for k, t in module._parameters.items()}
+        copied._buffers = {k: None if t is None else meta(t) for k, t in module._buffers.items()}
+        copied._modules = {k: None if m is None else clone(m) for k, m in module._modules.items()}
+        return copied
+
+    return clone(model)
 
 
 def _fp32_nbytes(module: nn.Module) -> int:

@@ -19,7 +19,7 @@ import math
 import os
 import re
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -285,11 +285,14 @@ class CheckpointFiles:
             raise CheckpointError(_format(f"checkpoint {folder}: the index and the shards disagree", problems))
         return cls(folder, shards)
 
-    def stream(self, keys: set[str], to: torch.device | None = None) -> Iterator[tuple[TensorEntry, torch.Tensor]]:
+    def stream(
+        self, keys: set[str], to: torch.device | Callable[[TensorEntry], torch.device | None] | None = None
+    ) -> Iterator[tuple[TensorEntry, torch.Tensor]]:
         """Read the tensors named in ``keys``, shard by shard, in file order (sequential reads).
 
-        With ``to`` an accelerator, each tensor is read into one reused (pinned) staging buffer and
-        copied to ``to``: no fresh host allocation, and no page faults, per tensor.
+        ``to`` is a device, or a function giving each tensor's (``None``: the CPU). A tensor bound
+        for an accelerator is read into one reused (pinned) staging buffer and copied there: no
+        fresh host allocation, and no page faults, per tensor.
         """
         staging: torch.Tensor | None = None
         since_trim = 0
@@ -303,7 +306,8 @@ class CheckpointFiles:
                 raise CheckpointError(f"{shard.path}: cannot open: {exc}") from exc
             with f:
                 for entry in wanted:
-                    if to is None or to.type == "cpu" or entry.nbytes == 0:
+                    device = to(entry) if callable(to) else to
+                    if device is None or device.type == "cpu" or entry.nbytes == 0:
                         yield entry, shard.read(entry, f)
                         since_trim += entry.nbytes
                         if since_trim >= _TRIM_EVERY:
@@ -312,8 +316,9 @@ class CheckpointFiles:
                         continue
                     largest = max(e.nbytes for e in wanted)
                     if staging is None or staging.numel() < largest:
-                        staging = _staging_buffer(largest, to)
-                    yield entry, shard.read(entry, f, into=staging).to(to)
+                        staging = _staging_buffer(largest, device)
+                    # a copy from page-locked memory returns once done: the buffer is free again
+                    yield entry, shard.read(entry, f, into=staging).to(device)
 
 
 def _shard_order(name: str) -> tuple[int, str]:

@@ -171,6 +171,49 @@ def test_cpu_and_disk_maps_give_the_plain_load(tiny, tmp_path, config, device_ma
         assert model.quantcore_report.to_dict()["modules"] == plain.quantcore_report.to_dict()["modules"]
 
 
+def test_tensors_on_disk_are_never_read(tiny, tmp_path, monkeypatch):
+    real, read = CheckpointFiles.stream, []
+
+    def recording(self, keys, to=None):
+        for entry, tensor in real(self, keys, to):
+            read.append(entry.name)
+            yield entry, tensor
+
+    monkeypatch.setattr(CheckpointFiles, "stream", recording)
+    quantcore.from_pretrained(tiny, device_map=ON_DISK, offload_folder=tmp_path / "offload")
+    assert "model.layers.0.mlp.up_proj.weight" in read
+    assert not [k for k in read if k.startswith(("model.layers.1.", "lm_head."))]
+
+
+def test_each_tensor_is_streamed_to_its_own_gpu(deep):
+    """The loader of a 2-GPU map sends each tensor straight to its GPU; CPU ones are read to the host."""
+    from quantcore.loading import _prepare
+
+    device_map = {"": 0, "model.layers.15": 1, "lm_head": "cpu"}
+    load = _prepare(
+        deep,
+        int4(),
+        None,
+        device_map,
+        max_memory=None,
+        no_split_module_classes=None,
+        overrides=None,
+        skip_modules=None,
+        default_skips=True,
+        auto_class=None,
+        check_devices=False,
+        config_kwargs={},
+        plan_only=True,
+    )
+    load.loader.check()
+    to = load.loader._stream_device()
+    entries = CheckpointFiles.open(deep).entries
+    assert to(entries["model.embed_tokens.weight"]) == torch.device("cuda", 0)
+    assert to(entries["model.layers.15.mlp.up_proj.weight"]) == torch.device("cuda", 1)  # quantized there
+    assert to(entries["model.layers.15.input_layernorm.weight"]) == torch.device("cuda", 1)
+    assert to(entries["lm_head.weight"]) is None
+
+
 def test_fp32_offload_to_disk_keeps_the_disk_linears_in_float32(tiny, tmp_path):
     from bitsandbytes.nn import Linear4bit
 
