@@ -36,8 +36,8 @@ GPU_FORMATS = [
         0.25,
         id="int4-tinygemm-g128",
     ),
-    pytest.param(Int8WeightOnlyConfig(), "Int8Tensor", 0.05, id="int8-weight-only"),
-    pytest.param(Int8DynamicActivationInt8WeightConfig(), "Int8Tensor", 0.08, id="int8-dynamic"),
+    pytest.param(Int8WeightOnlyConfig(version=2), "Int8Tensor", 0.05, id="int8-weight-only"),
+    pytest.param(Int8DynamicActivationInt8WeightConfig(version=2), "Int8Tensor", 0.08, id="int8-dynamic"),
     pytest.param(Float8WeightOnlyConfig(), "Float8Tensor", 0.1, id="float8-weight-only"),
     pytest.param(
         Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
