@@ -257,6 +257,14 @@ class TorchAoConfig(QuantizationConfigMixin):
                 'or a transformers 4.x name ("int4_weight_only") with "quant_type_kwargs".'
             ),
             "check": _quant_type_problem,
+            # valid values in their plainest JSON form (what property tests draw from)
+            "examples": [
+                "int4_weight_only",
+                "int8_weight_only",
+                "int8_dynamic_activation_int8_weight",
+                "float8_weight_only",
+                "float8_dynamic_activation_float8_weight",
+            ],
         },
     )
     modules_to_not_convert: list[str] | None = config_field(
