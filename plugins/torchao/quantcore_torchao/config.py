@@ -230,9 +230,7 @@ converter.register_unstructure_hook_func(_is_ao_config_class, _unstructure_ao_co
 
 def quant_type_to_dict(quant_type: Any) -> dict[str, Any]:
     """transformers 5.x's JSON form of ``quant_type``: ``{"default": config_to_dict(quant_type)}``."""
-    from torchao.core.config import config_to_dict
-
-    return {"default": config_to_dict(quant_type)}
+    return {"default": _unstructure_ao_config(quant_type)}
 
 
 @define_config
