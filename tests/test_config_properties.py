@@ -35,6 +35,8 @@ def strategy_for(tp: Any, field: attrs.Attribute | None = None) -> st.SearchStra
     """Valid values of a field type (before the field's own checks, which ``assume`` filters)."""
     if field is not None and "choices" in field.metadata:
         return st.sampled_from(field.metadata["choices"])
+    if field is not None and "examples" in field.metadata:  # a field no type describes (torchao's quant_type)
+        return st.sampled_from(field.metadata["examples"])
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if tp is bool:
         return st.booleans()
@@ -77,7 +79,7 @@ def configs(cls: type[QuantizationConfigMixin]) -> st.SearchStrategy:
     def build(draw):
         kwargs = {}
         for f in attrs.fields(cls):
-            if draw(st.booleans()):
+            if f.default is attrs.NOTHING or draw(st.booleans()):  # required fields always
                 kwargs[f.name] = draw(strategy_for(types[f.name], f))
         try:
             return cls(**kwargs)

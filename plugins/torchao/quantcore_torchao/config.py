@@ -87,6 +87,10 @@ def _from_class_and_kwargs(class_name: str, kwargs: Mapping[str, Any]) -> Any:
             f"{class_name} has no argument {', '.join(map(repr, unknown))}; valid arguments: {', '.join(fields)}"
         )
     values = {}
+    if fields.get("version") is not None and fields["version"].default == 1 and "version" not in kwargs:
+        # torchao 0.17 still defaults its int8 configs to version 1 (AffineQuantizedTensor, which
+        # safetensors cannot hold); version 2 is the tensor-subclass form, torchao 0.18's default.
+        values["version"] = 2
     for key, value in kwargs.items():
         default = fields[key].default
         # JSON carries an enum member as its value ("tile_packed_to_4d"): give torchao the member.
@@ -167,6 +171,19 @@ def parse_quant_type(value: Any, kwargs: Mapping[str, Any] | None = None) -> Any
     )
 
 
+def _version_1_problem(quant_type: Any) -> str | None:
+    """Version-1 configs build AffineQuantizedTensor weights: no safetensors form, no checkpoint."""
+    table = getattr(quant_type, "fqn_to_config", None)
+    configs = [c for c in table.values() if c is not None] if table is not None else [quant_type]
+    old = [type(c).__name__ for c in configs if getattr(c, "version", 2) == 1]
+    if not old:
+        return None
+    return (
+        f"{', '.join(old)} with version=1 makes AffineQuantizedTensor weights, which cannot be saved to "
+        "safetensors (by quantcore or transformers): pass version=2, the default from torchao 0.18"
+    )
+
+
 def _to_quant_type(value: Any) -> Any:
     # attrs converter: parse what can be parsed; the field's check reports what cannot.
     try:
@@ -177,10 +194,9 @@ def _to_quant_type(value: Any) -> Any:
 
 def _quant_type_problem(value: Any) -> str | None:
     try:
-        parse_quant_type(value)
+        return _version_1_problem(parse_quant_type(value))
     except ConfigError as exc:
         return exc.errors[0][1]
-    return None
 
 
 def _close(name: str, names: Any) -> str:
@@ -214,9 +230,7 @@ converter.register_unstructure_hook_func(_is_ao_config_class, _unstructure_ao_co
 
 def quant_type_to_dict(quant_type: Any) -> dict[str, Any]:
     """transformers 5.x's JSON form of ``quant_type``: ``{"default": config_to_dict(quant_type)}``."""
-    from torchao.core.config import config_to_dict
-
-    return {"default": config_to_dict(quant_type)}
+    return {"default": _unstructure_ao_config(quant_type)}
 
 
 @define_config
@@ -241,6 +255,14 @@ class TorchAoConfig(QuantizationConfigMixin):
                 'or a transformers 4.x name ("int4_weight_only") with "quant_type_kwargs".'
             ),
             "check": _quant_type_problem,
+            # valid values in their plainest JSON form (what property tests draw from)
+            "examples": [
+                "int4_weight_only",
+                "int8_weight_only",
+                "int8_dynamic_activation_int8_weight",
+                "float8_weight_only",
+                "float8_dynamic_activation_float8_weight",
+            ],
         },
     )
     modules_to_not_convert: list[str] | None = config_field(

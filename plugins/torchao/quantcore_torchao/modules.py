@@ -81,6 +81,10 @@ class _TorchAoLayer(nn.Module):
         """The float weight this layer stands for, in its original dtype."""
         return self.weight.dequantize()
 
+    def to_float(self) -> nn.Module:
+        """The float layer this one stands for (``nn.Linear`` / ``nn.Embedding``), built without an init."""
+        raise NotImplementedError
+
 
 class TorchAoLinear(_TorchAoLayer):
     """``y = x @ W.T + b`` with ``W`` a torchao tensor subclass (its kernel runs in ``F.linear``)."""
@@ -94,6 +98,13 @@ class TorchAoLinear(_TorchAoLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
+
+    def to_float(self) -> nn.Linear:
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        linear.weight = nn.Parameter(self.dequantized_weight())
+        if self.bias is not None:
+            linear.bias = nn.Parameter(self.bias.detach())
+        return linear
 
     def extra_repr(self) -> str:
         return (
@@ -120,6 +131,20 @@ class TorchAoEmbedding(_TorchAoLayer):
         return F.embedding(
             ids, self.weight, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse
         )
+
+    def to_float(self) -> nn.Embedding:
+        embedding = nn.Embedding(
+            self.num_embeddings,
+            self.embedding_dim,
+            padding_idx=self.padding_idx,
+            max_norm=self.max_norm,
+            norm_type=self.norm_type,
+            scale_grad_by_freq=self.scale_grad_by_freq,
+            sparse=self.sparse,
+            device="meta",
+        )
+        embedding.weight = nn.Parameter(self.dequantized_weight())
+        return embedding
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, weight={type(self.weight).__name__}"

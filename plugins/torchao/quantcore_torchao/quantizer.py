@@ -139,16 +139,20 @@ class TorchAoQuantizer(Quantizer):
         config = self._configs()[0] if self._configs() else None
         if config is None:
             return module.weight.numel() * module.weight.element_size(), None
-        skeleton = _float_copy(module, on_meta=True)
         try:
-            _apply(skeleton, config)
+            return tensor_nbytes(_probe(module, config, "meta")), None
         except Exception as exc:
-            if _cuda_only_reason(config) and not torch.cuda.is_available():
+            error = exc
+        if _cuda_only_reason(config):
+            if not torch.cuda.is_available():
                 # its packing runs on CUDA only: size it from the format (check_environment refuses
                 # to run it here)
                 return _formula_nbytes(module.weight, config), None
-            return 0, f"torchao {type(config).__name__} cannot take a {tuple(module.weight.shape)} weight: {exc}"
-        return tensor_nbytes(skeleton.weight), None
+            try:  # some CUDA packings have no meta kernel: quantize a zero weight of the same shape
+                return tensor_nbytes(_probe(module, config, "cuda")), None
+            except Exception as exc:
+                error = exc
+        return 0, f"torchao {type(config).__name__} cannot take a {tuple(module.weight.shape)} weight: {error}"
 
     # ------------------------------------------------------------------ building and loading
     def create_quantized_module(self, module: nn.Module, name: str) -> nn.Module:
@@ -198,26 +202,7 @@ class TorchAoQuantizer(Quantizer):
     @classmethod
     def dequantize_module(cls, module: nn.Module) -> nn.Module:
         assert isinstance(module, _TorchAoLayer)
-        weight = nn.Parameter(module.dequantized_weight())
-        if isinstance(module, TorchAoEmbedding):
-            embedding = nn.Embedding(
-                module.num_embeddings,
-                module.embedding_dim,
-                padding_idx=module.padding_idx,
-                max_norm=module.max_norm,
-                norm_type=module.norm_type,
-                scale_grad_by_freq=module.scale_grad_by_freq,
-                sparse=module.sparse,
-                device="meta",
-            )
-            embedding.weight = weight
-            return embedding
-        assert isinstance(module, TorchAoLinear)
-        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
-        linear.weight = weight
-        if module.bias is not None:
-            linear.bias = nn.Parameter(module.bias.detach())
-        return linear
+        return module.to_float()
 
 
 def _float_copy(module: nn.Module, *, on_meta: bool) -> nn.Module:
@@ -230,6 +215,16 @@ def _float_copy(module: nn.Module, *, on_meta: bool) -> nn.Module:
     if not on_meta:
         copy.weight = nn.Parameter(weight.detach(), requires_grad=False)
     return copy
+
+
+def _probe(module: nn.Module, config: Any, device: str) -> torch.Tensor:
+    """The weight torchao makes of a weight shaped like ``module``'s, on ``device`` (zeros unless meta)."""
+    layer = _float_copy(module, on_meta=True)
+    if device != "meta":
+        zeros = torch.zeros(module.weight.shape, dtype=module.weight.dtype, device=device)
+        layer.weight = nn.Parameter(zeros, requires_grad=False)
+    _apply(layer, config)
+    return layer.weight
 
 
 def _apply(layer: nn.Module, config: Any) -> None:

@@ -13,13 +13,14 @@ import torch
 from quantcore_torchao import TorchAoConfig, TorchAoLinear
 from safetensors import safe_open
 from torch import nn
-from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig
+from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, IntxWeightOnlyConfig
+from torchao.quantization.granularity import PerAxis
 
 import quantcore
 from quantcore import CheckpointError
 
 FORMATS = [
-    pytest.param(Int8WeightOnlyConfig(), id="int8-weight-only"),
+    pytest.param(Int8WeightOnlyConfig(version=2), id="int8-weight-only"),
     pytest.param(Float8WeightOnlyConfig(), id="float8-weight-only"),
 ]
 
@@ -61,7 +62,7 @@ def test_save_and_load_back(tiny_llama, tiny_llama_config, ids, tmp_path, quant_
 
 def test_overrides_with_another_backend_survive_the_round_trip(tiny_llama, ids, tmp_path):
     overrides = {"re:.*mlp.*": {"quant_method": "torch_wo", "bits": 8}}
-    quantcore.quantize(tiny_llama, TorchAoConfig(quant_type=Int8WeightOnlyConfig()), overrides=overrides)
+    quantcore.quantize(tiny_llama, TorchAoConfig(quant_type=Int8WeightOnlyConfig(version=2)), overrides=overrides)
     expected = logits(tiny_llama, ids)
     quantcore.save_quantized(tiny_llama, tmp_path / "q")
     loaded = quantcore.from_pretrained(tmp_path / "q")
@@ -72,7 +73,7 @@ def test_overrides_with_another_backend_survive_the_round_trip(tiny_llama, ids, 
 
 def test_quantize_on_load_matches_quantizing_after(tiny_llama, ids, tmp_path):
     tiny_llama.save_pretrained(tmp_path / "float")
-    config = TorchAoConfig(quant_type=Int8WeightOnlyConfig())
+    config = TorchAoConfig(quant_type=Int8WeightOnlyConfig(version=2))
     streamed = quantcore.from_pretrained(tmp_path / "float", quantization_config=config)
     quantcore.quantize(tiny_llama, config)
     assert isinstance(streamed.model.layers[1].self_attn.o_proj, TorchAoLinear)
@@ -109,7 +110,7 @@ def test_we_load_what_transformers_quantized_and_saved(tiny_llama, ids, tmp_path
 def test_a_tensor_that_does_not_fit_is_named_and_nothing_changes(tiny_llama, tiny_llama_config, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    quantcore.quantize(tiny_llama, TorchAoConfig(quant_type=Int8WeightOnlyConfig()))
+    quantcore.quantize(tiny_llama, TorchAoConfig(quant_type=Int8WeightOnlyConfig(version=2)))
     quantcore.save_quantized(tiny_llama, tmp_path / "q")
     path = tmp_path / "q" / "model.safetensors"
     with safe_open(str(path), framework="pt") as f:
@@ -131,7 +132,9 @@ def test_a_tensor_that_does_not_fit_is_named_and_nothing_changes(tiny_llama, tin
 def test_a_quantized_embedding_is_saved_untied_from_the_head(tiny_llama_config, ids, tmp_path):
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(tiny_llama_config(tie_word_embeddings=True)).eval()
-    config = TorchAoConfig(quant_type=Int8WeightOnlyConfig(), include_input_output_embeddings=True)
+    # IntxWeightOnlyConfig: torchao's format for embeddings (torchao 0.17's Int8Tensor has no embedding op)
+    int8 = IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0))
+    config = TorchAoConfig(quant_type=int8, include_input_output_embeddings=True)
     quantcore.quantize(model, config)
     assert type(model.lm_head) is nn.Linear  # the tied head keeps the float weight
     expected = logits(model, ids)

@@ -28,8 +28,8 @@ from quantcore import AutoQuantizationConfig, ConfigError
 QUANT_TYPES = [
     Int4WeightOnlyConfig(group_size=64),
     Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d"),
-    Int8WeightOnlyConfig(),
-    Int8DynamicActivationInt8WeightConfig(),
+    Int8WeightOnlyConfig(version=2),
+    Int8DynamicActivationInt8WeightConfig(version=2),
     Float8WeightOnlyConfig(),
     Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
     IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32)),
@@ -70,16 +70,16 @@ def test_interop_with_transformers_config(quant_type):
 
 
 def test_per_module_configs_round_trip():
-    table = FqnToConfig({"model.layers.0.mlp.down_proj": None, "re:.*_proj": Int8WeightOnlyConfig()})
+    table = FqnToConfig({"model.layers.0.mlp.down_proj": None, "re:.*_proj": Int8WeightOnlyConfig(version=2)})
     config = TorchAoConfig(quant_type=table)
     again = TorchAoConfig.from_dict(json.loads(config.to_json_string()))
     assert again.quant_type == table
     overrides = config.module_overrides()
     assert list(overrides) == [r"re:model\.layers\.0\.mlp\.down_proj", "re:.*_proj", "re:.*"]
     assert overrides[r"re:model\.layers\.0\.mlp\.down_proj"] is None
-    assert overrides["re:.*_proj"].quant_type == Int8WeightOnlyConfig()
+    assert overrides["re:.*_proj"].quant_type == Int8WeightOnlyConfig(version=2)
     assert overrides["re:.*"] is None  # no "_default": the rest stays in float
-    assert TorchAoConfig(quant_type=Int8WeightOnlyConfig()).module_overrides() == {}
+    assert TorchAoConfig(quant_type=Int8WeightOnlyConfig(version=2)).module_overrides() == {}
 
 
 @pytest.mark.parametrize(
@@ -91,8 +91,8 @@ def test_per_module_configs_round_trip():
             {"group_size": 128, "int4_packing_format": "tile_packed_to_4d"},
             Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d"),
         ),
-        ("int8_weight_only", {}, Int8WeightOnlyConfig()),
-        ("int8_dynamic_activation_int8_weight", {}, Int8DynamicActivationInt8WeightConfig()),
+        ("int8_weight_only", {}, Int8WeightOnlyConfig(version=2)),
+        ("int8_dynamic_activation_int8_weight", {}, Int8DynamicActivationInt8WeightConfig(version=2)),
         ("float8_weight_only", {}, Float8WeightOnlyConfig()),
         ("float8_dynamic_activation_float8_weight", {}, Float8DynamicActivationFloat8WeightConfig()),
     ],
@@ -107,7 +107,7 @@ def test_transformers_4_string_form_loads(name, kwargs, expected):
 
 
 def test_string_in_the_constructor_maps_too():
-    assert TorchAoConfig(quant_type="int8_weight_only").quant_type == Int8WeightOnlyConfig()
+    assert TorchAoConfig(quant_type="int8_weight_only").quant_type == Int8WeightOnlyConfig(version=2)
 
 
 def test_bad_name_lists_the_choices():
@@ -150,10 +150,10 @@ def test_bad_serialized_forms():
 
 
 def test_assignment_is_validated_and_keeps_the_old_value():
-    config = TorchAoConfig(quant_type=Int8WeightOnlyConfig())
+    config = TorchAoConfig(quant_type=Int8WeightOnlyConfig(version=2))
     with pytest.raises(ConfigError):
         config.quant_type = "int3"
-    assert config.quant_type == Int8WeightOnlyConfig()
+    assert config.quant_type == Int8WeightOnlyConfig(version=2)
     config.quant_type = "float8_weight_only"
     assert config.quant_type == Float8WeightOnlyConfig()
 
@@ -177,3 +177,15 @@ def test_backend_is_registered_through_the_entry_point():
     assert info.usable, info.reason
     schema = TorchAoConfig.json_schema()
     assert "quant_type" in schema["required"]
+
+
+def test_version_1_configs_are_refused_with_the_fix():
+    # torchao 0.17's int8 default: AffineQuantizedTensor weights, which safetensors cannot hold
+    try:
+        old = Int8WeightOnlyConfig(version=1)
+    except ValueError:
+        pytest.skip("this torchao refuses version 1 itself (0.18 and later)")
+    with pytest.raises(ConfigError, match=r"Int8WeightOnlyConfig with version=1 .* pass version=2"):
+        TorchAoConfig(quant_type=old)
+    with pytest.raises(ConfigError, match="version=2"):
+        TorchAoConfig(quant_type=FqnToConfig({"re:.*": Int8DynamicActivationInt8WeightConfig(version=1)}))

@@ -36,8 +36,8 @@ GPU_FORMATS = [
         0.25,
         id="int4-tinygemm-g128",
     ),
-    pytest.param(Int8WeightOnlyConfig(), "Int8Tensor", 0.05, id="int8-weight-only"),
-    pytest.param(Int8DynamicActivationInt8WeightConfig(), "Int8Tensor", 0.08, id="int8-dynamic"),
+    pytest.param(Int8WeightOnlyConfig(version=2), "Int8Tensor", 0.05, id="int8-weight-only"),
+    pytest.param(Int8DynamicActivationInt8WeightConfig(version=2), "Int8Tensor", 0.08, id="int8-dynamic"),
     pytest.param(Float8WeightOnlyConfig(), "Float8Tensor", 0.1, id="float8-weight-only"),
     pytest.param(
         Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
@@ -78,18 +78,23 @@ def test_quantize_save_load_and_transformers_interop(bf16_llama, tmp_path, quant
     quantcore.save_quantized(bf16_llama, tmp_path / "q")
     ours = quantcore.from_pretrained(tmp_path / "q", device_map="cuda")
     assert torch.equal(logits(ours, ids), out)
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q", device_map="cuda").eval()
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "q", dtype=torch.bfloat16, device_map="cuda"
+    ).eval()
     assert torch.equal(logits(theirs, ids), out)
 
 
 def test_quantize_on_load_to_the_gpu(tiny_llama, tmp_path):
     tiny_llama.to(torch.bfloat16).save_pretrained(tmp_path / "float")
     config = TorchAoConfig(quant_type=Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d"))
-    streamed = quantcore.from_pretrained(tmp_path / "float", quantization_config=config, device_map="cuda")
+    streamed = quantcore.from_pretrained(
+        tmp_path / "float", quantization_config=config, dtype=torch.bfloat16, device_map="cuda"
+    )
     layer = streamed.model.layers[1].mlp.down_proj
     assert isinstance(layer, TorchAoLinear) and layer.weight.device.type == "cuda"
     theirs = transformers.AutoModelForCausalLM.from_pretrained(
         tmp_path / "float",
+        dtype=torch.bfloat16,
         device_map="cuda",
         quantization_config=transformers.TorchAoConfig(config.quant_type),
     ).eval()

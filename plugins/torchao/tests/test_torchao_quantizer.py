@@ -17,7 +17,7 @@ from torchao.quantization import (
     Int8WeightOnlyConfig,
     IntxWeightOnlyConfig,
 )
-from torchao.quantization.granularity import PerGroup
+from torchao.quantization.granularity import PerAxis, PerGroup
 
 import quantcore
 from quantcore import BackendUnavailableError
@@ -33,8 +33,8 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 # What torchao runs on the CPU (torchao 0.17 / 0.18), with the bound on the relative output error
 # of the Stack fixture (float32, N(0, 1) inputs) each one must meet.
 CPU_FORMATS = [
-    pytest.param(Int8WeightOnlyConfig(), "Int8Tensor", 0.01, id="int8-weight-only"),
-    pytest.param(Int8DynamicActivationInt8WeightConfig(), "Int8Tensor", 0.03, id="int8-dynamic"),
+    pytest.param(Int8WeightOnlyConfig(version=2), "Int8Tensor", 0.01, id="int8-weight-only"),
+    pytest.param(Int8DynamicActivationInt8WeightConfig(version=2), "Int8Tensor", 0.03, id="int8-dynamic"),
     pytest.param(Float8WeightOnlyConfig(), "Float8Tensor", 0.05, id="float8-weight-only"),
     pytest.param(
         IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32)),
@@ -66,7 +66,7 @@ def test_quantizes_linears_on_the_cpu(stack, quant_type, tensor_type, bound):
 
 
 def test_skip_list(stack):
-    config = TorchAoConfig(quant_type=Int8WeightOnlyConfig(), modules_to_not_convert=["up"])
+    config = TorchAoConfig(quant_type=Int8WeightOnlyConfig(version=2), modules_to_not_convert=["up"])
     report = quantcore.quantize(stack, config)
     assert type(stack.up) is nn.Linear
     assert isinstance(stack.down, TorchAoLinear)
@@ -76,7 +76,7 @@ def test_skip_list(stack):
 def test_overrides_mix_torchao_with_another_backend(stack):
     x = torch.randn(4, 64)
     ref = stack(x)
-    config = TorchAoConfig(quant_type=Int8WeightOnlyConfig())
+    config = TorchAoConfig(quant_type=Int8WeightOnlyConfig(version=2))
     report = quantcore.quantize(stack, config, overrides={"down": {"quant_method": "torch_wo", "bits": 8}})
     assert isinstance(stack.up, TorchAoLinear)
     assert type(stack.down).__name__ == "WeightOnlyLinear"  # quantcore-torch, chosen by the override
@@ -88,7 +88,7 @@ def test_overrides_mix_torchao_with_another_backend(stack):
 
 
 def test_per_module_table(stack):
-    table = FqnToConfig({"up": Float8WeightOnlyConfig(), "re:dow.*": Int8WeightOnlyConfig()})
+    table = FqnToConfig({"up": Float8WeightOnlyConfig(), "re:dow.*": Int8WeightOnlyConfig(version=2)})
     report = quantcore.quantize(stack, TorchAoConfig(quant_type=table))
     assert type(stack.up.weight).__name__ == "Float8Tensor"
     assert type(stack.down.weight).__name__ == "Int8Tensor"
@@ -124,7 +124,7 @@ def test_cuda_only_format_is_refused_before_anything_changes(stack):
 
 def test_dequantize_gives_float_linears(stack):
     x = torch.randn(4, 64)
-    quantcore.quantize(stack, TorchAoConfig(quant_type=Int8WeightOnlyConfig()))
+    quantcore.quantize(stack, TorchAoConfig(quant_type=Int8WeightOnlyConfig(version=2)))
     quantized_out = stack(x)
     quantcore.dequantize(stack)
     assert type(stack.up) is nn.Linear and type(stack.down) is nn.Linear
@@ -136,7 +136,9 @@ def test_embeddings_when_asked(tiny_llama):
     ids = torch.randint(0, 256, (1, 16))
     with torch.no_grad():
         ref = tiny_llama(ids).logits
-    config = TorchAoConfig(quant_type=Int8WeightOnlyConfig(), include_input_output_embeddings=True)
+    # IntxWeightOnlyConfig: torchao's format for embeddings (torchao 0.17's Int8Tensor has no embedding op)
+    int8 = IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0))
+    config = TorchAoConfig(quant_type=int8, include_input_output_embeddings=True)
     report = quantcore.quantize(tiny_llama, config)
     assert isinstance(tiny_llama.model.embed_tokens, TorchAoEmbedding)
     assert "model.embed_tokens" in {r.name for r in report.modules if r.action == "quantized"}
@@ -147,7 +149,7 @@ def test_embeddings_when_asked(tiny_llama):
 
 
 def test_embeddings_are_left_alone_by_default(tiny_llama):
-    quantcore.quantize(tiny_llama, TorchAoConfig(quant_type=Int8WeightOnlyConfig()))
+    quantcore.quantize(tiny_llama, TorchAoConfig(quant_type=Int8WeightOnlyConfig(version=2)))
     assert type(tiny_llama.model.embed_tokens) is nn.Embedding
 
 
@@ -155,8 +157,8 @@ def test_a_weight_torchao_already_quantized_is_not_quantized_again():
     from torchao.quantization import quantize_
 
     model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
-    quantize_(model[0], Int8WeightOnlyConfig(), filter_fn=lambda m, fqn: True)  # as transformers leaves it
-    plan = quantcore.AutoQuantizer.from_config(TorchAoConfig(quant_type=Int8WeightOnlyConfig())).plan(model)
+    quantize_(model[0], Int8WeightOnlyConfig(version=2), filter_fn=lambda m, fqn: True)  # as transformers leaves it
+    plan = quantcore.AutoQuantizer.from_config(TorchAoConfig(quant_type=Int8WeightOnlyConfig(version=2))).plan(model)
     first = next(r for r in plan.modules if r.name == "0")
     assert first.action == "skipped"
     assert "already a Int8Tensor" in first.rule
