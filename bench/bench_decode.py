@@ -21,7 +21,7 @@ during generation (model included), the bytes one decode step must read (every p
 buffer except the input embeddings, of which it reads a row per sequence) and the floor that
 sets: those bytes over the measured copy bandwidth (a large device-to-device copy, bytes read +
 written), as tokens/s for batch 1. On the CPU, also the 1-token forward without a cache (best of
-``--repeats``), the figure the CPU targets use.
+``--forward-repeats``), the figure the CPU targets use.
 
 Models: ``--model llama-1.1b`` (TinyLlama-1.1B's shape from a ``LlamaConfig``, random weights,
 built on the device: no download), ``--model smollm2`` (SmolLM2-135M, ``bench/prepare_models.py``
@@ -49,9 +49,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch
-
 import _common
+import torch
 
 LLAMA = {
     "llama-1.1b": dict(
@@ -230,7 +229,7 @@ def measure(base, method: str, args, bandwidth: float) -> list[dict]:
     nbytes = step_bytes(model)
     extra = {}
     if args.device == "cpu":
-        extra["forward_1tok_ms"] = forward_ms(model, args.device, args.repeats)
+        extra["forward_1tok_ms"] = forward_ms(model, args.device, args.forward_repeats)
     for mode in args.modes:
         for batch in args.batch:
             if args.device == "cuda":
@@ -290,7 +289,10 @@ def _line(r: dict) -> str:
 
 def summary(rows: list[dict]) -> str:
     base = {(r["mode"], r["batch"]): r for r in rows if r["method"] == "bf16"}
-    lines = ["| method | mode | batch | tokens/s | x bf16 | % of floor | TTFT ms | peak MiB |", "|---|---|--:|--:|--:|--:|--:|--:|"]
+    lines = [
+        "| method | mode | batch | tokens/s | x bf16 | % of floor | TTFT ms | peak MiB |",
+        "|---|---|--:|--:|--:|--:|--:|--:|",
+    ]
     for r in rows:
         b = base.get((r["mode"], r["batch"]))
         ratio = f"{r['tokens_per_s'] / b['tokens_per_s']:.2f}x" if b else "-"
@@ -312,7 +314,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", default="1,16")
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--new", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="timed generations per figure (median)")
+    parser.add_argument("--forward-repeats", type=int, default=10, help="1-token forwards (CPU; best of)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     args.model = args.model or ("llama-1.1b" if args.device == "cuda" else "smollm2")
