@@ -221,6 +221,30 @@ def forward_ms(model, device: str, repeats: int) -> float:
     return 1e3 * min(times)
 
 
+def forward_only(base, methods: list[str], args) -> list[dict]:
+    """1-token forwards (no cache) of every method, interleaved round by round; best of ``--forward-repeats``.
+
+    Interleaving keeps a shared machine's changing load from favouring the methods timed first.
+    """
+    models = {m: make_variant(base, m) for m in methods}
+    best = dict.fromkeys(methods, float("inf"))
+    token = torch.tensor([[1]], device=args.device)
+    with torch.no_grad():
+        for model in models.values():
+            model(token, use_cache=False)
+        for _ in range(args.forward_repeats):
+            for method, model in models.items():
+                sync(args.device)
+                t = time.perf_counter()
+                model(token, use_cache=False)
+                sync(args.device)
+                best[method] = min(best[method], 1e3 * (time.perf_counter() - t))
+    for method in methods:
+        ratio = best[method] / best[methods[0]]
+        print(f"  {method:<20} 1-token forward {best[method]:.2f} ms  {ratio:.2f}x {methods[0]}")
+    return [dict(method=m, forward_1tok_ms=best[m], ratio=best[m] / best[methods[0]]) for m in methods]
+
+
 def measure(base, method: str, args, bandwidth: float) -> list[dict]:
     rows = []
     t = time.perf_counter()
@@ -316,6 +340,9 @@ def main(argv=None) -> int:
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3, help="timed generations per figure (median)")
     parser.add_argument("--forward-repeats", type=int, default=10, help="1-token forwards (CPU; best of)")
+    parser.add_argument(
+        "--forward-only", action="store_true", help="only 1-token forwards, all methods interleaved (the CPU targets)"
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     args.model = args.model or ("llama-1.1b" if args.device == "cuda" else "smollm2")
@@ -337,6 +364,12 @@ def main(argv=None) -> int:
         bandwidth_bytes_per_s=bandwidth,
         args={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
     )
+    if args.forward_only:
+        rows = forward_only(base, args.methods.split(","), args)
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+        return 0
     rows = []
     for method in args.methods.split(","):
         try:
