@@ -217,6 +217,8 @@ def int4_mm(
     """``x [M, K] @ W.T + bias`` with ``W = (q - zero) * scale`` from packed int4 codes, in ``x.dtype``."""
     m, k = x.shape
     n = packed.shape[0]
+    # The kernel reads scales and zero points with one row stride (no copies for module buffers).
+    scale, zero = scale.contiguous(), zero.contiguous()
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     block_m = _block_m(m)
 

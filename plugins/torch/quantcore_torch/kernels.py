@@ -251,6 +251,7 @@ def int4_weight_only_linear(
                 x2.contiguous(), layout.weight, layout.group_size, layout.scales_and_zeros
             )
             return _unflat(_add_bias(y, bias), x)
-        if _TRITON is not None and x.dtype in _HALF:
+        # The Triton kernel tiles K by whole groups: a power of two from 16 to 256 columns.
+        if _TRITON is not None and x.dtype in _HALF and group_size in (16, 32, 64, 128, 256):
             return _unflat(_TRITON.int4_mm(x2.contiguous(), packed, scale, zero, group_size, bias), x)
     return int4_reference_linear(x, packed, scale, zero, group_size, bias)

@@ -143,12 +143,13 @@ class WeightOnlyLinear(nn.Module):
         self.kernel_layout = None
         if self.bits != 4 or self.qweight.is_meta:
             return
+        dtype = self.compute_dtype or self.weight_dtype
         if self.qweight.device.type == "cpu":
-            dtype = self.compute_dtype or self.weight_dtype
             self.kernel_layout = kernels.int4_cpu_layout(
                 self.qweight, self.scale, self.zero, self.in_features, self.group_size, dtype
             )
-        elif self.qweight.is_cuda and kernels.INT4_CUDA_KERNEL == "tinygemm":
+        elif self.qweight.is_cuda and kernels.INT4_CUDA_KERNEL == "tinygemm" and dtype == torch.bfloat16:
+            # tinygemm takes bf16 activations only; other dtypes use the Triton kernel, which needs no layout.
             self.kernel_layout = kernels.int4_tinygemm_layout(
                 self.qweight, self.scale, self.zero, self.in_features, self.group_size
             )
