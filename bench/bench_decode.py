@@ -21,7 +21,7 @@ during generation (model included), the bytes one decode step must read (every p
 buffer except the input embeddings, of which it reads a row per sequence) and the floor that
 sets: those bytes over the measured copy bandwidth (a large device-to-device copy, bytes read +
 written), as tokens/s for batch 1. On the CPU, also the 1-token forward without a cache (best of
-``--repeats``), the figure the CPU targets use.
+``--forward-repeats``), the figure the CPU targets use.
 
 Models: ``--model llama-1.1b`` (TinyLlama-1.1B's shape from a ``LlamaConfig``, random weights,
 built on the device: no download), ``--model smollm2`` (SmolLM2-135M, ``bench/prepare_models.py``
@@ -49,9 +49,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch
-
 import _common
+import torch
 
 LLAMA = {
     "llama-1.1b": dict(
@@ -222,6 +221,30 @@ def forward_ms(model, device: str, repeats: int) -> float:
     return 1e3 * min(times)
 
 
+def forward_only(base, methods: list[str], args) -> list[dict]:
+    """1-token forwards (no cache) of every method, interleaved round by round; best of ``--forward-repeats``.
+
+    Interleaving keeps a shared machine's changing load from favouring the methods timed first.
+    """
+    models = {m: make_variant(base, m) for m in methods}
+    best = dict.fromkeys(methods, float("inf"))
+    token = torch.tensor([[1]], device=args.device)
+    with torch.no_grad():
+        for model in models.values():
+            model(token, use_cache=False)
+        for _ in range(args.forward_repeats):
+            for method, model in models.items():
+                sync(args.device)
+                t = time.perf_counter()
+                model(token, use_cache=False)
+                sync(args.device)
+                best[method] = min(best[method], 1e3 * (time.perf_counter() - t))
+    for method in methods:
+        ratio = best[method] / best[methods[0]]
+        print(f"  {method:<20} 1-token forward {best[method]:.2f} ms  {ratio:.2f}x {methods[0]}")
+    return [dict(method=m, forward_1tok_ms=best[m], ratio=best[m] / best[methods[0]]) for m in methods]
+
+
 def measure(base, method: str, args, bandwidth: float) -> list[dict]:
     rows = []
     t = time.perf_counter()
@@ -230,7 +253,7 @@ def measure(base, method: str, args, bandwidth: float) -> list[dict]:
     nbytes = step_bytes(model)
     extra = {}
     if args.device == "cpu":
-        extra["forward_1tok_ms"] = forward_ms(model, args.device, args.repeats)
+        extra["forward_1tok_ms"] = forward_ms(model, args.device, args.forward_repeats)
     for mode in args.modes:
         for batch in args.batch:
             if args.device == "cuda":
@@ -290,7 +313,10 @@ def _line(r: dict) -> str:
 
 def summary(rows: list[dict]) -> str:
     base = {(r["mode"], r["batch"]): r for r in rows if r["method"] == "bf16"}
-    lines = ["| method | mode | batch | tokens/s | x bf16 | % of floor | TTFT ms | peak MiB |", "|---|---|--:|--:|--:|--:|--:|--:|"]
+    lines = [
+        "| method | mode | batch | tokens/s | x bf16 | % of floor | TTFT ms | peak MiB |",
+        "|---|---|--:|--:|--:|--:|--:|--:|",
+    ]
     for r in rows:
         b = base.get((r["mode"], r["batch"]))
         ratio = f"{r['tokens_per_s'] / b['tokens_per_s']:.2f}x" if b else "-"
@@ -312,7 +338,11 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", default="1,16")
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--new", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="timed generations per figure (median)")
+    parser.add_argument("--forward-repeats", type=int, default=10, help="1-token forwards (CPU; best of)")
+    parser.add_argument(
+        "--forward-only", action="store_true", help="only 1-token forwards, all methods interleaved (the CPU targets)"
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     args.model = args.model or ("llama-1.1b" if args.device == "cuda" else "smollm2")
@@ -334,6 +364,12 @@ def main(argv=None) -> int:
         bandwidth_bytes_per_s=bandwidth,
         args={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
     )
+    if args.forward_only:
+        rows = forward_only(base, args.methods.split(","), args)
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+        return 0
     rows = []
     for method in args.methods.split(","):
         try:

@@ -67,6 +67,35 @@ def eager_timer(device: str):
     return run
 
 
+def copy_bandwidth(bench, device: str) -> float:
+    """Bytes/s of a 1 GiB copy, counting bytes read and written."""
+    src = torch.randn(1 << 28, device=device)
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * 4 / (bench(lambda: dst.copy_(src)) * 1e-6)
+
+
+def layer_cases(x, lin, m8, m4, tinygemm) -> dict:
+    """The calls to time for one layer and one input: name -> zero-argument function."""
+    from quantcore_torch import kernels
+
+    cases = {
+        "bf16": lambda: lin(x),
+        "int8_torch_wo": lambda: m8(x),
+        "int8pack_mm": lambda: torch.ops.aten._weight_int8pack_mm(x, m8.qweight, m8.scale),
+        "int8_cast_linear": lambda: torch.nn.functional.linear(x, m8.qweight.to(x.dtype)) * m8.scale,
+        "int8_reference": lambda: m8.reference_forward(x),
+        "int4_torch_wo": lambda: m4(x),
+        "int4_reference": lambda: m4.reference_forward(x),
+    }
+    if x.is_cuda and kernels.triton_available():
+        cases["int4_triton"] = lambda: kernels._TRITON.int4_mm(x, m4.qweight, m4.scale, m4.zero, 128, None)
+    if tinygemm is not None:
+        cases["int4_tinygemm"] = lambda: kernels.int4_weight_only_linear(
+            x, m4.qweight, m4.scale, m4.zero, 128, None, tinygemm
+        )
+    return cases
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -79,12 +108,7 @@ def main(argv=None) -> int:
 
     dev = args.device
     bench = eager_timer(dev) if args.eager else timer(dev)
-    src = torch.randn(1 << 28, device=dev)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    us = bench(lambda: dst.copy_(src))
-    bandwidth = 2 * src.numel() * 4 / (us * 1e-6)
-    del src, dst
+    bandwidth = copy_bandwidth(bench, dev)
     print(f"{torch.cuda.get_device_name() if dev == 'cuda' else 'cpu'}: copy {bandwidth / 1e9:.0f} GB/s", flush=True)
     rows = []
     torch.manual_seed(0)
@@ -95,21 +119,7 @@ def main(argv=None) -> int:
         tg = kernels.int4_tinygemm_layout(m4.qweight, m4.scale, m4.zero, k, 128) if dev == "cuda" else None
         for m in [int(b) for b in args.batch.split(",")]:
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-            cases = {
-                "bf16": lambda: lin(x),
-                "int8_torch_wo": lambda: m8(x),
-                "int8pack_mm": lambda: torch.ops.aten._weight_int8pack_mm(x, m8.qweight, m8.scale),
-                "int8_cast_linear": lambda: torch.nn.functional.linear(x, m8.qweight.to(x.dtype)) * m8.scale,
-                "int8_reference": lambda: m8.reference_forward(x),
-                "int4_torch_wo": lambda: m4(x),
-                "int4_reference": lambda: m4.reference_forward(x),
-            }
-            if dev == "cuda" and kernels.triton_available():
-                cases["int4_triton"] = lambda: kernels._TRITON.int4_mm(x, m4.qweight, m4.scale, m4.zero, 128, None)
-            if tg is not None:
-                cases["int4_tinygemm"] = lambda: kernels.int4_weight_only_linear(
-                    x, m4.qweight, m4.scale, m4.zero, 128, None, tg
-                )
+            cases = layer_cases(x, lin, m8, m4, tg)
             ref8, ref4 = m8.reference_forward(x), m4.reference_forward(x)
             row = dict(n=n, k=k, m=m)
             with torch.no_grad():

@@ -66,7 +66,9 @@ def _int8_kernel(
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + rk
             xk = tl.load(x_ptr + pid_m * stride_xm + kk, mask=kk < K, other=0.0).to(tl.float32)
-            w = tl.load(w_ptr + rn[:, None] * stride_wn + kk[None, :], mask=n_mask[:, None] & (kk[None, :] < K), other=0)
+            w = tl.load(
+                w_ptr + rn[:, None] * stride_wn + kk[None, :], mask=n_mask[:, None] & (kk[None, :] < K), other=0
+            )
             acc += w.to(tl.float32) * xk[None, :]
         out = tl.sum(acc, axis=1)
         scale = tl.load(s_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
@@ -80,8 +82,12 @@ def _int8_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + rk
-            xt = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_mask[:, None] & (kk[None, :] < K), other=0.0)
-            w = tl.load(w_ptr + rn[None, :] * stride_wn + kk[:, None], mask=n_mask[None, :] & (kk[:, None] < K), other=0)
+            xt = tl.load(
+                x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_mask[:, None] & (kk[None, :] < K), other=0.0
+            )
+            w = tl.load(
+                w_ptr + rn[None, :] * stride_wn + kk[:, None], mask=n_mask[None, :] & (kk[:, None] < K), other=0
+            )
             # int8 codes are exact in fp16 / bf16; the scale is applied to the fp32 sum.
             acc += tl.dot(xt, w.to(xt.dtype))
         scale = tl.load(s_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
@@ -133,7 +139,9 @@ def _int4_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         bb = k0 // 2 + rb
-        byte = tl.load(w_ptr + rn[:, None] * stride_wn + bb[None, :], mask=n_mask[:, None] & (bb[None, :] < half), other=0)
+        byte = tl.load(
+            w_ptr + rn[:, None] * stride_wn + bb[None, :], mask=n_mask[:, None] & (bb[None, :] < half), other=0
+        )
         codes = tl.interleave(byte & 0x0F, byte >> 4).to(tl.float32)  # [BLOCK_N, BLOCK_K], column 2j first
         gg = k0 // GROUP + rg
         g_mask = n_mask[:, None] & (gg[None, :] < groups)
@@ -146,7 +154,9 @@ def _int4_kernel(
             xk = tl.load(x_ptr + pid_m * stride_xm + kk, mask=kk < K, other=0.0).to(tl.float32)
             acc += w * xk[None, :]
         else:
-            xt = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_mask[:, None] & (kk[None, :] < K), other=0.0)
+            xt = tl.load(
+                x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_mask[:, None] & (kk[None, :] < K), other=0.0
+            )
             # The dequantized tile rounds to the activation dtype, as the reference path's weight does.
             acc += tl.dot(xt, tl.trans(w.to(xt.dtype)))
     if BLOCK_M == 1:
@@ -207,6 +217,8 @@ def int4_mm(
     """``x [M, K] @ W.T + bias`` with ``W = (q - zero) * scale`` from packed int4 codes, in ``x.dtype``."""
     m, k = x.shape
     n = packed.shape[0]
+    # The kernel reads scales and zero points with one row stride (no copies for module buffers).
+    scale, zero = scale.contiguous(), zero.contiguous()
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     block_m = _block_m(m)
 

@@ -17,7 +17,8 @@ class TorchWeightOnlyConfig(QuantizationConfigMixin):
 
     ``bits=8``: symmetric int8, one scale per output channel. ``bits=4``: asymmetric int4, one scale
     and one zero point per ``group_size`` input columns, two values per byte. Activations stay in
-    float; each forward dequantizes the weight and calls ``F.linear``.
+    float; each forward runs a fused weight-only kernel where one fits (:mod:`quantcore_torch.kernels`)
+    and dequantize + ``F.linear`` elsewhere.
 
     There are no cross-field rules: ``group_size`` is simply unused when ``bits=8``.
     """

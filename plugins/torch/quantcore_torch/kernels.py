@@ -239,18 +239,19 @@ def int4_weight_only_linear(
     """
     x2 = _flat(x)
     rows = x2.shape[0]
-    if layout is not None and layout.kind == "cpu" and x.device.type == "cpu" and rows <= SMALL_BATCH:
-        if layout.scales_and_zeros.dtype == x.dtype:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x2.contiguous(), layout.weight, layout.group_size, layout.scales_and_zeros
-            )
-            return _unflat(_add_bias(y, bias), x)
+    cpu_kernel = layout is not None and layout.kind == "cpu" and layout.scales_and_zeros.dtype == x.dtype
+    if cpu_kernel and x.device.type == "cpu" and rows <= SMALL_BATCH:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x2.contiguous(), layout.weight, layout.group_size, layout.scales_and_zeros
+        )
+        return _unflat(_add_bias(y, bias), x)
     if x.is_cuda and 0 < rows <= SMALL_BATCH:
         if layout is not None and layout.kind == "tinygemm" and x.dtype == torch.bfloat16:
             y = torch.ops.aten._weight_int4pack_mm(
                 x2.contiguous(), layout.weight, layout.group_size, layout.scales_and_zeros
             )
             return _unflat(_add_bias(y, bias), x)
-        if _TRITON is not None and x.dtype in _HALF:
+        # The Triton kernel tiles K by whole groups: a power of two from 16 to 256 columns.
+        if _TRITON is not None and x.dtype in _HALF and group_size in (16, 32, 64, 128, 256):
             return _unflat(_TRITON.int4_mm(x2.contiguous(), packed, scale, zero, group_size, bias), x)
     return int4_reference_linear(x, packed, scale, zero, group_size, bias)

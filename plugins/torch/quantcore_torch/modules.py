@@ -1,5 +1,8 @@
 """``WeightOnlyLinear``: a linear layer that stores int8 or int4 weights and computes in float.
 
+The forward runs the fused kernels of :mod:`quantcore_torch.kernels` (int8 / int4 weights read as
+they are stored, activations in float); the storage below is what checkpoints hold on every device.
+
 Storage (see :mod:`quantcore_torch.packing` for the formulas), with ``s`` the byte size of the
 original weight's float dtype (2 for fp16/bf16, 4 for fp32) and ``groups = ceil(in / group_size)``:
 
@@ -50,9 +53,10 @@ class WeightOnlyLinear(QuantizedLinear):
     The matmul runs in ``compute_dtype`` when set, else in the input's dtype; the output has the
     input's dtype. Buffers: ``qweight``, ``scale`` and (int4) ``zero``; ``bias`` is a parameter.
     :mod:`quantcore_torch.kernels` picks the kernel where the tensors live (and dequantize +
-    ``F.linear`` where no kernel fits); an int4 layer on the CPU also keeps its weight in the CPU
-    kernel's layout (``kernel_layout``, about the size of ``qweight``; not saved, not counted in the
-    module's size), rebuilt whenever the module is built, loaded or moved.
+    ``F.linear`` where no kernel fits); an int4 layer also keeps its weight in the layout of the
+    kernel for its device (``kernel_layout``: the CPU kernel's, or tinygemm's on CUDA; about the
+    size of ``qweight``; not saved, not counted in the module's size), rebuilt whenever the module
+    is built, loaded or moved.
 
     The constructor allocates uninitialised storage (pass ``device="meta"`` for a skeleton to load
     a state dict into); :meth:`from_linear` quantizes an existing ``nn.Linear``.
@@ -138,19 +142,21 @@ class WeightOnlyLinear(QuantizedLinear):
     def refresh_kernel_layout(self) -> None:
         """Rebuild :attr:`kernel_layout` from the stored weight (after changing the buffers by hand).
 
-        Only int4 on the CPU (``torch._weight_int4pack_mm_for_cpu``) and, when chosen through
-        ``QUANTCORE_INT4_CUDA_KERNEL=tinygemm``, int4 on CUDA need one; the other kernels read the
-        stored tensors. Nothing is built on the meta device or for shapes no kernel takes.
+        Only int4 needs one: on the CPU for ``torch._weight_int4pack_mm_for_cpu``, on CUDA for
+        tinygemm (unless ``QUANTCORE_INT4_CUDA_KERNEL=triton``); the int8 kernels and the Triton
+        kernels read the stored tensors. Nothing is built on the meta device or for shapes no
+        kernel takes.
         """
         self.kernel_layout = None
         if self.bits != 4 or self.qweight.is_meta:
             return
+        dtype = self.compute_dtype or self.weight_dtype
         if self.qweight.device.type == "cpu":
-            dtype = self.compute_dtype or self.weight_dtype
             self.kernel_layout = kernels.int4_cpu_layout(
                 self.qweight, self.scale, self.zero, self.in_features, self.group_size, dtype
             )
-        elif self.qweight.is_cuda and kernels.INT4_CUDA_KERNEL == "tinygemm":
+        elif self.qweight.is_cuda and kernels.INT4_CUDA_KERNEL == "tinygemm" and dtype == torch.bfloat16:
+            # tinygemm takes bf16 activations only; other dtypes use the Triton kernel, which needs no layout.
             self.kernel_layout = kernels.int4_tinygemm_layout(
                 self.qweight, self.scale, self.zero, self.in_features, self.group_size
             )

