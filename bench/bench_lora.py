@@ -106,6 +106,11 @@ def main() -> None:
             "bench_lora:step_run",
             {"variant": variant, "path": path, "steps": args.steps, "batch": args.batch, "seq": args.seq},
         )
+        r = results[variant]
+        print(
+            f"    steps {[round(t, 2) for t in r['step_s']]} s, peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB",
+            flush=True,
+        )
     base = results["bf16"]
     mib = 2**20
     print(

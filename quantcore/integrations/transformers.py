@@ -41,6 +41,7 @@ from ..config import QuantizationConfigMixin
 from ..errors import CheckpointError
 from ..quantizer import Quantizer
 from ..registry import available_backends
+from ..shards import _TRIM_EVERY, _release_freed_host_memory
 from ..state import STATE_ATTRIBUTE, QuantizationState
 
 MIN_TRANSFORMERS = "5.0"
@@ -123,6 +124,7 @@ class QuantcoreHfQuantizer(HfQuantizer):
         """Module name -> the quantizer that makes (or made) it."""
         self.state: QuantizationState | None = None
         self._weight_sizes: dict[str, float] = {}
+        self._freed_since_trim = 0
 
     def quantizer_for(self, config: QuantizationConfigMixin) -> Quantizer:
         """The quantcore quantizer of ``config`` (one per config object)."""
@@ -212,6 +214,13 @@ class QuantcoreHfQuantizer(HfQuantizer):
                 # transformers re-initialises every tensor without this flag once loading ends
                 tensor._is_hf_initialized = True  # type: ignore[attr-defined]
         parent._modules[child] = quantized
+        if weight.device.type == "cpu":
+            # Each float weight is freed once quantized; glibc keeps those chunks, and without a
+            # trim the process's peak grows by the float model's size (as in quantcore's loader).
+            self._freed_since_trim += weight.numel() * weight.element_size()
+            if self._freed_since_trim >= _TRIM_EVERY:
+                _release_freed_host_memory()
+                self._freed_since_trim = 0
 
     # ------------------------------------------------------------------ after the weights
     def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
@@ -221,6 +230,8 @@ class QuantcoreHfQuantizer(HfQuantizer):
                 f"the checkpoint has no float weight for {len(still_float)} module(s) quantcore planned to "
                 f"quantize ({', '.join(still_float[:5])}{', ...' if len(still_float) > 5 else ''})"
             )
+        if self._freed_since_trim:
+            _release_freed_host_memory()  # the last float weights, freed after their quantize op returned
         # quantcore's own tools (save_quantized, get_quantization_state) see what was done
         model.__dict__[STATE_ATTRIBUTE] = self.state
         return model
