@@ -34,6 +34,8 @@ def strategy_for(tp: Any, field: attrs.Attribute | None = None) -> st.SearchStra
     if field is not None and "choices" in field.metadata:
         return st.sampled_from(field.metadata["choices"])
     origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:  # a free field (a tokenizer object or its path): its JSON forms
+        return st.one_of(st.none(), st.text(max_size=20))
     if tp is bool:
         return st.booleans()
     if tp is int:
@@ -73,7 +75,7 @@ def configs(cls: type[QuantizationConfigMixin]) -> st.SearchStrategy:
     def build(draw):
         kwargs = {}
         for f in attrs.fields(cls):
-            if draw(st.booleans()):
+            if f.default is attrs.NOTHING or draw(st.booleans()):  # required fields always
                 kwargs[f.name] = draw(strategy_for(types[f.name], f))
         try:
             return cls(**kwargs)
