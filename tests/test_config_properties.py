@@ -38,6 +38,8 @@ def strategy_for(tp: Any, field: attrs.Attribute | None = None) -> st.SearchStra
     if field is not None and "examples" in field.metadata:  # a field no type describes (torchao's quant_type)
         return st.sampled_from(field.metadata["examples"])
     origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:  # a free field (a tokenizer object or its path): its JSON forms
+        return st.one_of(st.none(), st.text(max_size=20))
     if tp is bool:
         return st.booleans()
     if tp is int:

@@ -2,15 +2,29 @@
 
 The buffers are the checkpoint's tensors (:mod:`quantcore_gptq.packing`), so ``state_dict()`` is
 what transformers and GPTQModel read, and a Hub checkpoint's tensors load as they are. The forward
-goes through :func:`gptq_matmul`, the one place a faster kernel plugs in: today it dequantizes the
-weight (any bits, any ``g_idx``) and calls ``F.linear``.
+goes through :func:`gptq_matmul`, which picks the kernel:
+
+- 4-bit layers whose ``g_idx`` is in natural order (GPTQ without act-order) have exactly the math of
+  quantcore-torch's asymmetric group-wise int4 (``w = (q - zero) * scale``). For a few rows at a
+  time (decoding), the weight is converted once into quantcore-torch's int4 format and kernel
+  layout (CPU ``_weight_int4pack_mm_for_cpu``, CUDA tinygemm or Triton) and its fused matmul runs.
+  The conversion is a cache beside the checkpoint's tensors, rebuilt when they move or change.
+- Everything else (2, 3, 8 bits, act-order, many rows, a quantcore-torch without kernels) takes the
+  reference path: dequantize the weight in the input's dtype, then ``F.linear``.
 """
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+try:
+    from quantcore_torch import kernels as int4_kernels
+except ImportError:  # quantcore-torch from before its kernels module: the reference path only
+    int4_kernels = None
 
 from .gptq import GPTQResult
 from .packing import pack_cols, pack_rows, packing_multiple, unpack_cols, unpack_rows, zeros_from_v1, zeros_to_v1
@@ -123,11 +137,58 @@ class GPTQLinear(nn.Module):
 
 
 def gptq_matmul(module: GPTQLinear, x: torch.Tensor) -> torch.Tensor:
-    """``x @ W.T + b`` for a :class:`GPTQLinear`: the dispatch point for kernels.
+    """``x @ W.T + b`` for a :class:`GPTQLinear`: the fused int4 kernel where it applies, else the
+    reference path (see the module docstring)."""
+    bias = module.bias.to(x.dtype) if module.bias is not None else None
+    rows = x.numel() // x.shape[-1] if x.numel() else 0
+    if int4_kernels is not None and module.bits == 4 and 0 < rows <= int4_kernels.SMALL_BATCH:
+        runtime = _int4_runtime(module, x.dtype)
+        if runtime is not None:
+            return int4_kernels.int4_weight_only_linear(
+                x, runtime.packed, runtime.scale, runtime.zero, runtime.group_size, bias, runtime.layout
+            )
+    return F.linear(x, module.dequantized_weight(x.dtype), bias)
 
-    The reference path, correct for every bit width and ``g_idx``: dequantize in the input's dtype
-    and ``F.linear``. A fused int4 kernel (quantcore-torch's, for ``bits=4`` with a trivially
-    ordered ``g_idx``) is chosen here once it exists.
-    """
+
+def reference_matmul(module: GPTQLinear, x: torch.Tensor) -> torch.Tensor:
+    """``x @ W.T + b`` through dequantize + ``F.linear`` alone: what the kernels are tested against."""
     bias = module.bias.to(x.dtype) if module.bias is not None else None
     return F.linear(x, module.dequantized_weight(x.dtype), bias)
+
+
+class _Int4Runtime(NamedTuple):
+    """A 4-bit GPTQ weight in quantcore-torch's int4 format and kernel layout, for one device and dtype."""
+
+    key: tuple[Any, ...]
+    packed: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    group_size: int
+    layout: Any
+
+
+def _int4_runtime(module: GPTQLinear, dtype: torch.dtype) -> _Int4Runtime | None:
+    """The converted weight, built on first use and whenever the buffers moved, changed or the dtype did;
+    ``None`` when ``g_idx`` is not in natural order (act-order)."""
+    assert int4_kernels is not None
+    qweight = module.qweight
+    key = (qweight.data_ptr(), qweight.device, dtype, module.qzeros.data_ptr(), module.scales.data_ptr())
+    cached = module.__dict__.get("_int4")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    size = module.in_features if module.group_size == -1 else module.group_size
+    natural = torch.arange(module.in_features, device=qweight.device, dtype=torch.int32) // size
+    runtime = None
+    if torch.equal(module.g_idx, natural):
+        codes = module.codes().t().to(torch.uint8)  # [out, in], in quantcore-torch's packing: low nibble first
+        packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()
+        scale = module.scales.t().to(dtype).contiguous()
+        zero = module.zero_points().t().to(dtype).contiguous()
+        layout = None
+        if qweight.device.type == "cpu":
+            layout = int4_kernels.int4_cpu_layout(packed, scale, zero, module.in_features, size, dtype)
+        elif qweight.is_cuda and int4_kernels.INT4_CUDA_KERNEL == "tinygemm":
+            layout = int4_kernels.int4_tinygemm_layout(packed, scale, zero, module.in_features, size)
+        runtime = _Int4Runtime(key, packed, scale, zero, size, layout)
+    module.__dict__["_int4"] = (key, runtime)
+    return runtime

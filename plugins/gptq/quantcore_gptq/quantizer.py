@@ -173,16 +173,17 @@ class GPTQQuantizer(Quantizer):
         first: dict[str, torch.Tensor] = {}  # each target's first input, to tell which share one
         leader: dict[str, str] = {}  # target -> the first target of its group, whose Hessian it shares
 
+        sequential = self.config.true_sequential
+
         def add(name: str, x: torch.Tensor) -> None:
             if name not in leader:
                 previous = next(reversed(first), None)
-                if previous is not None and _same(first[previous], x):
-                    leader[name] = leader[previous]
-                else:
-                    leader[name] = name
-                    hessians[name] = Hessian.zeros(x.shape[-1], block.device)
+                leader[name] = leader[previous] if previous is not None and _same(first[previous], x) else name
                 first[name] = x
-            if leader[name] == name:
+            # true_sequential: only the first group quantizes from this run; the others re-run later
+            if leader[name] == name and (not sequential or name == next(iter(leader))):
+                if name not in hessians:
+                    hessians[name] = Hessian.zeros(x.shape[-1], block.device)
                 hessians[name].add(x)
 
         names = list(block.targets)
@@ -192,7 +193,7 @@ class GPTQQuantizer(Quantizer):
         first.clear()
         for k, group in enumerate(groups):
             hessian = hessians.pop(group[0], None)
-            if k and self.config.true_sequential:
+            if k and sequential:
                 hessian = self._rerun(block, group)
             self._quantize_group(block, group, hessian)
 

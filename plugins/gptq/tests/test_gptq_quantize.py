@@ -81,7 +81,8 @@ def test_gptq_beats_its_own_rounding_on_the_model(tiny_llama, calibration, promp
     assert relative_error(logits(tiny_llama, prompt), before) < 0.9 * relative_error(logits(rounded, prompt), before)
 
 
-def test_layers_sharing_an_input_are_grouped_in_call_order(tiny_llama, calibration, monkeypatch):
+@pytest.mark.parametrize("true_sequential", [True, False])
+def test_layers_sharing_an_input_are_grouped_in_call_order(tiny_llama, calibration, monkeypatch, true_sequential):
     """Llama's q/k/v, then o, then gate/up, then down: found from the inputs, not from names."""
     seen: list[tuple[int, int]] = []
     original = quantcore_gptq.quantizer.gptq_quantize
@@ -91,7 +92,8 @@ def test_layers_sharing_an_input_are_grouped_in_call_order(tiny_llama, calibrati
         return original(weight, hessian, **options)
 
     monkeypatch.setattr(quantcore_gptq.quantizer, "gptq_quantize", recording)
-    quantcore.quantize(tiny_llama, GPTQConfig(bits=4, group_size=32), calibration=calibration)
+    config = GPTQConfig(bits=4, group_size=32, true_sequential=true_sequential)
+    quantcore.quantize(tiny_llama, config, calibration=calibration)
     # rows stacked per GPTQ run: q (64) + k (32) + v (32); o; gate + up; down -- for each of 2 blocks
     assert seen == [(128, 256), (64, 256), (256, 256), (64, 256)] * 2
 
