@@ -24,6 +24,7 @@ import cattrs
 import torch
 
 __all__ = [
+    "plain_json",
     "InfiniteFloat",
     "NonFiniteError",
     "allow_infinity",
@@ -115,6 +116,19 @@ def _plain(value: Any) -> Any:
     if numpy is not None and isinstance(value, numpy.generic):
         return value.item()
     return value
+
+
+def plain_json(value: Any) -> Any:
+    """``value`` (a JSON-like tree: dicts, lists, tuples, scalars) with every NumPy scalar as its Python value.
+
+    For fields whose type is free-form (``Any``, a library's own config dict): the lossless
+    coercion the typed fields get one scalar at a time, applied through the whole tree.
+    """
+    if isinstance(value, dict):
+        return {k: plain_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain_json(v) for v in value)
+    return _plain(value)
 
 
 def _structure_bool(value: Any, _: type) -> bool:
@@ -271,7 +285,7 @@ converter.register_unstructure_hook(float, _unstructure_float)
 converter.register_structure_hook(str, _structure_str)
 converter.register_structure_hook(torch.dtype, lambda v, _: dtype_from_name(v))
 converter.register_unstructure_hook(torch.dtype, lambda d: str(d).removeprefix("torch."))
-converter.register_structure_hook_func(_is_any, lambda v, _: v)
+converter.register_structure_hook_func(_is_any, lambda v, _: plain_json(v))
 converter.register_structure_hook_func(_is_union, _structure_union)
 converter.register_structure_hook_func(lambda t: typing.get_origin(t) is Literal, _structure_literal)
 converter.register_structure_hook_func(_is_list, _structure_list)

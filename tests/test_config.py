@@ -313,3 +313,20 @@ def test_numpy_scalars_that_would_lose_something_are_refused(field, value, expec
     with pytest.raises(ConfigError) as err:
         DemoConfig(**{field: value})
     assert err.value.errors == [(field, expected)]
+
+
+@define_config
+class RequiredBitsConfig(QuantizationConfigMixin):
+    """A config with a required field (as GPTQConfig's ``bits``)."""
+
+    quant_method: ClassVar[str] = "required-bits"
+    bits: int = config_field(help="Bits.", choices=(4, 8))
+    damp: float = config_field(default=0.01, help="Dampening.")
+
+
+def test_a_missing_required_field_does_not_hide_the_other_problems():
+    with pytest.raises(ConfigError) as err:
+        RequiredBitsConfig.from_dict({"damp": float("nan"), "bitz": 4})
+    fields = [field for field, _ in err.value.errors]
+    assert fields == ["bitz", "bits", "damp"]
+    assert ("damp", "expected a finite float, got nan") in err.value.errors

@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import attrs
 
 from quantcore import ConfigError, QuantizationConfigMixin, config_field, define_config
-from quantcore.converter import converter
+from quantcore.converter import converter, plain_json
 
 __all__ = ["LEGACY_QUANT_TYPES", "TorchAoConfig", "parse_quant_type"]
 
@@ -186,6 +186,7 @@ def _version_1_problem(quant_type: Any) -> str | None:
 
 def _to_quant_type(value: Any) -> Any:
     # attrs converter: parse what can be parsed; the field's check reports what cannot.
+    value = plain_json(value)  # NumPy scalars inside a serialized torchao config, as the contract takes them
     try:
         return parse_quant_type(value)
     except ConfigError:
