@@ -107,6 +107,9 @@ class WeightOnlyLinear(QuantizedLinear):
         # A plain attribute, not a buffer: it is derived from the buffers, so state dicts, sizes
         # and checkpoints never see it. Built by refresh_kernel_layout() (uninitialised storage here).
         self.kernel_layout: kernels.Int4Layout | None = None
+        # The stored tensors the layout was built from: a loader that swaps buffers in without
+        # load_state_dict (transformers' own, accelerate's offload hooks) makes the layout stale.
+        self._layout_of: tuple[torch.Tensor, ...] = ()
         self.register_load_state_dict_post_hook(_refresh_after_load)
 
     @classmethod
@@ -148,8 +151,10 @@ class WeightOnlyLinear(QuantizedLinear):
         kernel takes.
         """
         self.kernel_layout = None
+        self._layout_of = ()
         if self.bits != 4 or self.qweight.is_meta:
             return
+        self._layout_of = (self.qweight, self.scale, self.zero)
         dtype = self.compute_dtype or self.weight_dtype
         if self.qweight.device.type == "cpu":
             self.kernel_layout = kernels.int4_cpu_layout(
@@ -164,6 +169,10 @@ class WeightOnlyLinear(QuantizedLinear):
                 # CUDA graphs would copy a plain tensor input at every replay; this one never changes.
                 torch._dynamo.mark_static_address(self.kernel_layout.weight)
                 torch._dynamo.mark_static_address(self.kernel_layout.scales_and_zeros)
+
+    def _layout_is_stale(self) -> bool:
+        source = self._layout_of
+        return not source or source[0] is not self.qweight or source[1] is not self.scale or source[2] is not self.zero
 
     def _apply(self, fn, recurse=True):
         # .to(), .cuda(), .half(): the buffers move or change, so the layout derived from them must follow.
@@ -199,16 +208,28 @@ class WeightOnlyLinear(QuantizedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.compute_dtype or x.dtype
-        if torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad)):
-            # Training adapters on this frozen layer: the fused kernels have no backward.
-            bias = self.bias.to(dtype) if self.bias is not None else None
-            return linear_recomputing_weight(x.to(dtype), self, dtype, bias).to(x.dtype)
-        if self.bits == 8:
-            y = kernels.int8_weight_only_linear(x.to(dtype), self.qweight, self.scale, self.bias)
-        else:
-            y = kernels.int4_weight_only_linear(
-                x.to(dtype), self.qweight, self.scale, self.zero, self.group_size, self.bias, self.kernel_layout
+        bias = self.bias
+        grad = torch.is_grad_enabled()
+        if grad and x.requires_grad:
+            # Gradients flow through this frozen layer (adapters before it): the fused kernels have
+            # no backward, so recompute the weight in the backward instead of keeping it.
+            return linear_recomputing_weight(x.to(dtype), self, dtype, None if bias is None else bias.to(dtype)).to(
+                x.dtype
             )
+        # A trainable bias alone takes its gradient through a plain addition after the kernel.
+        late_bias = bias if grad and bias is not None and bias.requires_grad else None
+        kernel_bias = None if late_bias is not None else bias
+        if self.bits == 8:
+            y = kernels.int8_weight_only_linear(x.to(dtype), self.qweight, self.scale, kernel_bias)
+        else:
+            # Checked in eager mode only: a compiled graph guards on the layout it was traced with.
+            if not torch.compiler.is_compiling() and self._layout_is_stale():
+                self.refresh_kernel_layout()
+            y = kernels.int4_weight_only_linear(
+                x.to(dtype), self.qweight, self.scale, self.zero, self.group_size, kernel_bias, self.kernel_layout
+            )
+        if late_bias is not None:
+            y = y + late_bias.to(y.dtype)
         return y.to(x.dtype)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
