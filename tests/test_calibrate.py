@@ -159,6 +159,11 @@ def test_later_blocks_see_the_quantized_earlier_blocks(decoder):
     assert torch.equal(seen[0], expected)
 
 
+def test_a_one_dimensional_tensor_is_one_sequence(decoder):
+    report = quantcore.quantize(decoder, {"quant_method": "absmax"}, calibration=[torch.arange(7)])
+    assert report.record("layers.2.q_proj").calibration_tokens == 7
+
+
 def test_dict_batches_pass_keyword_arguments_to_every_block(decoder):
     ids = torch.randint(0, 50, (2, 5), generator=torch.Generator().manual_seed(3))
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
