@@ -182,10 +182,12 @@ class Quantizer:
         default_skips: bool = True,
     ) -> QuantizationReport:
         """What :meth:`quantize` would do, as a report; the model is not changed."""
+        from .calibrate import quantize_walk
         from .walk import Walk, paused_gc
 
         with paused_gc():
-            return Walk.build(self, model, overrides, skip_modules, default_skips).plan()
+            walk = Walk.build(self, model, overrides, skip_modules, default_skips)
+        return quantize_walk(walk, None, dry_run=True)
 
     def quantize(
         self,

@@ -187,7 +187,10 @@ def test_a_failing_block_leaves_the_model_unchanged(decoder):
 def test_missing_calibration_is_an_error_naming_it(decoder):
     with pytest.raises(ConfigError, match=r"calibration: absmax needs calibration data"):
         quantcore.quantize(decoder, {"quant_method": "absmax"})
-    assert quantcore.quantize(decoder, {"quant_method": "absmax"}, dry_run=True).dry_run
+    plan = quantcore.quantize(decoder, {"quant_method": "absmax"}, dry_run=True)
+    assert plan.dry_run and plan.record("head").rule == "calibration: outside the repeated blocks layers.*"
+    same = quantcore.AutoQuantizer.from_config({"quant_method": "absmax"}).plan(decoder)
+    assert [r.to_dict() for r in same.modules] == [r.to_dict() for r in plan.modules]
 
 
 def test_bad_calibration_batches_are_listed_together(decoder):
