@@ -431,7 +431,8 @@ def _batches(calibration: Iterable[Any]) -> list[Any]:
         problems.append(("calibration", "is empty: give at least one batch"))
     if problems:
         raise ConfigError(problems, title="invalid calibration data")
-    return batches
+    # one sequence of token ids is a batch of one
+    return [b.unsqueeze(0) if isinstance(b, torch.Tensor) and b.dim() == 1 else b for b in batches]
 
 
 def _capture(model: nn.Module, first: nn.Module, batches: list[Any], device: torch.device) -> Inputs:

@@ -42,7 +42,8 @@ class Quantizer(QuantizerBase):
     ) -> QuantizationReport:
         """What :meth:`quantize` would do, as a report; the model is not changed."""
         with paused_gc():
-            return Walk.build(self, model, overrides, skip_modules, default_skips).plan()
+            walk = Walk.build(self, model, overrides, skip_modules, default_skips)
+        return quantize_walk(walk, None, dry_run=True)
 
     def quantize(
         self,

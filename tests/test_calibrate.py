@@ -159,6 +159,11 @@ def test_later_blocks_see_the_quantized_earlier_blocks(decoder):
     assert torch.equal(seen[0], expected)
 
 
+def test_a_one_dimensional_tensor_is_one_sequence(decoder):
+    report = quantcore.quantize(decoder, {"quant_method": "absmax"}, calibration=[torch.arange(7)])
+    assert report.record("layers.2.q_proj").calibration_tokens == 7
+
+
 def test_dict_batches_pass_keyword_arguments_to_every_block(decoder):
     ids = torch.randint(0, 50, (2, 5), generator=torch.Generator().manual_seed(3))
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
@@ -182,7 +187,10 @@ def test_a_failing_block_leaves_the_model_unchanged(decoder):
 def test_missing_calibration_is_an_error_naming_it(decoder):
     with pytest.raises(ConfigError, match=r"calibration: absmax needs calibration data"):
         quantcore.quantize(decoder, {"quant_method": "absmax"})
-    assert quantcore.quantize(decoder, {"quant_method": "absmax"}, dry_run=True).dry_run
+    plan = quantcore.quantize(decoder, {"quant_method": "absmax"}, dry_run=True)
+    assert plan.dry_run and plan.record("head").rule == "calibration: outside the repeated blocks layers.*"
+    same = quantcore.AutoQuantizer.from_config({"quant_method": "absmax"}).plan(decoder)
+    assert [r.to_dict() for r in same.modules] == [r.to_dict() for r in plan.modules]
 
 
 def test_bad_calibration_batches_are_listed_together(decoder):
