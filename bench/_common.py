@@ -491,3 +491,24 @@ def perplexity(model, tokenizer, text: str, max_tokens: int = 2048, batch_tokens
             n_pred += chunk.shape[1] - 1
     nll = total_nll / n_pred
     return {"ppl": math.exp(nll), "nll": nll, "n_tokens": n_pred}
+
+
+#: Llama shapes the GPU benchmarks build with random weights (no download): TinyLlama-1.1B's and a tiny one.
+LLAMA_SHAPES: dict[str, dict[str, int]] = {
+    "tiny": dict(
+        hidden_size=256,
+        intermediate_size=704,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        vocab_size=4096,
+    ),
+    "1.1b": dict(
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        vocab_size=32000,
+    ),
+}

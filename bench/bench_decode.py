@@ -52,24 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common
 import torch
 
-LLAMA = {
-    "llama-1.1b": dict(
-        hidden_size=2048,
-        intermediate_size=5632,
-        num_hidden_layers=22,
-        num_attention_heads=32,
-        num_key_value_heads=4,
-        vocab_size=32000,
-    ),
-    "tiny": dict(
-        hidden_size=256,
-        intermediate_size=704,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        vocab_size=4096,
-    ),
-}
+LLAMA = {"llama-1.1b": _common.LLAMA_SHAPES["1.1b"], "tiny": _common.LLAMA_SHAPES["tiny"]}
 
 
 def sync(device: str) -> None:

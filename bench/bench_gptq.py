@@ -40,24 +40,7 @@ sys.path[:0] = [str(BENCH_DIR.parent), str(BENCH_DIR)]
 
 import _common  # noqa: E402
 
-LLAMA = {
-    "llama-tiny": dict(
-        hidden_size=256,
-        intermediate_size=704,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        vocab_size=4096,
-    ),
-    "llama-1.1b": dict(
-        hidden_size=2048,
-        intermediate_size=5632,
-        num_hidden_layers=22,
-        num_attention_heads=32,
-        num_key_value_heads=4,
-        vocab_size=32000,
-    ),
-}
+LLAMA = {"llama-tiny": _common.LLAMA_SHAPES["tiny"], "llama-1.1b": _common.LLAMA_SHAPES["1.1b"]}
 CALIBRATION_WORKS = ("macbeth_gut", "othello_gut", "lear_gut")
 
 
