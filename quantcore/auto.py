@@ -9,12 +9,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from .calibrate import quantize_walk
 from .config import QuantizationConfigMixin
 from .errors import ConfigError, QuantizationError
 from .quantizer import Quantizer, module_nbytes
 from .report import ModuleRecord, QuantizationReport
 from .swap import swap_module
-from .calibrate import quantize_walk
 from .walk import Walk, paused_gc
 
 __all__ = ["AutoQuantizationConfig", "AutoQuantizer", "dequantize", "quantize"]

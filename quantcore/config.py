@@ -370,7 +370,7 @@ def _build(cls: type[C], known: dict[str, Any], problems: list[tuple[str, str]])
     missing = [f.name for f in attrs.fields(cls) if f.default is attrs.NOTHING and f.name not in known]
     problems.extend((name, "required field is missing") for name in missing)
     if missing:  # no instance can be built: still check each given field, to report every problem at once
-        types = cls._field_types()  # type: ignore[attr-defined]
+        types = cls._field_types()
         for f in attrs.fields(cls):
             if f.name in known:
                 problems.extend(_field_problems(types[f.name], f, known[f.name]))

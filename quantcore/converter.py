@@ -24,7 +24,6 @@ import cattrs
 import torch
 
 __all__ = [
-    "plain_json",
     "InfiniteFloat",
     "NonFiniteError",
     "allow_infinity",
@@ -32,6 +31,7 @@ __all__ = [
     "describe_type",
     "dtype_from_name",
     "dtype_names",
+    "plain_json",
 ]
 
 converter = cattrs.Converter(forbid_extra_keys=True, prefer_attrib_converters=False)

@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from .calibrate import quantize_walk
-
 from .quantizer_base import QuantizerBase, check_state, leaf_size, module_nbytes, tensor_nbytes
 from .report import QuantizationReport
 from .walk import Walk, paused_gc
