@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, QuantizationError
+from .plugins import call_observers
 from .quantizer_base import QuantizerBase as Quantizer
 from .report import QuantizationReport
 from .walk import Decision, Walk, paused_gc
@@ -261,8 +262,6 @@ class CalibratedRun:
 
     def run(self, calibration: Iterable[Any], progress: bool | None = None) -> QuantizationReport:
         """Quantize every chosen module, or (on any error) none."""
-        from .plugins import call_observers
-
         start = time.perf_counter()
         for q in self.walk.quantizers:
             q.check_environment()

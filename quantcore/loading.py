@@ -31,15 +31,18 @@ from torch import nn
 
 from .checkpoint import CONFIG_NAME, Loader, Slot, Target, read_quantization_state
 from .config import QuantizationConfigMixin
+from .dispatch import AutoQuantizer
 from .errors import CheckpointError, ConfigError
+from .match import exact_name
 from .offload import DiskOffload, check_offload_folder
+from .placement import Placement, count_names, infer_device_map
+from .plugins import call_observers
 from .shards import CheckpointFiles, TensorEntry
 from .state import STATE_ATTRIBUTE, QuantizationState
+from .walk import Rule, Walk
 
 if TYPE_CHECKING:
-    from .placement import Placement
     from .report import QuantizationReport
-    from .walk import Walk
 
 __all__ = [
     "DEVICE_MAP_ATTRIBUTE",
@@ -164,8 +167,6 @@ def from_pretrained(
         if load.prequantized:
             report = loader.report(time.perf_counter() - start)
     else:
-        from .plugins import call_observers
-
         assert load.state is not None  # a quantizing load records what it quantizes
         call_observers("before_quantize", model=model, config=load.state.config, plan=load.plan)
         loader.run(immediate=True, progress=progress)
@@ -297,7 +298,6 @@ def _prepare(
     }
 
     def place(walk: Walk | None) -> Placement:
-        from .placement import infer_device_map
 
         return infer_device_map(
             model,
@@ -329,7 +329,7 @@ def _prepare(
                     [
                         (
                             "device_map",
-                            f"puts {_names(list(placement.float_modules))} of a checkpoint saved quantized on the "
+                            f"puts {count_names(list(placement.float_modules))} of a checkpoint saved quantized on the "
                             "CPU or disk next to GPUs, where they cannot run quantized and cannot be kept in "
                             "float32 (their float weights are not in the checkpoint); map them to a GPU, or give "
                             "the GPUs more max_memory",
@@ -369,9 +369,6 @@ def _walk(
     default_skips: bool,
 ) -> Walk | None:
     """The rules choosing what to quantize (``None`` for a plain float load); backends checked first."""
-    from .auto import AutoQuantizer
-    from .walk import Walk
-
     if quantization_config is None and not overrides:
         return None
     main = AutoQuantizer.from_config(quantization_config) if quantization_config is not None else None
@@ -416,9 +413,6 @@ def _targets(
 
 def _checkpoint_walk(model: nn.Module, targets: Mapping[str, Target]) -> Walk:
     """A walk that quantizes exactly the modules a checkpoint holds quantized (to size them for placing)."""
-    from .match import exact_name
-    from .walk import Rule, Walk
-
     rules = [Rule(f"checkpoint: {t.source}", exact_name(name), t.quantizer, t.source) for name, t in targets.items()]
     quantizers = list({id(t.quantizer): t.quantizer for t in targets.values()}.values())
     exact = {name: i for i, name in enumerate(targets)}
@@ -623,12 +617,6 @@ def _one(device_map: Any, device: torch.device) -> dict[str, Any]:
     """A one-device map in accelerate's form (``0`` for ``cuda:0``), with the keys it was given."""
     value = (device.index or 0) if device.type == "cuda" else device.type
     return {key: value for key in device_map} if isinstance(device_map, Mapping) else {"": value}
-
-
-def _names(names: list[str]) -> str:
-    from .placement import _names as listed
-
-    return listed(names)
 
 
 def _auto_class(auto_class: Any, config: Any) -> Any:

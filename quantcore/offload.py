@@ -26,7 +26,7 @@ from torch import nn
 
 from . import shards
 from .errors import ConfigError
-from .placement import _names
+from .placement import count_names
 from .shards import TensorEntry
 
 __all__ = ["DiskOffload", "check_offload_folder"]
@@ -47,7 +47,7 @@ def check_offload_folder(folder: str | os.PathLike[str] | None, needs: list[str]
             [
                 (
                     "offload_folder",
-                    f"the device map puts {_names(needs)} on disk, quantized: their quantized tensors are in no "
+                    f"the device map puts {count_names(needs)} on disk, quantized: their quantized tensors are in no "
                     "file yet and must be written; pass offload_folder='path/to/a/folder' (float modules on disk "
                     "need none: they are read from the checkpoint)",
                 )

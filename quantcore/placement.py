@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .config import QuantizationConfigMixin
+from .dispatch import AutoQuantizer
 from .errors import ConfigError
 from .quantizer import Quantizer, module_nbytes
 from .quantizer_base import QuantizerBase
@@ -198,8 +199,6 @@ def _as_walk(model: nn.Module, quantization: Any) -> Walk:
         return quantization
     if quantization is None or isinstance(quantization, Quantizer):
         return Walk.build(quantization, model)
-    from .auto import AutoQuantizer
-
     return Walk.build(AutoQuantizer.from_config(quantization), model)
 
 
@@ -452,7 +451,7 @@ def _check_map(
             problems.append(
                 (
                     "device_map",
-                    f'gives no device to {_names(missing)}; map them, or add "" (the whole model) as a default',
+                    f'gives no device to {count_names(missing)}; map them, or add "" (the whole model) as a default',
                 )
             )
     if problems:
@@ -570,7 +569,7 @@ def _check_policies(
         more = "or map those modules to a GPU" if "cpu" in _offload_devices(placed) else "or map them to the CPU"
     problems = []
     for quantizer, names in by_quantizer.values():
-        count, listed = _names(names).split(": ", 1)
+        count, listed = count_names(names).split(": ", 1)
         offload = "the CPU or disk next to GPUs" if "cpu" in _offload_devices(placed) else "disk"
         where = f"the device map puts {count} on {offload}"
         if hasattr(quantizer.config, "llm_int8_enable_fp32_cpu_offload"):
@@ -586,7 +585,7 @@ def _check_policies(
     raise ConfigError(absent + problems, title="the quantized model does not fit this device map")
 
 
-def _names(names: list[str], noun: str = "module") -> str:
+def count_names(names: list[str], noun: str = "module") -> str:
     """``"7 modules: 'a', 'b', 'c', 'd', 'e' and 2 more"``."""
     shown = ", ".join(repr(n) for n in names[:_SHOWN])
     rest = len(names) - _SHOWN

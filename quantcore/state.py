@@ -8,6 +8,7 @@ import attrs
 from torch import nn
 
 from .config import QuantizationConfigMixin
+from .dispatch import AutoQuantizationConfig
 
 __all__ = ["STATE_ATTRIBUTE", "QuantizationState", "get_quantization_state"]
 
@@ -48,7 +49,6 @@ class QuantizationState:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> QuantizationState:
         """Inverse of :meth:`to_dict`; configs are rebuilt through their registered classes."""
-        from .auto import AutoQuantizationConfig
 
         def load(d: Any) -> QuantizationConfigMixin | None:
             return None if d is None else AutoQuantizationConfig.from_dict(d)

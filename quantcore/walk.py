@@ -17,10 +17,13 @@ from typing import Any
 import attrs
 from torch import nn
 
-from .errors import QuantizationError
+from .dispatch import AutoQuantizer
+from .errors import ConfigError, QuantizationError
 from .match import compile_pattern, exact_name
+from .plugins import call_observers
 from .quantizer_base import QuantizerBase, leaf_size
 from .report import ModuleRecord, QuantizationReport
+from .state import STATE_ATTRIBUTE, QuantizationState, get_quantization_state
 from .swap import swap_module
 
 __all__ = ["ModelIndex", "Rule", "Walk", "default_float_modules", "paused_gc"]
@@ -139,8 +142,6 @@ def default_float_modules(model: nn.Module, index: ModelIndex | None = None) -> 
 
 
 def _as_quantizer(value: Any, cache: dict[int, QuantizerBase]) -> QuantizerBase | None:
-    from .auto import AutoQuantizer
-
     if value is None:
         return None
     if isinstance(value, QuantizerBase):
@@ -175,8 +176,6 @@ class Walk:
         default_skips: bool = True,
     ) -> Walk:
         """Turn the call's arguments into ordered rules (bad patterns raise before anything runs)."""
-        from .errors import ConfigError
-
         rules: list[Rule] = []
         problems: list[tuple[str, str]] = []
         index = ModelIndex.of(model)
@@ -311,8 +310,6 @@ class Walk:
 
     def _record_state(self, built: list[tuple[Decision, nn.Module]]) -> None:
         """Keep on the model what was done, merged with earlier calls (for saving and loading)."""
-        from .state import STATE_ATTRIBUTE, QuantizationState, get_quantization_state
-
         state = get_quantization_state(self.model)
         if state is None:
             state = QuantizationState(
@@ -335,8 +332,6 @@ class Walk:
     # ------------------------------------------------------------------ replacing
     def run(self, progress: bool | None = None) -> QuantizationReport:
         """Replace every chosen module, or none: replacements are built first, then swapped in."""
-        from .plugins import call_observers
-
         start = time.perf_counter()
         for q in self.quantizers:
             q.check_environment()
