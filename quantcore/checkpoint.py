@@ -251,7 +251,9 @@ def read_quantization_state(
     (where, config), others = foreign[0], foreign[1:]
     _check_configs_agree(folder, foreign[0], others)
     if model is None or files is None:
-        raise CheckpointError(f"{folder}: inferring which modules {where} quantized needs the model and files")
+        raise CheckpointError(
+            f"{folder}: inferring which modules are quantized (it has only {where}) needs the model and files"
+        )
     quantizer = AutoQuantizer.from_config(config)
     return QuantizationState(config, modules=_infer_quantized(model, files, quantizer)), {}
 
