@@ -309,8 +309,8 @@ def _check_configs_agree(
     """Refuse a checkpoint whose configs (``quantization_config.json``, ``config.json``, a backend's
     own file) say different things.
 
-    quantcore reads ``quantization_config.json``, transformers reads ``config.json``, AutoGPTQ
-    reads ``quantize_config.json``: if one was edited, each library would load another model. The
+    quantcore reads ``quantization_config.json``, transformers reads ``config.json``, older tools
+    read a backend's own file: if one was edited, each library would load another model. The
     skip list may differ in one way only: ``config.json`` also names the linears kept in float (see
     :func:`_transformers_config`).
     """
