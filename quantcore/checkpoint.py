@@ -28,9 +28,11 @@ import torch
 from torch import nn
 
 from .auto import AutoQuantizationConfig, AutoQuantizer
+from .config import QuantizationConfigMixin
 from .errors import CheckpointError, ConfigError, QuantizationError
 from .quantizer import Quantizer, module_nbytes
 from .quantizer_base import QuantizerBase
+from .registry import config_file_methods
 from .report import ModuleRecord, QuantizationReport
 from .shards import INDEX_NAME, WEIGHTS_NAME, CheckpointFiles, TensorEntry, write_shards
 from .staging import StagedFolder, clear_debris
@@ -50,6 +52,7 @@ STATE_NAME = "quantization_config.json"
 CONFIG_NAME = "config.json"
 FORMAT_VERSION = 1
 _REPLACED = (WEIGHTS_NAME, INDEX_NAME, STATE_NAME, CONFIG_NAME, "generation_config.json")
+_TRANSFORMERS_WHERE = f"{CONFIG_NAME} (quantization_config)"
 
 
 # ====================================================================== saving
@@ -197,10 +200,12 @@ def _write_json(path: Path, data: Any) -> None:
 
 
 def _carry_over(old: Path, new: Path) -> None:
-    """Copy what else the old folder held (a tokenizer, a README) into the new one; weights excepted."""
+    """Copy what else the old folder held (a tokenizer, a README) into the new one; weights and the
+    configs that described them (a backend's own config file) excepted."""
+    stale = {*_REPLACED, *config_file_methods()}
     for entry in old.iterdir():
         name = entry.name
-        if (new / name).exists() or name in _REPLACED or name.endswith((".safetensors", ".bin", ".index.json")):
+        if (new / name).exists() or name in stale or name.endswith((".safetensors", ".bin", ".index.json")):
             continue
         if entry.is_dir():
             shutil.copytree(entry, new / name, symlinks=True)
@@ -215,8 +220,10 @@ def read_quantization_state(
     """The quantization state of a checkpoint and its tied names, or ``None`` for a float checkpoint.
 
     quantcore's ``quantization_config.json`` says which module each config made. A checkpoint saved
-    by transformers only has ``config.json``'s ``quantization_config``: the quantized modules are
-    then those of ``model`` whose tensors in ``files`` are not plain float ones.
+    by transformers only has ``config.json``'s ``quantization_config``, one saved by an older tool
+    only a file a backend names in :attr:`~quantcore.Backend.config_files` (AutoGPTQ's
+    ``quantize_config.json``): the quantized modules are then those of ``model`` whose tensors in
+    ``files`` are not plain float ones. Every config a checkpoint carries must agree.
     """
     folder = Path(folder)
     own = folder / STATE_NAME
@@ -234,18 +241,19 @@ def read_quantization_state(
             state = QuantizationState.from_dict(data)
         except ConfigError as exc:
             raise CheckpointError(f"{own}: {exc}") from exc
-        _check_configs_agree(folder, state)
+        main = state.config or next((c for c in state.overrides.values() if c is not None), None)
+        if main is not None:
+            _check_configs_agree(folder, (STATE_NAME, main), _foreign_configs(folder))
         return state, dict(data.get("tied_weights") or {})
-    config_file = folder / CONFIG_NAME
-    quant = _transformers_quantization_config(config_file)
-    if not quant:
+    foreign = _foreign_configs(folder)
+    if not foreign:
         return None
+    (where, config), others = foreign[0], foreign[1:]
+    _check_configs_agree(folder, foreign[0], others)
     if model is None or files is None:
-        raise CheckpointError(f"{config_file}: inferring which modules are quantized needs the model and files")
-    try:
-        config = AutoQuantizationConfig.from_dict(quant)
-    except ConfigError as exc:
-        raise CheckpointError(f"{config_file}: quantization_config: {exc}") from exc
+        raise CheckpointError(
+            f"{folder}: inferring which modules are quantized (it has only {where}) needs the model and files"
+        )
     quantizer = AutoQuantizer.from_config(config)
     return QuantizationState(config, modules=_infer_quantized(model, files, quantizer)), {}
 
@@ -258,41 +266,76 @@ def _transformers_quantization_config(config_file: Path) -> Any:
     return data.get("quantization_config") if isinstance(data, dict) else None
 
 
-def _check_configs_agree(folder: Path, state: QuantizationState) -> None:
-    """Refuse a checkpoint whose ``config.json`` and ``quantization_config.json`` say different things.
+def _foreign_configs(folder: Path) -> list[tuple[str, QuantizationConfigMixin]]:
+    """The configs other tools wrote beside the weights, each with where it was read.
 
-    quantcore reads ``quantization_config.json``, transformers reads ``config.json``: if one was
-    edited, each library would load another model. The skip list may differ in one way only:
-    ``config.json`` also names the linears kept in float (see :func:`_transformers_config`).
+    ``config.json``'s ``quantization_config`` (transformers) first, then every file a backend
+    reads by its :attr:`~quantcore.Backend.config_files` (a file without ``quant_method`` belongs
+    to the one backend naming it). Each one that does not load is an error naming the file.
     """
-    quant = _transformers_quantization_config(folder / CONFIG_NAME)
-    main = state.config or next((c for c in state.overrides.values() if c is not None), None)
-    if not quant or main is None:
-        return
-    where = f"{CONFIG_NAME} (quantization_config)"
+    found = []
+    config_file = folder / CONFIG_NAME
+    quant = _transformers_quantization_config(config_file)
+    if quant:
+        found.append((_TRANSFORMERS_WHERE, _config_from(config_file, quant, "quantization_config: ")))
+    for name, methods in config_file_methods().items():
+        path = folder / name
+        if not path.is_file():
+            continue
+        data = _read_json(path)
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{path}: expected a JSON object (a quantization config), got {type(data).__name__}")
+        if "quant_method" not in data:
+            if len(methods) > 1:
+                raise CheckpointError(
+                    f"{path} has no quant_method and the backends {', '.join(map(repr, methods))} all read "
+                    f'{name}: add the right "quant_method" to it'
+                )
+            data = {**data, "quant_method": methods[0]}
+        found.append((name, _config_from(path, data, "")))
+    return found
+
+
+def _config_from(path: Path, data: Any, key: str) -> QuantizationConfigMixin:
     try:
-        theirs = AutoQuantizationConfig.from_dict(quant).to_dict()
+        return AutoQuantizationConfig.from_dict(data)
     except ConfigError as exc:
-        raise CheckpointError(f"{folder / CONFIG_NAME}: quantization_config: {exc}") from exc
+        raise CheckpointError(f"{path}: {key}{exc}") from exc
+
+
+def _check_configs_agree(
+    folder: Path, first: tuple[str, QuantizationConfigMixin], others: list[tuple[str, QuantizationConfigMixin]]
+) -> None:
+    """Refuse a checkpoint whose configs (``quantization_config.json``, ``config.json``, a backend's
+    own file) say different things.
+
+    quantcore reads ``quantization_config.json``, transformers reads ``config.json``, older tools
+    read a backend's own file: if one was edited, each library would load another model. The
+    skip list may differ in one way only: ``config.json`` also names the linears kept in float (see
+    :func:`_transformers_config`).
+    """
+    where, main = first
     ours = main.to_dict()
     skips = type(main).skip_modules_field
-    differences = []
-    for key in dict.fromkeys([*ours, *theirs]):
-        mine, other = ours.get(key, "(absent)"), theirs.get(key, "(absent)")
-        if key == skips and ours.get("quant_method") == theirs.get("quant_method"):
-            missing = sorted(set(mine or []) - set(other or []))
-            if missing:
-                differences.append(f"{key}: {', '.join(map(repr, missing))} only in {STATE_NAME}")
-        elif mine != other:
-            differences.append(f"{key}: {json.dumps(mine)} in {STATE_NAME}, {json.dumps(other)} in {where}")
-    if differences:
-        raise CheckpointError(
-            _listing(
-                f"{folder}: {STATE_NAME} and {where} disagree, so quantcore and transformers would load "
-                "different models; make the two agree (or save the checkpoint again)",
-                differences,
+    for other_where, other in others:
+        theirs = other.to_dict()
+        differences = []
+        for key in dict.fromkeys([*ours, *theirs]):
+            mine, their = ours.get(key, "(absent)"), theirs.get(key, "(absent)")
+            if key == skips and ours.get("quant_method") == theirs.get("quant_method"):
+                missing = sorted(set(mine or []) - set(their or []))
+                if missing:
+                    differences.append(f"{key}: {', '.join(map(repr, missing))} only in {where}")
+            elif mine != their:
+                differences.append(f"{key}: {json.dumps(mine)} in {where}, {json.dumps(their)} in {other_where}")
+        if differences:
+            raise CheckpointError(
+                _listing(
+                    f"{folder}: {where} and {other_where} disagree, so the libraries reading each would load "
+                    "different models; make the two agree (or save the checkpoint again)",
+                    differences,
+                )
             )
-        )
 
 
 def _infer_quantized(model: nn.Module, files: CheckpointFiles, quantizer: Quantizer) -> dict[str, str]:
@@ -352,8 +395,9 @@ def load_quantized(
     found = read_quantization_state(folder, files, model)
     if found is None:
         raise CheckpointError(
-            f"{folder} is not a quantized checkpoint (no {STATE_NAME}, and {CONFIG_NAME} has no "
-            "quantization_config): load a float checkpoint with load_state_dict"
+            f"{folder} is not a quantized checkpoint (no {STATE_NAME}, no quantization_config in "
+            f"{CONFIG_NAME}, no config file an installed backend reads): load a float checkpoint with "
+            "load_state_dict"
         )
     state, tied = found
     if device is None:

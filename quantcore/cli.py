@@ -349,7 +349,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     found = read_quantization_state(folder, files, model)
     if found is None:
         raise UsageError(
-            f"{folder} is not a quantized checkpoint (no {STATE_NAME} and no quantization_config in config.json)"
+            f"{folder} is not a quantized checkpoint (no {STATE_NAME}, no quantization_config in config.json, "
+            "no config file an installed backend reads)"
         )
     state, tied = found
     modules: dict[str, dict[str, Any]] = {

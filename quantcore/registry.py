@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from .config import QuantizationConfigMixin
     from .quantizer import Quantizer
 
-__all__ = ["Backend", "BackendInfo", "available_backends", "get_backend"]
+__all__ = ["Backend", "BackendInfo", "available_backends", "config_file_methods", "get_backend"]
 
 
 @attrs.frozen
@@ -35,6 +35,11 @@ class Backend:
     """What to tell a user when a requirement is missing."""
     description: str = ""
     """One line for ``quantcore backends``."""
+    config_files: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    """Names of files that other tools write beside a checkpoint's weights holding this method's
+    config by itself, ``quant_method`` optional (AutoGPTQ's ``quantize_config.json``). A checkpoint
+    is read with such a file when ``config.json`` has no ``quantization_config``; with both, they
+    must agree."""
 
     def quantizer_class(self) -> type[Quantizer]:
         """The quantizer class, imported on first use."""
@@ -163,6 +168,19 @@ def get_backend(quant_method: Any, *, require_usable: bool = True) -> Backend:
         if reason:
             raise BackendUnavailableError(f"backend {quant_method!r} cannot run here: {reason}")
     return backend
+
+
+def config_file_methods() -> dict[str, list[str]]:
+    """``{file name: quant methods}`` of the :attr:`Backend.config_files` every registered backend reads."""
+    from .plugins import plugin_state
+
+    files: dict[str, list[str]] = {}
+    for method, claims in sorted(plugin_state().claims.items()):
+        for claim in claims:
+            for name in claim.backend.config_files:
+                if method not in files.setdefault(name, []):
+                    files[name].append(method)
+    return files
 
 
 def _close(name: Any, known: dict[str, Any]) -> str:

@@ -65,7 +65,9 @@ class HalfQuantizer(Quantizer):
         return linear
 
 
-def make_plugin(method: str = "half", requires: tuple[str, ...] = (), hint: str | None = None) -> type:
+def make_plugin(
+    method: str = "half", requires: tuple[str, ...] = (), hint: str | None = None, config_files: tuple[str, ...] = ()
+) -> type:
     """A plugin class registering the half backend under ``method``."""
     config = (
         HalfConfig
@@ -86,6 +88,7 @@ def make_plugin(method: str = "half", requires: tuple[str, ...] = (), hint: str 
                     requires=requires,
                     install_hint=hint,
                     description="float16 weights (tests)",
+                    config_files=config_files,
                 )
             )
 

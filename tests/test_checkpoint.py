@@ -317,3 +317,43 @@ def test_float_checkpoint_is_refused(tmp_path):
     (tmp_path / "f").mkdir()
     save_file(TinyLM(tied=False).state_dict(), str(tmp_path / "f" / "model.safetensors"))
     assert_load_fails(tmp_path / "f", "not a quantized checkpoint")
+
+
+# ---------------------------------------------------------------------- a backend's own config file
+def float_folder(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file(TinyLM(tied=False).state_dict(), str(tmp_path / "model.safetensors"))
+    return tmp_path
+
+
+def read_state(folder):
+    from quantcore.checkpoint import read_quantization_state
+    from quantcore.shards import CheckpointFiles
+
+    return read_quantization_state(folder, CheckpointFiles.open(folder), skeleton(tied=False))
+
+
+def test_a_config_file_a_backend_names_is_read_without_quant_method(tmp_path):
+    from .half_backend import HalfConfig, make_plugin
+
+    folder = float_folder(tmp_path)
+    assert read_state(folder) is None  # no backend names legacy.json yet
+    quantcore.register_plugin(make_plugin("half", config_files=("legacy.json",)))
+    (folder / "legacy.json").write_text(json.dumps({"modules_to_not_convert": ["head"]}))
+    state, tied = read_state(folder)
+    assert state.config == HalfConfig(modules_to_not_convert=["head"]) and tied == {}
+
+
+def test_a_config_file_two_backends_name_needs_its_quant_method(tmp_path):
+    from .half_backend import make_plugin
+
+    folder = float_folder(tmp_path)
+    quantcore.register_plugin(make_plugin("half", config_files=("legacy.json",)))
+    quantcore.register_plugin(make_plugin("other", config_files=("legacy.json",)))
+    (folder / "legacy.json").write_text("{}")
+    with pytest.raises(CheckpointError, match=r"legacy\.json has no quant_method and the backends 'half', 'other'"):
+        read_state(folder)
+    (folder / "legacy.json").write_text(json.dumps({"quant_method": "other"}))
+    state, _ = read_state(folder)
+    assert state.config.quant_method == "other"

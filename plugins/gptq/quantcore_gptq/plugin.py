@@ -18,5 +18,7 @@ def register_backends(register):
             requires=("torch>=2.4",),
             install_hint="pip install 'torch>=2.4' (any build: CPU or CUDA)",
             description="GPTQ: calibrated 2/3/4/8-bit weights in plain PyTorch, GPTQ checkpoint format",
+            # AutoGPTQ checkpoints carry their config only in this file (no quantization_config in config.json)
+            config_files=("quantize_config.json",),
         )
     )
