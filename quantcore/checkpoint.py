@@ -27,12 +27,12 @@ import attrs
 import torch
 from torch import nn
 
-from .auto import AutoQuantizationConfig, AutoQuantizer
 from .config import QuantizationConfigMixin
+from .dispatch import AutoQuantizationConfig, AutoQuantizer
 from .errors import CheckpointError, ConfigError, QuantizationError
 from .quantizer import Quantizer, module_nbytes
 from .quantizer_base import QuantizerBase
-from .registry import config_file_methods
+from .registry import config_file_methods, get_backend
 from .report import ModuleRecord, QuantizationReport
 from .shards import INDEX_NAME, WEIGHTS_NAME, CheckpointFiles, TensorEntry, write_shards
 from .staging import StagedFolder, clear_debris
@@ -139,8 +139,6 @@ def _collect_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[st
 
 def _header_metadata(model: nn.Module, state: QuantizationState) -> dict[str, str]:
     """What each backend asks to write into the safetensors headers about its modules."""
-    from .registry import get_backend
-
     modules = dict(model.named_modules())
     by_backend: dict[type[Quantizer], dict[str, nn.Module]] = {}
     for name in state.modules:
