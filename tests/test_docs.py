@@ -37,9 +37,9 @@ def test_example_runs(page, code, tmp_path, monkeypatch):
         if exc.name in OPTIONAL:
             pytest.skip(f"needs {exc.name}, not installed here")
         raise
+    except quantcore.BackendUnavailableError as exc:  # the plugin is installed, its package is not
+        pytest.skip(str(exc))  # (an ImportError: caught before the clause below)
     except ImportError as exc:  # quantcore.integrations.transformers under transformers 4.x says why
         if "quantcore.integrations.transformers needs transformers" in str(exc):
             pytest.skip(str(exc))
         raise
-    except quantcore.BackendUnavailableError as exc:  # the plugin is installed, its package is not
-        pytest.skip(str(exc))

@@ -88,7 +88,8 @@ def test_the_kernel_layout_is_never_saved_and_follows_loads_and_moves():
 
 
 def _tiny_llama(device: str):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+    LlamaConfig, LlamaForCausalLM = transformers.LlamaConfig, transformers.LlamaForCausalLM
 
     config = LlamaConfig(
         hidden_size=128,
