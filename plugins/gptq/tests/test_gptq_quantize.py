@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-import quantcore_gptq.quantizer
+import quantcore_gptq.calibration
 import torch
 from quantcore_gptq import GPTQConfig, GPTQLinear
 from safetensors.torch import load_file, save_file
@@ -85,13 +85,13 @@ def test_gptq_beats_its_own_rounding_on_the_model(tiny_llama, calibration, promp
 def test_layers_sharing_an_input_are_grouped_in_call_order(tiny_llama, calibration, monkeypatch, true_sequential):
     """Llama's q/k/v, then o, then gate/up, then down: found from the inputs, not from names."""
     seen: list[tuple[int, int]] = []
-    original = quantcore_gptq.quantizer.gptq_quantize
+    original = quantcore_gptq.calibration.gptq_quantize
 
     def recording(weight, hessian, **options):
         seen.append((weight.shape[0], hessian.rows))
         return original(weight, hessian, **options)
 
-    monkeypatch.setattr(quantcore_gptq.quantizer, "gptq_quantize", recording)
+    monkeypatch.setattr(quantcore_gptq.calibration, "gptq_quantize", recording)
     config = GPTQConfig(bits=4, group_size=32, true_sequential=true_sequential)
     quantcore.quantize(tiny_llama, config, calibration=calibration)
     # rows stacked per GPTQ run: q (64) + k (32) + v (32); o; gate + up; down -- for each of 2 blocks
