@@ -113,3 +113,22 @@ def test_quantcore_reads_a_gptqmodel_checkpoint(tiny_llama, prompt, tmp_path, mo
     ours_logits = logits(ours, prompt)
     assert relative_error(logits(reference, prompt), ours_logits) < 1e-3
     assert relative_error(logits(ours, prompt), logits(tiny_llama, prompt)) < 0.1  # it is the same model
+
+
+def test_a_zero_point_of_zero_reads_the_same_in_v1(tiny_llama, calibration, prompt, tmp_path):
+    """v1 stores zero points minus one per packed word, so a zero point of 0 borrows from the next
+    one; GPTQModel's v1 -> v2 conversion must undo it as quantcore does."""
+    from quantcore_gptq.packing import pack_cols, unpack_cols, zeros_from_v1, zeros_to_v1
+
+    quantcore.quantize(tiny_llama, GPTQConfig(bits=4, group_size=32, sym=False), calibration=calibration)
+    for layer in tiny_llama.modules():
+        if isinstance(layer, GPTQLinear):
+            zeros = unpack_cols(zeros_from_v1(layer.qzeros, 4), 4, layer.scales.shape[1])
+            zeros[:, ::3] = 0  # first, middle and last codes of the packed words
+            layer.qzeros = zeros_to_v1(pack_cols(zeros, 4), 4)
+            # the borrow is there: unpacking the stored words and adding one per code gets it wrong
+            assert not torch.equal(unpack_cols(layer.qzeros, 4, zeros.shape[1]) + 1, zeros)
+    quantcore.save_quantized(tiny_llama, tmp_path)
+    reference = load_with_transformers(tmp_path, "torch")
+    assert_same_weights(quantcore_weights(tiny_llama), gptqmodel_weights(reference))
+    assert relative_error(logits(reference, prompt), logits(tiny_llama, prompt)) < 1e-3
