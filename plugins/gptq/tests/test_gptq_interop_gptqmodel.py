@@ -83,6 +83,21 @@ def test_transformers_and_gptqmodel_read_quantcore_checkpoints(tiny_llama, calib
     assert relative_error(logits(default, prompt), ours) < 1e-2
 
 
+@pytest.mark.parametrize(
+    ("bits", "desc_act", "checkpoint_format"),
+    [(4, True, "gptq"), (2, False, "gptq"), (3, False, "gptq"), (8, False, "gptq"), (4, False, "gptq_v2")],
+)
+def test_other_bit_widths_act_order_and_v2(
+    tiny_llama, calibration, prompt, tmp_path, bits, desc_act, checkpoint_format
+):
+    config = GPTQConfig(bits=bits, group_size=32, sym=False, desc_act=desc_act, format=checkpoint_format)
+    quantcore.quantize(tiny_llama, config, calibration=calibration)
+    quantcore.save_quantized(tiny_llama, tmp_path)
+    reference = load_with_transformers(tmp_path, "torch")
+    assert_same_weights(quantcore_weights(tiny_llama), gptqmodel_weights(reference))
+    assert relative_error(logits(reference, prompt), logits(tiny_llama, prompt)) < 1e-3
+
+
 def test_quantcore_reads_a_gptqmodel_checkpoint(tiny_llama, prompt, tmp_path, monkeypatch):
     from tokenizers import Tokenizer, models, pre_tokenizers
 
