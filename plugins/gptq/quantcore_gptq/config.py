@@ -45,6 +45,8 @@ TOOLING_KEYS = frozenset(
         "device",
         "offload_to_disk",
         "offload_to_disk_path",
+        # GPTQModel 7.x writes its method name ("gptq") beside quant_method in config.json
+        "method",
         # older transformers GPTQConfig fields (kernel switches)
         "use_cuda_fp16",
         "use_exllama",

@@ -19,7 +19,9 @@ Zero points: the ``gptq`` (v1) format, which transformers and AutoGPTQ read, sto
 zero point minus one, subtracted from each whole int32 word (``word - 0x11111111`` for 4 bits);
 ``gptq_v2`` stores them as they are. A zero point of 0 (asymmetric quantization) borrows from its
 neighbour in v1; adding the same constant back undoes it exactly, which is how GPTQModel reads v1.
-Symmetric zero points (``2 ** (bits - 1)``) never borrow.
+Symmetric zero points (``2 ** (bits - 1)``) never borrow. At 3 bits each zero point is shifted on
+its own, modulo 8 (AutoGPTQ's per-code ``zeros - 1`` and GPTQModel's 3-bit reading): a per-word
+subtraction would lose the borrow of the two zero points that straddle word boundaries.
 """
 
 from __future__ import annotations
@@ -112,13 +114,25 @@ def _ones(bits: int, words: int, device: torch.device) -> torch.Tensor:
     return pattern.repeat(-(-words // len(per_stream)))[:words]
 
 
+def _shift_each(qzeros: torch.Tensor, bits: int, delta: int) -> torch.Tensor:
+    """Add ``delta`` to each packed zero point on its own, modulo ``2 ** bits``."""
+    n = qzeros.shape[1] * 32 // bits
+    return pack_cols((unpack_cols(qzeros, bits, n) + delta) & ((1 << bits) - 1), bits)
+
+
 def zeros_to_v1(qzeros: torch.Tensor, bits: int) -> torch.Tensor:
     """Packed zero points as they are (v2) -> the ``gptq`` v1 storage (each one minus one)."""
+    if 32 % bits:
+        # 3 bits: two zero points of each 32 straddle a word boundary, where a per-word
+        # subtraction would lose the borrow; AutoGPTQ and GPTQModel shift each one on its own.
+        return _shift_each(qzeros, bits, -1)
     ones = _ones(bits, qzeros.shape[1], qzeros.device)
     return _to_int32((qzeros.to(torch.int64) & _MASK32) - ones)
 
 
 def zeros_from_v1(qzeros: torch.Tensor, bits: int) -> torch.Tensor:
     """Inverse of :func:`zeros_to_v1`: v1 storage -> packed zero points as they are."""
+    if 32 % bits:
+        return _shift_each(qzeros, bits, 1)
     ones = _ones(bits, qzeros.shape[1], qzeros.device)
     return _to_int32((qzeros.to(torch.int64) & _MASK32) + ones)

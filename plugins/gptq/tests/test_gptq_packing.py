@@ -53,9 +53,19 @@ def test_v1_zero_points_round_trip_exactly_even_at_zero(bits):
     assert torch.equal(unpack_cols(zeros_from_v1(zeros_to_v1(v2, bits), bits), bits, 64), zeros)
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_v1_stores_symmetric_zero_points_minus_one(bits):
     """What transformers/AutoGPTQ readers assume: unpack each code, add one."""
     zeros = torch.full((2, 32), 2 ** (bits - 1), dtype=torch.int32)
     v1 = zeros_to_v1(pack_cols(zeros, bits), bits)
     assert torch.equal(unpack_cols(v1, bits, 32) + 1, zeros)
+
+
+def test_three_bit_v1_stores_every_zero_point_minus_one_even_across_words():
+    """Zero points 10 and 21 of each 32 straddle a word boundary; 4 (symmetric) and 0 there must
+    still read back as AutoGPTQ wrote them: each code minus one, modulo 8."""
+    zeros = codes(4, 64, 3)
+    zeros[0], zeros[1, 10], zeros[1, 21], zeros[2, 42] = 4, 0, 4, 0
+    v1 = zeros_to_v1(pack_cols(zeros, 3), 3)
+    assert torch.equal(unpack_cols(v1, 3, 64), (zeros - 1) & 7)
+    assert torch.equal(unpack_cols(zeros_from_v1(v1, 3), 3, 64), zeros)

@@ -196,6 +196,7 @@ def hub_checkpoint(model: nn.Module, folder, *, group_size: int = 32) -> dict[st
         "model_name_or_path": None,
         "model_file_base_name": None,
         "quant_method": "gptq",
+        "method": "gptq",  # GPTQModel 7.x writes this beside quant_method
         "checkpoint_format": "gptq",
     }
     (folder / "config.json").write_text(json.dumps(config))
