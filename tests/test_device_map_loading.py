@@ -215,7 +215,7 @@ def test_each_tensor_is_streamed_to_its_own_gpu(deep):
 
 
 def test_fp32_offload_to_disk_keeps_the_disk_linears_in_float32(tiny, tmp_path):
-    from bitsandbytes.nn import Linear4bit
+    Linear4bit = pytest.importorskip("bitsandbytes.nn", reason="bitsandbytes is not installed").Linear4bit
 
     config = nf4(llm_int8_enable_fp32_cpu_offload=True)
     model = quantcore.from_pretrained(tiny, config, device_map=ON_DISK, offload_folder=tmp_path / "offload")
