@@ -88,6 +88,18 @@ class QuantizedLinear(nn.Linear):
             "merge, and quantize again"
         )
 
+    def to_linear(self) -> nn.Linear:
+        """A plain ``nn.Linear`` with the dequantized weight (in its original dtype) and this layer's bias.
+
+        Built on the meta device, then given its tensors: no random initialisation runs.
+        """
+        weight = self.dequantize()
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        linear.weight = nn.Parameter(weight)
+        if self.bias is not None:
+            linear.bias = nn.Parameter(self.bias.detach().to(weight.dtype), requires_grad=self.bias.requires_grad)
+        return linear
+
     @property
     def weight(self) -> torch.Tensor:
         """The dequantized weight, as a :class:`QuantizedWeightView` (computed at each read)."""

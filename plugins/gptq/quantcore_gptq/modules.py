@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quantcore.layers import QuantizedLinear, linear_recomputing_weight
+
 try:
     from quantcore_torch import kernels as int4_kernels
 except ImportError:  # quantcore-torch from before its kernels module: the reference path only
@@ -35,7 +37,7 @@ SCALE_DTYPE = torch.float16
 """The dtype GPTQ checkpoints store scales in."""
 
 
-class GPTQLinear(nn.Module):
+class GPTQLinear(QuantizedLinear):
     """``y = x @ W.T + b`` with ``W`` stored as GPTQ ``qweight`` / ``qzeros`` / ``scales`` / ``g_idx``.
 
     ``checkpoint_format`` says how ``qzeros`` is stored (``"gptq"``: v1, minus one; ``"gptq_v2"``).
@@ -43,6 +45,10 @@ class GPTQLinear(nn.Module):
     was made from. The
     constructor allocates uninitialised storage (``device="meta"`` for a skeleton to load into);
     :meth:`from_result` builds one from a GPTQ run.
+
+    It is an ``nn.Linear`` to other libraries (:class:`quantcore.layers.QuantizedLinear`), so PEFT's
+    LoRA wraps it with a plain ``LoraConfig``; merging an adapter into it is refused (GPTQ needs
+    calibration data to re-quantize).
     """
 
     def __init__(
@@ -118,6 +124,10 @@ class GPTQLinear(nn.Module):
         """int32 ``[in_features, out_features]``: the weight codes, unpacked."""
         return unpack_rows(self.qweight, self.bits, self.in_features)
 
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Same as :meth:`dequantized_weight` (the :class:`~quantcore.layers.QuantizedLinear` API)."""
+        return self.dequantized_weight(dtype)
+
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The ``[out_features, in_features]`` float weight, in ``dtype`` (default: :attr:`weight_dtype`)."""
         g_idx = self.g_idx.long()
@@ -127,6 +137,11 @@ class GPTQLinear(nn.Module):
         return weight.t().to(dtype or self.weight_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            # Gradients flow through this frozen layer (LoRA adapters before it): the fused kernel has
+            # no backward, so recompute the weight in the backward instead of keeping it.
+            bias = self.bias.to(x.dtype) if self.bias is not None else None
+            return linear_recomputing_weight(x, self, x.dtype, bias)
         return gptq_matmul(self, x)
 
     def extra_repr(self) -> str:

@@ -120,17 +120,8 @@ class GPTQQuantizer(Quantizer):
 
     @classmethod
     def dequantize_module(cls, module: nn.Module) -> nn.Linear:
-        linear = nn.Linear(
-            module.in_features,
-            module.out_features,
-            bias=module.bias is not None,
-            device="meta",
-            dtype=module.weight_dtype,
-        )
-        linear.weight = nn.Parameter(module.dequantized_weight())
-        if module.bias is not None:
-            linear.bias = nn.Parameter(module.bias.detach().to(module.weight_dtype))
-        return linear
+        assert isinstance(module, GPTQLinear)
+        return module.to_linear()
 
     # ------------------------------------------------------------------ calibration
     def calibration_data(self, model: nn.Module) -> Iterable[Any] | None:

@@ -88,15 +88,5 @@ class TorchWeightOnlyQuantizer(Quantizer):
 
     @classmethod
     def dequantize_module(cls, module: nn.Module) -> nn.Linear:
-        # Built on the meta device so no random initialisation runs; real tensors are assigned after.
-        linear = nn.Linear(
-            module.in_features,
-            module.out_features,
-            bias=module.bias is not None,
-            device="meta",
-            dtype=module.weight_dtype,
-        )
-        linear.weight = nn.Parameter(module.dequantized_weight())
-        if module.bias is not None:
-            linear.bias = nn.Parameter(module.bias.detach(), requires_grad=module.bias.requires_grad)
-        return linear
+        assert isinstance(module, WeightOnlyLinear)
+        return module.to_linear()
