@@ -6,11 +6,12 @@ import json
 
 import pytest
 import torch
-import transformers
 from quantcore_gptq import GPTQConfig, GPTQLinear
 
 import quantcore
 from quantcore import CheckpointError
+
+transformers = pytest.importorskip("transformers", reason="transformers is not installed")
 
 # What AutoGPTQ 0.4-0.6 wrote (BaseQuantizeConfig.to_dict): no quant_method, no checkpoint_format.
 OLD_AUTOGPTQ = {
