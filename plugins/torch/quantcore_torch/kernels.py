@@ -130,14 +130,17 @@ def int8_weight_only_linear(
     :param scale: ``[out_features]`` per-row scales (any float dtype).
     :param bias: ``[out_features]`` or ``None``.
     """
-    x2 = _flat(x)
+    k = x.shape[-1]
+    rows = x.numel() // k if k else 0
+    # The CUDA kernel takes any leading dimensions as they are: an eager call costs one allocation
+    # and one launch, as few dispatches as a bf16 F.linear.
+    if _TRITON is not None and x.is_cuda and x.dtype in _HALF and 0 < rows <= SMALL_BATCH:
+        return _TRITON.int8_mm(x, qweight, scale, bias)
     # The CPU kernel reads out of bounds (a crash, seen with torch 2.13) when in_features is not a
     # multiple of 16 and x has more than one row: keep it to whole 64-column blocks.
-    if x.device.type == "cpu" and x.dtype in _CPU_FLOATS and x2.shape[0] <= SMALL_BATCH and x.shape[-1] % 64 == 0:
-        y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), qweight, scale.to(x.dtype))
+    if x.device.type == "cpu" and x.dtype in _CPU_FLOATS and rows <= SMALL_BATCH and k % 64 == 0:
+        y = torch.ops.aten._weight_int8pack_mm(_flat(x).contiguous(), qweight, scale.to(x.dtype))
         return _unflat(_add_bias(y, bias), x)
-    if _TRITON is not None and x.is_cuda and x.dtype in _HALF and 0 < x2.shape[0] <= SMALL_BATCH:
-        return _unflat(_TRITON.int8_mm(x2.contiguous(), qweight, scale, bias), x)
     return int8_reference_linear(x, qweight, scale, bias)
 
 
@@ -237,21 +240,23 @@ def int4_weight_only_linear(
     :param layout: a kernel layout from :func:`int4_cpu_layout` / :func:`int4_tinygemm_layout` of
         the same weight, or ``None``. The CUDA Triton kernel needs none.
     """
-    x2 = _flat(x)
-    rows = x2.shape[0]
+    k = x.shape[-1]
+    rows = x.numel() // k if k else 0
+    if x.is_cuda and 0 < rows <= SMALL_BATCH:
+        if layout is not None and layout.kind == "tinygemm" and x.dtype == torch.bfloat16:
+            x2 = x if x.dim() == 2 else x.reshape(rows, k)
+            y = torch.ops.aten._weight_int4pack_mm(
+                x2 if x2.is_contiguous() else x2.contiguous(), layout.weight, layout.group_size, layout.scales_and_zeros
+            )
+            y = _add_bias(y, bias)
+            return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
+        # The Triton kernel tiles K by whole groups: a power of two from 16 to 256 columns.
+        if _TRITON is not None and x.dtype in _HALF and group_size in (16, 32, 64, 128, 256):
+            return _TRITON.int4_mm(x, packed, scale, zero, group_size, bias)
     cpu_kernel = layout is not None and layout.kind == "cpu" and layout.scales_and_zeros.dtype == x.dtype
     if cpu_kernel and x.device.type == "cpu" and rows <= SMALL_BATCH:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x2.contiguous(), layout.weight, layout.group_size, layout.scales_and_zeros
+            _flat(x).contiguous(), layout.weight, layout.group_size, layout.scales_and_zeros
         )
         return _unflat(_add_bias(y, bias), x)
-    if x.is_cuda and 0 < rows <= SMALL_BATCH:
-        if layout is not None and layout.kind == "tinygemm" and x.dtype == torch.bfloat16:
-            y = torch.ops.aten._weight_int4pack_mm(
-                x2.contiguous(), layout.weight, layout.group_size, layout.scales_and_zeros
-            )
-            return _unflat(_add_bias(y, bias), x)
-        # The Triton kernel tiles K by whole groups: a power of two from 16 to 256 columns.
-        if _TRITON is not None and x.dtype in _HALF and group_size in (16, 32, 64, 128, 256):
-            return _unflat(_TRITON.int4_mm(x2.contiguous(), packed, scale, zero, group_size, bias), x)
     return int4_reference_linear(x, packed, scale, zero, group_size, bias)

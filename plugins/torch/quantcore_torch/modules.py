@@ -219,18 +219,20 @@ class WeightOnlyLinear(QuantizedLinear):
         # A trainable bias alone takes its gradient through a plain addition after the kernel.
         late_bias = bias if grad and bias is not None and bias.requires_grad else None
         kernel_bias = None if late_bias is not None else bias
+        # No-op casts skipped: an eager decode step pays for every dispatch.
+        xc = x if x.dtype == dtype else x.to(dtype)
         if self.bits == 8:
-            y = kernels.int8_weight_only_linear(x.to(dtype), self.qweight, self.scale, kernel_bias)
+            y = kernels.int8_weight_only_linear(xc, self.qweight, self.scale, kernel_bias)
         else:
             # Checked in eager mode only: a compiled graph guards on the layout it was traced with.
             if not torch.compiler.is_compiling() and self._layout_is_stale():
                 self.refresh_kernel_layout()
             y = kernels.int4_weight_only_linear(
-                x.to(dtype), self.qweight, self.scale, self.zero, self.group_size, kernel_bias, self.kernel_layout
+                xc, self.qweight, self.scale, self.zero, self.group_size, kernel_bias, self.kernel_layout
             )
         if late_bias is not None:
             y = y + late_bias.to(y.dtype)
-        return y.to(x.dtype)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The forward through dequantize + ``F.linear``: what every kernel is tested against."""

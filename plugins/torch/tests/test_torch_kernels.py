@@ -141,8 +141,40 @@ def test_triton_kernels_are_the_ones_that_run_on_cuda():
     assert kernels.triton_available()
     module = _module(64, 256, 4, 128, torch.float16, "cuda")
     x = torch.randn(1, 256, dtype=torch.float16, device="cuda")
-    direct = torch.ops.quantcore_torch.int4_mm(x, module.qweight, module.scale, module.zero, 128, module.bias)
-    torch.testing.assert_close(module(x), direct, rtol=0, atol=0)
+    with torch.no_grad():  # with gradients on, the trainable bias is added after the kernel
+        direct = torch.ops.quantcore_torch.int4_mm(x, module.qweight, module.scale, module.zero, 128, module.bias)
+        torch.testing.assert_close(module(x), direct, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("rows", [1, 5, 16], ids=lambda r: f"rows{r}")
+@pytest.mark.parametrize("bits", [8, 4])
+def test_eager_launches_match_the_custom_op(bits, rows):
+    # From eager code the Triton kernels launch straight from the compiled kernel the autotuner
+    # chose (no custom op, no autotuner after a shape's first call). Same kernel, same config: the
+    # same bits as the custom op, call after call, and a misaligned input gets its own kernel.
+    triton_mod = kernels._TRITON
+    n, k = 320, 512
+    module = _module(n, k, bits, 128, torch.float16, "cuda")
+    if bits == 8:
+        op = lambda x: torch.ops.quantcore_torch.int8_mm(x, module.qweight, module.scale, module.bias)  # noqa: E731
+    else:
+        op = lambda x: torch.ops.quantcore_torch.int4_mm(  # noqa: E731
+            x, module.qweight, module.scale, module.zero, 128, module.bias
+        )
+    with torch.no_grad():
+        for seed in range(3):
+            gen = torch.Generator("cuda").manual_seed(seed)
+            x = torch.randn(rows, k, dtype=torch.float16, device="cuda", generator=gen)
+            out = module(x)
+            torch.testing.assert_close(out, op(x), rtol=0, atol=0)
+            assert relative_error(out, module.reference_forward(x)) < ROUNDING[torch.float16]
+        launcher = triton_mod._INT8 if bits == 8 else triton_mod._INT4
+        assert launcher.direct and launcher.compiled, "the direct launch is not in use with this Triton"
+        shifted = torch.empty(rows * k + 1, dtype=torch.float16, device="cuda")[1:].view(rows, k).copy_(x)
+        assert shifted.data_ptr() % 16 != 0
+        torch.testing.assert_close(module(shifted), out, rtol=0, atol=0)
 
 
 @pytest.mark.gpu
