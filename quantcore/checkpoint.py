@@ -166,6 +166,12 @@ def _transformers_config(model: Any, state: QuantizationState) -> dict[str, Any]
     """
     config = model.config.to_diff_dict()
     config["architectures"] = [type(model).__name__]
+    dtype = _float_dtype(model)
+    if dtype is not None:
+        # The dtype the float tensors are in now (a model cast with .to() after it was built keeps
+        # its config's old dtype): loading with dtype="auto" gives them back in it, as transformers'
+        # save_pretrained does.
+        config["dtype"] = str(dtype).removeprefix("torch.")
     if getattr(model.config, "tie_word_embeddings", False) and _untied(model):
         # a backend that quantized the input embeddings alone untied them from the head: say so,
         # or transformers would tie them again on load
@@ -181,6 +187,14 @@ def _transformers_config(model: Any, state: QuantizationState) -> dict[str, Any]
     else:
         config.pop("quantization_config", None)
     return config
+
+
+def _float_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype of the model's first floating-point parameter (transformers' rule for ``config.dtype``)."""
+    for param in model.parameters():
+        if param.is_floating_point():
+            return param.dtype
+    return None
 
 
 def _untied(model: Any) -> bool:

@@ -102,6 +102,23 @@ def test_torch_backend_quantizes_while_loading_and_round_trips(tmp_path):
     assert quantcore.get_quantization_state(again) == quantcore.get_quantization_state(model)
 
 
+def test_save_records_the_dtype_the_model_is_in_now(tmp_path):
+    # A model built in float32 and cast with .to() keeps its config's dtype; save_quantized writes
+    # the dtype its float tensors are in (as save_pretrained does), so dtype="auto" gives it back.
+    pytest.importorskip("quantcore_torch", reason="the quantcore-torch backend is not installed")
+    from quantcore_torch import TorchWeightOnlyConfig
+
+    config = transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, vocab_size=128
+    )
+    model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
+    quantcore.quantize(model, TorchWeightOnlyConfig(bits=8))
+    quantcore.save_quantized(model, tmp_path / "q")
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["dtype"] == "bfloat16"
+    again = quantcore.from_pretrained(tmp_path / "q")
+    assert {p.dtype for p in again.parameters() if p.is_floating_point()} == {torch.bfloat16}
+
+
 @pytest.mark.parametrize("edited", ["config.json", "quantization_config.json"])
 def test_checkpoint_whose_two_configs_disagree_is_refused(tmp_path, edited):
     pytest.importorskip("quantcore_torch", reason="the quantcore-torch backend is not installed")

@@ -50,8 +50,14 @@ GPU_FORMATS = [
 
 
 @pytest.fixture
-def bf16_llama(tiny_llama):
-    return tiny_llama.to(device="cuda", dtype=torch.bfloat16)
+def bf16_llama(tiny_llama, tmp_path):
+    # A bf16 model as users get one, from from_pretrained: tiny_llama.to(torch.bfloat16) would also
+    # cast the rotary embedding's inv_freq, which every load (ours, transformers') keeps in float32,
+    # and the reloaded models' logits would differ from it in the last bits.
+    tiny_llama.save_pretrained(tmp_path / "float32")
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "float32", dtype=torch.bfloat16, device_map="cuda"
+    ).eval()
 
 
 def logits(model, ids):
