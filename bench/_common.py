@@ -511,4 +511,13 @@ LLAMA_SHAPES: dict[str, dict[str, int]] = {
         num_key_value_heads=4,
         vocab_size=32000,
     ),
+    # Llama-2-7B's shape (gpt-fast's benchmark model): big enough that a decode step is its linears.
+    "7b": dict(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+    ),
 }

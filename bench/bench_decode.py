@@ -24,8 +24,10 @@ written), as tokens/s for batch 1. On the CPU, also the 1-token forward without 
 ``--forward-repeats``), the figure the CPU targets use.
 
 Models: ``--model llama-1.1b`` (TinyLlama-1.1B's shape from a ``LlamaConfig``, random weights,
-built on the device: no download), ``--model smollm2`` (SmolLM2-135M, ``bench/prepare_models.py``
-first), ``--model tiny`` (a small random Llama, for smoke tests).
+built on the device: no download), ``--model llama-7b`` (Llama-2-7B's shape, the same way: a step
+that is mostly its linears, where the 1.1B step is half attention, norms and launches),
+``--model smollm2`` (SmolLM2-135M, ``bench/prepare_models.py`` first), ``--model tiny`` (a small
+random Llama, for smoke tests).
 
 A method suffix ``@tinygemm`` (``int4-torch@tinygemm``) runs torch_wo int4 on CUDA through
 ``torch._weight_int4pack_mm`` instead of the Triton kernel, to compare the two.
@@ -39,9 +41,12 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import gc
 import json
 import platform
+import signal
 import statistics
 import sys
 import time
@@ -52,7 +57,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common
 import torch
 
-LLAMA = {"llama-1.1b": _common.LLAMA_SHAPES["1.1b"], "tiny": _common.LLAMA_SHAPES["tiny"]}
+LLAMA = {
+    "llama-1.1b": _common.LLAMA_SHAPES["1.1b"],
+    "llama-7b": _common.LLAMA_SHAPES["7b"],
+    "tiny": _common.LLAMA_SHAPES["tiny"],
+}
 
 
 def sync(device: str) -> None:
@@ -132,6 +141,7 @@ class Decoder:
         self.fullgraph = True
         self.step = self._step
         self.compiled = compiled
+        self.compile_mode = "reduce-overhead" if device == "cuda" else None
         self.marked = False
 
     def _step(self, token, position):
@@ -175,7 +185,7 @@ class Decoder:
         return torch.cat(out, dim=1), t1 - t0, t2 - t1
 
     def _compile(self):
-        mode = "reduce-overhead" if self.device == "cuda" else None
+        mode = self.compile_mode
         compiled = torch.compile(self._step, mode=mode, fullgraph=True)
         probe = torch.tensor([self.prompt], device=self.device)
         token = torch.zeros((self.ids.shape[0], 1), dtype=torch.long, device=self.device)
@@ -228,8 +238,8 @@ def forward_only(base, methods: list[str], args) -> list[dict]:
     return [dict(method=m, forward_1tok_ms=best[m], ratio=best[m] / best[methods[0]]) for m in methods]
 
 
-def measure(base, method: str, args, bandwidth: float) -> list[dict]:
-    rows = []
+def measure(base, method: str, args, bandwidth: float, rows: list[dict]) -> None:
+    """Append a row per mode and batch to ``rows`` as each is measured (a timeout keeps the earlier ones)."""
     t = time.perf_counter()
     model = make_variant(base, method)
     quantize_s = time.perf_counter() - t
@@ -274,7 +284,25 @@ def measure(base, method: str, args, bandwidth: float) -> list[dict]:
             del dec
             torch._dynamo.reset()
     del model
-    return rows
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: int):
+    """Raise ``TimeoutError`` in this (the main) thread after ``seconds``; 0 means no limit."""
+    if not seconds:
+        yield
+        return
+
+    def expire(signum, frame):
+        raise TimeoutError(f"the method took more than {seconds} s (--method-timeout)")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def _cudagraph_skips() -> int:
@@ -315,7 +343,7 @@ def summary(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--model", choices=("llama-1.1b", "smollm2", "tiny"), default=None)
+    parser.add_argument("--model", choices=("llama-1.1b", "llama-7b", "smollm2", "tiny"), default=None)
     parser.add_argument("--methods", default="bf16,int8-torch,int4-torch,int8,nf4")
     parser.add_argument("--modes", default="eager,compiled")
     parser.add_argument("--batch", default="1,16")
@@ -325,6 +353,9 @@ def main(argv=None) -> int:
     parser.add_argument("--forward-repeats", type=int, default=10, help="1-token forwards (CPU; best of)")
     parser.add_argument(
         "--forward-only", action="store_true", help="only 1-token forwards, all methods interleaved (the CPU targets)"
+    )
+    parser.add_argument(
+        "--method-timeout", type=int, default=0, help="seconds one method may take (0: no limit); it is then skipped"
     )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -356,10 +387,15 @@ def main(argv=None) -> int:
     rows = []
     for method in args.methods.split(","):
         try:
-            rows += measure(base, method, args, bandwidth)
+            with _time_limit(args.method_timeout):
+                measure(base, method, args, bandwidth, rows)
         except Exception as exc:  # one method failing must not lose the others' figures
             print(f"  {method}: FAILED {type(exc).__name__}: {str(exc)[:300]}", flush=True)
             rows.append(dict(method=method, error=f"{type(exc).__name__}: {exc}"))
+            torch._dynamo.reset()
+            gc.collect()
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
         if args.out:  # after each method, so a run cut short keeps what it measured
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))

@@ -1,32 +1,52 @@
 #!/usr/bin/env bash
-# One call on the GPU machine (nvidia-h200: torch 2.11 cu130, transformers 5.17, Python 3.12) for the
-# second wave's figures, each part under its own time limit so the whole fits a 10-minute call:
-#   decode   torchao and torch_wo decode, batch 1 (bench_decode.py), beside bf16
-#   gptq     GPTQ's time to quantize a 1.1B Llama (bench_gptq.py), beside plain rounding
-#   tests    the -m gpu tests of torch_wo, torchao and gptq
+# The GPU machine's runs for the second wave (nvidia-h200: torch 2.11 cu130, transformers 5.17,
+# Python 3.12), each part under its own time limit so that a few parts fit one 10-minute call:
+#   tests     the -m gpu tests of torch_wo, torchao and gptq (log: $OUT/tests.log);
+#             tests-ao, tests-torch, tests-gptq: one backend's (PYTEST_K: pytest -k)
+#   kernels   one layer at a time, CUDA-graph replays (bench_kernels.py)
+#   launch    one layer at a time, back-to-back eager calls: what an eager step pays per layer
+#   decode    bench_decode.py (METHODS, MODES, MODEL, BATCH, REPEATS narrow it)
+#   profile   profile_decode.py: a compiled step's kernels (PROFILE_METHODS, MODEL)
+#   gptq      GPTQ's time to quantize a 1.1B Llama (bench_gptq.py), beside plain rounding
 # From the repository root, carrying .whl (torchao-0.17.0, built for torch 2.11) and .devsite
 # (pluggy, attrs, cattrs, bitsandbytes: ../shared/tools/device-site.sh):
-#   bash bench/gpu_wave2.sh decode gptq tests
+#   bash bench/gpu_wave2.sh tests launch decode
 # Results go to $OUT (or bench/_results).
 set -uo pipefail
 out=${OUT:-bench/_results}
 mkdir -p "$out"
 export PYTHONPATH=${DEVSITE:-$PWD/.devsite}:$PWD:$PWD/plugins/torch:$PWD/plugins/bitsandbytes:$PWD/plugins/torchao:$PWD/plugins/gptq
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 python3 -m pip install -q --no-deps --no-index ${WHL:-.whl}/torchao-0.17.0-*.whl >/dev/null 2>&1 \
   || echo "torchao wheel install failed (is .whl carried?)"
 python3 -m pip install -q --no-deps --no-build-isolation --no-index \
   -e plugins/torch -e plugins/bitsandbytes -e plugins/torchao -e plugins/gptq -e . >/dev/null 2>&1 \
   || echo "pip install -e failed: entry points may be missing"
-python3 -c "import torch, torchao, transformers; print('torch', torch.__version__, 'torchao', torchao.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
+python3 -c "import torch, triton, torchao, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'torchao', torchao.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
+model=${MODEL:-llama-1.1b}
 for part in "$@"; do
   echo "=== $part ($(date +%T))"
   case $part in
-    decode) timeout ${T_DECODE:-270} python3 bench/bench_decode.py --device cuda --batch 1 --repeats 1 \
-              --methods "${METHODS:-bf16,int4-torch,int4-ao,int8-ao,fp8-ao}" --out "$out/decode_cuda_b1.json" ;;
+    tests|tests-ao|tests-torch|tests-gptq)
+      # SIGINT: a run cut short by its limit still prints its failures.
+      case $part in tests-ao) paths=plugins/torchao/tests ;; tests-gptq) paths=plugins/gptq/tests ;;
+        tests-torch) paths="plugins/torch/tests/test_torch_kernels.py plugins/torch/tests/test_torch_modules.py" ;;
+        *) paths="plugins/torchao/tests plugins/gptq/tests plugins/torch/tests/test_torch_kernels.py plugins/torch/tests/test_torch_modules.py" ;;
+      esac
+      timeout -s INT ${T_TESTS:-170} python3 -m pytest -q -m gpu -rf --tb=short -p no:cacheprovider -W ignore ${PYTEST_K:+-k "$PYTEST_K"} $paths 2>&1 \
+        | grep -v MatMul8bitLt > "$out/$part.log"
+      grep -E "passed|failed|error" "$out/$part.log" | tail -2; grep -E "^(FAILED|ERROR|E  )" "$out/$part.log" | head -40 ;;
+    kernels) timeout ${T_KERNELS:-60} python3 bench/bench_kernels.py --out "$out/kernels_cuda.json" ;;
+    launch) timeout ${T_LAUNCH:-40} python3 bench/bench_kernels.py --eager --batch 1 --out "$out/kernels_cuda_eager.json" ;;
+    decode) TORCH_LOGS=${TORCH_LOGS:-perf_hints} timeout ${T_DECODE:-270} python3 bench/bench_decode.py --device cuda \
+              --model "$model" --batch "${BATCH:-1}" --repeats "${REPEATS:-2}" --modes "${MODES:-eager,compiled}" \
+              --method-timeout "${METHOD_TIMEOUT:-0}" --methods "${METHODS:-bf16,int4-torch,int8-torch,int4-ao,int8-ao,fp8-ao}" \
+              --out "$out/decode_${model}_b${BATCH:-1}.json" 2>&1 \
+              | grep -v -E "FutureWarning|forward_call|MatMul8bitLt" ;;
+    profile) timeout ${T_PROFILE:-240} python3 bench/profile_decode.py --model "$model" \
+               --method-timeout "${METHOD_TIMEOUT:-0}" --methods "${PROFILE_METHODS:-bf16,int8-torch,int4-torch,int4-ao}" \
+               --out "$out/profile_${model}.json" 2>&1 | grep -v -E "FutureWarning|forward_call" ;;
     gptq) timeout ${T_GPTQ:-130} python3 bench/bench_gptq.py --model llama-1.1b --device cuda --out "$out/gptq_cuda.json" ;;
-    tests) timeout ${T_TESTS:-120} python3 -m pytest -q -m gpu --tb=line -p no:cacheprovider -W ignore \
-             plugins/torchao/tests plugins/gptq/tests plugins/torch/tests/test_torch_kernels.py \
-             plugins/torch/tests/test_torch_modules.py 2>&1 | grep -v MatMul8bitLt | tail -40 ;;
   esac
 done
+echo "=== done ($(date +%T))"
