@@ -14,6 +14,7 @@ from .config import QuantizationConfigMixin
 from .dispatch import AutoQuantizationConfig, AutoQuantizer
 from .errors import ConfigError, QuantizationError
 from .quantizer import Quantizer, module_nbytes
+from .registry import available_backends
 from .report import ModuleRecord, QuantizationReport
 from .swap import swap_module
 from .walk import Walk, paused_gc
@@ -55,8 +56,6 @@ def quantize(
 
 def dequantize(model: nn.Module) -> QuantizationReport:
     """Turn every quantized module back into a float module (``nn.Linear``), all or none."""
-    from .registry import available_backends
-
     start = time.perf_counter()
     quantizers = [
         info.backend.quantizer_class() for info in available_backends() if info.usable and info.backend is not None

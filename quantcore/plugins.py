@@ -16,7 +16,8 @@ import attrs
 import pluggy
 
 from . import hookspecs
-from .errors import PluginError
+from .backend import Backend
+from .errors import PluginError, QuantizationVetoed
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -117,8 +118,6 @@ def _register_runtime(state: _State, plugin: object, name: str | None, disabled:
 
 
 def _collect_backends(state: _State) -> dict[str, list[Claim]]:
-    from .registry import Backend
-
     claims: dict[str, list[Claim]] = {}
     for impl in state.pm.hook.register_backends.get_hookimpls():
         name = impl.plugin_name
@@ -233,8 +232,6 @@ def list_plugins() -> list[dict[str, Any]]:
 
 def call_observers(hook_name: str, **kwargs: Any) -> None:
     """Call an observer hook plugin by plugin; ``before_quantize`` failures veto, others warn."""
-    from .errors import QuantizationVetoed
-
     hook = getattr(plugin_state().pm.hook, hook_name)
     for impl in hook.get_hookimpls():
         try:

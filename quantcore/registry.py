@@ -2,91 +2,14 @@
 
 from __future__ import annotations
 
-import importlib
-import importlib.metadata
-import importlib.util
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import attrs
-
+from .backend import Backend, BackendInfo
 from .errors import BackendUnavailableError, ConfigError, PluginError
+from .plugins import plugin_state
 
-if TYPE_CHECKING:
-    from .config import QuantizationConfigMixin
-    from .quantizer import Quantizer
-
-__all__ = ["Backend", "BackendInfo", "available_backends", "config_file_methods", "get_backend"]
-
-
-@attrs.frozen
-class Backend:
-    """What a plugin registers through the ``register_backends`` hook."""
-
-    quant_method: str
-    """The ``quant_method`` its configs carry (``"bitsandbytes"``)."""
-    config_class: type[QuantizationConfigMixin]
-    """The :class:`~quantcore.QuantizationConfigMixin` subclass."""
-    quantizer: type[Quantizer] | str
-    """The :class:`~quantcore.Quantizer` subclass, or ``"module:Class"`` to import it only when the
-    backend is used (keeps heavy imports out of discovery)."""
-    requires: tuple[str, ...] = attrs.field(default=(), converter=tuple)
-    """Requirement strings (``"bitsandbytes>=0.48"``) that must be installed to run."""
-    install_hint: str | None = None
-    """What to tell a user when a requirement is missing."""
-    description: str = ""
-    """One line for ``quantcore backends``."""
-    config_files: tuple[str, ...] = attrs.field(default=(), converter=tuple)
-    """Names of files that other tools write beside a checkpoint's weights holding this method's
-    config by itself, ``quant_method`` optional (AutoGPTQ's ``quantize_config.json``). A checkpoint
-    is read with such a file when ``config.json`` has no ``quantization_config``; with both, they
-    must agree."""
-
-    def quantizer_class(self) -> type[Quantizer]:
-        """The quantizer class, imported on first use."""
-        if isinstance(self.quantizer, str):
-            module, _, name = self.quantizer.partition(":")
-            return getattr(importlib.import_module(module), name)
-        return self.quantizer
-
-    def missing_requirements(self) -> list[str]:
-        """One line per requirement that is not installed or too old here."""
-        from packaging.requirements import Requirement
-
-        problems = []
-        for text in self.requires:
-            req = Requirement(text)
-            try:
-                version = importlib.metadata.version(req.name)
-            except importlib.metadata.PackageNotFoundError:
-                problems.append(f"{req.name} is not installed")
-                continue
-            if req.specifier and not req.specifier.contains(version, prereleases=True):
-                problems.append(f"{req.name} {version} is installed but {text} is needed")
-        return problems
-
-
-@attrs.frozen
-class BackendInfo:
-    """One row of :func:`available_backends`."""
-
-    quant_method: str
-    plugin: str
-    distribution: str | None
-    version: str | None
-    usable: bool
-    reason: str | None
-    backend: Backend | None = attrs.field(default=None, repr=False, eq=False)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form (``quantcore backends --json``)."""
-        return {
-            "quant_method": self.quant_method,
-            "plugin": self.plugin,
-            "distribution": self.distribution,
-            "version": self.version,
-            "usable": self.usable,
-            "reason": self.reason,
-        }
+# Backend and BackendInfo live in .backend; they stay importable from here.
+__all__ = ["available_backends", "config_file_methods", "get_backend"]
 
 
 # Methods that well-known plugins provide: only used to tell a user what to install when a config
@@ -109,8 +32,6 @@ def _usability(backend: Backend) -> str | None:
 
 def available_backends() -> list[BackendInfo]:
     """Every registered backend: method, providing plugin and version, usable here or why not."""
-    from .plugins import plugin_state
-
     state = plugin_state()
     rows = []
     for method, claims in sorted(state.claims.items()):
@@ -139,8 +60,6 @@ def available_backends() -> list[BackendInfo]:
 
 def get_backend(quant_method: Any, *, require_usable: bool = True) -> Backend:
     """The backend registered for ``quant_method``; a clear error when there is none or it can't run."""
-    from .plugins import plugin_state
-
     state = plugin_state()
     claims = state.claims.get(quant_method) if isinstance(quant_method, str) else None
     if not claims:
@@ -172,8 +91,6 @@ def get_backend(quant_method: Any, *, require_usable: bool = True) -> Backend:
 
 def config_file_methods() -> dict[str, list[str]]:
     """``{file name: quant methods}`` of the :attr:`Backend.config_files` every registered backend reads."""
-    from .plugins import plugin_state
-
     files: dict[str, list[str]] = {}
     for method, claims in sorted(plugin_state().claims.items()):
         for claim in claims:
