@@ -44,10 +44,79 @@ from quantcore.layers import QuantizedLinear, linear_recomputing_weight
 from . import kernels
 from .packing import dequantize_int4, dequantize_int8, int4_shapes, quantize_int4, quantize_int8
 
-__all__ = ["WeightOnlyLinear"]
+__all__ = ["KernelLayoutMixin", "WeightOnlyLinear"]
 
 
-class WeightOnlyLinear(QuantizedLinear):
+class KernelLayoutMixin(nn.Module):
+    """The life cycle of an int4 layer's kernel layout (``kernel_layout``), kept beside its storage.
+
+    The layout is derived from the stored ``qweight`` / ``scale`` / ``zero`` buffers and follows
+    them: rebuilt when the module is built, loaded (``load_state_dict``) or moved (``_apply``), and
+    when a loader swapped the buffers in by other means (checked in eager forwards).
+    """
+
+    bits: int
+    group_size: int
+    in_features: int
+    compute_dtype: torch.dtype | None
+    qweight: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+
+    def _init_kernel_layout(self) -> None:
+        # A plain attribute, not a buffer: it is derived from the buffers, so state dicts, sizes
+        # and checkpoints never see it. Built by refresh_kernel_layout() (uninitialised storage here).
+        self.kernel_layout: kernels.Int4Layout | None = None
+        # The stored tensors the layout was built from: a loader that swaps buffers in without
+        # load_state_dict (transformers' own, accelerate's offload hooks) makes the layout stale.
+        self._layout_of: tuple[torch.Tensor, ...] = ()
+        self.register_load_state_dict_post_hook(_refresh_after_load)
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        """The float dtype of the original weight (the dtype scales are stored in)."""
+        return self.scale.dtype
+
+    def refresh_kernel_layout(self) -> None:
+        """Rebuild :attr:`kernel_layout` from the stored weight (after changing the buffers by hand).
+
+        Only int4 needs one: on the CPU for ``torch._weight_int4pack_mm_for_cpu``, on CUDA for
+        tinygemm (unless ``QUANTCORE_INT4_CUDA_KERNEL=triton``); the int8 kernels and the Triton
+        kernels read the stored tensors. Nothing is built on the meta device or for shapes no
+        kernel takes.
+        """
+        self.kernel_layout = None
+        self._layout_of = ()
+        if self.bits != 4 or self.qweight.is_meta:
+            return
+        self._layout_of = (self.qweight, self.scale, self.zero)
+        dtype = self.compute_dtype or self.weight_dtype
+        if self.qweight.device.type == "cpu":
+            self.kernel_layout = kernels.int4_cpu_layout(
+                self.qweight, self.scale, self.zero, self.in_features, self.group_size, dtype
+            )
+        elif self.qweight.is_cuda and kernels.INT4_CUDA_KERNEL == "tinygemm" and dtype == torch.bfloat16:
+            # tinygemm takes bf16 activations only; other dtypes use the Triton kernel, which needs no layout.
+            self.kernel_layout = kernels.int4_tinygemm_layout(
+                self.qweight, self.scale, self.zero, self.in_features, self.group_size
+            )
+            if self.kernel_layout is not None:
+                # CUDA graphs would copy a plain tensor input at every replay; this one never changes.
+                torch._dynamo.mark_static_address(self.kernel_layout.weight)
+                torch._dynamo.mark_static_address(self.kernel_layout.scales_and_zeros)
+
+    def _layout_is_stale(self) -> bool:
+        source = self._layout_of
+        return not source or source[0] is not self.qweight or source[1] is not self.scale or source[2] is not self.zero
+
+    def _apply(self, fn, recurse=True):
+        # .to(), .cuda(), .half(): the buffers move or change, so the layout derived from them must follow.
+        result = super()._apply(fn, recurse)
+        self.refresh_kernel_layout()
+        return result
+
+
+class WeightOnlyLinear(KernelLayoutMixin, QuantizedLinear):
     """``y = x @ W.T + b`` with ``W`` stored in int8 or int4, read by a fused weight-only kernel.
 
     The matmul runs in ``compute_dtype`` when set, else in the input's dtype; the output has the
@@ -104,13 +173,7 @@ class WeightOnlyLinear(QuantizedLinear):
             self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device))
         else:
             self.register_parameter("bias", None)
-        # A plain attribute, not a buffer: it is derived from the buffers, so state dicts, sizes
-        # and checkpoints never see it. Built by refresh_kernel_layout() (uninitialised storage here).
-        self.kernel_layout: kernels.Int4Layout | None = None
-        # The stored tensors the layout was built from: a loader that swaps buffers in without
-        # load_state_dict (transformers' own, accelerate's offload hooks) makes the layout stale.
-        self._layout_of: tuple[torch.Tensor, ...] = ()
-        self.register_load_state_dict_post_hook(_refresh_after_load)
+        self._init_kernel_layout()
 
     @classmethod
     def from_linear(
@@ -141,49 +204,6 @@ class WeightOnlyLinear(QuantizedLinear):
             module.qweight, module.scale, module.zero = quantize_int4(weight, group_size)
         module.refresh_kernel_layout()
         return module
-
-    def refresh_kernel_layout(self) -> None:
-        """Rebuild :attr:`kernel_layout` from the stored weight (after changing the buffers by hand).
-
-        Only int4 needs one: on the CPU for ``torch._weight_int4pack_mm_for_cpu``, on CUDA for
-        tinygemm (unless ``QUANTCORE_INT4_CUDA_KERNEL=triton``); the int8 kernels and the Triton
-        kernels read the stored tensors. Nothing is built on the meta device or for shapes no
-        kernel takes.
-        """
-        self.kernel_layout = None
-        self._layout_of = ()
-        if self.bits != 4 or self.qweight.is_meta:
-            return
-        self._layout_of = (self.qweight, self.scale, self.zero)
-        dtype = self.compute_dtype or self.weight_dtype
-        if self.qweight.device.type == "cpu":
-            self.kernel_layout = kernels.int4_cpu_layout(
-                self.qweight, self.scale, self.zero, self.in_features, self.group_size, dtype
-            )
-        elif self.qweight.is_cuda and kernels.INT4_CUDA_KERNEL == "tinygemm" and dtype == torch.bfloat16:
-            # tinygemm takes bf16 activations only; other dtypes use the Triton kernel, which needs no layout.
-            self.kernel_layout = kernels.int4_tinygemm_layout(
-                self.qweight, self.scale, self.zero, self.in_features, self.group_size
-            )
-            if self.kernel_layout is not None:
-                # CUDA graphs would copy a plain tensor input at every replay; this one never changes.
-                torch._dynamo.mark_static_address(self.kernel_layout.weight)
-                torch._dynamo.mark_static_address(self.kernel_layout.scales_and_zeros)
-
-    def _layout_is_stale(self) -> bool:
-        source = self._layout_of
-        return not source or source[0] is not self.qweight or source[1] is not self.scale or source[2] is not self.zero
-
-    def _apply(self, fn, recurse=True):
-        # .to(), .cuda(), .half(): the buffers move or change, so the layout derived from them must follow.
-        result = super()._apply(fn, recurse)
-        self.refresh_kernel_layout()
-        return result
-
-    @property
-    def weight_dtype(self) -> torch.dtype:
-        """The float dtype of the original weight (the dtype scales are stored in)."""
-        return self.scale.dtype
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The ``[out_features, in_features]`` float weight, in ``dtype`` (default: the original dtype)."""
