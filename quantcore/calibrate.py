@@ -36,7 +36,7 @@ from .errors import ConfigError, QuantizationError
 from .plugins import call_observers
 from .quantizer_base import QuantizerBase as Quantizer
 from .report import QuantizationReport
-from .walk import Decision, Walk, paused_gc
+from .walk import Decision, Walk, paused_gc, record_state, report_decisions
 
 __all__ = ["CalibratedRun", "CalibrationBlock", "find_blocks", "quantize_walk"]
 
@@ -269,8 +269,8 @@ class CalibratedRun:
         with paused_gc():
             walk, blocks_name, blocks = self._restricted()
             decisions = walk.decide()
-            size = walk._size()
-            plan = walk._report(decisions, dry_run=True, size=size)
+            size = walk.size()
+            plan = report_decisions(walk, decisions, dry_run=True, size=size)
         config = walk.main.config if walk.main is not None else None
         call_observers("before_quantize", model=walk.model, config=config, plan=plan)
         chosen = [
@@ -299,7 +299,7 @@ class CalibratedRun:
             assert d.parent is not None
             new.train(d.module.training)
             d.parent._modules[d.child] = new
-        walk._record_state(built + calibrated)
+        record_state(walk, built + calibrated)
         records = [attrs.evolve(r, calibration_tokens=tokens.get(r.name)) for r in plan.modules]
         report = attrs.evolve(plan, modules=records, dry_run=False, seconds=time.perf_counter() - start)
         call_observers("after_quantize", model=walk.model, config=config, report=report)

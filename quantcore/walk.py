@@ -26,7 +26,7 @@ from .report import ModuleRecord, QuantizationReport
 from .state import STATE_ATTRIBUTE, QuantizationState, get_quantization_state
 from .swap import swap_module
 
-__all__ = ["ModelIndex", "Rule", "Walk", "default_float_modules", "paused_gc"]
+__all__ = ["ModelIndex", "Rule", "Walk", "default_float_modules", "paused_gc", "record_state", "report_decisions"]
 
 
 @attrs.frozen
@@ -152,6 +152,54 @@ def _as_quantizer(value: Any, cache: dict[int, QuantizerBase]) -> QuantizerBase 
     return cache[key]
 
 
+def _rules(
+    main: QuantizerBase | None,
+    model: nn.Module,
+    index: ModelIndex,
+    overrides: Mapping[str, Any] | None,
+    skip_modules: list[str] | None,
+    default_skips: bool,
+) -> tuple[list[Rule], dict[str, int]]:
+    """Ordered rules (default skips, skip patterns, overrides, the config) and the exact-name ones' positions.
+
+    Every bad pattern or override is reported at once, before anything runs.
+    """
+    rules: list[Rule] = []
+    problems: list[tuple[str, str]] = []
+    exact: dict[str, int] = {}
+    if default_skips:
+        for name, reason in default_float_modules(model, index).items():
+            exact[name] = len(rules)
+            rules.append(Rule(reason, exact_name(name), None))
+    skip_sources: list[tuple[str, str]] = []
+    if main is not None:
+        field = main.config.skip_modules_field or "skip_modules"
+        skip_sources += [(p, field) for p in main.config.skip_modules()]
+    skip_sources += [(p, "skip_modules") for p in (skip_modules or [])]
+    for pattern, source in skip_sources:
+        try:
+            rules.append(Rule(f"skip: {pattern!r} ({source})", compile_pattern(pattern), None))
+        except ValueError as exc:
+            problems.append((source, str(exc)))
+    cache: dict[int, QuantizerBase] = {}
+    implied = main.config.module_overrides() if main is not None else {}
+    given = dict(overrides or {})
+    for pattern, value in [*given.items(), *((p, v) for p, v in implied.items() if p not in given)]:
+        try:
+            matcher = compile_pattern(pattern)
+            quantizer = _as_quantizer(value, cache)
+        except ValueError as exc:  # ConfigError is a ValueError: keep its text
+            problems.append((f"overrides[{pattern!r}]", str(exc)))
+            continue
+        label = f"override: {pattern!r}" + (" -> keep in float" if quantizer is None else "")
+        rules.append(Rule(label, matcher, quantizer, source=pattern))
+    if problems:
+        raise ConfigError(problems, title="invalid quantize arguments")
+    if main is not None:
+        rules.append(Rule("config", lambda n: True, main, source="config"))
+    return rules, exact
+
+
 @attrs.define
 class Walk:
     """One planned pass over a model: the rules, then the decisions they give."""
@@ -176,40 +224,8 @@ class Walk:
         default_skips: bool = True,
     ) -> Walk:
         """Turn the call's arguments into ordered rules (bad patterns raise before anything runs)."""
-        rules: list[Rule] = []
-        problems: list[tuple[str, str]] = []
         index = ModelIndex.of(model)
-        exact: dict[str, int] = {}
-        if default_skips:
-            for name, reason in default_float_modules(model, index).items():
-                exact[name] = len(rules)
-                rules.append(Rule(reason, exact_name(name), None))
-        skip_sources: list[tuple[str, str]] = []
-        if main is not None:
-            field = main.config.skip_modules_field or "skip_modules"
-            skip_sources += [(p, field) for p in main.config.skip_modules()]
-        skip_sources += [(p, "skip_modules") for p in (skip_modules or [])]
-        for pattern, source in skip_sources:
-            try:
-                rules.append(Rule(f"skip: {pattern!r} ({source})", compile_pattern(pattern), None))
-            except ValueError as exc:
-                problems.append((source, str(exc)))
-        cache: dict[int, QuantizerBase] = {}
-        implied = main.config.module_overrides() if main is not None else {}
-        given = dict(overrides or {})
-        for pattern, value in [*given.items(), *((p, v) for p, v in implied.items() if p not in given)]:
-            try:
-                matcher = compile_pattern(pattern)
-                quantizer = _as_quantizer(value, cache)
-            except ValueError as exc:  # ConfigError is a ValueError: keep its text
-                problems.append((f"overrides[{pattern!r}]", str(exc)))
-                continue
-            label = f"override: {pattern!r}" + (" -> keep in float" if quantizer is None else "")
-            rules.append(Rule(label, matcher, quantizer, source=pattern))
-        if problems:
-            raise ConfigError(problems, title="invalid quantize arguments")
-        if main is not None:
-            rules.append(Rule("config", lambda n: True, main, source="config"))
+        rules, exact = _rules(main, model, index, overrides, skip_modules, default_skips)
         quantizers = [r.quantizer for r in rules if r.quantizer is not None]
         unique = list({id(q): q for q in quantizers}.values())
         overrides_used = {
@@ -260,45 +276,8 @@ class Walk:
         return any(q.is_quantized_module(module) for q in self.quantizers)
 
     # ------------------------------------------------------------------ reporting
-    def _report(
-        self, decisions: list[Decision], dry_run: bool, seconds: float = 0.0, size: tuple[int, int] | None = None
-    ) -> QuantizationReport:
-        records = []
-        saved = 0
-        labels: dict[int, str] = {}
-        for d in decisions:
-            module = d.module
-            params, before = leaf_size(module)
-            quantizer = d.rule.quantizer if d.rule is not None else None
-            if quantizer is not None and not quantizer.can_replace(module):
-                reason = f"{d.rule.label if d.rule else 'config'}: {quantizer.unsupported_reason(module)}"
-                quantizer = None
-            else:
-                reason = d.rule.label if d.rule is not None else "no rule matched"
-            method = None
-            after = before
-            if quantizer is not None:
-                after = quantizer.quantized_nbytes(module)
-                method = labels.get(id(quantizer))
-                if method is None:
-                    method = labels[id(quantizer)] = quantizer.describe()
-            saved += before - after
-            records.append(
-                ModuleRecord(
-                    name=d.name,
-                    module_type=type(module).__name__,
-                    action="quantized" if quantizer is not None else "skipped",
-                    rule=reason,
-                    method=method,
-                    params=params,
-                    bytes_before=before,
-                    bytes_after=after,
-                )
-            )
-        params, total = size or self._size()
-        return QuantizationReport(records, params, total, total - saved, dry_run=dry_run, seconds=seconds)
-
-    def _size(self) -> tuple[int, int]:
+    def size(self) -> tuple[int, int]:
+        """``(parameters, bytes)`` of the whole model, as the walk found it."""
         index = self.index or ModelIndex.of(self.model)
         return index.params, index.nbytes
 
@@ -306,28 +285,7 @@ class Walk:
         """The dry run: a report of what :meth:`run` would do."""
         start = time.perf_counter()
         decisions = self.decide()
-        return self._report(decisions, dry_run=True, seconds=time.perf_counter() - start)
-
-    def _record_state(self, built: list[tuple[Decision, nn.Module]]) -> None:
-        """Keep on the model what was done, merged with earlier calls (for saving and loading)."""
-        state = get_quantization_state(self.model)
-        if state is None:
-            state = QuantizationState(
-                self.main.config if self.main else None, {}, self.skip_modules, self.default_skips
-            )
-            self.model.__dict__[STATE_ATTRIBUTE] = state
-        elif state.config is None and self.main is not None:
-            state.config = self.main.config
-        for d, _ in built:
-            assert d.rule is not None and d.rule.source is not None
-            source = d.rule.source
-            if source == "config" and state.config is not (self.main.config if self.main else None):
-                # a second call with another main config: record it as an exact-name override
-                source = d.name
-                state.overrides[source] = self.main.config if self.main else None
-            elif source != "config":
-                state.overrides[source] = self.overrides[source]
-            state.modules[d.name] = source
+        return report_decisions(self, decisions, dry_run=True, seconds=time.perf_counter() - start)
 
     # ------------------------------------------------------------------ replacing
     def run(self, progress: bool | None = None) -> QuantizationReport:
@@ -336,8 +294,8 @@ class Walk:
         for q in self.quantizers:
             q.check_environment()
         decisions = self.decide()
-        size = self._size()
-        plan = self._report(decisions, dry_run=True, size=size)
+        size = self.size()
+        plan = report_decisions(self, decisions, dry_run=True, size=size)
         config = self.main.config if self.main is not None else None
         call_observers("before_quantize", model=self.model, config=config, plan=plan)
         chosen = [
@@ -367,11 +325,76 @@ class Walk:
         for d, new in built:
             assert d.parent is not None
             swap_module(d.parent, d.child, new)
-        self._record_state(built)
+        record_state(self, built)
         # The plan's records describe exactly what was built: reuse them instead of measuring twice.
         report = attrs.evolve(plan, dry_run=False, seconds=time.perf_counter() - start)
         call_observers("after_quantize", model=self.model, config=config, report=report)
         return report
+
+
+def report_decisions(
+    walk: Walk,
+    decisions: list[Decision],
+    *,
+    dry_run: bool,
+    seconds: float = 0.0,
+    size: tuple[int, int] | None = None,
+) -> QuantizationReport:
+    """The report of ``decisions``: per module what its rule does (or why not), and the bytes."""
+    records = []
+    saved = 0
+    labels: dict[int, str] = {}
+    for d in decisions:
+        module = d.module
+        params, before = leaf_size(module)
+        quantizer = d.rule.quantizer if d.rule is not None else None
+        if quantizer is not None and not quantizer.can_replace(module):
+            reason = f"{d.rule.label if d.rule else 'config'}: {quantizer.unsupported_reason(module)}"
+            quantizer = None
+        else:
+            reason = d.rule.label if d.rule is not None else "no rule matched"
+        method = None
+        after = before
+        if quantizer is not None:
+            after = quantizer.quantized_nbytes(module)
+            method = labels.get(id(quantizer))
+            if method is None:
+                method = labels[id(quantizer)] = quantizer.describe()
+        saved += before - after
+        records.append(
+            ModuleRecord(
+                name=d.name,
+                module_type=type(module).__name__,
+                action="quantized" if quantizer is not None else "skipped",
+                rule=reason,
+                method=method,
+                params=params,
+                bytes_before=before,
+                bytes_after=after,
+            )
+        )
+    params, total = size or walk.size()
+    return QuantizationReport(records, params, total, total - saved, dry_run=dry_run, seconds=seconds)
+
+
+def record_state(walk: Walk, built: list[tuple[Decision, nn.Module]]) -> None:
+    """Keep on the model what was done, merged with earlier calls (for saving and loading)."""
+    state = get_quantization_state(walk.model)
+    if state is None:
+        state = QuantizationState(walk.main.config if walk.main else None, {}, walk.skip_modules, walk.default_skips)
+        walk.model.__dict__[STATE_ATTRIBUTE] = state
+    elif state.config is None and walk.main is not None:
+        state.config = walk.main.config
+    for d, _ in built:
+        assert d.rule is not None and d.rule.source is not None
+        source = d.rule.source
+        if source == "config" and state.config is not (walk.main.config if walk.main else None):
+            # a second call with another main config: record it as an exact-name override
+            source = d.name
+            state.overrides[source] = walk.main.config if walk.main else None
+        elif source != "config":
+            state.overrides[source] = walk.overrides[source]
+        state.modules[d.name] = source
 
 
 @contextlib.contextmanager
