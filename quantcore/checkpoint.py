@@ -21,7 +21,7 @@ import sys
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 import torch
@@ -456,12 +456,72 @@ class Target:
     skeleton: nn.Module | None = None
 
 
+def _prequantized_targets(model: nn.Module, state: QuantizationState, files: CheckpointFiles) -> dict[str, Target]:
+    """The modules ``state`` says were saved quantized, each with its quantizer; every mismatch raised at once."""
+    cache: dict[int, QuantizerBase] = {}
+    modules = dict(model.named_modules())
+    targets: dict[str, Target] = {}
+    problems: list[str] = []
+    for name, source in state.modules.items():
+        config = state.config if source == "config" else state.overrides.get(source)
+        module = modules.get(name)
+        if config is None:
+            problems.append(f"module {name!r}: its config {source!r} is not in the saved state")
+            continue
+        if module is None:
+            problems.append(
+                f"module {name!r} is quantized in the checkpoint but is not in the {type(model).__name__} given"
+            )
+            continue
+        quantizer = cache.get(id(config)) or cache.setdefault(id(config), AutoQuantizer.from_config(config))
+        if not quantizer.can_replace(module):
+            problems.append(
+                f"module {name!r} is a {type(module).__name__}, which {quantizer.describe()} "
+                "cannot load into (pass a float skeleton)"
+            )
+            continue
+        parent, _, child = name.rpartition(".")
+        targets[name] = Target(name, module, modules[parent], child, quantizer, True, source)
+    if problems:
+        raise CheckpointError(_listing(f"checkpoint {files.folder} does not fit the model", problems))
+    return targets
+
+
+def _model_slots(model: nn.Module, targets: Mapping[str, Target]) -> list[Slot]:
+    """One slot per parameter or buffer outside ``targets`` (tied tensors: one slot, every name)."""
+    by_id: dict[int, Slot] = {}
+    seen: set[tuple[int, str]] = set()
+
+    def visit(module: nn.Module, prefix: str) -> None:
+        tensors: list[tuple[str, torch.Tensor | None, bool]] = [(k, p, True) for k, p in module._parameters.items()]
+        tensors += [(k, b, False) for k, b in module._buffers.items() if k not in module._non_persistent_buffers_set]
+        for attr, t, is_param in tensors:
+            if t is None:
+                continue
+            slot = by_id.get(id(t))
+            if slot is None:
+                slot = by_id[id(t)] = Slot([], [], t)
+            slot.names.append(prefix + attr)
+            if (id(module), attr) not in seen:
+                seen.add((id(module), attr))
+                slot.places.append((module, attr, is_param))
+        for child, sub in module._modules.items():
+            if sub is not None and prefix + child not in targets:
+                visit(sub, f"{prefix}{child}.")
+
+    visit(model, "")
+    return list(by_id.values())
+
+
+_Plan = TypeVar("_Plan", bound="LoadPlan")
+
+
 @attrs.define(eq=False)
-class Loader:
+class LoadPlan:
     """One planned load: which checkpoint tensor goes where, checked before anything is read.
 
     ``cast_dtype`` converts floating plain tensors and the float weights of modules to quantize
-    (``None`` keeps the checkpoint's dtypes).
+    (``None`` keeps the checkpoint's dtypes). :class:`Loader` runs a plan.
     """
 
     model: nn.Module
@@ -477,48 +537,23 @@ class Loader:
     # ------------------------------------------------------------------ planning
     @classmethod
     def prequantized(
-        cls,
+        cls: type[_Plan],
         model: nn.Module,
         state: QuantizationState,
         files: CheckpointFiles,
         tied: dict[str, str],
         device: torch.device,
         **kwargs: Any,
-    ) -> Loader:
+    ) -> _Plan:
         """A load of modules saved quantized, as ``state`` records them."""
-        cache: dict[int, QuantizerBase] = {}
-        modules = dict(model.named_modules())
-        targets: dict[str, Target] = {}
-        problems: list[str] = []
-        for name, source in state.modules.items():
-            config = state.config if source == "config" else state.overrides.get(source)
-            module = modules.get(name)
-            if config is None:
-                problems.append(f"module {name!r}: its config {source!r} is not in the saved state")
-                continue
-            if module is None:
-                problems.append(
-                    f"module {name!r} is quantized in the checkpoint but is not in the {type(model).__name__} given"
-                )
-                continue
-            quantizer = cache.get(id(config)) or cache.setdefault(id(config), AutoQuantizer.from_config(config))
-            if not quantizer.can_replace(module):
-                problems.append(
-                    f"module {name!r} is a {type(module).__name__}, which {quantizer.describe()} "
-                    "cannot load into (pass a float skeleton)"
-                )
-                continue
-            parent, _, child = name.rpartition(".")
-            targets[name] = Target(name, module, modules[parent], child, quantizer, True, source)
-        if problems:
-            raise CheckpointError(_listing(f"checkpoint {files.folder} does not fit the model", problems))
+        targets = _prequantized_targets(model, state, files)
         return cls(model, files, targets, device, tied, **kwargs)
 
     def check(self) -> None:
         """Match every checkpoint tensor to a place, or raise one :class:`CheckpointError` listing all."""
         problems: list[str] = []
         entries = self.files.entries
-        self.slots = self._slots()
+        self.slots = _model_slots(self.model, self.targets)
         names_of: dict[int, list[str]] = {}
         for slot in self.slots:
             names_of[id(slot.like)] = slot.names
@@ -606,33 +641,11 @@ class Loader:
     def _route(self, key: str, to: Slot | Target, local: str | None) -> None:
         self.routes.setdefault(key, []).append((to, local))
 
-    def _slots(self) -> list[Slot]:
-        by_id: dict[int, Slot] = {}
-        seen: set[tuple[int, str]] = set()
 
-        def visit(module: nn.Module, prefix: str) -> None:
-            tensors: list[tuple[str, torch.Tensor | None, bool]] = [(k, p, True) for k, p in module._parameters.items()]
-            tensors += [
-                (k, b, False) for k, b in module._buffers.items() if k not in module._non_persistent_buffers_set
-            ]
-            for attr, t, is_param in tensors:
-                if t is None:
-                    continue
-                slot = by_id.get(id(t))
-                if slot is None:
-                    slot = by_id[id(t)] = Slot([], [], t)
-                slot.names.append(prefix + attr)
-                if (id(module), attr) not in seen:
-                    seen.add((id(module), attr))
-                    slot.places.append((module, attr, is_param))
-            for child, sub in module._modules.items():
-                if sub is not None and prefix + child not in self.targets:
-                    visit(sub, f"{prefix}{child}.")
+@attrs.define(eq=False)
+class Loader(LoadPlan):
+    """A :class:`LoadPlan` that reads the tensors and builds the modules."""
 
-        visit(self.model, "")
-        return list(by_id.values())
-
-    # ------------------------------------------------------------------ running
     def run(self, *, immediate: bool, progress: bool | None = None) -> list[Callable[[], None]]:
         """Read the tensors and build the modules; each result is put in place as it completes
         (``immediate``) or returned as a list of swaps to apply once all succeeded."""
