@@ -176,119 +176,124 @@ class BitsAndBytesQuantizer(Quantizer):
         device = torch.device(device)
         bias = _load_bias(module, state, device)
         if isinstance(module, Linear4bit):
-            return self._load_linear4bit(module, state, bias, device)
+            return _load_linear4bit(module, state, bias, device)
         if isinstance(module, Linear8bitLt):
-            return self._load_linear8bit(module, state, bias, device)
+            return _load_linear8bit(module, state, bias, device)
         raise ValueError(f"expected a Linear4bit or Linear8bitLt skeleton, got {type(module).__name__}")
-
-    def _load_linear4bit(
-        self, module: Linear4bit, state: Mapping[str, torch.Tensor], bias: torch.Tensor | None, device: torch.device
-    ) -> Linear4bit:
-        stats = {k[len("weight.") :]: v for k, v in state.items() if k.startswith("weight.")}
-        unexpected = sorted(set(state) - {"weight", "bias"} - {f"weight.{k}" for k in stats})
-        if unexpected:
-            raise ValueError(f"unexpected tensor(s) {', '.join(map(repr, unexpected))}")
-        weight = state["weight"]
-        _check_tensor("weight", weight, module.weight)
-        try:
-            quant_state = QuantState.from_dict(stats, device=device)
-        except (ValueError, KeyError, AssertionError) as exc:
-            raise ValueError(f"the quantization statistics 'weight.*' are incomplete or invalid: {exc}") from None
-        _repair_absmax_layout(quant_state)
-        expected = (module.weight.quant_type, module.weight.compress_statistics)
-        found = (quant_state.quant_type, quant_state.nested)
-        if found != expected:
-            raise ValueError(
-                f"tensor 'weight' was saved as {_format4(*found)} but the config says {_format4(*expected)}"
-            )
-        if quant_state.shape != (module.out_features, module.in_features):
-            raise ValueError(
-                f"tensor 'weight' was saved for shape {tuple(quant_state.shape)}, "
-                f"expected {(module.out_features, module.in_features)}"
-            )
-        return make_linear4bit(
-            module.in_features,
-            module.out_features,
-            weight.to(device),
-            quant_state,
-            bias,
-            compute_dtype=module.compute_dtype,
-            quant_type=quant_state.quant_type,
-            compress_statistics=quant_state.nested,
-            quant_storage=module.quant_storage,
-            blocksize=quant_state.blocksize,
-        )
-
-    def _load_linear8bit(
-        self, module: Linear8bitLt, state: Mapping[str, torch.Tensor], bias: torch.Tensor | None, device: torch.device
-    ) -> Linear8bitLt:
-        fp16_weights = module.state.has_fp16_weights
-        allowed = {"weight", "bias"} if fp16_weights else {"weight", "bias", "SCB", "weight_format"}
-        unexpected = sorted(set(state) - allowed)
-        if unexpected:
-            raise ValueError(f"unexpected tensor(s) {', '.join(map(repr, unexpected))}")
-        weight = state["weight"]
-        _check_tensor("weight", weight, module.weight)
-        scb = None
-        if not fp16_weights:
-            if "SCB" not in state:
-                raise ValueError("missing tensor 'SCB' (the int8 weight's row scales)")
-            scb = state["SCB"]
-            if not isinstance(scb, torch.Tensor) or scb.shape != (module.out_features,):
-                raise ValueError(
-                    f"tensor 'SCB' has shape {tuple(getattr(scb, 'shape', ()))}, expected {(module.out_features,)}"
-                )
-            scb = scb.to(device)
-            fmt = state.get("weight_format")
-            if fmt is not None and int(fmt) != 0:
-                raise ValueError(f"tensor 'weight_format' is {int(fmt)}: only the row-major format (0) loads")
-        return make_linear8bit(
-            module.in_features,
-            module.out_features,
-            weight.to(device),
-            scb,
-            bias,
-            threshold=module.state.threshold,
-            has_fp16_weights=fp16_weights,
-        )
 
     # ------------------------------------------------------------------ dequantizing
     @classmethod
     def dequantize_module(cls, module: nn.Module) -> nn.Linear:
-        """An ``nn.Linear`` with the dequantized weight (and the bias), on the module's device.
+        """An ``nn.Linear`` with the dequantized weight (and the bias): :func:`dequantize_layer`."""
+        return dequantize_layer(module)
 
-        A 4-bit layer gives back its original float dtype; an 8-bit layer the bias dtype, or
-        float32 without a bias (LLM.int8() does not record the original dtype).
-        """
-        bias = module.bias
-        if isinstance(module, Linear4bit):
-            data, state = module.weight.data, module.weight.quant_state
-            if state is None:
-                raise ValueError("the 4-bit layer holds no quantization state (a skeleton never loaded?)")
-            if getattr(state, "packing_format_for_cpu", False):
-                # A CPU forward on an AVX512-BF16 machine repacks the weight in place; undo it on
-                # copies, as Linear4bit's own state_dict() does on the module itself.
-                from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
-                data, state = _convert_weight_packed_for_cpu_inverse(data.clone(), copy.deepcopy(state))
-                _repair_absmax_layout(state)
-            weight = bnb.functional.dequantize_4bit(data, state)
-        elif isinstance(module, Linear8bitLt):
-            if module.state.has_fp16_weights:
-                weight = module.weight.data
-            else:
-                scb = module.weight.SCB if module.weight.SCB is not None else module.state.SCB
-                weight = bnb.functional.int8_vectorwise_dequant(module.weight.data, scb)
-                weight = weight.to(bias.dtype if bias is not None else torch.float32)
+def dequantize_layer(module: nn.Module) -> nn.Linear:
+    """An ``nn.Linear`` with the dequantized weight (and the bias), on the module's device.
+
+    A 4-bit layer gives back its original float dtype; an 8-bit layer the bias dtype, or
+    float32 without a bias (LLM.int8() does not record the original dtype).
+    """
+    bias = module.bias
+    if isinstance(module, Linear4bit):
+        data, state = module.weight.data, module.weight.quant_state
+        if state is None:
+            raise ValueError("the 4-bit layer holds no quantization state (a skeleton never loaded?)")
+        if getattr(state, "packing_format_for_cpu", False):
+            # A CPU forward on an AVX512-BF16 machine repacks the weight in place; undo it on
+            # copies, as Linear4bit's own state_dict() does on the module itself.
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            data, state = _convert_weight_packed_for_cpu_inverse(data.clone(), copy.deepcopy(state))
+            _repair_absmax_layout(state)
+        weight = bnb.functional.dequantize_4bit(data, state)
+    elif isinstance(module, Linear8bitLt):
+        if module.state.has_fp16_weights:
+            weight = module.weight.data
         else:
-            raise TypeError(f"{cls.__name__} cannot dequantize a {type(module).__name__}")
-        linear = nn.Linear.__new__(nn.Linear)
-        nn.Module.__init__(linear)
-        linear.in_features, linear.out_features = module.in_features, module.out_features
-        linear.weight = nn.Parameter(weight.reshape(module.out_features, module.in_features).clone())
-        # Linear4bit.forward casts its bias to the compute dtype in place: give it back in the weight's.
-        linear.bias = nn.Parameter(bias.detach().to(weight.dtype, copy=True)) if bias is not None else None
-        return linear
+            scb = module.weight.SCB if module.weight.SCB is not None else module.state.SCB
+            weight = bnb.functional.int8_vectorwise_dequant(module.weight.data, scb)
+            weight = weight.to(bias.dtype if bias is not None else torch.float32)
+    else:
+        raise TypeError(f"BitsAndBytesQuantizer cannot dequantize a {type(module).__name__}")
+    linear = nn.Linear.__new__(nn.Linear)
+    nn.Module.__init__(linear)
+    linear.in_features, linear.out_features = module.in_features, module.out_features
+    linear.weight = nn.Parameter(weight.reshape(module.out_features, module.in_features).clone())
+    # Linear4bit.forward casts its bias to the compute dtype in place: give it back in the weight's.
+    linear.bias = nn.Parameter(bias.detach().to(weight.dtype, copy=True)) if bias is not None else None
+    return linear
+
+
+def _load_linear4bit(
+    module: Linear4bit, state: Mapping[str, torch.Tensor], bias: torch.Tensor | None, device: torch.device
+) -> Linear4bit:
+    stats = {k[len("weight.") :]: v for k, v in state.items() if k.startswith("weight.")}
+    unexpected = sorted(set(state) - {"weight", "bias"} - {f"weight.{k}" for k in stats})
+    if unexpected:
+        raise ValueError(f"unexpected tensor(s) {', '.join(map(repr, unexpected))}")
+    weight = state["weight"]
+    _check_tensor("weight", weight, module.weight)
+    try:
+        quant_state = QuantState.from_dict(stats, device=device)
+    except (ValueError, KeyError, AssertionError) as exc:
+        raise ValueError(f"the quantization statistics 'weight.*' are incomplete or invalid: {exc}") from None
+    _repair_absmax_layout(quant_state)
+    expected = (module.weight.quant_type, module.weight.compress_statistics)
+    found = (quant_state.quant_type, quant_state.nested)
+    if found != expected:
+        raise ValueError(f"tensor 'weight' was saved as {_format4(*found)} but the config says {_format4(*expected)}")
+    if quant_state.shape != (module.out_features, module.in_features):
+        raise ValueError(
+            f"tensor 'weight' was saved for shape {tuple(quant_state.shape)}, "
+            f"expected {(module.out_features, module.in_features)}"
+        )
+    return make_linear4bit(
+        module.in_features,
+        module.out_features,
+        weight.to(device),
+        quant_state,
+        bias,
+        compute_dtype=module.compute_dtype,
+        quant_type=quant_state.quant_type,
+        compress_statistics=quant_state.nested,
+        quant_storage=module.quant_storage,
+        blocksize=quant_state.blocksize,
+    )
+
+
+def _load_linear8bit(
+    module: Linear8bitLt, state: Mapping[str, torch.Tensor], bias: torch.Tensor | None, device: torch.device
+) -> Linear8bitLt:
+    fp16_weights = module.state.has_fp16_weights
+    allowed = {"weight", "bias"} if fp16_weights else {"weight", "bias", "SCB", "weight_format"}
+    unexpected = sorted(set(state) - allowed)
+    if unexpected:
+        raise ValueError(f"unexpected tensor(s) {', '.join(map(repr, unexpected))}")
+    weight = state["weight"]
+    _check_tensor("weight", weight, module.weight)
+    scb = None
+    if not fp16_weights:
+        if "SCB" not in state:
+            raise ValueError("missing tensor 'SCB' (the int8 weight's row scales)")
+        scb = state["SCB"]
+        if not isinstance(scb, torch.Tensor) or scb.shape != (module.out_features,):
+            raise ValueError(
+                f"tensor 'SCB' has shape {tuple(getattr(scb, 'shape', ()))}, expected {(module.out_features,)}"
+            )
+        scb = scb.to(device)
+        fmt = state.get("weight_format")
+        if fmt is not None and int(fmt) != 0:
+            raise ValueError(f"tensor 'weight_format' is {int(fmt)}: only the row-major format (0) loads")
+    return make_linear8bit(
+        module.in_features,
+        module.out_features,
+        weight.to(device),
+        scb,
+        bias,
+        threshold=module.state.threshold,
+        has_fp16_weights=fp16_weights,
+    )
 
 
 @functools.lru_cache(maxsize=1024)
