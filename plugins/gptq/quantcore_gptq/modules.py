@@ -157,7 +157,8 @@ def gptq_matmul(module: GPTQLinear, x: torch.Tensor) -> torch.Tensor:
     bias = module.bias.to(x.dtype) if module.bias is not None else None
     rows = x.numel() // x.shape[-1] if x.numel() else 0
     if int4_kernels is not None and module.bits == 4 and 0 < rows <= int4_kernels.SMALL_BATCH:
-        runtime = _int4_runtime(module, x.dtype)
+        compiling = torch.compiler.is_compiling()
+        runtime = _compiled_runtime(module, x.dtype) if compiling else _int4_runtime(module, x.dtype)
         if runtime is not None:
             return int4_kernels.int4_weight_only_linear(
                 x, runtime.packed, runtime.scale, runtime.zero, runtime.group_size, bias, runtime.layout
@@ -180,6 +181,20 @@ class _Int4Runtime(NamedTuple):
     zero: torch.Tensor
     group_size: int
     layout: Any
+
+
+def _compiled_runtime(module: GPTQLinear, dtype: torch.dtype) -> _Int4Runtime | None:
+    """Under ``torch.compile``: the converted weight an eager call built, if it fits ``dtype`` and the device.
+
+    Checking that the buffers did not change compares data pointers, which dynamo cannot trace; the
+    compiled graph guards on the cached conversion instead. Without one (no eager forward ran in this
+    dtype), the graph takes the dequantize path: correct, only slower.
+    """
+    cached = module.__dict__.get("_int4")
+    if cached is None or cached[1] is None:
+        return None
+    key = cached[0]
+    return cached[1] if key[1] == module.qweight.device and key[2] == dtype else None
 
 
 def _int4_runtime(module: GPTQLinear, dtype: torch.dtype) -> _Int4Runtime | None:
