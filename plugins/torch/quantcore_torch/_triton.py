@@ -265,23 +265,9 @@ _INT8 = _Launcher(_int8_kernel)
 _INT4 = _Launcher(_int4_kernel)
 
 
-def _int8_launch(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
-    n, k = qweight.shape
-    m = x.numel() // k
-    y = x.new_empty((*x.shape[:-1], n))
-    block_m = _block_m(m)
-
-    def grid(meta):
-        return (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, block_m))
-
-    args = (x, qweight, scale, scale if bias is None else bias, y, m, n, k, k, qweight.stride(0), n)
-    key = _key(x, m, qweight, scale, bias)
-    _eager(_INT8, key, x, grid, args, {"HAS_BIAS": bias is not None, "BLOCK_M": block_m})
-    return y
-
-
-def _int4_launch(x, packed, scale, zero, group_size: int, bias):
-    n = packed.shape[0]
+def _launch(launcher: _Launcher, x: torch.Tensor, inputs: tuple, n: int, strides: tuple, key: tuple, constexprs: dict):
+    """Run ``launcher``'s kernel on ``x [..., K]``: the kernels share their output, size and stride
+    arguments (``inputs..., y, M, N, K, stride_xm, strides..., stride_ym``) and their grid."""
     k = x.shape[-1]
     m = x.numel() // k
     y = x.new_empty((*x.shape[:-1], n))
@@ -290,19 +276,30 @@ def _int4_launch(x, packed, scale, zero, group_size: int, bias):
     def grid(meta):
         return (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, block_m))
 
-    args = (x, packed, scale, zero, scale if bias is None else bias, y, m, n, k)
-    args += (k, packed.stride(0), scale.stride(0), n)
-    key = (*_key(x, m, packed, scale, bias), zero.dtype, group_size)
-    _eager(_INT4, key, x, grid, args, {"GROUP": group_size, "HAS_BIAS": bias is not None, "BLOCK_M": block_m})
+    args = (*inputs, y, m, n, k, k, *strides, n)
+    _eager(launcher, (*key, m), x, grid, args, {**constexprs, "BLOCK_M": block_m})  # key[0]: the device
     return y
 
 
-def _key(x: torch.Tensor, m: int, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> tuple:
-    """What a compiled kernel was specialized on: sizes, dtypes, and the pointers' 16-byte alignment."""
+def _int8_launch(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+    inputs = (x, qweight, scale, scale if bias is None else bias)
+    key = _key(x, qweight, scale, bias)
+    return _launch(_INT8, x, inputs, qweight.shape[0], (qweight.stride(0),), key, {"HAS_BIAS": bias is not None})
+
+
+def _int4_launch(x, packed, scale, zero, group_size: int, bias):
+    inputs = (x, packed, scale, zero, scale if bias is None else bias)
+    key = (*_key(x, packed, scale, bias), zero.dtype, zero.data_ptr() % 16 == 0, group_size)
+    constexprs = {"GROUP": group_size, "HAS_BIAS": bias is not None}
+    return _launch(_INT4, x, inputs, packed.shape[0], (packed.stride(0), scale.stride(0)), key, constexprs)
+
+
+def _key(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> tuple:
+    """What a compiled kernel was specialized on (with ``M``): sizes, dtypes, the pointers' 16-byte alignment."""
     aligned = (x.data_ptr() % 16 == 0, weight.data_ptr() % 16 == 0, scale.data_ptr() % 16 == 0)
     if bias is not None:
         aligned += (bias.data_ptr() % 16 == 0, bias.dtype)
-    return (x.device.index, m, *weight.shape, x.shape[-1], x.dtype, scale.dtype, *aligned)
+    return (x.device.index, *weight.shape, x.shape[-1], x.dtype, scale.dtype, *aligned)
 
 
 def _eager(launcher: _Launcher, key: tuple, x: torch.Tensor, grid, args: tuple, constexprs: dict) -> None:
