@@ -521,3 +521,19 @@ LLAMA_SHAPES: dict[str, dict[str, int]] = {
         vocab_size=32000,
     ),
 }
+
+
+def int_at_least(low: int):
+    """An argparse ``type`` for integers ``>= low``, refused with a message naming the bound."""
+    import argparse
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse

@@ -355,7 +355,10 @@ def main(argv=None) -> int:
         "--forward-only", action="store_true", help="only 1-token forwards, all methods interleaved (the CPU targets)"
     )
     parser.add_argument(
-        "--method-timeout", type=int, default=0, help="seconds one method may take (0: no limit); it is then skipped"
+        "--method-timeout",
+        type=_common.int_at_least(0),
+        default=0,
+        help="seconds one method may take (0: no limit); it is then skipped",
     )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)

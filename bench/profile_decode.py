@@ -24,6 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import _common
 import bench_decode
 import torch
 
@@ -31,6 +32,8 @@ import torch
 # tinygemm, quantcore's Triton kernels, bitsandbytes' kernels. Inductor's fused kernels
 # (``triton_poi_fused_...bmm...``) and cuDNN's attention are not, whatever their names mention.
 LINEAR = ("gemv", "gemm", "nvjet", "xmma", "tinygemm", "_int8_kernel", "_int4_kernel", "kgemm", "splitkreduce")
+# On the CPU (the smoke test) the events are operators: the matmuls and the weight-only ops.
+LINEAR += ("aten::mm", "aten::addmm", "_weight_int8pack_mm", "_weight_int4pack_mm")
 
 
 def is_linear(name: str) -> bool:
@@ -101,11 +104,16 @@ def main(argv=None) -> int:
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--model", choices=("llama-1.1b", "llama-7b", "tiny"), default="llama-1.1b")
     parser.add_argument("--methods", default="bf16,int8-torch,int4-torch")
-    parser.add_argument("--prompt", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--top", type=int, default=12)
-    parser.add_argument("--mode", default=None, help="torch.compile mode (default: inductor without CUDA graphs)")
-    parser.add_argument("--method-timeout", type=int, default=0)
+    parser.add_argument("--prompt", type=_common.int_at_least(1), default=512)
+    parser.add_argument("--steps", type=_common.int_at_least(1), default=10)
+    parser.add_argument("--top", type=_common.int_at_least(0), default=12)
+    parser.add_argument(
+        "--mode",
+        default=None,
+        choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+        help="torch.compile mode (default: inductor without CUDA graphs)",
+    )
+    parser.add_argument("--method-timeout", type=_common.int_at_least(0), default=0)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
