@@ -2,9 +2,17 @@
 
 Imported by :mod:`quantcore_torch.kernels` only where CUDA and Triton exist. Each kernel computes
 ``y[m, n] = sum_k x[m, k] * w[n, k] + bias[n]`` with ``w`` dequantized in registers, tile by tile,
-so the weight crosses memory once in its quantized size. One row (``M == 1``, batch-1 decode)
-runs as a reduction over ``[BLOCK_N, BLOCK_K]`` tiles in fp32; more rows run ``tl.dot`` on the
-dequantized tile, cast to the activation dtype first exactly as the reference path rounds it.
+so the weight crosses memory once in its quantized size. Each format has two kernels:
+
+- one row (``M == 1``, batch-1 decode): a reduction in fp32 over tiles of a few output rows and
+  a long stretch of K, so that a weight streamed from HBM keeps every SM busy; codes become
+  floats through bit operations, not conversion instructions (see :func:`_int8_to_float`). The
+  int4 one reads the input two values at a time as 32-bit words (even K);
+- more rows (or int4 with odd K): ``tl.dot`` on the dequantized tile, cast to the activation
+  dtype first exactly as the reference path rounds it.
+
+Their configs were chosen on an H200 with ``bench/bench_gemv.py``, which times each one on
+weights streamed from HBM as a decode step reads them (not from L2, as a layer timed alone is).
 
 Calls go through :class:`_Launcher`: a shape's first call autotunes (Triton times the configs
 once), later calls hand the arguments straight to the compiled kernel of the chosen config, as
@@ -22,6 +30,7 @@ configs that made the compiled int8 step's linears 1.9x slower than the same ker
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -30,42 +39,190 @@ import triton.language as tl
 __all__ = ["int4_mm", "int8_mm"]
 
 
-# (BLOCK_N, BLOCK_K or GROUPS_PER_BLOCK, num_warps). One row (batch-1 decode) is a reduction that
-# must spread a weight of a few MiB over every SM: narrow N tiles, long K tiles. More rows run
-# ``tl.dot``, which needs tiles of 16 at least.
-_INT8_ROW = [(8, 512, 4), (16, 256, 4), (16, 512, 4), (32, 256, 4), (8, 1024, 4), (16, 1024, 8), (32, 512, 8)]
+# One row (batch-1 decode) is a reduction: each program owns BLOCK_N output rows and streams their
+# weight. The weight of a decode step (hundreds of MiB) comes from HBM, not L2, so a program must
+# keep many bytes in flight: few rows (many programs), long K tiles. (BLOCK_N, BLOCK_K, num_warps);
+# for int4, BLOCK_K counts input columns (a whole number of groups). More rows run ``tl.dot``,
+# which needs tiles of 16 at least: (BLOCK_N, BLOCK_K or GROUPS_PER_BLOCK, num_warps).
+INT8_ROW = [
+    (2, 512, 1),
+    (2, 1024, 2),
+    (2, 2048, 4),
+    (2, 4096, 8),
+    (4, 1024, 4),
+    (4, 2048, 4),
+    (4, 2048, 8),
+    (4, 4096, 8),
+    (8, 1024, 4),
+    (8, 2048, 8),
+    (16, 1024, 8),
+]
+INT4_ROW = [
+    (2, 1024, 2),
+    (2, 2048, 4),
+    (2, 4096, 8),
+    (4, 1024, 4),
+    (4, 2048, 4),
+    (4, 2048, 8),
+    (4, 4096, 8),
+    (8, 512, 4),
+    (8, 1024, 4),
+    (8, 2048, 8),
+    (16, 256, 4),
+    (16, 512, 4),
+    (16, 1024, 8),
+    (32, 256, 8),
+]
 _INT8_DOT = [(16, 128, 4), (16, 256, 4), (32, 128, 4), (32, 256, 4), (64, 128, 4), (64, 256, 4)]
-_INT4_ROW = [(8, 1, 4), (16, 1, 4), (8, 2, 4), (16, 2, 4), (32, 1, 4), (32, 2, 8), (16, 4, 8)]
 _INT4_DOT = [(16, 1, 4), (16, 2, 4), (32, 1, 4), (32, 2, 4), (64, 1, 4), (64, 2, 4)]
 
 
-def _configs(row: list, dot: list, group: bool) -> list[triton.Config]:
-    inner = "GROUPS_PER_BLOCK" if group else "BLOCK_K"
-    configs = [triton.Config({"BLOCK_N": n, inner: k}, num_warps=warps, num_stages=3) for n, k, warps in (*row, *dot)]
-    # Triton's CPU interpreter (how the tests check these kernels without a GPU) cannot time
-    # configs; the autotuner skips timing when there is one.
-    # A ``tl.dot`` config serves one row too.
-    return configs[len(row) : len(row) + 1] if os.environ.get("TRITON_INTERPRET") == "1" else configs
+def _configs(table: list, inner: str) -> list[triton.Config]:
+    configs = [triton.Config({"BLOCK_N": n, inner: k}, num_warps=warps, num_stages=1) for n, k, warps in table]
+    # Triton's CPU interpreter (how kernels can be checked without a GPU) cannot time configs;
+    # the autotuner skips timing when there is one.
+    return configs[:1] if os.environ.get("TRITON_INTERPRET") == "1" else configs
 
 
-def _prune(row: list):
-    """Keep the one-row configs for ``M == 1`` and the ``tl.dot`` ones otherwise."""
+def _prune_groups(configs, named_args, **kwargs):
+    """int4 one-row tiles hold whole groups: drop those shorter than one group (or not a multiple of it)."""
+    group = kwargs.get("GROUP", named_args.get("GROUP"))
+    kept = [c for c in configs if c.kwargs["BLOCK_K"] >= group and c.kwargs["BLOCK_K"] % group == 0]
+    return kept or [triton.Config({"BLOCK_N": 8, "BLOCK_K": group}, num_warps=4, num_stages=1)]
 
-    def prune(configs, named_args, **kwargs):
-        if len(configs) == 1:
-            return configs
-        return configs[: len(row)] if named_args["M"] == 1 else configs[len(row) :]
 
-    return prune
+# Integer-to-float conversion instructions run at an eighth of the rate of fused multiply-adds
+# (16 a clock per SM on Hopper), which made the one-row kernels compute-bound: one a weight byte
+# for int8, two for int4. These helpers build the float from its bits instead: a code c in
+# 0..255 or'ed into the mantissa of 2**23 is the float 2**23 + c, exactly, and one subtraction
+# leaves c. Bit operations and float adds run at the full rate.
+_MAGIC = tl.constexpr(0x4B000000)  # the bits of 2.0**23
+
+
+@triton.jit
+def _int8_to_float(w):
+    """int8 codes as fp32: the byte, its sign bit flipped (``c + 128``), in 2**23's mantissa."""
+    u = w.to(tl.uint8, bitcast=True).to(tl.int32)
+    return (u ^ (_MAGIC | 0x80)).to(tl.float32, bitcast=True) - 8388736.0  # 2**23 + 128
+
+
+@triton.jit
+def _nibbles_to_float(byte):
+    """A byte's two int4 codes (low nibble first) as fp32."""
+    u = byte.to(tl.int32)
+    lo = ((u & 0x0F) | _MAGIC).to(tl.float32, bitcast=True) - 8388608.0
+    hi = ((u >> 4) | _MAGIC).to(tl.float32, bitcast=True) - 8388608.0
+    return lo, hi
+
+
+@triton.autotune(configs=_configs(INT8_ROW, "BLOCK_K"), key=["N", "K"])
+@triton.jit
+def _int8_row_kernel(
+    x_ptr,
+    w_ptr,
+    s_ptr,
+    b_ptr,
+    y_ptr,
+    N,
+    K,
+    stride_wn,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """``y[n] = scale[n] * sum_k x[k] * w[n, k] + bias[n]`` for one row ``x``: a ``[BLOCK_N, BLOCK_K]``
+    int8 tile a step, products summed in fp32 and reduced once at the end."""
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    n_mask = rn < N
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        xk = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + rn[:, None] * stride_wn + kk[None, :], mask=n_mask[:, None] & (kk[None, :] < K), other=0)
+        acc += _int8_to_float(w) * xk[None, :]
+    out = tl.sum(acc, axis=1) * tl.load(s_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        out += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rn, out.to(y_ptr.dtype.element_ty), mask=n_mask)
 
 
 @triton.autotune(
-    configs=_configs(_INT8_ROW, _INT8_DOT, group=False),
-    key=["M", "N", "K"],
-    prune_configs_by={"early_config_prune": _prune(_INT8_ROW)},
+    configs=_configs(INT4_ROW, "BLOCK_K"),
+    key=["N", "K", "GROUP"],
+    prune_configs_by={"early_config_prune": _prune_groups},
 )
 @triton.jit
-def _int8_kernel(
+def _int4_row_kernel(
+    x_ptr,
+    w_ptr,
+    s_ptr,
+    z_ptr,
+    b_ptr,
+    y_ptr,
+    N,
+    K,
+    stride_wn,
+    stride_sn,
+    GROUP: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """``y[n] = sum_k scale[n, g] * (q[n, k] * x[k] - zero[n, g] * x[k]) + bias[n]``, ``g = k // GROUP``,
+    for one row ``x`` of even length, 4-byte aligned.
+
+    A step reads a ``[BLOCK_N, BLOCK_K // GROUP, GROUP // 2]`` tile of bytes: a byte's two codes
+    multiply the even and the odd input, read together as one 32-bit word (two fp16 / bf16
+    values, unpacked by bit shifts), and the group's scale and zero point broadcast along the
+    group. The products accumulate per element in fp32; the one reduction is at the end.
+    """
+    GROUPS: tl.constexpr = BLOCK_K // GROUP
+    HALF_G: tl.constexpr = GROUP // 2
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = rn < N
+    rg = tl.arange(0, GROUPS)
+    rj = tl.arange(0, HALF_G)
+    half = K // 2
+    groups = (K + GROUP - 1) // GROUP
+    pairs = x_ptr.to(tl.pointer_type(tl.int32))
+    acc = tl.zeros((BLOCK_N, GROUPS, HALF_G), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        g = k0 // GROUP + rg
+        col = g[:, None] * HALF_G + rj[None, :]  # [GROUPS, HALF_G]: byte columns, input pairs
+        col_mask = col < half
+        byte = tl.load(
+            w_ptr + rn[:, None, None] * stride_wn + col[None, :, :],
+            mask=n_mask[:, None, None] & col_mask[None, :, :],
+            other=0,
+        )
+        pair = tl.load(pairs + col, mask=col_mask, other=0)
+        if x_ptr.dtype.element_ty == tl.bfloat16:  # a bf16 is the top half of an fp32
+            xe = (pair << 16).to(tl.float32, bitcast=True)
+            xo = (pair & -65536).to(tl.float32, bitcast=True)
+        else:
+            xe = pair.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            xo = (pair >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        g_mask = n_mask[:, None] & (g < groups)[None, :]
+        s = tl.load(s_ptr + rn[:, None] * stride_sn + g[None, :], mask=g_mask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + rn[:, None] * stride_sn + g[None, :], mask=g_mask, other=0.0).to(tl.float32)
+        lo, hi = _nibbles_to_float(byte)
+        t = lo * xe[None, :, :] + hi * xo[None, :, :] - z[:, :, None] * (xe + xo)[None, :, :]
+        acc += s[:, :, None] * t
+    out = tl.sum(tl.sum(acc, axis=2), axis=1)
+    if HAS_BIAS:
+        out += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rn, out.to(y_ptr.dtype.element_ty), mask=n_mask)
+
+
+def _dot_configs(table: list, inner: str) -> list[triton.Config]:
+    configs = [triton.Config({"BLOCK_N": n, inner: k}, num_warps=warps, num_stages=3) for n, k, warps in table]
+    return configs[:1] if os.environ.get("TRITON_INTERPRET") == "1" else configs
+
+
+@triton.autotune(configs=_dot_configs(_INT8_DOT, "BLOCK_K"), key=["M", "N", "K"])
+@triton.jit
+def _int8_dot_kernel(
     x_ptr,
     w_ptr,
     s_ptr,
@@ -74,63 +231,35 @@ def _int8_kernel(
     M,
     N,
     K,
-    stride_xm,
     stride_wn,
-    stride_ym,
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    """Several rows: ``tl.dot`` on the int8 tile cast to the activation dtype (int8 codes are exact in
+    fp16 / bf16), the scale applied to the fp32 sums."""
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     rk = tl.arange(0, BLOCK_K)
     n_mask = rn < N
-    if BLOCK_M == 1:
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            kk = k0 + rk
-            xk = tl.load(x_ptr + pid_m * stride_xm + kk, mask=kk < K, other=0.0).to(tl.float32)
-            w = tl.load(
-                w_ptr + rn[:, None] * stride_wn + kk[None, :], mask=n_mask[:, None] & (kk[None, :] < K), other=0
-            )
-            acc += w.to(tl.float32) * xk[None, :]
-        out = tl.sum(acc, axis=1)
-        scale = tl.load(s_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
-        out = out * scale
-        if HAS_BIAS:
-            out += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
-        tl.store(y_ptr + pid_m * stride_ym + rn, out.to(y_ptr.dtype.element_ty), mask=n_mask)
-    else:
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_mask = rm < M
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            kk = k0 + rk
-            xt = tl.load(
-                x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_mask[:, None] & (kk[None, :] < K), other=0.0
-            )
-            w = tl.load(
-                w_ptr + rn[None, :] * stride_wn + kk[:, None], mask=n_mask[None, :] & (kk[:, None] < K), other=0
-            )
-            # int8 codes are exact in fp16 / bf16; the scale is applied to the fp32 sum.
-            acc += tl.dot(xt, w.to(xt.dtype))
-        scale = tl.load(s_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
-        out = acc * scale[None, :]
-        if HAS_BIAS:
-            out += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        mask = m_mask[:, None] & n_mask[None, :]
-        tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], out.to(y_ptr.dtype.element_ty), mask=mask)
+    m_mask = rm < M
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        xt = tl.load(x_ptr + rm[:, None] * K + kk[None, :], mask=m_mask[:, None] & (kk[None, :] < K), other=0.0)
+        w = tl.load(w_ptr + rn[None, :] * stride_wn + kk[:, None], mask=n_mask[None, :] & (kk[:, None] < K), other=0)
+        acc += tl.dot(xt, w.to(xt.dtype))
+    out = acc * tl.load(s_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        out += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    mask = m_mask[:, None] & n_mask[None, :]
+    tl.store(y_ptr + rm[:, None] * N + rn[None, :], out.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(
-    configs=_configs(_INT4_ROW, _INT4_DOT, group=True),
-    key=["M", "N", "K"],
-    prune_configs_by={"early_config_prune": _prune(_INT4_ROW)},
-)
+@triton.autotune(configs=_dot_configs(_INT4_DOT, "GROUPS_PER_BLOCK"), key=["M", "N", "K", "GROUP"])
 @triton.jit
-def _int4_kernel(
+def _int4_dot_kernel(
     x_ptr,
     w_ptr,
     s_ptr,
@@ -140,33 +269,27 @@ def _int4_kernel(
     M,
     N,
     K,
-    stride_xm,
     stride_wn,
     stride_sn,
-    stride_ym,
     GROUP: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     GROUPS_PER_BLOCK: tl.constexpr,
 ):
+    """Several rows: the int4 tile dequantized in registers, rounded to the activation dtype as the
+    reference path's weight is, then ``tl.dot``."""
     BLOCK_K: tl.constexpr = GROUP * GROUPS_PER_BLOCK
-    HALF_K: tl.constexpr = BLOCK_K // 2
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     n_mask = rn < N
-    rb = tl.arange(0, HALF_K)
+    m_mask = rm < M
+    rb = tl.arange(0, BLOCK_K // 2)
     rg = tl.arange(0, GROUPS_PER_BLOCK)
     rk = tl.arange(0, BLOCK_K)
     half = (K + 1) // 2
     groups = (K + GROUP - 1) // GROUP
-    if BLOCK_M == 1:
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    else:
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_mask = rm < M
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         bb = k0 // 2 + rb
         byte = tl.load(
@@ -180,30 +303,13 @@ def _int4_kernel(
         codes = tl.reshape(codes, (BLOCK_N, GROUPS_PER_BLOCK, GROUP))
         w = tl.reshape((codes - z[:, :, None]) * s[:, :, None], (BLOCK_N, BLOCK_K))
         kk = k0 + rk
-        if BLOCK_M == 1:
-            xk = tl.load(x_ptr + pid_m * stride_xm + kk, mask=kk < K, other=0.0).to(tl.float32)
-            acc += w * xk[None, :]
-        else:
-            xt = tl.load(
-                x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_mask[:, None] & (kk[None, :] < K), other=0.0
-            )
-            # The dequantized tile rounds to the activation dtype, as the reference path's weight does.
-            acc += tl.dot(xt, tl.trans(w.to(xt.dtype)))
-    if BLOCK_M == 1:
-        out = tl.sum(acc, axis=1)
-        if HAS_BIAS:
-            out += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
-        tl.store(y_ptr + pid_m * stride_ym + rn, out.to(y_ptr.dtype.element_ty), mask=n_mask)
-    else:
-        out = acc
-        if HAS_BIAS:
-            out += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        mask = m_mask[:, None] & n_mask[None, :]
-        tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], out.to(y_ptr.dtype.element_ty), mask=mask)
-
-
-def _block_m(m: int) -> int:
-    return 1 if m == 1 else 16 if m <= 16 else 32
+        xt = tl.load(x_ptr + rm[:, None] * K + kk[None, :], mask=m_mask[:, None] & (kk[None, :] < K), other=0.0)
+        acc += tl.dot(xt, tl.trans(w.to(xt.dtype)))
+    out = acc
+    if HAS_BIAS:
+        out += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    mask = m_mask[:, None] & n_mask[None, :]
+    tl.store(y_ptr + rm[:, None] * N + rn[None, :], out.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def _launch_hooks_unset() -> bool:
@@ -261,23 +367,37 @@ class _Launcher:
         self.compiled[key] = (compiled, grid0, grid1, tail)
 
 
-_INT8 = _Launcher(_int8_kernel)
-_INT4 = _Launcher(_int4_kernel)
+class _Kernels(NamedTuple):
+    """A format's two kernels: ``row`` for one row of ``x`` (batch-1 decode), ``dot`` for more."""
+
+    row: _Launcher
+    dot: _Launcher
 
 
-def _launch(launcher: _Launcher, x: torch.Tensor, inputs: tuple, n: int, strides: tuple, key: tuple, constexprs: dict):
-    """Run ``launcher``'s kernel on ``x [..., K]``: the kernels share their output, size and stride
-    arguments (``inputs..., y, M, N, K, stride_xm, strides..., stride_ym``) and their grid."""
+_INT8 = _Kernels(_Launcher(_int8_row_kernel), _Launcher(_int8_dot_kernel))
+_INT4 = _Kernels(_Launcher(_int4_row_kernel), _Launcher(_int4_dot_kernel))
+
+
+def _launch(kernels: _Kernels, x: torch.Tensor, inputs: tuple, n: int, strides: tuple, key: tuple, constexprs: dict):
+    """Run a format's kernel on ``x [..., K]`` (contiguous): the kernels share their output and size
+    arguments (``inputs..., y, [M,] N, K, strides...``); the one-row kernel has no ``M``."""
     k = x.shape[-1]
     m = x.numel() // k
     y = x.new_empty((*x.shape[:-1], n))
-    block_m = _block_m(m)
+    if m == 1 and (kernels is _INT8 or k % 2 == 0):  # int4: aligned by _int4_launch
+        launcher, args = kernels.row, (*inputs, y, n, k, *strides)
 
-    def grid(meta):
-        return (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, block_m))
+        def grid(meta):
+            return (triton.cdiv(n, meta["BLOCK_N"]), 1)
+    else:
+        block_m = 16 if m <= 16 else 32
+        launcher, args = kernels.dot, (*inputs, y, m, n, k, *strides)
+        constexprs = {**constexprs, "BLOCK_M": block_m}
 
-    args = (*inputs, y, m, n, k, k, *strides, n)
-    _eager(launcher, (*key, m), x, grid, args, {**constexprs, "BLOCK_M": block_m})  # key[0]: the device
+        def grid(meta):
+            return (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, block_m))
+
+    _eager(launcher, (*key, m), x, grid, args, constexprs)  # key[0]: the device
     return y
 
 
@@ -288,6 +408,10 @@ def _int8_launch(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bi
 
 
 def _int4_launch(x, packed, scale, zero, group_size: int, bias):
+    if x.numel() == x.shape[-1] and x.shape[-1] % 2 == 0 and x.data_ptr() % 4:
+        # The one-row kernel reads the input as 32-bit words: an input off a 4-byte boundary gets
+        # an aligned copy (not the several-row kernel, whose sums round differently).
+        x = x.clone()
     inputs = (x, packed, scale, zero, scale if bias is None else bias)
     key = (*_key(x, packed, scale, bias), zero.dtype, zero.data_ptr() % 16 == 0, group_size)
     constexprs = {"GROUP": group_size, "HAS_BIAS": bias is not None}

@@ -170,7 +170,8 @@ def test_eager_launches_match_the_custom_op(bits, rows):
             out = module(x)
             torch.testing.assert_close(out, op(x), rtol=0, atol=0)
             assert relative_error(out, module.reference_forward(x)) < ROUNDING[torch.float16]
-        launcher = triton_mod._INT8 if bits == 8 else triton_mod._INT4
+        kernels_ = triton_mod._INT8 if bits == 8 else triton_mod._INT4
+        launcher = kernels_.row if rows == 1 else kernels_.dot
         assert launcher.direct and launcher.compiled, "the direct launch is not in use with this Triton"
         shifted = torch.empty(rows * k + 1, dtype=torch.float16, device="cuda")[1:].view(rows, k).copy_(x)
         assert shifted.data_ptr() % 16 != 0

@@ -1,0 +1,115 @@
+"""The CUDA Triton kernels of ``quantcore_torch._triton``, run on the CPU by Triton's interpreter.
+
+The GPU tests (``-m gpu``) run them for real; these check the arithmetic wherever ``triton`` is
+installed (tox's ``core`` env), against the reference dequantize path: the one-row kernels'
+bit-built int8 / int4 floats over every code, masks at ragged edges, biases, both half dtypes.
+The interpreter has no bf16 ``tl.dot``, so the several-row kernels are checked in fp16.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from quantcore_torch.packing import dequantize_int4, dequantize_int8, quantize_int4
+
+triton = pytest.importorskip("triton")
+
+ROUNDING = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
+# Triton decorates its own library functions (``tl.zeros``...) when it is imported, in the mode
+# TRITON_INTERPRET says then: the interpreter must be on before anything imports triton, so this
+# module's tests run in a child process started with it.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the -m gpu tests run these kernels on the GPU")
+
+
+@pytest.mark.skipif(INTERPRETED, reason="this is the parent run")
+def test_the_kernels_under_the_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    child = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", __file__]
+    result = subprocess.run(child, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+    summary = result.stdout.strip().splitlines()[-1]
+    assert re.match(r"\d+ passed, 1 skipped", summary), summary  # the child skips only this test
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    if not INTERPRETED:
+        pytest.skip("runs in the child process (TRITON_INTERPRET=1)")
+    from quantcore_torch import _triton
+
+    return _triton
+
+
+def _error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def _grid(n: int, block_n: int, m: int = 1, block_m: int = 1) -> tuple[int, int]:
+    return (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
+
+
+@pytest.mark.parametrize("dtype", list(ROUNDING), ids=str)
+@pytest.mark.parametrize(("n", "k", "block_n", "block_k"), [(40, 99, 4, 64), (64, 256, 8, 128), (6, 130, 4, 256)])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_int8_row_kernel(kernels, n, k, block_n, block_k, dtype, bias):
+    torch.manual_seed(n * k)
+    q = torch.randint(-128, 128, (n, k), dtype=torch.int8)  # every code, -128 included
+    q[0, :2] = torch.tensor([-128, 127], dtype=torch.int8)
+    scale = (torch.rand(n) * 0.01 + 1e-3).to(dtype)
+    b = torch.randn(n, dtype=dtype) if bias else None
+    x = torch.randn(1, k, dtype=dtype)
+    y = torch.empty(1, n, dtype=dtype)
+    kernels._int8_row_kernel.fn[_grid(n, block_n)](
+        x, q, scale, scale if b is None else b, y, n, k, q.stride(0), HAS_BIAS=bias, BLOCK_N=block_n, BLOCK_K=block_k
+    )
+    ref = torch.nn.functional.linear(
+        x.float(), dequantize_int8(q, scale, torch.float32), None if b is None else b.float()
+    )
+    assert _error(y, ref) < ROUNDING[dtype]
+
+
+@pytest.mark.parametrize("dtype", list(ROUNDING), ids=str)
+@pytest.mark.parametrize(
+    ("n", "k", "group", "block_n", "block_k"), [(40, 256, 32, 4, 64), (24, 576, 128, 8, 256), (6, 130, 64, 4, 64)]
+)
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_int4_row_kernel(kernels, n, k, group, block_n, block_k, dtype, bias):
+    torch.manual_seed(n * k)
+    packed, scale, zero = quantize_int4((torch.randn(n, k) * 0.02).to(dtype), group)
+    packed[0, :8] = torch.arange(0, 256, 33, dtype=torch.uint8)  # codes 0 and 15 in both nibbles
+    b = torch.randn(n, dtype=dtype) if bias else None
+    x = torch.randn(1, k, dtype=dtype)
+    y = torch.empty(1, n, dtype=dtype)
+    kernels._int4_row_kernel.fn[_grid(n, block_n)](
+        x, packed, scale, zero, scale if b is None else b, y, n, k, packed.stride(0), scale.stride(0),
+        GROUP=group, HAS_BIAS=bias, BLOCK_N=block_n, BLOCK_K=block_k,
+    )  # fmt: skip
+    weight = dequantize_int4(packed, scale, zero, k, group, torch.float32)
+    ref = torch.nn.functional.linear(x.float(), weight, None if b is None else b.float())
+    assert _error(y, ref) < ROUNDING[dtype]
+
+
+@pytest.mark.parametrize(("n", "k"), [(40, 99), (48, 130)])
+def test_dot_kernels_several_rows(kernels, n, k):
+    dtype, m = torch.float16, 5
+    torch.manual_seed(n * k)
+    x = torch.randn(m, k, dtype=dtype)
+    q = torch.randint(-128, 128, (n, k), dtype=torch.int8)
+    scale = (torch.rand(n) * 0.01 + 1e-3).to(dtype)
+    y = torch.empty(m, n, dtype=dtype)
+    kernels._int8_dot_kernel.fn[_grid(n, 16, m, 16)](
+        x, q, scale, scale, y, m, n, k, q.stride(0), HAS_BIAS=False, BLOCK_M=16, BLOCK_N=16, BLOCK_K=64
+    )
+    assert _error(y, x.float() @ dequantize_int8(q, scale, torch.float32).T) < ROUNDING[dtype]
+    packed, s4, z4 = quantize_int4((torch.randn(n, k) * 0.02).to(dtype), 32)
+    kernels._int4_dot_kernel.fn[_grid(n, 16, m, 16)](
+        x, packed, s4, z4, s4, y, m, n, k, packed.stride(0), s4.stride(0),
+        GROUP=32, HAS_BIAS=False, BLOCK_M=16, BLOCK_N=16, GROUPS_PER_BLOCK=2,
+    )  # fmt: skip
+    assert _error(y, x.float() @ dequantize_int4(packed, s4, z4, k, 32, torch.float32).T) < ROUNDING[dtype]
