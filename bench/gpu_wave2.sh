@@ -4,6 +4,8 @@
 #   tests     the -m gpu tests of torch_wo, torchao and gptq (log: $OUT/tests.log);
 #             tests-ao, tests-torch, tests-gptq: one backend's (PYTEST_K: pytest -k)
 #   kernels   one layer at a time, CUDA-graph replays (bench_kernels.py)
+#   gemv      batch-1 kernels on weights streamed from HBM, config by config, and a step's
+#             linears in one graph (bench_gemv.py; GEMV_ARGS adds arguments)
 #   launch    one layer at a time, back-to-back eager calls: what an eager step pays per layer
 #   decode    bench_decode.py (METHODS, MODES, MODEL, BATCH, REPEATS narrow it)
 #   profile   profile_decode.py: a compiled step's kernels (PROFILE_METHODS, MODEL)
@@ -37,6 +39,8 @@ for part in "$@"; do
         | grep -v MatMul8bitLt > "$out/$part.log"
       grep -E "passed|failed|error" "$out/$part.log" | tail -2; grep -E "^(FAILED|ERROR|E  )" "$out/$part.log" | head -40 ;;
     kernels) timeout ${T_KERNELS:-60} python3 bench/bench_kernels.py --out "$out/kernels_cuda.json" ;;
+    gemv) timeout ${T_GEMV:-240} python3 bench/bench_gemv.py --model "$model" --stack ${GEMV_ARGS:-} \
+            --out "$out/gemv_${model}.json" ;;
     launch) timeout ${T_LAUNCH:-40} python3 bench/bench_kernels.py --eager --batch 1 --out "$out/kernels_cuda_eager.json" ;;
     decode) TORCH_LOGS=${TORCH_LOGS:-perf_hints} timeout ${T_DECODE:-270} python3 bench/bench_decode.py --device cuda \
               --model "$model" --batch "${BATCH:-1}" --repeats "${REPEATS:-2}" --modes "${MODES:-eager,compiled}" \

@@ -1,0 +1,294 @@
+#!/usr/bin/env python
+"""Batch-1 weight-only matmuls as a decode step runs them: weights streamed from HBM, not L2 (CUDA).
+
+``bench_kernels.py`` times one layer again and again, so its weight (0.5 to 23 MiB) sits in the
+GPU's L2 cache (50 MiB on an H200) after the first call. A decode step reads each weight once,
+from HBM. This benchmark gives every call its own weight: for each layer shape of the model it
+builds as many copies as make up ``--stream-mib`` (far beyond L2), captures one CUDA graph that
+calls the kernel on each copy in turn, and reports microseconds per call and the share of the
+copy bandwidth that call moves.
+
+It times, per shape: bf16 ``F.linear``; each one-row config of the int8 and int4 Triton kernels
+(``quantcore_torch._triton.INT8_ROW`` / ``INT4_ROW``), forced; the autotuned choice that
+``int8_weight_only_linear`` / ``int4_weight_only_linear`` make; tinygemm (int4, bf16). Then
+``--stack``: the linears of a whole decode step (every layer's q, k, v, o, gate, up, down, each
+with its own weight) through each method's dispatch, in one graph: the linears' share of a step.
+
+Usage::
+
+    python bench/bench_gemv.py --out gemv_cuda.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+# [out, in] of the 1.1B Llama's linears, in the order a layer calls them, and its layer count.
+MODELS = {
+    "llama-1.1b": (
+        22,
+        [(2048, 2048), (256, 2048), (256, 2048), (2048, 2048), (5632, 2048), (5632, 2048), (2048, 5632)],
+    ),
+    "llama-7b": (32, [(4096, 4096)] * 4 + [(11008, 4096), (11008, 4096), (4096, 11008)]),
+}
+GROUP = 128
+
+
+def graph_time_us(calls: list, replays: int = 10) -> float:
+    """Mean microseconds per call of ``calls`` (zero-argument functions) captured in one CUDA graph."""
+    for fn in calls:  # compile, autotune, allocate
+        fn()
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for fn in calls:
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in calls:
+            fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / (replays * len(calls))
+
+
+def copy_bandwidth() -> float:
+    src = torch.empty(1 << 28, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * 4 / (graph_time_us([lambda: dst.copy_(src)]) * 1e-6)
+
+
+class Weights:
+    """``copies`` random weights of one shape in every format, quantized as torch_wo stores them."""
+
+    def __init__(self, n: int, k: int, copies: int, formats: set[str]):
+        from quantcore_torch import kernels
+        from quantcore_torch.packing import quantize_int4, quantize_int8
+
+        self.n, self.k = n, k
+        self.bf16, self.int8, self.int4, self.tinygemm = [], [], [], []
+        for _ in range(copies):
+            w = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
+            if "bf16" in formats:
+                self.bf16.append(w)
+            if "int8" in formats:
+                self.int8.append(quantize_int8(w))
+            if "int4" in formats:
+                packed, scale, zero = quantize_int4(w, GROUP)
+                self.int4.append((packed, scale, zero))
+                self.tinygemm.append(kernels.int4_tinygemm_layout(packed, scale, zero, k, GROUP))
+
+    def nbytes(self, fmt: str) -> int:
+        n, k = self.n, self.k
+        groups = -(-k // GROUP)
+        return {"bf16": 2 * n * k, "int8": n * k + 2 * n, "int4": n * (-(-k // 2)) + 4 * n * groups}[fmt]
+
+
+def forced(kernel, config: tuple, x: torch.Tensor, args: tuple, constexprs: dict):
+    """A one-row kernel launched with one config, bypassing the autotuner."""
+    import triton
+
+    block_n, block_k, warps = config
+    n = args[0].shape[0]
+    y = x.new_empty((1, n))
+    grid = (triton.cdiv(n, block_n), 1)
+
+    def call():
+        # The autotuner wraps the JIT function: ``.fn`` launches it with the config given here.
+        kernel.fn[grid](
+            x,
+            *args[:-1],
+            y,
+            n,
+            x.shape[-1],
+            *args[-1],
+            **constexprs,
+            BLOCK_N=block_n,
+            BLOCK_K=block_k,
+            num_warps=warps,
+            num_stages=1,
+        )
+        return y
+
+    return call
+
+
+def shape_cases(w: Weights, x: torch.Tensor, formats: set[str]) -> dict[str, tuple[str, list]]:
+    """name -> (format whose bytes it moves, one call per weight copy)."""
+    from quantcore_torch import _triton, kernels
+
+    cases: dict[str, tuple[str, list]] = {}
+    if "bf16" in formats:
+        cases["bf16 F.linear"] = ("bf16", [lambda w=w: F.linear(x, w) for w in w.bf16])
+    if "int8" in formats:
+        cases["int8 dispatch"] = (
+            "int8",
+            [lambda q=q, s=s: kernels.int8_weight_only_linear(x, q, s) for q, s in w.int8],
+        )
+        for cfg in _triton.INT8_ROW:
+            calls = [
+                forced(_triton._int8_row_kernel, cfg, x, (q, s, s, (q.stride(0),)), {"HAS_BIAS": False})
+                for q, s in w.int8
+            ]
+            cases[f"int8 {cfg}"] = ("int8", calls)
+    if "int4" in formats:
+        cases["int4 tinygemm"] = (
+            "int4",
+            [
+                lambda p=p, s=s, z=z, t=t: kernels.int4_weight_only_linear(x, p, s, z, GROUP, None, t)
+                for (p, s, z), t in zip(w.int4, w.tinygemm, strict=True)
+            ],
+        )
+        cases["int4 triton dispatch"] = (
+            "int4",
+            [lambda p=p, s=s, z=z: _triton.int4_mm(x, p, s, z, GROUP, None) for p, s, z in w.int4],
+        )
+        for cfg in _triton.INT4_ROW:
+            if cfg[1] % GROUP:
+                continue
+            calls = [
+                forced(
+                    _triton._int4_row_kernel,
+                    cfg,
+                    x,
+                    (p, s, z, s, (p.stride(0), s.stride(0))),
+                    {"GROUP": GROUP, "HAS_BIAS": False},
+                )
+                for p, s, z in w.int4
+            ]
+            cases[f"int4 {cfg}"] = ("int4", calls)
+    return cases
+
+
+def check(cases: dict, w: Weights, x: torch.Tensor) -> dict[str, float]:
+    """Relative error of each case's first call against dequantize + F.linear in fp32."""
+    from quantcore_torch.packing import dequantize_int4, dequantize_int8
+
+    refs = {"bf16": F.linear(x.float(), w.bf16[0].float()) if w.bf16 else None}
+    if w.int8:
+        refs["int8"] = F.linear(x.float(), dequantize_int8(*w.int8[0], torch.float32))
+    if w.int4:
+        refs["int4"] = F.linear(x.float(), dequantize_int4(*w.int4[0], w.k, GROUP, torch.float32))
+    errors = {}
+    for name, (fmt, calls) in cases.items():
+        out = calls[0]()
+        errors[name] = ((out.float() - refs[fmt]).norm() / refs[fmt].norm()).item()
+    return errors
+
+
+def run_shapes(model: str, formats: set[str], stream_mib: int, bandwidth: float) -> list[dict]:
+    rows = []
+    for n, k in dict.fromkeys(MODELS[model][1]):
+        bytes_bf16 = 2 * n * k
+        copies = max(4, -(-stream_mib * 2**20 // (bytes_bf16 if "bf16" in formats else n * k)))
+        w = Weights(n, k, copies, formats)
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        cases = shape_cases(w, x, formats)
+        errors = check(cases, w, x)
+        row = dict(n=n, k=k, copies=copies, cases={})
+        for name, (fmt, calls) in cases.items():
+            try:
+                us = graph_time_us(calls)
+            except Exception as exc:  # a config this GPU cannot run (registers, shared memory)
+                row["cases"][name] = dict(error=f"{type(exc).__name__}: {str(exc)[:160]}")
+                continue
+            share = w.nbytes(fmt) / (us * 1e-6) / bandwidth
+            row["cases"][name] = dict(us=us, bandwidth_share=share, rel_err=errors.get(name))
+            err = f" err {errors[name]:.1e}" if name in errors else ""
+            print(f"[{n}x{k}] {name:28s} {us:7.2f} us  {100 * share:5.1f}% of copy{err}", flush=True)
+        rows.append(row)
+        del w, cases
+        torch.cuda.empty_cache()
+    return rows
+
+
+def run_stack(model: str, bandwidth: float) -> dict:
+    """Every linear of a decode step, each with its own weight, in one graph, per method."""
+    from quantcore_torch import kernels
+    from quantcore_torch.packing import quantize_int4, quantize_int8
+
+    layers, shapes = MODELS[model]
+    result = {}
+    for method in ("bf16", "int8", "int4-triton", "int4-tinygemm"):
+        calls, nbytes = [], 0
+        xs = {k: torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for _, k in shapes}
+        for _ in range(layers):
+            for n, k in shapes:
+                x = xs[k]
+                w = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
+                if method == "bf16":
+                    calls.append(lambda x=x, w=w: F.linear(x, w))
+                    nbytes += w.numel() * 2
+                elif method == "int8":
+                    q, s = quantize_int8(w)
+                    calls.append(lambda x=x, q=q, s=s: kernels.int8_weight_only_linear(x, q, s))
+                    nbytes += q.numel() + 2 * n
+                else:
+                    p, s, z = quantize_int4(w, GROUP)
+                    layout = kernels.int4_tinygemm_layout(p, s, z, k, GROUP) if method == "int4-tinygemm" else None
+                    if layout is None:
+                        calls.append(lambda x=x, p=p, s=s, z=z: kernels._TRITON.int4_mm(x, p, s, z, GROUP, None))
+                    else:
+                        calls.append(
+                            lambda x=x, p=p, s=s, z=z, t=layout: kernels.int4_weight_only_linear(
+                                x, p, s, z, GROUP, None, t
+                            )
+                        )
+                    nbytes += p.numel() + 4 * s.numel()
+                del w
+        us = graph_time_us(calls, replays=5) * len(calls)
+        floor = nbytes / bandwidth * 1e6
+        result[method] = dict(us_per_step=us, mib=nbytes / 2**20, floor_us=floor, share=floor / us)
+        print(
+            f"[stack {model}] {method:14s} {us:8.1f} us a step for {len(calls)} linears, "
+            f"{nbytes / 2**20:7.1f} MiB, floor {floor:6.1f} us ({100 * floor / us:4.1f}%)",
+            flush=True,
+        )
+        del calls
+        torch.cuda.empty_cache()
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=sorted(MODELS), default="llama-1.1b")
+    parser.add_argument("--formats", default="bf16,int8,int4", help="comma-separated: bf16, int8, int4")
+    parser.add_argument("--stream-mib", type=int, default=256, help="weight bytes a shape's graph streams")
+    parser.add_argument("--no-shapes", action="store_true", help="skip the per-shape config sweep")
+    parser.add_argument("--stack", action="store_true", help="also time a whole step's linears per method")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    formats = {f.strip() for f in args.formats.split(",") if f.strip()}
+    if not formats <= {"bf16", "int8", "int4"}:
+        parser.error(f"--formats: unknown {sorted(formats - {'bf16', 'int8', 'int4'})}")
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA device")
+    torch.manual_seed(0)
+    bandwidth = copy_bandwidth()
+    print(f"{torch.cuda.get_device_name()}: copy {bandwidth / 1e9:.0f} GB/s", flush=True)
+    report = dict(device=torch.cuda.get_device_name(), bandwidth=bandwidth, model=args.model)
+    with torch.no_grad():
+        if not args.no_shapes:
+            report["shapes"] = run_shapes(args.model, formats, args.stream_mib, bandwidth)
+        if args.stack:
+            report["stack"] = run_stack(args.model, bandwidth)
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
