@@ -238,6 +238,56 @@ def forward_only(base, methods: list[str], args) -> list[dict]:
     return [dict(method=m, forward_1tok_ms=best[m], ratio=best[m] / best[methods[0]]) for m in methods]
 
 
+def _row(method: str, mode: str, batch: int, runs: list, args, warm: float, peak_mib, step_bytes: int) -> dict:
+    """One figure from ``runs`` (``Decoder.run`` results): medians of prefill and decode times."""
+    prefill = statistics.median(r[1] for r in runs)
+    decode = statistics.median(r[2] for r in runs)
+    return dict(
+        method=method,
+        mode=mode,
+        batch=batch,
+        tokens_per_s=batch * (args.new - 1) / decode,
+        ms_per_step=1e3 * decode / (args.new - 1),
+        ttft_ms=1e3 * prefill,
+        warmup_s=warm,
+        peak_mib=peak_mib,
+        step_mib=step_bytes / 2**20,
+        repeatable=all(torch.equal(r[0], runs[0][0]) for r in runs),
+    )
+
+
+def measure_eager_interleaved(base, methods: list[str], args, bandwidth: float, rows: list[dict]) -> None:
+    """Eager decode of every method in rounds (bf16, int8, int4, bf16, int8, int4, ...), medians per method.
+
+    An eager step is bound by the host (Python and launches), whose speed drifts with its load
+    over a run: methods timed one after another differed by more than their kernels do (int4
+    eager came out at 0.94x, 1.44x and 1.60x bf16 in three runs of the same code). Rounds expose
+    every method to the same drift. All variants stay in memory at once, so no peak memory is given.
+    """
+    models, quantize_s = {}, {}
+    for method in methods:
+        t = time.perf_counter()
+        models[method] = make_variant(base, method)
+        quantize_s[method] = time.perf_counter() - t
+    for batch in args.batch:
+        decoders = {m: Decoder(models[m], batch, args.prompt, args.new, args.device, compiled=False) for m in methods}
+        warm = {}
+        for method, dec in decoders.items():
+            t = time.perf_counter()
+            dec.run()
+            warm[method] = time.perf_counter() - t
+        runs: dict[str, list] = {m: [] for m in methods}
+        for _ in range(args.repeats):
+            for method, dec in decoders.items():
+                runs[method].append(dec.run())
+        for method in methods:
+            nbytes = step_bytes(models[method])
+            row = _row(method, "eager", batch, runs[method], args, warm=warm[method], peak_mib=None, step_bytes=nbytes)
+            row.update(floor_tokens_per_s=bandwidth / nbytes, quantize_s=quantize_s[method], interleaved=True)
+            rows.append(row)
+            print(_line(row), flush=True)
+
+
 def measure(base, method: str, args, bandwidth: float, rows: list[dict]) -> None:
     """Append a row per mode and batch to ``rows`` as each is measured (a timeout keeps the earlier ones)."""
     t = time.perf_counter()
@@ -258,23 +308,12 @@ def measure(base, method: str, args, bandwidth: float, rows: list[dict]) -> None
             tokens, _, _ = dec.run()  # warm-up: compiles, records the graphs
             warm = time.perf_counter() - t
             runs = [dec.run() for _ in range(args.repeats)]
-            prefill = statistics.median(r[1] for r in runs)
-            decode = statistics.median(r[2] for r in runs)
-            same = all(torch.equal(r[0], runs[0][0]) for r in runs)
-            row = dict(
-                method=method,
-                mode=mode,
-                batch=batch,
-                tokens_per_s=batch * (args.new - 1) / decode,
-                ms_per_step=1e3 * decode / (args.new - 1),
-                ttft_ms=1e3 * prefill,
-                warmup_s=warm,
-                peak_mib=torch.cuda.max_memory_allocated() / 2**20 if args.device == "cuda" else None,
-                step_mib=nbytes / 2**20,
+            peak = torch.cuda.max_memory_allocated() / 2**20 if args.device == "cuda" else None
+            row = _row(method, mode, batch, runs, args, warm=warm, peak_mib=peak, step_bytes=nbytes)
+            row.update(
                 floor_tokens_per_s=bandwidth / nbytes,
                 fullgraph=dec.fullgraph if mode == "compiled" else None,
                 cudagraph_skips=_cudagraph_skips() - skips0 if mode == "compiled" else None,
-                repeatable=same,
                 quantize_s=quantize_s,
                 tokens_head=tokens[0, :8].tolist(),
                 **extra,
@@ -360,6 +399,11 @@ def main(argv=None) -> int:
         default=0,
         help="seconds one method may take (0: no limit); it is then skipped",
     )
+    parser.add_argument(
+        "--interleave-eager",
+        action="store_true",
+        help="time eager decoding in rounds over all methods (robust to the host's drifting load)",
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     args.model = args.model or ("llama-1.1b" if args.device == "cuda" else "smollm2")
@@ -387,8 +431,12 @@ def main(argv=None) -> int:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
         return 0
-    rows = []
-    for method in args.methods.split(","):
+    rows: list[dict] = []
+    if args.interleave_eager and "eager" in args.modes:
+        args.modes = [m for m in args.modes if m != "eager"]
+        measure_eager_interleaved(base, args.methods.split(","), args, bandwidth, rows)
+        gc.collect()
+    for method in args.methods.split(",") if args.modes else []:
         try:
             with _time_limit(args.method_timeout):
                 measure(base, method, args, bandwidth, rows)

@@ -7,7 +7,7 @@
 #   gemv      batch-1 kernels on weights streamed from HBM, config by config, and a step's
 #             linears in one graph (bench_gemv.py; GEMV_ARGS adds arguments)
 #   launch    one layer at a time, back-to-back eager calls: what an eager step pays per layer
-#   decode    bench_decode.py (METHODS, MODES, MODEL, BATCH, REPEATS narrow it)
+#   decode    bench_decode.py (METHODS, MODES, MODEL, BATCH, REPEATS narrow it); eager in rounds
 #   profile   profile_decode.py: a compiled step's kernels (PROFILE_METHODS, MODEL)
 #   gptq      GPTQ's time to quantize a 1.1B Llama (bench_gptq.py), beside plain rounding
 # From the repository root, carrying .whl (torchao-0.17.0, built for torch 2.11) and .devsite
@@ -44,11 +44,11 @@ for part in "$@"; do
     launch) timeout ${T_LAUNCH:-40} python3 bench/bench_kernels.py --eager --batch 1 --out "$out/kernels_cuda_eager.json" ;;
     decode) TORCH_LOGS=${TORCH_LOGS:-perf_hints} timeout ${T_DECODE:-270} python3 bench/bench_decode.py --device cuda \
               --model "$model" --batch "${BATCH:-1}" --repeats "${REPEATS:-2}" --modes "${MODES:-eager,compiled}" \
-              --method-timeout "${METHOD_TIMEOUT:-0}" --methods "${METHODS:-bf16,int4-torch,int8-torch,int4-ao,int8-ao,fp8-ao}" \
+              --method-timeout "${METHOD_TIMEOUT:-0}" --interleave-eager --methods "${METHODS:-bf16,int4-torch,int8-torch,int4-ao,int8-ao,fp8-ao}" \
               --out "$out/decode_${model}_b${BATCH:-1}.json" 2>&1 \
               | grep -v -E "FutureWarning|forward_call|MatMul8bitLt" ;;
     profile) timeout ${T_PROFILE:-240} python3 bench/profile_decode.py --model "$model" \
-               --method-timeout "${METHOD_TIMEOUT:-0}" --methods "${PROFILE_METHODS:-bf16,int8-torch,int4-torch,int4-ao}" \
+               --method-timeout "${METHOD_TIMEOUT:-0}" --interleave-eager --methods "${PROFILE_METHODS:-bf16,int8-torch,int4-torch,int4-ao}" \
                --out "$out/profile_${model}.json" 2>&1 | grep -v -E "FutureWarning|forward_call" ;;
     gptq) timeout ${T_GPTQ:-130} python3 bench/bench_gptq.py --model llama-1.1b --device cuda --out "$out/gptq_cuda.json" ;;
   esac
