@@ -77,8 +77,9 @@ _INT8_DOT = [(16, 128, 4), (16, 256, 4), (32, 128, 4), (32, 256, 4), (64, 128, 4
 _INT4_DOT = [(16, 1, 4), (16, 2, 4), (32, 1, 4), (32, 2, 4), (64, 1, 4), (64, 2, 4)]
 
 
-def _configs(table: list, inner: str) -> list[triton.Config]:
-    configs = [triton.Config({"BLOCK_N": n, inner: k}, num_warps=warps, num_stages=1) for n, k, warps in table]
+def _configs(table: list, inner: str, stages: int = 1) -> list[triton.Config]:
+    """``(BLOCK_N, inner, num_warps)`` rows as configs; the ``tl.dot`` kernels pipeline their loads (3 stages)."""
+    configs = [triton.Config({"BLOCK_N": n, inner: k}, num_warps=warps, num_stages=stages) for n, k, warps in table]
     # Triton's CPU interpreter (how kernels can be checked without a GPU) cannot time configs;
     # the autotuner skips timing when there is one.
     return configs[:1] if os.environ.get("TRITON_INTERPRET") == "1" else configs
@@ -115,6 +116,32 @@ def _nibbles_to_float(byte):
     return lo, hi
 
 
+@triton.jit
+def _group_params(s_ptr, z_ptr, rn, g, stride_sn, mask):
+    """The scales and zero points of rows ``rn`` and groups ``g`` (``[BLOCK_N, len(g)]``), as fp32."""
+    offsets = rn[:, None] * stride_sn + g[None, :]
+    s = tl.load(s_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    return s, z
+
+
+@triton.jit
+def _store_row(out, b_ptr, y_ptr, rn, n_mask, HAS_BIAS: tl.constexpr):
+    """A one-row kernel's epilogue: ``y[rn] = out + bias[rn]`` in the output's dtype."""
+    if HAS_BIAS:
+        out += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rn, out.to(y_ptr.dtype.element_ty), mask=n_mask)
+
+
+@triton.jit
+def _store_rows(out, b_ptr, y_ptr, rm, rn, m_mask, n_mask, N, HAS_BIAS: tl.constexpr):
+    """A several-row kernel's epilogue: ``y[rm, rn] = out + bias[rn]`` (``y`` contiguous, ``N`` wide)."""
+    if HAS_BIAS:
+        out += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    mask = m_mask[:, None] & n_mask[None, :]
+    tl.store(y_ptr + rm[:, None] * N + rn[None, :], out.to(y_ptr.dtype.element_ty), mask=mask)
+
+
 @triton.autotune(configs=_configs(INT8_ROW, "BLOCK_K"), key=["N", "K"])
 @triton.jit
 def _int8_row_kernel(
@@ -142,9 +169,7 @@ def _int8_row_kernel(
         w = tl.load(w_ptr + rn[:, None] * stride_wn + kk[None, :], mask=n_mask[:, None] & (kk[None, :] < K), other=0)
         acc += _int8_to_float(w) * xk[None, :]
     out = tl.sum(acc, axis=1) * tl.load(s_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        out += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + rn, out.to(y_ptr.dtype.element_ty), mask=n_mask)
+    _store_row(out, b_ptr, y_ptr, rn, n_mask, HAS_BIAS)
 
 
 @triton.autotune(
@@ -203,24 +228,14 @@ def _int4_row_kernel(
         else:
             xe = pair.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
             xo = (pair >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-        g_mask = n_mask[:, None] & (g < groups)[None, :]
-        s = tl.load(s_ptr + rn[:, None] * stride_sn + g[None, :], mask=g_mask, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + rn[:, None] * stride_sn + g[None, :], mask=g_mask, other=0.0).to(tl.float32)
+        s, z = _group_params(s_ptr, z_ptr, rn, g, stride_sn, n_mask[:, None] & (g < groups)[None, :])
         lo, hi = _nibbles_to_float(byte)
         t = lo * xe[None, :, :] + hi * xo[None, :, :] - z[:, :, None] * (xe + xo)[None, :, :]
         acc += s[:, :, None] * t
-    out = tl.sum(tl.sum(acc, axis=2), axis=1)
-    if HAS_BIAS:
-        out += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + rn, out.to(y_ptr.dtype.element_ty), mask=n_mask)
+    _store_row(tl.sum(tl.sum(acc, axis=2), axis=1), b_ptr, y_ptr, rn, n_mask, HAS_BIAS)
 
 
-def _dot_configs(table: list, inner: str) -> list[triton.Config]:
-    configs = [triton.Config({"BLOCK_N": n, inner: k}, num_warps=warps, num_stages=3) for n, k, warps in table]
-    return configs[:1] if os.environ.get("TRITON_INTERPRET") == "1" else configs
-
-
-@triton.autotune(configs=_dot_configs(_INT8_DOT, "BLOCK_K"), key=["M", "N", "K"])
+@triton.autotune(configs=_configs(_INT8_DOT, "BLOCK_K", stages=3), key=["M", "N", "K"])
 @triton.jit
 def _int8_dot_kernel(
     x_ptr,
@@ -251,13 +266,10 @@ def _int8_dot_kernel(
         w = tl.load(w_ptr + rn[None, :] * stride_wn + kk[:, None], mask=n_mask[None, :] & (kk[:, None] < K), other=0)
         acc += tl.dot(xt, w.to(xt.dtype))
     out = acc * tl.load(s_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    if HAS_BIAS:
-        out += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    mask = m_mask[:, None] & n_mask[None, :]
-    tl.store(y_ptr + rm[:, None] * N + rn[None, :], out.to(y_ptr.dtype.element_ty), mask=mask)
+    _store_rows(out, b_ptr, y_ptr, rm, rn, m_mask, n_mask, N, HAS_BIAS)
 
 
-@triton.autotune(configs=_dot_configs(_INT4_DOT, "GROUPS_PER_BLOCK"), key=["M", "N", "K", "GROUP"])
+@triton.autotune(configs=_configs(_INT4_DOT, "GROUPS_PER_BLOCK", stages=3), key=["M", "N", "K", "GROUP"])
 @triton.jit
 def _int4_dot_kernel(
     x_ptr,
@@ -297,19 +309,13 @@ def _int4_dot_kernel(
         )
         codes = tl.interleave(byte & 0x0F, byte >> 4).to(tl.float32)  # [BLOCK_N, BLOCK_K], column 2j first
         gg = k0 // GROUP + rg
-        g_mask = n_mask[:, None] & (gg[None, :] < groups)
-        s = tl.load(s_ptr + rn[:, None] * stride_sn + gg[None, :], mask=g_mask, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + rn[:, None] * stride_sn + gg[None, :], mask=g_mask, other=0.0).to(tl.float32)
+        s, z = _group_params(s_ptr, z_ptr, rn, gg, stride_sn, n_mask[:, None] & (gg[None, :] < groups))
         codes = tl.reshape(codes, (BLOCK_N, GROUPS_PER_BLOCK, GROUP))
         w = tl.reshape((codes - z[:, :, None]) * s[:, :, None], (BLOCK_N, BLOCK_K))
         kk = k0 + rk
         xt = tl.load(x_ptr + rm[:, None] * K + kk[None, :], mask=m_mask[:, None] & (kk[None, :] < K), other=0.0)
         acc += tl.dot(xt, tl.trans(w.to(xt.dtype)))
-    out = acc
-    if HAS_BIAS:
-        out += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    mask = m_mask[:, None] & n_mask[None, :]
-    tl.store(y_ptr + rm[:, None] * N + rn[None, :], out.to(y_ptr.dtype.element_ty), mask=mask)
+    _store_rows(acc, b_ptr, y_ptr, rm, rn, m_mask, n_mask, N, HAS_BIAS)
 
 
 def _launch_hooks_unset() -> bool:
@@ -368,14 +374,17 @@ class _Launcher:
 
 
 class _Kernels(NamedTuple):
-    """A format's two kernels: ``row`` for one row of ``x`` (batch-1 decode), ``dot`` for more."""
+    """A format's two kernels: ``row`` for one row of ``x`` (batch-1 decode), ``dot`` for more
+    (and for one row the row kernel cannot take: odd K where ``row_needs_even_k``)."""
 
     row: _Launcher
     dot: _Launcher
+    row_needs_even_k: bool
 
 
-_INT8 = _Kernels(_Launcher(_int8_row_kernel), _Launcher(_int8_dot_kernel))
-_INT4 = _Kernels(_Launcher(_int4_row_kernel), _Launcher(_int4_dot_kernel))
+_INT8 = _Kernels(_Launcher(_int8_row_kernel), _Launcher(_int8_dot_kernel), row_needs_even_k=False)
+# The int4 row kernel reads the input as 32-bit pairs (_int4_launch gives it an aligned one).
+_INT4 = _Kernels(_Launcher(_int4_row_kernel), _Launcher(_int4_dot_kernel), row_needs_even_k=True)
 
 
 def _launch(kernels: _Kernels, x: torch.Tensor, inputs: tuple, n: int, strides: tuple, key: tuple, constexprs: dict):
@@ -384,7 +393,7 @@ def _launch(kernels: _Kernels, x: torch.Tensor, inputs: tuple, n: int, strides: 
     k = x.shape[-1]
     m = x.numel() // k
     y = x.new_empty((*x.shape[:-1], n))
-    if m == 1 and (kernels is _INT8 or k % 2 == 0):  # int4: aligned by _int4_launch
+    if m == 1 and not (kernels.row_needs_even_k and k % 2):
         launcher, args = kernels.row, (*inputs, y, n, k, *strides)
 
         def grid(meta):

@@ -102,11 +102,13 @@ def test_dot_kernels_several_rows(kernels, n, k):
     x = torch.randn(m, k, dtype=dtype)
     q = torch.randint(-128, 128, (n, k), dtype=torch.int8)
     scale = (torch.rand(n) * 0.01 + 1e-3).to(dtype)
+    bias = torch.randn(n, dtype=dtype)
     y = torch.empty(m, n, dtype=dtype)
     kernels._int8_dot_kernel.fn[_grid(n, 16, m, 16)](
-        x, q, scale, scale, y, m, n, k, q.stride(0), HAS_BIAS=False, BLOCK_M=16, BLOCK_N=16, BLOCK_K=64
+        x, q, scale, bias, y, m, n, k, q.stride(0), HAS_BIAS=True, BLOCK_M=16, BLOCK_N=16, BLOCK_K=64
     )
-    assert _error(y, x.float() @ dequantize_int8(q, scale, torch.float32).T) < ROUNDING[dtype]
+    ref = x.float() @ dequantize_int8(q, scale, torch.float32).T + bias.float()
+    assert _error(y, ref) < ROUNDING[dtype]
     packed, s4, z4 = quantize_int4((torch.randn(n, k) * 0.02).to(dtype), 32)
     kernels._int4_dot_kernel.fn[_grid(n, 16, m, 16)](
         x, packed, s4, z4, s4, y, m, n, k, packed.stride(0), s4.stride(0),
