@@ -409,6 +409,8 @@ def main(argv=None) -> int:
     args.model = args.model or ("llama-1.1b" if args.device == "cuda" else "smollm2")
     args.modes = args.modes.split(",")
     args.batch = [int(b) for b in args.batch.split(",")]
+    if args.interleave_eager and "eager" not in args.modes:
+        parser.error("--interleave-eager times the eager mode: add eager to --modes")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda needs a CUDA device")
 
@@ -432,10 +434,21 @@ def main(argv=None) -> int:
             args.out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
         return 0
     rows: list[dict] = []
-    if args.interleave_eager and "eager" in args.modes:
+
+    def save() -> None:  # after each part, so a run cut short keeps what it measured
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+
+    if args.interleave_eager:
         args.modes = [m for m in args.modes if m != "eager"]
-        measure_eager_interleaved(base, args.methods.split(","), args, bandwidth, rows)
+        try:
+            measure_eager_interleaved(base, args.methods.split(","), args, bandwidth, rows)
+        except Exception as exc:  # the compiled figures that follow must not be lost with it
+            print(f"  eager, interleaved: FAILED {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+            rows.append(dict(method="(all)", mode="eager", error=f"{type(exc).__name__}: {exc}"))
         gc.collect()
+        save()
     for method in args.methods.split(",") if args.modes else []:
         try:
             with _time_limit(args.method_timeout):
@@ -447,9 +460,7 @@ def main(argv=None) -> int:
             gc.collect()
             if args.device == "cuda":
                 torch.cuda.empty_cache()
-        if args.out:  # after each method, so a run cut short keeps what it measured
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+        save()
     print(summary([r for r in rows if "error" not in r]))
     return 0
 

@@ -26,18 +26,27 @@ import json
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common
+import bench_decode
 import torch
 import torch.nn.functional as F
 
-# [out, in] of the 1.1B Llama's linears, in the order a layer calls them, and its layer count.
-MODELS = {
-    "llama-1.1b": (
-        22,
-        [(2048, 2048), (256, 2048), (256, 2048), (2048, 2048), (5632, 2048), (5632, 2048), (2048, 5632)],
-    ),
-    "llama-7b": (32, [(4096, 4096)] * 4 + [(11008, 4096), (11008, 4096), (4096, 11008)]),
-}
 GROUP = 128
+
+
+def linears(model: str) -> tuple[int, list[tuple[int, int]]]:
+    """A Llama shape's layer count and its linears' ``[out, in]``, in the order a layer calls them
+    (q, k, v, o, gate, up, down), from the shapes ``bench_decode.py`` builds its models with."""
+    shape = bench_decode.LLAMA[model]
+    h, i = shape["hidden_size"], shape["intermediate_size"]
+    kv = h // shape["num_attention_heads"] * shape["num_key_value_heads"]
+    return shape["num_hidden_layers"], [(h, h), (kv, h), (kv, h), (h, h), (i, h), (i, h), (h, i)]
+
+
+def tensor_bytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def graph_time_us(calls: list, replays: int = 10) -> float:
@@ -65,23 +74,6 @@ def graph_time_us(calls: list, replays: int = 10) -> float:
     return start.elapsed_time(end) * 1e3 / (replays * len(calls))
 
 
-def copy_bandwidth() -> float:
-    """Bytes/s (read + written) of a 1 GiB device-to-device copy, timed eagerly as ``bench_decode.py``
-    times it. (A copy captured in a CUDA graph becomes a memcpy node, measured at about 2.7 TB/s
-    on an H200 against 4.1 TB/s for the same copy launched eagerly.)"""
-    src = torch.empty(1 << 28, device="cuda")
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(10):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e-3)
-    return 2 * src.numel() * 4 / min(times[2:])
-
-
 class Weights:
     """``copies`` random weights of one shape in every format, quantized as torch_wo stores them."""
 
@@ -103,9 +95,9 @@ class Weights:
                 self.tinygemm.append(kernels.int4_tinygemm_layout(packed, scale, zero, k, GROUP))
 
     def nbytes(self, fmt: str) -> int:
-        n, k = self.n, self.k
-        groups = -(-k // GROUP)
-        return {"bf16": 2 * n * k, "int8": n * k + 2 * n, "int4": n * (-(-k // 2)) + 4 * n * groups}[fmt]
+        """The bytes one call reads in ``fmt`` (the stored tensors of one copy)."""
+        first = {"bf16": self.bf16, "int8": self.int8, "int4": self.int4}[fmt][0]
+        return tensor_bytes(*first) if isinstance(first, tuple) else tensor_bytes(first)
 
 
 def forced(kernel, config: tuple, x: torch.Tensor, args: tuple, constexprs: dict):
@@ -202,7 +194,7 @@ def check(cases: dict, w: Weights, x: torch.Tensor) -> dict[str, float]:
 
 def run_shapes(model: str, formats: set[str], stream_mib: int, bandwidth: float) -> list[dict]:
     rows = []
-    for n, k in dict.fromkeys(MODELS[model][1]):
+    for n, k in dict.fromkeys(linears(model)[1]):
         bytes_bf16 = 2 * n * k
         copies = max(4, -(-stream_mib * 2**20 // (bytes_bf16 if "bf16" in formats else n * k)))
         w = Weights(n, k, copies, formats)
@@ -231,7 +223,7 @@ def run_stack(model: str, bandwidth: float) -> dict:
     from quantcore_torch import kernels
     from quantcore_torch.packing import quantize_int4, quantize_int8
 
-    layers, shapes = MODELS[model]
+    layers, shapes = linears(model)
     result = {}
     for method in ("bf16", "int8", "int4-triton", "int4-tinygemm"):
         calls, nbytes = [], 0
@@ -242,11 +234,11 @@ def run_stack(model: str, bandwidth: float) -> dict:
                 w = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
                 if method == "bf16":
                     calls.append(lambda x=x, w=w: F.linear(x, w))
-                    nbytes += w.numel() * 2
+                    nbytes += tensor_bytes(w)
                 elif method == "int8":
                     q, s = quantize_int8(w)
                     calls.append(lambda x=x, q=q, s=s: kernels.int8_weight_only_linear(x, q, s))
-                    nbytes += q.numel() + 2 * n
+                    nbytes += tensor_bytes(q, s)
                 else:
                     p, s, z = quantize_int4(w, GROUP)
                     layout = kernels.int4_tinygemm_layout(p, s, z, k, GROUP) if method == "int4-tinygemm" else None
@@ -258,7 +250,7 @@ def run_stack(model: str, bandwidth: float) -> dict:
                                 x, p, s, z, GROUP, None, t
                             )
                         )
-                    nbytes += p.numel() + 4 * s.numel()
+                    nbytes += tensor_bytes(p, s, z)
                 del w
         us = graph_time_us(calls, replays=5) * len(calls)
         floor = nbytes / bandwidth * 1e6
@@ -275,20 +267,30 @@ def run_stack(model: str, bandwidth: float) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=sorted(MODELS), default="llama-1.1b")
-    parser.add_argument("--formats", default="bf16,int8,int4", help="comma-separated: bf16, int8, int4")
-    parser.add_argument("--stream-mib", type=int, default=256, help="weight bytes a shape's graph streams")
+    parser.add_argument("--model", choices=("llama-1.1b", "llama-7b"), default="llama-1.1b")
+    parser.add_argument(
+        "--formats",
+        default="bf16,int8,int4",
+        help="the per-shape sweep's formats, comma-separated: bf16, int8, int4 (--stack runs all)",
+    )
+    parser.add_argument(
+        "--stream-mib", type=_common.int_at_least(1), default=256, help="weight bytes a shape's graph streams"
+    )
     parser.add_argument("--no-shapes", action="store_true", help="skip the per-shape config sweep")
     parser.add_argument("--stack", action="store_true", help="also time a whole step's linears per method")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     formats = {f.strip() for f in args.formats.split(",") if f.strip()}
+    if not formats:
+        parser.error("--formats: give at least one of bf16, int8, int4")
     if not formats <= {"bf16", "int8", "int4"}:
         parser.error(f"--formats: unknown {sorted(formats - {'bf16', 'int8', 'int4'})}")
+    if args.no_shapes and not args.stack:
+        parser.error("--no-shapes without --stack leaves nothing to time")
     if not torch.cuda.is_available():
         parser.error("needs a CUDA device")
     torch.manual_seed(0)
-    bandwidth = copy_bandwidth()
+    bandwidth = bench_decode.copy_bandwidth("cuda")
     print(f"{torch.cuda.get_device_name()}: copy {bandwidth / 1e9:.0f} GB/s", flush=True)
     report = dict(device=torch.cuda.get_device_name(), bandwidth=bandwidth, model=args.model)
     with torch.no_grad():
@@ -297,6 +299,7 @@ def main(argv=None) -> int:
         if args.stack:
             report["stack"] = run_stack(args.model, bandwidth)
     if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1))
     return 0
 
