@@ -23,6 +23,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_decode
 import torch
 from torch import nn
 
@@ -67,13 +70,6 @@ def eager_timer(device: str):
     return run
 
 
-def copy_bandwidth(bench, device: str) -> float:
-    """Bytes/s of a 1 GiB copy, counting bytes read and written."""
-    src = torch.randn(1 << 28, device=device)
-    dst = torch.empty_like(src)
-    return 2 * src.numel() * 4 / (bench(lambda: dst.copy_(src)) * 1e-6)
-
-
 def layer_cases(x, lin, m8, m4, tinygemm) -> dict:
     """The calls to time for one layer and one input: name -> zero-argument function."""
     from quantcore_torch import kernels
@@ -108,7 +104,8 @@ def main(argv=None) -> int:
 
     dev = args.device
     bench = eager_timer(dev) if args.eager else timer(dev)
-    bandwidth = copy_bandwidth(bench, dev)
+    # Timed eagerly: a copy captured in a CUDA graph runs as a memcpy node, slower than a kernel.
+    bandwidth = bench_decode.copy_bandwidth(dev)
     print(f"{torch.cuda.get_device_name() if dev == 'cuda' else 'cpu'}: copy {bandwidth / 1e9:.0f} GB/s", flush=True)
     rows = []
     torch.manual_seed(0)
