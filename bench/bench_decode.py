@@ -29,8 +29,10 @@ that is mostly its linears, where the 1.1B step is half attention, norms and lau
 ``--model smollm2`` (SmolLM2-135M, ``bench/prepare_models.py`` first), ``--model tiny`` (a small
 random Llama, for smoke tests).
 
-A method suffix ``@tinygemm`` (``int4-torch@tinygemm``) runs torch_wo int4 on CUDA through
-``torch._weight_int4pack_mm`` instead of the Triton kernel, to compare the two.
+A method suffix ``@triton`` or ``@tinygemm`` (``int4-torch@triton``) picks the kernel torch_wo int4
+runs on CUDA (``QUANTCORE_INT4_CUDA_KERNEL``), to compare the two. A suffix ``+fused``
+(``int8-torch+fused``, ``int4-torch@triton+fused``) also runs ``quantcore_torch.fuse_projections``
+on the quantized model: q/k/v and gate/up as one kernel call each.
 
 Usage::
 
@@ -89,7 +91,8 @@ def make_variant(base, method: str):
     import quantcore
     from quantcore.cli import resolve_method
 
-    preset, _, kernel = method.partition("@")
+    spec, fused = (method[: -len("+fused")], True) if method.endswith("+fused") else (method, False)
+    preset, _, kernel = spec.partition("@")
     model = copy.deepcopy(base)
     if kernel:
         from quantcore_torch import kernels
@@ -101,6 +104,12 @@ def make_variant(base, method: str):
             kernels.INT4_CUDA_KERNEL = previous
     else:
         quantcore.quantize(model, resolve_method(preset), progress=False)
+    if fused:
+        from quantcore_torch.fusion import fuse_projections
+
+        report = fuse_projections(model)
+        if not report.fused:
+            raise ValueError(f"{method}: no projections were fused ({report})")
     return model
 
 

@@ -2,7 +2,7 @@
 # The GPU machine's runs for the second wave (nvidia-h200: torch 2.11 cu130, transformers 5.17,
 # Python 3.12), each part under its own time limit so that a few parts fit one 10-minute call:
 #   tests     the -m gpu tests of torch_wo, torchao and gptq (log: $OUT/tests.log);
-#             tests-ao, tests-torch, tests-gptq: one backend's (PYTEST_K: pytest -k)
+#             tests-ao, tests-torch, tests-fusion, tests-gptq: one part (PYTEST_K: pytest -k)
 #   kernels   one layer at a time, CUDA-graph replays (bench_kernels.py)
 #   gemv      batch-1 kernels on weights streamed from HBM, config by config, and a step's
 #             linears in one graph (bench_gemv.py; GEMV_ARGS adds arguments)
@@ -29,11 +29,12 @@ model=${MODEL:-llama-1.1b}
 for part in "$@"; do
   echo "=== $part ($(date +%T))"
   case $part in
-    tests|tests-ao|tests-torch|tests-gptq)
+    tests|tests-ao|tests-torch|tests-fusion|tests-gptq)
       # SIGINT: a run cut short by its limit still prints its failures.
       case $part in tests-ao) paths=plugins/torchao/tests ;; tests-gptq) paths=plugins/gptq/tests ;;
-        tests-torch) paths="plugins/torch/tests/test_torch_kernels.py plugins/torch/tests/test_torch_modules.py" ;;
-        *) paths="plugins/torchao/tests plugins/gptq/tests plugins/torch/tests/test_torch_kernels.py plugins/torch/tests/test_torch_modules.py" ;;
+        tests-torch) paths="plugins/torch/tests/test_torch_kernels.py plugins/torch/tests/test_torch_modules.py plugins/torch/tests/test_torch_fusion.py" ;;
+        tests-fusion) paths=plugins/torch/tests/test_torch_fusion.py ;;
+        *) paths="plugins/torchao/tests plugins/gptq/tests plugins/torch/tests/test_torch_kernels.py plugins/torch/tests/test_torch_modules.py plugins/torch/tests/test_torch_fusion.py" ;;
       esac
       timeout -s INT ${T_TESTS:-170} python3 -m pytest -q -m gpu -rf --tb=short -p no:cacheprovider -W ignore ${PYTEST_K:+-k "$PYTEST_K"} $paths 2>&1 \
         | grep -v MatMul8bitLt > "$out/$part.log"
@@ -44,11 +45,11 @@ for part in "$@"; do
     launch) timeout ${T_LAUNCH:-40} python3 bench/bench_kernels.py --eager --batch 1 --out "$out/kernels_cuda_eager.json" ;;
     decode) TORCH_LOGS=${TORCH_LOGS:-perf_hints} timeout ${T_DECODE:-270} python3 bench/bench_decode.py --device cuda \
               --model "$model" --batch "${BATCH:-1}" --repeats "${REPEATS:-2}" --modes "${MODES:-eager,compiled}" \
-              --method-timeout "${METHOD_TIMEOUT:-0}" --interleave-eager --methods "${METHODS:-bf16,int4-torch,int8-torch,int4-ao,int8-ao,fp8-ao}" \
+              --method-timeout "${METHOD_TIMEOUT:-0}" $(case ${MODES:-eager} in *eager*) echo --interleave-eager ;; esac) --methods "${METHODS:-bf16,int4-torch,int8-torch,int4-ao,int8-ao,fp8-ao}" \
               --out "$out/decode_${model}_b${BATCH:-1}.json" 2>&1 \
               | grep -v -E "FutureWarning|forward_call|MatMul8bitLt" ;;
     profile) timeout ${T_PROFILE:-240} python3 bench/profile_decode.py --model "$model" \
-               --method-timeout "${METHOD_TIMEOUT:-0}" --interleave-eager --methods "${PROFILE_METHODS:-bf16,int8-torch,int4-torch,int4-ao}" \
+               --method-timeout "${METHOD_TIMEOUT:-0}" $(case ${MODES:-eager} in *eager*) echo --interleave-eager ;; esac) --methods "${PROFILE_METHODS:-bf16,int8-torch,int4-torch,int4-ao}" \
                --out "$out/profile_${model}.json" 2>&1 | grep -v -E "FutureWarning|forward_call" ;;
     gptq) timeout ${T_GPTQ:-130} python3 bench/bench_gptq.py --model llama-1.1b --device cuda --out "$out/gptq_cuda.json" ;;
   esac

@@ -57,6 +57,8 @@ class KernelLayoutMixin(nn.Module):
 
     bits: int
     group_size: int
+    #: ``(group, index)`` while fused with siblings by :func:`quantcore_torch.fusion.fuse_projections`.
+    _fused: tuple | None = None
     in_features: int
     compute_dtype: torch.dtype | None
     qweight: torch.Tensor
@@ -87,6 +89,11 @@ class KernelLayoutMixin(nn.Module):
         """
         self.kernel_layout = None
         self._layout_of = ()
+        fused = self._fused
+        if fused is not None:
+            # Fused with its siblings (quantcore_torch.fusion): the stack they share has the layout.
+            fused[0].refresh()
+            return
         if self.bits != 4 or self.qweight.is_meta:
             return
         self._layout_of = (self.qweight, self.scale, self.zero)
@@ -230,6 +237,12 @@ class WeightOnlyLinear(KernelLayoutMixin, QuantizedLinear):
         dtype = self.compute_dtype or x.dtype
         bias = self.bias
         grad = torch.is_grad_enabled()
+        trains = grad and (x.requires_grad or (bias is not None and bias.requires_grad))
+        fused = self._fused
+        if fused is not None and not trains:
+            y = fused[0].forward(x, fused[1])
+            if y is not None:
+                return y
         if grad and x.requires_grad:
             # Gradients flow through this frozen layer (adapters before it): the fused kernels have
             # no backward, so recompute the weight in the backward instead of keeping it.

@@ -1,0 +1,287 @@
+"""Sibling projections that read the same input, run as one kernel call (q/k/v, gate/up).
+
+A decode step of a small model is a long chain of short kernels: at batch 1, TinyLlama's k and v
+projections read 256 KiB of int4 weight each, far less than what a kernel launch costs. Fusing the
+projections of a block that read the same activation (``q_proj``/``k_proj``/``v_proj`` of an
+attention, ``gate_proj``/``up_proj`` of a gated MLP) into one weight of their stacked outputs
+turns Llama's seven linear calls per layer into four, in eager mode and under ``torch.compile``
+alike. :func:`fuse_projections` does that to a model quantized by ``torch_wo`` without touching
+its definition, its state dict or its checkpoints:
+
+- The members' tensors (``qweight``, ``scale``, ``zero``, ``bias``) are concatenated once along the
+  output dimension, and each member's own tensors become views into that storage: no byte is
+  added (an int4 layer's kernel layout is built once, for the stack, instead of once per member).
+  State dicts still hold one entry per member, with the same names and shapes.
+- Each member's forward runs the stacked kernel and returns its slice of the output. In eager
+  mode the first sibling called with an input computes every member's output, and the others
+  take theirs from it (the same input object, not modified since); under ``torch.compile`` each
+  member calls the same pure op on the same input and the compiler's common-subexpression
+  elimination keeps one call.
+- The stack follows the members: rebuilt whenever one of them is moved, converted, loaded or
+  re-quantized (a merged LoRA adapter), or found stale in an eager forward. Members that stop
+  matching (moved to different devices) run on their own until they match again.
+
+Where gradients flow into the input (adapters trained before a member) members run on their own,
+through the recomputing-weight path. Members called with different inputs (cross-attention's q
+against its k/v) stay correct: each call computes the stack for its input and keeps its slice.
+:func:`unfuse_projections` undoes it all, giving every member its own storage again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .modules import WeightOnlyLinear
+
+__all__ = ["DEFAULT_GROUPS", "FusedProjections", "FusionReport", "fuse_projections", "unfuse_projections"]
+
+#: Names of sibling modules that read the same input, in the model families transformers ships.
+DEFAULT_GROUPS: tuple[tuple[str, ...], ...] = (
+    ("q_proj", "k_proj", "v_proj"),  # Llama, Mistral, Qwen, Gemma, Phi-3 before fusing, OPT, ...
+    ("gate_proj", "up_proj"),  # gated MLPs: Llama, Mistral, Qwen, Gemma
+    ("query", "key", "value"),  # BERT and its descendants (MiniLM, RoBERTa, ...)
+    ("w1", "w3"),  # Mixtral's experts, gpt-fast's FeedForward
+)
+
+_STORAGE = ("qweight", "scale", "zero")
+
+
+@dataclass
+class FusionReport:
+    """What :func:`fuse_projections` did: ``fused`` groups (``"block: a+b+c"``), ``skipped`` ones with the reason."""
+
+    fused: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        lines = [f"fused {len(self.fused)} group(s) of projections, skipped {len(self.skipped)}"]
+        lines += [f"  skipped {name}: {reason}" for name, reason in self.skipped.items()]
+        return "\n".join(lines)
+
+
+def mismatch(members: Sequence[nn.Module]) -> str | None:
+    """Why ``members`` cannot share one stacked weight, or ``None`` if they can."""
+    for m in members:
+        if not isinstance(m, WeightOnlyLinear):
+            return f"{type(m).__name__} is not a torch_wo layer (kept in float or quantized by another backend)"
+        if m.qweight.is_meta:
+            return "its weights are on the meta device (load them first)"
+    first = members[0]
+    for attr in ("in_features", "bits", "group_size", "compute_dtype", "weight_dtype"):
+        values = {getattr(m, attr) for m in members}
+        if len(values) > 1:
+            return f"the members differ in {attr} ({', '.join(sorted(map(str, values)))})"
+    devices = {m.qweight.device for m in members} | {m.scale.device for m in members}
+    if len(devices) > 1:
+        return f"the members are on different devices ({', '.join(sorted(map(str, devices)))})"
+    if len({m.bias is None for m in members}) > 1:
+        return "some members have a bias and some do not"
+    if first.bias is not None and len({(m.bias.dtype, m.bias.device) for m in members}) > 1:
+        return "the members' biases differ in dtype or device"
+    return None
+
+
+class FusedProjections:
+    """One stacked weight that several :class:`WeightOnlyLinear` siblings read as views.
+
+    Not a module: it owns no state of its own in the model's state dict. Each member points at it
+    (``member._fused == (group, index)``); the group holds ``linear``, a :class:`WeightOnlyLinear`
+    outside the module tree whose buffers are the stacked tensors.
+    """
+
+    def __init__(self, name: str, names: Sequence[str], members: Sequence[WeightOnlyLinear]):
+        self.name = name
+        self.names = tuple(names)
+        self.members = tuple(members)
+        bounds, start = [], 0
+        for m in members:
+            bounds.append((start, start + m.out_features))
+            start += m.out_features
+        self.bounds = tuple(bounds)
+        self.linear: WeightOnlyLinear | None = None
+        self._views: tuple[tuple[torch.Tensor | None, ...], ...] = ()
+        self._cache: tuple[torch.Tensor, int, torch.Tensor] | None = None
+        self._served = 0
+        for index, m in enumerate(members):
+            m._fused = (self, index)
+
+    def __repr__(self) -> str:
+        state = "active" if self.linear is not None else "inactive"
+        return f"FusedProjections({self.name}: {'+'.join(self.names)}, {state})"
+
+    # ------------------------------------------------------------------ life cycle
+    def _member_tensors(self, m: WeightOnlyLinear) -> tuple[torch.Tensor | None, ...]:
+        return (*(getattr(m, n, None) for n in _STORAGE), m.bias)
+
+    def is_current(self) -> bool:
+        """Whether every member still reads the views of the current stack."""
+        if self.linear is None:
+            return False
+        for m, views in zip(self.members, self._views):
+            for have, view in zip(self._member_tensors(m), views):
+                if have is not view:
+                    return False
+        return True
+
+    def refresh(self) -> None:
+        """Stack the members' current tensors again (when they no longer are the views), and the kernel layout.
+
+        Called when a member was moved, loaded or re-quantized. While the members do not match
+        (one moved before the others), the group stays inactive and each member runs alone.
+        """
+        self._cache = None
+        if mismatch(self.members) is not None:
+            self.linear = None
+            self._views = ()
+            return
+        if self.is_current():
+            # Written in place (load_state_dict without assign): the stack holds the new values,
+            # but the kernel layout derived from it does not.
+            self.linear.refresh_kernel_layout()
+            return
+        self._stack()
+
+    def _stack(self) -> None:
+        members = self.members
+        first = members[0]
+        linear = WeightOnlyLinear(
+            first.in_features,
+            sum(m.out_features for m in members),
+            bits=first.bits,
+            group_size=first.group_size,
+            bias=first.bias is not None,
+            dtype=first.weight_dtype,
+            device="meta",
+            compute_dtype=first.compute_dtype,
+        )
+        with torch.no_grad():
+            for name in _STORAGE:
+                if hasattr(first, name):
+                    setattr(linear, name, torch.cat([getattr(m, name) for m in members]))
+            if first.bias is not None:
+                linear.bias = nn.Parameter(torch.cat([m.bias.detach() for m in members]), requires_grad=False)
+        views = []
+        for m, (start, stop) in zip(members, self.bounds):
+            for name in _STORAGE:
+                if hasattr(first, name):
+                    setattr(m, name, getattr(linear, name)[start:stop])
+            if m.bias is not None:
+                # Still trainable if it was (then the member runs alone while gradients are on).
+                m.bias = nn.Parameter(linear.bias[start:stop], requires_grad=m.bias.requires_grad)
+            m.kernel_layout, m._layout_of = None, ()
+            views.append(self._member_tensors(m))
+        self._views = tuple(views)
+        # Built last: members' refresh hooks must not see a half-made stack.
+        linear.refresh_kernel_layout()
+        if linear.qweight.is_cuda:
+            # CUDA graphs copy plain tensor inputs at every replay; these are the weights, never changed in a graph.
+            for t in (*(getattr(linear, n) for n in _STORAGE if hasattr(linear, n)), linear.bias):
+                if t is not None:
+                    torch._dynamo.mark_static_address(t)
+        self.linear = linear
+
+    def release(self) -> None:
+        """Give every member its own storage again and detach them from the group."""
+        for m in self.members:
+            with torch.no_grad():
+                for name in _STORAGE:
+                    if hasattr(m, name):
+                        setattr(m, name, getattr(m, name).clone())
+                if m.bias is not None:
+                    m.bias = nn.Parameter(m.bias.detach().clone(), requires_grad=m.bias.requires_grad)
+            m._fused = None
+            m.refresh_kernel_layout()
+        self.linear, self._views, self._cache = None, (), None
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, index: int) -> torch.Tensor | None:
+        """Member ``index``'s output for ``x`` (a slice of the stack's), or ``None`` if the group is inactive."""
+        start, stop = self.bounds[index]
+        if torch.compiler.is_compiling():
+            if self.linear is None:
+                return None
+            cache = self._cache
+            if cache is not None and cache[0] is x:
+                y = cache[2]
+            else:
+                y = self.linear(x)
+                self._cache, self._served = (x, 0, y), 0
+        elif (cache := self._cache) is not None and cache[0] is x and cache[1] == _version(x):
+            y = cache[2]
+        else:
+            if not self.is_current():
+                self.refresh()
+                if self.linear is None:
+                    return None
+            y = self.linear(x)
+            self._cache, self._served = (x, _version(x), y), 0
+        self._served += 1
+        if self._served >= len(self.members):
+            # Every member has had its slice: keep no activation alive until the next step.
+            self._cache = None
+        return y[..., start:stop]
+
+
+def _version(x: torch.Tensor) -> int:
+    # Tensors made under torch.inference_mode() have no version counter (and cannot be changed
+    # in place outside of it).
+    return -1 if x.is_inference() else x._version
+
+
+def _groups_of(
+    model: nn.Module, groups: Iterable[Sequence[str]]
+) -> Iterable[tuple[str, nn.Module, Sequence[str], list[nn.Module]]]:
+    for parent_name, parent in model.named_modules():
+        children = parent._modules
+        for names in groups:
+            if all(children.get(n) is not None for n in names):
+                yield parent_name, parent, names, [children[n] for n in names]
+
+
+def fuse_projections(model: nn.Module, groups: Iterable[Sequence[str]] = DEFAULT_GROUPS) -> FusionReport:
+    """Run sibling torch_wo projections that read the same input as one stacked kernel call each.
+
+    :param model: a model quantized with ``torch_wo`` (``quantcore.quantize`` or loaded from a
+        checkpoint), on the device it will run on (fusing before a move works too; it costs a
+        second concatenation).
+    :param groups: tuples of child names that a module feeds the same input, e.g.
+        ``[("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")]`` (default:
+        :data:`DEFAULT_GROUPS`). Every module holding all names of a group as children is fused.
+    :returns: a :class:`FusionReport`; nothing is changed for a group it lists as skipped.
+
+    Safe to call twice (groups already fused are reported as skipped). Outputs are the members'
+    outputs exactly: the kernels compute each output column from its own row of the stack.
+    """
+    groups = [tuple(g) for g in groups]
+    for g in groups:
+        if len(g) < 2 or len(set(g)) != len(g):
+            raise ValueError(f"a group needs two or more distinct child names, got {g!r}")
+    report = FusionReport()
+    for parent_name, _parent, names, members in _groups_of(model, groups):
+        label = f"{parent_name or '<model>'}: {'+'.join(names)}"
+        if any(getattr(m, "_fused", None) is not None for m in members):
+            report.skipped[label] = "already fused"
+            continue
+        reason = mismatch(members)
+        if reason is not None:
+            report.skipped[label] = reason
+            continue
+        FusedProjections(label, names, members).refresh()
+        report.fused.append(label)
+    return report
+
+
+def unfuse_projections(model: nn.Module) -> int:
+    """Undo :func:`fuse_projections`: every member gets its own storage back. Returns the groups undone."""
+    seen: dict[int, FusedProjections] = {}
+    for module in model.modules():
+        fused = getattr(module, "_fused", None)
+        if fused is not None:
+            seen.setdefault(id(fused[0]), fused[0])
+    for group in seen.values():
+        group.release()
+    return len(seen)
