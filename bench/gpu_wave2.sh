@@ -9,6 +9,7 @@
 #   launch    one layer at a time, back-to-back eager calls: what an eager step pays per layer
 #   decode    bench_decode.py (METHODS, MODES, MODEL, BATCH, REPEATS narrow it); eager in rounds
 #   profile   profile_decode.py: a compiled step's kernels (PROFILE_METHODS, MODEL)
+#   eager-profile  profile_eager.py: an eager step's host time, kernel time and Python hot spots
 #   gptq      GPTQ's time to quantize a 1.1B Llama (bench_gptq.py), beside plain rounding
 # From the repository root, carrying .whl (torchao-0.17.0, built for torch 2.11) and .devsite
 # (pluggy, attrs, cattrs, bitsandbytes: ../shared/tools/device-site.sh):
@@ -51,6 +52,9 @@ for part in "$@"; do
     profile) timeout ${T_PROFILE:-240} python3 bench/profile_decode.py --model "$model" \
                --method-timeout "${METHOD_TIMEOUT:-0}" $(case ${MODES:-eager} in *eager*) echo --interleave-eager ;; esac) --methods "${PROFILE_METHODS:-bf16,int8-torch,int4-torch,int4-ao}" \
                --out "$out/profile_${model}.json" 2>&1 | grep -v -E "FutureWarning|forward_call" ;;
+    eager-profile) timeout ${T_PROFILE:-200} python3 bench/profile_eager.py --model "$model" \
+               --methods "${PROFILE_METHODS:-bf16,int8-torch,int8-torch+fused,int4-torch,int4-torch+fused}" \
+               --out "$out/profile_eager_${model}.json" 2>&1 | grep -v -E "FutureWarning|forward_call" ;;
     gptq) timeout ${T_GPTQ:-130} python3 bench/bench_gptq.py --model llama-1.1b --device cuda --out "$out/gptq_cuda.json" ;;
   esac
 done

@@ -1,0 +1,109 @@
+#!/usr/bin/env python
+"""Where an eager decode step's time goes: the host's Python and launches, or the GPU's kernels.
+
+``bench_decode.py`` gives eager tokens/s; this script says whether a method's eager step is bound
+by the host (the time to enqueue a step's kernels, measured without synchronizing) or by the GPU
+(the kernels' summed time, from ``torch.profiler``), and which Python functions the host spends it
+in (``cProfile``, by own time). Each method runs the same ``Decoder`` as ``bench_decode.py``
+(static cache, a ``--prompt``-token prefill, then one token a step).
+
+Usage::
+
+    python bench/profile_eager.py --methods bf16,int8-torch,int8-torch+fused --out eager.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import pstats
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common
+import bench_decode
+import torch
+
+
+def _steps(dec, steps: int, sync: bool) -> float:
+    """Seconds per step over ``steps`` decode steps, after a fresh prefill (the cache counts its length)."""
+    dec.cache.reset()
+    token = dec._step(dec.ids, torch.arange(dec.prompt, device=dec.device))
+    position = torch.tensor([dec.prompt], device=dec.device)
+    bench_decode.sync(dec.device)
+    t = time.perf_counter()
+    for _ in range(steps):
+        token = dec._step(token, position)
+        position = position + 1
+        if sync:
+            bench_decode.sync(dec.device)
+    host = time.perf_counter() - t
+    bench_decode.sync(dec.device)
+    return host / steps
+
+
+def profile_method(base, method: str, args) -> dict:
+    model = bench_decode.make_variant(base, method)
+    dec = bench_decode.Decoder(model, 1, args.prompt, args.steps + 8, args.device, compiled=False)
+    with torch.no_grad():
+        dec.run()  # warm: kernels compiled and tuned
+        row = dict(method=method)
+        # Enqueue time without waiting: what the host needs per step. A step bound by the host has
+        # a synchronized time close to it; one bound by the GPU, close to the kernels' sum.
+        row["host_ms"] = 1e3 * _steps(dec, args.steps, sync=False)
+        row["synced_ms"] = 1e3 * _steps(dec, args.steps, sync=True)
+        cuda = args.device == "cuda"
+        activities = [torch.profiler.ProfilerActivity.CUDA] if cuda else [torch.profiler.ProfilerActivity.CPU]
+        with torch.profiler.profile(activities=activities) as prof:
+            _steps(dec, args.steps, sync=True)
+        kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+        events = [e for e in prof.events() if e.device_type == kind]
+        row["kernels_per_step"] = len(events) / args.steps
+        row["kernel_ms"] = sum(e.device_time_total if cuda else e.self_cpu_time_total for e in events) / 1e3 / args.steps
+        profiler = cProfile.Profile()
+        profiler.enable()
+        _steps(dec, args.steps, sync=True)
+        profiler.disable()
+    stats = pstats.Stats(profiler)
+    top = sorted(stats.stats.items(), key=lambda kv: kv[1][2], reverse=True)[: args.top]
+    row["top_own_ms_per_step"] = [
+        (f"{Path(f).name}:{line}:{name}", round(1e3 * tt / args.steps, 3), calls // args.steps)
+        for (f, line, name), (_cc, calls, tt, _ct, _callers) in top
+    ]
+    print(
+        f"  {method:<20} host {row['host_ms']:.2f} ms/step  synced {row['synced_ms']:.2f}  "
+        f"kernels {row['kernel_ms']:.2f} ms in {row['kernels_per_step']:.0f} launches",
+        flush=True,
+    )
+    for name, ms, calls in row["top_own_ms_per_step"]:
+        print(f"      {ms:7.3f} ms  {calls:5d} calls  {name}")
+    return row
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--model", choices=("llama-1.1b", "llama-7b", "tiny"), default="llama-1.1b")
+    parser.add_argument("--methods", default="bf16,int8-torch,int4-torch")
+    parser.add_argument("--prompt", type=_common.int_at_least(1), default=512)
+    parser.add_argument("--steps", type=_common.int_at_least(1), default=20)
+    parser.add_argument("--top", type=_common.int_at_least(0), default=12)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda needs a CUDA device")
+    base = bench_decode.build_model(args.model, args.device, args.prompt + args.steps + 8)
+    results = []
+    for method in args.methods.split(","):
+        results.append(profile_method(base, method, args))
+        if args.out:
+            args.out.write_text(json.dumps(dict(model=args.model, results=results), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
