@@ -46,6 +46,20 @@ def _steps(dec, steps: int, sync: bool) -> float:
     return host / steps
 
 
+def launcher_state() -> dict:
+    """Whether quantcore's Triton launchers take their direct path (a failed one falls back for good)."""
+    triton_mod = sys.modules.get("quantcore_torch._triton")
+    if triton_mod is None:
+        return {}
+    state = {
+        f"{fmt}.{kind}": (getattr(kernels, kind).direct, len(getattr(kernels, kind).compiled))
+        for fmt, kernels in (("int8", triton_mod._INT8), ("int4", triton_mod._INT4))
+        for kind in ("row", "dot")
+    }
+    state["launch_hooks_unset"] = triton_mod._launch_hooks_unset()
+    return state
+
+
 def profile_method(base, method: str, args) -> dict:
     model = bench_decode.make_variant(base, method)
     dec = bench_decode.Decoder(model, 1, args.prompt, args.steps + 8, args.device, compiled=False)
@@ -68,6 +82,7 @@ def profile_method(base, method: str, args) -> dict:
         profiler.enable()
         _steps(dec, args.steps, sync=True)
         profiler.disable()
+    row["triton_launchers"] = launcher_state()
     stats = pstats.Stats(profiler)
     top = sorted(stats.stats.items(), key=lambda kv: kv[1][2], reverse=True)[: args.top]
     row["top_own_ms_per_step"] = [
@@ -79,6 +94,8 @@ def profile_method(base, method: str, args) -> dict:
         f"kernels {row['kernel_ms']:.2f} ms in {row['kernels_per_step']:.0f} launches",
         flush=True,
     )
+    if row["triton_launchers"]:
+        print(f"      Triton launchers (direct, kept kernels): {row['triton_launchers']}")
     for name, ms, calls in row["top_own_ms_per_step"]:
         print(f"      {ms:7.3f} ms  {calls:5d} calls  {name}")
     return row

@@ -12,16 +12,20 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "FusionReport": ".fusion",
     "TorchWeightOnlyConfig": ".config",
     "WeightOnlyLinear": ".modules",
     "TorchWeightOnlyQuantizer": ".quantizer",
     "weight_only_nbytes": ".quantizer",
+    "fuse_projections": ".fusion",
+    "unfuse_projections": ".fusion",
 }
 
 __all__ = [*sorted(_EXPORTS), "__version__"]
 
 if TYPE_CHECKING:
     from .config import TorchWeightOnlyConfig
+    from .fusion import FusionReport, fuse_projections, unfuse_projections
     from .modules import WeightOnlyLinear
     from .quantizer import TorchWeightOnlyQuantizer, weight_only_nbytes
 

@@ -319,9 +319,21 @@ def _int4_dot_kernel(
 
 
 def _launch_hooks_unset() -> bool:
+    """Whether no Triton launch hook (a profiler's) is installed: the direct launch passes none."""
     knobs = getattr(triton, "knobs", None)
     runtime = getattr(knobs, "runtime", None)
-    return runtime is not None and runtime.launch_enter_hook is None and runtime.launch_exit_hook is None
+    if runtime is None:
+        return False
+    return _no_hook(runtime.launch_enter_hook) and _no_hook(runtime.launch_exit_hook)
+
+
+def _no_hook(hook) -> bool:
+    # Triton 3.4 and older: None or a callable. Triton 3.5+: a HookChain, empty unless a hook was
+    # added (its launch paths call it whatever it holds; an empty one does nothing).
+    if hook is None:
+        return True
+    calls = getattr(hook, "calls", None)
+    return isinstance(calls, list) and not calls
 
 
 class _Launcher:

@@ -163,16 +163,29 @@ def test_eager_launches_match_the_custom_op(bits, rows):
         op = lambda x: torch.ops.quantcore_torch.int4_mm(  # noqa: E731
             x, module.qweight, module.scale, module.zero, 128, module.bias
         )
-    with torch.no_grad():
+    kernels_ = triton_mod._INT8 if bits == 8 else triton_mod._INT4
+    launcher = kernels_.row if rows == 1 else kernels_.dot
+    autotuned = []
+    autotune = launcher.kernel.run
+
+    def counting_run(*args, **kwargs):
+        autotuned.append(1)
+        return autotune(*args, **kwargs)
+
+    with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(launcher.kernel, "run", counting_run)  # the autotuner's launch path
         for seed in range(3):
             gen = torch.Generator("cuda").manual_seed(seed)
             x = torch.randn(rows, k, dtype=torch.float16, device="cuda", generator=gen)
             out = module(x)
             torch.testing.assert_close(out, op(x), rtol=0, atol=0)
             assert relative_error(out, module.reference_forward(x)) < ROUNDING[torch.float16]
-        kernels_ = triton_mod._INT8 if bits == 8 else triton_mod._INT4
-        launcher = kernels_.row if rows == 1 else kernels_.dot
         assert launcher.direct and launcher.compiled, "the direct launch is not in use with this Triton"
+        # The first eager call of a shape may autotune; the next ones launch the kept kernel
+        # (a launch hook that is never seen as unset would send every call through the autotuner).
+        autotuned.clear()
+        module(x)
+        assert autotuned == [], "eager calls still go through the autotuner"
         shifted = torch.empty(rows * k + 1, dtype=torch.float16, device="cuda")[1:].view(rows, k).copy_(x)
         assert shifted.data_ptr() % 16 != 0
         torch.testing.assert_close(module(shifted), out, rtol=0, atol=0)

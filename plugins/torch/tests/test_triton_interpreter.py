@@ -115,3 +115,28 @@ def test_dot_kernels_several_rows(kernels, n, k):
         GROUP=32, HAS_BIAS=False, BLOCK_M=16, BLOCK_N=16, GROUPS_PER_BLOCK=2,
     )  # fmt: skip
     assert _error(y, x.float() @ dequantize_int4(packed, s4, z4, k, 32, torch.float32).T) < ROUNDING[dtype]
+
+
+def test_launch_hooks_are_seen_as_unset_until_one_is_added(kernels):
+    # Triton 3.5+ keeps its launch hooks in HookChain objects that are never None: read as "set",
+    # every eager call took the autotuner's path (about 100 us) instead of the direct launch.
+    runtime = triton.knobs.runtime
+    assert kernels._launch_hooks_unset()
+
+    def hook(metadata):
+        return None
+
+    chain = runtime.launch_enter_hook
+    if hasattr(chain, "add"):
+        chain.add(hook)
+        try:
+            assert not kernels._launch_hooks_unset()
+        finally:
+            chain.remove(hook)
+    else:  # older Triton: a plain attribute
+        runtime.launch_enter_hook = hook
+        try:
+            assert not kernels._launch_hooks_unset()
+        finally:
+            runtime.launch_enter_hook = chain
+    assert kernels._launch_hooks_unset()
