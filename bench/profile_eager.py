@@ -77,7 +77,8 @@ def profile_method(base, method: str, args) -> dict:
         kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
         events = [e for e in prof.events() if e.device_type == kind]
         row["kernels_per_step"] = len(events) / args.steps
-        row["kernel_ms"] = sum(e.device_time_total if cuda else e.self_cpu_time_total for e in events) / 1e3 / args.steps
+        total_us = sum(e.device_time_total if cuda else e.self_cpu_time_total for e in events)
+        row["kernel_ms"] = total_us / 1e3 / args.steps
         profiler = cProfile.Profile()
         profiler.enable()
         _steps(dec, args.steps, sync=True)

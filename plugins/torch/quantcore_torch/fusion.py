@@ -121,8 +121,8 @@ class FusedProjections:
         """Whether every member still reads the views of the current stack."""
         if self.linear is None:
             return False
-        for m, views in zip(self.members, self._views):
-            for have, view in zip(self._member_tensors(m), views):
+        for m, views in zip(self.members, self._views, strict=True):
+            for have, view in zip(self._member_tensors(m), views, strict=True):
                 if have is not view:
                     return False
         return True
@@ -165,7 +165,7 @@ class FusedProjections:
             if first.bias is not None:
                 linear.bias = nn.Parameter(torch.cat([m.bias.detach() for m in members]), requires_grad=False)
         views = []
-        for m, (start, stop) in zip(members, self.bounds):
+        for m, (start, stop) in zip(members, self.bounds, strict=True):
             for name in _STORAGE:
                 if hasattr(first, name):
                     setattr(m, name, getattr(linear, name)[start:stop])

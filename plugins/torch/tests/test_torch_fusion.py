@@ -64,7 +64,8 @@ def ids_for(device="cpu", length=6, seed=1):
 
 @pytest.mark.parametrize(("bits", "group_size"), FORMATS)
 def test_fused_model_gives_the_same_outputs_with_fewer_kernel_calls(bits, group_size, device):
-    model = quantized_llama(bits, group_size, device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = quantized_llama(bits, group_size, device=device, dtype=dtype)
     ids = ids_for(device)
     with KernelCalls() as calls:
         ref = logits(model, ids)
@@ -177,7 +178,7 @@ def test_members_called_with_different_inputs_each_get_their_own_output():
         # Cross-attention's pattern: q reads one input, k and v another.
         outs = [attn.q_proj(a), attn.k_proj(b), attn.v_proj(b)]
         refs = [attn.q_proj.reference_forward(a), attn.k_proj.reference_forward(b), attn.v_proj.reference_forward(b)]
-        for out, ref in zip(outs, refs):
+        for out, ref in zip(outs, refs, strict=True):
             torch.testing.assert_close(out, ref)
         # The same input object changed in place in between: not served from the first call.
         q = attn.q_proj(a)
