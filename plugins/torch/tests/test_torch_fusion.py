@@ -317,3 +317,39 @@ def test_fused_model_under_cuda_graphs(bits, group_size, kernel, monkeypatch):
         ids = ids_for("cuda", length=1, seed=seed)
         torch.testing.assert_close(logits(compiled, ids), logits(unfused, ids), rtol=2e-2, atol=2e-2)
     torch._dynamo.reset()
+
+
+def test_lora_on_fused_members_trains_and_merges():
+    peft = pytest.importorskip("peft")
+    model = quantized_llama(8, 128)
+    fuse_projections(model)
+    reference = copy.deepcopy(model)
+    unfuse_projections(reference)
+    config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False)
+    fused, plain = peft.get_peft_model(model, config), peft.get_peft_model(reference, config)
+    plain.load_state_dict(fused.state_dict())  # the same adapters
+    ids = ids_for()
+    for m in (fused, plain):
+        m.train()
+        m(ids).logits.float().pow(2).mean().backward()
+    grads = {n: p.grad for n, p in fused.named_parameters() if p.requires_grad}
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads.values())
+    for name, p in plain.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(grads[name], p.grad)
+    # Merging re-quantizes q_proj / v_proj / up_proj: the stacks follow, outputs match the unfused merge.
+    merged, merged_plain = fused.merge_and_unload(), plain.merge_and_unload()
+    assert merged.model.layers[0].self_attn.q_proj._fused[0].is_current()
+    torch.testing.assert_close(logits(merged.eval(), ids), logits(merged_plain.eval(), ids), rtol=0, atol=0)
+
+
+def test_dequantizing_a_fused_model_gives_the_unfused_models_linears():
+    model = quantized_llama(4, 32)
+    reference = copy.deepcopy(model)
+    fuse_projections(model)
+    quantcore.dequantize(model)
+    quantcore.dequantize(reference)
+    for (name, a), (_, b) in zip(model.named_modules(), reference.named_modules(), strict=True):
+        assert type(a) is type(b), name
+        if isinstance(a, nn.Linear):
+            assert torch.equal(a.weight, b.weight) and a.weight.untyped_storage().nbytes() == a.weight.nbytes
