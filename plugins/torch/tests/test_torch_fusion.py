@@ -353,3 +353,21 @@ def test_dequantizing_a_fused_model_gives_the_unfused_models_linears():
         assert type(a) is type(b), name
         if isinstance(a, nn.Linear):
             assert torch.equal(a.weight, b.weight) and a.weight.untyped_storage().nbytes() == a.weight.nbytes
+
+
+def test_transformers_save_pretrained_of_a_fused_model_reloads(tmp_path):
+    pytest.importorskip("accelerate")
+    try:
+        import quantcore.integrations.transformers as qt
+    except ImportError as exc:  # transformers 4.x: the integration says it needs 5.x
+        pytest.skip(str(exc))
+    qt.register()
+    tiny_llama().save_pretrained(tmp_path / "float")
+    config = TorchWeightOnlyConfig(bits=4, group_size=32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=config)
+    assert len(fuse_projections(model).fused) == 4
+    ids = ids_for()
+    model.save_pretrained(tmp_path / "saved")  # the members' views share a storage: saved one by one
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
+    assert isinstance(reloaded.model.layers[0].self_attn.q_proj, WeightOnlyLinear)
+    torch.testing.assert_close(logits(reloaded, ids), logits(model, ids), rtol=0, atol=0)
