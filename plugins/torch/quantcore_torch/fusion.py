@@ -21,6 +21,10 @@ its definition, its state dict or its checkpoints:
   re-quantized (a merged LoRA adapter), or found stale in an eager forward. Members that stop
   matching (moved to different devices) run on their own until they match again.
 
+It pays where a step is bound by launches: CUDA decoding at small batch. On the CPU nothing is,
+and torch's int8 CPU kernel measured slower on the stacked weights than on the separate ones
+(``docs/benchmarks.md``): fuse CUDA models.
+
 Where gradients flow into the input (adapters trained before a member) members run on their own,
 through the recomputing-weight path. Members called with different inputs (cross-attention's q
 against its k/v) stay correct: each call computes the stack for its input and keeps its slice.
