@@ -5,7 +5,8 @@
 by the host (the time to enqueue a step's kernels, measured without synchronizing) or by the GPU
 (the kernels' summed time, from ``torch.profiler``), and which Python functions the host spends it
 in (``cProfile``, by own time). Each method runs the same ``Decoder`` as ``bench_decode.py``
-(static cache, a ``--prompt``-token prefill, then one token a step).
+(static cache, a ``--prompt``-token prefill, then one token a step). Every method is timed, in
+rounds, before anything is profiled.
 
 Usage::
 
@@ -60,17 +61,28 @@ def launcher_state() -> dict:
     return state
 
 
-def profile_method(base, method: str, args) -> dict:
-    model = bench_decode.make_variant(base, method)
-    dec = bench_decode.Decoder(model, 1, args.prompt, args.steps + 8, args.device, compiled=False)
+def time_methods(decoders: dict, args) -> dict[str, dict]:
+    """Host (enqueue) and synchronized ms per step of every method, in rounds, before any profiler.
+
+    A profiler, once run, can leave hooks behind that slow later launches: nothing is profiled
+    until every method has been timed. A step bound by the host has a synchronized time close to
+    its host time; one bound by the GPU, close to its kernels' sum.
+    """
+    host: dict[str, list] = {m: [] for m in decoders}
+    synced: dict[str, list] = {m: [] for m in decoders}
     with torch.no_grad():
-        dec.run()  # warm: kernels compiled and tuned
-        row = dict(method=method)
-        # Enqueue time without waiting: what the host needs per step. A step bound by the host has
-        # a synchronized time close to it; one bound by the GPU, close to the kernels' sum.
-        row["host_ms"] = 1e3 * _steps(dec, args.steps, sync=False)
-        row["synced_ms"] = 1e3 * _steps(dec, args.steps, sync=True)
-        cuda = args.device == "cuda"
+        for _ in range(args.rounds):
+            for method, dec in decoders.items():
+                host[method].append(1e3 * _steps(dec, args.steps, sync=False))
+                synced[method].append(1e3 * _steps(dec, args.steps, sync=True))
+    return {m: dict(method=m, host_ms=min(host[m]), synced_ms=min(synced[m])) for m in decoders}
+
+
+def profile_method(dec, row: dict, args) -> dict:
+    """Add the kernels' time per step (torch.profiler) and the host's hot spots (cProfile) to ``row``."""
+    method = row["method"]
+    cuda = args.device == "cuda"
+    with torch.no_grad():
         activities = [torch.profiler.ProfilerActivity.CUDA] if cuda else [torch.profiler.ProfilerActivity.CPU]
         with torch.profiler.profile(activities=activities) as prof:
             _steps(dec, args.steps, sync=True)
@@ -97,6 +109,7 @@ def profile_method(base, method: str, args) -> dict:
     )
     if row["triton_launchers"]:
         print(f"      Triton launchers (direct, kept kernels): {row['triton_launchers']}")
+    print("      cProfile, own time per step (cProfile's overhead inflates Python functions):")
     for name, ms, calls in row["top_own_ms_per_step"]:
         print(f"      {ms:7.3f} ms  {calls:5d} calls  {name}")
     return row
@@ -109,15 +122,24 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", default="bf16,int8-torch,int4-torch")
     parser.add_argument("--prompt", type=_common.int_at_least(1), default=512)
     parser.add_argument("--steps", type=_common.int_at_least(1), default=20)
+    parser.add_argument("--rounds", type=_common.int_at_least(1), default=3, help="timing rounds over the methods")
     parser.add_argument("--top", type=_common.int_at_least(0), default=12)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda needs a CUDA device")
     base = bench_decode.build_model(args.model, args.device, args.prompt + args.steps + 8)
-    results = []
+    decoders = {}
     for method in args.methods.split(","):
-        results.append(profile_method(base, method, args))
+        model = bench_decode.make_variant(base, method)
+        decoders[method] = bench_decode.Decoder(model, 1, args.prompt, args.steps + 8, args.device, compiled=False)
+        decoders[method].run()  # warm: kernels compiled and tuned
+    rows = time_methods(decoders, args)
+    for method, row in rows.items():
+        print(f"  {method:<20} host {row['host_ms']:.2f} ms/step  synced {row['synced_ms']:.2f} ms/step", flush=True)
+    results = []
+    for method, dec in decoders.items():
+        results.append(profile_method(dec, rows[method], args))
         if args.out:
             args.out.write_text(json.dumps(dict(model=args.model, results=results), indent=1))
     return 0
