@@ -14,9 +14,11 @@ its definition, its state dict or its checkpoints:
   State dicts still hold one entry per member, with the same names and shapes.
 - Each member's forward runs the stacked kernel and returns its slice of the output. In eager
   mode the first sibling called with an input computes every member's output, and the others
-  take theirs from it (the same input object, not modified since); under ``torch.compile`` each
-  member calls the same pure op on the same input and the compiler's common-subexpression
-  elimination keeps one call.
+  take theirs from it when they get the same input object, not modified since. (Under
+  ``inference_mode`` tensors have no version counter, so an input changed in place between two
+  siblings' calls would go unnoticed; no transformers model does that.) ``torch.compile`` traces
+  the same sharing, so its graph holds one call per group: inductor does not merge identical
+  calls by itself.
 - The stack follows the members: rebuilt whenever one of them is moved, converted, loaded or
   re-quantized (a merged LoRA adapter), or found stale in an eager forward. Members that stop
   matching (moved to different devices) run on their own until they match again.
@@ -115,7 +117,7 @@ class FusedProjections:
 
     def __repr__(self) -> str:
         state = "active" if self.linear is not None else "inactive"
-        return f"FusedProjections({self.name}: {'+'.join(self.names)}, {state})"
+        return f"FusedProjections({self.name}, {state})"
 
     # ------------------------------------------------------------------ life cycle
     def _member_tensors(self, m: WeightOnlyLinear) -> tuple[torch.Tensor | None, ...]:
@@ -206,6 +208,9 @@ class FusedProjections:
         """Member ``index``'s output for ``x`` (a slice of the stack's), or ``None`` if the group is inactive."""
         start, stop = self.bounds[index]
         if torch.compiler.is_compiling():
+            # Traced: the graph guards on the stack it was traced with (no staleness check), and
+            # the sharing below happens at trace time (dynamo follows the attribute writes), so
+            # the graph calls the kernel once per group and leaves nothing cached behind.
             if self.linear is None:
                 return None
             cache = self._cache
