@@ -13,6 +13,8 @@ It times, per shape: bf16 ``F.linear``; each one-row config of the int8 and int4
 ``int8_weight_only_linear`` / ``int4_weight_only_linear`` make; tinygemm (int4, bf16). Then
 ``--stack``: the linears of a whole decode step (every layer's q, k, v, o, gate, up, down, each
 with its own weight) through each method's dispatch, in one graph: the linears' share of a step.
+``--fused``: the shapes ``quantcore_torch.fuse_projections`` runs (q+k+v and gate+up stacked),
+for tuning the kernels on them; bf16's stack keeps transformers' separate projections.
 
 Usage::
 
@@ -36,12 +38,15 @@ import torch.nn.functional as F
 GROUP = 128
 
 
-def linears(model: str) -> tuple[int, list[tuple[int, int]]]:
+def linears(model: str, fused: bool = False) -> tuple[int, list[tuple[int, int]]]:
     """A Llama shape's layer count and its linears' ``[out, in]``, in the order a layer calls them
-    (q, k, v, o, gate, up, down), from the shapes ``bench_decode.py`` builds its models with."""
+    (q, k, v, o, gate, up, down), from the shapes ``bench_decode.py`` builds its models with.
+    ``fused``: as ``quantcore_torch.fuse_projections`` runs them (q+k+v, o, gate+up, down)."""
     shape = bench_decode.LLAMA[model]
     h, i = shape["hidden_size"], shape["intermediate_size"]
     kv = h // shape["num_attention_heads"] * shape["num_key_value_heads"]
+    if fused:
+        return shape["num_hidden_layers"], [(h + 2 * kv, h), (h, h), (2 * i, h), (h, i)]
     return shape["num_hidden_layers"], [(h, h), (kv, h), (kv, h), (h, h), (i, h), (i, h), (h, i)]
 
 
@@ -192,9 +197,9 @@ def check(cases: dict, w: Weights, x: torch.Tensor) -> dict[str, float]:
     return errors
 
 
-def run_shapes(model: str, formats: set[str], stream_mib: int, bandwidth: float) -> list[dict]:
+def run_shapes(model: str, formats: set[str], stream_mib: int, bandwidth: float, fused: bool) -> list[dict]:
     rows = []
-    for n, k in dict.fromkeys(linears(model)[1]):
+    for n, k in dict.fromkeys(linears(model, fused)[1]):
         bytes_bf16 = 2 * n * k
         copies = max(4, -(-stream_mib * 2**20 // (bytes_bf16 if "bf16" in formats else n * k)))
         w = Weights(n, k, copies, formats)
@@ -218,14 +223,15 @@ def run_shapes(model: str, formats: set[str], stream_mib: int, bandwidth: float)
     return rows
 
 
-def run_stack(model: str, bandwidth: float) -> dict:
-    """Every linear of a decode step, each with its own weight, in one graph, per method."""
+def run_stack(model: str, bandwidth: float, fused: bool) -> dict:
+    """Every linear of a decode step, each with its own weight, in one graph, per method.
+    ``fused``: the quantized methods run the fused projections' shapes; bf16 runs transformers'."""
     from quantcore_torch import kernels
     from quantcore_torch.packing import quantize_int4, quantize_int8
 
-    layers, shapes = linears(model)
     result = {}
     for method in ("bf16", "int8", "int4-triton", "int4-tinygemm"):
+        layers, shapes = linears(model, fused and method != "bf16")
         calls, nbytes = [], 0
         xs = {k: torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for _, k in shapes}
         for _ in range(layers):
@@ -278,6 +284,9 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--no-shapes", action="store_true", help="skip the per-shape config sweep")
     parser.add_argument("--stack", action="store_true", help="also time a whole step's linears per method")
+    parser.add_argument(
+        "--fused", action="store_true", help="fused projections' shapes (q+k+v, gate+up) for the quantized formats"
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     formats = {f.strip() for f in args.formats.split(",") if f.strip()}
@@ -292,12 +301,12 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     bandwidth = bench_decode.copy_bandwidth("cuda")
     print(f"{torch.cuda.get_device_name()}: copy {bandwidth / 1e9:.0f} GB/s", flush=True)
-    report = dict(device=torch.cuda.get_device_name(), bandwidth=bandwidth, model=args.model)
+    report = dict(device=torch.cuda.get_device_name(), bandwidth=bandwidth, model=args.model, fused=args.fused)
     with torch.no_grad():
         if not args.no_shapes:
-            report["shapes"] = run_shapes(args.model, formats, args.stream_mib, bandwidth)
+            report["shapes"] = run_shapes(args.model, formats, args.stream_mib, bandwidth, args.fused)
         if args.stack:
-            report["stack"] = run_stack(args.model, bandwidth)
+            report["stack"] = run_stack(args.model, bandwidth, args.fused)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1))

@@ -5,7 +5,7 @@
 #             tests-ao, tests-torch, tests-fusion, tests-gptq: one part (PYTEST_K: pytest -k)
 #   kernels   one layer at a time, CUDA-graph replays (bench_kernels.py)
 #   gemv      batch-1 kernels on weights streamed from HBM, config by config, and a step's
-#             linears in one graph (bench_gemv.py; GEMV_ARGS adds arguments)
+#             linears in one graph (bench_gemv.py; GEMV_ARGS adds arguments, e.g. --fused)
 #   launch    one layer at a time, back-to-back eager calls: what an eager step pays per layer
 #   decode    bench_decode.py (METHODS, MODES, MODEL, BATCH, REPEATS narrow it); eager in rounds
 #   profile   profile_decode.py: a compiled step's kernels (PROFILE_METHODS, MODEL)
