@@ -100,11 +100,14 @@ class Int4Layout(NamedTuple):
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
-    return x.reshape(-1, x.shape[-1])
+    """``x`` as ``[rows, in_features]``, contiguous (no reshape, no copy where it already is)."""
+    if x.dim() != 2:
+        x = x.reshape(-1, x.shape[-1])
+    return x if x.is_contiguous() else x.contiguous()
 
 
 def _unflat(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return y.reshape(*x.shape[:-1], y.shape[-1])
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
 
 
 def _add_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -138,8 +141,10 @@ def int8_weight_only_linear(
         return _TRITON.int8_mm(x, qweight, scale, bias)
     # The CPU kernel reads out of bounds (a crash, seen with torch 2.13) when in_features is not a
     # multiple of 16 and x has more than one row: keep it to whole 64-column blocks.
-    if x.device.type == "cpu" and x.dtype in _CPU_FLOATS and rows <= SMALL_BATCH and k % 64 == 0:
-        y = torch.ops.aten._weight_int8pack_mm(_flat(x).contiguous(), qweight, scale.to(x.dtype))
+    if x.is_cpu and x.dtype in _CPU_FLOATS and rows <= SMALL_BATCH and k % 64 == 0:
+        y = torch.ops.aten._weight_int8pack_mm(
+            _flat(x), qweight, scale if scale.dtype == x.dtype else scale.to(x.dtype)
+        )
         return _unflat(_add_bias(y, bias), x)
     return int8_reference_linear(x, qweight, scale, bias)
 
@@ -254,9 +259,9 @@ def int4_weight_only_linear(
         if _TRITON is not None and x.dtype in _HALF and group_size in (16, 32, 64, 128, 256):
             return _TRITON.int4_mm(x, packed, scale, zero, group_size, bias)
     cpu_kernel = layout is not None and layout.kind == "cpu" and layout.scales_and_zeros.dtype == x.dtype
-    if cpu_kernel and x.device.type == "cpu" and rows <= SMALL_BATCH:
+    if cpu_kernel and x.is_cpu and rows <= SMALL_BATCH:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            _flat(x).contiguous(), layout.weight, layout.group_size, layout.scales_and_zeros
+            _flat(x), layout.weight, layout.group_size, layout.scales_and_zeros
         )
         return _unflat(_add_bias(y, bias), x)
     return int4_reference_linear(x, packed, scale, zero, group_size, bias)

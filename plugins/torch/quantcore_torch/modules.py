@@ -114,7 +114,12 @@ class KernelLayoutMixin(nn.Module):
 
     def _layout_is_stale(self) -> bool:
         source = self._layout_of
-        return not source or source[0] is not self.qweight or source[1] is not self.scale or source[2] is not self.zero
+        if not source:
+            return True
+        buffers = self._buffers  # not getattr: this runs in every eager int4 forward
+        return (
+            source[0] is not buffers["qweight"] or source[1] is not buffers["scale"] or source[2] is not buffers["zero"]
+        )
 
     def _apply(self, fn, recurse=True):
         # .to(), .cuda(), .half(): the buffers move or change, so the layout derived from them must follow.
@@ -235,7 +240,10 @@ class WeightOnlyLinear(KernelLayoutMixin, QuantizedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.compute_dtype or x.dtype
-        bias = self.bias
+        # Tensors read from their dicts: nn.Module.__getattr__ costs about a microsecond a name,
+        # and an eager decode step runs this forward some 150 times.
+        buffers = self._buffers
+        bias = self._parameters["bias"]
         grad = torch.is_grad_enabled()
         trains = grad and (x.requires_grad or (bias is not None and bias.requires_grad))
         fused = self._fused
@@ -255,13 +263,19 @@ class WeightOnlyLinear(KernelLayoutMixin, QuantizedLinear):
         # No-op casts skipped: an eager decode step pays for every dispatch.
         xc = x if x.dtype == dtype else x.to(dtype)
         if self.bits == 8:
-            y = kernels.int8_weight_only_linear(xc, self.qweight, self.scale, kernel_bias)
+            y = kernels.int8_weight_only_linear(xc, buffers["qweight"], buffers["scale"], kernel_bias)
         else:
             # Checked in eager mode only: a compiled graph guards on the layout it was traced with.
             if not torch.compiler.is_compiling() and self._layout_is_stale():
                 self.refresh_kernel_layout()
             y = kernels.int4_weight_only_linear(
-                xc, self.qweight, self.scale, self.zero, self.group_size, kernel_bias, self.kernel_layout
+                xc,
+                buffers["qweight"],
+                buffers["scale"],
+                buffers["zero"],
+                self.group_size,
+                kernel_bias,
+                self.kernel_layout,
             )
         if late_bias is not None:
             y = y + late_bias.to(y.dtype)
