@@ -120,8 +120,11 @@ class FusedProjections:
         return f"FusedProjections({self.name}, {state})"
 
     # ------------------------------------------------------------------ life cycle
-    def _member_tensors(self, m: WeightOnlyLinear) -> tuple[torch.Tensor | None, ...]:
-        return (*(getattr(m, n, None) for n in _STORAGE), m.bias)
+    @staticmethod
+    def _member_tensors(m: WeightOnlyLinear) -> tuple[torch.Tensor | None, ...]:
+        # From the dicts, not getattr (about a microsecond a name): this runs once a step per group.
+        buffers = m._buffers
+        return buffers.get("qweight"), buffers.get("scale"), buffers.get("zero"), m._parameters.get("bias")
 
     def is_current(self) -> bool:
         """Whether every member still reads the views of the current stack."""
