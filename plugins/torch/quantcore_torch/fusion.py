@@ -265,8 +265,11 @@ def fuse_projections(model: nn.Module, groups: Iterable[Sequence[str]] = DEFAULT
         :data:`DEFAULT_GROUPS`). Every module holding all names of a group as children is fused.
     :returns: a :class:`FusionReport`; nothing is changed for a group it lists as skipped.
 
-    Safe to call twice (groups already fused are reported as skipped). Outputs are the members'
-    outputs exactly: the kernels compute each output column from its own row of the stack.
+    Safe to call twice (groups already fused are reported as skipped). Each output column is
+    computed from its own row of the stack, as before; the outputs are the unfused ones within
+    float rounding, and bit for bit where the stack runs the kernel config the members ran (the
+    CPU kernels; on CUDA the stacked shape may autotune to another tile, which sums in another
+    order).
     """
     groups = [tuple(g) for g in groups]
     for g in groups:
