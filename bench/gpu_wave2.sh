@@ -50,7 +50,7 @@ for part in "$@"; do
               --out "$out/decode_${model}_b${BATCH:-1}.json" 2>&1 \
               | grep -v -E "FutureWarning|forward_call|MatMul8bitLt" ;;
     profile) timeout ${T_PROFILE:-240} python3 bench/profile_decode.py --model "$model" \
-               --method-timeout "${METHOD_TIMEOUT:-0}" $(case ${MODES:-eager} in *eager*) echo --interleave-eager ;; esac) --methods "${PROFILE_METHODS:-bf16,int8-torch,int4-torch,int4-ao}" \
+               --method-timeout "${METHOD_TIMEOUT:-0}" --methods "${PROFILE_METHODS:-bf16,int8-torch,int4-torch,int4-ao}" \
                --out "$out/profile_${model}.json" 2>&1 | grep -v -E "FutureWarning|forward_call" ;;
     eager-profile) timeout ${T_PROFILE:-200} python3 bench/profile_eager.py --model "$model" \
                --methods "${PROFILE_METHODS:-bf16,int8-torch,int8-torch+fused,int4-torch,int4-torch+fused}" \
