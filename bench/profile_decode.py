@@ -101,14 +101,19 @@ def profile_method(base, method: str, args) -> dict:
     )
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def step_arguments(parser: argparse.ArgumentParser, steps: int) -> None:
+    """The arguments this script and ``profile_eager.py`` share: what to profile, and how long."""
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--model", choices=("llama-1.1b", "llama-7b", "tiny"), default="llama-1.1b")
     parser.add_argument("--methods", default="bf16,int8-torch,int4-torch")
     parser.add_argument("--prompt", type=_common.int_at_least(1), default=512)
-    parser.add_argument("--steps", type=_common.int_at_least(1), default=10)
+    parser.add_argument("--steps", type=_common.int_at_least(1), default=steps)
     parser.add_argument("--top", type=_common.int_at_least(0), default=12)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    step_arguments(parser, steps=10)
     parser.add_argument(
         "--mode",
         default=None,

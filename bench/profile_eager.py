@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common
 import bench_decode
+import profile_decode
 import torch
 
 
@@ -117,13 +118,8 @@ def profile_method(dec, row: dict, args) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
-    parser.add_argument("--model", choices=("llama-1.1b", "llama-7b", "tiny"), default="llama-1.1b")
-    parser.add_argument("--methods", default="bf16,int8-torch,int4-torch")
-    parser.add_argument("--prompt", type=_common.int_at_least(1), default=512)
-    parser.add_argument("--steps", type=_common.int_at_least(1), default=20)
+    profile_decode.step_arguments(parser, steps=20)
     parser.add_argument("--rounds", type=_common.int_at_least(1), default=3, help="timing rounds over the methods")
-    parser.add_argument("--top", type=_common.int_at_least(0), default=12)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
