@@ -167,17 +167,16 @@ class FusedProjections:
             device="meta",
             compute_dtype=first.compute_dtype,
         )
+        names = _storage_names(first)
         with torch.no_grad():
-            for name in _STORAGE:
-                if hasattr(first, name):
-                    setattr(linear, name, torch.cat([getattr(m, name) for m in members]))
+            for name in names:
+                setattr(linear, name, torch.cat([getattr(m, name) for m in members]))
             if first.bias is not None:
                 linear.bias = nn.Parameter(torch.cat([m.bias.detach() for m in members]), requires_grad=False)
         views = []
         for m, (start, stop) in zip(members, self.bounds, strict=True):
-            for name in _STORAGE:
-                if hasattr(first, name):
-                    setattr(m, name, getattr(linear, name)[start:stop])
+            for name in names:
+                setattr(m, name, getattr(linear, name)[start:stop])
             if m.bias is not None:
                 # Still trainable if it was (then the member runs alone while gradients are on).
                 m.bias = nn.Parameter(linear.bias[start:stop], requires_grad=m.bias.requires_grad)
@@ -188,7 +187,7 @@ class FusedProjections:
         linear.refresh_kernel_layout()
         if linear.qweight.is_cuda:
             # CUDA graphs copy plain tensor inputs at every replay; these are the weights, never changed in a graph.
-            for t in (*(getattr(linear, n) for n in _STORAGE if hasattr(linear, n)), linear.bias):
+            for t in (*(getattr(linear, n) for n in names), linear.bias):
                 if t is not None:
                     torch._dynamo.mark_static_address(t)
         self.linear = linear
@@ -197,9 +196,8 @@ class FusedProjections:
         """Give every member its own storage again and detach them from the group."""
         for m in self.members:
             with torch.no_grad():
-                for name in _STORAGE:
-                    if hasattr(m, name):
-                        setattr(m, name, getattr(m, name).clone())
+                for name in _storage_names(m):
+                    setattr(m, name, getattr(m, name).clone())
                 if m.bias is not None:
                     m.bias = nn.Parameter(m.bias.detach().clone(), requires_grad=m.bias.requires_grad)
             m._fused = None
@@ -236,6 +234,11 @@ class FusedProjections:
             # Every member has had its slice: keep no activation alive until the next step.
             self._cache = None
         return y[..., start:stop]
+
+
+def _storage_names(m: WeightOnlyLinear) -> tuple[str, ...]:
+    """The quantized weight's buffers ``m`` has: ``qweight``, ``scale``, and ``zero`` for int4."""
+    return tuple(name for name in _STORAGE if name in m._buffers)
 
 
 def _version(x: torch.Tensor) -> int:
