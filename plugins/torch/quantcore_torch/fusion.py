@@ -268,7 +268,9 @@ def fuse_projections(model: nn.Module, groups: Iterable[Sequence[str]] = DEFAULT
         :data:`DEFAULT_GROUPS`). Every module holding all names of a group as children is fused.
     :returns: a :class:`FusionReport`; nothing is changed for a group it lists as skipped.
 
-    Safe to call twice (groups already fused are reported as skipped). Each output column is
+    Safe to call twice (groups already fused are reported as skipped). If stacking a group fails
+    (out of memory), its members are left unfused and the error is raised; groups fused before it
+    stay fused, each complete. Each output column is
     computed from its own row of the stack, as before; the outputs are the unfused ones within
     float rounding, and bit for bit where the stack runs the kernel config the members ran (the
     CPU kernels; on CUDA the stacked shape may autotune to another tile, which sums in another
@@ -288,7 +290,14 @@ def fuse_projections(model: nn.Module, groups: Iterable[Sequence[str]] = DEFAULT
         if reason is not None:
             report.skipped[label] = reason
             continue
-        FusedProjections(label, names, members).refresh()
+        try:
+            FusedProjections(label, names, members).refresh()
+        except BaseException:
+            # Out of memory for the stack, say: the members run alone again, as they were.
+            for m in members:
+                m._fused = None
+                m.refresh_kernel_layout()
+            raise
         report.fused.append(label)
     return report
 

@@ -438,3 +438,28 @@ def test_plain_blocks_fuse_with_the_same_outputs_eager_and_compiled(bits, group_
     torch.testing.assert_close(compiled, ref, rtol=0, atol=0)
     assert backend.count == 8
     torch._dynamo.reset()
+
+
+def test_a_group_that_fails_to_stack_is_left_unfused(monkeypatch):
+    model = plain_model(8, 128)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        ref = model(x)
+    real_cat = torch.cat
+    calls = []
+
+    def failing_cat(tensors, *args, **kwargs):
+        calls.append(1)
+        if len(calls) > 3:  # the first group's three tensors stack; the second group's fail
+            raise torch.OutOfMemoryError("no memory for the stack")
+        return real_cat(tensors, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "cat", failing_cat)
+    with pytest.raises(torch.OutOfMemoryError, match="no memory"):
+        fuse_projections(model)
+    monkeypatch.setattr(torch, "cat", real_cat)
+    block = model[0]  # its q/k/v stacked, then its gate/up failed
+    assert block.q_proj._fused is not None and block.q_proj._fused[0].is_current()
+    assert all(m._fused is None for m in (block.gate_proj, block.up_proj))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref, rtol=0, atol=0)
