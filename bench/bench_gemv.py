@@ -9,7 +9,8 @@ calls the kernel on each copy in turn, and reports microseconds per call and the
 copy bandwidth that call moves.
 
 It times, per shape: bf16 ``F.linear``; each one-row config of the int8 and int4 Triton kernels
-(``quantcore_torch._triton.INT8_ROW`` / ``INT4_ROW``), forced; the autotuned choice that
+(``quantcore_torch._triton.INT8_ROW`` / ``INT4_ROW``; int4 both on bytes and on 32-bit words),
+forced; the autotuned choice that
 ``int8_weight_only_linear`` / ``int4_weight_only_linear`` make; tinygemm (int4, bf16). Then
 ``--stack``: the linears of a whole decode step (every layer's q, k, v, o, gate, up, down, each
 with its own weight) through each method's dispatch, in one graph: the linears' share of a step.
@@ -164,20 +165,21 @@ def shape_cases(w: Weights, x: torch.Tensor, formats: set[str]) -> dict[str, tup
             "int4",
             [lambda p=p, s=s, z=z: _triton.int4_mm(x, p, s, z, GROUP, None) for p, s, z in w.int4],
         )
-        for cfg in _triton.INT4_ROW:
-            if cfg[1] % GROUP:
-                continue
-            calls = [
-                forced(
-                    _triton._int4_row_kernel,
-                    cfg,
-                    x,
-                    (p, s, z, s, (p.stride(0), s.stride(0))),
-                    {"GROUP": GROUP, "HAS_BIAS": False},
-                )
-                for p, s, z in w.int4
-            ]
-            cases[f"int4 {cfg}"] = ("int4", calls)
+        cases["int4 triton words dispatch"] = (
+            "int4",
+            [lambda p=p, s=s, z=z: _triton._int4_launch(x, p, s, z, GROUP, None, words=True) for p, s, z in w.int4],
+        )
+        for kernel, label in ((_triton._int4_row_kernel, "int4"), (_triton._int4_words_kernel, "int4 words")):
+            for cfg in _triton.INT4_ROW:
+                if cfg[1] % GROUP:
+                    continue
+                calls = [
+                    forced(
+                        kernel, cfg, x, (p, s, z, s, (p.stride(0), s.stride(0))), {"GROUP": GROUP, "HAS_BIAS": False}
+                    )
+                    for p, s, z in w.int4
+                ]
+                cases[f"{label} {cfg}"] = ("int4", calls)
     return cases
 
 
@@ -230,7 +232,7 @@ def run_stack(model: str, bandwidth: float, fused: bool) -> dict:
     from quantcore_torch.packing import quantize_int4, quantize_int8
 
     result = {}
-    for method in ("bf16", "int8", "int4-triton", "int4-tinygemm"):
+    for method in ("bf16", "int8", "int4-triton", "int4-triton-words", "int4-tinygemm"):
         layers, shapes = linears(model, fused and method != "bf16")
         calls, nbytes = [], 0
         xs = {k: torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for _, k in shapes}
@@ -248,7 +250,11 @@ def run_stack(model: str, bandwidth: float, fused: bool) -> dict:
                 else:
                     p, s, z = quantize_int4(w, GROUP)
                     layout = kernels.int4_tinygemm_layout(p, s, z, k, GROUP) if method == "int4-tinygemm" else None
-                    if layout is None:
+                    if method == "int4-triton-words":
+                        calls.append(
+                            lambda x=x, p=p, s=s, z=z: kernels._TRITON._int4_launch(x, p, s, z, GROUP, None, words=True)
+                        )
+                    elif layout is None:
                         calls.append(lambda x=x, p=p, s=s, z=z: kernels._TRITON.int4_mm(x, p, s, z, GROUP, None))
                     else:
                         calls.append(

@@ -7,7 +7,9 @@ so the weight crosses memory once in its quantized size. Each format has two ker
 - one row (``M == 1``, batch-1 decode): a reduction in fp32 over tiles of a few output rows and
   a long stretch of K, so that a weight streamed from HBM keeps every SM busy; codes become
   floats through bit operations, not conversion instructions (see :func:`_int8_to_float`). The
-  int4 one reads the input two values at a time as 32-bit words (even K);
+  int4 one reads the input two values at a time as 32-bit words (even K); a second int4 one
+  (:func:`_int4_words_kernel`, ``WORDS_BY_DEFAULT``) reads the weight as 32-bit words of eight
+  codes and converts them without shifts;
 - more rows (or int4 with odd K): ``tl.dot`` on the dequantized tile, cast to the activation
   dtype first exactly as the reference path rounds it.
 
@@ -235,6 +237,86 @@ def _int4_row_kernel(
     _store_row(tl.sum(tl.sum(acc, axis=2), axis=1), b_ptr, y_ptr, rn, n_mask, HAS_BIAS)
 
 
+@triton.jit
+def _nibble(word, SHIFT: tl.constexpr):
+    """The code in bits ``SHIFT .. SHIFT+3`` of ``word`` (``SHIFT`` at most 19) as fp32, not shifted:
+    masked in place into the mantissa of ``2**(23 - SHIFT)``, whose mantissa's bit ``SHIFT`` is
+    worth 1.0, then less that power of two. One logic op and one add a code."""
+    magic = (150 - SHIFT) << 23  # the exponent field of 2**(23 - SHIFT)
+    return ((word & (0xF << SHIFT)) | magic).to(tl.float32, bitcast=True) - (1 << (23 - SHIFT))
+
+
+@triton.autotune(
+    configs=_configs(INT4_ROW, "BLOCK_K"),
+    key=["N", "K", "GROUP"],
+    prune_configs_by={"early_config_prune": _prune_groups},
+)
+@triton.jit
+def _int4_words_kernel(
+    x_ptr,
+    w_ptr,
+    s_ptr,
+    z_ptr,
+    b_ptr,
+    y_ptr,
+    N,
+    K,
+    stride_wn,
+    stride_sn,
+    GROUP: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """The int4 one-row kernel on 32-bit words: ``K`` and ``GROUP`` multiples of 8, the packed
+    rows 4-byte aligned (``stride_wn`` counts bytes); the last group may be shorter.
+
+    A word holds columns ``8j .. 8j+7``, column ``8j+i`` in bits ``4i .. 4i+3``. Codes are not
+    shifted down: each is masked in place into the mantissa of a power of two chosen so that its
+    lowest bit is worth 1.0 (:func:`_nibble`). A mantissa holds nibbles 0 to 4; 5 to 7 take one
+    shift by 12 bits first. A weight then costs a logic op, an add and a multiply-add. Each
+    word's sum meets its group's scale and zero point once: ``s * (sum_i q_i x_i - z * sum_i x_i)``.
+    """
+    GROUPS: tl.constexpr = BLOCK_K // GROUP
+    WORDS: tl.constexpr = GROUP // 8
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = rn < N
+    rg = tl.arange(0, GROUPS)
+    rw = tl.arange(0, WORDS)
+    words = K // 8
+    groups = (K + GROUP - 1) // GROUP  # the last one may be shorter
+    w32 = w_ptr.to(tl.pointer_type(tl.int32))
+    row = rn[:, None, None] * (stride_wn // 4)
+    acc = tl.zeros((BLOCK_N, GROUPS, WORDS), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        g = k0 // GROUP + rg
+        col = g[:, None] * WORDS + rw[None, :]  # [GROUPS, WORDS]: word index
+        col_mask = col < words
+        word = tl.load(w32 + row + col[None, :, :], mask=n_mask[:, None, None] & col_mask[None, :, :], other=0)
+        xp = x_ptr + col * 8
+        x0 = tl.load(xp, mask=col_mask, other=0.0).to(tl.float32)
+        x1 = tl.load(xp + 1, mask=col_mask, other=0.0).to(tl.float32)
+        x2 = tl.load(xp + 2, mask=col_mask, other=0.0).to(tl.float32)
+        x3 = tl.load(xp + 3, mask=col_mask, other=0.0).to(tl.float32)
+        x4 = tl.load(xp + 4, mask=col_mask, other=0.0).to(tl.float32)
+        x5 = tl.load(xp + 5, mask=col_mask, other=0.0).to(tl.float32)
+        x6 = tl.load(xp + 6, mask=col_mask, other=0.0).to(tl.float32)
+        x7 = tl.load(xp + 7, mask=col_mask, other=0.0).to(tl.float32)
+        xsum = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
+        high = word >> 12  # nibbles 5, 6, 7 to bits 8..19 (the sign bits above are masked off)
+        t = _nibble(word, 0) * x0[None, :, :]
+        t += _nibble(word, 4) * x1[None, :, :]
+        t += _nibble(word, 8) * x2[None, :, :]
+        t += _nibble(word, 12) * x3[None, :, :]
+        t += _nibble(word, 16) * x4[None, :, :]
+        t += _nibble(high, 8) * x5[None, :, :]
+        t += _nibble(high, 12) * x6[None, :, :]
+        t += _nibble(high, 16) * x7[None, :, :]
+        s, z = _group_params(s_ptr, z_ptr, rn, g, stride_sn, n_mask[:, None] & (g < groups)[None, :])
+        acc += s[:, :, None] * (t - z[:, :, None] * xsum[None, :, :])
+    _store_row(tl.sum(tl.sum(acc, axis=2), axis=1), b_ptr, y_ptr, rn, n_mask, HAS_BIAS)
+
+
 @triton.autotune(configs=_configs(_INT8_DOT, "BLOCK_K", stages=3), key=["M", "N", "K"])
 @triton.jit
 def _int8_dot_kernel(
@@ -397,6 +479,8 @@ class _Kernels(NamedTuple):
 _INT8 = _Kernels(_Launcher(_int8_row_kernel), _Launcher(_int8_dot_kernel), row_needs_even_k=False)
 # The int4 row kernel reads the input as 32-bit pairs (_int4_launch gives it an aligned one).
 _INT4 = _Kernels(_Launcher(_int4_row_kernel), _Launcher(_int4_dot_kernel), row_needs_even_k=True)
+# The word kernel where the packed rows are 32-bit words of whole groups (_int4_launch checks).
+_INT4_WORDS = _INT4._replace(row=_Launcher(_int4_words_kernel))
 
 
 def _launch(kernels: _Kernels, x: torch.Tensor, inputs: tuple, n: int, strides: tuple, key: tuple, constexprs: dict):
@@ -428,15 +512,30 @@ def _int8_launch(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bi
     return _launch(_INT8, x, inputs, qweight.shape[0], (qweight.stride(0),), key, {"HAS_BIAS": bias is not None})
 
 
-def _int4_launch(x, packed, scale, zero, group_size: int, bias):
-    if x.numel() == x.shape[-1] and x.shape[-1] % 2 == 0 and x.data_ptr() % 4:
-        # The one-row kernel reads the input as 32-bit words: an input off a 4-byte boundary gets
+def _words_fit(k: int, packed: torch.Tensor, group_size: int) -> bool:
+    """Whether the packed rows read as whole 32-bit words of whole groups (the word kernel)."""
+    return k % 8 == 0 and group_size % 8 == 0 and packed.stride(0) % 4 == 0 and packed.data_ptr() % 4 == 0
+
+
+# Whether one row takes the word kernel by default, where the layout allows. Off until
+# bench/bench_gemv.py shows it faster than the byte kernel on the GPU (it computes fewer
+# instructions a weight; its speed there is not measured yet).
+WORDS_BY_DEFAULT = False
+
+
+def _int4_launch(x, packed, scale, zero, group_size: int, bias, words: bool | None = None):
+    """``words``: the one-row kernel on 32-bit words where the layout allows (None: ``WORDS_BY_DEFAULT``)."""
+    k = x.shape[-1]
+    words = (WORDS_BY_DEFAULT if words is None else words) and _words_fit(k, packed, group_size)
+    if not words and x.numel() == k and k % 2 == 0 and x.data_ptr() % 4:
+        # The byte kernel reads the input as 32-bit pairs: an input off a 4-byte boundary gets
         # an aligned copy (not the several-row kernel, whose sums round differently).
         x = x.clone()
     inputs = (x, packed, scale, zero, scale if bias is None else bias)
-    key = (*_key(x, packed, scale, bias), zero.dtype, zero.data_ptr() % 16 == 0, group_size)
+    key = (*_key(x, packed, scale, bias), zero.dtype, zero.data_ptr() % 16 == 0, group_size, words)
     constexprs = {"GROUP": group_size, "HAS_BIAS": bias is not None}
-    return _launch(_INT4, x, inputs, packed.shape[0], (packed.stride(0), scale.stride(0)), key, constexprs)
+    kernels = _INT4_WORDS if words else _INT4
+    return _launch(kernels, x, inputs, packed.shape[0], (packed.stride(0), scale.stride(0)), key, constexprs)
 
 
 def _key(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> tuple:

@@ -163,7 +163,9 @@ def test_eager_launches_match_the_custom_op(bits, rows):
         op = lambda x: torch.ops.quantcore_torch.int4_mm(  # noqa: E731
             x, module.qweight, module.scale, module.zero, 128, module.bias
         )
-    kernels_ = triton_mod._INT8 if bits == 8 else triton_mod._INT4
+    kernels_ = (
+        triton_mod._INT8 if bits == 8 else triton_mod._INT4_WORDS if triton_mod.WORDS_BY_DEFAULT else triton_mod._INT4
+    )
     launcher = kernels_.row if rows == 1 else kernels_.dot
     autotuned = []
     autotune = launcher.kernel.run
@@ -189,6 +191,34 @@ def test_eager_launches_match_the_custom_op(bits, rows):
         shifted = torch.empty(rows * k + 1, dtype=torch.float16, device="cuda")[1:].view(rows, k).copy_(x)
         assert shifted.data_ptr() % 16 != 0
         torch.testing.assert_close(module(shifted), out, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    ("n", "k", "group"), [(64, 256, 32), (2048, 2048, 128), (256, 576, 128), (48, 136, 16)], ids=str
+)
+def test_the_int4_word_and_byte_kernels_agree(n, k, group, dtype):
+    # The two one-row int4 kernels read the same packed bytes (as words, as bytes): both within
+    # rounding of the reference (the last group shorter where K is not a multiple of it); packed
+    # rows off a 4-byte boundary take the byte kernel.
+    triton_mod = kernels._TRITON
+    module = _module(n, k, 4, group, dtype, "cuda")
+    x = torch.randn(1, k, dtype=dtype, device="cuda")
+    args = (x, module.qweight, module.scale, module.zero, group, module.bias)
+    with torch.no_grad():
+        ref = module.reference_forward(x)
+        words = triton_mod._int4_launch(*args, words=True)
+        bytes_ = triton_mod._int4_launch(*args, words=False)
+    assert triton_mod._words_fit(k, module.qweight, group)
+    assert relative_error(words, ref) < ROUNDING[dtype] and relative_error(bytes_, ref) < ROUNDING[dtype]
+    assert relative_error(words, bytes_) < ROUNDING[dtype]
+    odd = torch.empty(n, k // 2 + 1, dtype=torch.uint8, device="cuda")[:, 1:]
+    odd.copy_(module.qweight)
+    assert not triton_mod._words_fit(k, odd, group)
+    with torch.no_grad():
+        assert relative_error(triton_mod._int4_launch(x, odd, *args[2:], words=True), bytes_) < ROUNDING[dtype] / 10
 
 
 @pytest.mark.gpu

@@ -95,6 +95,36 @@ def test_int4_row_kernel(kernels, n, k, group, block_n, block_k, dtype, bias):
     assert _error(y, ref) < ROUNDING[dtype]
 
 
+@pytest.mark.parametrize("dtype", list(ROUNDING), ids=str)
+@pytest.mark.parametrize(
+    ("n", "k", "group", "block_n", "block_k"), [(40, 256, 32, 4, 64), (24, 576, 128, 8, 256), (6, 1024, 128, 4, 512)]
+)
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_int4_words_kernel(kernels, n, k, group, block_n, block_k, dtype, bias):
+    torch.manual_seed(n * k)
+    packed, scale, zero = quantize_int4((torch.randn(n, k) * 0.02).to(dtype), group)
+    packed[0, :16] = torch.arange(0, 256, 16, dtype=torch.uint8)  # every code in the high nibbles
+    packed[1, :16] = torch.arange(0, 16, dtype=torch.uint8) * 17  # and in both, at every place of a word
+    b = torch.randn(n, dtype=dtype) if bias else None
+    x = torch.randn(1, k, dtype=dtype)
+    y = torch.empty(1, n, dtype=dtype)
+    kernels._int4_words_kernel.fn[_grid(n, block_n)](
+        x, packed, scale, zero, scale if b is None else b, y, n, k, packed.stride(0), scale.stride(0),
+        GROUP=group, HAS_BIAS=bias, BLOCK_N=block_n, BLOCK_K=block_k,
+    )  # fmt: skip
+    weight = dequantize_int4(packed, scale, zero, k, group, torch.float32)
+    ref = torch.nn.functional.linear(x.float(), weight, None if b is None else b.float())
+    assert _error(y, ref) < ROUNDING[dtype]
+    # Row by row, a word's eight codes land on their own columns: rows 0 and 1 each to 1e-5 in fp32.
+    exact = torch.nn.functional.linear(x.float()[:, :16], weight[:2, :16])
+    y16 = torch.empty(1, 2, dtype=torch.float32)
+    kernels._int4_words_kernel.fn[_grid(2, 2)](
+        x.float()[:, :16].contiguous(), packed[:2, :8].contiguous(), scale[:2, :1].repeat(1, 2),
+        zero[:2, :1].repeat(1, 2), scale, y16, 2, 16, 8, 2, GROUP=8, HAS_BIAS=False, BLOCK_N=2, BLOCK_K=16,
+    )  # fmt: skip
+    torch.testing.assert_close(y16, exact, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize(("n", "k"), [(40, 99), (48, 130)])
 def test_dot_kernels_several_rows(kernels, n, k):
     dtype, m = torch.float16, 5
