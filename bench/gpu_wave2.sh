@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# The GPU machine's runs for the second wave (nvidia-h200: torch 2.11 cu130, transformers 5.17,
-# Python 3.12), each part under its own time limit so that a few parts fit one 10-minute call:
+# The GPU machine's runs for the second wave (nvidia-h100-x1, the issues' card, or nvidia-h200:
+# torch 2.11 cu130, transformers 5.17, Python 3.12), each part under its own time limit so that a
+# few parts fit one 10-minute call:
 #   tests     the -m gpu tests of torch_wo, torchao and gptq (log: $OUT/tests.log);
 #             tests-ao, tests-torch, tests-fusion, tests-gptq: one part (PYTEST_K: pytest -k)
 #   kernels   one layer at a time, CUDA-graph replays (bench_kernels.py)
-#   gemv      batch-1 kernels on weights streamed from HBM, config by config, and a step's
-#             linears in one graph (bench_gemv.py; GEMV_ARGS adds arguments, e.g. --fused)
+#   gemv      batch-1 kernels on weights streamed from HBM, config by config (the int4 byte and
+#             word kernels side by side), and a step's linears in one graph (bench_gemv.py;
+#             GEMV_ARGS adds arguments, e.g. "--formats int4 --fused")
 #   launch    one layer at a time, back-to-back eager calls: what an eager step pays per layer
 #   decode    bench_decode.py (METHODS, MODES, MODEL, BATCH, REPEATS narrow it); eager in rounds
 #   profile   profile_decode.py: a compiled step's kernels (PROFILE_METHODS, MODEL)
