@@ -169,13 +169,21 @@ def shape_cases(w: Weights, x: torch.Tensor, formats: set[str]) -> dict[str, tup
             "int4",
             [lambda p=p, s=s, z=z: _triton._int4_launch(x, p, s, z, GROUP, None, words=True) for p, s, z in w.int4],
         )
-        for kernel, label in ((_triton._int4_row_kernel, "int4"), (_triton._int4_words_kernel, "int4 words")):
+        # The word kernel counts its row stride in 32-bit words.
+        for kernel, label, unit in (
+            (_triton._int4_row_kernel, "int4", 1),
+            (_triton._int4_words_kernel, "int4 words", 4),
+        ):
             for cfg in _triton.INT4_ROW:
                 if cfg[1] % GROUP:
                     continue
                 calls = [
                     forced(
-                        kernel, cfg, x, (p, s, z, s, (p.stride(0), s.stride(0))), {"GROUP": GROUP, "HAS_BIAS": False}
+                        kernel,
+                        cfg,
+                        x,
+                        (p, s, z, s, (p.stride(0) // unit, s.stride(0))),
+                        {"GROUP": GROUP, "HAS_BIAS": False},
                     )
                     for p, s, z in w.int4
                 ]

@@ -269,7 +269,8 @@ def _int4_words_kernel(
     BLOCK_K: tl.constexpr,
 ):
     """The int4 one-row kernel on 32-bit words: ``K`` and ``GROUP`` multiples of 8, the packed
-    rows 4-byte aligned (``stride_wn`` counts bytes); the last group may be shorter.
+    rows 4-byte aligned; the last group may be shorter. ``stride_wn`` counts words, so that
+    Triton sees its divisibility (16-byte loads) as it sees a byte stride's.
 
     A word holds columns ``8j .. 8j+7``, column ``8j+i`` in bits ``4i .. 4i+3``. Codes are not
     shifted down: each is masked in place into the mantissa of a power of two chosen so that its
@@ -283,25 +284,26 @@ def _int4_words_kernel(
     n_mask = rn < N
     rg = tl.arange(0, GROUPS)
     rw = tl.arange(0, WORDS)
+    r8 = tl.arange(0, 8)
     words = K // 8
     groups = (K + GROUP - 1) // GROUP  # the last one may be shorter
     w32 = w_ptr.to(tl.pointer_type(tl.int32))
-    row = rn[:, None, None] * (stride_wn // 4)
+    row = rn[:, None, None] * stride_wn
     acc = tl.zeros((BLOCK_N, GROUPS, WORDS), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         g = k0 // GROUP + rg
         col = g[:, None] * WORDS + rw[None, :]  # [GROUPS, WORDS]: word index
         col_mask = col < words
         word = tl.load(w32 + row + col[None, :, :], mask=n_mask[:, None, None] & col_mask[None, :, :], other=0)
-        xp = x_ptr + col * 8
-        x0 = tl.load(xp, mask=col_mask, other=0.0).to(tl.float32)
-        x1 = tl.load(xp + 1, mask=col_mask, other=0.0).to(tl.float32)
-        x2 = tl.load(xp + 2, mask=col_mask, other=0.0).to(tl.float32)
-        x3 = tl.load(xp + 3, mask=col_mask, other=0.0).to(tl.float32)
-        x4 = tl.load(xp + 4, mask=col_mask, other=0.0).to(tl.float32)
-        x5 = tl.load(xp + 5, mask=col_mask, other=0.0).to(tl.float32)
-        x6 = tl.load(xp + 6, mask=col_mask, other=0.0).to(tl.float32)
-        x7 = tl.load(xp + 7, mask=col_mask, other=0.0).to(tl.float32)
+        # A word's eight inputs in one 16-byte load, then split: column 8j+i, i = 4a + 2b + c.
+        xv = tl.load(x_ptr + col[:, :, None] * 8 + r8[None, None, :], mask=col_mask[:, :, None], other=0.0)
+        even, odd = tl.split(tl.reshape(xv.to(tl.float32), (GROUPS, WORDS, 4, 2)))  # c = 0, 1
+        x04, x26 = tl.split(tl.reshape(even, (GROUPS, WORDS, 2, 2)))  # b = 0, 1
+        x15, x37 = tl.split(tl.reshape(odd, (GROUPS, WORDS, 2, 2)))
+        x0, x4 = tl.split(x04)  # a = 0, 1
+        x2, x6 = tl.split(x26)
+        x1, x5 = tl.split(x15)
+        x3, x7 = tl.split(x37)
         xsum = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
         high = word >> 12  # nibbles 5, 6, 7 to bits 8..19 (the sign bits above are masked off)
         t = _nibble(word, 0) * x0[None, :, :]
@@ -518,9 +520,10 @@ def _words_fit(k: int, packed: torch.Tensor, group_size: int) -> bool:
 
 
 # Whether one row takes the word kernel by default, where the layout allows. It computes fewer
-# instructions a weight than the byte kernel, but with the byte kernel's configs a 1.1B step's
-# fused linears took 704 us against 609 us on an H100 (bench/bench_gemv.py --stack --fused):
-# off until its own configs, swept by bench_gemv.py, make it faster.
+# instructions a weight than the byte kernel, but its first version (eight strided input loads a
+# word, the row stride in bytes, which hid its divisibility) took 704 us for a 1.1B step's fused
+# linears against the byte kernel's 609 us on an H100 (bench/bench_gemv.py --stack --fused).
+# Off until bench_gemv.py measures this version, config by config, faster.
 WORDS_BY_DEFAULT = False
 
 
@@ -535,8 +538,8 @@ def _int4_launch(x, packed, scale, zero, group_size: int, bias, words: bool | No
     inputs = (x, packed, scale, zero, scale if bias is None else bias)
     key = (*_key(x, packed, scale, bias), zero.dtype, zero.data_ptr() % 16 == 0, group_size, words)
     constexprs = {"GROUP": group_size, "HAS_BIAS": bias is not None}
-    kernels = _INT4_WORDS if words else _INT4
-    return _launch(kernels, x, inputs, packed.shape[0], (packed.stride(0), scale.stride(0)), key, constexprs)
+    kernels, row_stride = (_INT4_WORDS, packed.stride(0) // 4) if words else (_INT4, packed.stride(0))
+    return _launch(kernels, x, inputs, packed.shape[0], (row_stride, scale.stride(0)), key, constexprs)
 
 
 def _key(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> tuple:

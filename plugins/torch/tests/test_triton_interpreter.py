@@ -109,7 +109,7 @@ def test_int4_words_kernel(kernels, n, k, group, block_n, block_k, dtype, bias):
     x = torch.randn(1, k, dtype=dtype)
     y = torch.empty(1, n, dtype=dtype)
     kernels._int4_words_kernel.fn[_grid(n, block_n)](
-        x, packed, scale, zero, scale if b is None else b, y, n, k, packed.stride(0), scale.stride(0),
+        x, packed, scale, zero, scale if b is None else b, y, n, k, packed.stride(0) // 4, scale.stride(0),
         GROUP=group, HAS_BIAS=bias, BLOCK_N=block_n, BLOCK_K=block_k,
     )  # fmt: skip
     weight = dequantize_int4(packed, scale, zero, k, group, torch.float32)
@@ -120,7 +120,7 @@ def test_int4_words_kernel(kernels, n, k, group, block_n, block_k, dtype, bias):
     y16 = torch.empty(1, 2, dtype=torch.float32)
     kernels._int4_words_kernel.fn[_grid(2, 2)](
         x.float()[:, :16].contiguous(), packed[:2, :8].contiguous(), scale[:2, :1].repeat(1, 2),
-        zero[:2, :1].repeat(1, 2), scale, y16, 2, 16, 8, 2, GROUP=8, HAS_BIAS=False, BLOCK_N=2, BLOCK_K=16,
+        zero[:2, :1].repeat(1, 2), scale, y16, 2, 16, 2, 2, GROUP=8, HAS_BIAS=False, BLOCK_N=2, BLOCK_K=16,
     )  # fmt: skip
     torch.testing.assert_close(y16, exact, rtol=1e-5, atol=1e-5)
 
