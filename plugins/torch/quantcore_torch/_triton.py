@@ -174,11 +174,16 @@ def _int8_row_kernel(
     _store_row(out, b_ptr, y_ptr, rn, n_mask, HAS_BIAS)
 
 
-@triton.autotune(
-    configs=_configs(INT4_ROW, "BLOCK_K"),
-    key=["N", "K", "GROUP"],
-    prune_configs_by={"early_config_prune": _prune_groups},
-)
+def _int4_row_autotune():
+    """The autotuner of the int4 one-row kernels (byte and word): one config table, whole groups."""
+    return triton.autotune(
+        configs=_configs(INT4_ROW, "BLOCK_K"),
+        key=["N", "K", "GROUP"],
+        prune_configs_by={"early_config_prune": _prune_groups},
+    )
+
+
+@_int4_row_autotune()
 @triton.jit
 def _int4_row_kernel(
     x_ptr,
@@ -246,11 +251,7 @@ def _nibble(word, SHIFT: tl.constexpr):
     return ((word & (0xF << SHIFT)) | magic).to(tl.float32, bitcast=True) - (1 << (23 - SHIFT))
 
 
-@triton.autotune(
-    configs=_configs(INT4_ROW, "BLOCK_K"),
-    key=["N", "K", "GROUP"],
-    prune_configs_by={"early_config_prune": _prune_groups},
-)
+@_int4_row_autotune()
 @triton.jit
 def _int4_words_kernel(
     x_ptr,

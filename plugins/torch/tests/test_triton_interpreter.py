@@ -74,25 +74,34 @@ def test_int8_row_kernel(kernels, n, k, block_n, block_k, dtype, bias):
     assert _error(y, ref) < ROUNDING[dtype]
 
 
+def _int4_row_case(kernel, stride_unit, n, k, group, block_n, block_k, dtype, bias, codes):
+    """Run an int4 one-row kernel on a random weight whose first rows hold ``codes`` (bytes) and
+    check it against the reference path; ``stride_unit``: bytes a unit of its row stride."""
+    torch.manual_seed(n * k)
+    packed, scale, zero = quantize_int4((torch.randn(n, k) * 0.02).to(dtype), group)
+    for row, row_codes in enumerate(codes):
+        packed[row, : len(row_codes)] = row_codes
+    b = torch.randn(n, dtype=dtype) if bias else None
+    x = torch.randn(1, k, dtype=dtype)
+    y = torch.empty(1, n, dtype=dtype)
+    kernel.fn[_grid(n, block_n)](
+        x, packed, scale, zero, scale if b is None else b, y, n, k, packed.stride(0) // stride_unit, scale.stride(0),
+        GROUP=group, HAS_BIAS=bias, BLOCK_N=block_n, BLOCK_K=block_k,
+    )  # fmt: skip
+    weight = dequantize_int4(packed, scale, zero, k, group, torch.float32)
+    ref = torch.nn.functional.linear(x.float(), weight, None if b is None else b.float())
+    assert _error(y, ref) < ROUNDING[dtype]
+    return x, packed, scale, zero, weight
+
+
 @pytest.mark.parametrize("dtype", list(ROUNDING), ids=str)
 @pytest.mark.parametrize(
     ("n", "k", "group", "block_n", "block_k"), [(40, 256, 32, 4, 64), (24, 576, 128, 8, 256), (6, 130, 64, 4, 64)]
 )
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 def test_int4_row_kernel(kernels, n, k, group, block_n, block_k, dtype, bias):
-    torch.manual_seed(n * k)
-    packed, scale, zero = quantize_int4((torch.randn(n, k) * 0.02).to(dtype), group)
-    packed[0, :8] = torch.arange(0, 256, 33, dtype=torch.uint8)  # codes 0 and 15 in both nibbles
-    b = torch.randn(n, dtype=dtype) if bias else None
-    x = torch.randn(1, k, dtype=dtype)
-    y = torch.empty(1, n, dtype=dtype)
-    kernels._int4_row_kernel.fn[_grid(n, block_n)](
-        x, packed, scale, zero, scale if b is None else b, y, n, k, packed.stride(0), scale.stride(0),
-        GROUP=group, HAS_BIAS=bias, BLOCK_N=block_n, BLOCK_K=block_k,
-    )  # fmt: skip
-    weight = dequantize_int4(packed, scale, zero, k, group, torch.float32)
-    ref = torch.nn.functional.linear(x.float(), weight, None if b is None else b.float())
-    assert _error(y, ref) < ROUNDING[dtype]
+    codes = [torch.arange(0, 256, 33, dtype=torch.uint8)]  # codes 0 and 15 in both nibbles
+    _int4_row_case(kernels._int4_row_kernel, 1, n, k, group, block_n, block_k, dtype, bias, codes)
 
 
 @pytest.mark.parametrize("dtype", list(ROUNDING), ids=str)
@@ -101,20 +110,13 @@ def test_int4_row_kernel(kernels, n, k, group, block_n, block_k, dtype, bias):
 )
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 def test_int4_words_kernel(kernels, n, k, group, block_n, block_k, dtype, bias):
-    torch.manual_seed(n * k)
-    packed, scale, zero = quantize_int4((torch.randn(n, k) * 0.02).to(dtype), group)
-    packed[0, :16] = torch.arange(0, 256, 16, dtype=torch.uint8)  # every code in the high nibbles
-    packed[1, :16] = torch.arange(0, 16, dtype=torch.uint8) * 17  # and in both, at every place of a word
-    b = torch.randn(n, dtype=dtype) if bias else None
-    x = torch.randn(1, k, dtype=dtype)
-    y = torch.empty(1, n, dtype=dtype)
-    kernels._int4_words_kernel.fn[_grid(n, block_n)](
-        x, packed, scale, zero, scale if b is None else b, y, n, k, packed.stride(0) // 4, scale.stride(0),
-        GROUP=group, HAS_BIAS=bias, BLOCK_N=block_n, BLOCK_K=block_k,
-    )  # fmt: skip
-    weight = dequantize_int4(packed, scale, zero, k, group, torch.float32)
-    ref = torch.nn.functional.linear(x.float(), weight, None if b is None else b.float())
-    assert _error(y, ref) < ROUNDING[dtype]
+    codes = [
+        torch.arange(0, 256, 16, dtype=torch.uint8),  # every code in the high nibbles
+        torch.arange(0, 16, dtype=torch.uint8) * 17,  # and in both, at every place of a word
+    ]
+    x, packed, scale, zero, weight = _int4_row_case(
+        kernels._int4_words_kernel, 4, n, k, group, block_n, block_k, dtype, bias, codes
+    )
     # Row by row, a word's eight codes land on their own columns: rows 0 and 1 each to 1e-5 in fp32.
     exact = torch.nn.functional.linear(x.float()[:, :16], weight[:2, :16])
     y16 = torch.empty(1, 2, dtype=torch.float32)
