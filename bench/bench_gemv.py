@@ -110,7 +110,7 @@ def forced(kernel, config: tuple, x: torch.Tensor, args: tuple, constexprs: dict
     """A one-row kernel launched with one config, bypassing the autotuner."""
     import triton
 
-    block_n, block_k, warps = config
+    block_n, block_k, warps, *stages = config
     n = args[0].shape[0]
     y = x.new_empty((1, n))
     grid = (triton.cdiv(n, block_n), 1)
@@ -128,15 +128,28 @@ def forced(kernel, config: tuple, x: torch.Tensor, args: tuple, constexprs: dict
             BLOCK_N=block_n,
             BLOCK_K=block_k,
             num_warps=warps,
-            num_stages=1,
+            num_stages=stages[0] if stages else 1,
         )
         return y
 
     return call
 
 
-def shape_cases(w: Weights, x: torch.Tensor, formats: set[str]) -> dict[str, tuple[str, list]]:
-    """name -> (format whose bytes it moves, one call per weight copy)."""
+def wide_int8_configs() -> list[tuple[int, int, int, int]]:
+    """Candidate one-row int8 configs beyond ``INT8_ROW``: ``(BLOCK_N, BLOCK_K, num_warps, num_stages)``
+    with 16 to 128 weight bytes a thread a step (one to eight 16-byte loads), pipelined or not."""
+    configs = []
+    for n in (1, 2, 4, 8):
+        for k in (512, 1024, 2048, 4096):
+            for warps in (1, 2, 4, 8):
+                if 16 <= n * k // (32 * warps) <= 128:
+                    configs += [(n, k, warps, stages) for stages in (1, 2)]
+    return configs
+
+
+def shape_cases(w: Weights, x: torch.Tensor, formats: set[str], wide: bool = False) -> dict[str, tuple[str, list]]:
+    """name -> (format whose bytes it moves, one call per weight copy). ``wide``: int8 over
+    ``wide_int8_configs()`` instead of ``INT8_ROW``."""
     from quantcore_torch import _triton, kernels
 
     cases: dict[str, tuple[str, list]] = {}
@@ -147,7 +160,7 @@ def shape_cases(w: Weights, x: torch.Tensor, formats: set[str]) -> dict[str, tup
             "int8",
             [lambda q=q, s=s: kernels.int8_weight_only_linear(x, q, s) for q, s in w.int8],
         )
-        for cfg in _triton.INT8_ROW:
+        for cfg in wide_int8_configs() if wide else _triton.INT8_ROW:
             calls = [
                 forced(_triton._int8_row_kernel, cfg, x, (q, s, s, (q.stride(0),)), {"HAS_BIAS": False})
                 for q, s in w.int8
@@ -207,14 +220,16 @@ def check(cases: dict, w: Weights, x: torch.Tensor) -> dict[str, float]:
     return errors
 
 
-def run_shapes(model: str, formats: set[str], stream_mib: int, bandwidth: float, fused: bool) -> list[dict]:
+def run_shapes(
+    model: str, formats: set[str], stream_mib: int, bandwidth: float, fused: bool, wide: bool = False
+) -> list[dict]:
     rows = []
     for n, k in dict.fromkeys(linears(model, fused)[1]):
         bytes_bf16 = 2 * n * k
         copies = max(4, -(-stream_mib * 2**20 // (bytes_bf16 if "bf16" in formats else n * k)))
         w = Weights(n, k, copies, formats)
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-        cases = shape_cases(w, x, formats)
+        cases = shape_cases(w, x, formats, wide)
         errors = check(cases, w, x)
         row = dict(n=n, k=k, copies=copies, cases={})
         for name, (fmt, calls) in cases.items():
@@ -301,6 +316,9 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--fused", action="store_true", help="fused projections' shapes (q+k+v, gate+up) for the quantized formats"
     )
+    parser.add_argument(
+        "--wide-int8", action="store_true", help="sweep int8 over a wider grid of configs, num_stages included"
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     formats = {f.strip() for f in args.formats.split(",") if f.strip()}
@@ -318,7 +336,7 @@ def main(argv=None) -> int:
     report = dict(device=torch.cuda.get_device_name(), bandwidth=bandwidth, model=args.model, fused=args.fused)
     with torch.no_grad():
         if not args.no_shapes:
-            report["shapes"] = run_shapes(args.model, formats, args.stream_mib, bandwidth, args.fused)
+            report["shapes"] = run_shapes(args.model, formats, args.stream_mib, bandwidth, args.fused, args.wide_int8)
         if args.stack:
             report["stack"] = run_stack(args.model, bandwidth, args.fused)
     if args.out:

@@ -7,7 +7,8 @@
 #   kernels   one layer at a time, CUDA-graph replays (bench_kernels.py)
 #   gemv      batch-1 kernels on weights streamed from HBM, config by config (the int4 byte and
 #             word kernels side by side), and a step's linears in one graph (bench_gemv.py;
-#             GEMV_ARGS adds arguments, e.g. "--formats int4 --fused")
+#             GEMV_ARGS adds arguments, e.g. "--formats int4 --fused", or "--formats int8
+#             --wide-int8" for a wider int8 grid, num_stages included)
 #   launch    one layer at a time, back-to-back eager calls: what an eager step pays per layer
 #   decode    bench_decode.py (METHODS, MODES, MODEL, BATCH, REPEATS narrow it); eager in rounds
 #   profile   profile_decode.py: a compiled step's kernels (PROFILE_METHODS, MODEL)
