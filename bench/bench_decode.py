@@ -32,7 +32,10 @@ random Llama, for smoke tests).
 A method suffix ``@triton`` or ``@tinygemm`` (``int4-torch@triton``) picks the kernel torch_wo int4
 runs on CUDA (``QUANTCORE_INT4_CUDA_KERNEL``), to compare the two. A suffix ``+fused``
 (``int8-torch+fused``, ``int4-torch@triton+fused``) also runs ``quantcore_torch.fuse_projections``
-on the quantized model: q/k/v and gate/up as one kernel call each.
+on the quantized model: q/k/v and gate/up as one kernel call each. ``+pdl`` launches torch_wo's
+one-row Triton kernels programmatically inside CUDA graphs (``QUANTCORE_TRITON_PDL``, Hopper and
+later), ``+inductor-pdl`` inductor's kernels (``TORCHINDUCTOR_ENABLE_PDL``); suffixes combine
+(``int8-torch+fused+pdl+inductor-pdl``, ``bf16+inductor-pdl``).
 
 Usage::
 
@@ -84,27 +87,68 @@ def build_model(name: str, device: str, max_len: int):
     return model.eval()
 
 
+SUFFIXES = ("fused", "pdl", "inductor-pdl")
+
+
+def split_method(method: str) -> tuple[str, set[str]]:
+    """``method`` as its preset (with its ``@kernel``) and its ``+`` suffixes."""
+    spec, *suffixes = method.split("+")
+    unknown = set(suffixes) - set(SUFFIXES)
+    if unknown:
+        raise ValueError(f"{method}: unknown suffix {sorted(unknown)} (known: {', '.join(SUFFIXES)})")
+    return spec, set(suffixes)
+
+
+@contextlib.contextmanager
+def launch_options(method: str):
+    """The launch settings of ``method``'s suffixes while it runs: ``+pdl``, programmatic dependent
+    launches of quantcore_torch's one-row kernels in CUDA graphs (``QUANTCORE_TRITON_PDL``);
+    ``+inductor-pdl``, of inductor's kernels (``TORCHINDUCTOR_ENABLE_PDL``)."""
+    _, suffixes = split_method(method)
+    with contextlib.ExitStack() as stack:
+        if "pdl" in suffixes:
+            try:
+                from quantcore_torch import _triton
+            except ImportError as exc:
+                raise ValueError(f"{method}: +pdl needs Triton and CUDA ({exc})") from exc
+            stack.enter_context(_patched(_triton, "PDL", True))
+        if "inductor-pdl" in suffixes:
+            import torch._inductor.config
+
+            stack.enter_context(torch._inductor.config.patch({"triton.enable_pdl": True}))
+        yield
+
+
+@contextlib.contextmanager
+def _patched(owner, name: str, value):
+    previous = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, previous)
+
+
 def make_variant(base, method: str):
     """A copy of ``base`` quantized with the preset ``method`` (``bf16``: the copy as it is)."""
-    if method == "bf16":
+    spec, suffixes = split_method(method)
+    if spec == "bf16":
+        if "fused" in suffixes:
+            raise ValueError(f"{method}: bf16 has no quantized projections to fuse")
         return copy.deepcopy(base)
     import quantcore
     from quantcore.cli import resolve_method
 
-    spec, fused = (method[: -len("+fused")], True) if method.endswith("+fused") else (method, False)
     preset, _, kernel = spec.partition("@")
     model = copy.deepcopy(base)
     if kernel:
         from quantcore_torch import kernels
 
-        previous, kernels.INT4_CUDA_KERNEL = kernels.INT4_CUDA_KERNEL, kernel
-        try:
+        with _patched(kernels, "INT4_CUDA_KERNEL", kernel):
             quantcore.quantize(model, resolve_method(preset), progress=False)
-        finally:
-            kernels.INT4_CUDA_KERNEL = previous
     else:
         quantcore.quantize(model, resolve_method(preset), progress=False)
-    if fused:
+    if "fused" in suffixes:
         from quantcore_torch.fusion import fuse_projections
 
         report = fuse_projections(model)
@@ -460,7 +504,7 @@ def main(argv=None) -> int:
         save()
     for method in args.methods.split(",") if args.modes else []:
         try:
-            with _time_limit(args.method_timeout):
+            with _time_limit(args.method_timeout), launch_options(method):
                 measure(base, method, args, bandwidth, rows)
         except Exception as exc:  # one method failing must not lose the others' figures
             print(f"  {method}: FAILED {type(exc).__name__}: {str(exc)[:300]}", flush=True)

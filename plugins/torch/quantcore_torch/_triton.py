@@ -144,6 +144,12 @@ def _store_rows(out, b_ptr, y_ptr, rm, rn, m_mask, n_mask, N, HAS_BIAS: tl.const
     tl.store(y_ptr + rm[:, None] * N + rn[None, :], out.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _int8_tile(w_ptr, rn, kk, stride_wn, n_mask, K):
+    """The int8 codes of rows ``rn``, columns ``kk`` (zero past the edges)."""
+    return tl.load(w_ptr + rn[:, None] * stride_wn + kk[None, :], mask=n_mask[:, None] & (kk[None, :] < K), other=0)
+
+
 @triton.autotune(configs=_configs(INT8_ROW, "BLOCK_K"), key=["N", "K"])
 @triton.jit
 def _int8_row_kernel(
@@ -158,18 +164,27 @@ def _int8_row_kernel(
     HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    USE_GDC: tl.constexpr = False,
 ):
     """``y[n] = scale[n] * sum_k x[k] * w[n, k] + bias[n]`` for one row ``x``: a ``[BLOCK_N, BLOCK_K]``
-    int8 tile a step, products summed in fp32 and reduced once at the end."""
+    int8 tile a step, products summed in fp32 and reduced once at the end. ``USE_GDC``: launched
+    as a programmatic dependent launch (see :func:`_pdl_launch`)."""
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     n_mask = rn < N
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    start = 0
+    if USE_GDC:  # the first weight tile loads while the kernel before finishes; the input after it
+        w = _int8_tile(w_ptr, rn, rk, stride_wn, n_mask, K)
+        tl.extra.cuda.gdc_wait()
+        acc += _int8_to_float(w) * tl.load(x_ptr + rk, mask=rk < K, other=0.0).to(tl.float32)[None, :]
+        start = BLOCK_K
+    for k0 in range(start, K, BLOCK_K):
         kk = k0 + rk
         xk = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + rn[:, None] * stride_wn + kk[None, :], mask=n_mask[:, None] & (kk[None, :] < K), other=0)
-        acc += _int8_to_float(w) * xk[None, :]
+        acc += _int8_to_float(_int8_tile(w_ptr, rn, kk, stride_wn, n_mask, K)) * xk[None, :]
+    if USE_GDC:
+        tl.extra.cuda.gdc_launch_dependents()
     out = tl.sum(acc, axis=1) * tl.load(s_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
     _store_row(out, b_ptr, y_ptr, rn, n_mask, HAS_BIAS)
 
@@ -200,6 +215,7 @@ def _int4_row_kernel(
     HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    USE_GDC: tl.constexpr = False,
 ):
     """``y[n] = sum_k scale[n, g] * (q[n, k] * x[k] - zero[n, g] * x[k]) + bias[n]``, ``g = k // GROUP``,
     for one row ``x`` of even length, 4-byte aligned.
@@ -217,29 +233,47 @@ def _int4_row_kernel(
     rj = tl.arange(0, HALF_G)
     half = K // 2
     groups = (K + GROUP - 1) // GROUP
-    pairs = x_ptr.to(tl.pointer_type(tl.int32))
     acc = tl.zeros((BLOCK_N, GROUPS, HALF_G), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    start = 0
+    if USE_GDC:  # the first weight tile loads while the kernel before finishes; the input after it
+        col = rg[:, None] * HALF_G + rj[None, :]
+        col_mask = col < half
+        byte = _int4_byte_tile(w_ptr, rn, n_mask, stride_wn, col, col_mask)
+        tl.extra.cuda.gdc_wait()
+        acc = _int4_byte_step(acc, byte, x_ptr, s_ptr, z_ptr, rn, n_mask, rg, col, col_mask, groups, stride_sn)
+        start = BLOCK_K
+    for k0 in range(start, K, BLOCK_K):
         g = k0 // GROUP + rg
         col = g[:, None] * HALF_G + rj[None, :]  # [GROUPS, HALF_G]: byte columns, input pairs
         col_mask = col < half
-        byte = tl.load(
-            w_ptr + rn[:, None, None] * stride_wn + col[None, :, :],
-            mask=n_mask[:, None, None] & col_mask[None, :, :],
-            other=0,
-        )
-        pair = tl.load(pairs + col, mask=col_mask, other=0)
-        if x_ptr.dtype.element_ty == tl.bfloat16:  # a bf16 is the top half of an fp32
-            xe = (pair << 16).to(tl.float32, bitcast=True)
-            xo = (pair & -65536).to(tl.float32, bitcast=True)
-        else:
-            xe = pair.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-            xo = (pair >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-        s, z = _group_params(s_ptr, z_ptr, rn, g, stride_sn, n_mask[:, None] & (g < groups)[None, :])
-        lo, hi = _nibbles_to_float(byte)
-        t = lo * xe[None, :, :] + hi * xo[None, :, :] - z[:, :, None] * (xe + xo)[None, :, :]
-        acc += s[:, :, None] * t
+        byte = _int4_byte_tile(w_ptr, rn, n_mask, stride_wn, col, col_mask)
+        acc = _int4_byte_step(acc, byte, x_ptr, s_ptr, z_ptr, rn, n_mask, g, col, col_mask, groups, stride_sn)
+    if USE_GDC:
+        tl.extra.cuda.gdc_launch_dependents()
     _store_row(tl.sum(tl.sum(acc, axis=2), axis=1), b_ptr, y_ptr, rn, n_mask, HAS_BIAS)
+
+
+@triton.jit
+def _int4_byte_tile(w_ptr, rn, n_mask, stride_wn, col, col_mask):
+    """The packed bytes ``[len(rn), *col.shape]`` of rows ``rn`` at byte columns ``col``."""
+    rows = w_ptr + rn[:, None, None] * stride_wn  # (the row pointers stay out of the loop)
+    return tl.load(rows + col[None, :, :], mask=n_mask[:, None, None] & col_mask[None, :, :], other=0)
+
+
+@triton.jit
+def _int4_byte_step(acc, byte, x_ptr, s_ptr, z_ptr, rn, n_mask, g, col, col_mask, groups, stride_sn):
+    """``acc`` plus one tile of :func:`_int4_row_kernel`: ``byte`` (groups ``g``) against the input pairs ``col``."""
+    pair = tl.load(x_ptr.to(tl.pointer_type(tl.int32)) + col, mask=col_mask, other=0)
+    if x_ptr.dtype.element_ty == tl.bfloat16:  # a bf16 is the top half of an fp32
+        xe = (pair << 16).to(tl.float32, bitcast=True)
+        xo = (pair & -65536).to(tl.float32, bitcast=True)
+    else:
+        xe = pair.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        xo = (pair >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    s, z = _group_params(s_ptr, z_ptr, rn, g, stride_sn, n_mask[:, None] & (g < groups)[None, :])
+    lo, hi = _nibbles_to_float(byte)
+    t = lo * xe[None, :, :] + hi * xo[None, :, :] - z[:, :, None] * (xe + xo)[None, :, :]
+    return acc + s[:, :, None] * t
 
 
 @triton.jit
@@ -268,6 +302,7 @@ def _int4_words_kernel(
     HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    USE_GDC: tl.constexpr = False,
 ):
     """The int4 one-row kernel on 32-bit words: ``K`` and ``GROUP`` multiples of 8, the packed
     rows 4-byte aligned; the last group may be shorter. ``stride_wn`` counts words, so that
@@ -285,39 +320,58 @@ def _int4_words_kernel(
     n_mask = rn < N
     rg = tl.arange(0, GROUPS)
     rw = tl.arange(0, WORDS)
-    r8 = tl.arange(0, 8)
     words = K // 8
     groups = (K + GROUP - 1) // GROUP  # the last one may be shorter
     w32 = w_ptr.to(tl.pointer_type(tl.int32))
     row = rn[:, None, None] * stride_wn
     acc = tl.zeros((BLOCK_N, GROUPS, WORDS), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    start = 0
+    if USE_GDC:  # the first weight tile loads while the kernel before finishes; the input after it
+        col = rg[:, None] * WORDS + rw[None, :]
+        col_mask = col < words
+        word = tl.load(w32 + row + col[None, :, :], mask=n_mask[:, None, None] & col_mask[None, :, :], other=0)
+        tl.extra.cuda.gdc_wait()
+        acc = _int4_word_step(acc, word, x_ptr, s_ptr, z_ptr, rn, n_mask, rg, col, col_mask, groups, stride_sn)
+        start = BLOCK_K
+    for k0 in range(start, K, BLOCK_K):
         g = k0 // GROUP + rg
         col = g[:, None] * WORDS + rw[None, :]  # [GROUPS, WORDS]: word index
         col_mask = col < words
         word = tl.load(w32 + row + col[None, :, :], mask=n_mask[:, None, None] & col_mask[None, :, :], other=0)
-        # A word's eight inputs in one 16-byte load, then split: column 8j+i, i = 4a + 2b + c.
-        xv = tl.load(x_ptr + col[:, :, None] * 8 + r8[None, None, :], mask=col_mask[:, :, None], other=0.0)
-        even, odd = tl.split(tl.reshape(xv.to(tl.float32), (GROUPS, WORDS, 4, 2)))  # c = 0, 1
-        x04, x26 = tl.split(tl.reshape(even, (GROUPS, WORDS, 2, 2)))  # b = 0, 1
-        x15, x37 = tl.split(tl.reshape(odd, (GROUPS, WORDS, 2, 2)))
-        x0, x4 = tl.split(x04)  # a = 0, 1
-        x2, x6 = tl.split(x26)
-        x1, x5 = tl.split(x15)
-        x3, x7 = tl.split(x37)
-        xsum = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
-        high = word >> 12  # nibbles 5, 6, 7 to bits 8..19 (the sign bits above are masked off)
-        t = _nibble(word, 0) * x0[None, :, :]
-        t += _nibble(word, 4) * x1[None, :, :]
-        t += _nibble(word, 8) * x2[None, :, :]
-        t += _nibble(word, 12) * x3[None, :, :]
-        t += _nibble(word, 16) * x4[None, :, :]
-        t += _nibble(high, 8) * x5[None, :, :]
-        t += _nibble(high, 12) * x6[None, :, :]
-        t += _nibble(high, 16) * x7[None, :, :]
-        s, z = _group_params(s_ptr, z_ptr, rn, g, stride_sn, n_mask[:, None] & (g < groups)[None, :])
-        acc += s[:, :, None] * (t - z[:, :, None] * xsum[None, :, :])
+        acc = _int4_word_step(acc, word, x_ptr, s_ptr, z_ptr, rn, n_mask, g, col, col_mask, groups, stride_sn)
+    if USE_GDC:
+        tl.extra.cuda.gdc_launch_dependents()
     _store_row(tl.sum(tl.sum(acc, axis=2), axis=1), b_ptr, y_ptr, rn, n_mask, HAS_BIAS)
+
+
+@triton.jit
+def _int4_word_step(acc, word, x_ptr, s_ptr, z_ptr, rn, n_mask, g, col, col_mask, groups, stride_sn):
+    """``acc`` plus one tile of :func:`_int4_words_kernel`: ``word`` (groups ``g``) against the inputs of
+    word columns ``col``."""
+    GROUPS: tl.constexpr = col.shape[0]
+    WORDS: tl.constexpr = col.shape[1]
+    r8 = tl.arange(0, 8)
+    # A word's eight inputs in one 16-byte load, then split: column 8j+i, i = 4a + 2b + c.
+    xv = tl.load(x_ptr + col[:, :, None] * 8 + r8[None, None, :], mask=col_mask[:, :, None], other=0.0)
+    even, odd = tl.split(tl.reshape(xv.to(tl.float32), (GROUPS, WORDS, 4, 2)))  # c = 0, 1
+    x04, x26 = tl.split(tl.reshape(even, (GROUPS, WORDS, 2, 2)))  # b = 0, 1
+    x15, x37 = tl.split(tl.reshape(odd, (GROUPS, WORDS, 2, 2)))
+    x0, x4 = tl.split(x04)  # a = 0, 1
+    x2, x6 = tl.split(x26)
+    x1, x5 = tl.split(x15)
+    x3, x7 = tl.split(x37)
+    xsum = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
+    high = word >> 12  # nibbles 5, 6, 7 to bits 8..19 (the sign bits above are masked off)
+    t = _nibble(word, 0) * x0[None, :, :]
+    t += _nibble(word, 4) * x1[None, :, :]
+    t += _nibble(word, 8) * x2[None, :, :]
+    t += _nibble(word, 12) * x3[None, :, :]
+    t += _nibble(word, 16) * x4[None, :, :]
+    t += _nibble(high, 8) * x5[None, :, :]
+    t += _nibble(high, 12) * x6[None, :, :]
+    t += _nibble(high, 16) * x7[None, :, :]
+    s, z = _group_params(s_ptr, z_ptr, rn, g, stride_sn, n_mask[:, None] & (g < groups)[None, :])
+    return acc + s[:, :, None] * (t - z[:, :, None] * xsum[None, :, :])
 
 
 @triton.autotune(configs=_configs(_INT8_DOT, "BLOCK_K", stages=3), key=["M", "N", "K"])
@@ -421,6 +475,29 @@ def _no_hook(hook) -> bool:
     return isinstance(calls, list) and not calls
 
 
+# Programmatic dependent launch (Hopper and later): a kernel launched with it may start while the
+# kernel before it in the stream finishes. The one-row kernels then load their first weight tile
+# before ``gdc_wait`` (which waits for the kernel before to complete and flush) and read the input
+# after it. Weights must not be written by the kernel just before, which holds inside a captured
+# CUDA graph of a decode step (weights are written outside it) but not in eager code (loading or
+# quantizing a weight, then a forward): so the launch is programmatic only while a CUDA graph is
+# captured. Opt-in, ``QUANTCORE_TRITON_PDL=1``, until measured in a decode step; inductor's own
+# kernels take it with ``TORCHINDUCTOR_ENABLE_PDL=1`` (their early trigger lets ours start sooner).
+PDL = os.environ.get("QUANTCORE_TRITON_PDL", "0") == "1"
+
+
+class _Entry(NamedTuple):
+    """A key's compiled kernel, its grid and its constexpr arguments; ``pdl``: the same config
+    compiled for programmatic dependent launch (``(kernel, constexprs)``), ``False`` where the GPU
+    has none, ``None`` until built."""
+
+    compiled: object
+    grid0: int
+    grid1: int
+    tail: tuple
+    pdl: tuple | bool | None = None
+
+
 class _Launcher:
     """Launches an autotuned kernel from eager PyTorch at the cost of Triton's C launcher.
 
@@ -430,22 +507,33 @@ class _Launcher:
     ``run``, in the kernel's parameter order, as ``JITFunction.run`` itself does after its
     argument binding. Where this Triton's compiled kernels do not look as expected, or a launch
     hook (a profiler) is installed, every call takes the autotuner's path.
+
+    ``pdl``: the kernel takes ``USE_GDC`` (see ``PDL``). Its programmatic variant is compiled
+    outside graph capture (the first call with ``PDL`` on), and launched while a graph is captured.
     """
 
-    def __init__(self, kernel) -> None:
+    def __init__(self, kernel, pdl: bool = False) -> None:
         self.kernel = kernel
-        self.compiled: dict[tuple, tuple] = {}
+        self.compiled: dict[tuple, _Entry] = {}
         self.direct = os.environ.get("QUANTCORE_TRITON_DIRECT", "1") != "0"
+        self.pdl = pdl
 
     def __call__(self, key: tuple, grid, args: tuple, constexprs: dict) -> None:
         hit = self.compiled.get(key) if self.direct else None
         if hit is not None and _launch_hooks_unset():
-            compiled, grid0, grid1, tail = hit
+            compiled, tail = hit.compiled, hit.tail
+            if self.pdl and PDL:
+                if torch.cuda.is_current_stream_capturing():
+                    if hit.pdl:
+                        compiled, tail = hit.pdl
+                elif hit.pdl is None:
+                    self._keep_pdl(key, hit, args)
             stream = torch._C._cuda_getCurrentRawStream(key[0])
             try:
                 compiled.run(
-                    grid0, grid1, 1, stream, compiled.function, compiled.packed_metadata, None, None, None, *args, *tail
-                )
+                    hit.grid0, hit.grid1, 1, stream, compiled.function, compiled.packed_metadata, None, None, None,
+                    *args, *tail,
+                )  # fmt: skip
                 return
             except TypeError:  # this Triton's launcher takes other arguments (raised before launching)
                 self.direct = False
@@ -455,19 +543,42 @@ class _Launcher:
 
     def _keep(self, key: tuple, grid, args: tuple, constexprs: dict, compiled) -> None:
         try:
-            config = self.kernel.best_config
-            meta = {**constexprs, **config.kwargs}
-            names = self.kernel.fn.arg_names
-            tail = tuple(meta[name] for name in names[len(args) :])
+            meta = {**constexprs, **self.kernel.best_config.kwargs}
+            tail = self._tail(meta, args)
             grid0, grid1 = grid(meta)
-            if hasattr(compiled, "result"):
-                compiled = compiled.result()
-            compiled._init_handles()
-            compiled.function, compiled.packed_metadata, compiled.run  # noqa: B018 - all three must exist
+            compiled = _ready(compiled)
         except Exception:  # another Triton: stay on the autotuner's path
             self.direct = False
             return
-        self.compiled[key] = (compiled, grid0, grid1, tail)
+        self.compiled[key] = _Entry(compiled, grid0, grid1, tail)
+
+    def _tail(self, meta: dict, args: tuple) -> tuple:
+        """The constexpr arguments after ``args``, in the kernel's parameter order."""
+        return tuple(meta[name] for name in self.kernel.fn.arg_names[len(args) :])
+
+    def _keep_pdl(self, key: tuple, hit: _Entry, args: tuple) -> None:
+        """Compile the kept config of ``key`` again with ``USE_GDC`` and a programmatic launch."""
+        variant: tuple | bool = False
+        if torch.cuda.get_device_capability(key[0])[0] >= 9:
+            try:  # the kept kernel's config: its constexprs (tail) and its compile options
+                names = self.kernel.fn.arg_names[len(args) :]
+                meta = {**dict(zip(names, hit.tail, strict=True)), "USE_GDC": True}
+                kept = hit.compiled.metadata
+                options = {"num_warps": kept.num_warps, "num_stages": kept.num_stages, "launch_pdl": True}
+                compiled = self.kernel.fn.warmup(*args, grid=(hit.grid0, hit.grid1), **meta, **options)
+                variant = (_ready(compiled), self._tail(meta, args))
+            except Exception:  # this Triton cannot: launch as before
+                variant = False
+        self.compiled[key] = hit._replace(pdl=variant)
+
+
+def _ready(compiled):
+    """A compiled kernel with its CUDA handles loaded (checks it has what a direct launch needs)."""
+    if hasattr(compiled, "result"):
+        compiled = compiled.result()
+    compiled._init_handles()
+    compiled.function, compiled.packed_metadata, compiled.run  # noqa: B018 - all three must exist
+    return compiled
 
 
 class _Kernels(NamedTuple):
@@ -479,11 +590,11 @@ class _Kernels(NamedTuple):
     row_needs_even_k: bool
 
 
-_INT8 = _Kernels(_Launcher(_int8_row_kernel), _Launcher(_int8_dot_kernel), row_needs_even_k=False)
+_INT8 = _Kernels(_Launcher(_int8_row_kernel, pdl=True), _Launcher(_int8_dot_kernel), row_needs_even_k=False)
 # The int4 row kernel reads the input as 32-bit pairs (_int4_launch gives it an aligned one).
-_INT4 = _Kernels(_Launcher(_int4_row_kernel), _Launcher(_int4_dot_kernel), row_needs_even_k=True)
+_INT4 = _Kernels(_Launcher(_int4_row_kernel, pdl=True), _Launcher(_int4_dot_kernel), row_needs_even_k=True)
 # The word kernel where the packed rows are 32-bit words of whole groups (_int4_launch checks).
-_INT4_WORDS = _INT4._replace(row=_Launcher(_int4_words_kernel))
+_INT4_WORDS = _INT4._replace(row=_Launcher(_int4_words_kernel, pdl=True))
 
 
 def _launch(kernels: _Kernels, x: torch.Tensor, inputs: tuple, n: int, strides: tuple, key: tuple, constexprs: dict):
@@ -494,6 +605,7 @@ def _launch(kernels: _Kernels, x: torch.Tensor, inputs: tuple, n: int, strides: 
     y = x.new_empty((*x.shape[:-1], n))
     if m == 1 and not (kernels.row_needs_even_k and k % 2):
         launcher, args = kernels.row, (*inputs, y, n, k, *strides)
+        constexprs = {**constexprs, "USE_GDC": False}
 
         def grid(meta):
             return (triton.cdiv(n, meta["BLOCK_N"]), 1)

@@ -223,6 +223,60 @@ def test_the_int4_word_and_byte_kernels_agree(n, k, group, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kernel", ["int8", "int4", "int4-words"])
+def test_programmatic_launches_in_a_graph_give_the_same_bits(kernel):
+    # With QUANTCORE_TRITON_PDL, a one-row kernel captured in a CUDA graph launches programmatically:
+    # it loads its first weight tile before waiting for the kernel before it, which writes its
+    # input. A chain of layers, each input made by the kernel just before: the replayed graph
+    # must give eager's bits (a read of the input before the wait would race).
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs Hopper or later")
+    triton_mod = kernels._TRITON
+    bits, words = (8, False) if kernel == "int8" else (4, kernel == "int4-words")
+    k = 1024
+    layers = [_module(k, k, bits, 128, torch.bfloat16, "cuda", bias=False) for _ in range(12)]
+    for i, layer in enumerate(layers):
+        layer.qweight.copy_(torch.roll(layers[0].qweight, i, dims=0))  # distinct weights, one seed
+
+    def run(x):
+        for layer in layers:
+            if bits == 8:
+                y = triton_mod.int8_mm(x, layer.qweight, layer.scale, None)
+            else:
+                y = triton_mod._int4_launch(x, layer.qweight, layer.scale, layer.zero, 128, None, words=words)
+            x = y * 0.5 + x  # a kernel that writes the next layer's input just before it
+        return x
+
+    launcher = triton_mod._INT8.row if bits == 8 else (triton_mod._INT4_WORDS if words else triton_mod._INT4).row
+    x = torch.randn(1, k, dtype=torch.bfloat16, device="cuda")
+    with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(triton_mod, "PDL", True)
+        eager = run(x)  # keeps the kernel; the next call compiles its programmatic variant
+        torch.testing.assert_close(run(x), eager, rtol=0, atol=0)
+        built = [entry for entry in launcher.compiled.values() if entry.pdl is not None]
+        assert built and all(entry.pdl for entry in built), "no programmatic variant was compiled"
+        assert all(e.pdl[0].metadata.launch_pdl and not e.compiled.metadata.launch_pdl for e in built)
+        static_x = x.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            run(static_x)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = run(static_x)
+        for seed in range(5):
+            static_x.copy_(
+                torch.randn(
+                    1, k, dtype=torch.bfloat16, device="cuda", generator=torch.Generator("cuda").manual_seed(seed)
+                )
+            )
+            graph.replay()
+            torch.testing.assert_close(static_out, run(static_x), rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize(("n", "k"), [(64, 256), (2048, 2048), (256, 576)], ids=str)
 def test_tinygemm_layout_matches_the_reference(n, k):
     module = _module(n, k, 4, 128, torch.bfloat16, "cuda")
