@@ -22,6 +22,10 @@ inductor's generated code does, at the cost of Triton's C launcher. The general 
 op layer, then the autotuner) cost about 130 µs a call on an H200 host, against about 25 µs for a
 bf16 ``F.linear``, which made every eager decode step slower than bf16's.
 
+With ``QUANTCORE_TRITON_PDL=1`` (opt-in, Hopper and later), the one-row kernels captured in a CUDA
+graph launch programmatically, their first weight tile loaded before they wait on the kernel
+before (see ``PDL``).
+
 Under ``torch.compile`` they are the custom ops ``quantcore_torch::int8_mm`` and
 ``quantcore_torch::int4_mm``: opaque to inductor, which calls them as they are, so a compiled model
 runs the very kernels (config included) that eager code runs, and CUDA graphs capture the launches.
