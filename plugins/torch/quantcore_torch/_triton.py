@@ -544,6 +544,9 @@ class _Launcher:
         compiled = self.kernel[grid](*args, **constexprs)
         if self.direct and hit is None:
             self._keep(key, grid, args, constexprs, compiled)
+            kept = self.compiled.get(key)
+            if kept is not None and self.pdl and PDL and not torch.cuda.is_current_stream_capturing():
+                self._keep_pdl(key, kept, args)  # ready for a capture that follows this one call
 
     def _keep(self, key: tuple, grid, args: tuple, constexprs: dict, compiled) -> None:
         try:

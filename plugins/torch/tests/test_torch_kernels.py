@@ -251,11 +251,15 @@ def test_programmatic_launches_in_a_graph_give_the_same_bits(kernel):
     x = torch.randn(1, k, dtype=torch.bfloat16, device="cuda")
     with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
         patch.setattr(triton_mod, "PDL", True)
-        eager = run(x)  # keeps the kernel; the next call compiles its programmatic variant
-        torch.testing.assert_close(run(x), eager, rtol=0, atol=0)
+        eager = run(x)  # keeps the kernel and compiles its programmatic variant
+        torch.testing.assert_close(run(x), eager, rtol=0, atol=0)  # outside capture: launched as before
         built = [entry for entry in launcher.compiled.values() if entry.pdl is not None]
         assert built and all(entry.pdl for entry in built), "no programmatic variant was compiled"
         assert all(e.pdl[0].metadata.launch_pdl and not e.compiled.metadata.launch_pdl for e in built)
+        launches = []
+        for entry in built:
+            run_pdl = entry.pdl[0].run
+            patch.setattr(entry.pdl[0], "run", lambda *a, run_pdl=run_pdl: launches.append(1) or run_pdl(*a))
         static_x = x.clone()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -263,8 +267,10 @@ def test_programmatic_launches_in_a_graph_give_the_same_bits(kernel):
             run(static_x)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
+        launches.clear()
         with torch.cuda.graph(graph):
             static_out = run(static_x)
+        assert len(launches) == len(layers), "the captured graph did not launch the programmatic variant"
         for seed in range(5):
             static_x.copy_(
                 torch.randn(
