@@ -257,9 +257,9 @@ def test_programmatic_launches_in_a_graph_give_the_same_bits(kernel):
         assert built and all(entry.pdl for entry in built), "no programmatic variant was compiled"
         assert all(e.pdl[0].metadata.launch_pdl and not e.compiled.metadata.launch_pdl for e in built)
         launches = []
-        for entry in built:
+        for entry in built:  # ``run`` is Triton's property over ``_run``, the launcher
             run_pdl = entry.pdl[0].run
-            patch.setattr(entry.pdl[0], "run", lambda *a, run_pdl=run_pdl: launches.append(1) or run_pdl(*a))
+            patch.setattr(entry.pdl[0], "_run", lambda *a, run_pdl=run_pdl: launches.append(1) or run_pdl(*a))
         static_x = x.clone()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
