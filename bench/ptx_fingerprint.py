@@ -60,7 +60,10 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (Hopper), 80 (Ampere)")
     parser.add_argument("--out", type=Path, default=None, help="also write the fingerprints as JSON")
     args = parser.parse_args(argv)
-    from quantcore_torch import _triton
+    try:
+        from quantcore_torch import _triton
+    except ImportError as exc:
+        parser.error(f"needs triton (pip install triton): {exc}")
 
     kernels = [
         ("int8", _triton._int8_row_kernel, _I8, {"HAS_BIAS": False}, _triton.INT8_ROW),

@@ -148,12 +148,6 @@ def _store_rows(out, b_ptr, y_ptr, rm, rn, m_mask, n_mask, N, HAS_BIAS: tl.const
     tl.store(y_ptr + rm[:, None] * N + rn[None, :], out.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def _int8_tile(w_ptr, rn, kk, stride_wn, n_mask, K):
-    """The int8 codes of rows ``rn``, columns ``kk`` (zero past the edges)."""
-    return tl.load(w_ptr + rn[:, None] * stride_wn + kk[None, :], mask=n_mask[:, None] & (kk[None, :] < K), other=0)
-
-
 @triton.autotune(configs=_configs(INT8_ROW, "BLOCK_K"), key=["N", "K"])
 @triton.jit
 def _int8_row_kernel(
@@ -171,22 +165,27 @@ def _int8_row_kernel(
     USE_GDC: tl.constexpr = False,
 ):
     """``y[n] = scale[n] * sum_k x[k] * w[n, k] + bias[n]`` for one row ``x``: a ``[BLOCK_N, BLOCK_K]``
-    int8 tile a step, products summed in fp32 and reduced once at the end. ``USE_GDC``: launched
-    as a programmatic dependent launch (see :func:`_pdl_launch`)."""
+    int8 tile a step, products summed in fp32 and reduced once at the end. ``USE_GDC``: launched as a
+    programmatic dependent launch (see ``PDL``)."""
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     n_mask = rn < N
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    start = 0
-    if USE_GDC:  # the first weight tile loads while the kernel before finishes; the input after it
-        w = _int8_tile(w_ptr, rn, rk, stride_wn, n_mask, K)
-        tl.extra.cuda.gdc_wait()
-        acc += _int8_to_float(w) * tl.load(x_ptr + rk, mask=rk < K, other=0.0).to(tl.float32)[None, :]
-        start = BLOCK_K
-    for k0 in range(start, K, BLOCK_K):
+    for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
-        xk = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
-        acc += _int8_to_float(_int8_tile(w_ptr, rn, kk, stride_wn, n_mask, K)) * xk[None, :]
+        if USE_GDC:  # programmatic launch: the first weight tile loads before the wait
+            w = tl.load(
+                w_ptr + rn[:, None] * stride_wn + kk[None, :], mask=n_mask[:, None] & (kk[None, :] < K), other=0
+            )
+            if k0 == 0:
+                tl.extra.cuda.gdc_wait()
+            xk = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+        else:  # the input first, the order these configs were tuned with
+            xk = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+            w = tl.load(
+                w_ptr + rn[:, None] * stride_wn + kk[None, :], mask=n_mask[:, None] & (kk[None, :] < K), other=0
+            )
+        acc += _int8_to_float(w) * xk[None, :]
     if USE_GDC:
         tl.extra.cuda.gdc_launch_dependents()
     out = tl.sum(acc, axis=1) * tl.load(s_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
@@ -237,47 +236,34 @@ def _int4_row_kernel(
     rj = tl.arange(0, HALF_G)
     half = K // 2
     groups = (K + GROUP - 1) // GROUP
+    pairs = x_ptr.to(tl.pointer_type(tl.int32))
     acc = tl.zeros((BLOCK_N, GROUPS, HALF_G), dtype=tl.float32)
-    start = 0
-    if USE_GDC:  # the first weight tile loads while the kernel before finishes; the input after it
-        col = rg[:, None] * HALF_G + rj[None, :]
-        col_mask = col < half
-        byte = _int4_byte_tile(w_ptr, rn, n_mask, stride_wn, col, col_mask)
-        tl.extra.cuda.gdc_wait()
-        acc = _int4_byte_step(acc, byte, x_ptr, s_ptr, z_ptr, rn, n_mask, rg, col, col_mask, groups, stride_sn)
-        start = BLOCK_K
-    for k0 in range(start, K, BLOCK_K):
+    for k0 in range(0, K, BLOCK_K):
         g = k0 // GROUP + rg
         col = g[:, None] * HALF_G + rj[None, :]  # [GROUPS, HALF_G]: byte columns, input pairs
         col_mask = col < half
-        byte = _int4_byte_tile(w_ptr, rn, n_mask, stride_wn, col, col_mask)
-        acc = _int4_byte_step(acc, byte, x_ptr, s_ptr, z_ptr, rn, n_mask, g, col, col_mask, groups, stride_sn)
+        byte = tl.load(
+            w_ptr + rn[:, None, None] * stride_wn + col[None, :, :],
+            mask=n_mask[:, None, None] & col_mask[None, :, :],
+            other=0,
+        )
+        if USE_GDC:  # noqa: SIM102 - programmatic launch: the first weight tile loads before the wait
+            if k0 == 0:
+                tl.extra.cuda.gdc_wait()
+        pair = tl.load(pairs + col, mask=col_mask, other=0)
+        if x_ptr.dtype.element_ty == tl.bfloat16:  # a bf16 is the top half of an fp32
+            xe = (pair << 16).to(tl.float32, bitcast=True)
+            xo = (pair & -65536).to(tl.float32, bitcast=True)
+        else:
+            xe = pair.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            xo = (pair >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        s, z = _group_params(s_ptr, z_ptr, rn, g, stride_sn, n_mask[:, None] & (g < groups)[None, :])
+        lo, hi = _nibbles_to_float(byte)
+        t = lo * xe[None, :, :] + hi * xo[None, :, :] - z[:, :, None] * (xe + xo)[None, :, :]
+        acc += s[:, :, None] * t
     if USE_GDC:
         tl.extra.cuda.gdc_launch_dependents()
     _store_row(tl.sum(tl.sum(acc, axis=2), axis=1), b_ptr, y_ptr, rn, n_mask, HAS_BIAS)
-
-
-@triton.jit
-def _int4_byte_tile(w_ptr, rn, n_mask, stride_wn, col, col_mask):
-    """The packed bytes ``[len(rn), *col.shape]`` of rows ``rn`` at byte columns ``col``."""
-    rows = w_ptr + rn[:, None, None] * stride_wn  # (the row pointers stay out of the loop)
-    return tl.load(rows + col[None, :, :], mask=n_mask[:, None, None] & col_mask[None, :, :], other=0)
-
-
-@triton.jit
-def _int4_byte_step(acc, byte, x_ptr, s_ptr, z_ptr, rn, n_mask, g, col, col_mask, groups, stride_sn):
-    """``acc`` plus one tile of :func:`_int4_row_kernel`: ``byte`` (groups ``g``) against the input pairs ``col``."""
-    pair = tl.load(x_ptr.to(tl.pointer_type(tl.int32)) + col, mask=col_mask, other=0)
-    if x_ptr.dtype.element_ty == tl.bfloat16:  # a bf16 is the top half of an fp32
-        xe = (pair << 16).to(tl.float32, bitcast=True)
-        xo = (pair & -65536).to(tl.float32, bitcast=True)
-    else:
-        xe = pair.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-        xo = (pair >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    s, z = _group_params(s_ptr, z_ptr, rn, g, stride_sn, n_mask[:, None] & (g < groups)[None, :])
-    lo, hi = _nibbles_to_float(byte)
-    t = lo * xe[None, :, :] + hi * xo[None, :, :] - z[:, :, None] * (xe + xo)[None, :, :]
-    return acc + s[:, :, None] * t
 
 
 @triton.jit
@@ -324,58 +310,44 @@ def _int4_words_kernel(
     n_mask = rn < N
     rg = tl.arange(0, GROUPS)
     rw = tl.arange(0, WORDS)
+    r8 = tl.arange(0, 8)
     words = K // 8
     groups = (K + GROUP - 1) // GROUP  # the last one may be shorter
     w32 = w_ptr.to(tl.pointer_type(tl.int32))
     row = rn[:, None, None] * stride_wn
     acc = tl.zeros((BLOCK_N, GROUPS, WORDS), dtype=tl.float32)
-    start = 0
-    if USE_GDC:  # the first weight tile loads while the kernel before finishes; the input after it
-        col = rg[:, None] * WORDS + rw[None, :]
-        col_mask = col < words
-        word = tl.load(w32 + row + col[None, :, :], mask=n_mask[:, None, None] & col_mask[None, :, :], other=0)
-        tl.extra.cuda.gdc_wait()
-        acc = _int4_word_step(acc, word, x_ptr, s_ptr, z_ptr, rn, n_mask, rg, col, col_mask, groups, stride_sn)
-        start = BLOCK_K
-    for k0 in range(start, K, BLOCK_K):
+    for k0 in range(0, K, BLOCK_K):
         g = k0 // GROUP + rg
         col = g[:, None] * WORDS + rw[None, :]  # [GROUPS, WORDS]: word index
         col_mask = col < words
         word = tl.load(w32 + row + col[None, :, :], mask=n_mask[:, None, None] & col_mask[None, :, :], other=0)
-        acc = _int4_word_step(acc, word, x_ptr, s_ptr, z_ptr, rn, n_mask, g, col, col_mask, groups, stride_sn)
+        if USE_GDC:  # noqa: SIM102 - programmatic launch: the first weight tile loads before the wait
+            if k0 == 0:
+                tl.extra.cuda.gdc_wait()
+        # A word's eight inputs in one 16-byte load, then split: column 8j+i, i = 4a + 2b + c.
+        xv = tl.load(x_ptr + col[:, :, None] * 8 + r8[None, None, :], mask=col_mask[:, :, None], other=0.0)
+        even, odd = tl.split(tl.reshape(xv.to(tl.float32), (GROUPS, WORDS, 4, 2)))  # c = 0, 1
+        x04, x26 = tl.split(tl.reshape(even, (GROUPS, WORDS, 2, 2)))  # b = 0, 1
+        x15, x37 = tl.split(tl.reshape(odd, (GROUPS, WORDS, 2, 2)))
+        x0, x4 = tl.split(x04)  # a = 0, 1
+        x2, x6 = tl.split(x26)
+        x1, x5 = tl.split(x15)
+        x3, x7 = tl.split(x37)
+        xsum = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
+        high = word >> 12  # nibbles 5, 6, 7 to bits 8..19 (the sign bits above are masked off)
+        t = _nibble(word, 0) * x0[None, :, :]
+        t += _nibble(word, 4) * x1[None, :, :]
+        t += _nibble(word, 8) * x2[None, :, :]
+        t += _nibble(word, 12) * x3[None, :, :]
+        t += _nibble(word, 16) * x4[None, :, :]
+        t += _nibble(high, 8) * x5[None, :, :]
+        t += _nibble(high, 12) * x6[None, :, :]
+        t += _nibble(high, 16) * x7[None, :, :]
+        s, z = _group_params(s_ptr, z_ptr, rn, g, stride_sn, n_mask[:, None] & (g < groups)[None, :])
+        acc += s[:, :, None] * (t - z[:, :, None] * xsum[None, :, :])
     if USE_GDC:
         tl.extra.cuda.gdc_launch_dependents()
     _store_row(tl.sum(tl.sum(acc, axis=2), axis=1), b_ptr, y_ptr, rn, n_mask, HAS_BIAS)
-
-
-@triton.jit
-def _int4_word_step(acc, word, x_ptr, s_ptr, z_ptr, rn, n_mask, g, col, col_mask, groups, stride_sn):
-    """``acc`` plus one tile of :func:`_int4_words_kernel`: ``word`` (groups ``g``) against the inputs of
-    word columns ``col``."""
-    GROUPS: tl.constexpr = col.shape[0]
-    WORDS: tl.constexpr = col.shape[1]
-    r8 = tl.arange(0, 8)
-    # A word's eight inputs in one 16-byte load, then split: column 8j+i, i = 4a + 2b + c.
-    xv = tl.load(x_ptr + col[:, :, None] * 8 + r8[None, None, :], mask=col_mask[:, :, None], other=0.0)
-    even, odd = tl.split(tl.reshape(xv.to(tl.float32), (GROUPS, WORDS, 4, 2)))  # c = 0, 1
-    x04, x26 = tl.split(tl.reshape(even, (GROUPS, WORDS, 2, 2)))  # b = 0, 1
-    x15, x37 = tl.split(tl.reshape(odd, (GROUPS, WORDS, 2, 2)))
-    x0, x4 = tl.split(x04)  # a = 0, 1
-    x2, x6 = tl.split(x26)
-    x1, x5 = tl.split(x15)
-    x3, x7 = tl.split(x37)
-    xsum = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
-    high = word >> 12  # nibbles 5, 6, 7 to bits 8..19 (the sign bits above are masked off)
-    t = _nibble(word, 0) * x0[None, :, :]
-    t += _nibble(word, 4) * x1[None, :, :]
-    t += _nibble(word, 8) * x2[None, :, :]
-    t += _nibble(word, 12) * x3[None, :, :]
-    t += _nibble(word, 16) * x4[None, :, :]
-    t += _nibble(high, 8) * x5[None, :, :]
-    t += _nibble(high, 12) * x6[None, :, :]
-    t += _nibble(high, 16) * x7[None, :, :]
-    s, z = _group_params(s_ptr, z_ptr, rn, g, stride_sn, n_mask[:, None] & (g < groups)[None, :])
-    return acc + s[:, :, None] * (t - z[:, :, None] * xsum[None, :, :])
 
 
 @triton.autotune(configs=_configs(_INT8_DOT, "BLOCK_K", stages=3), key=["M", "N", "K"])
@@ -525,13 +497,7 @@ class _Launcher:
     def __call__(self, key: tuple, grid, args: tuple, constexprs: dict) -> None:
         hit = self.compiled.get(key) if self.direct else None
         if hit is not None and _launch_hooks_unset():
-            compiled, tail = hit.compiled, hit.tail
-            if self.pdl and PDL:
-                if torch.cuda.is_current_stream_capturing():
-                    if hit.pdl:
-                        compiled, tail = hit.pdl
-                elif hit.pdl is None:
-                    self._keep_pdl(key, hit, args)
+            compiled, tail = self._variant(key, hit, args)
             stream = torch._C._cuda_getCurrentRawStream(key[0])
             try:
                 compiled.run(
@@ -544,9 +510,19 @@ class _Launcher:
         compiled = self.kernel[grid](*args, **constexprs)
         if self.direct and hit is None:
             self._keep(key, grid, args, constexprs, compiled)
-            kept = self.compiled.get(key)
-            if kept is not None and self.pdl and PDL and not torch.cuda.is_current_stream_capturing():
-                self._keep_pdl(key, kept, args)  # ready for a capture that follows this one call
+            if key in self.compiled:  # outside capture, the programmatic variant is built now
+                self._variant(key, self.compiled[key], args)
+
+    def _variant(self, key: tuple, hit: _Entry, args: tuple) -> tuple:
+        """The kernel to launch and its constexprs: with ``PDL``, the programmatic variant while a
+        CUDA graph is captured (compiled on a call outside capture, ready for the next capture)."""
+        if self.pdl and PDL:
+            if torch.cuda.is_current_stream_capturing():
+                if hit.pdl:
+                    return hit.pdl
+            elif hit.pdl is None:
+                self._keep_pdl(key, hit, args)
+        return hit.compiled, hit.tail
 
     def _keep(self, key: tuple, grid, args: tuple, constexprs: dict, compiled) -> None:
         try:
