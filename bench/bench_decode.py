@@ -466,6 +466,11 @@ def main(argv=None) -> int:
         parser.error("--interleave-eager times the eager mode: add eager to --modes")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda needs a CUDA device")
+    for method in args.methods.split(","):
+        try:
+            split_method(method)
+        except ValueError as exc:
+            parser.error(f"--methods: {exc}")
 
     bandwidth = copy_bandwidth(args.device)
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
