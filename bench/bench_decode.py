@@ -35,7 +35,9 @@ runs on CUDA (``QUANTCORE_INT4_CUDA_KERNEL``), to compare the two. A suffix ``+f
 on the quantized model: q/k/v and gate/up as one kernel call each. ``+pdl`` launches torch_wo's
 one-row Triton kernels programmatically inside CUDA graphs (``QUANTCORE_TRITON_PDL``, Hopper and
 later), ``+inductor-pdl`` inductor's kernels (``TORCHINDUCTOR_ENABLE_PDL``); suffixes combine
-(``int8-torch+fused+pdl+inductor-pdl``, ``bf16+inductor-pdl``).
+(``int8-torch+fused+pdl+inductor-pdl``, ``bf16+inductor-pdl``). ``+pdl+inductor-pdl`` is what a
+user gets from ``TORCHINDUCTOR_ENABLE_PDL=1`` (ours follow inductor's setting); each alone
+isolates one side. Without either, a method runs as the environment says (both off by default).
 
 Usage::
 

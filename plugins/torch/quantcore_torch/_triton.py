@@ -22,9 +22,10 @@ inductor's generated code does, at the cost of Triton's C launcher. The general 
 op layer, then the autotuner) cost about 130 µs a call on an H200 host, against about 25 µs for a
 bf16 ``F.linear``, which made every eager decode step slower than bf16's.
 
-With ``QUANTCORE_TRITON_PDL=1`` (opt-in, Hopper and later), the one-row kernels captured in a CUDA
-graph launch programmatically, their first weight tile loaded before they wait on the kernel
-before (see ``PDL``).
+With ``TORCHINDUCTOR_ENABLE_PDL=1`` (inductor's programmatic launches; ``QUANTCORE_TRITON_PDL``
+overrides it for these kernels alone), the one-row kernels captured in a CUDA graph launch
+programmatically on Hopper and later, their first weight tile loaded before they wait on the
+kernel before (see ``PDL``).
 
 Under ``torch.compile`` they are the custom ops ``quantcore_torch::int8_mm`` and
 ``quantcore_torch::int4_mm``: opaque to inductor, which calls them as they are, so a compiled model
@@ -458,9 +459,22 @@ def _no_hook(hook) -> bool:
 # after it. Weights must not be written by the kernel just before, which holds inside a captured
 # CUDA graph of a decode step (weights are written outside it) but not in eager code (loading or
 # quantizing a weight, then a forward): so the launch is programmatic only while a CUDA graph is
-# captured. Opt-in, ``QUANTCORE_TRITON_PDL=1``, until measured in a decode step; inductor's own
-# kernels take it with ``TORCHINDUCTOR_ENABLE_PDL=1`` (their early trigger lets ours start sooner).
-PDL = os.environ.get("QUANTCORE_TRITON_PDL", "0") == "1"
+# captured. It pays only beside inductor's own programmatic launches (``TORCHINDUCTOR_ENABLE_PDL=1``),
+# whose kernels let the next one start early: on an H100, a compiled 1.1B Llama int8 decode step
+# took 1.37 ms with ours alone against 1.33 ms without, 1.21-1.23 ms with both against 1.31 ms
+# with inductor's alone (docs/benchmarks.md). So it follows inductor's setting, read from the
+# environment once (a per-call read of inductor's config would cost eager calls about 2 us each).
+def pdl_setting(environ=os.environ) -> bool:
+    """``QUANTCORE_TRITON_PDL`` (``1`` or ``0``) where set, else inductor's ``TORCHINDUCTOR_ENABLE_PDL``."""
+    ours = environ.get("QUANTCORE_TRITON_PDL", "").strip()
+    if ours:
+        if ours not in ("0", "1"):
+            raise ValueError(f"QUANTCORE_TRITON_PDL must be 0 or 1, got {ours!r}")
+        return ours == "1"
+    return environ.get("TORCHINDUCTOR_ENABLE_PDL", "0") == "1"
+
+
+PDL = pdl_setting()
 
 
 class _Entry(NamedTuple):

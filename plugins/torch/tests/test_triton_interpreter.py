@@ -172,3 +172,17 @@ def test_launch_hooks_are_seen_as_unset_until_one_is_added(kernels):
         finally:
             runtime.launch_enter_hook = chain
     assert kernels._launch_hooks_unset()
+
+
+def test_programmatic_launch_follows_inductors_setting_unless_overridden(kernels):
+    # Measured on an H100, ours pays only beside inductor's programmatic launches: off by default,
+    # on with TORCHINDUCTOR_ENABLE_PDL=1, and QUANTCORE_TRITON_PDL decides alone where it is set.
+    setting = kernels.pdl_setting
+    assert setting({}) is False
+    assert setting({"TORCHINDUCTOR_ENABLE_PDL": "1"}) is True
+    assert setting({"TORCHINDUCTOR_ENABLE_PDL": "0"}) is False
+    assert setting({"TORCHINDUCTOR_ENABLE_PDL": "1", "QUANTCORE_TRITON_PDL": "0"}) is False
+    assert setting({"TORCHINDUCTOR_ENABLE_PDL": "0", "QUANTCORE_TRITON_PDL": "1"}) is True
+    assert setting({"QUANTCORE_TRITON_PDL": " "}) is False  # blank: unset
+    with pytest.raises(ValueError, match="QUANTCORE_TRITON_PDL must be 0 or 1, got 'yes'"):
+        setting({"QUANTCORE_TRITON_PDL": "yes"})
