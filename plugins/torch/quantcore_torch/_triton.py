@@ -437,11 +437,14 @@ def _int4_dot_kernel(
 
 def _launch_hooks_unset() -> bool:
     """Whether no Triton launch hook (a profiler's) is installed: the direct launch passes none."""
-    knobs = getattr(triton, "knobs", None)
-    runtime = getattr(knobs, "runtime", None)
+    runtime = _RUNTIME
     if runtime is None:
         return False
     return _no_hook(runtime.launch_enter_hook) and _no_hook(runtime.launch_exit_hook)
+
+
+# Triton's runtime knobs (3.4+), where launch hooks are installed; None in older Tritons.
+_RUNTIME = getattr(getattr(triton, "knobs", None), "runtime", None)
 
 
 def _no_hook(hook) -> bool:
@@ -509,19 +512,34 @@ class _Launcher:
         self.direct = os.environ.get("QUANTCORE_TRITON_DIRECT", "1") != "0"
         self.pdl = pdl
 
-    def __call__(self, key: tuple, grid, args: tuple, constexprs: dict) -> None:
+    def run_kept(self, key: tuple, args: tuple) -> bool:
+        """Launch ``key``'s kept kernel on the current device, if there is one and nothing stands
+        in the way (no launch hook; this Triton's launcher as expected): whether it launched.
+
+        The eager fast path: a kept key costs a dict lookup, the stream and Triton's C launcher."""
         hit = self.compiled.get(key) if self.direct else None
-        if hit is not None and _launch_hooks_unset():
-            compiled, tail = self._variant(key, hit, args)
-            stream = torch._C._cuda_getCurrentRawStream(key[0])
-            try:
-                compiled.run(
-                    hit.grid0, hit.grid1, 1, stream, compiled.function, compiled.packed_metadata, None, None, None,
-                    *args, *tail,
-                )  # fmt: skip
-                return
-            except TypeError:  # this Triton's launcher takes other arguments (raised before launching)
-                self.direct = False
+        if hit is None or not _launch_hooks_unset():
+            return False
+        compiled, tail = self._variant(key, hit, args) if self.pdl_wanted else (hit.compiled, hit.tail)
+        stream = torch._C._cuda_getCurrentRawStream(key[0])
+        try:
+            compiled.run(
+                hit.grid0, hit.grid1, 1, stream, compiled.function, compiled.packed_metadata, None, None, None,
+                *args, *tail,
+            )  # fmt: skip
+        except TypeError:  # this Triton's launcher takes other arguments (raised before launching)
+            self.direct = False
+            return False
+        return True
+
+    @property
+    def pdl_wanted(self) -> bool:
+        return self.pdl and PDL
+
+    def __call__(self, key: tuple, grid, args: tuple, constexprs: dict) -> None:
+        if self.run_kept(key, args):
+            return
+        hit = self.compiled.get(key) if self.direct else None
         compiled = self.kernel[grid](*args, **constexprs)
         if self.direct and hit is None:
             self._keep(key, grid, args, constexprs, compiled)
@@ -531,7 +549,7 @@ class _Launcher:
     def _variant(self, key: tuple, hit: _Entry, args: tuple) -> tuple:
         """The kernel to launch and its constexprs: with ``PDL``, the programmatic variant while a
         CUDA graph is captured (compiled on a call outside capture, ready for the next capture)."""
-        if self.pdl and PDL:
+        if self.pdl_wanted:
             if torch.cuda.is_current_stream_capturing():
                 if hit.pdl:
                     return hit.pdl
@@ -603,6 +621,9 @@ def _launch(kernels: _Kernels, x: torch.Tensor, inputs: tuple, n: int, strides: 
     y = x.new_empty((*x.shape[:-1], n))
     if m == 1 and not (kernels.row_needs_even_k and k % 2):
         launcher, args = kernels.row, (*inputs, y, n, k, *strides)
+        # Kept (every call after a shape's first) and on the current device: launched now.
+        if key[0] == torch._C._cuda_getDevice() and launcher.run_kept((*key, m), args):
+            return y
         constexprs = {**constexprs, "USE_GDC": False}
 
         def grid(meta):
