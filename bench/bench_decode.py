@@ -32,7 +32,9 @@ random Llama, for smoke tests).
 A method suffix ``@triton`` or ``@tinygemm`` (``int4-torch@triton``) picks the kernel torch_wo int4
 runs on CUDA (``QUANTCORE_INT4_CUDA_KERNEL``), to compare the two. A suffix ``+fused``
 (``int8-torch+fused``, ``int4-torch@triton+fused``) also runs ``quantcore_torch.fuse_projections``
-on the quantized model: q/k/v and gate/up as one kernel call each. ``+pdl`` launches torch_wo's
+on the quantized model: q/k/v and gate/up as one kernel call each; ``+glu`` (``int8-torch+glu``)
+does that and runs each MLP's activation inside its int8 down projection's kernel
+(``fuse_projections(activation=True)``). ``+pdl`` launches torch_wo's
 one-row Triton kernels programmatically inside CUDA graphs (``QUANTCORE_TRITON_PDL``, Hopper and
 later), ``+inductor-pdl`` inductor's kernels (``TORCHINDUCTOR_ENABLE_PDL``); suffixes combine
 (``int8-torch+fused+pdl+inductor-pdl``, ``bf16+inductor-pdl``). ``+pdl+inductor-pdl`` is what a
@@ -89,7 +91,7 @@ def build_model(name: str, device: str, max_len: int):
     return model.eval()
 
 
-SUFFIXES = ("fused", "pdl", "inductor-pdl")
+SUFFIXES = ("fused", "glu", "pdl", "inductor-pdl")
 
 
 def split_method(method: str) -> tuple[str, set[str]]:
@@ -135,7 +137,7 @@ def make_variant(base, method: str):
     """A copy of ``base`` quantized with the preset ``method`` (``bf16``: the copy as it is)."""
     spec, suffixes = split_method(method)
     if spec == "bf16":
-        if "fused" in suffixes:
+        if suffixes & {"fused", "glu"}:
             raise ValueError(f"{method}: bf16 has no quantized projections to fuse")
         return copy.deepcopy(base)
     import quantcore
@@ -150,12 +152,14 @@ def make_variant(base, method: str):
             quantcore.quantize(model, resolve_method(preset), progress=False)
     else:
         quantcore.quantize(model, resolve_method(preset), progress=False)
-    if "fused" in suffixes:
+    if suffixes & {"fused", "glu"}:
         from quantcore_torch.fusion import fuse_projections
 
-        report = fuse_projections(model)
+        report = fuse_projections(model, activation="glu" in suffixes)
         if not report.fused:
             raise ValueError(f"{method}: no projections were fused ({report})")
+        if "glu" in suffixes and not report.activations:
+            raise ValueError(f"{method}: no MLP runs its activation in the down projection ({report})")
     return model
 
 

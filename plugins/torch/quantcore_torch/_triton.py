@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["int4_mm", "int8_mm"]
+__all__ = ["int4_mm", "int8_glu_mm", "int8_mm"]
 
 
 # One row (batch-1 decode) is a reduction: each program owns BLOCK_N output rows and streams their
@@ -150,7 +150,22 @@ def _store_rows(out, b_ptr, y_ptr, rm, rn, m_mask, n_mask, N, HAS_BIAS: tl.const
     tl.store(y_ptr + rm[:, None] * N + rn[None, :], out.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_configs(INT8_ROW, "BLOCK_K"), key=["N", "K"])
+@triton.jit
+def _row_input(x_ptr, kk, K, GLU: tl.constexpr):
+    """A one-row kernel's input at columns ``kk`` as fp32. ``GLU``: ``x`` holds ``2K`` values, a gated
+    MLP's gate then up halves, and the input is ``silu(gate) * up``, each rounded to the input's
+    dtype as eager PyTorch rounds ``act_fn(gate) * up`` (the activation's kernel, folded in here)."""
+    if GLU:
+        g = tl.load(x_ptr + kk, mask=kk < K, other=0.0)
+        u = tl.load(x_ptr + K + kk, mask=kk < K, other=0.0)
+        gf = g.to(tl.float32)
+        act = (gf / (1.0 + tl.exp(-gf))).to(g.dtype).to(tl.float32)
+        return (act * u.to(tl.float32)).to(g.dtype).to(tl.float32)
+    else:
+        return tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+
+
+@triton.autotune(configs=_configs(INT8_ROW, "BLOCK_K"), key=["N", "K", "GLU"])
 @triton.jit
 def _int8_row_kernel(
     x_ptr,
@@ -165,10 +180,12 @@ def _int8_row_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     USE_GDC: tl.constexpr = False,
+    GLU: tl.constexpr = False,
 ):
     """``y[n] = scale[n] * sum_k x[k] * w[n, k] + bias[n]`` for one row ``x``: a ``[BLOCK_N, BLOCK_K]``
     int8 tile a step, products summed in fp32 and reduced once at the end. ``USE_GDC``: launched as a
-    programmatic dependent launch (see ``PDL``)."""
+    programmatic dependent launch (see ``PDL``). ``GLU``: ``x`` is a gated MLP's gate and up halves
+    (see :func:`_row_input`)."""
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     n_mask = rn < N
@@ -181,9 +198,9 @@ def _int8_row_kernel(
             )
             if k0 == 0:
                 tl.extra.cuda.gdc_wait()
-            xk = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+            xk = _row_input(x_ptr, kk, K, GLU)
         else:  # the input first, the order these configs were tuned with
-            xk = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+            xk = _row_input(x_ptr, kk, K, GLU)
             w = tl.load(
                 w_ptr + rn[:, None] * stride_wn + kk[None, :], mask=n_mask[:, None] & (kk[None, :] < K), other=0
             )
@@ -604,30 +621,56 @@ class _Kernels(NamedTuple):
     row: _Launcher
     dot: _Launcher
     row_needs_even_k: bool
+    row_constexprs: dict  # the one-row kernel's own constexprs, as a plain launch sets them
 
 
-_INT8 = _Kernels(_Launcher(_int8_row_kernel, pdl=True), _Launcher(_int8_dot_kernel), row_needs_even_k=False)
+_INT8 = _Kernels(
+    _Launcher(_int8_row_kernel, pdl=True),
+    _Launcher(_int8_dot_kernel),
+    row_needs_even_k=False,
+    row_constexprs={"USE_GDC": False, "GLU": False},
+)
 # The int4 row kernel reads the input as 32-bit pairs (_int4_launch gives it an aligned one).
-_INT4 = _Kernels(_Launcher(_int4_row_kernel, pdl=True), _Launcher(_int4_dot_kernel), row_needs_even_k=True)
+_INT4 = _Kernels(
+    _Launcher(_int4_row_kernel, pdl=True),
+    _Launcher(_int4_dot_kernel),
+    row_needs_even_k=True,
+    row_constexprs={"USE_GDC": False},
+)
 # The word kernel where the packed rows are 32-bit words of whole groups (_int4_launch checks).
 _INT4_WORDS = _INT4._replace(row=_Launcher(_int4_words_kernel, pdl=True))
 
 
-def _launch(kernels: _Kernels, x: torch.Tensor, inputs: tuple, n: int, strides: tuple, key: tuple, constexprs: dict):
+def _launch(
+    kernels: _Kernels,
+    x: torch.Tensor,
+    inputs: tuple,
+    n: int,
+    strides: tuple,
+    key: tuple,
+    constexprs: dict,
+    glu: bool = False,
+):
     """Run a format's kernel on ``x [..., K]`` (contiguous): the kernels share their output and size
-    arguments (``inputs..., y, [M,] N, K, strides...``); the one-row kernel has no ``M``."""
-    k = x.shape[-1]
-    m = x.numel() // k
+    arguments (``inputs..., y, [M,] N, K, strides...``); the one-row kernel has no ``M``. ``glu``:
+    ``x [..., 2K]`` holds a gated MLP's gate and up halves, for the one-row kernel (one row only)."""
+    width = x.shape[-1]
+    k = width // 2 if glu else width
+    m = x.numel() // width
     y = x.new_empty((*x.shape[:-1], n))
     if m == 1 and not (kernels.row_needs_even_k and k % 2):
         launcher, args = kernels.row, (*inputs, y, n, k, *strides)
         # Kept (every call after a shape's first) and on the current device: launched now.
         if key[0] == torch._C._cuda_getDevice() and launcher.run_kept((*key, m), args):
             return y
-        constexprs = {**constexprs, "USE_GDC": False}
+        constexprs = {**constexprs, **kernels.row_constexprs}
+        if glu:
+            constexprs["GLU"] = True
 
         def grid(meta):
             return (triton.cdiv(n, meta["BLOCK_N"]), 1)
+    elif glu:
+        raise ValueError(f"the gated input runs one row at a time, got {m} rows")
     else:
         block_m = 16 if m <= 16 else 32
         launcher, args = kernels.dot, (*inputs, y, m, n, k, *strides)
@@ -640,10 +683,13 @@ def _launch(kernels: _Kernels, x: torch.Tensor, inputs: tuple, n: int, strides: 
     return y
 
 
-def _int8_launch(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+def _int8_launch(
+    x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, glu: bool = False
+):
     inputs = (x, qweight, scale, scale if bias is None else bias)
-    key = _key(x, qweight, scale, bias)
-    return _launch(_INT8, x, inputs, qweight.shape[0], (qweight.stride(0),), key, {"HAS_BIAS": bias is not None})
+    key = (*_key(x, qweight, scale, bias), glu)
+    constexprs = {"HAS_BIAS": bias is not None}
+    return _launch(_INT8, x, inputs, qweight.shape[0], (qweight.stride(0),), key, constexprs, glu)
 
 
 def _words_fit(k: int, packed: torch.Tensor, group_size: int) -> bool:
@@ -701,6 +747,18 @@ def _(x, qweight, scale, bias):
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
 
+@torch.library.custom_op("quantcore_torch::int8_glu_mm", mutates_args=())
+def _int8_glu_mm_op(
+    h: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    return _int8_launch(h.contiguous(), qweight, scale, bias, glu=True)
+
+
+@_int8_glu_mm_op.register_fake
+def _(h, qweight, scale, bias):
+    return h.new_empty((*h.shape[:-1], qweight.shape[0]))
+
+
 @torch.library.custom_op("quantcore_torch::int4_mm", mutates_args=())
 def _int4_mm_op(
     x: torch.Tensor,
@@ -726,6 +784,16 @@ def int8_mm(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: t
     if torch.compiler.is_compiling():
         return _int8_mm_op(x, qweight, scale, bias)
     return _int8_launch(x if x.is_contiguous() else x.contiguous(), qweight, scale, bias)
+
+
+def int8_glu_mm(h: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``(silu(gate) * up) @ (qweight [N, K] * scale[:, None]).T + bias`` for one row ``h [..., 2K]``
+    holding ``gate`` then ``up`` (a fused gate/up projection's output): a gated MLP's activation
+    folded into its down projection's kernel, one launch fewer. ``silu`` and the product round to
+    ``h.dtype`` (fp16 / bf16) as eager PyTorch rounds them."""
+    if torch.compiler.is_compiling():
+        return _int8_glu_mm_op(h, qweight, scale, bias)
+    return _int8_launch(h if h.is_contiguous() else h.contiguous(), qweight, scale, bias, glu=True)
 
 
 def int4_mm(

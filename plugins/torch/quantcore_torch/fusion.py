@@ -35,15 +35,24 @@ against its k/v) stay correct: each call computes the stack for its input and ke
 
 from __future__ import annotations
 
+import types
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from .modules import WeightOnlyLinear
 
-__all__ = ["DEFAULT_GROUPS", "FusedProjections", "FusionReport", "fuse_projections", "unfuse_projections"]
+__all__ = [
+    "DEFAULT_GROUPS",
+    "GATED_MLPS",
+    "FusedProjections",
+    "FusionReport",
+    "fuse_projections",
+    "unfuse_projections",
+]
 
 #: Names of sibling modules that read the same input, in the model families transformers ships.
 DEFAULT_GROUPS: tuple[tuple[str, ...], ...] = (
@@ -55,6 +64,10 @@ DEFAULT_GROUPS: tuple[tuple[str, ...], ...] = (
 
 _STORAGE = ("qweight", "scale", "zero")
 
+#: transformers' gated MLPs whose forward is ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``:
+#: with ``activation=True`` and a SiLU ``act_fn``, the activation can run in ``down_proj``'s kernel.
+GATED_MLPS: tuple[str, ...] = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
+
 
 @dataclass
 class FusionReport:
@@ -62,9 +75,13 @@ class FusionReport:
 
     fused: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
+    #: Gated MLPs whose activation runs inside their down projection (``activation=True``).
+    activations: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [f"fused {len(self.fused)} group(s) of projections, skipped {len(self.skipped)}"]
+        if self.activations:
+            lines.append(f"  {len(self.activations)} gated MLP(s) run their activation in the down projection")
         lines += [f"  skipped {name}: {reason}" for name, reason in self.skipped.items()]
         return "\n".join(lines)
 
@@ -205,6 +222,13 @@ class FusedProjections:
         self.linear, self._views, self._cache = None, (), None
 
     # ------------------------------------------------------------------ forward
+    def stacked(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The whole stack's output for ``x`` (the members' outputs side by side, in their order),
+        or ``None`` if the group is inactive. Nothing is cached: for a caller that wants it all."""
+        if not torch.compiler.is_compiling() and not self.is_current():
+            self.refresh()
+        return None if self.linear is None else self.linear(x)
+
     def forward(self, x: torch.Tensor, index: int) -> torch.Tensor | None:
         """Member ``index``'s output for ``x`` (a slice of the stack's), or ``None`` if the group is inactive."""
         start, stop = self.bounds[index]
@@ -257,7 +281,92 @@ def _groups_of(
                 yield parent_name, parent, names, [children[n] for n in names]
 
 
-def fuse_projections(model: nn.Module, groups: Iterable[Sequence[str]] = DEFAULT_GROUPS) -> FusionReport:
+class _GatedMLP(NamedTuple):
+    """What a gated MLP's patched forward runs: its projections as fused, and their group."""
+
+    gate: WeightOnlyLinear
+    up: WeightOnlyLinear
+    down: WeightOnlyLinear
+    group: FusedProjections
+
+
+def _gated_mismatch(mlp: nn.Module, gated_mlps: Sequence[str]) -> str | None:
+    """Why ``mlp``'s activation cannot run in its down projection's kernel, or ``None`` if it can."""
+    if type(mlp).__name__ not in gated_mlps:
+        return f"{type(mlp).__name__} is not a known gated MLP (GATED_MLPS)"
+    act = getattr(mlp, "act_fn", None)
+    if not (isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"):
+        return f"its activation is {type(act).__name__}, not SiLU"
+    gate, up, down = (mlp._modules.get(name) for name in ("gate_proj", "up_proj", "down_proj"))
+    fused = getattr(gate, "_fused", None)
+    if fused is None or fused[0].members != (gate, up) or fused[0].linear is None:
+        return "gate_proj and up_proj do not run as one fused group, gate first"
+    if not isinstance(down, WeightOnlyLinear):
+        return f"down_proj is {type(down).__name__}, not a torch_wo layer"
+    if down.bits != 8:
+        return "down_proj is int4: only the int8 kernel takes the activation in"
+    if not (gate.out_features == up.out_features == down.in_features):
+        return "gate_proj and up_proj's outputs are not down_proj's inputs"
+    return None
+
+
+def _plain(module: nn.Module) -> bool:
+    """No hooks on ``module`` and its own forward (not accelerate's, say): running its kernel
+    directly skips nothing."""
+    return not (module._forward_hooks or module._forward_pre_hooks) and "forward" not in module.__dict__
+
+
+def _gated_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A gated MLP's forward with its activation in the down projection's kernel: the fused gate/up
+    output goes whole to ``down_proj.gated_forward``. Anything it cannot vouch for (gradients into
+    ``x``, a projection replaced or hooked since, an inactive group) runs the class's forward."""
+    parts: _GatedMLP = self._quantcore_gated
+    mods = self._modules
+    if (
+        not (torch.is_grad_enabled() and x.requires_grad)
+        and mods["gate_proj"] is parts.gate
+        and mods["up_proj"] is parts.up
+        and mods["down_proj"] is parts.down
+        and _plain(parts.gate)
+        and _plain(parts.up)
+        and _plain(parts.down)
+    ):
+        h = parts.group.stacked(x)
+        if h is not None:
+            return parts.down.gated_forward(h)
+    return type(self).forward(self, x)
+
+
+def _is_gated(module: nn.Module) -> bool:
+    return getattr(module.__dict__.get("forward"), "__func__", None) is _gated_mlp_forward
+
+
+def _fuse_activations(model: nn.Module, gated_mlps: Sequence[str], report: FusionReport) -> None:
+    for name, mlp in model.named_modules():
+        children = mlp._modules
+        if not all(children.get(n) is not None for n in ("gate_proj", "up_proj", "down_proj")):
+            continue
+        label = f"{name or '<model>'}: silu+down_proj"
+        if _is_gated(mlp):
+            report.skipped[label] = "already fused"
+            continue
+        reason = _gated_mismatch(mlp, gated_mlps)
+        if reason is not None:
+            report.skipped[label] = reason
+            continue
+        gate, up = children["gate_proj"], children["up_proj"]
+        mlp._quantcore_gated = _GatedMLP(gate, up, children["down_proj"], gate._fused[0])
+        mlp.forward = types.MethodType(_gated_mlp_forward, mlp)
+        report.activations.append(name or "<model>")
+
+
+def fuse_projections(
+    model: nn.Module,
+    groups: Iterable[Sequence[str]] = DEFAULT_GROUPS,
+    *,
+    activation: bool = False,
+    gated_mlps: Sequence[str] = GATED_MLPS,
+) -> FusionReport:
     """Run sibling torch_wo projections that read the same input as one stacked kernel call each.
 
     :param model: a model quantized with ``torch_wo`` (``quantcore.quantize`` or loaded from a
@@ -266,6 +375,12 @@ def fuse_projections(model: nn.Module, groups: Iterable[Sequence[str]] = DEFAULT
     :param groups: tuples of child names that a module feeds the same input, e.g.
         ``[("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")]`` (default:
         :data:`DEFAULT_GROUPS`). Every module holding all names of a group as children is fused.
+    :param activation: also run each gated MLP's activation inside its down projection's kernel
+        (``silu(gate) * up`` made as the int8 one-row kernel loads the fused gate/up output: one
+        kernel launch fewer a layer at batch-1 decode). For MLPs of the classes ``gated_mlps``
+        names (default :data:`GATED_MLPS`) with a SiLU activation, gate/up fused and an int8
+        ``down_proj``; the MLP's forward is patched on the instance (:func:`unfuse_projections`
+        removes it). Inputs the kernel does not take compute the activation first, as before.
     :returns: a :class:`FusionReport`; nothing is changed for a group it lists as skipped.
 
     Safe to call twice (groups already fused are reported as skipped). If stacking a group fails
@@ -299,6 +414,8 @@ def fuse_projections(model: nn.Module, groups: Iterable[Sequence[str]] = DEFAULT
                 m.refresh_kernel_layout()
             raise
         report.fused.append(label)
+    if activation:
+        _fuse_activations(model, tuple(gated_mlps), report)
     return report
 
 
@@ -306,6 +423,8 @@ def unfuse_projections(model: nn.Module) -> int:
     """Undo :func:`fuse_projections`: every member gets its own storage back. Returns the groups undone."""
     seen: dict[int, FusedProjections] = {}
     for module in model.modules():
+        if _is_gated(module):
+            del module.forward, module._quantcore_gated
         fused = getattr(module, "_fused", None)
         if fused is not None:
             seen.setdefault(id(fused[0]), fused[0])

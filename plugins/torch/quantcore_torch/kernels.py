@@ -16,6 +16,9 @@ int4         ``torch._weight_int4pack_mm_for_cpu`` on a         tinygemm (``torc
              32..256 columns dividing ``in_features``)          kernel on the stored tensors (fp16 too)
 ===========  =================================================  ========================================
 
+A gated MLP's down projection can also take its activation folded in (:func:`int8_gated_linear`:
+one CUDA kernel reads the gate and up halves and makes ``silu(gate) * up`` as it loads them).
+
 Everything else (odd shapes, fp32 activations on CUDA, large-batch prefill where a float matmul
 after one dequantize wins, other devices, float64) takes :func:`int8_reference_linear` /
 :func:`int4_reference_linear`: dequantize, then ``F.linear``. Every path computes the same
@@ -47,11 +50,13 @@ from .packing import dequantize_int4, dequantize_int8
 __all__ = [
     "SMALL_BATCH",
     "Int4Layout",
+    "gated_input",
     "int4_cpu_layout",
     "int4_kernel_group",
     "int4_reference_linear",
     "int4_tinygemm_layout",
     "int4_weight_only_linear",
+    "int8_gated_linear",
     "int8_reference_linear",
     "int8_weight_only_linear",
     "triton_available",
@@ -147,6 +152,34 @@ def int8_weight_only_linear(
         )
         return _unflat(_add_bias(y, bias), x)
     return int8_reference_linear(x, qweight, scale, bias)
+
+
+def gated_input(h: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` from ``h [..., 2K]`` holding a gated MLP's ``gate`` then ``up`` halves,
+    computed as the MLP computes it (``act_fn(gate_proj(x)) * up_proj(x)``, each op rounding to
+    ``h.dtype``): the input of its down projection."""
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def int8_gated_linear(
+    h: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """A gated MLP's down projection with its activation folded in: ``int8_weight_only_linear`` of
+    :func:`gated_input` ``(h)``. One row on CUDA (batch-1 decode) runs it as one Triton kernel,
+    which reads both halves and makes ``silu(gate) * up`` in registers (one launch fewer); any other
+    input computes the activation first, then takes :func:`int8_weight_only_linear`'s path.
+
+    :param h: ``[..., 2 * in_features]``: a fused gate/up projection's output, gate first.
+    """
+    if h.shape[-1] != 2 * qweight.shape[1]:
+        raise ValueError(
+            f"a gated input holds gate and up halves of {qweight.shape[1]} features each "
+            f"({2 * qweight.shape[1]} in all), got {h.shape[-1]}"
+        )
+    if _TRITON is not None and h.is_cuda and h.dtype in _HALF and h.numel() == h.shape[-1]:
+        return _TRITON.int8_glu_mm(h, qweight, scale, bias)
+    return int8_weight_only_linear(gated_input(h), qweight, scale, bias)
 
 
 # ----------------------------------------------------------------------------- int4

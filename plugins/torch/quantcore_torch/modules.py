@@ -281,6 +281,19 @@ class WeightOnlyLinear(KernelLayoutMixin, QuantizedLinear):
             y = y + late_bias.to(y.dtype)
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
+    def gated_forward(self, h: torch.Tensor) -> torch.Tensor:
+        """This layer as a gated MLP's down projection fed ``h [..., 2 * in_features]``, the gate and
+        up halves of a fused gate/up projection: ``self(silu(gate) * up)``. An int8 layer whose
+        compute dtype is the input's runs the activation inside its kernel when it can
+        (:func:`~quantcore_torch.kernels.int8_gated_linear`); anything else (int4, training, another
+        compute dtype) computes ``silu(gate) * up`` first, as the MLP does, then this forward."""
+        bias = self._parameters["bias"]
+        trains = torch.is_grad_enabled() and (h.requires_grad or (bias is not None and bias.requires_grad))
+        if self.bits == 8 and not trains and (self.compute_dtype is None or self.compute_dtype == h.dtype):
+            buffers = self._buffers
+            return kernels.int8_gated_linear(h, buffers["qweight"], buffers["scale"], bias)
+        return self(kernels.gated_input(h))
+
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The forward through dequantize + ``F.linear``: what every kernel is tested against."""
         dtype = self.compute_dtype or x.dtype

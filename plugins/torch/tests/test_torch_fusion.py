@@ -463,3 +463,143 @@ def test_a_group_that_fails_to_stack_is_left_unfused(monkeypatch):
     assert all(m._fused is None for m in (block.gate_proj, block.up_proj))
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- activation in down_proj
+MLPS = ["model.layers.0.mlp", "model.layers.1.mlp"]
+
+
+@needs_transformers
+def test_activation_in_the_down_projection_gives_the_unfused_outputs(device):
+    # int8: each gated MLP's forward hands the fused gate/up output whole to down_proj, whose
+    # kernel makes silu(gate) * up itself (one CUDA row); other inputs compute it first, as the
+    # MLP does. Several tokens (prefill) are bit for bit; one CUDA token runs the folded kernel.
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = quantized_llama(8, 128, device=device, dtype=dtype)
+    unfused = copy.deepcopy(model)
+    report = fuse_projections(model, activation=True)
+    assert report.activations == MLPS and report.skipped == {}
+    assert "2 gated MLP(s) run their activation in the down projection" in str(report)
+    ids = ids_for(device)
+    torch.testing.assert_close(logits(model, ids), logits(unfused, ids), rtol=0, atol=0)
+    one = ids_for(device, length=1)
+    tol = 2e-2 if device == "cuda" else 0
+    torch.testing.assert_close(logits(model, one), logits(unfused, one), rtol=tol, atol=tol)
+    # Twice is a no-op; unfusing restores the class's forward.
+    again = fuse_projections(model, activation=True)
+    assert again.activations == [] and again.skipped[f"{MLPS[0]}: silu+down_proj"] == "already fused"
+    assert unfuse_projections(model) == 4
+    assert "forward" not in model.model.layers[0].mlp.__dict__
+    torch.testing.assert_close(logits(model, ids), logits(unfused, ids), rtol=0, atol=0)
+
+
+@needs_transformers
+def test_activation_runs_through_gated_forward_and_falls_back_when_it_must(monkeypatch):
+    model = quantized_llama(8, 128)
+    fuse_projections(model, activation=True)
+    mlp = model.model.layers[0].mlp
+    calls = []
+    gated = WeightOnlyLinear.gated_forward
+    monkeypatch.setattr(WeightOnlyLinear, "gated_forward", lambda self, h: calls.append(h.shape) or gated(self, h))
+    x = torch.randn(1, 3, 128)
+    with torch.no_grad():
+        expected = type(mlp).forward(mlp, x)  # the class's forward: gate/up still fused
+        torch.testing.assert_close(mlp(x), expected, rtol=0, atol=0)
+    assert calls == [torch.Size([1, 3, 512])]  # gate and up halves of 256 each, whole
+    # Gradients into the input: the class's forward (the kernels have no backward).
+    calls.clear()
+    x.requires_grad_()
+    mlp(x).sum().backward()
+    assert calls == [] and x.grad is not None and x.grad.abs().sum() > 0
+    # A hook on a projection must see its call: the class's forward, hook included.
+    seen = []
+    handle = mlp.down_proj.register_forward_hook(lambda m, args, out: seen.append(args[0].shape))
+    with torch.no_grad():
+        torch.testing.assert_close(mlp(x), expected, rtol=0, atol=0)
+    handle.remove()
+    assert calls == [] and seen == [torch.Size([1, 3, 256])]
+    # A projection replaced since (an adapter, say): the class's forward runs the new one.
+    mlp.down_proj = nn.Linear(256, 128)
+    with torch.no_grad():
+        mlp(x.detach())
+    assert calls == []
+
+
+@needs_transformers
+def test_activation_fusion_reports_what_it_cannot_take():
+    model = quantized_llama(4, 32)
+    report = fuse_projections(model, activation=True)
+    assert report.activations == []
+    assert (
+        report.skipped[f"{MLPS[0]}: silu+down_proj"]
+        == "down_proj is int4: only the int8 kernel takes the activation in"
+    )
+    assert "forward" not in model.model.layers[0].mlp.__dict__
+    model = quantized_llama(8, 128)
+    model.model.layers[1].mlp.act_fn = nn.GELU()
+    report = fuse_projections(model, groups=[("q_proj", "k_proj", "v_proj")], activation=True)
+    assert report.activations == []
+    assert report.skipped[f"{MLPS[0]}: silu+down_proj"] == (
+        "gate_proj and up_proj do not run as one fused group, gate first"
+    )
+    report = fuse_projections(model, activation=True, gated_mlps=("SomeOtherMLP",))
+    assert report.skipped[f"{MLPS[0]}: silu+down_proj"] == "LlamaMLP is not a known gated MLP (GATED_MLPS)"
+    report = fuse_projections(model, activation=True)
+    assert report.activations == [MLPS[0]]
+    assert report.skipped[f"{MLPS[1]}: silu+down_proj"] == "its activation is GELU, not SiLU"
+
+
+@needs_transformers
+def test_activation_fusion_survives_deepcopy_and_compiles_fullgraph():
+    model = quantized_llama(8, 128)
+    fuse_projections(model, activation=True)
+    clone = copy.deepcopy(model)
+    mlp = clone.model.layers[0].mlp
+    assert mlp.forward.__self__ is mlp and mlp._quantcore_gated.down is mlp.down_proj
+    ids = ids_for()
+    eager = logits(model, ids)
+    torch.testing.assert_close(logits(clone, ids), eager, rtol=0, atol=0)
+    torch._dynamo.reset()
+    backend = _GraphCalls()
+    out = logits(torch.compile(model, backend=backend, fullgraph=True), ids)
+    torch.testing.assert_close(out, eager, rtol=0, atol=0)
+    assert backend.count == 8
+    torch._dynamo.reset()
+
+
+def test_gated_forward_is_the_layer_on_silu_gate_times_up():
+    from quantcore_torch import kernels
+
+    linear = nn.Linear(64, 32)
+    module = WeightOnlyLinear.from_linear(linear, bits=8)
+    h = torch.randn(3, 128)
+    gate, up = h.chunk(2, dim=-1)
+    with torch.no_grad():
+        torch.testing.assert_close(module.gated_forward(h), module(torch.nn.functional.silu(gate) * up), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="gate and up halves of 64 features each \\(128 in all\\), got 96"):
+        kernels.int8_gated_linear(h[:, :96], module.qweight, module.scale)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@needs_transformers
+def test_activation_in_the_down_kernel_under_cuda_graphs(monkeypatch):
+    # One token on CUDA: down_proj's int8 kernel reads the fused gate/up output and makes
+    # silu(gate) * up itself, eager and in CUDA graphs; within bf16 rounding of the unfused model.
+    from quantcore_torch import kernels
+
+    model = quantized_llama(8, 128, dtype=torch.bfloat16, device="cuda")
+    unfused = copy.deepcopy(model)
+    assert fuse_projections(model, activation=True).activations == MLPS
+    folded = []
+    glu_mm = kernels._TRITON.int8_glu_mm
+    monkeypatch.setattr(kernels._TRITON, "int8_glu_mm", lambda *a: folded.append(1) or glu_mm(*a))
+    ids = ids_for("cuda", length=1)
+    torch.testing.assert_close(logits(model, ids), logits(unfused, ids), rtol=2e-2, atol=2e-2)
+    assert len(folded) == len(MLPS)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+    for seed in (1, 2, 3, 1):  # recorded, then replayed with new inputs
+        ids = ids_for("cuda", length=1, seed=seed)
+        torch.testing.assert_close(logits(compiled, ids), logits(unfused, ids), rtol=2e-2, atol=2e-2)
+    torch._dynamo.reset()

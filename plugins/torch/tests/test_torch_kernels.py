@@ -323,3 +323,32 @@ def test_cuda_graphs_and_the_static_cache(preset):
     assert torch.equal(replayed.sequences, recorded.sequences)
     for a, b in zip(replayed.logits, recorded.logits, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(("n", "k"), [(2048, 5632), (320, 520), (96, 99)], ids=str)
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_gated_int8_kernel_matches_the_unfused_activation_and_kernel(n, k, dtype, bias):
+    # A gated MLP's down projection with silu(gate) * up made in the kernel: the same function
+    # as the activation computed by PyTorch then the plain kernel, within float rounding; the
+    # reference path bounds both.
+    module = _module(n, k, 8, 128, dtype, "cuda", bias=bias)
+    gen = torch.Generator("cuda").manual_seed(n + k)
+    h = torch.randn(1, 2 * k, dtype=dtype, device="cuda", generator=gen) * 3
+    gate, up = h.chunk(2, dim=-1)
+    x = torch.nn.functional.silu(gate) * up
+    with torch.no_grad():
+        folded = kernels.int8_gated_linear(h, module.qweight, module.scale, module.bias)
+        plain = kernels.int8_weight_only_linear(x, module.qweight, module.scale, module.bias)
+        assert relative_error(folded, plain) < ROUNDING[dtype] / 10
+        assert relative_error(folded, module.reference_forward(x)) < ROUNDING[dtype]
+        # Several rows take the activation in PyTorch, then the several-row kernel.
+        rows = torch.randn(5, 2 * k, dtype=dtype, device="cuda", generator=gen)
+        torch.testing.assert_close(
+            kernels.int8_gated_linear(rows, module.qweight, module.scale, module.bias),
+            kernels.int8_weight_only_linear(kernels.gated_input(rows), module.qweight, module.scale, module.bias),
+            rtol=0,
+            atol=0,
+        )

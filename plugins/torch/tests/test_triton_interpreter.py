@@ -74,6 +74,40 @@ def test_int8_row_kernel(kernels, n, k, block_n, block_k, dtype, bias):
     assert _error(y, ref) < ROUNDING[dtype]
 
 
+@pytest.mark.parametrize("dtype", list(ROUNDING), ids=str)
+@pytest.mark.parametrize(("n", "k", "block_n", "block_k"), [(40, 99, 4, 64), (64, 256, 8, 128)])
+def test_int8_row_kernel_folds_a_gated_activation_into_its_input(kernels, n, k, block_n, block_k, dtype):
+    # GLU: the input holds a gated MLP's gate then up halves (2K values); the kernel's input is
+    # silu(gate) * up, rounded as eager PyTorch's act_fn(gate) * up rounds: the down projection of
+    # an MLP whose activation kernel it replaces. Gates span silu's curved part and its tails.
+    torch.manual_seed(n + k)
+    q = torch.randint(-128, 128, (n, k), dtype=torch.int8)
+    scale = (torch.rand(n) * 0.01 + 1e-3).to(dtype)
+    gate = (torch.randn(1, k) * 4).to(dtype)
+    up = torch.randn(1, k, dtype=dtype)
+    h = torch.cat([gate, up], dim=-1)
+    y = torch.empty(1, n, dtype=dtype)
+    kernels._int8_row_kernel.fn[_grid(n, block_n)](
+        h, q, scale, scale, y, n, k, q.stride(0), HAS_BIAS=False, BLOCK_N=block_n, BLOCK_K=block_k, GLU=True
+    )
+    weight = dequantize_int8(q, scale, torch.float32)
+    x = torch.nn.functional.silu(gate) * up  # the unfused MLP's input to down_proj, in dtype
+    # The interpreter's float-to-bf16 conversions truncate where a GPU's (and torch's) round to
+    # nearest: with bf16, the kernel's two in-register roundings add their own error here (the GPU
+    # test checks bf16 against the unfused kernel to float rounding).
+    slack = 1.0 if dtype == torch.float16 else 2.0
+    assert _error(y, torch.nn.functional.linear(x.float(), weight)) < ROUNDING[dtype] * slack
+    # The same kernel on that input, unfused: in fp16 the same sums, up to a rare last-bit
+    # difference of silu's exp (the output's own rounding dominates the bound above).
+    plain = torch.empty_like(y)
+    kernels._int8_row_kernel.fn[_grid(n, block_n)](
+        x, q, scale, scale, plain, n, k, q.stride(0), HAS_BIAS=False, BLOCK_N=block_n, BLOCK_K=block_k
+    )
+    assert _error(y, plain) < (ROUNDING[dtype] / 20 if dtype == torch.float16 else ROUNDING[dtype])
+    # Not the gate alone: the activation is really applied.
+    assert _error(y, torch.nn.functional.linear(gate.float(), weight)) > 0.1
+
+
 def _int4_row_case(kernel, stride_unit, n, k, group, block_n, block_k, dtype, bias, codes):
     """Run an int4 one-row kernel on a random weight whose first rows hold ``codes`` (bytes) and
     check it against the reference path; ``stride_unit``: bytes a unit of its row stride."""
