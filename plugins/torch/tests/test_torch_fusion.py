@@ -338,12 +338,16 @@ def test_fused_model_under_cuda_graphs(bits, group_size, kernel, monkeypatch):
 
 
 @needs_transformers
-def test_lora_on_fused_members_trains_and_merges():
+@pytest.mark.parametrize("activation", [False, True], ids=["projections", "activation-too"])
+def test_lora_on_fused_members_trains_and_merges(activation, monkeypatch):
+    # With the activation in down_proj too: an adapter on up_proj replaces it, so the MLP runs
+    # its class's forward while adapted and its folded one again once merged.
     peft = pytest.importorskip("peft")
     model = quantized_llama(8, 128)
-    fuse_projections(model)
+    fuse_projections(model, activation=activation)
     reference = copy.deepcopy(model)
     unfuse_projections(reference)
+    assert "forward" not in reference.model.layers[0].mlp.__dict__
     config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False)
     fused, plain = peft.get_peft_model(model, config), peft.get_peft_model(reference, config)
     plain.load_state_dict(fused.state_dict())  # the same adapters
@@ -359,7 +363,10 @@ def test_lora_on_fused_members_trains_and_merges():
     # Merging re-quantizes q_proj / v_proj / up_proj: the stacks follow, outputs match the unfused merge.
     merged, merged_plain = fused.merge_and_unload(), plain.merge_and_unload()
     assert merged.model.layers[0].self_attn.q_proj._fused[0].is_current()
+    gated, calls = WeightOnlyLinear.gated_forward, []
+    monkeypatch.setattr(WeightOnlyLinear, "gated_forward", lambda self, h: calls.append(1) or gated(self, h))
     torch.testing.assert_close(logits(merged.eval(), ids), logits(merged_plain.eval(), ids), rtol=0, atol=0)
+    assert len(calls) == (2 if activation else 0)  # merged: each MLP folds its activation again
 
 
 @needs_transformers
