@@ -70,3 +70,32 @@ def test_meta_tensors_give_shapes_only():
     assert packed.is_meta and packed.shape == (4, 24)
     assert scale.shape == zero.shape == (4, 2) and scale.dtype == torch.bfloat16
     assert dequantize_int4(packed, scale, zero, 48, 32, torch.float16).shape == (4, 48)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_dequantize_int8_gives_the_fp32_product_rounded_once(dtype):
+    # Every code against scales over ten decades (subnormal fp16 ones included): the one-pass
+    # product in dtype must be the fp32 product rounded once to dtype, bit for bit.
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.arange(-128, 128, dtype=torch.int8).repeat(2048, 1)
+    scale = (torch.rand(2048, generator=gen) * 10 ** torch.empty(2048).uniform_(-8, 2, generator=gen)).to(dtype)
+    expected = (codes.float() * scale.float()[:, None]).to(dtype)
+    assert torch.equal(dequantize_int8(codes, scale, dtype), expected)
+    # A scale in another dtype than the output's: rounded once from fp32 as well.
+    other = scale.float() * 1.0001
+    assert torch.equal(dequantize_int8(codes, other, dtype), (codes.float() * other[:, None]).to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize(("out_features", "in_features", "group_size"), [(64, 256, 32), (40, 130, 64), (7, 33, 32)])
+def test_dequantize_int4_gives_the_fp32_formula_rounded_once(dtype, out_features, in_features, group_size):
+    gen = torch.Generator().manual_seed(in_features)
+    w = torch.randn(out_features, in_features, generator=gen) * 10 ** torch.empty(out_features, 1).uniform_(-4, 1)
+    packed, scale, zero = quantize_int4(w.to(dtype), group_size)
+    groups = scale.shape[1]
+    codes = torch.nn.functional.pad(unpack_int4(packed, in_features), (0, groups * group_size - in_features))
+    codes = codes.reshape(out_features, groups, group_size)
+    expected = ((codes.float() - zero.float()[..., None]) * scale.float()[..., None]).reshape(out_features, -1)
+    out = dequantize_int4(packed, scale, zero, in_features, group_size, dtype)
+    assert out.is_contiguous() and out.dtype == dtype
+    assert torch.equal(out, expected[:, :in_features].to(dtype))
