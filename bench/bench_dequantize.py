@@ -5,7 +5,9 @@ Above ``SMALL_BATCH`` rows (a prompt's prefill) a torch_wo layer dequantizes its
 ``F.linear``: this cost is in every quantized model's time to first token. ``packing.dequantize_int8``
 multiplies in the output's half dtype when the scale has it (exact, one pass) and
 ``dequantize_int4`` keeps one fp32 temporary; the baseline is the formula written out, as it was
-(``(q.float() * s.float()).to(dtype)``; ``((q.float() - z.float()) * s.float()).to(dtype)``).
+(``(q.float() * s.float()).to(dtype)``; ``((q.float() - z.float()) * s.float()).to(dtype)``). On
+CUDA, the Triton kernel eager code dequantizes with (``kernels.dequantized_int8`` /
+``dequantized_int4``) is timed too; all three must give the same bits.
 
     python bench/bench_dequantize.py                    # CPU, the 1.1B Llama's four shapes
     python bench/bench_dequantize.py --device cuda
@@ -64,6 +66,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--out", type=Path, default=None, help="also write the figures as JSON")
     args = parser.parse_args(argv)
+    from quantcore_torch import kernels
     from quantcore_torch.packing import dequantize_int4, dequantize_int8, quantize_int4, quantize_int8
 
     dtype = torch.bfloat16
@@ -77,15 +80,23 @@ def main(argv=None) -> int:
             dequantize_int4(packed, scale, zero, k, 128, dtype), fp32_int4(packed, scale, zero, k, 128, dtype)
         )
         int4_args = (packed, scale, zero, k, 128, dtype)
-        for fmt, ours, baseline in (
-            ("int8", partial(dequantize_int8, q, s, dtype), partial(fp32_int8, q, s, dtype)),
-            ("int4", partial(dequantize_int4, *int4_args), partial(fp32_int4, *int4_args)),
-        ):
+        cases = (
+            ("int8", dequantize_int8, fp32_int8, kernels.dequantized_int8, (q, s, dtype)),
+            ("int4", dequantize_int4, fp32_int4, kernels.dequantized_int4, int4_args),
+        )
+        for fmt, ours, baseline, fast, call_args in cases:
+            ours, baseline, fast = (partial(f, *call_args) for f in (ours, baseline, fast))
+            assert torch.equal(fast(), baseline())
             base_ms, ours_ms = best_ms(baseline, args.device, args.rounds), best_ms(ours, args.device, args.rounds)
-            rows.append(dict(shape=[n, k], format=fmt, fp32_formula_ms=base_ms, ours_ms=ours_ms))
-            print(
-                f"[{n}x{k}] {fmt}: fp32 formula {base_ms:8.3f} ms, ours {ours_ms:8.3f} ms ({base_ms / ours_ms:5.2f}x)"
+            kernel_ms = best_ms(fast, args.device, args.rounds) if args.device == "cuda" else None
+            rows.append(
+                dict(shape=[n, k], format=fmt, fp32_formula_ms=base_ms, packing_ms=ours_ms, kernel_ms=kernel_ms)
             )
+            line = f"[{n}x{k}] {fmt}: fp32 formula {base_ms:8.3f} ms, "
+            line += f"packing {ours_ms:8.3f} ms ({base_ms / ours_ms:5.2f}x)"
+            if kernel_ms is not None:
+                line += f", Triton kernel {kernel_ms:8.3f} ms ({base_ms / kernel_ms:5.2f}x)"
+            print(line)
     if args.out:
         args.out.write_text(json.dumps(dict(device=args.device, torch=torch.__version__, rows=rows), indent=1))
     return 0

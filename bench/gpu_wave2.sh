@@ -14,6 +14,7 @@
 #   profile   profile_decode.py: a compiled step's kernels (PROFILE_METHODS, MODEL)
 #   eager-profile  profile_eager.py: an eager step's host time, kernel time and Python hot spots
 #   gptq      GPTQ's time to quantize a 1.1B Llama (bench_gptq.py), beside plain rounding
+#   dequant   the prefill path's dequantize: Triton kernel, packing's ops, the fp32 formula
 # From the repository root, carrying .whl (torchao-0.17.0, built for torch 2.11) and .devsite
 # (pluggy, attrs, cattrs, bitsandbytes: ../shared/tools/device-site.sh):
 #   bash bench/gpu_wave2.sh tests launch decode
@@ -58,6 +59,7 @@ for part in "$@"; do
     eager-profile) timeout ${T_PROFILE:-200} python3 bench/profile_eager.py --model "$model" \
                --methods "${PROFILE_METHODS:-bf16,int8-torch,int8-torch+fused,int4-torch,int4-torch+fused}" \
                --out "$out/profile_eager_${model}.json" 2>&1 | grep -v -E "FutureWarning|forward_call" ;;
+    dequant) timeout ${T_DEQUANT:-60} python3 bench/bench_dequantize.py --device cuda --out "$out/dequant_cuda.json" ;;
     gptq) timeout ${T_GPTQ:-130} python3 bench/bench_gptq.py --model llama-1.1b --device cuda --out "$out/gptq_cuda.json" ;;
   esac
 done

@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["int4_mm", "int8_glu_mm", "int8_mm"]
+__all__ = ["dequantize_int4", "dequantize_int8", "int4_mm", "int8_glu_mm", "int8_mm"]
 
 
 # One row (batch-1 decode) is a reduction: each program owns BLOCK_N output rows and streams their
@@ -450,6 +450,75 @@ def _int4_dot_kernel(
         xt = tl.load(x_ptr + rm[:, None] * K + kk[None, :], mask=m_mask[:, None] & (kk[None, :] < K), other=0.0)
         acc += tl.dot(xt, tl.trans(w.to(xt.dtype)))
     _store_rows(acc, b_ptr, y_ptr, rm, rn, m_mask, n_mask, N, HAS_BIAS)
+
+
+# Dequantizing for the prefill (more rows than the kernels above take, where one float matmul after
+# one dequantize wins): one pass, the stored bytes in and the float weight out, against about 23
+# bytes a weight moved by the same formula in PyTorch ops through fp32 temporaries. The arithmetic
+# is the formula's, in fp32, rounded once: (q - zero) * scale for int4 (a subtraction then a
+# product: nothing to contract into an FMA), q * scale for int8.
+DEQUANT_BLOCK = (32, 128)  # (rows, columns) a program
+
+
+@triton.jit
+def _int4_dequantize_kernel(
+    w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wn, stride_sn,
+    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """``out[n, k] = (code[n, k] - zero[n, k // GROUP]) * scale[n, k // GROUP]`` (``out`` contiguous)."""
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (rn < N)[:, None] & (rk < K)[None, :]
+    byte = tl.load(w_ptr + rn[:, None] * stride_wn + (rk // 2)[None, :], mask=mask, other=0).to(tl.int32)
+    code = ((byte >> ((rk % 2) * 4)[None, :]) & 0x0F).to(tl.float32)
+    group = rn[:, None] * stride_sn + (rk // GROUP)[None, :]
+    s = tl.load(s_ptr + group, mask=mask, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + group, mask=mask, other=0.0).to(tl.float32)
+    w = (code - z) * s
+    tl.store(out_ptr + rn[:, None] * K + rk[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _int8_dequantize_kernel(
+    w_ptr, s_ptr, out_ptr, N, K, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr
+):  # fmt: skip
+    """``out[n, k] = q[n, k] * scale[n]`` (``out`` contiguous)."""
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (rn < N)[:, None] & (rk < K)[None, :]
+    q = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=mask, other=0).to(tl.float32)
+    s = tl.load(s_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+    w = q * s[:, None]
+    tl.store(out_ptr + rn[:, None] * K + rk[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def dequantize_int4(
+    packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, in_features: int, group_size: int, dtype
+) -> torch.Tensor:
+    """:func:`quantcore_torch.packing.dequantize_int4` in one kernel: the same bits."""
+    n = packed.shape[0]
+    out = torch.empty((n, in_features), dtype=dtype, device=packed.device)
+    scale, zero = scale.contiguous(), zero.contiguous()
+    block_n, block_k = DEQUANT_BLOCK
+    grid = (triton.cdiv(n, block_n), triton.cdiv(in_features, block_k))
+    with torch.cuda.device(packed.device):
+        _int4_dequantize_kernel[grid](
+            packed, scale, zero, out, n, in_features, packed.stride(0), scale.stride(0),
+            GROUP=group_size, BLOCK_N=block_n, BLOCK_K=block_k,
+        )  # fmt: skip
+    return out
+
+
+def dequantize_int8(qweight: torch.Tensor, scale: torch.Tensor, dtype) -> torch.Tensor:
+    """:func:`quantcore_torch.packing.dequantize_int8` in one kernel: the same bits."""
+    n, k = qweight.shape
+    out = torch.empty((n, k), dtype=dtype, device=qweight.device)
+    scale = scale.contiguous()
+    block_n, block_k = DEQUANT_BLOCK
+    grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
+    with torch.cuda.device(qweight.device):
+        _int8_dequantize_kernel[grid](qweight, scale, out, n, k, qweight.stride(0), BLOCK_N=block_n, BLOCK_K=block_k)
+    return out
 
 
 def _launch_hooks_unset() -> bool:

@@ -20,8 +20,10 @@ A gated MLP's down projection can also take its activation folded in (:func:`int
 one CUDA kernel reads the gate and up halves and makes ``silu(gate) * up`` as it loads them).
 
 Everything else (odd shapes, fp32 activations on CUDA, large-batch prefill where a float matmul
-after one dequantize wins, other devices, float64) takes :func:`int8_reference_linear` /
-:func:`int4_reference_linear`: dequantize, then ``F.linear``. Every path computes the same
+after one dequantize wins, other devices, float64) dequantizes, then runs ``F.linear``: the
+function :func:`int8_reference_linear` / :func:`int4_reference_linear` compute, with the weight
+made by one Triton kernel on CUDA (:func:`dequantized_int8` / :func:`dequantized_int4`, the same
+bits as :mod:`~quantcore_torch.packing`'s PyTorch ops). Every path computes the same
 function within float rounding; the tests check each one against the reference.
 
 Why the int4 CPU kernel needs its own layout while CUDA's Triton kernels read the stored tensors:
@@ -50,6 +52,8 @@ from .packing import dequantize_int4, dequantize_int8
 __all__ = [
     "SMALL_BATCH",
     "Int4Layout",
+    "dequantized_int4",
+    "dequantized_int8",
     "gated_input",
     "int4_cpu_layout",
     "int4_kernel_group",
@@ -128,6 +132,15 @@ def int8_reference_linear(
     return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
 
 
+def dequantized_int8(qweight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`~quantcore_torch.packing.dequantize_int8` through the fastest path, the same bits: one
+    Triton kernel for a CUDA weight in eager code (fp16 / bf16), PyTorch's ops elsewhere (inductor
+    fuses those itself under ``torch.compile``)."""
+    if _TRITON is not None and qweight.is_cuda and dtype in _HALF and not torch.compiler.is_compiling():
+        return _TRITON.dequantize_int8(qweight, scale, dtype)
+    return dequantize_int8(qweight, scale, dtype)
+
+
 def int8_weight_only_linear(
     x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -151,7 +164,7 @@ def int8_weight_only_linear(
             _flat(x), qweight, scale if scale.dtype == x.dtype else scale.to(x.dtype)
         )
         return _unflat(_add_bias(y, bias), x)
-    return int8_reference_linear(x, qweight, scale, bias)
+    return F.linear(x, dequantized_int8(qweight, scale, x.dtype), None if bias is None else bias.to(x.dtype))
 
 
 def gated_input(h: torch.Tensor) -> torch.Tensor:
@@ -194,6 +207,16 @@ def int4_reference_linear(
     """Dequantize the int4 weight to ``x.dtype``, then ``F.linear``: the path every kernel must match."""
     weight = dequantize_int4(packed, scale, zero, x.shape[-1], group_size, x.dtype)
     return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
+
+
+def dequantized_int4(
+    packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, in_features: int, group_size: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """:func:`~quantcore_torch.packing.dequantize_int4` through the fastest path, the same bits (see
+    :func:`dequantized_int8`)."""
+    if _TRITON is not None and packed.is_cuda and dtype in _HALF and not torch.compiler.is_compiling():
+        return _TRITON.dequantize_int4(packed, scale, zero, in_features, group_size, dtype)
+    return dequantize_int4(packed, scale, zero, in_features, group_size, dtype)
 
 
 def int4_kernel_group(in_features: int, group_size: int) -> int | None:
@@ -297,4 +320,5 @@ def int4_weight_only_linear(
             _flat(x), layout.weight, layout.group_size, layout.scales_and_zeros
         )
         return _unflat(_add_bias(y, bias), x)
-    return int4_reference_linear(x, packed, scale, zero, group_size, bias)
+    weight = dequantized_int4(packed, scale, zero, x.shape[-1], group_size, x.dtype)
+    return F.linear(x, weight, None if bias is None else bias.to(x.dtype))

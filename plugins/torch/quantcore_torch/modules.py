@@ -221,6 +221,12 @@ class WeightOnlyLinear(KernelLayoutMixin, QuantizedLinear):
         """The ``[out_features, in_features]`` float weight, in ``dtype`` (default: the original dtype)."""
         dtype = dtype or self.weight_dtype
         if self.bits == 8:
+            return kernels.dequantized_int8(self.qweight, self.scale, dtype)
+        return kernels.dequantized_int4(self.qweight, self.scale, self.zero, self.in_features, self.group_size, dtype)
+
+    def _reference_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The float weight by :mod:`~quantcore_torch.packing`'s PyTorch ops alone (no kernel)."""
+        if self.bits == 8:
             return dequantize_int8(self.qweight, self.scale, dtype)
         return dequantize_int4(self.qweight, self.scale, self.zero, self.in_features, self.group_size, dtype)
 
@@ -298,7 +304,7 @@ class WeightOnlyLinear(KernelLayoutMixin, QuantizedLinear):
         """The forward through dequantize + ``F.linear``: what every kernel is tested against."""
         dtype = self.compute_dtype or x.dtype
         bias = self.bias.to(dtype) if self.bias is not None else None
-        return F.linear(x.to(dtype), self.dequantized_weight(dtype), bias).to(x.dtype)
+        return F.linear(x.to(dtype), self._reference_weight(dtype), bias).to(x.dtype)
 
     def extra_repr(self) -> str:
         parts = [f"in_features={self.in_features}", f"out_features={self.out_features}", f"bits={self.bits}"]

@@ -352,3 +352,26 @@ def test_gated_int8_kernel_matches_the_unfused_activation_and_kernel(n, k, dtype
             rtol=0,
             atol=0,
         )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(("n", "k", "group"), [(2048, 5632, 128), (320, 520, 64), (96, 99, 32)], ids=str)
+@pytest.mark.parametrize("bits", [8, 4])
+def test_prefill_dequantizes_in_one_kernel_to_the_same_bits(bits, n, k, group, dtype):
+    # More rows than the kernels take (a prefill): the weight is dequantized by one Triton kernel,
+    # to packing's bits exactly, and the layer's output is the reference path's, bit for bit.
+    from quantcore_torch.packing import dequantize_int4, dequantize_int8
+
+    module = _module(n, k, bits, group, dtype, "cuda")
+    if bits == 8:
+        fast = kernels.dequantized_int8(module.qweight, module.scale, dtype)
+        assert torch.equal(fast, dequantize_int8(module.qweight, module.scale, dtype))
+    else:
+        fast = kernels.dequantized_int4(module.qweight, module.scale, module.zero, k, group, dtype)
+        assert torch.equal(fast, dequantize_int4(module.qweight, module.scale, module.zero, k, group, dtype))
+    assert fast.is_contiguous() and fast.shape == (n, k)
+    x = torch.randn(2, 40, k, dtype=dtype, device="cuda", generator=torch.Generator("cuda").manual_seed(k))
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), module.reference_forward(x), rtol=0, atol=0)
