@@ -492,33 +492,32 @@ def _int8_dequantize_kernel(
     tl.store(out_ptr + rn[:, None] * K + rk[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def _dequantize(kernel, inputs: tuple, strides: tuple, shape: tuple, dtype, device, **constexprs) -> torch.Tensor:
+    """Run a dequantize kernel (``inputs..., out, N, K, strides...``) into a new contiguous ``out``."""
+    n, k = shape
+    out = torch.empty((n, k), dtype=dtype, device=device)
+    block_n, block_k = DEQUANT_BLOCK
+    grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
+    with torch.cuda.device(device):
+        kernel[grid](*inputs, out, n, k, *strides, **constexprs, BLOCK_N=block_n, BLOCK_K=block_k)
+    return out
+
+
 def dequantize_int4(
     packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, in_features: int, group_size: int, dtype
 ) -> torch.Tensor:
     """:func:`quantcore_torch.packing.dequantize_int4` in one kernel: the same bits."""
-    n = packed.shape[0]
-    out = torch.empty((n, in_features), dtype=dtype, device=packed.device)
     scale, zero = scale.contiguous(), zero.contiguous()
-    block_n, block_k = DEQUANT_BLOCK
-    grid = (triton.cdiv(n, block_n), triton.cdiv(in_features, block_k))
-    with torch.cuda.device(packed.device):
-        _int4_dequantize_kernel[grid](
-            packed, scale, zero, out, n, in_features, packed.stride(0), scale.stride(0),
-            GROUP=group_size, BLOCK_N=block_n, BLOCK_K=block_k,
-        )  # fmt: skip
-    return out
+    return _dequantize(
+        _int4_dequantize_kernel, (packed, scale, zero), (packed.stride(0), scale.stride(0)),
+        (packed.shape[0], in_features), dtype, packed.device, GROUP=group_size,
+    )  # fmt: skip
 
 
 def dequantize_int8(qweight: torch.Tensor, scale: torch.Tensor, dtype) -> torch.Tensor:
     """:func:`quantcore_torch.packing.dequantize_int8` in one kernel: the same bits."""
-    n, k = qweight.shape
-    out = torch.empty((n, k), dtype=dtype, device=qweight.device)
-    scale = scale.contiguous()
-    block_n, block_k = DEQUANT_BLOCK
-    grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
-    with torch.cuda.device(qweight.device):
-        _int8_dequantize_kernel[grid](qweight, scale, out, n, k, qweight.stride(0), BLOCK_N=block_n, BLOCK_K=block_k)
-    return out
+    inputs = (qweight, scale.contiguous())
+    return _dequantize(_int8_dequantize_kernel, inputs, (qweight.stride(0),), qweight.shape, dtype, qweight.device)
 
 
 def _launch_hooks_unset() -> bool:

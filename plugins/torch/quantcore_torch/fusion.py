@@ -342,10 +342,7 @@ def _is_gated(module: nn.Module) -> bool:
 
 
 def _fuse_activations(model: nn.Module, gated_mlps: Sequence[str], report: FusionReport) -> None:
-    for name, mlp in model.named_modules():
-        children = mlp._modules
-        if not all(children.get(n) is not None for n in ("gate_proj", "up_proj", "down_proj")):
-            continue
+    for name, mlp, _names, (gate, up, down) in _groups_of(model, [("gate_proj", "up_proj", "down_proj")]):
         label = f"{name or '<model>'}: silu+down_proj"
         if _is_gated(mlp):
             report.skipped[label] = "already fused"
@@ -354,8 +351,7 @@ def _fuse_activations(model: nn.Module, gated_mlps: Sequence[str], report: Fusio
         if reason is not None:
             report.skipped[label] = reason
             continue
-        gate, up = children["gate_proj"], children["up_proj"]
-        mlp._quantcore_gated = _GatedMLP(gate, up, children["down_proj"], gate._fused[0])
+        mlp._quantcore_gated = _GatedMLP(gate, up, down, gate._fused[0])
         mlp.forward = types.MethodType(_gated_mlp_forward, mlp)
         report.activations.append(name or "<model>")
 
@@ -391,6 +387,8 @@ def fuse_projections(
     CPU kernels; on CUDA the stacked shape may autotune to another tile, which sums in another
     order).
     """
+    if isinstance(gated_mlps, str):
+        raise ValueError(f"gated_mlps takes class names, e.g. ({gated_mlps!r},), not one string")
     groups = [tuple(g) for g in groups]
     for g in groups:
         if len(g) < 2 or len(set(g)) != len(g):

@@ -119,6 +119,11 @@ def _unflat(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
 
 
+def _float_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear`` on a dequantized ``weight`` (in ``x.dtype``), the bias cast to it."""
+    return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
+
+
 def _add_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return y if bias is None else y + bias.to(y.dtype)
 
@@ -129,7 +134,7 @@ def int8_reference_linear(
 ) -> torch.Tensor:
     """Dequantize the int8 weight to ``x.dtype``, then ``F.linear``: the path every kernel must match."""
     weight = dequantize_int8(qweight, scale, x.dtype)
-    return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
+    return _float_linear(x, weight, bias)
 
 
 def dequantized_int8(qweight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -164,7 +169,7 @@ def int8_weight_only_linear(
             _flat(x), qweight, scale if scale.dtype == x.dtype else scale.to(x.dtype)
         )
         return _unflat(_add_bias(y, bias), x)
-    return F.linear(x, dequantized_int8(qweight, scale, x.dtype), None if bias is None else bias.to(x.dtype))
+    return _float_linear(x, dequantized_int8(qweight, scale, x.dtype), bias)
 
 
 def gated_input(h: torch.Tensor) -> torch.Tensor:
@@ -206,7 +211,7 @@ def int4_reference_linear(
 ) -> torch.Tensor:
     """Dequantize the int4 weight to ``x.dtype``, then ``F.linear``: the path every kernel must match."""
     weight = dequantize_int4(packed, scale, zero, x.shape[-1], group_size, x.dtype)
-    return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
+    return _float_linear(x, weight, bias)
 
 
 def dequantized_int4(
@@ -321,4 +326,4 @@ def int4_weight_only_linear(
         )
         return _unflat(_add_bias(y, bias), x)
     weight = dequantized_int4(packed, scale, zero, x.shape[-1], group_size, x.dtype)
-    return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
+    return _float_linear(x, weight, bias)

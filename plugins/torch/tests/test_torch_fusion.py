@@ -63,6 +63,17 @@ class KernelCalls(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def assert_cuda_graph_replays_match(model, unfused) -> None:
+    """``model`` compiled with CUDA graphs gives ``unfused``'s logits within bf16 rounding, recorded
+    and then replayed with new inputs."""
+    torch._dynamo.reset()
+    compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+    for seed in (1, 2, 3, 1):
+        ids = ids_for("cuda", length=1, seed=seed)
+        torch.testing.assert_close(logits(compiled, ids), logits(unfused, ids), rtol=2e-2, atol=2e-2)
+    torch._dynamo.reset()
+
+
 def ids_for(device="cpu", length=6, seed=1):
     return torch.randint(0, 300, (1, length), generator=torch.Generator().manual_seed(seed)).to(device)
 
@@ -329,12 +340,7 @@ def test_fused_model_under_cuda_graphs(bits, group_size, kernel, monkeypatch):
     ids = ids_for("cuda", length=1)
     eager = logits(model, ids)
     torch.testing.assert_close(eager, logits(unfused, ids), rtol=0, atol=0)
-    torch._dynamo.reset()
-    compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
-    for seed in (1, 2, 3, 1):  # recorded, then replayed with new inputs
-        ids = ids_for("cuda", length=1, seed=seed)
-        torch.testing.assert_close(logits(compiled, ids), logits(unfused, ids), rtol=2e-2, atol=2e-2)
-    torch._dynamo.reset()
+    assert_cuda_graph_replays_match(model, unfused)
 
 
 @needs_transformers
@@ -549,6 +555,8 @@ def test_activation_fusion_reports_what_it_cannot_take():
     assert report.skipped[f"{MLPS[0]}: silu+down_proj"] == (
         "gate_proj and up_proj do not run as one fused group, gate first"
     )
+    with pytest.raises(ValueError, match=r"gated_mlps takes class names, e.g. \('LlamaMLP',\), not one string"):
+        fuse_projections(model, activation=True, gated_mlps="LlamaMLP")
     report = fuse_projections(model, activation=True, gated_mlps=("SomeOtherMLP",))
     assert report.skipped[f"{MLPS[0]}: silu+down_proj"] == "LlamaMLP is not a known gated MLP (GATED_MLPS)"
     report = fuse_projections(model, activation=True)
@@ -605,9 +613,4 @@ def test_activation_in_the_down_kernel_under_cuda_graphs():
         patch.setattr(kernels._TRITON, "int8_glu_mm", lambda *a: folded.append(1) or glu_mm(*a))
         torch.testing.assert_close(logits(model, ids), logits(unfused, ids), rtol=2e-2, atol=2e-2)
     assert len(folded) == len(MLPS)
-    torch._dynamo.reset()
-    compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
-    for seed in (1, 2, 3, 1):  # recorded, then replayed with new inputs
-        ids = ids_for("cuda", length=1, seed=seed)
-        torch.testing.assert_close(logits(compiled, ids), logits(unfused, ids), rtol=2e-2, atol=2e-2)
-    torch._dynamo.reset()
+    assert_cuda_graph_replays_match(model, unfused)
