@@ -7,7 +7,9 @@ multiplies in the output's half dtype when the scale has it (exact, one pass) an
 ``dequantize_int4`` keeps one fp32 temporary; the baseline is the formula written out, as it was
 (``(q.float() * s.float()).to(dtype)``; ``((q.float() - z.float()) * s.float()).to(dtype)``). On
 CUDA, the Triton kernel eager code dequantizes with (``kernels.dequantized_int8`` /
-``dequantized_int4``) is timed too; all three must give the same bits.
+``dequantized_int4``) is timed too, each of the three as its kernels alone (calls captured in one
+CUDA graph) and back to back in eager code (the host's launch path included); all three must give
+the same bits.
 
     python bench/bench_dequantize.py                    # CPU, the 1.1B Llama's four shapes
     python bench/bench_dequantize.py --device cuda
@@ -46,24 +48,71 @@ def fp32_int4(packed, scale, zero, in_features, group_size, dtype):
     return w.reshape(out_features, -1)[:, :in_features].to(dtype)
 
 
-def best_ms(call, device: str, rounds: int) -> float:
+def best_ms(call, rounds: int) -> float:
+    """CPU: the best of ``rounds`` single calls."""
     call()
     times = []
     for _ in range(rounds):
-        if device == "cuda":
-            torch.cuda.synchronize()
         start = time.perf_counter()
         call()
-        if device == "cuda":
-            torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return min(times) * 1e3
+
+
+def back_to_back_ms(call, calls: int = 50) -> float:
+    """CUDA: ``calls`` calls issued back to back, CUDA events around them, per call: what eager code
+    pays, the larger of the host's launch path and the kernels' time."""
+    call()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls):
+        call()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / calls
+
+
+def graph_ms(call, calls: int = 20, replays: int = 5) -> float:
+    """CUDA: ``calls`` calls captured in one CUDA graph, the best of ``replays`` replays, per call:
+    the kernels' time alone, without the host."""
+    call()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            call()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    best = float("inf")
+    for _ in range(replays):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / calls)
+    return best
+
+
+def cuda_row(n: int, k: int, fmt: str, baseline, ours, fast) -> dict:
+    """The three dequantizes of one weight on CUDA, each timed as the kernels alone (one CUDA graph)
+    and back to back in eager code; the line printed gives the kernels' times and ratios."""
+    row = dict(shape=[n, k], format=fmt)
+    for name, call in (("fp32_formula", baseline), ("packing", ours), ("kernel", fast)):
+        row[f"{name}_graph_ms"], row[f"{name}_eager_ms"] = graph_ms(call), back_to_back_ms(call)
+    base = row["fp32_formula_graph_ms"]
+    line = f"[{n}x{k}] {fmt} (kernels alone / back to back, ms): "
+    line += f"fp32 formula {base:.4f} / {row['fp32_formula_eager_ms']:.4f}"
+    for name, label in (("packing", "packing"), ("kernel", "Triton kernel")):
+        ms = row[f"{name}_graph_ms"]
+        line += f", {label} {ms:.4f} ({base / ms:.2f}x) / {row[f'{name}_eager_ms']:.4f}"
+    print(line)
+    return row
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=10, help="CPU: single calls timed, the best kept")
     parser.add_argument("--out", type=Path, default=None, help="also write the figures as JSON")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -89,16 +138,13 @@ def main(argv=None) -> int:
         for fmt, ours, baseline, fast, call_args in cases:
             ours, baseline, fast = (partial(f, *call_args) for f in (ours, baseline, fast))
             assert torch.equal(fast(), baseline())
-            base_ms, ours_ms = best_ms(baseline, args.device, args.rounds), best_ms(ours, args.device, args.rounds)
-            kernel_ms = best_ms(fast, args.device, args.rounds) if args.device == "cuda" else None
-            rows.append(
-                dict(shape=[n, k], format=fmt, fp32_formula_ms=base_ms, packing_ms=ours_ms, kernel_ms=kernel_ms)
-            )
-            line = f"[{n}x{k}] {fmt}: fp32 formula {base_ms:8.3f} ms, "
-            line += f"packing {ours_ms:8.3f} ms ({base_ms / ours_ms:5.2f}x)"
-            if kernel_ms is not None:
-                line += f", Triton kernel {kernel_ms:8.3f} ms ({base_ms / kernel_ms:5.2f}x)"
-            print(line)
+            if args.device == "cuda":
+                rows.append(cuda_row(n, k, fmt, baseline, ours, fast))
+                continue
+            base_ms, ours_ms = best_ms(baseline, args.rounds), best_ms(ours, args.rounds)
+            rows.append(dict(shape=[n, k], format=fmt, fp32_formula_ms=base_ms, packing_ms=ours_ms))
+            ratio = base_ms / ours_ms
+            print(f"[{n}x{k}] {fmt}: fp32 formula {base_ms:8.3f} ms, packing {ours_ms:8.3f} ms ({ratio:5.2f}x)")
     if args.out:
         args.out.write_text(json.dumps(dict(device=args.device, torch=torch.__version__, rows=rows), indent=1))
     return 0

@@ -457,24 +457,40 @@ def _int4_dot_kernel(
 # bytes a weight moved by the same formula in PyTorch ops through fp32 temporaries. The arithmetic
 # is the formula's, in fp32, rounded once: (q - zero) * scale for int4 (a subtraction then a
 # product: nothing to contract into an FMA), q * scale for int8.
-DEQUANT_BLOCK = (32, 128)  # (rows, columns) a program
+DEQUANT_BLOCK = (32, 128)  # (rows, columns) a program; int4 takes DEQUANT_INT4_COLUMNS columns
+
+
+# int4's columns a program: whole groups (a power of two, 2 or more), the bytes read as whole rows of
+# a tile, each byte giving two columns' codes, the scales and zero points once per group.
+DEQUANT_INT4_COLUMNS = 256
 
 
 @triton.jit
 def _int4_dequantize_kernel(
     w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wn, stride_sn,
-    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
 ):  # fmt: skip
-    """``out[n, k] = (code[n, k] - zero[n, k // GROUP]) * scale[n, k // GROUP]`` (``out`` contiguous)."""
+    """``out[n, k] = (code[n, k] - zero[n, k // GROUP]) * scale[n, k // GROUP]`` (``out`` contiguous).
+
+    A program reads a ``[BLOCK_N, GROUPS, GROUP // 2]`` tile of bytes (contiguous in each row), makes
+    both codes of each byte (the low nibble is the even column), and stores them interleaved.
+    """
+    HALF: tl.constexpr = GROUP // 2
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask = (rn < N)[:, None] & (rk < K)[None, :]
-    byte = tl.load(w_ptr + rn[:, None] * stride_wn + (rk // 2)[None, :], mask=mask, other=0).to(tl.int32)
-    code = ((byte >> ((rk % 2) * 4)[None, :]) & 0x0F).to(tl.float32)
-    group = rn[:, None] * stride_sn + (rk // GROUP)[None, :]
-    s = tl.load(s_ptr + group, mask=mask, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + group, mask=mask, other=0.0).to(tl.float32)
-    w = (code - z) * s
+    rg = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
+    even = rg[None, :, None] * GROUP + 2 * tl.arange(0, HALF)[None, None, :]  # each byte's low column
+    row_mask = rn < N
+    byte_mask = row_mask[:, None, None] & (even < K)
+    byte = tl.load(w_ptr + rn[:, None, None] * stride_wn + even // 2, mask=byte_mask, other=0).to(tl.int32)
+    group = rn[:, None] * stride_sn + rg[None, :]
+    group_mask = row_mask[:, None] & (rg < tl.cdiv(K, GROUP))[None, :]
+    s = tl.load(s_ptr + group, mask=group_mask, other=0.0).to(tl.float32)[:, :, None]
+    z = tl.load(z_ptr + group, mask=group_mask, other=0.0).to(tl.float32)[:, :, None]
+    low = ((byte & 0x0F).to(tl.float32) - z) * s
+    high = ((byte >> 4).to(tl.float32) - z) * s
+    w = tl.reshape(tl.join(low, high), (BLOCK_N, GROUPS * GROUP))
+    rk = tl.program_id(1) * (GROUPS * GROUP) + tl.arange(0, GROUPS * GROUP)
+    mask = row_mask[:, None] & (rk < K)[None, :]
     tl.store(out_ptr + rn[:, None] * K + rk[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -492,32 +508,52 @@ def _int8_dequantize_kernel(
     tl.store(out_ptr + rn[:, None] * K + rk[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _dequantize(kernel, inputs: tuple, strides: tuple, shape: tuple, dtype, device, **constexprs) -> torch.Tensor:
-    """Run a dequantize kernel (``inputs..., out, N, K, strides...``) into a new contiguous ``out``."""
+def _dequantize(kernel, inputs: tuple, strides: tuple, shape: tuple, dtype, device, block: tuple, **constexprs):
+    """Run a dequantize kernel (``inputs..., out, N, K, strides...``) into a new contiguous ``out``,
+    ``block = (rows, columns)`` a program."""
     n, k = shape
     out = torch.empty((n, k), dtype=dtype, device=device)
-    block_n, block_k = DEQUANT_BLOCK
-    grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
+    grid = (triton.cdiv(n, block[0]), triton.cdiv(k, block[1]))
     with torch.cuda.device(device):
-        kernel[grid](*inputs, out, n, k, *strides, **constexprs, BLOCK_N=block_n, BLOCK_K=block_k)
+        kernel[grid](*inputs, out, n, k, *strides, **constexprs)
     return out
+
+
+def int4_dequantize_takes(group_size: int) -> bool:
+    """Whether :func:`_int4_dequantize_kernel` takes this group size: a power of two, 2 or more (its tile)."""
+    return group_size >= 2 and not group_size & (group_size - 1)
+
+
+def int4_dequantize_groups(group_size: int) -> int:
+    """Groups a program of :func:`_int4_dequantize_kernel` takes; ``ValueError`` for a group size it
+    does not take (:func:`int4_dequantize_takes`)."""
+    if not int4_dequantize_takes(group_size):
+        raise ValueError(f"the int4 dequantize kernel takes groups of a power of two, 2 or more, not {group_size}")
+    return max(1, DEQUANT_INT4_COLUMNS // group_size)
 
 
 def dequantize_int4(
     packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, in_features: int, group_size: int, dtype
 ) -> torch.Tensor:
     """:func:`quantcore_torch.packing.dequantize_int4` in one kernel: the same bits."""
+    groups = int4_dequantize_groups(group_size)
     scale, zero = scale.contiguous(), zero.contiguous()
+    block_n = DEQUANT_BLOCK[0]
     return _dequantize(
         _int4_dequantize_kernel, (packed, scale, zero), (packed.stride(0), scale.stride(0)),
-        (packed.shape[0], in_features), dtype, packed.device, GROUP=group_size,
+        (packed.shape[0], in_features), dtype, packed.device, (block_n, groups * group_size),
+        GROUP=group_size, BLOCK_N=block_n, GROUPS=groups,
     )  # fmt: skip
 
 
 def dequantize_int8(qweight: torch.Tensor, scale: torch.Tensor, dtype) -> torch.Tensor:
     """:func:`quantcore_torch.packing.dequantize_int8` in one kernel: the same bits."""
     inputs = (qweight, scale.contiguous())
-    return _dequantize(_int8_dequantize_kernel, inputs, (qweight.stride(0),), qweight.shape, dtype, qweight.device)
+    block_n, block_k = DEQUANT_BLOCK
+    return _dequantize(
+        _int8_dequantize_kernel, inputs, (qweight.stride(0),), qweight.shape, dtype,
+        qweight.device, DEQUANT_BLOCK, BLOCK_N=block_n, BLOCK_K=block_k,
+    )  # fmt: skip
 
 
 def _launch_hooks_unset() -> bool:

@@ -219,7 +219,8 @@ def dequantized_int4(
 ) -> torch.Tensor:
     """:func:`~quantcore_torch.packing.dequantize_int4` through the fastest path, the same bits (see
     :func:`dequantized_int8`)."""
-    if _TRITON is not None and packed.is_cuda and dtype in _HALF and not torch.compiler.is_compiling():
+    kernel = _TRITON is not None and packed.is_cuda and dtype in _HALF and _TRITON.int4_dequantize_takes(group_size)
+    if kernel and not torch.compiler.is_compiling():
         return _TRITON.dequantize_int4(packed, scale, zero, in_features, group_size, dtype)
     return dequantize_int4(packed, scale, zero, in_features, group_size, dtype)
 

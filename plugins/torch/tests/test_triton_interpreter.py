@@ -225,19 +225,27 @@ def test_programmatic_launch_follows_inductors_setting_unless_overridden(kernels
 # The interpreter's float-to-bf16 conversion truncates (see above): the dequantize kernels are
 # checked bit for bit in fp16 and fp32 here, in bf16 by the GPU tests.
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
-@pytest.mark.parametrize(("n", "k", "group"), [(40, 256, 32), (33, 130, 64), (7, 300, 128)])
+@pytest.mark.parametrize(("n", "k", "group"), [(40, 256, 32), (33, 130, 64), (7, 300, 128), (5, 601, 128), (3, 9, 2)])
 def test_dequantize_kernels_give_the_formulas_bits(kernels, n, k, group, dtype):
     torch.manual_seed(n * k)
     w = (torch.randn(n, k) * 10 ** torch.empty(n, 1).uniform_(-4, 1)).to(dtype)
     packed, scale, zero = quantize_int4(w, group)
     out = torch.empty(n, k, dtype=dtype)
     block_n, block_k = kernels.DEQUANT_BLOCK
-    grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
+    groups = kernels.int4_dequantize_groups(group)
+    grid = (triton.cdiv(n, block_n), triton.cdiv(k, groups * group))
     kernels._int4_dequantize_kernel[grid](
-        packed, scale, zero, out, n, k, packed.stride(0), scale.stride(0), GROUP=group, BLOCK_N=block_n, BLOCK_K=block_k
+        packed, scale, zero, out, n, k, packed.stride(0), scale.stride(0), GROUP=group, BLOCK_N=block_n, GROUPS=groups
     )
     assert torch.equal(out, dequantize_int4(packed, scale, zero, k, group, dtype))
+    grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
     q = torch.randint(-128, 128, (n, k), dtype=torch.int8)
     s = (torch.rand(n) * 10 ** torch.empty(n).uniform_(-6, 0)).to(dtype)
     kernels._int8_dequantize_kernel[grid](q, s, out, n, k, q.stride(0), BLOCK_N=block_n, BLOCK_K=block_k)
     assert torch.equal(out, dequantize_int8(q, s, dtype))
+
+
+@pytest.mark.parametrize("group", [0, 1, 96])
+def test_int4_dequantize_kernel_refuses_groups_its_tile_cannot_take(kernels, group):
+    with pytest.raises(ValueError, match=f"groups of a power of two, 2 or more, not {group}"):
+        kernels.int4_dequantize_groups(group)
