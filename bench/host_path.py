@@ -11,6 +11,7 @@ Needs ``triton`` (its CPU package works: nothing is compiled)::
 
     python bench/host_path.py                      # int8 and int4 (Triton), 2048x2048, one row
     python bench/host_path.py --gated              # also an int8 down projection fed gate|up
+    python bench/host_path.py --prefill 40         # also a 40-row forward: dequantize, then F.linear
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ def stubbed_cuda_path(stack: ExitStack):
                 self.compiled[key] = _triton._Entry(fake, 1, 1, self._tail(meta, args))
             return super().__call__(key, grid, args, constexprs)
 
+    dequantize_kernels = (_triton._int8_dequantize_kernel, _triton._int4_dequantize_kernel)
     for target, name, value in (
         (torch.cuda, "current_device", lambda: None),
         (torch._C, "_cuda_getDevice", lambda: None),
@@ -54,6 +56,7 @@ def stubbed_cuda_path(stack: ExitStack):
         (kernels, "INT4_CUDA_KERNEL", "triton"),  # tinygemm is an aten op: not this path
         (_triton, "_INT8", _triton._INT8._replace(row=KeptLauncher(_triton._int8_row_kernel, pdl=True))),
         (_triton, "_INT4", _triton._INT4._replace(row=KeptLauncher(_triton._int4_row_kernel, pdl=True))),
+        (_triton, "_DEQUANTIZE", _triton._Dequantize(*map(KeptLauncher, dequantize_kernels))),
     ):
         stack.enter_context(mock.patch.object(target, name, value, create=True))
     return _triton
@@ -69,6 +72,9 @@ def main(argv=None) -> int:
     parser.add_argument("--n", type=int, default=2048, help="out_features")
     parser.add_argument("--k", type=int, default=2048, help="in_features")
     parser.add_argument("--gated", action="store_true", help="also time gated_forward (int8 down projection)")
+    parser.add_argument(
+        "--prefill", type=int, default=0, metavar="ROWS", help="also time a prefill forward of ROWS rows (e.g. 40)"
+    )
     parser.add_argument("--number", type=int, default=2000)
     parser.add_argument("--repeat", type=int, default=25)
     parser.add_argument("--out", type=Path, default=None, help="also write the figures as JSON")
@@ -93,6 +99,16 @@ def main(argv=None) -> int:
             down = WeightOnlyLinear.from_linear(linear, bits=8)
             h = torch.randn(1, 1, 2 * args.k, dtype=torch.bfloat16)
             result["int8 gated_forward"] = best_us(lambda: down.gated_forward(h), args.number, args.repeat)
+        if args.prefill:
+            # A prefill's rows: the weight dequantized (launch stubbed), then F.linear on the CPU,
+            # beside nn.Linear's F.linear on the same rows (a small layer, so the matmul is cheap).
+            small = torch.nn.Linear(64, 64, bias=False, dtype=torch.bfloat16)
+            rows = torch.randn(1, args.prefill, 64, dtype=torch.bfloat16)
+            result[f"nn.Linear, {args.prefill} rows"] = best_us(lambda: small(rows), args.number, args.repeat)
+            for bits in (8, 4):
+                module = WeightOnlyLinear.from_linear(small, bits=bits, group_size=32)
+                label = f"int{bits} forward, {args.prefill} rows"
+                result[label] = best_us(lambda m=module: m.forward(rows), args.number, args.repeat)
         result["x.new_empty (for scale)"] = best_us(lambda: x.new_empty(x.shape), args.number, args.repeat)
     for label, us in result.items():
         print(f"{label:28s} {us:6.2f} us")

@@ -508,14 +508,19 @@ def _int8_dequantize_kernel(
     tl.store(out_ptr + rn[:, None] * K + rk[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _dequantize(kernel, inputs: tuple, strides: tuple, shape: tuple, dtype, device, block: tuple, **constexprs):
+def _dequantize(launcher, inputs: tuple, strides: tuple, shape: tuple, dtype, block: tuple, constexprs: dict):
     """Run a dequantize kernel (``inputs..., out, N, K, strides...``) into a new contiguous ``out``,
-    ``block = (rows, columns)`` a program."""
+    ``block = (rows, columns)`` a program; a kept kernel launches straight (see :class:`_Launcher`)."""
     n, k = shape
-    out = torch.empty((n, k), dtype=dtype, device=device)
+    out = torch.empty((n, k), dtype=dtype, device=inputs[0].device)
+    args = (*inputs, out, n, k, *strides)
+    # What the compiled kernel was specialized on: sizes, strides, dtypes, 16-byte alignment.
+    key = (out.device.index, n, k, *strides, dtype, *constexprs.values())
+    key += tuple((t.dtype, t.data_ptr() % 16 == 0) for t in inputs)
+    if key[0] == torch._C._cuda_getDevice() and launcher.run_kept(key, args):
+        return out
     grid = (triton.cdiv(n, block[0]), triton.cdiv(k, block[1]))
-    with torch.cuda.device(device):
-        kernel[grid](*inputs, out, n, k, *strides, **constexprs)
+    _eager(launcher, key, out, lambda meta: grid, args, constexprs)
     return out
 
 
@@ -540,19 +545,17 @@ def dequantize_int4(
     scale, zero = scale.contiguous(), zero.contiguous()
     block_n = DEQUANT_BLOCK[0]
     return _dequantize(
-        _int4_dequantize_kernel, (packed, scale, zero), (packed.stride(0), scale.stride(0)),
-        (packed.shape[0], in_features), dtype, packed.device, (block_n, groups * group_size),
-        GROUP=group_size, BLOCK_N=block_n, GROUPS=groups,
+        _DEQUANTIZE.int4, (packed, scale, zero), (packed.stride(0), scale.stride(0)), (packed.shape[0], in_features),
+        dtype, (block_n, groups * group_size), {"GROUP": group_size, "BLOCK_N": block_n, "GROUPS": groups},
     )  # fmt: skip
 
 
 def dequantize_int8(qweight: torch.Tensor, scale: torch.Tensor, dtype) -> torch.Tensor:
     """:func:`quantcore_torch.packing.dequantize_int8` in one kernel: the same bits."""
-    inputs = (qweight, scale.contiguous())
     block_n, block_k = DEQUANT_BLOCK
     return _dequantize(
-        _int8_dequantize_kernel, inputs, (qweight.stride(0),), qweight.shape, dtype,
-        qweight.device, DEQUANT_BLOCK, BLOCK_N=block_n, BLOCK_K=block_k,
+        _DEQUANTIZE.int8, (qweight, scale.contiguous()), (qweight.stride(0),), qweight.shape, dtype,
+        DEQUANT_BLOCK, {"BLOCK_N": block_n, "BLOCK_K": block_k},
     )  # fmt: skip
 
 
@@ -678,9 +681,15 @@ class _Launcher:
                 self._keep_pdl(key, hit, args)
         return hit.compiled, hit.tail
 
+    @property
+    def jit(self):
+        """The kernel's ``JITFunction`` (an autotuned kernel's ``fn``)."""
+        return self.kernel.fn if isinstance(self.kernel, triton.runtime.Autotuner) else self.kernel
+
     def _keep(self, key: tuple, grid, args: tuple, constexprs: dict, compiled) -> None:
         try:
-            meta = {**constexprs, **self.kernel.best_config.kwargs}
+            tuned = self.kernel.best_config.kwargs if isinstance(self.kernel, triton.runtime.Autotuner) else {}
+            meta = {**constexprs, **tuned}
             tail = self._tail(meta, args)
             grid0, grid1 = grid(meta)
             compiled = _ready(compiled)
@@ -691,18 +700,18 @@ class _Launcher:
 
     def _tail(self, meta: dict, args: tuple) -> tuple:
         """The constexpr arguments after ``args``, in the kernel's parameter order."""
-        return tuple(meta[name] for name in self.kernel.fn.arg_names[len(args) :])
+        return tuple(meta[name] for name in self.jit.arg_names[len(args) :])
 
     def _keep_pdl(self, key: tuple, hit: _Entry, args: tuple) -> None:
         """Compile the kept config of ``key`` again with ``USE_GDC`` and a programmatic launch."""
         variant: tuple | bool = False
         if torch.cuda.get_device_capability(key[0])[0] >= 9:
             try:  # the kept kernel's config: its constexprs (tail) and its compile options
-                names = self.kernel.fn.arg_names[len(args) :]
+                names = self.jit.arg_names[len(args) :]
                 meta = {**dict(zip(names, hit.tail, strict=True)), "USE_GDC": True}
                 kept = hit.compiled.metadata
                 options = {"num_warps": kept.num_warps, "num_stages": kept.num_stages, "launch_pdl": True}
-                compiled = self.kernel.fn.warmup(*args, grid=(hit.grid0, hit.grid1), **meta, **options)
+                compiled = self.jit.warmup(*args, grid=(hit.grid0, hit.grid1), **meta, **options)
                 variant = (_ready(compiled), self._tail(meta, args))
             except Exception:  # this Triton cannot: launch as before
                 variant = False
@@ -743,6 +752,16 @@ _INT4 = _Kernels(
 )
 # The word kernel where the packed rows are 32-bit words of whole groups (_int4_launch checks).
 _INT4_WORDS = _INT4._replace(row=_Launcher(_int4_words_kernel, pdl=True))
+
+
+class _Dequantize(NamedTuple):
+    """The dequantize kernels' launchers (the prefill path)."""
+
+    int8: _Launcher
+    int4: _Launcher
+
+
+_DEQUANTIZE = _Dequantize(_Launcher(_int8_dequantize_kernel), _Launcher(_int4_dequantize_kernel))
 
 
 def _launch(
