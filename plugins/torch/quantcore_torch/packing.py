@@ -121,15 +121,42 @@ def dequantize_int4(
     group_size: int,
     dtype: torch.dtype,
 ) -> torch.Tensor:
-    """The float ``[out, in_features]`` weight that packed int4 codes stand for, in ``dtype``."""
+    """The float ``[out, in_features]`` weight that packed int4 codes stand for, in ``dtype``:
+    ``(q - zero) * scale`` computed in fp32, rounded once to ``dtype``."""
     out_features, groups = scale.shape
-    codes = unpack_int4(packed, in_features)
-    codes = F.pad(codes, (0, groups * group_size - in_features)).reshape(out_features, groups, group_size)
-    # (q - zero) * scale in fp32, rounded once to dtype: one fp32 temporary, changed in place, and
-    # the product written straight into the output (PyTorch computes it in fp32, then casts).
-    w = codes.float()
-    w.sub_(zero.float()[..., None])
-    out = torch.empty(w.shape, dtype=dtype, device=w.device)
-    torch.mul(w, scale.float()[..., None], out=out)
-    out = out.reshape(out_features, -1)
+    out = torch.empty((out_features, groups * group_size), dtype=dtype, device=packed.device)
+    # On the CPU, a block of rows at a time: the fp32 temporaries stay small enough to be reused
+    # from the heap and to stay in cache, where whole-weight ones are fresh pages every call (a
+    # 2048x2048 weight took 12.6 ms whole, against 1.5 ms for its operations on reused memory).
+    step = out_features
+    if packed.device.type == "cpu" and not torch.compiler.is_compiling():
+        step = max(1, _CPU_BLOCK // out.shape[1])
+    for start in range(0, out_features, step):
+        rows = slice(start, start + step)
+        _dequantize_int4_rows(packed[rows], scale[rows], zero[rows], in_features, group_size, out[rows])
     return out if out.shape[1] == in_features else out[:, :in_features].contiguous()
+
+
+# Weights in a block of rows of the CPU's int4 dequantize: 2 MiB of fp32 temporaries (the best of
+# 64 KiB to 4 MiB blocks on a 1.1B Llama's shapes and SmolLM2's on a 2-core x86 box).
+_CPU_BLOCK = 1 << 19
+
+
+def _dequantize_int4_rows(
+    packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, in_features: int, group_size: int, out: torch.Tensor
+) -> None:
+    """:func:`dequantize_int4` of some rows into ``out`` (``[rows, groups * group_size]``, contiguous)."""
+    rows, groups = scale.shape
+    # (q - zero) * scale in fp32, rounded once to dtype: the codes written straight into one fp32
+    # temporary (low nibbles to the even columns, high to the odd), changed in place, and the
+    # product written straight into the output (PyTorch computes it in fp32, then casts). Columns
+    # past in_features (an odd one's high nibble, a short last group) are cut by the caller.
+    pairs = packed.shape[1]
+    w = torch.empty((rows, groups * group_size // 2, 2), dtype=torch.float32, device=packed.device)
+    if pairs < w.shape[1]:
+        w[:, pairs:] = 0
+    w[:, :pairs, 0] = packed & 0x0F
+    w[:, :pairs, 1] = packed >> 4
+    w = w.view(rows, groups, group_size)
+    w.sub_(zero.float()[..., None])
+    torch.mul(w, scale.float()[..., None], out=out.view(rows, groups, group_size))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from quantcore_torch import packing
 from quantcore_torch.packing import (
     dequantize_int4,
     dequantize_int8,
@@ -86,9 +87,14 @@ def test_dequantize_int8_gives_the_fp32_product_rounded_once(dtype):
     assert torch.equal(dequantize_int8(codes, other, dtype), (codes.float() * other[:, None]).to(dtype))
 
 
+@pytest.mark.parametrize("block", [None, 1, 1000], ids=lambda b: f"block{b}")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize(("out_features", "in_features", "group_size"), [(64, 256, 32), (40, 130, 64), (7, 33, 32)])
-def test_dequantize_int4_gives_the_fp32_formula_rounded_once(dtype, out_features, in_features, group_size):
+def test_dequantize_int4_gives_the_fp32_formula_rounded_once(
+    dtype, out_features, in_features, group_size, block, monkeypatch
+):
+    if block is not None:  # the CPU works a block of rows at a time: one row, or a few with a short last block
+        monkeypatch.setattr(packing, "_CPU_BLOCK", block)
     gen = torch.Generator().manual_seed(in_features)
     w = torch.randn(out_features, in_features, generator=gen) * 10 ** torch.empty(out_features, 1).uniform_(-4, 1)
     packed, scale, zero = quantize_int4(w.to(dtype), group_size)
