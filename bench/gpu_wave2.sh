@@ -13,6 +13,7 @@
 #   decode    bench_decode.py (METHODS, MODES, MODEL, BATCH, REPEATS narrow it); eager in rounds
 #   profile   profile_decode.py: a compiled step's kernels (PROFILE_METHODS, MODEL)
 #   eager-profile  profile_eager.py: an eager step's host time, kernel time and Python hot spots
+#             (EAGER_ARGS adds arguments: "--prefill --steps 5" profiles the prompt's prefill)
 #   gptq      GPTQ's time to quantize a 1.1B Llama (bench_gptq.py), beside plain rounding
 #   dequant   the prefill path's dequantize: Triton kernel, packing's ops, the fp32 formula
 # From the repository root, carrying .whl (torchao-0.17.0, built for torch 2.11) and .devsite
@@ -56,7 +57,7 @@ for part in "$@"; do
     profile) timeout ${T_PROFILE:-240} python3 bench/profile_decode.py --model "$model" \
                --method-timeout "${METHOD_TIMEOUT:-0}" --methods "${PROFILE_METHODS:-bf16,int8-torch,int4-torch,int4-ao}" \
                --out "$out/profile_${model}.json" 2>&1 | grep -v -E "FutureWarning|forward_call" ;;
-    eager-profile) timeout ${T_PROFILE:-200} python3 bench/profile_eager.py --model "$model" \
+    eager-profile) timeout ${T_PROFILE:-200} python3 bench/profile_eager.py --model "$model" ${EAGER_ARGS:-} \
                --methods "${PROFILE_METHODS:-bf16,int8-torch,int8-torch+fused,int4-torch,int4-torch+fused}" \
                --out "$out/profile_eager_${model}.json" 2>&1 | grep -v -E "FutureWarning|forward_call" ;;
     dequant) timeout ${T_DEQUANT:-60} python3 bench/bench_dequantize.py --device cuda --out "$out/dequant_cuda.json" ;;

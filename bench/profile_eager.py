@@ -11,6 +11,7 @@ rounds, before anything is profiled.
 Usage::
 
     python bench/profile_eager.py --methods bf16,int8-torch,int8-torch+fused --out eager.json
+    python bench/profile_eager.py --prefill --steps 5 --methods bf16,int8-torch+fused   # the prefill
 """
 
 from __future__ import annotations
@@ -31,8 +32,26 @@ import profile_decode
 import torch
 
 
-def _steps(dec, steps: int, sync: bool) -> float:
-    """Seconds per step over ``steps`` decode steps, after a fresh prefill (the cache counts its length)."""
+def _prefills(dec, steps: int, sync: bool) -> float:
+    """Seconds per prefill over ``steps`` prefills of the prompt, each into an emptied cache."""
+    positions = torch.arange(dec.prompt, device=dec.device)
+    bench_decode.sync(dec.device)
+    t = time.perf_counter()
+    for _ in range(steps):
+        dec.cache.reset()
+        dec._step(dec.ids, positions)
+        if sync:
+            bench_decode.sync(dec.device)
+    host = time.perf_counter() - t
+    bench_decode.sync(dec.device)
+    return host / steps
+
+
+def _steps(dec, steps: int, sync: bool, prefill: bool = False) -> float:
+    """Seconds per step over ``steps`` decode steps, after a fresh prefill (the cache counts its
+    length); ``prefill``: per prefill instead (:func:`_prefills`)."""
+    if prefill:
+        return _prefills(dec, steps, sync)
     dec.cache.reset()
     token = dec._step(dec.ids, torch.arange(dec.prompt, device=dec.device))
     position = torch.tensor([dec.prompt], device=dec.device)
@@ -74,8 +93,8 @@ def time_methods(decoders: dict, args) -> dict[str, dict]:
     with torch.no_grad():
         for _ in range(args.rounds):
             for method, dec in decoders.items():
-                host[method].append(1e3 * _steps(dec, args.steps, sync=False))
-                synced[method].append(1e3 * _steps(dec, args.steps, sync=True))
+                host[method].append(1e3 * _steps(dec, args.steps, sync=False, prefill=args.prefill))
+                synced[method].append(1e3 * _steps(dec, args.steps, sync=True, prefill=args.prefill))
     return {m: dict(method=m, host_ms=min(host[m]), synced_ms=min(synced[m])) for m in decoders}
 
 
@@ -86,7 +105,7 @@ def profile_method(dec, row: dict, args) -> dict:
     with torch.no_grad():
         activities = [torch.profiler.ProfilerActivity.CUDA] if cuda else [torch.profiler.ProfilerActivity.CPU]
         with torch.profiler.profile(activities=activities) as prof:
-            _steps(dec, args.steps, sync=True)
+            _steps(dec, args.steps, sync=True, prefill=args.prefill)
         kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
         events = [e for e in prof.events() if e.device_type == kind]
         row["kernels_per_step"] = len(events) / args.steps
@@ -94,7 +113,7 @@ def profile_method(dec, row: dict, args) -> dict:
         row["kernel_ms"] = total_us / 1e3 / args.steps
         profiler = cProfile.Profile()
         profiler.enable()
-        _steps(dec, args.steps, sync=True)
+        _steps(dec, args.steps, sync=True, prefill=args.prefill)
         profiler.disable()
     row["triton_launchers"] = launcher_state()
     stats = pstats.Stats(profiler)
@@ -120,6 +139,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     profile_decode.step_arguments(parser, steps=20)
     parser.add_argument("--rounds", type=_common.int_at_least(1), default=3, help="timing rounds over the methods")
+    parser.add_argument(
+        "--prefill", action="store_true", help="a step is the prompt's prefill (time to first token), not a token"
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
