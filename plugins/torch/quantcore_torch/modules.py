@@ -35,6 +35,8 @@ grows with its length): these are figures for this shape, not a guarantee for ev
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -44,7 +46,7 @@ from quantcore.layers import QuantizedLinear, linear_recomputing_weight
 from . import kernels
 from .packing import dequantize_int4, dequantize_int8, int4_shapes, quantize_int4, quantize_int8
 
-__all__ = ["KernelLayoutMixin", "WeightOnlyLinear"]
+__all__ = ["KernelLayoutMixin", "WeightOnlyLinear", "WeightOnlyStorage"]
 
 
 class KernelLayoutMixin(nn.Module):
@@ -128,25 +130,13 @@ class KernelLayoutMixin(nn.Module):
         return result
 
 
-class WeightOnlyLinear(KernelLayoutMixin, QuantizedLinear):
-    """``y = x @ W.T + b`` with ``W`` stored in int8 or int4, read by a fused weight-only kernel.
+_S = TypeVar("_S", bound="WeightOnlyStorage")
 
-    The matmul runs in ``compute_dtype`` when set, else in the input's dtype; the output has the
-    input's dtype. Buffers: ``qweight``, ``scale`` and (int4) ``zero``; ``bias`` is a parameter.
-    :mod:`quantcore_torch.kernels` picks the kernel where the tensors live (and dequantize +
-    ``F.linear`` where no kernel fits); an int4 layer also keeps its weight in the layout of the
-    kernel for its device (``kernel_layout``: the CPU kernel's, or tinygemm's on CUDA; about the
-    size of ``qweight``; not saved, not counted in the module's size), rebuilt whenever the module
-    is built, loaded or moved.
 
-    The constructor allocates uninitialised storage (pass ``device="meta"`` for a skeleton to load
-    a state dict into); :meth:`from_linear` quantizes an existing ``nn.Linear``.
-
-    It is an ``nn.Linear`` to other libraries (:class:`quantcore.layers.QuantizedLinear`): ``weight``
-    reads as the dequantized weight, and assigning ``weight.data`` re-quantizes (how PEFT merges
-    a LoRA adapter). When gradients flow, the backward dequantizes again rather than keeping the
-    float weight alive (training adapters on a frozen quantized base).
-    """
+class WeightOnlyStorage(KernelLayoutMixin, QuantizedLinear):
+    """What a :class:`WeightOnlyLinear` stores and how it converts: the int8 / int4 buffers (see the
+    module's table), quantizing a float weight into them and dequantizing them back. The forward
+    through the kernels is :class:`WeightOnlyLinear`'s."""
 
     def __init__(
         self,
@@ -189,8 +179,8 @@ class WeightOnlyLinear(KernelLayoutMixin, QuantizedLinear):
 
     @classmethod
     def from_linear(
-        cls, linear: nn.Linear, *, bits: int, group_size: int = 128, compute_dtype: torch.dtype | None = None
-    ) -> WeightOnlyLinear:
+        cls: type[_S], linear: nn.Linear, *, bits: int, group_size: int = 128, compute_dtype: torch.dtype | None = None
+    ) -> _S:
         """Quantize ``linear``'s weight; its bias is shared, not copied. ``linear`` is not changed.
 
         A ``linear`` on the meta device gives a meta skeleton with the right shapes and dtypes.
@@ -243,6 +233,36 @@ class WeightOnlyLinear(KernelLayoutMixin, QuantizedLinear):
         else:
             self.qweight, self.scale, self.zero = quantize_int4(weight, self.group_size)
         self.refresh_kernel_layout()
+
+    def extra_repr(self) -> str:
+        parts = [f"in_features={self.in_features}", f"out_features={self.out_features}", f"bits={self.bits}"]
+        if self.bits == 4:
+            parts.append(f"group_size={self.group_size}")
+        parts.append(f"bias={self.bias is not None}")
+        if self.compute_dtype is not None:
+            parts.append(f"compute_dtype={self.compute_dtype}")
+        return ", ".join(parts)
+
+
+class WeightOnlyLinear(WeightOnlyStorage):
+    """``y = x @ W.T + b`` with ``W`` stored in int8 or int4, read by a fused weight-only kernel.
+
+    The matmul runs in ``compute_dtype`` when set, else in the input's dtype; the output has the
+    input's dtype. Buffers: ``qweight``, ``scale`` and (int4) ``zero``; ``bias`` is a parameter.
+    :mod:`quantcore_torch.kernels` picks the kernel where the tensors live (and dequantize +
+    ``F.linear`` where no kernel fits); an int4 layer also keeps its weight in the layout of the
+    kernel for its device (``kernel_layout``: the CPU kernel's, or tinygemm's on CUDA; about the
+    size of ``qweight``; not saved, not counted in the module's size), rebuilt whenever the module
+    is built, loaded or moved.
+
+    The constructor allocates uninitialised storage (pass ``device="meta"`` for a skeleton to load
+    a state dict into); :meth:`from_linear` quantizes an existing ``nn.Linear``.
+
+    It is an ``nn.Linear`` to other libraries (:class:`quantcore.layers.QuantizedLinear`): ``weight``
+    reads as the dequantized weight, and assigning ``weight.data`` re-quantizes (how PEFT merges
+    a LoRA adapter). When gradients flow, the backward dequantizes again rather than keeping the
+    float weight alive (training adapters on a frozen quantized base).
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.compute_dtype or x.dtype
@@ -305,15 +325,6 @@ class WeightOnlyLinear(KernelLayoutMixin, QuantizedLinear):
         dtype = self.compute_dtype or x.dtype
         bias = self.bias.to(dtype) if self.bias is not None else None
         return F.linear(x.to(dtype), self._reference_weight(dtype), bias).to(x.dtype)
-
-    def extra_repr(self) -> str:
-        parts = [f"in_features={self.in_features}", f"out_features={self.out_features}", f"bits={self.bits}"]
-        if self.bits == 4:
-            parts.append(f"group_size={self.group_size}")
-        parts.append(f"bias={self.bias is not None}")
-        if self.compute_dtype is not None:
-            parts.append(f"compute_dtype={self.compute_dtype}")
-        return ", ".join(parts)
 
 
 def _refresh_after_load(module: nn.Module, incompatible_keys) -> None:
