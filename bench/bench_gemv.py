@@ -15,7 +15,9 @@ forced; the autotuned choice that
 ``--stack``: the linears of a whole decode step (every layer's q, k, v, o, gate, up, down, each
 with its own weight) through each method's dispatch, in one graph: the linears' share of a step.
 ``--fused``: the shapes ``quantcore_torch.fuse_projections`` runs (q+k+v and gate+up stacked),
-for tuning the kernels on them; bf16's stack keeps transformers' separate projections.
+for tuning the kernels on them; bf16's stack keeps transformers' separate projections. ``--dot``:
+also the several-row ``tl.dot`` kernels on the one row (a 16-row tile, 15 rows masked): whether
+tensor cores beat the one-row kernels' reduction, where the int4 one is bound by its instructions.
 
 Usage::
 
@@ -135,6 +137,25 @@ def forced(kernel, config: tuple, x: torch.Tensor, args: tuple, constexprs: dict
     return call
 
 
+def dot_one_row(launcher, x: torch.Tensor, inputs: tuple, n: int, strides: tuple, constexprs: dict):
+    """The several-rows ``tl.dot`` kernel (autotuned) on one row, its tile 16 rows with 15 masked:
+    tensor cores doing the multiply-adds instead of the one-row kernels' CUDA-core reduction."""
+    import triton
+
+    y = x.new_empty((1, n))
+    args = (*inputs, y, 1, n, x.shape[-1], *strides)
+    key = ("one row on tl.dot", x.device.index, n, x.shape[-1], x.dtype, tuple(t.dtype for t in inputs))
+
+    def grid(meta):
+        return (triton.cdiv(n, meta["BLOCK_N"]), 1)
+
+    def call():
+        launcher(key, grid, args, {**constexprs, "BLOCK_M": 16})
+        return y
+
+    return call
+
+
 def wide_int8_configs() -> list[tuple[int, int, int, int]]:
     """Candidate one-row int8 configs beyond ``INT8_ROW``: ``(BLOCK_N, BLOCK_K, num_warps, num_stages)``
     with 16 to 128 weight bytes a thread a step (one to eight 16-byte loads), pipelined or not."""
@@ -147,9 +168,12 @@ def wide_int8_configs() -> list[tuple[int, int, int, int]]:
     return configs
 
 
-def shape_cases(w: Weights, x: torch.Tensor, formats: set[str], wide: bool = False) -> dict[str, tuple[str, list]]:
+def shape_cases(
+    w: Weights, x: torch.Tensor, formats: set[str], wide: bool = False, dot: bool = False
+) -> dict[str, tuple[str, list]]:
     """name -> (format whose bytes it moves, one call per weight copy). ``wide``: int8 over
-    ``wide_int8_configs()`` instead of ``INT8_ROW``."""
+    ``wide_int8_configs()`` instead of ``INT8_ROW``. ``dot``: also the ``tl.dot`` kernels on the
+    one row (:func:`dot_one_row`)."""
     from quantcore_torch import _triton, kernels
 
     cases: dict[str, tuple[str, list]] = {}
@@ -166,6 +190,14 @@ def shape_cases(w: Weights, x: torch.Tensor, formats: set[str], wide: bool = Fal
                 for q, s in w.int8
             ]
             cases[f"int8 {cfg}"] = ("int8", calls)
+        if dot:
+            cases["int8 tl.dot, one row"] = (
+                "int8",
+                [
+                    dot_one_row(_triton._INT8.dot, x, (x, q, s, s), q.shape[0], (q.stride(0),), {"HAS_BIAS": False})
+                    for q, s in w.int8
+                ],
+            )
     if "int4" in formats:
         cases["int4 tinygemm"] = (
             "int4",
@@ -182,6 +214,13 @@ def shape_cases(w: Weights, x: torch.Tensor, formats: set[str], wide: bool = Fal
             "int4",
             [lambda p=p, s=s, z=z: _triton._int4_launch(x, p, s, z, GROUP, None, words=True) for p, s, z in w.int4],
         )
+        if dot:
+            constexprs = {"GROUP": GROUP, "HAS_BIAS": False}
+            calls = [
+                dot_one_row(_triton._INT4.dot, x, (x, p, s, z, s), p.shape[0], (p.stride(0), s.stride(0)), constexprs)
+                for p, s, z in w.int4
+            ]
+            cases["int4 tl.dot, one row"] = ("int4", calls)
         # The word kernel counts its row stride in 32-bit words.
         for kernel, label, unit in (
             (_triton._int4_row_kernel, "int4", 1),
@@ -221,7 +260,7 @@ def check(cases: dict, w: Weights, x: torch.Tensor) -> dict[str, float]:
 
 
 def run_shapes(
-    model: str, formats: set[str], stream_mib: int, bandwidth: float, fused: bool, wide: bool = False
+    model: str, formats: set[str], stream_mib: int, bandwidth: float, fused: bool, wide: bool = False, dot: bool = False
 ) -> list[dict]:
     rows = []
     for n, k in dict.fromkeys(linears(model, fused)[1]):
@@ -229,7 +268,7 @@ def run_shapes(
         copies = max(4, -(-stream_mib * 2**20 // (bytes_bf16 if "bf16" in formats else n * k)))
         w = Weights(n, k, copies, formats)
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-        cases = shape_cases(w, x, formats, wide)
+        cases = shape_cases(w, x, formats, wide, dot)
         errors = check(cases, w, x)
         row = dict(n=n, k=k, copies=copies, cases={})
         for name, (fmt, calls) in cases.items():
@@ -319,6 +358,9 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--wide-int8", action="store_true", help="sweep int8 over a wider grid of configs, num_stages included"
     )
+    parser.add_argument(
+        "--dot", action="store_true", help="also the tl.dot kernels on the one row (tensor cores, a 16-row tile)"
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     formats = {f.strip() for f in args.formats.split(",") if f.strip()}
@@ -336,7 +378,9 @@ def main(argv=None) -> int:
     report = dict(device=torch.cuda.get_device_name(), bandwidth=bandwidth, model=args.model, fused=args.fused)
     with torch.no_grad():
         if not args.no_shapes:
-            report["shapes"] = run_shapes(args.model, formats, args.stream_mib, bandwidth, args.fused, args.wide_int8)
+            report["shapes"] = run_shapes(
+                args.model, formats, args.stream_mib, bandwidth, args.fused, args.wide_int8, args.dot
+            )
         if args.stack:
             report["stack"] = run_stack(args.model, bandwidth, args.fused)
     if args.out:

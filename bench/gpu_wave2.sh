@@ -8,7 +8,8 @@
 #   gemv      batch-1 kernels on weights streamed from HBM, config by config (the int4 byte and
 #             word kernels side by side), and a step's linears in one graph (bench_gemv.py;
 #             GEMV_ARGS adds arguments, e.g. "--formats int4 --fused", or "--formats int8
-#             --wide-int8" for a wider int8 grid, num_stages included)
+#             --wide-int8" for a wider int8 grid, num_stages included, or "--formats int4 --dot"
+#             for the tl.dot kernels on the one row, tensor cores, beside the one-row kernels)
 #   launch    one layer at a time, back-to-back eager calls: what an eager step pays per layer
 #   decode    bench_decode.py (METHODS, MODES, MODEL, BATCH, REPEATS narrow it); eager in rounds
 #   profile   profile_decode.py: a compiled step's kernels (PROFILE_METHODS, MODEL)
