@@ -441,7 +441,8 @@ def _int4_dot_kernel(
         byte = tl.load(
             w_ptr + rn[:, None] * stride_wn + bb[None, :], mask=n_mask[:, None] & (bb[None, :] < half), other=0
         )
-        codes = tl.interleave(byte & 0x0F, byte >> 4).to(tl.float32)  # [BLOCK_N, BLOCK_K], column 2j first
+        lo, hi = _nibbles_to_float(byte)  # exact, without integer-to-float conversions
+        codes = tl.interleave(lo, hi)  # [BLOCK_N, BLOCK_K], column 2j first
         gg = k0 // GROUP + rg
         s, z = _group_params(s_ptr, z_ptr, rn, gg, stride_sn, n_mask[:, None] & (gg[None, :] < groups))
         codes = tl.reshape(codes, (BLOCK_N, GROUPS_PER_BLOCK, GROUP))
