@@ -9,11 +9,12 @@ format       CPU                                                CUDA (``M`` = ro
 ===========  =================================================  ========================================
 int8         ``torch._weight_int8pack_mm`` (the stored int8     Triton kernel on the stored tensors for
              weight as it is; fp32 / fp16 / bf16;              ``M <= SMALL_BATCH``, fp16 / bf16
-             ``in_features % 64 == 0``)
+             ``in_features % 64 == 0``; ``M <= SMALL_BATCH``)
 int4         ``torch._weight_int4pack_mm_for_cpu`` on a         tinygemm (``torch._weight_int4pack_mm``)
              kernel layout built by :func:`int4_cpu_layout`     on :func:`int4_tinygemm_layout`, bf16,
              (``out_features % 16 == 0``, a kernel group of     ``M <= SMALL_BATCH``; else the Triton
-             32..256 columns dividing ``in_features``)          kernel on the stored tensors (fp16 too)
+             32..256 columns dividing ``in_features``;          kernel on the stored tensors (fp16 too)
+             ``M <= CPU_INT4_ROWS``)
 ===========  =================================================  ========================================
 
 A gated MLP's down projection can also take its activation folded in (:func:`int8_gated_linear`:
@@ -50,6 +51,7 @@ import torch.nn.functional as F
 from .packing import dequantize_int4, dequantize_int8
 
 __all__ = [
+    "CPU_INT4_ROWS",
     "SMALL_BATCH",
     "Int4Layout",
     "dequantized_int4",
@@ -66,8 +68,14 @@ __all__ = [
     "triton_available",
 ]
 
-#: Rows of ``x`` up to which the CUDA kernels run; above it (prefill) one dequantize + cuBLAS wins.
+#: Rows of ``x`` up to which the CUDA kernels (and the CPU int8 kernel) run; above it (prefill) one
+#: dequantize + a float matmul wins.
 SMALL_BATCH = 32
+
+#: Rows of ``x`` up to which the CPU int4 kernel runs: on a 2-core x86 box it beat dequantize +
+#: ``F.linear`` by 5 to 45 % through 64 rows on SmolLM2's and a 1.1B Llama's shapes, and lost from
+#: 96 (docs/benchmarks.md); the CPU int8 kernel's crossover is about 33 rows.
+CPU_INT4_ROWS = 64
 
 #: The kernel the CUDA int4 path uses for bf16 activations: ``"tinygemm"`` (``torch._weight_int4pack_mm``,
 #: a second copy of the packed weight in its layout; measured faster, see docs/benchmarks.md) or
@@ -321,7 +329,7 @@ def int4_weight_only_linear(
         if _TRITON is not None and x.dtype in _HALF and group_size in (16, 32, 64, 128, 256):
             return _TRITON.int4_mm(x, packed, scale, zero, group_size, bias)
     cpu_kernel = layout is not None and layout.kind == "cpu" and layout.scales_and_zeros.dtype == x.dtype
-    if cpu_kernel and x.is_cpu and rows <= SMALL_BATCH:
+    if cpu_kernel and x.is_cpu and rows <= CPU_INT4_ROWS:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
             _flat(x), layout.weight, layout.group_size, layout.scales_and_zeros
         )

@@ -52,6 +52,16 @@ def test_the_cpu_kernels_are_the_ones_that_run():
     layout = module.kernel_layout
     direct = torch.ops.aten._weight_int4pack_mm_for_cpu(x, layout.weight, layout.group_size, layout.scales_and_zeros)
     torch.testing.assert_close(module(x), direct + module.bias, rtol=0, atol=0)
+    # The int4 kernel runs up to CPU_INT4_ROWS rows (it beats dequantize + F.linear there); one
+    # row more takes the dequantize path, bit for bit the reference's.
+    with torch.no_grad():
+        many = torch.randn(kernels.CPU_INT4_ROWS, 576, dtype=torch.bfloat16)
+        direct = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            many, layout.weight, layout.group_size, layout.scales_and_zeros
+        )
+        torch.testing.assert_close(module(many), direct + module.bias, rtol=0, atol=0)
+        more = torch.randn(kernels.CPU_INT4_ROWS + 1, 576, dtype=torch.bfloat16)
+        assert torch.equal(module(more), module.reference_forward(more))
 
 
 def test_compute_dtype_other_than_the_activations():
