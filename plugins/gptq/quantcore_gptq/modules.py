@@ -156,7 +156,7 @@ def gptq_matmul(module: GPTQLinear, x: torch.Tensor) -> torch.Tensor:
     reference path (see the module docstring)."""
     bias = module.bias.to(x.dtype) if module.bias is not None else None
     rows = x.numel() // x.shape[-1] if x.numel() else 0
-    if int4_kernels is not None and module.bits == 4 and 0 < rows <= int4_kernels.SMALL_BATCH:
+    if int4_kernels is not None and module.bits == 4 and 0 < rows <= _kernel_rows(x.device):
         compiling = torch.compiler.is_compiling()
         runtime = _compiled_runtime(module, x.dtype) if compiling else _int4_runtime(module, x.dtype)
         if runtime is not None:
@@ -164,6 +164,13 @@ def gptq_matmul(module: GPTQLinear, x: torch.Tensor) -> torch.Tensor:
                 x, runtime.packed, runtime.scale, runtime.zero, runtime.group_size, bias, runtime.layout
             )
     return F.linear(x, module.dequantized_weight(x.dtype), bias)
+
+
+def _kernel_rows(device: torch.device) -> int:
+    """Rows up to which quantcore-torch's int4 kernels run on ``device`` (its ``SMALL_BATCH`` where
+    an older quantcore-torch has no per-device limit)."""
+    rows = getattr(int4_kernels, "int4_kernel_rows", None)
+    return rows(device) if rows is not None else int4_kernels.SMALL_BATCH
 
 
 def reference_matmul(module: GPTQLinear, x: torch.Tensor) -> torch.Tensor:

@@ -22,10 +22,12 @@ def gptq_layer(desc_act: bool, dtype=torch.float32) -> GPTQLinear:
     return GPTQLinear.from_result(linear.to(dtype), result, bits=4, group_size=64, checkpoint_format="gptq")
 
 
+@pytest.mark.parametrize("rows", [3, kernels.CPU_INT4_ROWS], ids=lambda r: f"rows{r}")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decoding_rows_take_the_fused_kernel_and_match_the_reference(dtype):
+def test_decoding_rows_take_the_fused_kernel_and_match_the_reference(dtype, rows):
+    # On the CPU, as many rows as quantcore-torch's int4 kernel takes there (CPU_INT4_ROWS).
     layer = gptq_layer(desc_act=False, dtype=dtype)
-    x = torch.randn(3, 256, dtype=dtype)
+    x = torch.randn(rows, 256, dtype=dtype)
     y = layer(x)
     runtime = layer.__dict__["_int4"][1]
     assert runtime is not None and runtime.layout is not None and runtime.layout.kind == "cpu"
@@ -38,6 +40,6 @@ def test_act_order_and_many_rows_keep_the_reference_path():
     assert torch.equal(layer(x), reference_matmul(layer, x))
     assert layer.__dict__["_int4"][1] is None  # g_idx out of order: no conversion
     natural = gptq_layer(desc_act=False)
-    many = torch.randn(kernels.SMALL_BATCH + 1, 256)
+    many = torch.randn(kernels.int4_kernel_rows(torch.device("cpu")) + 1, 256)
     assert torch.equal(natural(many), reference_matmul(natural, many))
     assert "_int4" not in natural.__dict__  # nothing converted for a prefill-sized batch

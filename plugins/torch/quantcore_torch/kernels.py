@@ -59,6 +59,7 @@ __all__ = [
     "gated_input",
     "int4_cpu_layout",
     "int4_kernel_group",
+    "int4_kernel_rows",
     "int4_reference_linear",
     "int4_tinygemm_layout",
     "int4_weight_only_linear",
@@ -76,6 +77,13 @@ SMALL_BATCH = 32
 #: ``F.linear`` by 5 to 45 % through 64 rows on SmolLM2's and a 1.1B Llama's shapes, and lost from
 #: 96 (docs/benchmarks.md); the CPU int8 kernel's crossover is about 33 rows.
 CPU_INT4_ROWS = 64
+
+
+def int4_kernel_rows(device: torch.device) -> int:
+    """Rows of ``x`` up to which :func:`int4_weight_only_linear` runs a kernel on ``device`` (above
+    them it dequantizes, then runs ``F.linear``)."""
+    return CPU_INT4_ROWS if device.type == "cpu" else SMALL_BATCH
+
 
 #: The kernel the CUDA int4 path uses for bf16 activations: ``"tinygemm"`` (``torch._weight_int4pack_mm``,
 #: a second copy of the packed weight in its layout; measured faster, see docs/benchmarks.md) or
