@@ -249,3 +249,20 @@ def test_dequantize_kernels_give_the_formulas_bits(kernels, n, k, group, dtype):
 def test_int4_dequantize_kernel_refuses_groups_its_tile_cannot_take(kernels, group):
     with pytest.raises(ValueError, match=f"groups of a power of two, 2 or more, not {group}"):
         kernels.int4_dequantize_groups(group)
+
+
+def test_the_dequantize_wrappers_launch_their_kernels_with_the_right_arguments(kernels, monkeypatch):
+    # dequantize_int8 / dequantize_int4 as eager code calls them (through their launchers), on CPU
+    # tensors: the device queries CUDA would answer are stubbed; the interpreter runs the kernels.
+    monkeypatch.setattr(torch._C, "_cuda_getDevice", lambda: None, raising=False)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: None)
+    torch.manual_seed(0)
+    n, k, group = 37, 200, 64  # ragged rows, columns and last group
+    w = torch.randn(n, k).half()
+    packed, scale, zero = quantize_int4(w, group)
+    out = kernels.dequantize_int4(packed, scale, zero, k, group, torch.float16)
+    assert out.shape == (n, k) and out.is_contiguous()
+    assert torch.equal(out, dequantize_int4(packed, scale, zero, k, group, torch.float16))
+    q = torch.randint(-128, 128, (n, k), dtype=torch.int8)
+    s = torch.rand(n).half()
+    assert torch.equal(kernels.dequantize_int8(q, s, torch.float16), dequantize_int8(q, s, torch.float16))
