@@ -1,12 +1,14 @@
 #!/usr/bin/env python
-"""Fingerprints of the one-row Triton kernels' PTX for a GPU target, compiled offline (no GPU).
+"""Fingerprints of the Triton kernels' PTX for a GPU target, compiled offline (no GPU).
 
 Triton compiles for a target it is told (``--arch 90``: Hopper) with the ``ptxas`` it ships, so a
 change meant to leave a kernel's code alone can be checked on a machine without a GPU: run this
 at two revisions and compare the fingerprints. A fingerprint hashes the kernel's entry body
 without debug lines (``.loc``, comments, the labels that inlined helpers number). Each kernel is
 compiled for a few configs of its table, with ``USE_GDC`` off (the default launch) and on
-(programmatic dependent launch; ``griddepcontrol`` must then appear in the PTX).
+(programmatic dependent launch; ``griddepcontrol`` must then appear in the PTX); the several-row
+``tl.dot`` kernels once each. Each line also counts the kernel's integer-to-float conversion
+instructions (slow: the kernels build their floats from bits instead).
 
 Usage (needs ``triton``; under ``TRITON_INTERPRET`` nothing is compiled)::
 
@@ -35,6 +37,16 @@ def fingerprint(ptx: str) -> str:
     body = re.search(r"^\.visible \.entry.*?^}", ptx, re.S | re.M)
     lines = [line for line in (body.group(0) if body else ptx).splitlines() if not _DEBUG.search(line)]
     return hashlib.sha1("\n".join(lines).encode()).hexdigest()[:12]
+
+
+# Integer-to-float conversions (``cvt.rn.f32.s32``, ``cvt.rn.f16.u16``...): a quarter or an eighth of
+# the rate of other instructions on recent GPUs, which the kernels build floats without.
+_INT_TO_FLOAT = re.compile(r"^\s*cvt\.rn\.(f16|bf16|f32)\.[su]\d+\b", re.M)
+
+
+def int_to_float(ptx: str) -> int:
+    """How many integer-to-float conversion instructions the kernel's PTX holds."""
+    return len(_INT_TO_FLOAT.findall(ptx))
 
 
 def compile_ptx(kernel, signature: dict, constexprs: dict, warps: int, arch: int, pdl: bool | None) -> str:
@@ -80,10 +92,24 @@ def main(argv=None) -> int:
                 label = f"{name} {(block_n, block_k, warps)}" + (" USE_GDC" if pdl else "")
                 result[label] = fingerprint(ptx)
                 gdc = "griddepcontrol" in ptx
-                print(f"{label:44s} {result[label]}  griddepcontrol: {gdc}", flush=True)
+                print(f"{label:44s} {result[label]}  griddepcontrol: {gdc}  int-to-float: {int_to_float(ptx)}")
                 if gdc != bool(pdl):
                     print(f"  unexpected: griddepcontrol {'present' if gdc else 'absent'}", flush=True)
                     return 1
+    # The several-row kernels (tl.dot), one config each; they take no programmatic launch.
+    dots = [
+        ("int8 dot", _triton._int8_dot_kernel, {"HAS_BIAS": False, "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128}),
+        (
+            "int4 dot",
+            _triton._int4_dot_kernel,
+            {"GROUP": 128, "HAS_BIAS": False, "BLOCK_M": 16, "BLOCK_N": 32, "GROUPS_PER_BLOCK": 1},
+        ),
+    ]
+    for name, kernel, constexprs in dots:
+        signature = dict(_I4 if "z_ptr" in kernel.fn.arg_names else _I8, M="i32")
+        ptx = compile_ptx(kernel, signature, constexprs, 4, args.arch, None)
+        result[name] = fingerprint(ptx)
+        print(f"{name:44s} {result[name]}  int-to-float: {int_to_float(ptx)}", flush=True)
     if args.out:
         args.out.write_text(json.dumps(dict(arch=args.arch, fingerprints=result), indent=1))
     return 0
