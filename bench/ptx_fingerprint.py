@@ -52,6 +52,11 @@ def int_to_float(ptx: str) -> int:
 def compile_ptx(kernel, signature: dict, constexprs: dict, warps: int, arch: int, pdl: bool | None) -> str:
     """PTX of ``kernel`` (autotuned: its ``.fn``) with every pointer and int 16-divisible, as Triton
     specializes the sizes of a decode step. ``pdl``: None leaves ``USE_GDC`` out (kernels before it)."""
+    return compile_kernel(kernel, signature, constexprs, warps, arch, pdl)["ptx"]
+
+
+def compile_kernel(kernel, signature: dict, constexprs: dict, warps: int, arch: int, pdl: bool | None) -> dict:
+    """:func:`compile_ptx`'s compilation, every stage's output (``ptx``, ``cubin``...)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -64,7 +69,7 @@ def compile_ptx(kernel, signature: dict, constexprs: dict, warps: int, arch: int
     attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in signature}
     source = ASTSource(fn, full, constexprs=constants, attrs=attrs)
     options = {"num_warps": warps, "num_stages": 1, **({"launch_pdl": True} if pdl else {})}
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options).asm["ptx"]
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options).asm
 
 
 def main(argv=None) -> int:
