@@ -35,10 +35,15 @@ _ADDRESS = re.compile(r"/\*([0-9a-f]{4,})\*/")
 _OPCODE = re.compile(r"\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)")
 
 
-def disassemble(cubin: bytes) -> str:
+def nvdisasm_path() -> Path:
+    """The ``nvdisasm`` Triton ships (3.x wheels put it beside their ``ptxas``)."""
     import triton
 
-    nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+
+
+def disassemble(cubin: bytes) -> str:
+    nvdisasm = nvdisasm_path()
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(cubin)
     try:
@@ -78,6 +83,8 @@ def main(argv=None) -> int:
         from quantcore_torch import _triton
     except ImportError as exc:
         parser.error(f"needs triton (pip install triton): {exc}")
+    if not nvdisasm_path().is_file():
+        parser.error(f"this triton ships no nvdisasm (looked for {nvdisasm_path()})")
     i8, i4 = ptx_fingerprint._I8, ptx_fingerprint._I4
     i8m, i4m = dict(i8, M="i32"), dict(i4, M="i32")
     dot = {"HAS_BIAS": False, "BLOCK_M": 16}
