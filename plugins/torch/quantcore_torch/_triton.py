@@ -518,7 +518,7 @@ def _dequantize(launcher, inputs: tuple, strides: tuple, shape: tuple, dtype, bl
     # What the compiled kernel was specialized on: sizes, strides, dtypes, 16-byte alignment.
     key = (out.device.index, n, k, *strides, dtype, *constexprs.values())
     key += tuple((t.dtype, t.data_ptr() % 16 == 0) for t in inputs)
-    if key[0] == torch._C._cuda_getDevice() and launcher.run_kept(key, args):
+    if launcher.run_kept(key, args):
         return out
     grid = (triton.cdiv(n, block[0]), triton.cdiv(k, block[1]))
     _eager(launcher, key, out, lambda meta: grid, args, constexprs)
@@ -638,12 +638,13 @@ class _Launcher:
         self.pdl = pdl
 
     def run_kept(self, key: tuple, args: tuple) -> bool:
-        """Launch ``key``'s kept kernel on the current device, if there is one and nothing stands
-        in the way (no launch hook; this Triton's launcher as expected): whether it launched.
+        """Launch ``key``'s kept kernel, if there is one, ``key[0]`` (its device) is the current
+        device and nothing stands in the way (no launch hook; this Triton's launcher as expected):
+        whether it launched.
 
         The eager fast path: a kept key costs a dict lookup, the stream and Triton's C launcher."""
         hit = self.compiled.get(key) if self.direct else None
-        if hit is None or not _launch_hooks_unset():
+        if hit is None or key[0] != torch._C._cuda_getDevice() or not _launch_hooks_unset():
             return False
         compiled, tail = self._variant(key, hit, args) if self.pdl_wanted else (hit.compiled, hit.tail)
         stream = torch._C._cuda_getCurrentRawStream(key[0])
@@ -785,7 +786,7 @@ def _launch(
     if m == 1 and not (kernels.row_needs_even_k and k % 2):
         launcher, args = kernels.row, (*inputs, y, n, k, *strides)
         # Kept (every call after a shape's first) and on the current device: launched now.
-        if key[0] == torch._C._cuda_getDevice() and launcher.run_kept((*key, m), args):
+        if launcher.run_kept((*key, m), args):
             return y
         constexprs = {**constexprs, **kernels.row_constexprs}
         if glu:
