@@ -52,6 +52,7 @@ def stubbed_cuda_path(stack: ExitStack):
         (torch._C, "_cuda_getDevice", lambda: None),
         (torch._C, "_cuda_getCurrentRawStream", lambda device: 0),
         (torch.Tensor, "is_cuda", property(lambda self: True)),
+        (torch.Tensor, "is_cpu", property(lambda self: False)),  # no CPU kernel may answer instead
         (kernels, "_TRITON", _triton),
         (kernels, "INT4_CUDA_KERNEL", "triton"),  # tinygemm is an aten op: not this path
         (_triton, "_INT8", _triton._INT8._replace(row=KeptLauncher(_triton._int8_row_kernel, pdl=True))),
