@@ -374,19 +374,22 @@ def best_of(
     repeats: int = 3,
     warmup: int = 0,
     disable_gc: bool = False,
+    collect: bool = True,
 ) -> TimingResult:
     """Time ``fn`` ``repeats`` times and keep every sample (``.best_s`` is the minimum).
 
     If ``setup`` is given it is called (untimed) before every run and its return
     value is passed to ``fn`` -- use it to build a fresh model for each run.
-    ``gc.collect()`` runs (untimed) before each sample; the GC stays enabled
-    during the timed region unless ``disable_gc``.
+    ``gc.collect()`` runs (untimed) before each sample unless ``collect=False`` (for calls
+    of a millisecond or less, where a collection with torch loaded costs far more than the
+    sample); the GC stays enabled during the timed region unless ``disable_gc``.
     """
     times: list[float] = []
     result = None
     for i in range(warmup + repeats):
         arg = setup() if setup is not None else None
-        gc.collect()
+        if collect:
+            gc.collect()
         with timed(disable_gc=disable_gc) as t:
             result = fn(arg) if setup is not None else fn()
         if i >= warmup:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from functools import partial
 from pathlib import Path
 
@@ -24,6 +23,8 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "plugins" / "torch")]
+
+import _common  # noqa: E402
 
 # [out, in]: SmolLM2-135M's gate/up, down and q/o; a 1.1B Llama's o and gate.
 SHAPES = [(1536, 576), (576, 1536), (576, 576), (2048, 2048), (5632, 2048)]
@@ -36,16 +37,6 @@ def dequantized_linear(x: torch.Tensor, dequantize, *weight) -> torch.Tensor:
 
 def int4_cpu_kernel(x: torch.Tensor, layout) -> torch.Tensor:
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x, layout.weight, layout.group_size, layout.scales_and_zeros)
-
-
-def best_ms(call, rounds: int) -> float:
-    call()
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return min(times) * 1e3
 
 
 def main(argv=None) -> int:
@@ -83,7 +74,8 @@ def main(argv=None) -> int:
                     dequantized_linear, x, dequantize_int4, packed, scale, zero, k, group, dtype
                 ),
             }
-            row.update({name: best_ms(call, args.rounds) for name, call in calls.items()})
+            for name, call in calls.items():
+                row[name] = 1e3 * _common.best_of(call, repeats=args.rounds, warmup=1, collect=False).best_s
             results.append(row)
             line += (
                 f"  {rows} rows: int8 {row['int8_kernel_ms']:.2f}/{row['int8_dequantize_ms']:.2f}"

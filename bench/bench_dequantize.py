@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from functools import partial
 from pathlib import Path
 
@@ -29,6 +28,8 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "plugins" / "torch")]
+
+import _common  # noqa: E402
 
 # [out, in] of a 1.1B Llama's (TinyLlama's) linears, q/k/v and gate/up fused as they run decoding.
 SHAPES = [(2560, 2048), (2048, 2048), (11264, 2048), (2048, 5632)]
@@ -46,17 +47,6 @@ def fp32_int4(packed, scale, zero, in_features, group_size, dtype):
     codes = F.pad(codes, (0, groups * group_size - in_features)).reshape(out_features, groups, group_size)
     w = (codes.float() - zero.float()[..., None]) * scale.float()[..., None]
     return w.reshape(out_features, -1)[:, :in_features].to(dtype)
-
-
-def best_ms(call, rounds: int) -> float:
-    """CPU: the best of ``rounds`` single calls."""
-    call()
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return min(times) * 1e3
 
 
 def back_to_back_ms(call, calls: int = 50) -> float:
@@ -141,7 +131,10 @@ def main(argv=None) -> int:
             if args.device == "cuda":
                 rows.append(cuda_row(n, k, fmt, baseline, ours, fast))
                 continue
-            base_ms, ours_ms = best_ms(baseline, args.rounds), best_ms(ours, args.rounds)
+            base_ms, ours_ms = (
+                1e3 * _common.best_of(call, repeats=args.rounds, warmup=1, collect=False).best_s
+                for call in (baseline, ours)
+            )
             rows.append(dict(shape=[n, k], format=fmt, fp32_formula_ms=base_ms, packing_ms=ours_ms))
             ratio = base_ms / ours_ms
             print(f"[{n}x{k}] {fmt}: fp32 formula {base_ms:8.3f} ms, packing {ours_ms:8.3f} ms ({ratio:5.2f}x)")
