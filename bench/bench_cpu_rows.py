@@ -42,7 +42,7 @@ def int4_cpu_kernel(x: torch.Tensor, layout) -> torch.Tensor:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default="16,33,48,64,96", help="comma-separated row counts")
-    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--rounds", type=_common.int_at_least(1), default=15)
     parser.add_argument("--out", type=Path, default=None, help="also write the figures as JSON")
     args = parser.parse_args(argv)
     try:

@@ -102,7 +102,9 @@ def cuda_row(n: int, k: int, fmt: str, baseline, ours, fast) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--rounds", type=int, default=10, help="CPU: single calls timed, the best kept")
+    parser.add_argument(
+        "--rounds", type=_common.int_at_least(1), default=10, help="CPU: single calls timed, the best kept"
+    )
     parser.add_argument("--out", type=Path, default=None, help="also write the figures as JSON")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -80,6 +80,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeat", type=int, default=25)
     parser.add_argument("--out", type=Path, default=None, help="also write the figures as JSON")
     args = parser.parse_args(argv)
+    if args.prefill < 0:
+        parser.error(f"--prefill: a number of rows, 0 (off) or more, got {args.prefill}")
     try:
         import triton  # noqa: F401
     except ImportError as exc:
