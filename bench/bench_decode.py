@@ -29,8 +29,9 @@ that is mostly its linears, where the 1.1B step is half attention, norms and lau
 ``--model smollm2`` (SmolLM2-135M, ``bench/prepare_models.py`` first), ``--model tiny`` (a small
 random Llama, for smoke tests).
 
-A method suffix ``@triton`` or ``@tinygemm`` (``int4-torch@triton``) picks the kernel torch_wo int4
-runs on CUDA (``QUANTCORE_INT4_CUDA_KERNEL``), to compare the two. A suffix ``+fused``
+A method suffix ``@triton``, ``@interleaved`` or ``@tinygemm`` (``int4-torch@interleaved``) picks the
+kernel torch_wo int4 runs on CUDA (``QUANTCORE_INT4_CUDA_KERNEL``, for the quantization and the
+fusion), to compare them. A suffix ``+fused``
 (``int8-torch+fused``, ``int4-torch@triton+fused``) also runs ``quantcore_torch.fuse_projections``
 on the quantized model: q/k/v and gate/up as one kernel call each; ``+glu`` (``int8-torch+glu``)
 does that and runs each MLP's activation inside its int8 down projection's kernel
@@ -145,21 +146,22 @@ def make_variant(base, method: str):
 
     preset, _, kernel = spec.partition("@")
     model = copy.deepcopy(base)
+    # The kernel choice holds through the fusion too: a fused stack builds its own layout.
+    chosen = contextlib.nullcontext()
     if kernel:
         from quantcore_torch import kernels
 
-        with _patched(kernels, "INT4_CUDA_KERNEL", kernel):
-            quantcore.quantize(model, resolve_method(preset), progress=False)
-    else:
+        chosen = _patched(kernels, "INT4_CUDA_KERNEL", kernel)
+    with chosen:
         quantcore.quantize(model, resolve_method(preset), progress=False)
-    if suffixes & {"fused", "glu"}:
-        from quantcore_torch.fusion import fuse_projections
+        if suffixes & {"fused", "glu"}:
+            from quantcore_torch.fusion import fuse_projections
 
-        report = fuse_projections(model, activation="glu" in suffixes)
-        if not report.fused:
-            raise ValueError(f"{method}: no projections were fused ({report})")
-        if "glu" in suffixes and not report.activations:
-            raise ValueError(f"{method}: no MLP runs its activation in the down projection ({report})")
+            report = fuse_projections(model, activation="glu" in suffixes)
+            if not report.fused:
+                raise ValueError(f"{method}: no projections were fused ({report})")
+            if "glu" in suffixes and not report.activations:
+                raise ValueError(f"{method}: no MLP runs its activation in the down projection ({report})")
     return model
 
 

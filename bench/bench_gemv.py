@@ -90,7 +90,7 @@ class Weights:
         from quantcore_torch.packing import quantize_int4, quantize_int8
 
         self.n, self.k = n, k
-        self.bf16, self.int8, self.int4, self.tinygemm = [], [], [], []
+        self.bf16, self.int8, self.int4, self.tinygemm, self.interleaved = [], [], [], [], []
         for _ in range(copies):
             w = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
             if "bf16" in formats:
@@ -101,6 +101,7 @@ class Weights:
                 packed, scale, zero = quantize_int4(w, GROUP)
                 self.int4.append((packed, scale, zero))
                 self.tinygemm.append(kernels.int4_tinygemm_layout(packed, scale, zero, k, GROUP))
+                self.interleaved.append(kernels.int4_interleaved_layout(packed, scale, zero, k, GROUP))
 
     def nbytes(self, fmt: str) -> int:
         """The bytes one call reads in ``fmt`` (the stored tensors of one copy)."""
@@ -206,6 +207,32 @@ def shape_cases(
                 for (p, s, z), t in zip(w.int4, w.tinygemm, strict=True)
             ],
         )
+        cases["int4 interleaved dispatch"] = (
+            "int4",
+            [
+                lambda p=p, s=s, z=z, t=t: kernels.int4_weight_only_linear(x, p, s, z, GROUP, None, t)
+                for (p, s, z), t in zip(w.int4, w.interleaved, strict=True)
+            ],
+        )
+        for cfg in _triton.INT4_INTERLEAVED:
+            if cfg[1] % GROUP:
+                continue
+            calls = [
+                forced(
+                    _triton._int4_interleaved_kernel,
+                    cfg[:3],
+                    x,
+                    (
+                        t.weight,
+                        *t.scales_and_zeros,
+                        t.scales_and_zeros[0],
+                        (t.weight.stride(0), s.stride(0), _triton.INT4_MAGIC),
+                    ),
+                    {"GROUP": GROUP, "HAS_BIAS": False, "PREFETCH": cfg[3]},
+                )
+                for (p, s, z), t in zip(w.int4, w.interleaved, strict=True)
+            ]
+            cases[f"int4 interleaved {cfg}"] = ("int4", calls)
         cases["int4 triton dispatch"] = (
             "int4",
             [lambda p=p, s=s, z=z: _triton.int4_mm(x, p, s, z, GROUP, None) for p, s, z in w.int4],
@@ -260,7 +287,14 @@ def check(cases: dict, w: Weights, x: torch.Tensor) -> dict[str, float]:
 
 
 def run_shapes(
-    model: str, formats: set[str], stream_mib: int, bandwidth: float, fused: bool, wide: bool = False, dot: bool = False
+    model: str,
+    formats: set[str],
+    stream_mib: int,
+    bandwidth: float,
+    fused: bool,
+    wide: bool = False,
+    dot: bool = False,
+    only: list[str] | None = None,
 ) -> list[dict]:
     rows = []
     for n, k in dict.fromkeys(linears(model, fused)[1]):
@@ -269,6 +303,8 @@ def run_shapes(
         w = Weights(n, k, copies, formats)
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
         cases = shape_cases(w, x, formats, wide, dot)
+        if only:
+            cases = {name: case for name, case in cases.items() if any(word in name for word in only)}
         errors = check(cases, w, x)
         row = dict(n=n, k=k, copies=copies, cases={})
         for name, (fmt, calls) in cases.items():
@@ -294,7 +330,7 @@ def run_stack(model: str, bandwidth: float, fused: bool) -> dict:
     from quantcore_torch.packing import quantize_int4, quantize_int8
 
     result = {}
-    for method in ("bf16", "int8", "int4-triton", "int4-triton-words", "int4-tinygemm"):
+    for method in ("bf16", "int8", "int4-triton", "int4-triton-words", "int4-tinygemm", "int4-interleaved"):
         layers, shapes = linears(model, fused and method != "bf16")
         calls, nbytes = [], 0
         xs = {k: torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for _, k in shapes}
@@ -311,7 +347,11 @@ def run_stack(model: str, bandwidth: float, fused: bool) -> dict:
                     nbytes += tensor_bytes(q, s)
                 else:
                     p, s, z = quantize_int4(w, GROUP)
-                    layout = kernels.int4_tinygemm_layout(p, s, z, k, GROUP) if method == "int4-tinygemm" else None
+                    layout = None
+                    if method == "int4-tinygemm":
+                        layout = kernels.int4_tinygemm_layout(p, s, z, k, GROUP)
+                    elif method == "int4-interleaved":
+                        layout = kernels.int4_interleaved_layout(p, s, z, k, GROUP)
                     if method == "int4-triton-words":
                         calls.append(
                             lambda x=x, p=p, s=s, z=z: kernels._TRITON._int4_launch(x, p, s, z, GROUP, None, words=True)
@@ -361,6 +401,12 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--dot", action="store_true", help="also the tl.dot kernels on the one row (tensor cores, a 16-row tile)"
     )
+    parser.add_argument(
+        "--only",
+        default="",
+        help="time only the per-shape cases whose name holds one of these comma-separated words "
+        "(e.g. 'tinygemm,interleaved'); the check runs on them alone too",
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     formats = {f.strip() for f in args.formats.split(",") if f.strip()}
@@ -378,8 +424,9 @@ def main(argv=None) -> int:
     report = dict(device=torch.cuda.get_device_name(), bandwidth=bandwidth, model=args.model, fused=args.fused)
     with torch.no_grad():
         if not args.no_shapes:
+            only = [word.strip() for word in args.only.split(",") if word.strip()]
             report["shapes"] = run_shapes(
-                args.model, formats, args.stream_mib, bandwidth, args.fused, args.wide_int8, args.dot
+                args.model, formats, args.stream_mib, bandwidth, args.fused, args.wide_int8, args.dot, only
             )
         if args.stack:
             report["stack"] = run_stack(args.model, bandwidth, args.fused)

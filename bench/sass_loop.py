@@ -87,8 +87,10 @@ def main(argv=None) -> int:
         parser.error(f"this triton ships no nvdisasm (looked for {nvdisasm_path()})")
     i8, i4 = ptx_fingerprint._I8, ptx_fingerprint._I4
     i8m, i4m = dict(i8, M="i32"), dict(i4, M="i32")
+    i4i = dict(i4, w_ptr="*i32", magic="i32")
     dot = {"HAS_BIAS": False, "BLOCK_M": 16}
     t = _triton
+    il = t._int4_interleaved_kernel
     # (label, kernel, signature, constexprs, warps, weight bytes a program streams a loop step)
     cases = [
         ("int8 row (2, 1024, 2)", t._int8_row_kernel, i8, {"BLOCK_N": 2, "BLOCK_K": 1024}, 2, 2 * 1024),
@@ -97,6 +99,9 @@ def main(argv=None) -> int:
         ("int4 row (8, 1024, 4)", t._int4_row_kernel, i4, {"BLOCK_N": 8, "BLOCK_K": 1024}, 4, 8 * 512),
         ("int4 words (2, 1024, 2)", t._int4_words_kernel, i4, {"BLOCK_N": 2, "BLOCK_K": 1024}, 2, 2 * 512),
         ("int4 words (8, 1024, 4)", t._int4_words_kernel, i4, {"BLOCK_N": 8, "BLOCK_K": 1024}, 4, 8 * 512),
+        ("int4 interleaved (4, 1024, 1)", il, i4i, {"BLOCK_N": 4, "BLOCK_K": 1024}, 1, 4 * 512),
+        ("int4 interleaved (4, 4096, 4)", il, i4i, {"BLOCK_N": 4, "BLOCK_K": 4096}, 4, 4 * 2048),
+        ("int4 interleaved (8, 1024, 4)", il, i4i, {"BLOCK_N": 8, "BLOCK_K": 1024}, 4, 8 * 512),
         ("int8 dot (32, 128, 4)", t._int8_dot_kernel, i8m, {**dot, "BLOCK_N": 32, "BLOCK_K": 128}, 4, 32 * 128),
         ("int4 dot (32, 1, 4)", t._int4_dot_kernel, i4m, {**dot, "BLOCK_N": 32, "GROUPS_PER_BLOCK": 1}, 4, 32 * 64),
     ]  # fmt: skip

@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["dequantize_int4", "dequantize_int8", "int4_mm", "int8_glu_mm", "int8_mm"]
+__all__ = ["dequantize_int4", "dequantize_int8", "int4_interleaved_mm", "int4_mm", "int8_glu_mm", "int8_mm"]
 
 
 # One row (batch-1 decode) is a reduction: each program owns BLOCK_N output rows and streams their
@@ -211,10 +211,10 @@ def _int8_row_kernel(
     _store_row(out, b_ptr, y_ptr, rn, n_mask, HAS_BIAS)
 
 
-def _int4_row_autotune():
-    """The autotuner of the int4 one-row kernels (byte and word): one config table, whole groups."""
+def _int4_row_autotune(table: list | None = None):
+    """The autotuner of the int4 one-row kernels (``INT4_ROW`` unless ``table``), whole groups a tile."""
     return triton.autotune(
-        configs=_configs(INT4_ROW, "BLOCK_K"),
+        configs=_configs(INT4_ROW if table is None else table, "BLOCK_K"),
         key=["N", "K", "GROUP"],
         prune_configs_by={"early_config_prune": _prune_groups},
     )
@@ -367,6 +367,166 @@ def _int4_words_kernel(
     if USE_GDC:
         tl.extra.cuda.gdc_launch_dependents()
     _store_row(tl.sum(tl.sum(acc, axis=2), axis=1), b_ptr, y_ptr, rn, n_mask, HAS_BIAS)
+
+
+# The interleaved int4 layout (see :func:`_int4_interleaved_kernel`): (BLOCK_N, BLOCK_K, num_warps,
+# PREFETCH), BLOCK_K a whole number of groups; PREFETCH loads the next weight tile before the
+# current one's arithmetic. Fewest instructions a weight byte offline (bench/sass_loop.py, sm_90)
+# at (16, 1024, 4) and (8, 2048, 4); the small tiles give a small N enough programs.
+INT4_INTERLEAVED = [
+    # warps spread along K (BLOCK_K = 1024 columns a warp): a thread holds every row of the tile,
+    # so the input it loads serves BLOCK_N rows (no shared-memory shuffle either)
+    (2, 1024, 1, False),
+    (4, 1024, 1, False),
+    (8, 1024, 1, False),
+    (4, 2048, 2, False),
+    (8, 2048, 2, False),
+    (2, 4096, 4, False),
+    (4, 4096, 4, False),
+    (8, 4096, 4, False),
+    (4, 1024, 1, True),
+    (4, 4096, 4, True),
+    # warps spread along N
+    (4, 1024, 4, False),
+    (4, 2048, 4, False),
+    (8, 1024, 4, False),
+    (8, 2048, 8, False),
+    (16, 512, 4, False),
+    (32, 512, 4, False),
+    (8, 1024, 4, True),
+    (16, 512, 4, True),
+]
+# The bits of 2.0**23, an argument of the interleaved kernel: a constant would make ``(w & m) | c``
+# two logic instructions (ptxas takes one immediate a LOP3); a value known only at run time sits in
+# a register and the pair becomes one LOP3.
+INT4_MAGIC = 0x4B000000
+
+
+@triton.jit
+def _offset_nibble(magic, word, SHIFT: tl.constexpr):
+    """The code in bits ``SHIFT .. SHIFT+3`` of ``word`` masked in place into the mantissa of
+    ``2**(23 - SHIFT)`` (``magic``'s exponent less ``SHIFT``): the float ``2**(23 - SHIFT) + code``,
+    exactly, its offset left for the caller to take off a sum (one LOP3 a code, no add)."""
+    return ((word & (0xF << SHIFT)) | (magic - (SHIFT << 23))).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _pair_to_float(pair, BF16: tl.constexpr):
+    """The two fp16 / bf16 values of a 32-bit word (the even column in the low half) as fp32."""
+    if BF16:  # a bf16 is the top half of an fp32
+        return (pair << 16).to(tl.float32, bitcast=True), (pair & -65536).to(tl.float32, bitcast=True)
+    else:
+        lo = pair.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        return lo, (pair >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+def _interleaved_configs() -> list[triton.Config]:
+    configs = [
+        triton.Config({"BLOCK_N": n, "BLOCK_K": k, "PREFETCH": prefetch}, num_warps=warps, num_stages=1)
+        for n, k, warps, prefetch in INT4_INTERLEAVED
+    ]
+    return configs[:1] if os.environ.get("TRITON_INTERPRET") == "1" else configs
+
+
+@triton.autotune(
+    configs=_interleaved_configs(),
+    key=["N", "K", "GROUP"],
+    prune_configs_by={"early_config_prune": _prune_groups},
+)
+@triton.jit
+def _int4_interleaved_kernel(
+    x_ptr,
+    w_ptr,
+    s_ptr,
+    z_ptr,
+    b_ptr,
+    y_ptr,
+    N,
+    K,
+    stride_wn,
+    stride_sn,
+    magic,
+    GROUP: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PREFETCH: tl.constexpr = False,
+    USE_GDC: tl.constexpr = False,
+):
+    """The int4 one-row kernel on the interleaved layout (``kernels.interleave_int4``): ``K`` a
+    multiple of ``GROUP`` (a power of two, 8 or more), ``x`` 4-byte aligned, ``stride_wn`` in words.
+
+    Word ``j`` of a row's group ``g`` holds, in its byte ``i``, the columns
+    ``g * GROUP + i * GROUP // 4 + 2j`` (low nibble) and ``+ 1`` (high nibble): the input pairs a
+    tile's words need are four contiguous runs, each loaded like the words themselves, so the
+    input lands in the registers of the threads that use it, shared by the rows a thread holds
+    (where the warps split K, every row of the tile; no shared-memory shuffle then either). Every code is masked in place (after a byte rotation) at bit 12 or
+    16 of a float's mantissa: ``2**11 + q`` or ``2**7 + q`` with one LOP3, the offsets taken off
+    once a word and row with the zero point, where the sum starts: ``s * (-(z * sum_i x_i +
+    sum_i M_i x_i) + sum_i (M_i + q_i) x_i)``. A weight costs a LOP3 and a multiply-add. The
+    offsets cost precision: the sums carry 1e-5 to 4e-5 of their size in fp32 rounding, well below
+    the rounding of the reference path's fp16 / bf16 weight.
+    """
+    GROUPS: tl.constexpr = BLOCK_K // GROUP
+    WPG: tl.constexpr = GROUP // 8  # words a group, a row
+    BF16: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = rn < N
+    rg = tl.arange(0, GROUPS)
+    rj = tl.arange(0, WPG)
+    words = K // 8
+    groups = K // GROUP
+    w32 = w_ptr.to(tl.pointer_type(tl.uint32))
+    pairs = x_ptr.to(tl.pointer_type(tl.int32))
+    row = rn[None, :, None] * stride_wn
+    acc = tl.zeros((GROUPS, BLOCK_N, WPG), dtype=tl.float32)
+    first = rg[:, None] * WPG + rj[None, :]  # [GROUPS, WPG]: word index in a row, the first tile
+    if PREFETCH:
+        word = tl.load(w32 + row + first[:, None, :], mask=n_mask[None, :, None] & (first < words)[:, None, :], other=0)
+    for k0 in range(0, K, BLOCK_K):
+        g = k0 // GROUP + rg
+        col = first + k0 // 8
+        col_mask = col < words
+        if PREFETCH:  # the next tile's loads in flight during this one's arithmetic
+            ahead = col + BLOCK_K // 8
+            upcoming = tl.load(
+                w32 + row + ahead[:, None, :], mask=n_mask[None, :, None] & (ahead < words)[:, None, :], other=0
+            )
+        else:
+            word = tl.load(w32 + row + col[:, None, :], mask=n_mask[None, :, None] & col_mask[:, None, :], other=0)
+        if USE_GDC:  # noqa: SIM102 - programmatic launch: the first weight tile loads before the wait
+            if k0 == 0:
+                tl.extra.cuda.gdc_wait()
+        pair = pairs + g[:, None] * (GROUP // 2) + rj[None, :]  # byte i's pair: + i * WPG
+        x0, x1 = _pair_to_float(tl.load(pair, mask=col_mask, other=0), BF16)
+        x2, x3 = _pair_to_float(tl.load(pair + WPG, mask=col_mask, other=0), BF16)
+        x4, x5 = _pair_to_float(tl.load(pair + 2 * WPG, mask=col_mask, other=0), BF16)
+        x6, x7 = _pair_to_float(tl.load(pair + 3 * WPG, mask=col_mask, other=0), BF16)
+        even = (x0 + x2) + (x4 + x6)  # codes at bit 16: offset 2**7
+        odd = (x1 + x3) + (x5 + x7)  # codes at bit 12: offset 2**11
+        params = rn[None, :] * stride_sn + g[:, None]
+        params_mask = n_mask[None, :] & (g < groups)[:, None]
+        s = tl.load(s_ptr + params, mask=params_mask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + params, mask=params_mask, other=0.0).to(tl.float32)
+        # The sum starts at -(z * sum_i x_i + sum_i M_i x_i): no subtraction after it.
+        t = z[:, :, None] * (-(even + odd))[:, None, :] - (odd * 2048.0 + even * 128.0)[:, None, :]
+        left8 = (word << 8) | (word >> 24)
+        right8 = (word >> 8) | (word << 24)
+        half = (word >> 16) | (word << 16)
+        t += _offset_nibble(magic, word, 12) * x3[:, None, :]
+        t += _offset_nibble(magic, word, 16) * x4[:, None, :]
+        t += _offset_nibble(magic, left8, 12) * x1[:, None, :]
+        t += _offset_nibble(magic, left8, 16) * x2[:, None, :]
+        t += _offset_nibble(magic, right8, 12) * x5[:, None, :]
+        t += _offset_nibble(magic, right8, 16) * x6[:, None, :]
+        t += _offset_nibble(magic, half, 12) * x7[:, None, :]
+        t += _offset_nibble(magic, half, 16) * x0[:, None, :]
+        acc += s[:, :, None] * t
+        if PREFETCH:
+            word = upcoming
+    if USE_GDC:
+        tl.extra.cuda.gdc_launch_dependents()
+    _store_row(tl.sum(tl.sum(acc, axis=2), axis=0), b_ptr, y_ptr, rn, n_mask, HAS_BIAS)
 
 
 @triton.autotune(configs=_configs(_INT8_DOT, "BLOCK_K", stages=3), key=["M", "N", "K"])
@@ -845,6 +1005,25 @@ def _int4_launch(x, packed, scale, zero, group_size: int, bias, words: bool | No
     return _launch(kernels, x, inputs, packed.shape[0], (row_stride, scale.stride(0)), key, constexprs)
 
 
+_INT4_INTERLEAVED = _Launcher(_int4_interleaved_kernel, pdl=True)
+
+
+def _int4_interleaved_launch(x, words, scale, zero, group_size: int, bias):
+    """One row ``x [..., K]`` (contiguous) through :func:`_int4_interleaved_kernel`."""
+    if x.data_ptr() % 4:  # the kernel reads the input as 32-bit pairs
+        x = x.clone()
+    n, k = words.shape[0], x.shape[-1]
+    y = x.new_empty((*x.shape[:-1], n))
+    args = (x, words, scale, zero, scale if bias is None else bias, y, n, k, words.stride(0), scale.stride(0))
+    args += (INT4_MAGIC,)
+    key = (*_key(x, words, scale, bias), zero.dtype, zero.data_ptr() % 16 == 0, group_size, "interleaved")
+    if _INT4_INTERLEAVED.run_kept(key, args):
+        return y
+    constexprs = {"GROUP": group_size, "HAS_BIAS": bias is not None, "USE_GDC": False}
+    _eager(_INT4_INTERLEAVED, key, x, lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), 1), args, constexprs)
+    return y
+
+
 def _key(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> tuple:
     """What a compiled kernel was specialized on (with ``M``): sizes, dtypes, the pointers' 16-byte alignment."""
     aligned = (x.data_ptr() % 16 == 0, weight.data_ptr() % 16 == 0, scale.data_ptr() % 16 == 0)
@@ -901,6 +1080,23 @@ def _(x, packed, scale, zero, group_size, bias):
     return x.new_empty((*x.shape[:-1], packed.shape[0]))
 
 
+@torch.library.custom_op("quantcore_torch::int4_interleaved_mm", mutates_args=())
+def _int4_interleaved_mm_op(
+    x: torch.Tensor,
+    words: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    group_size: int,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    return _int4_interleaved_launch(x.contiguous(), words, scale, zero, group_size, bias)
+
+
+@_int4_interleaved_mm_op.register_fake
+def _(x, words, scale, zero, group_size, bias):
+    return x.new_empty((*x.shape[:-1], words.shape[0]))
+
+
 def int8_mm(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``x [..., K] @ (qweight [N, K] * scale[:, None]).T + bias``, in ``x.dtype`` (fp16 / bf16).
 
@@ -938,3 +1134,19 @@ def int4_mm(
     if not zero.is_contiguous():
         zero = zero.contiguous()
     return _int4_launch(x if x.is_contiguous() else x.contiguous(), packed, scale, zero, group_size, bias)
+
+
+def int4_interleaved_mm(
+    x: torch.Tensor,
+    words: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    group_size: int,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """One row ``x [..., K]`` (``K`` a multiple of ``group_size``) times an int4 weight in the
+    interleaved layout (``words``: :func:`quantcore_torch.kernels.interleave_int4`; ``scale`` and
+    ``zero`` contiguous, as stored), in ``x.dtype`` (fp16 / bf16)."""
+    if torch.compiler.is_compiling():
+        return _int4_interleaved_mm_op(x, words, scale, zero, group_size, bias)
+    return _int4_interleaved_launch(x if x.is_contiguous() else x.contiguous(), words, scale, zero, group_size, bias)

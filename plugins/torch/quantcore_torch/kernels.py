@@ -52,12 +52,14 @@ from .packing import dequantize_int4, dequantize_int8
 
 __all__ = [
     "CPU_INT4_ROWS",
+    "INTERLEAVED_GROUPS",
     "SMALL_BATCH",
     "Int4Layout",
     "dequantized_int4",
     "dequantized_int8",
     "gated_input",
     "int4_cpu_layout",
+    "int4_interleaved_layout",
     "int4_kernel_group",
     "int4_kernel_rows",
     "int4_reference_linear",
@@ -66,6 +68,7 @@ __all__ = [
     "int8_gated_linear",
     "int8_reference_linear",
     "int8_weight_only_linear",
+    "interleave_int4",
     "triton_available",
 ]
 
@@ -85,9 +88,10 @@ def int4_kernel_rows(device: torch.device) -> int:
     return CPU_INT4_ROWS if device.type == "cpu" else SMALL_BATCH
 
 
-#: The kernel the CUDA int4 path uses for bf16 activations: ``"tinygemm"`` (``torch._weight_int4pack_mm``,
-#: a second copy of the packed weight in its layout; measured faster, see docs/benchmarks.md) or
-#: ``"triton"`` (reads the stored tensors, no extra memory). fp16 always takes the Triton kernel.
+#: The kernel the CUDA int4 path uses: ``"tinygemm"`` (``torch._weight_int4pack_mm``, bf16 only, a
+#: second copy of the packed weight in its layout; fp16 takes the Triton kernels), ``"interleaved"``
+#: (one row through the Triton kernel on :func:`interleave_int4`'s layout, a second copy too; fp16 and
+#: bf16; more rows read the stored tensors) or ``"triton"`` (the stored tensors only, no extra memory).
 INT4_CUDA_KERNEL = os.environ.get("QUANTCORE_INT4_CUDA_KERNEL", "tinygemm")
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -116,7 +120,7 @@ def triton_available() -> bool:
 
 
 class Int4Layout(NamedTuple):
-    """An int4 weight in a kernel's layout: ``kind`` is ``"cpu"`` or ``"tinygemm"``."""
+    """An int4 weight in a kernel's layout: ``kind`` is ``"cpu"``, ``"tinygemm"`` or ``"interleaved"``."""
 
     kind: str
     weight: torch.Tensor
@@ -303,6 +307,59 @@ def int4_tinygemm_layout(
     return Int4Layout("tinygemm", weight, sz, kernel_group)
 
 
+#: Group sizes the interleaved layout takes (its kernel tiles whole groups of 32-bit words).
+INTERLEAVED_GROUPS = (32, 64, 128, 256)
+
+
+def interleave_int4(packed: torch.Tensor, in_features: int, group_size: int) -> torch.Tensor:
+    """Packed int4 codes (:mod:`~quantcore_torch.packing`'s layout) as the one-row Triton kernel's
+    interleaved layout: ``int32 [out_features, in_features // 8]`` (any device).
+
+    Word ``j`` of a row's group ``g`` holds, in its byte ``i``, the codes of columns
+    ``g * group_size + i * group_size // 4 + 2j`` (low nibble) and ``+ 1`` (high nibble), so that
+    the kernel reads the inputs of a word's bytes as four contiguous runs (see
+    ``_triton._int4_interleaved_kernel``). ``in_features`` must be a multiple of ``group_size``,
+    itself a multiple of 8.
+    """
+    if group_size % 8 or in_features % group_size:
+        raise ValueError(
+            f"the interleaved layout needs whole groups of a multiple of 8 columns, got in_features="
+            f"{in_features}, group_size={group_size}"
+        )
+    n = packed.shape[0]
+    codes = torch.stack((packed & 0x0F, packed >> 4), dim=-1).flatten(-2)[:, :in_features].to(torch.int32)
+    # [rows, group, byte i, word j, nibble h] -> [rows, group, word j, byte i, nibble h]
+    codes = codes.view(n, in_features // group_size, 4, group_size // 8, 2).permute(0, 1, 3, 2, 4)
+    codes = codes.reshape(n, in_features // 8, 8)
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=packed.device)
+    return _or_fields(codes << shifts)  # the top nibble lands in the sign bit, as a uint32's would
+
+
+def _or_fields(fields: torch.Tensor) -> torch.Tensor:
+    """The bitwise or of ``fields [..., 8]`` (disjoint bit fields of int32 words) along the last dimension."""
+    word = fields[..., 0]
+    for i in range(1, fields.shape[-1]):
+        word = word | fields[..., i]
+    return word.contiguous()
+
+
+def int4_interleaved_layout(
+    packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, in_features: int, group_size: int
+) -> Int4Layout | None:
+    """The layout of the one-row Triton kernel on interleaved words (CUDA, fp16 / bf16
+    activations); ``None`` if it can't: the kernel needs whole groups of a size in
+    :data:`INTERLEAVED_GROUPS` and Triton.
+
+    ``scales_and_zeros`` is ``[2, out_features, groups]``: the stored scales and zero points
+    (``w = (q - zero) * scale`` as stored, no conversion).
+    """
+    if _TRITON is None or not packed.is_cuda or group_size not in INTERLEAVED_GROUPS or in_features % group_size:
+        return None
+    words = interleave_int4(packed, in_features, group_size)
+    sz = torch.stack((scale, zero.to(scale.dtype)))
+    return Int4Layout("interleaved", words, sz, group_size)
+
+
 def int4_weight_only_linear(
     x: torch.Tensor,
     packed: torch.Tensor,
@@ -320,8 +377,9 @@ def int4_weight_only_linear(
     :param zero: zero points of the same shape, as floats (codes that stand for 0.0; may be fractional).
     :param group_size: input columns per scale and zero point (the last group may be shorter).
     :param bias: ``[out_features]`` or ``None``.
-    :param layout: a kernel layout from :func:`int4_cpu_layout` / :func:`int4_tinygemm_layout` of
-        the same weight, or ``None``. The CUDA Triton kernel needs none.
+    :param layout: a kernel layout from :func:`int4_cpu_layout` / :func:`int4_tinygemm_layout` /
+        :func:`int4_interleaved_layout` of the same weight, or ``None``. The CUDA Triton kernels on
+        the stored tensors need none.
     """
     k = x.shape[-1]
     rows = x.numel() // k if k else 0
@@ -333,6 +391,9 @@ def int4_weight_only_linear(
             )
             y = _add_bias(y, bias)
             return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
+        if layout is not None and layout.kind == "interleaved" and rows == 1 and x.dtype in _HALF:
+            s, z = layout.scales_and_zeros
+            return _TRITON.int4_interleaved_mm(x, layout.weight, s, z, layout.group_size, bias)
         # The Triton kernel tiles K by whole groups: a power of two from 16 to 256 columns.
         if _TRITON is not None and x.dtype in _HALF and group_size in (16, 32, 64, 128, 256):
             return _TRITON.int4_mm(x, packed, scale, zero, group_size, bias)

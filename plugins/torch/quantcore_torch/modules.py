@@ -85,8 +85,9 @@ class KernelLayoutMixin(nn.Module):
         """Rebuild :attr:`kernel_layout` from the stored weight (after changing the buffers by hand).
 
         Only int4 needs one: on the CPU for ``torch._weight_int4pack_mm_for_cpu``, on CUDA for
-        tinygemm (unless ``QUANTCORE_INT4_CUDA_KERNEL=triton``); the int8 kernels and the Triton
-        kernels read the stored tensors. Nothing is built on the meta device or for shapes no
+        tinygemm or the interleaved Triton kernel (``kernels.INT4_CUDA_KERNEL``, set by
+        ``QUANTCORE_INT4_CUDA_KERNEL``); the int8 kernels and the other Triton kernels read the
+        stored tensors. Nothing is built on the meta device or for shapes no
         kernel takes.
         """
         self.kernel_layout = None
@@ -104,11 +105,17 @@ class KernelLayoutMixin(nn.Module):
             self.kernel_layout = kernels.int4_cpu_layout(
                 self.qweight, self.scale, self.zero, self.in_features, self.group_size, dtype
             )
-        elif self.qweight.is_cuda and kernels.INT4_CUDA_KERNEL == "tinygemm" and dtype == torch.bfloat16:
-            # tinygemm takes bf16 activations only; other dtypes use the Triton kernel, which needs no layout.
-            self.kernel_layout = kernels.int4_tinygemm_layout(
-                self.qweight, self.scale, self.zero, self.in_features, self.group_size
-            )
+        elif self.qweight.is_cuda:
+            choice = kernels.INT4_CUDA_KERNEL
+            if choice == "tinygemm" and dtype == torch.bfloat16:
+                # tinygemm takes bf16 activations only; fp16 uses the Triton kernels, which need no layout.
+                self.kernel_layout = kernels.int4_tinygemm_layout(
+                    self.qweight, self.scale, self.zero, self.in_features, self.group_size
+                )
+            elif choice == "interleaved" and dtype in (torch.float16, torch.bfloat16):
+                self.kernel_layout = kernels.int4_interleaved_layout(
+                    self.qweight, self.scale, self.zero, self.in_features, self.group_size
+                )
             if self.kernel_layout is not None:
                 # CUDA graphs would copy a plain tensor input at every replay; this one never changes.
                 torch._dynamo.mark_static_address(self.kernel_layout.weight)

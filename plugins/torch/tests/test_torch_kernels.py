@@ -43,6 +43,28 @@ def test_every_path_matches_the_reference(n, k, bits, group_size, dtype, rows, d
     assert relative_error(out, ref) < ROUNDING[dtype]
 
 
+@pytest.mark.parametrize(("k", "group"), [(256, 32), (512, 128), (768, 256)], ids=str)
+def test_interleave_int4_puts_each_code_where_the_kernel_reads_it(k, group):
+    # Word j of group g, byte i: columns g * group + i * group // 4 + 2j (low nibble) and + 1 (high).
+    from quantcore_torch.packing import pack_int4, unpack_int4
+
+    n = 3
+    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8)
+    words = kernels.interleave_int4(pack_int4(codes), k, group)
+    assert words.dtype == torch.int32 and words.shape == (n, k // 8) and words.is_contiguous()
+    per_group = group // 8
+    for g in range(k // group):
+        for j in range(per_group):
+            word = words[:, g * per_group + j]
+            for i in range(4):
+                column = g * group + i * group // 4 + 2 * j
+                assert torch.equal((word >> 8 * i) & 0xF, codes[:, column].int())
+                assert torch.equal((word >> 8 * i + 4) & 0xF, codes[:, column + 1].int())
+    assert torch.equal(unpack_int4(pack_int4(codes), k), codes)
+    with pytest.raises(ValueError, match="whole groups"):
+        kernels.interleave_int4(pack_int4(codes[:, :200]), 200, 64)
+
+
 def test_the_cpu_kernels_are_the_ones_that_run():
     # The dispatch must actually reach the fused ops for the shapes they take (not only fall back).
     module = _module(192, 576, 4, 128, torch.bfloat16, "cpu")
@@ -233,7 +255,7 @@ def test_the_int4_word_and_byte_kernels_agree(n, k, group, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("kernel", ["int8", "int4", "int4-words"])
+@pytest.mark.parametrize("kernel", ["int8", "int4", "int4-words", "int4-interleaved"])
 def test_programmatic_launches_in_a_graph_give_the_same_bits(kernel):
     # With QUANTCORE_TRITON_PDL, a one-row kernel captured in a CUDA graph launches programmatically:
     # it loads its first weight tile before waiting for the kernel before it, which writes its
@@ -247,10 +269,15 @@ def test_programmatic_launches_in_a_graph_give_the_same_bits(kernel):
     layers = [_module(k, k, bits, 128, torch.bfloat16, "cuda", bias=False) for _ in range(12)]
     for i, layer in enumerate(layers):
         layer.qweight.copy_(torch.roll(layers[0].qweight, i, dims=0))  # distinct weights, one seed
+    interleaved = [
+        kernels.int4_interleaved_layout(m.qweight, m.scale, m.zero, k, 128) if bits == 4 else None for m in layers
+    ]
 
     def run(x):
-        for layer in layers:
-            if bits == 8:
+        for layer, layout in zip(layers, interleaved, strict=True):
+            if kernel == "int4-interleaved":
+                y = triton_mod.int4_interleaved_mm(x, layout.weight, *layout.scales_and_zeros, 128, None)
+            elif bits == 8:
                 y = triton_mod.int8_mm(x, layer.qweight, layer.scale, None)
             else:
                 y = triton_mod._int4_launch(x, layer.qweight, layer.scale, layer.zero, 128, None, words=words)
@@ -258,6 +285,8 @@ def test_programmatic_launches_in_a_graph_give_the_same_bits(kernel):
         return x
 
     launcher = triton_mod._INT8.row if bits == 8 else (triton_mod._INT4_WORDS if words else triton_mod._INT4).row
+    if kernel == "int4-interleaved":
+        launcher = triton_mod._INT4_INTERLEAVED
     x = torch.randn(1, k, dtype=torch.bfloat16, device="cuda")
     with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
         patch.setattr(triton_mod, "PDL", True)
@@ -302,6 +331,33 @@ def test_tinygemm_layout_matches_the_reference(n, k):
         x = torch.randn(rows, k, dtype=torch.bfloat16, device="cuda")
         out = kernels.int4_weight_only_linear(x, module.qweight, module.scale, module.zero, 128, module.bias, layout)
         assert relative_error(out, module.reference_forward(x)) < ROUNDING[torch.bfloat16]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    ("n", "k", "group"), [(64, 256, 32), (2048, 2048, 128), (250, 512, 64), (24, 768, 256)], ids=str
+)
+def test_interleaved_layout_matches_the_reference(n, k, group, dtype, monkeypatch):
+    # A module built with QUANTCORE_INT4_CUDA_KERNEL=interleaved keeps that layout; one row runs its
+    # kernel (every config the autotuner times sees the ragged N), more rows the stored tensors'.
+    monkeypatch.setattr(kernels, "INT4_CUDA_KERNEL", "interleaved")
+    module = _module(n, k, 4, group, dtype, "cuda")
+    layout = module.kernel_layout
+    assert layout is not None and layout.kind == "interleaved" and layout.weight.shape == (n, k // 8)
+    for rows in (1, 5):
+        x = torch.randn(rows, k, dtype=dtype, device="cuda")
+        with torch.no_grad():
+            out, ref = module(x), module.reference_forward(x)
+        assert relative_error(out, ref) < ROUNDING[dtype]
+    x = torch.randn(1, k, dtype=dtype, device="cuda")
+    with torch.no_grad():
+        direct = kernels._TRITON.int4_interleaved_mm(x, layout.weight, *layout.scales_and_zeros, group, module.bias)
+        torch.testing.assert_close(module(x), direct, rtol=0, atol=0)
+        compiled = torch.compile(module, fullgraph=True)
+        torch.testing.assert_close(compiled(x), direct, rtol=0, atol=0)
+    assert _module(48, 136, 4, 16, dtype, "cuda").kernel_layout is None  # a group the layout cannot take
 
 
 @pytest.mark.gpu

@@ -161,6 +161,42 @@ def test_int4_words_kernel(kernels, n, k, group, block_n, block_k, dtype, bias):
     torch.testing.assert_close(y16, exact, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", list(ROUNDING), ids=str)
+@pytest.mark.parametrize(
+    ("n", "k", "group", "block_n", "block_k", "prefetch"),
+    [
+        (40, 256, 32, 4, 64, False),
+        (24, 768, 128, 8, 256, True),
+        (7, 1024, 256, 2, 512, False),
+        (6, 512, 64, 4, 128, True),
+    ],
+)
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_int4_interleaved_kernel(kernels, n, k, group, block_n, block_k, prefetch, dtype, bias):
+    from quantcore_torch.kernels import interleave_int4
+
+    torch.manual_seed(n * k)
+    packed, scale, zero = quantize_int4((torch.randn(n, k) * 0.02).to(dtype), group)
+    packed[0, :16] = torch.arange(0, 256, 16, dtype=torch.uint8)  # every code in the high nibbles
+    packed[1, :16] = torch.arange(0, 16, dtype=torch.uint8) * 17  # and in both, at every place of a word
+    b = torch.randn(n, dtype=dtype) if bias else None
+    x = torch.randn(1, k, dtype=dtype) * 4  # the offsets' rounding grows with |x|
+    words = interleave_int4(packed, k, group)
+    y = torch.empty(1, n, dtype=torch.float32)  # the sums before the output's rounding
+
+    kernels._int4_interleaved_kernel.fn[_grid(n, block_n)](
+        x, words, scale, zero, scale if b is None else b, y, n, k, words.stride(0), scale.stride(0),
+        kernels.INT4_MAGIC, GROUP=group, HAS_BIAS=bias, BLOCK_N=block_n, BLOCK_K=block_k, PREFETCH=prefetch,
+    )  # fmt: skip
+    weight = dequantize_int4(packed, scale, zero, k, group, torch.float64)
+    exact = torch.nn.functional.linear(x.double(), weight, None if b is None else b.double())
+    # The codes' offsets (2**7, 2**11) cost fp32 bits (1e-5 to 4e-5 of the exact sums, relative),
+    # still well below the reference path's own rounding (its weight in fp16 / bf16).
+    assert _error(y, exact) < 1e-4
+    reference = torch.nn.functional.linear(x, dequantize_int4(packed, scale, zero, k, group, dtype), b)
+    assert _error(y, exact) < _error(reference, exact) / 5
+
+
 @pytest.mark.parametrize(("n", "k"), [(40, 99), (48, 130)])
 def test_dot_kernels_several_rows(kernels, n, k):
     dtype, m = torch.float16, 5
