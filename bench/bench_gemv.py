@@ -9,7 +9,8 @@ calls the kernel on each copy in turn, and reports microseconds per call and the
 copy bandwidth that call moves.
 
 It times, per shape: bf16 ``F.linear``; each one-row config of the int8 and int4 Triton kernels
-(``quantcore_torch._triton.INT8_ROW`` / ``INT4_ROW``; int4 both on bytes and on 32-bit words),
+(``quantcore_torch._triton.INT8_ROW`` / ``INT4_ROW`` / ``INT4_INTERLEAVED``, the last on the
+interleaved layout),
 forced; the autotuned choice that
 ``int8_weight_only_linear`` / ``int4_weight_only_linear`` make; tinygemm (int4, bf16). Then
 ``--stack``: the linears of a whole decode step (every layer's q, k, v, o, gate, up, down, each
@@ -237,10 +238,6 @@ def shape_cases(
             "int4",
             [lambda p=p, s=s, z=z: _triton.int4_mm(x, p, s, z, GROUP, None) for p, s, z in w.int4],
         )
-        cases["int4 triton words dispatch"] = (
-            "int4",
-            [lambda p=p, s=s, z=z: _triton._int4_launch(x, p, s, z, GROUP, None, words=True) for p, s, z in w.int4],
-        )
         if dot:
             constexprs = {"GROUP": GROUP, "HAS_BIAS": False}
             calls = [
@@ -248,25 +245,20 @@ def shape_cases(
                 for p, s, z in w.int4
             ]
             cases["int4 tl.dot, one row"] = ("int4", calls)
-        # The word kernel counts its row stride in 32-bit words.
-        for kernel, label, unit in (
-            (_triton._int4_row_kernel, "int4", 1),
-            (_triton._int4_words_kernel, "int4 words", 4),
-        ):
-            for cfg in _triton.INT4_ROW:
-                if cfg[1] % GROUP:
-                    continue
-                calls = [
-                    forced(
-                        kernel,
-                        cfg,
-                        x,
-                        (p, s, z, s, (p.stride(0) // unit, s.stride(0))),
-                        {"GROUP": GROUP, "HAS_BIAS": False},
-                    )
-                    for p, s, z in w.int4
-                ]
-                cases[f"{label} {cfg}"] = ("int4", calls)
+        for cfg in _triton.INT4_ROW:
+            if cfg[1] % GROUP:
+                continue
+            calls = [
+                forced(
+                    _triton._int4_row_kernel,
+                    cfg,
+                    x,
+                    (p, s, z, s, (p.stride(0), s.stride(0))),
+                    {"GROUP": GROUP, "HAS_BIAS": False},
+                )
+                for p, s, z in w.int4
+            ]
+            cases[f"int4 {cfg}"] = ("int4", calls)
     return cases
 
 
@@ -330,7 +322,7 @@ def run_stack(model: str, bandwidth: float, fused: bool) -> dict:
     from quantcore_torch.packing import quantize_int4, quantize_int8
 
     result = {}
-    for method in ("bf16", "int8", "int4-triton", "int4-triton-words", "int4-tinygemm", "int4-interleaved"):
+    for method in ("bf16", "int8", "int4-triton", "int4-tinygemm", "int4-interleaved"):
         layers, shapes = linears(model, fused and method != "bf16")
         calls, nbytes = [], 0
         xs = {k: torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for _, k in shapes}
@@ -352,11 +344,9 @@ def run_stack(model: str, bandwidth: float, fused: bool) -> dict:
                         layout = kernels.int4_tinygemm_layout(p, s, z, k, GROUP)
                     elif method == "int4-interleaved":
                         layout = kernels.int4_interleaved_layout(p, s, z, k, GROUP)
-                    if method == "int4-triton-words":
-                        calls.append(
-                            lambda x=x, p=p, s=s, z=z: kernels._TRITON._int4_launch(x, p, s, z, GROUP, None, words=True)
-                        )
-                    elif layout is None:
+                    if layout is None and method != "int4-triton":
+                        raise RuntimeError(f"{method}: no layout for {n}x{k}")
+                    if layout is None:
                         calls.append(lambda x=x, p=p, s=s, z=z: kernels._TRITON.int4_mm(x, p, s, z, GROUP, None))
                     else:
                         calls.append(

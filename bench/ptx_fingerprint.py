@@ -85,7 +85,6 @@ def main(argv=None) -> int:
     kernels = [
         ("int8", _triton._int8_row_kernel, _I8, {"HAS_BIAS": False}, _triton.INT8_ROW),
         ("int4", _triton._int4_row_kernel, _I4, {"GROUP": 128, "HAS_BIAS": False}, _triton.INT4_ROW),
-        ("int4-words", _triton._int4_words_kernel, _I4, {"GROUP": 128, "HAS_BIAS": False}, _triton.INT4_ROW),
     ]
     has_gdc = "USE_GDC" in _triton._int8_row_kernel.fn.arg_names
     result = {}

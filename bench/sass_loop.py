@@ -97,8 +97,6 @@ def main(argv=None) -> int:
         ("int8 row (8, 1024, 4)", t._int8_row_kernel, i8, {"BLOCK_N": 8, "BLOCK_K": 1024}, 4, 8 * 1024),
         ("int4 row (2, 1024, 2)", t._int4_row_kernel, i4, {"BLOCK_N": 2, "BLOCK_K": 1024}, 2, 2 * 512),
         ("int4 row (8, 1024, 4)", t._int4_row_kernel, i4, {"BLOCK_N": 8, "BLOCK_K": 1024}, 4, 8 * 512),
-        ("int4 words (2, 1024, 2)", t._int4_words_kernel, i4, {"BLOCK_N": 2, "BLOCK_K": 1024}, 2, 2 * 512),
-        ("int4 words (8, 1024, 4)", t._int4_words_kernel, i4, {"BLOCK_N": 8, "BLOCK_K": 1024}, 4, 8 * 512),
         ("int4 interleaved (4, 1024, 1)", il, i4i, {"BLOCK_N": 4, "BLOCK_K": 1024}, 1, 4 * 512),
         ("int4 interleaved (4, 4096, 4)", il, i4i, {"BLOCK_N": 4, "BLOCK_K": 4096}, 4, 4 * 2048),
         ("int4 interleaved (8, 1024, 4)", il, i4i, {"BLOCK_N": 8, "BLOCK_K": 1024}, 4, 8 * 512),

@@ -8,8 +8,8 @@ so the weight crosses memory once in its quantized size. Each format has two ker
   a long stretch of K, so that a weight streamed from HBM keeps every SM busy; codes become
   floats through bit operations, not conversion instructions (see :func:`_int8_to_float`). The
   int4 one reads the input two values at a time as 32-bit words (even K); a second int4 one
-  (:func:`_int4_words_kernel`, ``WORDS_BY_DEFAULT``) reads the weight as 32-bit words of eight
-  codes and converts them without shifts;
+  (:func:`_int4_interleaved_kernel`) reads a copy of the weight in its own layout (32-bit words
+  whose codes meet contiguous runs of the input), a LOP3 and a multiply-add a weight;
 - more rows (or int4 with odd K): ``tl.dot`` on the dequantized tile, cast to the activation
   dtype first exactly as the reference path rounds it.
 
@@ -211,16 +211,11 @@ def _int8_row_kernel(
     _store_row(out, b_ptr, y_ptr, rn, n_mask, HAS_BIAS)
 
 
-def _int4_row_autotune(table: list | None = None):
-    """The autotuner of the int4 one-row kernels (``INT4_ROW`` unless ``table``), whole groups a tile."""
-    return triton.autotune(
-        configs=_configs(INT4_ROW if table is None else table, "BLOCK_K"),
-        key=["N", "K", "GROUP"],
-        prune_configs_by={"early_config_prune": _prune_groups},
-    )
-
-
-@_int4_row_autotune()
+@triton.autotune(
+    configs=_configs(INT4_ROW, "BLOCK_K"),
+    key=["N", "K", "GROUP"],
+    prune_configs_by={"early_config_prune": _prune_groups},
+)
 @triton.jit
 def _int4_row_kernel(
     x_ptr,
@@ -280,90 +275,6 @@ def _int4_row_kernel(
         lo, hi = _nibbles_to_float(byte)
         t = lo * xe[None, :, :] + hi * xo[None, :, :] - z[:, :, None] * (xe + xo)[None, :, :]
         acc += s[:, :, None] * t
-    if USE_GDC:
-        tl.extra.cuda.gdc_launch_dependents()
-    _store_row(tl.sum(tl.sum(acc, axis=2), axis=1), b_ptr, y_ptr, rn, n_mask, HAS_BIAS)
-
-
-@triton.jit
-def _nibble(word, SHIFT: tl.constexpr):
-    """The code in bits ``SHIFT .. SHIFT+3`` of ``word`` (``SHIFT`` at most 19) as fp32, not shifted:
-    masked in place into the mantissa of ``2**(23 - SHIFT)``, whose mantissa's bit ``SHIFT`` is
-    worth 1.0, then less that power of two. One logic op and one add a code."""
-    magic = (150 - SHIFT) << 23  # the exponent field of 2**(23 - SHIFT)
-    return ((word & (0xF << SHIFT)) | magic).to(tl.float32, bitcast=True) - (1 << (23 - SHIFT))
-
-
-@_int4_row_autotune()
-@triton.jit
-def _int4_words_kernel(
-    x_ptr,
-    w_ptr,
-    s_ptr,
-    z_ptr,
-    b_ptr,
-    y_ptr,
-    N,
-    K,
-    stride_wn,
-    stride_sn,
-    GROUP: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    USE_GDC: tl.constexpr = False,
-):
-    """The int4 one-row kernel on 32-bit words: ``K`` and ``GROUP`` multiples of 8, the packed
-    rows 4-byte aligned; the last group may be shorter. ``stride_wn`` counts words, so that
-    Triton sees its divisibility (16-byte loads) as it sees a byte stride's.
-
-    A word holds columns ``8j .. 8j+7``, column ``8j+i`` in bits ``4i .. 4i+3``. Codes are not
-    shifted down: each is masked in place into the mantissa of a power of two chosen so that its
-    lowest bit is worth 1.0 (:func:`_nibble`). A mantissa holds nibbles 0 to 4; 5 to 7 take one
-    shift by 12 bits first. A weight then costs a logic op, an add and a multiply-add. Each
-    word's sum meets its group's scale and zero point once: ``s * (sum_i q_i x_i - z * sum_i x_i)``.
-    """
-    GROUPS: tl.constexpr = BLOCK_K // GROUP
-    WORDS: tl.constexpr = GROUP // 8
-    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = rn < N
-    rg = tl.arange(0, GROUPS)
-    rw = tl.arange(0, WORDS)
-    r8 = tl.arange(0, 8)
-    words = K // 8
-    groups = (K + GROUP - 1) // GROUP  # the last one may be shorter
-    w32 = w_ptr.to(tl.pointer_type(tl.int32))
-    row = rn[:, None, None] * stride_wn
-    acc = tl.zeros((BLOCK_N, GROUPS, WORDS), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        g = k0 // GROUP + rg
-        col = g[:, None] * WORDS + rw[None, :]  # [GROUPS, WORDS]: word index
-        col_mask = col < words
-        word = tl.load(w32 + row + col[None, :, :], mask=n_mask[:, None, None] & col_mask[None, :, :], other=0)
-        if USE_GDC:  # noqa: SIM102 - programmatic launch: the first weight tile loads before the wait
-            if k0 == 0:
-                tl.extra.cuda.gdc_wait()
-        # A word's eight inputs in one 16-byte load, then split: column 8j+i, i = 4a + 2b + c.
-        xv = tl.load(x_ptr + col[:, :, None] * 8 + r8[None, None, :], mask=col_mask[:, :, None], other=0.0)
-        even, odd = tl.split(tl.reshape(xv.to(tl.float32), (GROUPS, WORDS, 4, 2)))  # c = 0, 1
-        x04, x26 = tl.split(tl.reshape(even, (GROUPS, WORDS, 2, 2)))  # b = 0, 1
-        x15, x37 = tl.split(tl.reshape(odd, (GROUPS, WORDS, 2, 2)))
-        x0, x4 = tl.split(x04)  # a = 0, 1
-        x2, x6 = tl.split(x26)
-        x1, x5 = tl.split(x15)
-        x3, x7 = tl.split(x37)
-        xsum = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
-        high = word >> 12  # nibbles 5, 6, 7 to bits 8..19 (the sign bits above are masked off)
-        t = _nibble(word, 0) * x0[None, :, :]
-        t += _nibble(word, 4) * x1[None, :, :]
-        t += _nibble(word, 8) * x2[None, :, :]
-        t += _nibble(word, 12) * x3[None, :, :]
-        t += _nibble(word, 16) * x4[None, :, :]
-        t += _nibble(high, 8) * x5[None, :, :]
-        t += _nibble(high, 12) * x6[None, :, :]
-        t += _nibble(high, 16) * x7[None, :, :]
-        s, z = _group_params(s_ptr, z_ptr, rn, g, stride_sn, n_mask[:, None] & (g < groups)[None, :])
-        acc += s[:, :, None] * (t - z[:, :, None] * xsum[None, :, :])
     if USE_GDC:
         tl.extra.cuda.gdc_launch_dependents()
     _store_row(tl.sum(tl.sum(acc, axis=2), axis=1), b_ptr, y_ptr, rn, n_mask, HAS_BIAS)
@@ -460,12 +371,15 @@ def _int4_interleaved_kernel(
     ``g * GROUP + i * GROUP // 4 + 2j`` (low nibble) and ``+ 1`` (high nibble): the input pairs a
     tile's words need are four contiguous runs, each loaded like the words themselves, so the
     input lands in the registers of the threads that use it, shared by the rows a thread holds
-    (where the warps split K, every row of the tile; no shared-memory shuffle then either). Every code is masked in place (after a byte rotation) at bit 12 or
-    16 of a float's mantissa: ``2**11 + q`` or ``2**7 + q`` with one LOP3, the offsets taken off
-    once a word and row with the zero point, where the sum starts: ``s * (-(z * sum_i x_i +
-    sum_i M_i x_i) + sum_i (M_i + q_i) x_i)``. A weight costs a LOP3 and a multiply-add. The
-    offsets cost precision: the sums carry 1e-5 to 4e-5 of their size in fp32 rounding, well below
-    the rounding of the reference path's fp16 / bf16 weight.
+    (where the warps split K, every row of the tile; no shared-memory shuffle then either).
+
+    Every code is masked in place (after a byte rotation) at bit 12 or 16 of a float's mantissa:
+    ``2**11 + q`` or ``2**7 + q`` with one LOP3. The offsets are taken off once a word and row,
+    with the zero point, where the sum starts: ``s * (-(z * sum_i x_i + sum_i M_i x_i) + sum_i
+    (M_i + q_i) x_i)``. A weight costs a LOP3 and a multiply-add. The offsets cost precision: the
+    sums carry 1e-5 to 4e-5 of their size in fp32 rounding, well below the rounding of the
+    reference path's fp16 / bf16 weight. ``PREFETCH``: the next weight tile loads before this
+    one's arithmetic (registers for two tiles).
     """
     GROUPS: tl.constexpr = BLOCK_K // GROUP
     WPG: tl.constexpr = GROUP // 8  # words a group, a row
@@ -912,8 +826,6 @@ _INT4 = _Kernels(
     row_needs_even_k=True,
     row_constexprs={"USE_GDC": False},
 )
-# The word kernel where the packed rows are 32-bit words of whole groups (_int4_launch checks).
-_INT4_WORDS = _INT4._replace(row=_Launcher(_int4_words_kernel, pdl=True))
 
 
 class _Dequantize(NamedTuple):
@@ -977,32 +889,16 @@ def _int8_launch(
     return _launch(_INT8, x, inputs, qweight.shape[0], (qweight.stride(0),), key, constexprs, glu)
 
 
-def _words_fit(k: int, packed: torch.Tensor, group_size: int) -> bool:
-    """Whether the packed rows read as whole 32-bit words of whole groups (the word kernel)."""
-    return k % 8 == 0 and group_size % 8 == 0 and packed.stride(0) % 4 == 0 and packed.data_ptr() % 4 == 0
-
-
-# Whether one row takes the word kernel by default, where the layout allows. It computes fewer
-# instructions a weight than the byte kernel, but its first version (eight strided input loads a
-# word, the row stride in bytes, which hid its divisibility) took 704 us for a 1.1B step's fused
-# linears against the byte kernel's 609 us on an H100 (bench/bench_gemv.py --stack --fused).
-# Off until bench_gemv.py measures this version, config by config, faster.
-WORDS_BY_DEFAULT = False
-
-
-def _int4_launch(x, packed, scale, zero, group_size: int, bias, words: bool | None = None):
-    """``words``: the one-row kernel on 32-bit words where the layout allows (None: ``WORDS_BY_DEFAULT``)."""
+def _int4_launch(x, packed, scale, zero, group_size: int, bias):
     k = x.shape[-1]
-    words = (WORDS_BY_DEFAULT if words is None else words) and _words_fit(k, packed, group_size)
-    if not words and x.numel() == k and k % 2 == 0 and x.data_ptr() % 4:
+    if x.numel() == k and k % 2 == 0 and x.data_ptr() % 4:
         # The byte kernel reads the input as 32-bit pairs: an input off a 4-byte boundary gets
         # an aligned copy (not the several-row kernel, whose sums round differently).
         x = x.clone()
     inputs = (x, packed, scale, zero, scale if bias is None else bias)
-    key = (*_key(x, packed, scale, bias), zero.dtype, zero.data_ptr() % 16 == 0, group_size, words)
+    key = (*_key(x, packed, scale, bias), zero.dtype, zero.data_ptr() % 16 == 0, group_size)
     constexprs = {"GROUP": group_size, "HAS_BIAS": bias is not None}
-    kernels, row_stride = (_INT4_WORDS, packed.stride(0) // 4) if words else (_INT4, packed.stride(0))
-    return _launch(kernels, x, inputs, packed.shape[0], (row_stride, scale.stride(0)), key, constexprs)
+    return _launch(_INT4, x, inputs, packed.shape[0], (packed.stride(0), scale.stride(0)), key, constexprs)
 
 
 _INT4_INTERLEAVED = _Launcher(_int4_interleaved_kernel, pdl=True)

@@ -227,35 +227,7 @@ def test_eager_launches_match_the_custom_op(bits, rows):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize(
-    ("n", "k", "group"), [(64, 256, 32), (2048, 2048, 128), (256, 576, 128), (48, 136, 16)], ids=str
-)
-def test_the_int4_word_and_byte_kernels_agree(n, k, group, dtype):
-    # The two one-row int4 kernels read the same packed bytes (as words, as bytes): both within
-    # rounding of the reference (the last group shorter where K is not a multiple of it); packed
-    # rows off a 4-byte boundary take the byte kernel.
-    triton_mod = kernels._TRITON
-    module = _module(n, k, 4, group, dtype, "cuda")
-    x = torch.randn(1, k, dtype=dtype, device="cuda")
-    args = (x, module.qweight, module.scale, module.zero, group, module.bias)
-    with torch.no_grad():
-        ref = module.reference_forward(x)
-        words = triton_mod._int4_launch(*args, words=True)
-        bytes_ = triton_mod._int4_launch(*args, words=False)
-    assert triton_mod._words_fit(k, module.qweight, group)
-    assert relative_error(words, ref) < ROUNDING[dtype] and relative_error(bytes_, ref) < ROUNDING[dtype]
-    assert relative_error(words, bytes_) < ROUNDING[dtype]
-    odd = torch.empty(n, k // 2 + 1, dtype=torch.uint8, device="cuda")[:, 1:]
-    odd.copy_(module.qweight)
-    assert not triton_mod._words_fit(k, odd, group)
-    with torch.no_grad():
-        assert relative_error(triton_mod._int4_launch(x, odd, *args[2:], words=True), bytes_) < ROUNDING[dtype] / 10
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("kernel", ["int8", "int4", "int4-words", "int4-interleaved"])
+@pytest.mark.parametrize("kernel", ["int8", "int4", "int4-interleaved"])
 def test_programmatic_launches_in_a_graph_give_the_same_bits(kernel):
     # With QUANTCORE_TRITON_PDL, a one-row kernel captured in a CUDA graph launches programmatically:
     # it loads its first weight tile before waiting for the kernel before it, which writes its
@@ -264,7 +236,7 @@ def test_programmatic_launches_in_a_graph_give_the_same_bits(kernel):
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("programmatic dependent launch needs Hopper or later")
     triton_mod = kernels._TRITON
-    bits, words = (8, False) if kernel == "int8" else (4, kernel == "int4-words")
+    bits = 8 if kernel == "int8" else 4
     k = 1024
     layers = [_module(k, k, bits, 128, torch.bfloat16, "cuda", bias=False) for _ in range(12)]
     for i, layer in enumerate(layers):
@@ -280,13 +252,11 @@ def test_programmatic_launches_in_a_graph_give_the_same_bits(kernel):
             elif bits == 8:
                 y = triton_mod.int8_mm(x, layer.qweight, layer.scale, None)
             else:
-                y = triton_mod._int4_launch(x, layer.qweight, layer.scale, layer.zero, 128, None, words=words)
+                y = triton_mod._int4_launch(x, layer.qweight, layer.scale, layer.zero, 128, None)
             x = y * 0.5 + x  # a kernel that writes the next layer's input just before it
         return x
 
-    launcher = triton_mod._INT8.row if bits == 8 else (triton_mod._INT4_WORDS if words else triton_mod._INT4).row
-    if kernel == "int4-interleaved":
-        launcher = triton_mod._INT4_INTERLEAVED
+    launcher = {"int8": triton_mod._INT8.row, "int4": triton_mod._INT4.row}.get(kernel, triton_mod._INT4_INTERLEAVED)
     x = torch.randn(1, k, dtype=torch.bfloat16, device="cuda")
     with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
         patch.setattr(triton_mod, "PDL", True)

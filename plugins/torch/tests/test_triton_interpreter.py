@@ -140,29 +140,6 @@ def test_int4_row_kernel(kernels, n, k, group, block_n, block_k, dtype, bias):
 
 @pytest.mark.parametrize("dtype", list(ROUNDING), ids=str)
 @pytest.mark.parametrize(
-    ("n", "k", "group", "block_n", "block_k"), [(40, 256, 32, 4, 64), (24, 576, 128, 8, 256), (6, 1024, 128, 4, 512)]
-)
-@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
-def test_int4_words_kernel(kernels, n, k, group, block_n, block_k, dtype, bias):
-    codes = [
-        torch.arange(0, 256, 16, dtype=torch.uint8),  # every code in the high nibbles
-        torch.arange(0, 16, dtype=torch.uint8) * 17,  # and in both, at every place of a word
-    ]
-    x, packed, scale, zero, weight = _int4_row_case(
-        kernels._int4_words_kernel, 4, n, k, group, block_n, block_k, dtype, bias, codes
-    )
-    # Row by row, a word's eight codes land on their own columns: rows 0 and 1 each to 1e-5 in fp32.
-    exact = torch.nn.functional.linear(x.float()[:, :16], weight[:2, :16])
-    y16 = torch.empty(1, 2, dtype=torch.float32)
-    kernels._int4_words_kernel.fn[_grid(2, 2)](
-        x.float()[:, :16].contiguous(), packed[:2, :8].contiguous(), scale[:2, :1].repeat(1, 2),
-        zero[:2, :1].repeat(1, 2), scale, y16, 2, 16, 2, 2, GROUP=8, HAS_BIAS=False, BLOCK_N=2, BLOCK_K=16,
-    )  # fmt: skip
-    torch.testing.assert_close(y16, exact, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("dtype", list(ROUNDING), ids=str)
-@pytest.mark.parametrize(
     ("n", "k", "group", "block_n", "block_k", "prefetch"),
     [
         (40, 256, 32, 4, 64, False),
