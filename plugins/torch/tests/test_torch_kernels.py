@@ -181,24 +181,35 @@ def test_triton_kernels_are_the_ones_that_run_on_cuda():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("rows", [1, 5, 16], ids=lambda r: f"rows{r}")
-@pytest.mark.parametrize("bits", [8, 4])
-def test_eager_launches_match_the_custom_op(bits, rows):
+@pytest.mark.parametrize("kernel", ["int8", "int4", "int4-interleaved"])
+def test_eager_launches_match_the_custom_op(kernel, rows, monkeypatch):
     # From eager code the Triton kernels launch straight from the compiled kernel the autotuner
     # chose (no custom op, no autotuner after a shape's first call). Same kernel, same config: the
     # same bits as the custom op, call after call, and a misaligned input gets its own kernel.
+    if kernel == "int4-interleaved":
+        if rows > 1:
+            pytest.skip("the interleaved layout serves one row (more rows read the stored tensors)")
+        monkeypatch.setattr(kernels, "INT4_CUDA_KERNEL", "interleaved")
     triton_mod = kernels._TRITON
     n, k = 320, 512
-    module = _module(n, k, bits, 128, torch.float16, "cuda")
-    if bits == 8:
+    module = _module(n, k, 8 if kernel == "int8" else 4, 128, torch.float16, "cuda")
+    if kernel == "int8":
         op = lambda x: torch.ops.quantcore_torch.int8_mm(x, module.qweight, module.scale, module.bias)  # noqa: E731
-    else:
+    elif kernel == "int4":
         op = lambda x: torch.ops.quantcore_torch.int4_mm(  # noqa: E731
             x, module.qweight, module.scale, module.zero, 128, module.bias
         )
-    kernels_ = (
-        triton_mod._INT8 if bits == 8 else triton_mod._INT4_WORDS if triton_mod.WORDS_BY_DEFAULT else triton_mod._INT4
-    )
-    launcher = kernels_.row if rows == 1 else kernels_.dot
+    else:
+        layout = module.kernel_layout
+        op = lambda x: torch.ops.quantcore_torch.int4_interleaved_mm(  # noqa: E731
+            x, layout.weight, *layout.scales_and_zeros, 128, module.bias
+        )
+    launchers = {
+        "int8": triton_mod._INT8.row if rows == 1 else triton_mod._INT8.dot,
+        "int4": triton_mod._INT4.row if rows == 1 else triton_mod._INT4.dot,
+        "int4-interleaved": triton_mod._INT4_INTERLEAVED,
+    }
+    launcher = launchers[kernel]
     autotuned = []
     autotune = launcher.kernel.run
 
