@@ -43,3 +43,21 @@ def test_act_order_and_many_rows_keep_the_reference_path():
     many = torch.randn(kernels.int4_kernel_rows(torch.device("cpu")) + 1, 256)
     assert torch.equal(natural(many), reference_matmul(natural, many))
     assert "_int4" not in natural.__dict__  # nothing converted for a prefill-sized batch
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize(
+    ("choice", "dtype"), [("tinygemm", torch.bfloat16), ("interleaved", torch.bfloat16), ("interleaved", torch.float16)]
+)
+def test_cuda_layers_take_the_chosen_int4_kernel(choice, dtype, monkeypatch):
+    # QUANTCORE_INT4_CUDA_KERNEL picks the layout a GPTQ layer converts to on CUDA, as for torch_wo.
+    monkeypatch.setattr(kernels, "INT4_CUDA_KERNEL", choice)
+    layer = gptq_layer(desc_act=False, dtype=dtype).cuda()
+    x = torch.randn(1, 256, dtype=dtype, device="cuda")
+    with torch.no_grad():
+        y = layer(x)
+        ref = reference_matmul(layer, x)
+    runtime = layer.__dict__["_int4"][1]
+    assert runtime is not None and runtime.layout is not None and runtime.layout.kind == choice
+    torch.testing.assert_close(y, ref, rtol=2e-2, atol=2e-2)
