@@ -151,6 +151,8 @@ def make_variant(base, method: str):
     if kernel:
         from quantcore_torch import kernels
 
+        if kernel not in kernels.INT4_CUDA_KERNELS:
+            raise ValueError(f"{method}: @{kernel} is not an int4 CUDA kernel ({', '.join(kernels.INT4_CUDA_KERNELS)})")
         chosen = _patched(kernels, "INT4_CUDA_KERNEL", kernel)
     with chosen:
         quantcore.quantize(model, resolve_method(preset), progress=False)

@@ -5,11 +5,12 @@
 #   tests     the -m gpu tests of torch_wo, torchao and gptq (log: $OUT/tests.log);
 #             tests-ao, tests-torch, tests-fusion, tests-gptq: one part (PYTEST_K: pytest -k)
 #   kernels   one layer at a time, CUDA-graph replays (bench_kernels.py)
-#   gemv      batch-1 kernels on weights streamed from HBM, config by config (the int4 byte and
-#             word kernels side by side), and a step's linears in one graph (bench_gemv.py;
+#   gemv      batch-1 kernels on weights streamed from HBM, config by config (int4: the byte and
+#             interleaved kernels, tinygemm), and a step's linears in one graph (bench_gemv.py;
 #             GEMV_ARGS adds arguments, e.g. "--formats int4 --fused", or "--formats int8
 #             --wide-int8" for a wider int8 grid, num_stages included, or "--formats int4 --dot"
-#             for the tl.dot kernels on the one row, tensor cores, beside the one-row kernels)
+#             for the tl.dot kernels on the one row, tensor cores, beside the one-row kernels;
+#             "--only tinygemm,interleaved" times those cases alone)
 #   launch    one layer at a time, back-to-back eager calls: what an eager step pays per layer
 #   decode    bench_decode.py (METHODS, MODES, MODEL, BATCH, REPEATS narrow it); eager in rounds
 #   profile   profile_decode.py: a compiled step's kernels (PROFILE_METHODS, MODEL)

@@ -13,8 +13,10 @@ int8         ``torch._weight_int8pack_mm`` (the stored int8     Triton kernel on
 int4         ``torch._weight_int4pack_mm_for_cpu`` on a         tinygemm (``torch._weight_int4pack_mm``)
              kernel layout built by :func:`int4_cpu_layout`     on :func:`int4_tinygemm_layout`, bf16,
              (``out_features % 16 == 0``, a kernel group of     ``M <= SMALL_BATCH``; else the Triton
-             32..256 columns dividing ``in_features``;          kernel on the stored tensors (fp16 too)
-             ``M <= CPU_INT4_ROWS``)
+             32..256 columns dividing ``in_features``;          kernel on the stored tensors (fp16 too).
+             ``M <= CPU_INT4_ROWS``)                            ``INT4_CUDA_KERNEL == "interleaved"``:
+                                                                ``M == 1`` on
+                                                                :func:`int4_interleaved_layout`
 ===========  =================================================  ========================================
 
 A gated MLP's down projection can also take its activation folded in (:func:`int8_gated_linear`:
@@ -52,6 +54,7 @@ from .packing import dequantize_int4, dequantize_int8
 
 __all__ = [
     "CPU_INT4_ROWS",
+    "INT4_CUDA_KERNELS",
     "INTERLEAVED_GROUPS",
     "SMALL_BATCH",
     "Int4Layout",
@@ -59,6 +62,7 @@ __all__ = [
     "dequantized_int8",
     "gated_input",
     "int4_cpu_layout",
+    "int4_cuda_kernel_setting",
     "int4_interleaved_layout",
     "int4_kernel_group",
     "int4_kernel_rows",
@@ -92,7 +96,18 @@ def int4_kernel_rows(device: torch.device) -> int:
 #: second copy of the packed weight in its layout; fp16 takes the Triton kernels), ``"interleaved"``
 #: (one row through the Triton kernel on :func:`interleave_int4`'s layout, a second copy too; fp16 and
 #: bf16; more rows read the stored tensors) or ``"triton"`` (the stored tensors only, no extra memory).
-INT4_CUDA_KERNEL = os.environ.get("QUANTCORE_INT4_CUDA_KERNEL", "tinygemm")
+INT4_CUDA_KERNELS = ("tinygemm", "interleaved", "triton")
+
+
+def int4_cuda_kernel_setting(environ=os.environ) -> str:
+    """``QUANTCORE_INT4_CUDA_KERNEL`` (one of :data:`INT4_CUDA_KERNELS`), ``"tinygemm"`` where unset."""
+    value = environ.get("QUANTCORE_INT4_CUDA_KERNEL", "").strip() or "tinygemm"
+    if value not in INT4_CUDA_KERNELS:
+        raise ValueError(f"QUANTCORE_INT4_CUDA_KERNEL must be one of {', '.join(INT4_CUDA_KERNELS)}, got {value!r}")
+    return value
+
+
+INT4_CUDA_KERNEL = int4_cuda_kernel_setting()
 
 _HALF = (torch.float16, torch.bfloat16)
 _CPU_FLOATS = (torch.float16, torch.bfloat16, torch.float32)

@@ -65,6 +65,14 @@ def test_interleave_int4_puts_each_code_where_the_kernel_reads_it(k, group):
         kernels.interleave_int4(pack_int4(codes[:, :200]), 200, 64)
 
 
+def test_the_cuda_int4_kernel_setting_is_checked():
+    assert kernels.int4_cuda_kernel_setting({}) == "tinygemm"
+    for choice in kernels.INT4_CUDA_KERNELS:
+        assert kernels.int4_cuda_kernel_setting({"QUANTCORE_INT4_CUDA_KERNEL": f" {choice} "}) == choice
+    with pytest.raises(ValueError, match="must be one of tinygemm, interleaved, triton, got 'interleave'"):
+        kernels.int4_cuda_kernel_setting({"QUANTCORE_INT4_CUDA_KERNEL": "interleave"})
+
+
 def test_the_cpu_kernels_are_the_ones_that_run():
     # The dispatch must actually reach the fused ops for the shapes they take (not only fall back).
     module = _module(192, 576, 4, 128, torch.bfloat16, "cpu")
