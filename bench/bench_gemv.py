@@ -225,13 +225,13 @@ def shape_cases(
                     x,
                     (
                         t.weight,
-                        *t.scales_and_zeros,
-                        t.scales_and_zeros[0],
-                        (t.weight.stride(0), s.stride(0), _triton.INT4_MAGIC),
+                        t.scales_and_zeros,
+                        t.scales_and_zeros,  # the bias slot (HAS_BIAS off)
+                        (t.weight.stride(0), *t.scales_and_zeros.stride()[:2][::-1], _triton.INT4_MAGIC),
                     ),
                     {"GROUP": GROUP, "HAS_BIAS": False, "PREFETCH": cfg[3]},
                 )
-                for (p, s, z), t in zip(w.int4, w.interleaved, strict=True)
+                for t in w.interleaved
             ]
             cases[f"int4 interleaved {cfg}"] = ("int4", calls)
         cases["int4 triton dispatch"] = (

@@ -9,7 +9,7 @@ revisions by running it at each (best of ``--repeat`` rounds of ``--number`` cal
 
 Needs ``triton`` (its CPU package works: nothing is compiled)::
 
-    python bench/host_path.py                      # int8 and int4 (Triton), 2048x2048, one row
+    python bench/host_path.py                      # int8, int4 (Triton; interleaved), 2048x2048, one row
     python bench/host_path.py --gated              # also an int8 down projection fed gate|up
     python bench/host_path.py --prefill 40         # also a 40-row forward: dequantize, then F.linear
 """
@@ -42,7 +42,7 @@ def stubbed_cuda_path(stack: ExitStack):
 
         def __call__(self, key, grid, args, constexprs):
             if self.compiled.get(key) is None:
-                meta = {**constexprs, "BLOCK_N": 2, "BLOCK_K": 1024}
+                meta = {**constexprs, "BLOCK_N": 2, "BLOCK_K": 1024, "PREFETCH": False}
                 self.compiled[key] = _triton._Entry(fake, 1, 1, self._tail(meta, args))
             return super().__call__(key, grid, args, constexprs)
 
@@ -57,6 +57,7 @@ def stubbed_cuda_path(stack: ExitStack):
         (kernels, "INT4_CUDA_KERNEL", "triton"),  # tinygemm is an aten op: not this path
         (_triton, "_INT8", _triton._INT8._replace(row=KeptLauncher(_triton._int8_row_kernel, pdl=True))),
         (_triton, "_INT4", _triton._INT4._replace(row=KeptLauncher(_triton._int4_row_kernel, pdl=True))),
+        (_triton, "_INT4_INTERLEAVED", KeptLauncher(_triton._int4_interleaved_kernel, pdl=True)),
         (_triton, "_DEQUANTIZE", _triton._Dequantize(*map(KeptLauncher, dequantize_kernels))),
     ):
         stack.enter_context(mock.patch.object(target, name, value, create=True))
@@ -86,6 +87,7 @@ def main(argv=None) -> int:
         import triton  # noqa: F401
     except ImportError as exc:
         parser.error(f"needs triton (pip install triton): {exc}")
+    from quantcore_torch import kernels
     from quantcore_torch.modules import WeightOnlyLinear
 
     torch.set_grad_enabled(False)
@@ -98,6 +100,9 @@ def main(argv=None) -> int:
             module = WeightOnlyLinear.from_linear(linear, bits=bits, group_size=128)
             module.kernel_layout = None  # the Triton kernel on the stored codes
             result[f"int{bits} forward"] = best_us(lambda m=module: m.forward(x), args.number, args.repeat)
+        # int4 on its interleaved copy (QUANTCORE_INT4_CUDA_KERNEL=interleaved)
+        module.kernel_layout = kernels.int4_interleaved_layout(module.qweight, module.scale, module.zero, args.k, 128)
+        result["int4 interleaved forward"] = best_us(lambda: module.forward(x), args.number, args.repeat)
         if args.gated:
             down = WeightOnlyLinear.from_linear(linear, bits=8)
             h = torch.randn(1, 1, 2 * args.k, dtype=torch.bfloat16)

@@ -334,14 +334,14 @@ def _interleaved_configs() -> list[triton.Config]:
 def _int4_interleaved_kernel(
     x_ptr,
     w_ptr,
-    s_ptr,
-    z_ptr,
+    sz_ptr,
     b_ptr,
     y_ptr,
     N,
     K,
     stride_wn,
     stride_sn,
+    zero_offset,
     magic,
     GROUP: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -351,7 +351,9 @@ def _int4_interleaved_kernel(
     USE_GDC: tl.constexpr = False,
 ):
     """The int4 one-row kernel on the interleaved layout (``kernels.interleave_int4``): ``K`` a
-    multiple of ``GROUP`` (a power of two, 8 or more), ``x`` 4-byte aligned, ``stride_wn`` in words.
+    multiple of ``GROUP`` (a power of two, 8 or more), ``x`` 4-byte aligned, ``stride_wn`` in words;
+    the scales at ``sz_ptr`` (row stride ``stride_sn``), the zero points ``zero_offset`` elements
+    after them (one ``[2, N, groups]`` tensor: no per-call views).
 
     Word ``j`` of a row's group ``g`` holds, in its byte ``i``, the columns
     ``g * GROUP + i * GROUP // 4 + 2j`` (low nibble) and ``+ 1`` (high nibble): the input pairs a
@@ -406,8 +408,8 @@ def _int4_interleaved_kernel(
         odd = (x1 + x3) + (x5 + x7)  # codes at bit 12: offset 2**11
         params = rn[None, :] * stride_sn + g[:, None]
         params_mask = n_mask[None, :] & (g < groups)[:, None]
-        s = tl.load(s_ptr + params, mask=params_mask, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + params, mask=params_mask, other=0.0).to(tl.float32)
+        s = tl.load(sz_ptr + params, mask=params_mask, other=0.0).to(tl.float32)
+        z = tl.load(sz_ptr + zero_offset + params, mask=params_mask, other=0.0).to(tl.float32)
         # The sum starts at -(z * sum_i x_i + sum_i M_i x_i): no subtraction after it.
         t = z[:, :, None] * (-(even + odd))[:, None, :] - (odd * 2048.0 + even * 128.0)[:, None, :]
         left8 = (word << 8) | (word >> 24)
@@ -890,15 +892,16 @@ def _int4_launch(x, packed, scale, zero, group_size: int, bias):
 _INT4_INTERLEAVED = _Launcher(_int4_interleaved_kernel, pdl=True)
 
 
-def _int4_interleaved_launch(x, words, scale, zero, group_size: int, bias):
+def _int4_interleaved_launch(x, words, scales_and_zeros, group_size: int, bias):
     """One row ``x [..., K]`` (contiguous) through :func:`_int4_interleaved_kernel`."""
     if x.data_ptr() % 4:  # the kernel reads the input as 32-bit pairs
         x = x.clone()
+    sz = scales_and_zeros
     n, k = words.shape[0], x.shape[-1]
     y = x.new_empty((*x.shape[:-1], n))
-    args = (x, words, scale, zero, scale if bias is None else bias, y, n, k, words.stride(0), scale.stride(0))
+    args = (x, words, sz, sz if bias is None else bias, y, n, k, words.stride(0), sz.stride(1), sz.stride(0))
     args += (INT4_MAGIC,)
-    key = (*_key(x, words, scale, bias), zero.dtype, zero.data_ptr() % 16 == 0, group_size, "interleaved")
+    key = (*_key(x, words, sz, bias), group_size, "interleaved")
     if _INT4_INTERLEAVED.run_kept(key, args):
         return y
     constexprs = {"GROUP": group_size, "HAS_BIAS": bias is not None, "USE_GDC": False}
@@ -964,18 +967,13 @@ def _(x, packed, scale, zero, group_size, bias):
 
 @torch.library.custom_op("quantcore_torch::int4_interleaved_mm", mutates_args=())
 def _int4_interleaved_mm_op(
-    x: torch.Tensor,
-    words: torch.Tensor,
-    scale: torch.Tensor,
-    zero: torch.Tensor,
-    group_size: int,
-    bias: torch.Tensor | None,
+    x: torch.Tensor, words: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    return _int4_interleaved_launch(x.contiguous(), words, scale, zero, group_size, bias)
+    return _int4_interleaved_launch(x.contiguous(), words, scales_and_zeros, group_size, bias)
 
 
 @_int4_interleaved_mm_op.register_fake
-def _(x, words, scale, zero, group_size, bias):
+def _(x, words, scales_and_zeros, group_size, bias):
     return x.new_empty((*x.shape[:-1], words.shape[0]))
 
 
@@ -1019,16 +1017,13 @@ def int4_mm(
 
 
 def int4_interleaved_mm(
-    x: torch.Tensor,
-    words: torch.Tensor,
-    scale: torch.Tensor,
-    zero: torch.Tensor,
-    group_size: int,
-    bias: torch.Tensor | None,
+    x: torch.Tensor, words: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """One row ``x [..., K]`` (``K`` a multiple of ``group_size``) times an int4 weight in the
-    interleaved layout (``words``: :func:`quantcore_torch.kernels.interleave_int4`; ``scale`` and
-    ``zero`` contiguous, as stored), in ``x.dtype`` (fp16 / bf16)."""
+    interleaved layout (``words`` and ``scales_and_zeros [2, N, groups]``, contiguous:
+    :func:`quantcore_torch.kernels.int4_interleaved_layout`), in ``x.dtype`` (fp16 / bf16)."""
     if torch.compiler.is_compiling():
-        return _int4_interleaved_mm_op(x, words, scale, zero, group_size, bias)
-    return _int4_interleaved_launch(x if x.is_contiguous() else x.contiguous(), words, scale, zero, group_size, bias)
+        return _int4_interleaved_mm_op(x, words, scales_and_zeros, group_size, bias)
+    return _int4_interleaved_launch(
+        x if x.is_contiguous() else x.contiguous(), words, scales_and_zeros, group_size, bias
+    )

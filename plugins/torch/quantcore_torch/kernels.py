@@ -371,7 +371,7 @@ def int4_interleaved_layout(
     if _TRITON is None or not packed.is_cuda or group_size not in INTERLEAVED_GROUPS or in_features % group_size:
         return None
     words = interleave_int4(packed, in_features, group_size)
-    sz = torch.stack((scale, zero.to(scale.dtype)))
+    sz = torch.stack((scale, zero.to(scale.dtype)))  # contiguous: the kernel finds the zero points by offset
     return Int4Layout("interleaved", words, sz, group_size)
 
 
@@ -407,8 +407,7 @@ def int4_weight_only_linear(
             y = _add_bias(y, bias)
             return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
         if layout is not None and layout.kind == "interleaved" and rows == 1 and x.dtype in _HALF:
-            s, z = layout.scales_and_zeros
-            return _TRITON.int4_interleaved_mm(x, layout.weight, s, z, layout.group_size, bias)
+            return _TRITON.int4_interleaved_mm(x, layout.weight, layout.scales_and_zeros, layout.group_size, bias)
         # The Triton kernel tiles K by whole groups: a power of two from 16 to 256 columns.
         if _TRITON is not None and x.dtype in _HALF and group_size in (16, 32, 64, 128, 256):
             return _TRITON.int4_mm(x, packed, scale, zero, group_size, bias)

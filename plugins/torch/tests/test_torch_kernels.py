@@ -210,7 +210,7 @@ def test_eager_launches_match_the_custom_op(kernel, rows, monkeypatch):
     else:
         layout = module.kernel_layout
         op = lambda x: torch.ops.quantcore_torch.int4_interleaved_mm(  # noqa: E731
-            x, layout.weight, *layout.scales_and_zeros, 128, module.bias
+            x, layout.weight, layout.scales_and_zeros, 128, module.bias
         )
     launchers = {
         "int8": triton_mod._INT8.row if rows == 1 else triton_mod._INT8.dot,
@@ -267,7 +267,7 @@ def test_programmatic_launches_in_a_graph_give_the_same_bits(kernel):
     def run(x):
         for layer, layout in zip(layers, interleaved, strict=True):
             if kernel == "int4-interleaved":
-                y = triton_mod.int4_interleaved_mm(x, layout.weight, *layout.scales_and_zeros, 128, None)
+                y = triton_mod.int4_interleaved_mm(x, layout.weight, layout.scales_and_zeros, 128, None)
             elif bits == 8:
                 y = triton_mod.int8_mm(x, layer.qweight, layer.scale, None)
             else:
@@ -342,7 +342,7 @@ def test_interleaved_layout_matches_the_reference(n, k, group, dtype, monkeypatc
         assert relative_error(out, ref) < ROUNDING[dtype]
     x = torch.randn(1, k, dtype=dtype, device="cuda")
     with torch.no_grad():
-        direct = kernels._TRITON.int4_interleaved_mm(x, layout.weight, *layout.scales_and_zeros, group, module.bias)
+        direct = kernels._TRITON.int4_interleaved_mm(x, layout.weight, layout.scales_and_zeros, group, module.bias)
         torch.testing.assert_close(module(x), direct, rtol=0, atol=0)
         compiled = torch.compile(module, fullgraph=True)
         torch.testing.assert_close(compiled(x), direct, rtol=0, atol=0)

@@ -159,10 +159,10 @@ def test_int4_interleaved_kernel(kernels, n, k, group, block_n, block_k, prefetc
     b = torch.randn(n, dtype=dtype) if bias else None
     x = torch.randn(1, k, dtype=dtype) * 4  # the offsets' rounding grows with |x|
     words = interleave_int4(packed, k, group)
+    sz = torch.stack((scale, zero))
     y = torch.empty(1, n, dtype=torch.float32)  # the sums before the output's rounding
-
     kernels._int4_interleaved_kernel.fn[_grid(n, block_n)](
-        x, words, scale, zero, scale if b is None else b, y, n, k, words.stride(0), scale.stride(0),
+        x, words, sz, sz if b is None else b, y, n, k, words.stride(0), sz.stride(1), sz.stride(0),
         kernels.INT4_MAGIC, GROUP=group, HAS_BIAS=bias, BLOCK_N=block_n, BLOCK_K=block_k, PREFETCH=prefetch,
     )  # fmt: skip
     weight = dequantize_int4(packed, scale, zero, k, group, torch.float64)
@@ -279,3 +279,29 @@ def test_the_dequantize_wrappers_launch_their_kernels_with_the_right_arguments(k
     q = torch.randint(-128, 128, (n, k), dtype=torch.int8)
     s = torch.rand(n).half()
     assert torch.equal(kernels.dequantize_int8(q, s, torch.float16), dequantize_int8(q, s, torch.float16))
+
+
+def test_the_interleaved_wrapper_launches_its_kernel_with_the_right_arguments(kernels, monkeypatch):
+    # int4_interleaved_mm as eager code calls it (its launcher, the layout from kernels), on CPU
+    # tensors, the CUDA queries stubbed: the arguments reach the kernel's parameters in order
+    # (the zero points found by their offset), the second call takes the kept kernel.
+    from quantcore_torch import kernels as dispatch
+
+    monkeypatch.setattr(torch._C, "_cuda_getDevice", lambda: None, raising=False)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: None)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(dispatch, "_TRITON", kernels)
+    torch.manual_seed(0)
+    n, k, group = 37, 512, 128  # ragged rows
+    packed, scale, zero = quantize_int4(torch.randn(n, k).half(), group)
+    layout = dispatch.int4_interleaved_layout(packed, scale, zero, k, group)
+    assert layout is not None and layout.scales_and_zeros.shape == (2, n, k // group)
+    bias = torch.randn(n).half()
+    x = torch.randn(1, k).half()
+    weight = dequantize_int4(packed, scale, zero, k, group, torch.float32)
+    ref = torch.nn.functional.linear(x.float(), weight, bias.float())
+    for _ in range(2):
+        out = kernels.int4_interleaved_mm(x, layout.weight, layout.scales_and_zeros, group, bias)
+        assert out.shape == (1, n) and out.dtype == torch.float16
+        assert _error(out, ref) < ROUNDING[torch.float16]
+    assert kernels._INT4_INTERLEAVED.compiled or not kernels._INT4_INTERLEAVED.direct
