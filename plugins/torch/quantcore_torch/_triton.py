@@ -85,9 +85,13 @@ _INT8_DOT = [(16, 128, 4), (16, 256, 4), (32, 128, 4), (32, 256, 4), (64, 128, 4
 _INT4_DOT = [(16, 1, 4), (16, 2, 4), (32, 1, 4), (32, 2, 4), (64, 1, 4), (64, 2, 4)]
 
 
-def _configs(table: list, inner: str, stages: int = 1) -> list[triton.Config]:
-    """``(BLOCK_N, inner, num_warps)`` rows as configs; the ``tl.dot`` kernels pipeline their loads (3 stages)."""
-    configs = [triton.Config({"BLOCK_N": n, inner: k}, num_warps=warps, num_stages=stages) for n, k, warps in table]
+def _configs(table: list, inner: str, stages: int = 1, extra: tuple[str, ...] = ()) -> list[triton.Config]:
+    """``(BLOCK_N, inner, num_warps, *extra)`` rows as configs (``extra`` names the constexprs of the
+    rows' trailing values); the ``tl.dot`` kernels pipeline their loads (3 stages)."""
+    configs = [
+        triton.Config({"BLOCK_N": n, inner: k, **dict(zip(extra, rest, strict=True))}, num_warps=w, num_stages=stages)
+        for n, k, w, *rest in table
+    ]
     # Triton's CPU interpreter (how kernels can be checked without a GPU) cannot time configs;
     # the autotuner skips timing when there is one.
     return configs[:1] if os.environ.get("TRITON_INTERPRET") == "1" else configs
@@ -122,6 +126,16 @@ def _nibbles_to_float(byte):
     lo = ((u & 0x0F) | _MAGIC).to(tl.float32, bitcast=True) - 8388608.0
     hi = ((u >> 4) | _MAGIC).to(tl.float32, bitcast=True) - 8388608.0
     return lo, hi
+
+
+@triton.jit
+def _pair_to_float(pair, BF16: tl.constexpr):
+    """The two fp16 / bf16 values of a 32-bit word (the even column in the low half) as fp32."""
+    if BF16:  # a bf16 is the top half of an fp32
+        return (pair << 16).to(tl.float32, bitcast=True), (pair & -65536).to(tl.float32, bitcast=True)
+    else:
+        lo = pair.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        return lo, (pair >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
 
 
 @triton.jit
@@ -264,13 +278,7 @@ def _int4_row_kernel(
         if USE_GDC:  # noqa: SIM102 - programmatic launch: the first weight tile loads before the wait
             if k0 == 0:
                 tl.extra.cuda.gdc_wait()
-        pair = tl.load(pairs + col, mask=col_mask, other=0)
-        if x_ptr.dtype.element_ty == tl.bfloat16:  # a bf16 is the top half of an fp32
-            xe = (pair << 16).to(tl.float32, bitcast=True)
-            xo = (pair & -65536).to(tl.float32, bitcast=True)
-        else:
-            xe = pair.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-            xo = (pair >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        xe, xo = _pair_to_float(tl.load(pairs + col, mask=col_mask, other=0), x_ptr.dtype.element_ty == tl.bfloat16)
         s, z = _group_params(s_ptr, z_ptr, rn, g, stride_sn, n_mask[:, None] & (g < groups)[None, :])
         lo, hi = _nibbles_to_float(byte)
         t = lo * xe[None, :, :] + hi * xo[None, :, :] - z[:, :, None] * (xe + xo)[None, :, :]
@@ -307,26 +315,8 @@ def _offset_nibble(magic, word, SHIFT: tl.constexpr):
     return ((word & (0xF << SHIFT)) | (magic - (SHIFT << 23))).to(tl.float32, bitcast=True)
 
 
-@triton.jit
-def _pair_to_float(pair, BF16: tl.constexpr):
-    """The two fp16 / bf16 values of a 32-bit word (the even column in the low half) as fp32."""
-    if BF16:  # a bf16 is the top half of an fp32
-        return (pair << 16).to(tl.float32, bitcast=True), (pair & -65536).to(tl.float32, bitcast=True)
-    else:
-        lo = pair.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-        return lo, (pair >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-
-
-def _interleaved_configs() -> list[triton.Config]:
-    configs = [
-        triton.Config({"BLOCK_N": n, "BLOCK_K": k, "PREFETCH": prefetch}, num_warps=warps, num_stages=1)
-        for n, k, warps, prefetch in INT4_INTERLEAVED
-    ]
-    return configs[:1] if os.environ.get("TRITON_INTERPRET") == "1" else configs
-
-
 @triton.autotune(
-    configs=_interleaved_configs(),
+    configs=_configs(INT4_INTERLEAVED, "BLOCK_K", extra=("PREFETCH",)),
     key=["N", "K", "GROUP"],
     prune_configs_by={"early_config_prune": _prune_groups},
 )
