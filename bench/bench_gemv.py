@@ -201,39 +201,14 @@ def shape_cases(
                 ],
             )
     if "int4" in formats:
-        cases["int4 tinygemm"] = (
-            "int4",
-            [
-                lambda p=p, s=s, z=z, t=t: kernels.int4_weight_only_linear(x, p, s, z, GROUP, None, t)
-                for (p, s, z), t in zip(w.int4, w.tinygemm, strict=True)
-            ],
-        )
-        cases["int4 interleaved dispatch"] = (
-            "int4",
-            [
-                lambda p=p, s=s, z=z, t=t: kernels.int4_weight_only_linear(x, p, s, z, GROUP, None, t)
-                for (p, s, z), t in zip(w.int4, w.interleaved, strict=True)
-            ],
-        )
-        for cfg in _triton.INT4_INTERLEAVED:
-            if cfg[1] % GROUP:
-                continue
-            calls = [
-                forced(
-                    _triton._int4_interleaved_kernel,
-                    cfg[:3],
-                    x,
-                    (
-                        t.weight,
-                        t.scales_and_zeros,
-                        t.scales_and_zeros,  # the bias slot (HAS_BIAS off)
-                        (t.weight.stride(0), *t.scales_and_zeros.stride()[:2][::-1], _triton.INT4_MAGIC),
-                    ),
-                    {"GROUP": GROUP, "HAS_BIAS": False, "PREFETCH": cfg[3]},
-                )
-                for t in w.interleaved
-            ]
-            cases[f"int4 interleaved {cfg}"] = ("int4", calls)
+        for name, layouts in (("int4 tinygemm", w.tinygemm), ("int4 interleaved dispatch", w.interleaved)):
+            cases[name] = (
+                "int4",
+                [
+                    lambda p=p, s=s, z=z, t=t: kernels.int4_weight_only_linear(x, p, s, z, GROUP, None, t)
+                    for (p, s, z), t in zip(w.int4, layouts, strict=True)
+                ],
+            )
         cases["int4 triton dispatch"] = (
             "int4",
             [lambda p=p, s=s, z=z: _triton.int4_mm(x, p, s, z, GROUP, None) for p, s, z in w.int4],
@@ -245,20 +220,25 @@ def shape_cases(
                 for p, s, z in w.int4
             ]
             cases["int4 tl.dot, one row"] = ("int4", calls)
-        for cfg in _triton.INT4_ROW:
-            if cfg[1] % GROUP:
-                continue
-            calls = [
-                forced(
-                    _triton._int4_row_kernel,
-                    cfg,
-                    x,
-                    (p, s, z, s, (p.stride(0), s.stride(0))),
-                    {"GROUP": GROUP, "HAS_BIAS": False},
-                )
-                for p, s, z in w.int4
-            ]
-            cases[f"int4 {cfg}"] = ("int4", calls)
+        byte_args = [(p, s, z, s, (p.stride(0), s.stride(0))) for p, s, z in w.int4]
+        # the interleaved kernel's scales and zero points: one tensor, the zeros by offset
+        interleaved_args = []
+        for t in w.interleaved:
+            sz = t.scales_and_zeros
+            interleaved_args.append(
+                (t.weight, sz, sz, (t.weight.stride(0), sz.stride(1), sz.stride(0), _triton.INT4_MAGIC))
+            )
+        # Every one-row int4 config, forced: (label, kernel, table, per-copy arguments; the bias slot unused)
+        for label, kernel, table, copies in (
+            ("int4", _triton._int4_row_kernel, _triton.INT4_ROW, byte_args),
+            ("int4 interleaved", _triton._int4_interleaved_kernel, _triton.INT4_INTERLEAVED, interleaved_args),
+        ):
+            for cfg in table:
+                if cfg[1] % GROUP:
+                    continue
+                constexprs = {"GROUP": GROUP, "HAS_BIAS": False, **({"PREFETCH": cfg[3]} if len(cfg) > 3 else {})}
+                calls = [forced(kernel, cfg[:3], x, args, constexprs) for args in copies]
+                cases[f"{label} {cfg}"] = ("int4", calls)
     return cases
 
 
@@ -296,7 +276,10 @@ def run_shapes(
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
         cases = shape_cases(w, x, formats, wide, dot)
         if only:
-            cases = {name: case for name, case in cases.items() if any(word in name for word in only)}
+            kept = {name: case for name, case in cases.items() if any(word in name for word in only)}
+            if not kept:
+                raise SystemExit(f"--only {','.join(only)}: no case of {n}x{k} matches ({', '.join(cases)})")
+            cases = kept
         errors = check(cases, w, x)
         row = dict(n=n, k=k, copies=copies, cases={})
         for name, (fmt, calls) in cases.items():

@@ -23,6 +23,7 @@ import hashlib
 import json
 import re
 import sys
+import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,15 +73,22 @@ def compile_kernel(kernel, signature: dict, constexprs: dict, warps: int, arch: 
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options).asm
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def offline_arguments(doc: str, what: str, argv=None) -> tuple[argparse.Namespace, types.ModuleType]:
+    """The ``--arch`` / ``--out`` arguments of the offline compile tools (this one, ``sass_loop.py``)
+    and ``quantcore_torch._triton``; an argument error where Triton is missing."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (Hopper), 80 (Ampere)")
-    parser.add_argument("--out", type=Path, default=None, help="also write the fingerprints as JSON")
+    parser.add_argument("--out", type=Path, default=None, help=f"also write the {what} as JSON")
     args = parser.parse_args(argv)
     try:
         from quantcore_torch import _triton
     except ImportError as exc:
         parser.error(f"needs triton (pip install triton): {exc}")
+    return args, _triton
+
+
+def main(argv=None) -> int:
+    args, _triton = offline_arguments(__doc__, "fingerprints", argv)
 
     kernels = [
         ("int8", _triton._int8_row_kernel, _I8, {"HAS_BIAS": False}, _triton.INT8_ROW),

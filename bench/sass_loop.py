@@ -17,7 +17,6 @@ Usage (needs ``triton``)::
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -75,16 +74,9 @@ def main_loop(sass: str) -> Counter:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (Hopper)")
-    parser.add_argument("--out", type=Path, default=None, help="also write the counts as JSON")
-    args = parser.parse_args(argv)
-    try:
-        from quantcore_torch import _triton
-    except ImportError as exc:
-        parser.error(f"needs triton (pip install triton): {exc}")
+    args, _triton = ptx_fingerprint.offline_arguments(__doc__, "counts", argv)
     if not nvdisasm_path().is_file():
-        parser.error(f"this triton ships no nvdisasm (looked for {nvdisasm_path()})")
+        sys.exit(f"this triton ships no nvdisasm (looked for {nvdisasm_path()})")
     i8, i4 = ptx_fingerprint._I8, ptx_fingerprint._I4
     i8m, i4m = dict(i8, M="i32"), dict(i4, M="i32")
     i4i = {k: v for k, v in i4.items() if k not in ("s_ptr", "z_ptr")}
