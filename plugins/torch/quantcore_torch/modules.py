@@ -258,9 +258,10 @@ class WeightOnlyLinear(WeightOnlyStorage):
     input's dtype. Buffers: ``qweight``, ``scale`` and (int4) ``zero``; ``bias`` is a parameter.
     :mod:`quantcore_torch.kernels` picks the kernel where the tensors live (and dequantize +
     ``F.linear`` where no kernel fits); an int4 layer also keeps its weight in the layout of the
-    kernel for its device (``kernel_layout``: the CPU kernel's, or tinygemm's on CUDA; about the
-    size of ``qweight``; not saved, not counted in the module's size), rebuilt whenever the module
-    is built, loaded or moved.
+    kernel for its device (``kernel_layout``: the CPU kernel's, or on CUDA tinygemm's or the
+    interleaved Triton kernel's, per ``kernels.INT4_CUDA_KERNEL``; about the size of ``qweight``;
+    not saved, not counted in the module's size), rebuilt whenever the module is built, loaded or
+    moved.
 
     The constructor allocates uninitialised storage (pass ``device="meta"`` for a skeleton to load
     a state dict into); :meth:`from_linear` quantizes an existing ``nn.Linear``.
