@@ -884,10 +884,17 @@ _INT4_INTERLEAVED = _Launcher(_int4_interleaved_kernel, pdl=True)
 
 def _int4_interleaved_launch(x, words, scales_and_zeros, group_size: int, bias):
     """One row ``x [..., K]`` (contiguous) through :func:`_int4_interleaved_kernel`."""
+    k = x.shape[-1]
+    sz_shape = scales_and_zeros.shape  # [2, N, groups]
+    if words.shape[1] * 8 != k or sz_shape[2] * group_size != k or sz_shape[1] != words.shape[0]:
+        raise ValueError(
+            f"an interleaved int4 weight of {words.shape[1] * 8} inputs and {tuple(scales_and_zeros.shape)} scales "
+            f"and zero points does not fit an input of {x.shape[-1]} features in groups of {group_size}"
+        )
     if x.data_ptr() % 4:  # the kernel reads the input as 32-bit pairs
         x = x.clone()
     sz = scales_and_zeros
-    n, k = words.shape[0], x.shape[-1]
+    n = words.shape[0]
     y = x.new_empty((*x.shape[:-1], n))
     args = (x, words, sz, sz if bias is None else bias, y, n, k, words.stride(0), sz.stride(1), sz.stride(0))
     args += (INT4_MAGIC,)

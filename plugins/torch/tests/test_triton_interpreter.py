@@ -305,3 +305,8 @@ def test_the_interleaved_wrapper_launches_its_kernel_with_the_right_arguments(ke
         assert out.shape == (1, n) and out.dtype == torch.float16
         assert _error(out, ref) < ROUNDING[torch.float16]
     assert kernels._INT4_INTERLEAVED.compiled or not kernels._INT4_INTERLEAVED.direct
+    # A layout of another weight's shape is refused before anything launches.
+    with pytest.raises(ValueError, match="does not fit an input of 256 features in groups of 128"):
+        kernels.int4_interleaved_mm(x[:, :256], layout.weight, layout.scales_and_zeros, group, bias)
+    with pytest.raises(ValueError, match="does not fit"):
+        kernels.int4_interleaved_mm(x, layout.weight, layout.scales_and_zeros[:, :, :2], group, bias)
