@@ -170,12 +170,34 @@ def wide_int8_configs() -> list[tuple[int, int, int, int]]:
     return configs
 
 
+def wide_int4_configs(k: int) -> list[tuple[int, int, int, bool]]:
+    """Candidate interleaved int4 configs beyond ``INT4_INTERLEAVED`` for ``k`` inputs:
+    ``(BLOCK_N, BLOCK_K, num_warps, PREFETCH)`` with 4 to 32 weight words a thread a tile (16 to
+    128 bytes), ``BLOCK_K`` at most ``k``; prefetched (two tiles in registers) up to 16 words."""
+    configs = []
+    for n in (2, 4, 8, 16):
+        for block_k in (512, 1024, 2048, 4096):
+            for warps in (1, 2, 4, 8):
+                words = n * block_k // 8 // (32 * warps)
+                if 4 <= words <= 32 and block_k <= max(k, 512):
+                    configs += [
+                        (n, block_k, warps, prefetch) for prefetch in (False, True) if words <= 16 or not prefetch
+                    ]
+    return configs
+
+
 def shape_cases(
-    w: Weights, x: torch.Tensor, formats: set[str], wide: bool = False, dot: bool = False
+    w: Weights,
+    x: torch.Tensor,
+    formats: set[str],
+    wide: bool = False,
+    dot: bool = False,
+    wide_int4: bool = False,
 ) -> dict[str, tuple[str, list]]:
     """name -> (format whose bytes it moves, one call per weight copy). ``wide``: int8 over
     ``wide_int8_configs()`` instead of ``INT8_ROW``. ``dot``: also the ``tl.dot`` kernels on the
-    one row (:func:`dot_one_row`)."""
+    one row (:func:`dot_one_row`). ``wide_int4``: the interleaved kernel over
+    ``wide_int4_configs()`` instead of ``INT4_INTERLEAVED``."""
     from quantcore_torch import _triton, kernels
 
     cases: dict[str, tuple[str, list]] = {}
@@ -231,7 +253,12 @@ def shape_cases(
         # Every one-row int4 config, forced: (label, kernel, table, per-copy arguments; the bias slot unused)
         for label, kernel, table, copies in (
             ("int4", _triton._int4_row_kernel, _triton.INT4_ROW, byte_args),
-            ("int4 interleaved", _triton._int4_interleaved_kernel, _triton.INT4_INTERLEAVED, interleaved_args),
+            (
+                "int4 interleaved",
+                _triton._int4_interleaved_kernel,
+                wide_int4_configs(w.k) if wide_int4 else _triton.INT4_INTERLEAVED,
+                interleaved_args,
+            ),
         ):
             for cfg in table:
                 if cfg[1] % GROUP:
@@ -267,6 +294,7 @@ def run_shapes(
     wide: bool = False,
     dot: bool = False,
     only: list[str] | None = None,
+    wide_int4: bool = False,
 ) -> list[dict]:
     rows = []
     for n, k in dict.fromkeys(linears(model, fused)[1]):
@@ -274,7 +302,7 @@ def run_shapes(
         copies = max(4, -(-stream_mib * 2**20 // (bytes_bf16 if "bf16" in formats else n * k)))
         w = Weights(n, k, copies, formats)
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-        cases = shape_cases(w, x, formats, wide, dot)
+        cases = shape_cases(w, x, formats, wide, dot, wide_int4)
         if only:
             kept = {name: case for name, case in cases.items() if any(word in name for word in only)}
             if not kept:
@@ -372,6 +400,11 @@ def main(argv=None) -> int:
         "--wide-int8", action="store_true", help="sweep int8 over a wider grid of configs, num_stages included"
     )
     parser.add_argument(
+        "--wide-int4",
+        action="store_true",
+        help="sweep the interleaved int4 kernel over a wider grid of configs (prefetch included)",
+    )
+    parser.add_argument(
         "--dot", action="store_true", help="also the tl.dot kernels on the one row (tensor cores, a 16-row tile)"
     )
     parser.add_argument(
@@ -399,7 +432,15 @@ def main(argv=None) -> int:
         if not args.no_shapes:
             only = [word.strip() for word in args.only.split(",") if word.strip()]
             report["shapes"] = run_shapes(
-                args.model, formats, args.stream_mib, bandwidth, args.fused, args.wide_int8, args.dot, only
+                args.model,
+                formats,
+                args.stream_mib,
+                bandwidth,
+                args.fused,
+                args.wide_int8,
+                args.dot,
+                only,
+                args.wide_int4,
             )
         if args.stack:
             report["stack"] = run_stack(args.model, bandwidth, args.fused)
