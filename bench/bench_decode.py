@@ -33,9 +33,10 @@ A method suffix ``@triton``, ``@interleaved`` or ``@tinygemm`` (``int4-torch@int
 kernel torch_wo int4 runs on CUDA (``QUANTCORE_INT4_CUDA_KERNEL``, for the quantization and the
 fusion), to compare them. A suffix ``+fused``
 (``int8-torch+fused``, ``int4-torch@triton+fused``) also runs ``quantcore_torch.fuse_projections``
-on the quantized model: q/k/v and gate/up as one kernel call each; ``+glu`` (``int8-torch+glu``)
-does that and runs each MLP's activation inside its int8 down projection's kernel
-(``fuse_projections(activation=True)``). ``+pdl`` launches torch_wo's
+on the quantized model: q/k/v and gate/up as one kernel call each; ``+glu`` (``int8-torch+glu``,
+``int4-torch@interleaved+glu``) does that and runs each MLP's activation in the fused gate/up
+kernel's epilogue (``fuse_projections(activation=True)``), ``+glu-down`` inside the int8 down
+projection's kernel instead (``activation="down"``). ``+pdl`` launches torch_wo's
 one-row Triton kernels programmatically inside CUDA graphs (``QUANTCORE_TRITON_PDL``, Hopper and
 later), ``+inductor-pdl`` inductor's kernels (``TORCHINDUCTOR_ENABLE_PDL``); suffixes combine
 (``int8-torch+fused+pdl+inductor-pdl``, ``bf16+inductor-pdl``). ``+pdl+inductor-pdl`` is what a
@@ -92,7 +93,9 @@ def build_model(name: str, device: str, max_len: int):
     return model.eval()
 
 
-SUFFIXES = ("fused", "glu", "pdl", "inductor-pdl")
+SUFFIXES = ("fused", "glu", "glu-down", "pdl", "inductor-pdl")
+# The suffixes that fuse projections, and where each runs the MLP's activation (fuse_projections' activation).
+FUSING = {"fused": False, "glu": True, "glu-down": "down"}
 
 
 def split_method(method: str) -> tuple[str, set[str]]:
@@ -138,7 +141,7 @@ def make_variant(base, method: str):
     """A copy of ``base`` quantized with the preset ``method`` (``bf16``: the copy as it is)."""
     spec, suffixes = split_method(method)
     if spec == "bf16":
-        if suffixes & {"fused", "glu"}:
+        if suffixes & FUSING.keys():
             raise ValueError(f"{method}: bf16 has no quantized projections to fuse")
         return copy.deepcopy(base)
     import quantcore
@@ -156,14 +159,18 @@ def make_variant(base, method: str):
         chosen = _patched(kernels, "INT4_CUDA_KERNEL", kernel)
     with chosen:
         quantcore.quantize(model, resolve_method(preset), progress=False)
-        if suffixes & {"fused", "glu"}:
+        fusing = sorted(suffixes & FUSING.keys())
+        if len(fusing) > 1:
+            raise ValueError(f"{method}: one of {', '.join('+' + f for f in FUSING)}, not {fusing}")
+        if fusing:
             from quantcore_torch.fusion import fuse_projections
 
-            report = fuse_projections(model, activation="glu" in suffixes)
+            activation = FUSING[fusing[0]]
+            report = fuse_projections(model, activation=activation)
             if not report.fused:
                 raise ValueError(f"{method}: no projections were fused ({report})")
-            if "glu" in suffixes and not report.activations:
-                raise ValueError(f"{method}: no MLP runs its activation in the down projection ({report})")
+            if activation and not report.activations:
+                raise ValueError(f"{method}: no MLP runs its activation in a kernel ({report})")
     return model
 
 

@@ -43,7 +43,16 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["dequantize_int4", "dequantize_int8", "int4_interleaved_mm", "int4_mm", "int8_glu_mm", "int8_mm"]
+__all__ = [
+    "dequantize_int4",
+    "dequantize_int8",
+    "int4_interleaved_gate_up_mm",
+    "int4_interleaved_mm",
+    "int4_mm",
+    "int8_gate_up_mm",
+    "int8_glu_mm",
+    "int8_mm",
+]
 
 
 # One row (batch-1 decode) is a reduction: each program owns BLOCK_N output rows and streams their
@@ -165,6 +174,40 @@ def _store_rows(out, b_ptr, y_ptr, rm, rn, m_mask, n_mask, N, HAS_BIAS: tl.const
 
 
 @triton.jit
+def _tile_rows(N, BLOCK_N: tl.constexpr, GATE_UP: tl.constexpr):
+    """A one-row kernel's output rows (weight rows) and the mask of those that exist. ``GATE_UP``:
+    the weight's ``N`` rows are a gated MLP's gate (the first ``N // 2``) then up projections, and
+    a tile takes ``BLOCK_N // 2`` of each, alternating gate ``j``, up ``j`` (see :func:`_store_gate_up`)."""
+    r = tl.arange(0, BLOCK_N)
+    if GATE_UP:
+        half = N // 2
+        j = tl.program_id(0) * (BLOCK_N // 2) + r // 2
+        return j + (r % 2) * half, j < half
+    else:
+        rn = tl.program_id(0) * BLOCK_N + r
+        return rn, rn < N
+
+
+@triton.jit
+def _silu(x, dtype):
+    """``silu(x)`` of fp32 ``x`` rounded to ``dtype``, as PyTorch's kernel computes it for fp16 / bf16."""
+    return (x / (1.0 + tl.exp(-x))).to(dtype).to(tl.float32)
+
+
+@triton.jit
+def _store_gate_up(out, b_ptr, y_ptr, rn, n_mask, N, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """A one-row kernel's epilogue on a gated MLP's gate/up rows (:func:`_tile_rows`):
+    ``y[j] = silu(gate[j]) * up[j]``, each projection's output, the activation and the product
+    rounded to ``y``'s dtype as the unfused projections and eager PyTorch round them."""
+    dtype = y_ptr.dtype.element_ty
+    if HAS_BIAS:
+        out += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
+    gate, up = tl.split(tl.reshape(out.to(dtype).to(tl.float32), (BLOCK_N // 2, 2)))
+    j = tl.program_id(0) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+    tl.store(y_ptr + j, (_silu(gate, dtype) * up).to(dtype), mask=j < N // 2)
+
+
+@triton.jit
 def _row_input(x_ptr, kk, K, GLU: tl.constexpr):
     """A one-row kernel's input at columns ``kk`` as fp32. ``GLU``: ``x`` holds ``2K`` values, a gated
     MLP's gate then up halves, and the input is ``silu(gate) * up``, each rounded to the input's
@@ -172,14 +215,12 @@ def _row_input(x_ptr, kk, K, GLU: tl.constexpr):
     if GLU:
         g = tl.load(x_ptr + kk, mask=kk < K, other=0.0)
         u = tl.load(x_ptr + K + kk, mask=kk < K, other=0.0)
-        gf = g.to(tl.float32)
-        act = (gf / (1.0 + tl.exp(-gf))).to(g.dtype).to(tl.float32)
-        return (act * u.to(tl.float32)).to(g.dtype).to(tl.float32)
+        return (_silu(g.to(tl.float32), g.dtype) * u.to(tl.float32)).to(g.dtype).to(tl.float32)
     else:
         return tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
 
 
-@triton.autotune(configs=_configs(INT8_ROW, "BLOCK_K"), key=["N", "K", "GLU"])
+@triton.autotune(configs=_configs(INT8_ROW, "BLOCK_K"), key=["N", "K", "GLU", "GATE_UP"])
 @triton.jit
 def _int8_row_kernel(
     x_ptr,
@@ -195,14 +236,15 @@ def _int8_row_kernel(
     BLOCK_K: tl.constexpr,
     USE_GDC: tl.constexpr = False,
     GLU: tl.constexpr = False,
+    GATE_UP: tl.constexpr = False,
 ):
     """``y[n] = scale[n] * sum_k x[k] * w[n, k] + bias[n]`` for one row ``x``: a ``[BLOCK_N, BLOCK_K]``
     int8 tile a step, products summed in fp32 and reduced once at the end. ``USE_GDC``: launched as a
     programmatic dependent launch (see ``PDL``). ``GLU``: ``x`` is a gated MLP's gate and up halves
-    (see :func:`_row_input`)."""
-    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    (see :func:`_row_input`). ``GATE_UP``: the weight is a gated MLP's gate and up projections
+    stacked, and ``y`` (``N // 2`` wide) gets ``silu(gate) * up`` (see :func:`_store_gate_up`)."""
+    rn, n_mask = _tile_rows(N, BLOCK_N, GATE_UP)
     rk = tl.arange(0, BLOCK_K)
-    n_mask = rn < N
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
@@ -222,7 +264,10 @@ def _int8_row_kernel(
     if USE_GDC:
         tl.extra.cuda.gdc_launch_dependents()
     out = tl.sum(acc, axis=1) * tl.load(s_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
-    _store_row(out, b_ptr, y_ptr, rn, n_mask, HAS_BIAS)
+    if GATE_UP:
+        _store_gate_up(out, b_ptr, y_ptr, rn, n_mask, N, BLOCK_N, HAS_BIAS)
+    else:
+        _store_row(out, b_ptr, y_ptr, rn, n_mask, HAS_BIAS)
 
 
 @triton.autotune(
@@ -317,7 +362,7 @@ def _offset_nibble(magic, word, SHIFT: tl.constexpr):
 
 @triton.autotune(
     configs=_configs(INT4_INTERLEAVED, "BLOCK_K", extra=("PREFETCH",)),
-    key=["N", "K", "GROUP"],
+    key=["N", "K", "GROUP", "GATE_UP"],
     prune_configs_by={"early_config_prune": _prune_groups},
 )
 @triton.jit
@@ -339,6 +384,7 @@ def _int4_interleaved_kernel(
     BLOCK_K: tl.constexpr,
     PREFETCH: tl.constexpr = False,
     USE_GDC: tl.constexpr = False,
+    GATE_UP: tl.constexpr = False,
 ):
     """The int4 one-row kernel on the interleaved layout (``kernels.interleave_int4``): ``K`` a
     multiple of ``GROUP`` (a power of two, 8 or more), ``x`` 4-byte aligned, ``stride_wn`` in words;
@@ -357,13 +403,14 @@ def _int4_interleaved_kernel(
     (M_i + q_i) x_i)``. A weight costs a LOP3 and a multiply-add. The offsets cost precision: the
     sums carry 1e-5 to 4e-5 of their size in fp32 rounding, well below the rounding of the
     reference path's fp16 / bf16 weight. ``PREFETCH``: the next weight tile loads before this
-    one's arithmetic (registers for two tiles).
+    one's arithmetic (registers for two tiles). ``GATE_UP``: the weight is a gated MLP's gate and
+    up projections stacked, and ``y`` (``N // 2`` wide) gets ``silu(gate) * up`` (see
+    :func:`_store_gate_up`).
     """
     GROUPS: tl.constexpr = BLOCK_K // GROUP
     WPG: tl.constexpr = GROUP // 8  # words a group, a row
     BF16: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16
-    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = rn < N
+    rn, n_mask = _tile_rows(N, BLOCK_N, GATE_UP)
     rg = tl.arange(0, GROUPS)
     rj = tl.arange(0, WPG)
     words = K // 8
@@ -418,7 +465,11 @@ def _int4_interleaved_kernel(
             word = upcoming
     if USE_GDC:
         tl.extra.cuda.gdc_launch_dependents()
-    _store_row(tl.sum(tl.sum(acc, axis=2), axis=0), b_ptr, y_ptr, rn, n_mask, HAS_BIAS)
+    out = tl.sum(tl.sum(acc, axis=2), axis=0)
+    if GATE_UP:
+        _store_gate_up(out, b_ptr, y_ptr, rn, n_mask, N, BLOCK_N, HAS_BIAS)
+    else:
+        _store_row(out, b_ptr, y_ptr, rn, n_mask, HAS_BIAS)
 
 
 @triton.autotune(configs=_configs(_INT8_DOT, "BLOCK_K", stages=3), key=["M", "N", "K"])
@@ -795,7 +846,7 @@ _INT8 = _Kernels(
     _Launcher(_int8_row_kernel, pdl=True),
     _Launcher(_int8_dot_kernel),
     row_needs_even_k=False,
-    row_constexprs={"USE_GDC": False, "GLU": False},
+    row_constexprs={"USE_GDC": False, "GLU": False, "GATE_UP": False},
 )
 # The int4 row kernel reads the input as 32-bit pairs (_int4_launch gives it an aligned one).
 _INT4 = _Kernels(
@@ -825,14 +876,17 @@ def _launch(
     key: tuple,
     constexprs: dict,
     glu: bool = False,
+    gate_up: bool = False,
 ):
     """Run a format's kernel on ``x [..., K]`` (contiguous): the kernels share their output and size
     arguments (``inputs..., y, [M,] N, K, strides...``); the one-row kernel has no ``M``. ``glu``:
-    ``x [..., 2K]`` holds a gated MLP's gate and up halves, for the one-row kernel (one row only)."""
+    ``x [..., 2K]`` holds a gated MLP's gate and up halves; ``gate_up``: the weight's rows are a
+    gated MLP's gate then up projections and ``y`` gets ``silu(gate) * up`` (``N // 2`` wide): both
+    for the one-row kernel (one row only)."""
     width = x.shape[-1]
     k = width // 2 if glu else width
     m = x.numel() // width
-    y = x.new_empty((*x.shape[:-1], n))
+    y = x.new_empty((*x.shape[:-1], n // 2 if gate_up else n))
     if m == 1 and not (kernels.row_needs_even_k and k % 2):
         launcher, args = kernels.row, (*inputs, y, n, k, *strides)
         # Kept (every call after a shape's first) and on the current device: launched now.
@@ -841,11 +895,11 @@ def _launch(
         constexprs = {**constexprs, **kernels.row_constexprs}
         if glu:
             constexprs["GLU"] = True
-
-        def grid(meta):
-            return (triton.cdiv(n, meta["BLOCK_N"]), 1)
-    elif glu:
-        raise ValueError(f"the gated input runs one row at a time, got {m} rows")
+        if gate_up:
+            constexprs["GATE_UP"] = True
+        grid = _row_grid(n, gate_up)
+    elif glu or gate_up:
+        raise ValueError(f"the gated {'input' if glu else 'output'} runs one row at a time, got {m} rows")
     else:
         block_m = 16 if m <= 16 else 32
         launcher, args = kernels.dot, (*inputs, y, m, n, k, *strides)
@@ -858,13 +912,33 @@ def _launch(
     return y
 
 
+def _row_grid(n: int, gate_up: bool):
+    """A one-row kernel's grid for ``n`` weight rows: ``BLOCK_N`` of them a program, or with
+    ``gate_up`` ``BLOCK_N // 2`` gate rows and as many up rows (see ``_tile_rows``)."""
+    if gate_up:
+        return lambda meta: (triton.cdiv(n // 2, meta["BLOCK_N"] // 2), 1)
+    return lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), 1)
+
+
+def _check_gate_up(n: int) -> None:
+    if n % 2:
+        raise ValueError(f"a gated MLP's stacked gate and up projections have an even number of rows, got {n}")
+
+
 def _int8_launch(
-    x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, glu: bool = False
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    glu: bool = False,
+    gate_up: bool = False,
 ):
+    if gate_up:
+        _check_gate_up(qweight.shape[0])
     inputs = (x, qweight, scale, scale if bias is None else bias)
-    key = (*_key(x, qweight, scale, bias), glu)
+    key = (*_key(x, qweight, scale, bias), glu, gate_up)
     constexprs = {"HAS_BIAS": bias is not None}
-    return _launch(_INT8, x, inputs, qweight.shape[0], (qweight.stride(0),), key, constexprs, glu)
+    return _launch(_INT8, x, inputs, qweight.shape[0], (qweight.stride(0),), key, constexprs, glu, gate_up)
 
 
 def _int4_launch(x, packed, scale, zero, group_size: int, bias):
@@ -882,8 +956,9 @@ def _int4_launch(x, packed, scale, zero, group_size: int, bias):
 _INT4_INTERLEAVED = _Launcher(_int4_interleaved_kernel, pdl=True)
 
 
-def _int4_interleaved_launch(x, words, scales_and_zeros, group_size: int, bias):
-    """One row ``x [..., K]`` (contiguous) through :func:`_int4_interleaved_kernel`."""
+def _int4_interleaved_launch(x, words, scales_and_zeros, group_size: int, bias, gate_up: bool = False):
+    """One row ``x [..., K]`` (contiguous) through :func:`_int4_interleaved_kernel` (``gate_up``: see
+    :func:`_launch`)."""
     k = x.shape[-1]
     sz_shape = scales_and_zeros.shape  # [2, N, groups]
     if words.shape[1] * 8 != k or sz_shape[2] * group_size != k or sz_shape[1] != words.shape[0]:
@@ -895,14 +970,16 @@ def _int4_interleaved_launch(x, words, scales_and_zeros, group_size: int, bias):
         x = x.clone()
     sz = scales_and_zeros
     n = words.shape[0]
-    y = x.new_empty((*x.shape[:-1], n))
+    if gate_up:
+        _check_gate_up(n)
+    y = x.new_empty((*x.shape[:-1], n // 2 if gate_up else n))
     args = (x, words, sz, sz if bias is None else bias, y, n, k, words.stride(0), sz.stride(1), sz.stride(0))
     args += (INT4_MAGIC,)
-    key = (*_key(x, words, sz, bias), group_size, "interleaved")
+    key = (*_key(x, words, sz, bias), group_size, "interleaved", gate_up)
     if _INT4_INTERLEAVED.run_kept(key, args):
         return y
-    constexprs = {"GROUP": group_size, "HAS_BIAS": bias is not None, "USE_GDC": False}
-    _eager(_INT4_INTERLEAVED, key, x, lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), 1), args, constexprs)
+    constexprs = {"GROUP": group_size, "HAS_BIAS": bias is not None, "USE_GDC": False, "GATE_UP": gate_up}
+    _eager(_INT4_INTERLEAVED, key, x, _row_grid(n, gate_up), args, constexprs)
     return y
 
 
@@ -945,6 +1022,18 @@ def _(h, qweight, scale, bias):
     return h.new_empty((*h.shape[:-1], qweight.shape[0]))
 
 
+@torch.library.custom_op("quantcore_torch::int8_gate_up_mm", mutates_args=())
+def _int8_gate_up_mm_op(
+    x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    return _int8_launch(x.contiguous(), qweight, scale, bias, gate_up=True)
+
+
+@_int8_gate_up_mm_op.register_fake
+def _(x, qweight, scale, bias):
+    return x.new_empty((*x.shape[:-1], qweight.shape[0] // 2))
+
+
 @torch.library.custom_op("quantcore_torch::int4_mm", mutates_args=())
 def _int4_mm_op(
     x: torch.Tensor,
@@ -974,6 +1063,18 @@ def _(x, words, scales_and_zeros, group_size, bias):
     return x.new_empty((*x.shape[:-1], words.shape[0]))
 
 
+@torch.library.custom_op("quantcore_torch::int4_interleaved_gate_up_mm", mutates_args=())
+def _int4_interleaved_gate_up_mm_op(
+    x: torch.Tensor, words: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, bias: torch.Tensor | None
+) -> torch.Tensor:
+    return _int4_interleaved_launch(x.contiguous(), words, scales_and_zeros, group_size, bias, gate_up=True)
+
+
+@_int4_interleaved_gate_up_mm_op.register_fake
+def _(x, words, scales_and_zeros, group_size, bias):
+    return x.new_empty((*x.shape[:-1], words.shape[0] // 2))
+
+
 def int8_mm(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``x [..., K] @ (qweight [N, K] * scale[:, None]).T + bias``, in ``x.dtype`` (fp16 / bf16).
 
@@ -992,6 +1093,17 @@ def int8_glu_mm(h: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bia
     if torch.compiler.is_compiling():
         return _int8_glu_mm_op(h, qweight, scale, bias)
     return _int8_launch(h if h.is_contiguous() else h.contiguous(), qweight, scale, bias, glu=True)
+
+
+def int8_gate_up_mm(
+    x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """``silu(gate) * up`` for one row ``x`` and a gated MLP's gate and up projections stacked in
+    ``qweight [N, K]`` (gate rows first): :func:`int8_mm`'s ``[..., N]`` output halved in the
+    kernel's epilogue, ``[..., N // 2]``, rounded as the unfused projections and activation round."""
+    if torch.compiler.is_compiling():
+        return _int8_gate_up_mm_op(x, qweight, scale, bias)
+    return _int8_launch(x if x.is_contiguous() else x.contiguous(), qweight, scale, bias, gate_up=True)
 
 
 def int4_mm(
@@ -1023,4 +1135,17 @@ def int4_interleaved_mm(
         return _int4_interleaved_mm_op(x, words, scales_and_zeros, group_size, bias)
     return _int4_interleaved_launch(
         x if x.is_contiguous() else x.contiguous(), words, scales_and_zeros, group_size, bias
+    )
+
+
+def int4_interleaved_gate_up_mm(
+    x: torch.Tensor, words: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """:func:`int4_interleaved_mm` on a gated MLP's gate and up projections stacked (gate rows
+    first), returning ``silu(gate) * up`` (``[..., N // 2]``) from the kernel's epilogue (see
+    :func:`int8_gate_up_mm`)."""
+    if torch.compiler.is_compiling():
+        return _int4_interleaved_gate_up_mm_op(x, words, scales_and_zeros, group_size, bias)
+    return _int4_interleaved_launch(
+        x if x.is_contiguous() else x.contiguous(), words, scales_and_zeros, group_size, bias, gate_up=True
     )

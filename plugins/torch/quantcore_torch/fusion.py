@@ -43,9 +43,11 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from . import kernels
 from .modules import WeightOnlyLinear
 
 __all__ = [
+    "ACTIVATION_PLACES",
     "DEFAULT_GROUPS",
     "GATED_MLPS",
     "FusedProjections",
@@ -65,8 +67,13 @@ DEFAULT_GROUPS: tuple[tuple[str, ...], ...] = (
 _STORAGE = ("qweight", "scale", "zero")
 
 #: transformers' gated MLPs whose forward is ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``:
-#: with ``activation=True`` and a SiLU ``act_fn``, the activation can run in ``down_proj``'s kernel.
+#: with ``activation`` and a SiLU ``act_fn``, the activation can run in a projection's kernel.
 GATED_MLPS: tuple[str, ...] = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
+
+#: Where ``fuse_projections(activation=...)`` runs a gated MLP's activation: the fused gate/up
+#: kernel's epilogue (``"gate_up"``, what ``True`` means) or the int8 down projection's input
+#: (``"down"``).
+ACTIVATION_PLACES: tuple[str, ...] = ("gate_up", "down")
 
 
 @dataclass
@@ -75,13 +82,16 @@ class FusionReport:
 
     fused: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
-    #: Gated MLPs whose activation runs inside their down projection (``activation=True``).
+    #: Gated MLPs whose activation runs inside a projection's kernel (``activation``).
     activations: list[str] = field(default_factory=list)
+    #: Where it runs: ``"gate_up"`` or ``"down"`` (:data:`ACTIVATION_PLACES`), ``None`` without ``activation``.
+    activation_place: str | None = None
 
     def __str__(self) -> str:
         lines = [f"fused {len(self.fused)} group(s) of projections, skipped {len(self.skipped)}"]
         if self.activations:
-            lines.append(f"  {len(self.activations)} gated MLP(s) run their activation in the down projection")
+            where = "the gate/up kernel" if self.activation_place == "gate_up" else "the down projection"
+            lines.append(f"  {len(self.activations)} gated MLP(s) run their activation in {where}")
         lines += [f"  skipped {name}: {reason}" for name, reason in self.skipped.items()]
         return "\n".join(lines)
 
@@ -229,6 +239,13 @@ class FusedProjections:
             self.refresh()
         return None if self.linear is None else self.linear(x)
 
+    def gated(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``silu(gate) * up`` for ``x`` from a gated MLP's (gate, up) group (see
+        :meth:`WeightOnlyLinear.gate_up_forward`), or ``None`` if the group is inactive."""
+        if not torch.compiler.is_compiling() and not self.is_current():
+            self.refresh()
+        return None if self.linear is None else self.linear.gate_up_forward(x)
+
     def forward(self, x: torch.Tensor, index: int) -> torch.Tensor | None:
         """Member ``index``'s output for ``x`` (a slice of the stack's), or ``None`` if the group is inactive."""
         start, stop = self.bounds[index]
@@ -282,16 +299,18 @@ def _groups_of(
 
 
 class _GatedMLP(NamedTuple):
-    """What a gated MLP's patched forward runs: its projections as fused, and their group."""
+    """What a gated MLP's patched forward runs: its projections as fused, their group, and where
+    the activation runs (:data:`ACTIVATION_PLACES`)."""
 
     gate: WeightOnlyLinear
     up: WeightOnlyLinear
-    down: WeightOnlyLinear
+    down: nn.Module
     group: FusedProjections
+    place: str
 
 
-def _gated_mismatch(mlp: nn.Module, gated_mlps: Sequence[str]) -> str | None:
-    """Why ``mlp``'s activation cannot run in its down projection's kernel, or ``None`` if it can."""
+def _gated_mismatch(mlp: nn.Module, gated_mlps: Sequence[str], place: str) -> str | None:
+    """Why ``mlp``'s activation cannot run in a kernel at ``place``, or ``None`` if it can."""
     if type(mlp).__name__ not in gated_mlps:
         return f"{type(mlp).__name__} is not a known gated MLP (GATED_MLPS)"
     act = getattr(mlp, "act_fn", None)
@@ -301,6 +320,15 @@ def _gated_mismatch(mlp: nn.Module, gated_mlps: Sequence[str]) -> str | None:
     fused = getattr(gate, "_fused", None)
     if fused is None or fused[0].members != (gate, up) or fused[0].linear is None:
         return "gate_proj and up_proj do not run as one fused group, gate first"
+    if gate.out_features != up.out_features:
+        return f"gate_proj and up_proj differ in outputs ({gate.out_features}, {up.out_features})"
+    if place == "gate_up":
+        if gate.bits == 4 and kernels.INT4_CUDA_KERNEL != "interleaved":
+            return (
+                "the int4 gate/up kernel takes the activation on the interleaved layout only "
+                f"(QUANTCORE_INT4_CUDA_KERNEL=interleaved; it is {kernels.INT4_CUDA_KERNEL})"
+            )
+        return None
     if not isinstance(down, WeightOnlyLinear):
         return f"down_proj is {type(down).__name__}, not a torch_wo layer"
     if down.bits != 8:
@@ -317,23 +345,28 @@ def _plain(module: nn.Module) -> bool:
 
 
 def _gated_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A gated MLP's forward with its activation in the down projection's kernel: the fused gate/up
-    output goes whole to ``down_proj.gated_forward``. Anything it cannot vouch for (gradients into
-    ``x``, a projection replaced or hooked since, an inactive group) runs the class's forward."""
+    """A gated MLP's forward with its activation in a kernel: the fused gate/up kernel's epilogue
+    (``silu(gate) * up`` from ``group.gated``, then ``down_proj`` as it is) or the int8 down
+    projection's input (the fused gate/up output whole to ``down_proj.gated_forward``). Anything
+    it cannot vouch for (gradients into ``x``, a projection replaced or hooked since, an inactive
+    group) runs the class's forward."""
     parts: _GatedMLP = self._quantcore_gated
     mods = self._modules
     if (
         not (torch.is_grad_enabled() and x.requires_grad)
         and mods["gate_proj"] is parts.gate
         and mods["up_proj"] is parts.up
-        and mods["down_proj"] is parts.down
         and _plain(parts.gate)
         and _plain(parts.up)
-        and _plain(parts.down)
     ):
-        h = parts.group.stacked(x)
-        if h is not None:
-            return parts.down.gated_forward(h)
+        if parts.place == "gate_up":
+            a = parts.group.gated(x)
+            if a is not None:
+                return mods["down_proj"](a)
+        elif mods["down_proj"] is parts.down and _plain(parts.down):
+            h = parts.group.stacked(x)
+            if h is not None:
+                return parts.down.gated_forward(h)
     return type(self).forward(self, x)
 
 
@@ -341,26 +374,38 @@ def _is_gated(module: nn.Module) -> bool:
     return getattr(module.__dict__.get("forward"), "__func__", None) is _gated_mlp_forward
 
 
-def _fuse_activations(model: nn.Module, gated_mlps: Sequence[str], report: FusionReport) -> None:
+def _fuse_activations(model: nn.Module, gated_mlps: Sequence[str], place: str, report: FusionReport) -> None:
+    report.activation_place = place
     for name, mlp, _names, (gate, up, down) in _groups_of(model, [("gate_proj", "up_proj", "down_proj")]):
-        label = f"{name or '<model>'}: silu+down_proj"
+        label = f"{name or '<model>'}: {'gate_proj+up_proj+silu' if place == 'gate_up' else 'silu+down_proj'}"
         if _is_gated(mlp):
             report.skipped[label] = "already fused"
             continue
-        reason = _gated_mismatch(mlp, gated_mlps)
+        reason = _gated_mismatch(mlp, gated_mlps, place)
         if reason is not None:
             report.skipped[label] = reason
             continue
-        mlp._quantcore_gated = _GatedMLP(gate, up, down, gate._fused[0])
+        mlp._quantcore_gated = _GatedMLP(gate, up, down, gate._fused[0], place)
         mlp.forward = types.MethodType(_gated_mlp_forward, mlp)
         report.activations.append(name or "<model>")
+
+
+def _activation_place(activation: bool | str) -> str | None:
+    """``fuse_projections``'s ``activation`` as a place of :data:`ACTIVATION_PLACES`, or ``None``."""
+    if activation is False:
+        return None
+    if activation is True:
+        return "gate_up"
+    if activation in ACTIVATION_PLACES:
+        return activation
+    raise ValueError(f"activation takes True, False or one of {', '.join(ACTIVATION_PLACES)}, got {activation!r}")
 
 
 def fuse_projections(
     model: nn.Module,
     groups: Iterable[Sequence[str]] = DEFAULT_GROUPS,
     *,
-    activation: bool = False,
+    activation: bool | str = False,
     gated_mlps: Sequence[str] = GATED_MLPS,
 ) -> FusionReport:
     """Run sibling torch_wo projections that read the same input as one stacked kernel call each.
@@ -371,12 +416,15 @@ def fuse_projections(
     :param groups: tuples of child names that a module feeds the same input, e.g.
         ``[("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")]`` (default:
         :data:`DEFAULT_GROUPS`). Every module holding all names of a group as children is fused.
-    :param activation: also run each gated MLP's activation inside its down projection's kernel
-        (``silu(gate) * up`` made as the int8 one-row kernel loads the fused gate/up output: one
-        kernel launch fewer a layer at batch-1 decode). For MLPs of the classes ``gated_mlps``
-        names (default :data:`GATED_MLPS`) with a SiLU activation, gate/up fused and an int8
-        ``down_proj``; the MLP's forward is patched on the instance (:func:`unfuse_projections`
-        removes it). Inputs the kernel does not take compute the activation first, as before.
+    :param activation: also run each gated MLP's activation inside a kernel, one launch fewer a
+        layer at batch-1 decode. ``True`` or ``"gate_up"``: in the fused gate/up kernel's
+        epilogue, which writes ``silu(gate) * up`` instead of both halves (int8, or int4 with
+        ``QUANTCORE_INT4_CUDA_KERNEL=interleaved``; ``down_proj`` may be anything). ``"down"``: in
+        an int8 ``down_proj``'s one-row kernel, which reads both halves and makes the activation
+        as it loads them. For MLPs of the classes ``gated_mlps`` names (default
+        :data:`GATED_MLPS`) with a SiLU activation and gate/up fused; the MLP's forward is patched
+        on the instance (:func:`unfuse_projections` removes it). Inputs the kernels do not take
+        (several rows, the CPU) compute the activation in PyTorch, as the MLP does.
     :returns: a :class:`FusionReport`; nothing is changed for a group it lists as skipped.
 
     Safe to call twice (groups already fused are reported as skipped). If stacking a group fails
@@ -389,6 +437,7 @@ def fuse_projections(
     """
     if isinstance(gated_mlps, str):
         raise ValueError(f"gated_mlps takes class names, e.g. ({gated_mlps!r},), not one string")
+    place = _activation_place(activation)
     groups = [tuple(g) for g in groups]
     for g in groups:
         if len(g) < 2 or len(set(g)) != len(g):
@@ -412,8 +461,8 @@ def fuse_projections(
                 m.refresh_kernel_layout()
             raise
         report.fused.append(label)
-    if activation:
-        _fuse_activations(model, tuple(gated_mlps), report)
+    if place is not None:
+        _fuse_activations(model, tuple(gated_mlps), place, report)
     return report
 
 

@@ -19,8 +19,11 @@ int4         ``torch._weight_int4pack_mm_for_cpu`` on a         tinygemm (``torc
                                                                 :func:`int4_interleaved_layout`
 ===========  =================================================  ========================================
 
-A gated MLP's down projection can also take its activation folded in (:func:`int8_gated_linear`:
-one CUDA kernel reads the gate and up halves and makes ``silu(gate) * up`` as it loads them).
+A gated MLP's activation can run inside a kernel at batch-1 decode, one launch fewer a layer:
+in its stacked gate and up projections' kernel, which writes ``silu(gate) * up`` instead of both
+halves (:func:`int8_gate_up_linear`, :func:`int4_gate_up_linear` on the interleaved layout), or
+in its int8 down projection's, which reads both halves and makes ``silu(gate) * up`` as it loads
+them (:func:`int8_gated_linear`).
 
 Everything else (odd shapes, fp32 activations on CUDA, large-batch prefill where a float matmul
 after one dequantize wins, other devices, float64) dequantizes, then runs ``F.linear``: the
@@ -63,12 +66,14 @@ __all__ = [
     "gated_input",
     "int4_cpu_layout",
     "int4_cuda_kernel_setting",
+    "int4_gate_up_linear",
     "int4_interleaved_layout",
     "int4_kernel_group",
     "int4_kernel_rows",
     "int4_reference_linear",
     "int4_tinygemm_layout",
     "int4_weight_only_linear",
+    "int8_gate_up_linear",
     "int8_gated_linear",
     "int8_reference_linear",
     "int8_weight_only_linear",
@@ -233,6 +238,33 @@ def int8_gated_linear(
     if _TRITON is not None and h.is_cuda and h.dtype in _HALF and h.numel() == h.shape[-1]:
         return _TRITON.int8_glu_mm(h, qweight, scale, bias)
     return int8_weight_only_linear(gated_input(h), qweight, scale, bias)
+
+
+def _check_gate_up(out_features: int) -> None:
+    if out_features % 2:
+        raise ValueError(
+            f"a gated MLP's stacked gate and up projections have an even number of outputs, got {out_features}"
+        )
+
+
+def _one_half_row(x: torch.Tensor) -> bool:
+    """Whether ``x`` is one CUDA row in fp16 / bf16 (what the gated epilogues take) and Triton is here."""
+    return _TRITON is not None and x.is_cuda and x.dtype in _HALF and x.numel() == x.shape[-1] > 0
+
+
+def int8_gate_up_linear(
+    x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """A gated MLP's gate and up projections stacked in one int8 weight (the gate's rows first),
+    and its activation: :func:`gated_input` of :func:`int8_weight_only_linear`, ``[...,
+    out_features // 2]``. One row on CUDA (batch-1 decode) runs as one Triton kernel that writes
+    ``silu(gate) * up`` from its epilogue, each projection's output rounded first as the unfused
+    ones are (one launch fewer, half the output written); any other input runs the projections,
+    then the activation."""
+    _check_gate_up(qweight.shape[0])
+    if _one_half_row(x):
+        return _TRITON.int8_gate_up_mm(x, qweight, scale, bias)
+    return gated_input(int8_weight_only_linear(x, qweight, scale, bias))
 
 
 # ----------------------------------------------------------------------------- int4
@@ -419,3 +451,24 @@ def int4_weight_only_linear(
         return _unflat(_add_bias(y, bias), x)
     weight = dequantized_int4(packed, scale, zero, x.shape[-1], group_size, x.dtype)
     return _float_linear(x, weight, bias)
+
+
+def int4_gate_up_linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+    layout: Int4Layout | None = None,
+) -> torch.Tensor:
+    """A gated MLP's gate and up projections stacked in one int4 weight (the gate's rows first),
+    and its activation: :func:`gated_input` of :func:`int4_weight_only_linear`, ``[...,
+    out_features // 2]`` (arguments as there). One row on CUDA with the interleaved ``layout``
+    runs as one Triton kernel that writes ``silu(gate) * up`` from its epilogue (see
+    :func:`int8_gate_up_linear`); any other input or layout runs the projections, then the
+    activation."""
+    _check_gate_up(packed.shape[0])
+    if layout is not None and layout.kind == "interleaved" and _one_half_row(x):
+        return _TRITON.int4_interleaved_gate_up_mm(x, layout.weight, layout.scales_and_zeros, layout.group_size, bias)
+    return gated_input(int4_weight_only_linear(x, packed, scale, zero, group_size, bias, layout))

@@ -328,6 +328,31 @@ class WeightOnlyLinear(WeightOnlyStorage):
             return kernels.int8_gated_linear(h, buffers["qweight"], buffers["scale"], bias)
         return self(kernels.gated_input(h))
 
+    def gate_up_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """This layer as a gated MLP's gate and up projections stacked (its first ``out_features //
+        2`` outputs the gate's): ``silu(gate) * up``, ``[..., out_features // 2]``. Where the
+        layer's kernel can (one row on CUDA: int8, or int4 on the interleaved layout; not while
+        training or with another compute dtype), the activation runs in its epilogue
+        (:func:`~quantcore_torch.kernels.int8_gate_up_linear`,
+        :func:`~quantcore_torch.kernels.int4_gate_up_linear`); anything else runs this forward,
+        then the activation, as the MLP does."""
+        if self.out_features % 2:
+            raise ValueError(
+                f"a gated MLP's stacked gate and up projections have an even number of outputs, got {self.out_features}"
+            )
+        bias = self._parameters["bias"]
+        trains = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
+        if trains or self._fused is not None or (self.compute_dtype is not None and self.compute_dtype != x.dtype):
+            return kernels.gated_input(self(x))
+        buffers = self._buffers
+        if self.bits == 8:
+            return kernels.int8_gate_up_linear(x, buffers["qweight"], buffers["scale"], bias)
+        if not torch.compiler.is_compiling() and self._layout_is_stale():
+            self.refresh_kernel_layout()
+        return kernels.int4_gate_up_linear(
+            x, buffers["qweight"], buffers["scale"], buffers["zero"], self.group_size, bias, self.kernel_layout
+        )
+
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The forward through dequantize + ``F.linear``: what every kernel is tested against."""
         dtype = self.compute_dtype or x.dtype

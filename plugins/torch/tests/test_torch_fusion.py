@@ -344,9 +344,9 @@ def test_fused_model_under_cuda_graphs(bits, group_size, kernel, monkeypatch):
 
 
 @needs_transformers
-@pytest.mark.parametrize("activation", [False, True], ids=["projections", "activation-too"])
+@pytest.mark.parametrize("activation", [False, "gate_up", "down"], ids=["projections", "gate-up-too", "down-too"])
 def test_lora_on_fused_members_trains_and_merges(activation, monkeypatch):
-    # With the activation in down_proj too: an adapter on up_proj replaces it, so the MLP runs
+    # With the activation in a kernel too: an adapter on up_proj replaces it, so the MLP runs
     # its class's forward while adapted and its folded one again once merged.
     peft = pytest.importorskip("peft")
     model = quantized_llama(8, 128)
@@ -369,8 +369,10 @@ def test_lora_on_fused_members_trains_and_merges(activation, monkeypatch):
     # Merging re-quantizes q_proj / v_proj / up_proj: the stacks follow, outputs match the unfused merge.
     merged, merged_plain = fused.merge_and_unload(), plain.merge_and_unload()
     assert merged.model.layers[0].self_attn.q_proj._fused[0].is_current()
-    gated, calls = WeightOnlyLinear.gated_forward, []
-    monkeypatch.setattr(WeightOnlyLinear, "gated_forward", lambda self, h: calls.append(1) or gated(self, h))
+    calls = []
+    for name in ("gated_forward", "gate_up_forward"):
+        real = getattr(WeightOnlyLinear, name)
+        monkeypatch.setattr(WeightOnlyLinear, name, lambda self, h, real=real: calls.append(1) or real(self, h))
     torch.testing.assert_close(logits(merged.eval(), ids), logits(merged_plain.eval(), ids), rtol=0, atol=0)
     assert len(calls) == (2 if activation else 0)  # merged: each MLP folds its activation again
 
@@ -478,38 +480,42 @@ def test_a_group_that_fails_to_stack_is_left_unfused(monkeypatch):
         torch.testing.assert_close(model(x), ref, rtol=0, atol=0)
 
 
-# ----------------------------------------------------------------------------- activation in down_proj
+# ----------------------------------------------------------------------------- the activation in a kernel
 MLPS = ["model.layers.0.mlp", "model.layers.1.mlp"]
+LABELS = {"gate_up": "gate_proj+up_proj+silu", "down": "silu+down_proj"}
+WHERE = {"gate_up": "the gate/up kernel", "down": "the down projection"}
 
 
 @needs_transformers
-def test_activation_in_the_down_projection_gives_the_unfused_outputs(device):
-    # int8: each gated MLP's forward hands the fused gate/up output whole to down_proj, whose
-    # kernel makes silu(gate) * up itself (one CUDA row); other inputs compute it first, as the
-    # MLP does. Several tokens (prefill) are bit for bit; one CUDA token runs the folded kernel.
+@pytest.mark.parametrize("place", ["gate_up", "down"])
+def test_activation_in_a_kernel_gives_the_unfused_outputs(device, place):
+    # int8: each gated MLP's forward runs silu(gate) * up in the fused gate/up kernel's epilogue
+    # ("gate_up") or hands the fused gate/up output whole to down_proj, whose kernel makes it
+    # ("down"); both on one CUDA row. Other inputs compute it in PyTorch, as the MLP does: several
+    # tokens (prefill) are bit for bit; one CUDA token runs the folded kernel.
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = quantized_llama(8, 128, device=device, dtype=dtype)
     unfused = copy.deepcopy(model)
-    report = fuse_projections(model, activation=True)
-    assert report.activations == MLPS and report.skipped == {}
-    assert "2 gated MLP(s) run their activation in the down projection" in str(report)
+    report = fuse_projections(model, activation=True if place == "gate_up" else place)
+    assert report.activations == MLPS and report.skipped == {} and report.activation_place == place
+    assert f"2 gated MLP(s) run their activation in {WHERE[place]}" in str(report)
     ids = ids_for(device)
     torch.testing.assert_close(logits(model, ids), logits(unfused, ids), rtol=0, atol=0)
     one = ids_for(device, length=1)
     tol = 2e-2 if device == "cuda" else 0
     torch.testing.assert_close(logits(model, one), logits(unfused, one), rtol=tol, atol=tol)
     # Twice is a no-op; unfusing restores the class's forward.
-    again = fuse_projections(model, activation=True)
-    assert again.activations == [] and again.skipped[f"{MLPS[0]}: silu+down_proj"] == "already fused"
+    again = fuse_projections(model, activation=place)
+    assert again.activations == [] and again.skipped[f"{MLPS[0]}: {LABELS[place]}"] == "already fused"
     assert unfuse_projections(model) == 4
     assert "forward" not in model.model.layers[0].mlp.__dict__
     torch.testing.assert_close(logits(model, ids), logits(unfused, ids), rtol=0, atol=0)
 
 
 @needs_transformers
-def test_activation_runs_through_gated_forward_and_falls_back_when_it_must(monkeypatch):
+def test_activation_in_the_down_projection_runs_through_gated_forward_and_falls_back(monkeypatch):
     model = quantized_llama(8, 128)
-    fuse_projections(model, activation=True)
+    fuse_projections(model, activation="down")
     mlp = model.model.layers[0].mlp
     calls = []
     gated = WeightOnlyLinear.gated_forward
@@ -539,35 +545,86 @@ def test_activation_runs_through_gated_forward_and_falls_back_when_it_must(monke
 
 
 @needs_transformers
-def test_activation_fusion_reports_what_it_cannot_take():
+def test_activation_in_the_gate_up_kernel_runs_through_gate_up_forward_and_falls_back(monkeypatch):
+    model = quantized_llama(8, 128)
+    fuse_projections(model, activation=True)
+    mlp = model.model.layers[0].mlp
+    calls = []
+    gate_up = WeightOnlyLinear.gate_up_forward
+    monkeypatch.setattr(
+        WeightOnlyLinear, "gate_up_forward", lambda self, x: calls.append(self.out_features) or gate_up(self, x)
+    )
+    x = torch.randn(1, 3, 128)
+    with torch.no_grad():
+        expected = type(mlp).forward(mlp, x)
+        # down_proj runs as a module: its hooks see the activation's output, the fold stays.
+        seen = []
+        handle = mlp.down_proj.register_forward_hook(lambda m, args, out: seen.append(args[0].shape))
+        torch.testing.assert_close(mlp(x), expected, rtol=0, atol=0)
+        handle.remove()
+    assert calls == [512] and seen == [torch.Size([1, 3, 256])]  # the stack: 256 gate rows, 256 up rows
+    # Gradients into the input: the class's forward.
+    calls.clear()
+    x.requires_grad_()
+    mlp(x).sum().backward()
+    assert calls == [] and x.grad is not None and x.grad.abs().sum() > 0
+    # A hook on gate_proj must see its call: the class's forward.
+    handle = mlp.gate_proj.register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    with torch.no_grad():
+        torch.testing.assert_close(mlp(x.detach()), expected, rtol=0, atol=0)
+    handle.remove()
+    assert calls == [] and seen[-1] == torch.Size([1, 3, 256])
+    # down_proj replaced by a float layer: still folded (down_proj runs as whatever it is).
+    mlp.down_proj = nn.Linear(256, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(mlp(x.detach()), type(mlp).forward(mlp, x.detach()), rtol=0, atol=0)
+    assert calls == [512]
+
+
+@needs_transformers
+def test_activation_fusion_reports_what_it_cannot_take(monkeypatch):
+    from quantcore_torch import kernels
+
     model = quantized_llama(4, 32)
-    report = fuse_projections(model, activation=True)
+    report = fuse_projections(model, activation="down")
     assert report.activations == []
     assert (
         report.skipped[f"{MLPS[0]}: silu+down_proj"]
         == "down_proj is int4: only the int8 kernel takes the activation in"
     )
     assert "forward" not in model.model.layers[0].mlp.__dict__
+    monkeypatch.setattr(kernels, "INT4_CUDA_KERNEL", "tinygemm")
+    report = fuse_projections(model, activation=True)
+    assert report.skipped[f"{MLPS[0]}: gate_proj+up_proj+silu"] == (
+        "the int4 gate/up kernel takes the activation on the interleaved layout only "
+        "(QUANTCORE_INT4_CUDA_KERNEL=interleaved; it is tinygemm)"
+    )
+    monkeypatch.setattr(kernels, "INT4_CUDA_KERNEL", "interleaved")
+    unfuse_projections(model)
+    assert fuse_projections(model, activation=True).activations == MLPS  # int4, with the interleaved kernel
     model = quantized_llama(8, 128)
     model.model.layers[1].mlp.act_fn = nn.GELU()
     report = fuse_projections(model, groups=[("q_proj", "k_proj", "v_proj")], activation=True)
     assert report.activations == []
-    assert report.skipped[f"{MLPS[0]}: silu+down_proj"] == (
+    assert report.skipped[f"{MLPS[0]}: gate_proj+up_proj+silu"] == (
         "gate_proj and up_proj do not run as one fused group, gate first"
     )
     with pytest.raises(ValueError, match=r"gated_mlps takes class names, e.g. \('LlamaMLP',\), not one string"):
         fuse_projections(model, activation=True, gated_mlps="LlamaMLP")
+    with pytest.raises(ValueError, match="activation takes True, False or one of gate_up, down, got 'up'"):
+        fuse_projections(model, activation="up")
     report = fuse_projections(model, activation=True, gated_mlps=("SomeOtherMLP",))
-    assert report.skipped[f"{MLPS[0]}: silu+down_proj"] == "LlamaMLP is not a known gated MLP (GATED_MLPS)"
+    assert report.skipped[f"{MLPS[0]}: gate_proj+up_proj+silu"] == "LlamaMLP is not a known gated MLP (GATED_MLPS)"
     report = fuse_projections(model, activation=True)
     assert report.activations == [MLPS[0]]
-    assert report.skipped[f"{MLPS[1]}: silu+down_proj"] == "its activation is GELU, not SiLU"
+    assert report.skipped[f"{MLPS[1]}: gate_proj+up_proj+silu"] == "its activation is GELU, not SiLU"
 
 
 @needs_transformers
-def test_activation_fusion_survives_deepcopy_and_compiles_fullgraph():
+@pytest.mark.parametrize("place", ["gate_up", "down"])
+def test_activation_fusion_survives_deepcopy_and_compiles_fullgraph(place):
     model = quantized_llama(8, 128)
-    fuse_projections(model, activation=True)
+    fuse_projections(model, activation=place)
     clone = copy.deepcopy(model)
     mlp = clone.model.layers[0].mlp
     assert mlp.forward.__self__ is mlp and mlp._quantcore_gated.down is mlp.down_proj
@@ -595,6 +652,48 @@ def test_gated_forward_is_the_layer_on_silu_gate_times_up():
         kernels.int8_gated_linear(h[:, :96], module.qweight, module.scale)
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_gate_up_forward_is_silu_of_the_gate_times_the_up_half(bits):
+    from quantcore_torch import kernels
+
+    module = WeightOnlyLinear.from_linear(nn.Linear(64, 96), bits=bits, group_size=32)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(module.gate_up_forward(x), kernels.gated_input(module(x)), rtol=0, atol=0)
+        assert module.gate_up_forward(x[:1]).shape == (1, 48)
+    odd = WeightOnlyLinear.from_linear(nn.Linear(64, 95), bits=bits, group_size=32)
+    with pytest.raises(ValueError, match="an even number of outputs, got 95"):
+        odd.gate_up_forward(x)
+    gate_up = kernels.int8_gate_up_linear if bits == 8 else kernels.int4_gate_up_linear
+    tensors = (odd.qweight, odd.scale) if bits == 8 else (odd.qweight, odd.scale, odd.zero, 32)
+    with pytest.raises(ValueError, match="an even number of outputs, got 95"):
+        gate_up(x, *tensors)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@needs_transformers
+@pytest.mark.parametrize("bits", [8, 4])
+def test_activation_in_the_gate_up_kernel_under_cuda_graphs(bits, monkeypatch):
+    # One token on CUDA: the fused gate/up kernel (int8; int4 on the interleaved layout) writes
+    # silu(gate) * up from its epilogue, eager and in CUDA graphs; within bf16 rounding of the
+    # unfused model.
+    from quantcore_torch import kernels
+
+    monkeypatch.setattr(kernels, "INT4_CUDA_KERNEL", "interleaved")
+    model = quantized_llama(bits, 128, dtype=torch.bfloat16, device="cuda")
+    unfused = copy.deepcopy(model)
+    assert fuse_projections(model, activation=True).activations == MLPS
+    name = "int8_gate_up_mm" if bits == 8 else "int4_interleaved_gate_up_mm"
+    folded, real = [], getattr(kernels._TRITON, name)
+    ids = ids_for("cuda", length=1)
+    with pytest.MonkeyPatch.context() as patch:  # eager only: compiled code must not trace the counter
+        patch.setattr(kernels._TRITON, name, lambda *a: folded.append(1) or real(*a))
+        torch.testing.assert_close(logits(model, ids), logits(unfused, ids), rtol=2e-2, atol=2e-2)
+    assert len(folded) == len(MLPS)
+    assert_cuda_graph_replays_match(model, unfused)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @needs_transformers
@@ -605,7 +704,7 @@ def test_activation_in_the_down_kernel_under_cuda_graphs():
 
     model = quantized_llama(8, 128, dtype=torch.bfloat16, device="cuda")
     unfused = copy.deepcopy(model)
-    assert fuse_projections(model, activation=True).activations == MLPS
+    assert fuse_projections(model, activation="down").activations == MLPS
     folded = []
     glu_mm = kernels._TRITON.int8_glu_mm
     ids = ids_for("cuda", length=1)

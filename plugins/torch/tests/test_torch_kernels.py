@@ -412,6 +412,31 @@ def test_gated_int8_kernel_matches_the_unfused_activation_and_kernel(n, k, dtype
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(("n", "k"), [(11264, 2048), (1042, 512), (38, 256)], ids=str)
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_gate_up_kernels_match_the_plain_kernel_then_the_activation(n, k, bits, dtype, bias, monkeypatch):
+    # A gated MLP's stacked gate/up projections with silu(gate) * up written by the kernel's
+    # epilogue (int8; int4 on the interleaved layout): the plain kernel's outputs through the
+    # MLP's activation and product, to a last-bit difference of silu's exp; several rows take
+    # the projections, then the activation in PyTorch, bit for bit.
+    monkeypatch.setattr(kernels, "INT4_CUDA_KERNEL", "interleaved")
+    module = _module(n, k, bits, 128, dtype, "cuda", bias=bias)
+    gen = torch.Generator("cuda").manual_seed(n + k)
+    x = torch.randn(1, k, dtype=dtype, device="cuda", generator=gen)
+    with torch.no_grad():
+        folded = module.gate_up_forward(x)
+        plain = module(x)
+        assert folded.shape == (1, n // 2)
+        assert relative_error(folded, kernels.gated_input(plain)) < ROUNDING[dtype] / 10
+        assert relative_error(folded, kernels.gated_input(module.reference_forward(x))) < ROUNDING[dtype]
+        rows = torch.randn(5, k, dtype=dtype, device="cuda", generator=gen)
+        torch.testing.assert_close(module.gate_up_forward(rows), kernels.gated_input(module(rows)), rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize(("n", "k", "group"), [(2048, 5632, 128), (320, 520, 64), (96, 99, 32)], ids=str)
 @pytest.mark.parametrize("bits", [8, 4])
 def test_prefill_dequantizes_in_one_kernel_to_the_same_bits(bits, n, k, group, dtype):

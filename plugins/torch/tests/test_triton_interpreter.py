@@ -174,6 +174,85 @@ def test_int4_interleaved_kernel(kernels, n, k, group, block_n, block_k, prefetc
     assert _error(y, exact) < _error(reference, exact) / 5
 
 
+# How close a gated epilogue's output is to PyTorch's activation of the plain kernel's output.
+_GATE_UP_AGREEMENT = {torch.float16: ROUNDING[torch.float16] / 10, torch.bfloat16: ROUNDING[torch.bfloat16] * 2}
+
+
+def _gate_up_reference(y: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` of the stacked projections' output ``y`` in its dtype, as the MLP computes it."""
+    gate, up = y.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+@pytest.mark.parametrize("dtype", list(ROUNDING), ids=str)
+@pytest.mark.parametrize(("half", "k", "block_n", "block_k"), [(21, 99, 4, 64), (32, 256, 8, 128), (3, 130, 2, 256)])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_int8_row_kernel_runs_a_gated_activation_on_its_output(kernels, half, k, block_n, block_k, dtype, bias):
+    # GATE_UP: the weight is a gated MLP's gate (first half of the rows) and up projections
+    # stacked; each program takes BLOCK_N // 2 of each and writes silu(gate) * up, N // 2 wide:
+    # the plain kernel's output (the same sums, each rounded to dtype) through the MLP's
+    # activation and product. Ragged halves leave programs with rows past the end.
+    n = 2 * half
+    torch.manual_seed(n + k)
+    q = torch.randint(-128, 128, (n, k), dtype=torch.int8)
+    scale = (torch.rand(n) * 0.02 + 1e-3).to(dtype)
+    b = torch.randn(n, dtype=dtype) if bias else None
+    x = torch.randn(1, k, dtype=dtype)
+    args = (x, q, scale, scale if b is None else b)
+    plain = torch.empty(1, n, dtype=dtype)
+    kernels._int8_row_kernel.fn[_grid(n, block_n)](
+        *args, plain, n, k, q.stride(0), HAS_BIAS=bias, BLOCK_N=block_n, BLOCK_K=block_k
+    )
+    y = torch.full((1, half + 1), 7.0, dtype=dtype)  # one column past the output: never written
+    kernels._int8_row_kernel.fn[_grid(half, block_n // 2)](
+        *args, y, n, k, q.stride(0), HAS_BIAS=bias, BLOCK_N=block_n, BLOCK_K=block_k, GATE_UP=True
+    )
+    assert y[0, half].item() == 7.0
+    # Each program sums its rows in the plain kernel's order: the same rounded outputs, so in fp16
+    # the activation and product agree with PyTorch's to a last-bit difference of silu's exp. (The
+    # interpreter's conversions to bf16 truncate, a GPU's round: three in-register roundings add
+    # their error there; the GPU test checks bf16 tightly.)
+    assert _error(y[:, :half], _gate_up_reference(plain)) < _GATE_UP_AGREEMENT[dtype]
+    weight = dequantize_int8(q, scale, torch.float32)
+    exact = torch.nn.functional.linear(x.float(), weight, None if b is None else b.float())
+    assert _error(y[:, :half], _gate_up_reference(exact)) < ROUNDING[dtype] * 2
+    # Not the gate alone, nor the up projection alone: both halves are used.
+    assert _error(y[:, :half], plain[:, :half]) > 0.1 and _error(y[:, :half], plain[:, half:]) > 0.1
+
+
+@pytest.mark.parametrize("dtype", list(ROUNDING), ids=str)
+@pytest.mark.parametrize(
+    ("half", "k", "group", "block_n", "block_k", "prefetch"),
+    [(21, 256, 32, 4, 64, False), (12, 768, 128, 8, 256, True), (3, 512, 64, 2, 128, False)],
+)
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_int4_interleaved_kernel_runs_a_gated_activation_on_its_output(
+    kernels, half, k, group, block_n, block_k, prefetch, dtype, bias
+):
+    from quantcore_torch.kernels import interleave_int4
+
+    n = 2 * half
+    torch.manual_seed(n * k)
+    packed, scale, zero = quantize_int4((torch.randn(n, k) * 0.05).to(dtype), group)
+    b = torch.randn(n, dtype=dtype) if bias else None
+    x = torch.randn(1, k, dtype=dtype)
+    words = interleave_int4(packed, k, group)
+    sz = torch.stack((scale, zero))
+    args = (x, words, sz, sz if b is None else b)
+    strides = (words.stride(0), sz.stride(1), sz.stride(0), kernels.INT4_MAGIC)
+    meta = dict(GROUP=group, HAS_BIAS=bias, BLOCK_N=block_n, BLOCK_K=block_k, PREFETCH=prefetch)
+    plain = torch.empty(1, n, dtype=dtype)
+    kernels._int4_interleaved_kernel.fn[_grid(n, block_n)](*args, plain, n, k, *strides, **meta)
+    y = torch.full((1, half + 1), 7.0, dtype=dtype)
+    kernels._int4_interleaved_kernel.fn[_grid(half, block_n // 2)](*args, y, n, k, *strides, **meta, GATE_UP=True)
+    assert y[0, half].item() == 7.0
+    assert _error(y[:, :half], _gate_up_reference(plain)) < _GATE_UP_AGREEMENT[dtype]
+    weight = dequantize_int4(packed, scale, zero, k, group, torch.float32)
+    exact = torch.nn.functional.linear(x.float(), weight, None if b is None else b.float())
+    assert _error(y[:, :half], _gate_up_reference(exact)) < ROUNDING[dtype] * 2
+    assert _error(y[:, :half], plain[:, :half]) > 0.1 and _error(y[:, :half], plain[:, half:]) > 0.1
+
+
 @pytest.mark.parametrize(("n", "k"), [(40, 99), (48, 130)])
 def test_dot_kernels_several_rows(kernels, n, k):
     dtype, m = torch.float16, 5
@@ -310,3 +389,42 @@ def test_the_interleaved_wrapper_launches_its_kernel_with_the_right_arguments(ke
         kernels.int4_interleaved_mm(x[:, :256], layout.weight, layout.scales_and_zeros, group, bias)
     with pytest.raises(ValueError, match="does not fit"):
         kernels.int4_interleaved_mm(x, layout.weight, layout.scales_and_zeros[:, :, :2], group, bias)
+
+
+def test_the_gate_up_wrappers_launch_their_kernels_with_the_right_arguments(kernels, monkeypatch):
+    # int8_gate_up_mm and int4_interleaved_gate_up_mm as eager code calls them, on CPU tensors with
+    # the CUDA queries stubbed: N // 2 outputs, silu(gate) * up of the plain wrappers' outputs, a
+    # kept kernel on the second call; an odd number of rows is refused before anything launches.
+    from quantcore_torch import kernels as dispatch
+
+    monkeypatch.setattr(torch._C, "_cuda_getDevice", lambda: None, raising=False)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: None)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(dispatch, "_TRITON", kernels)
+    torch.manual_seed(0)
+    half, k, group = 19, 512, 128
+    w = torch.randn(2 * half, k) * 0.05
+    bias = torch.randn(2 * half).half()
+    x = torch.randn(1, k).half()
+    step = w.abs().amax(1) / 127
+    qweight, s = torch.round(w / step[:, None]).to(torch.int8), step.half()
+    packed, scale, zero = quantize_int4(w.half(), group)
+    layout = dispatch.int4_interleaved_layout(packed, scale, zero, k, group)
+    cases = (
+        (kernels.int8_gate_up_mm, kernels.int8_mm, (qweight, s), kernels._INT8.row),
+        (
+            lambda x, *a: kernels.int4_interleaved_gate_up_mm(x, *a[:2], group, a[2]),
+            lambda x, *a: kernels.int4_interleaved_mm(x, *a[:2], group, a[2]),
+            (layout.weight, layout.scales_and_zeros),
+            kernels._INT4_INTERLEAVED,
+        ),
+    )
+    for gate_up, plain, weight, launcher in cases:
+        for _ in range(2):
+            out = gate_up(x, *weight, bias)
+            assert out.shape == (1, half) and out.dtype == torch.float16
+            assert _error(out, _gate_up_reference(plain(x, *weight, bias))) < ROUNDING[torch.float16] / 10
+        assert any(key[-2] is True or key[-1] is True for key in launcher.compiled) or not launcher.direct
+        odd = tuple(t[:, :-1] if t.dim() == 3 else t[:-1] for t in weight)
+        with pytest.raises(ValueError, match="an even number of rows, got 37"):
+            gate_up(x, *odd, bias[:-1])
