@@ -336,15 +336,18 @@ def _int4_row_kernel(
 # The interleaved int4 layout (see :func:`_int4_interleaved_kernel`): (BLOCK_N, BLOCK_K, num_warps,
 # PREFETCH), BLOCK_K a whole number of groups; PREFETCH loads the next weight tile before the
 # current one's arithmetic. Each was the fastest, or within 3 % of it, on at least one shape of a
-# 1.1B or a 7B Llama's fused linears, weights streamed from HBM on an H100 (bench/bench_gemv.py;
-# 18 configs timed, docs/benchmarks.md). Few configs: the autotuner times them on a weight that
-# sits in L2, which ranks them differently, so every one it can pick must be good streamed.
+# 1.1B or a 7B Llama's fused linears, weights streamed from HBM on an H100 (bench/bench_gemv.py:
+# 18 configs timed, then 80 with --wide-int4; docs/benchmarks.md). Few configs: the autotuner
+# times them one call at a time, which ranks them differently, so every one it can pick must be
+# good streamed.
 INT4_INTERLEAVED = [
     (4, 2048, 4, False),  # 1.1B: 2048x2048, 2560x2048, 2048x5632
     (8, 1024, 4, False),  # 1.1B 11264x2048; 7B 12288x4096, 22016x4096
     (8, 1024, 4, True),  # 7B 4096x4096
-    (4, 2048, 2, False),  # 7B 4096x11008
+    (4, 2048, 2, False),  # 7B 4096x11008, 4096x4096
     (8, 1024, 1, False),  # 7B 12288x4096
+    (2, 2048, 2, False),  # 1.1B 2560x2048, 2048x2048, 2048x5632 (the wide sweep)
+    (4, 1024, 1, False),  # 7B 22016x4096 (the wide sweep)
 ]
 # The bits of 2.0**23, an argument of the interleaved kernel: a constant would make ``(w & m) | c``
 # two logic instructions (ptxas takes one immediate a LOP3); a value known only at run time sits in
