@@ -32,8 +32,8 @@ import torch
 # tinygemm, quantcore's Triton kernels, bitsandbytes' kernels. Inductor's fused kernels
 # (``triton_poi_fused_...bmm...``) and cuDNN's attention are not, whatever their names mention.
 LINEAR = ("gemv", "gemm", "nvjet", "xmma", "tinygemm", "kgemm", "splitkreduce")
-# quantcore_torch._triton's kernels: _int8_row_kernel, _int8_dot_kernel, _int4_row_kernel, _int4_dot_kernel.
-LINEAR += ("_int8_row_kernel", "_int8_dot_kernel", "_int4_row_kernel", "_int4_dot_kernel")
+# quantcore_torch._triton's kernels.
+LINEAR += ("_int8_row_kernel", "_int8_dot_kernel", "_int4_row_kernel", "_int4_dot_kernel", "_int4_interleaved_kernel")
 # On the CPU (the smoke test) the events are operators: the matmuls and the weight-only ops.
 LINEAR += ("aten::mm", "aten::addmm", "_weight_int8pack_mm", "_weight_int4pack_mm")
 
