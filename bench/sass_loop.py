@@ -82,6 +82,7 @@ def main(argv=None) -> int:
     i4i = {k: v for k, v in i4.items() if k not in ("s_ptr", "z_ptr")}
     i4i |= dict(w_ptr="*i32", sz_ptr="*bf16", zero_offset="i32", magic="i32")
     dot = {"HAS_BIAS": False, "BLOCK_M": 16}
+    gate_up = {"GATE_UP": True}
     t = _triton
     il = t._int4_interleaved_kernel
     # (label, kernel, signature, constexprs, warps, weight bytes a program streams a loop step)
@@ -94,6 +95,9 @@ def main(argv=None) -> int:
         ("int4 interleaved (4, 2048, 2)", il, i4i, {"BLOCK_N": 4, "BLOCK_K": 2048}, 2, 4 * 1024),
         ("int4 interleaved (4, 2048, 4)", il, i4i, {"BLOCK_N": 4, "BLOCK_K": 2048}, 4, 4 * 1024),
         ("int4 interleaved (8, 1024, 4)", il, i4i, {"BLOCK_N": 8, "BLOCK_K": 1024}, 4, 8 * 512),
+        # A gated MLP's activation in the epilogue: the rows a program takes change, not the loop.
+        ("int8 row (2, 1024, 2) gate/up", t._int8_row_kernel, i8, {"BLOCK_N": 2, "BLOCK_K": 1024, **gate_up}, 2, 2048),
+        ("int4 interleaved (4, 2048, 2) gate/up", il, i4i, {"BLOCK_N": 4, "BLOCK_K": 2048, **gate_up}, 2, 4096),
         ("int8 dot (32, 128, 4)", t._int8_dot_kernel, i8m, {**dot, "BLOCK_N": 32, "BLOCK_K": 128}, 4, 32 * 128),
         ("int4 dot (32, 1, 4)", t._int4_dot_kernel, i4m, {**dot, "BLOCK_N": 32, "GROUPS_PER_BLOCK": 1}, 4, 32 * 64),
     ]  # fmt: skip
@@ -107,7 +111,7 @@ def main(argv=None) -> int:
         per_byte = sum(ops.values()) / (step_bytes / (32 * warps))
         result[label] = dict(per_byte=per_byte, loop=sum(ops.values()), opcodes=dict(ops.most_common()))
         common = ", ".join(f"{op} {n}" for op, n in ops.most_common(6))
-        print(f"{label:30s} {per_byte:5.1f} a weight byte ({sum(ops.values())} in the loop: {common})", flush=True)
+        print(f"{label:38s} {per_byte:5.1f} a weight byte ({sum(ops.values())} in the loop: {common})", flush=True)
     if args.out:
         args.out.write_text(json.dumps(dict(arch=args.arch, kernels=result), indent=1))
     return 0
