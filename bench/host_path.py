@@ -10,7 +10,8 @@ revisions by running it at each (best of ``--repeat`` rounds of ``--number`` cal
 Needs ``triton`` (its CPU package works: nothing is compiled)::
 
     python bench/host_path.py                      # int8, int4 (Triton; interleaved), 2048x2048, one row
-    python bench/host_path.py --gated              # also an int8 down projection fed gate|up
+    python bench/host_path.py --gated              # also the gated MLP's folds: an int8 down projection
+                                                   # fed gate|up, gate/up stacks with the activation
     python bench/host_path.py --prefill 40         # also a 40-row forward: dequantize, then F.linear
 """
 
@@ -73,7 +74,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=2048, help="out_features")
     parser.add_argument("--k", type=int, default=2048, help="in_features")
-    parser.add_argument("--gated", action="store_true", help="also time gated_forward (int8 down projection)")
+    parser.add_argument(
+        "--gated", action="store_true", help="also time gated_forward (int8 down projection) and gate_up_forward"
+    )
     parser.add_argument(
         "--prefill", type=int, default=0, metavar="ROWS", help="also time a prefill forward of ROWS rows (e.g. 40)"
     )
@@ -107,6 +110,21 @@ def main(argv=None) -> int:
             down = WeightOnlyLinear.from_linear(linear, bits=8)
             h = torch.randn(1, 1, 2 * args.k, dtype=torch.bfloat16)
             result["int8 gated_forward"] = best_us(lambda: down.gated_forward(h), args.number, args.repeat)
+            # The layer as stacked gate/up projections: the activation in its kernel's epilogue,
+            # against the plain forward followed by PyTorch's silu(gate) * up.
+            for bits in (8, 4):
+                stack = WeightOnlyLinear.from_linear(linear, bits=bits, group_size=128)
+                if bits == 4:
+                    stack.kernel_layout = kernels.int4_interleaved_layout(
+                        stack.qweight, stack.scale, stack.zero, args.k, 128
+                    )
+                name = "int8" if bits == 8 else "int4 interleaved"
+                result[f"{name} gate_up_forward"] = best_us(
+                    lambda m=stack: m.gate_up_forward(x), args.number, args.repeat
+                )
+                result[f"{name} forward, silu*mul"] = best_us(
+                    lambda m=stack: kernels.gated_input(m.forward(x)), args.number, args.repeat
+                )
         if args.prefill:
             # A prefill's rows: the weight dequantized (launch stubbed), then F.linear on the CPU,
             # beside nn.Linear's F.linear on the same rows (a small layer, so the matmul is cheap).
@@ -119,7 +137,7 @@ def main(argv=None) -> int:
                 result[label] = best_us(lambda m=module: m.forward(rows), args.number, args.repeat)
         result["x.new_empty (for scale)"] = best_us(lambda: x.new_empty(x.shape), args.number, args.repeat)
     for label, us in result.items():
-        print(f"{label:28s} {us:6.2f} us")
+        print(f"{label:34s} {us:6.2f} us")
     if args.out:
         args.out.write_text(json.dumps(dict(n=args.n, k=args.k, us=result), indent=1))
     return 0
