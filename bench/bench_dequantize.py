@@ -83,23 +83,16 @@ def graph_ms(call, calls: int = 20, replays: int = 5) -> float:
     return best
 
 
-def cuda_row(n: int, k: int, fmt: str, baseline, ours, fast, interleaving=None) -> dict:
-    """The dequantizes of one weight on CUDA, each timed as the kernels alone (one CUDA graph) and
-    back to back in eager code; the line printed gives the kernels' times and ratios.
-    ``interleaving``: int4's Triton kernel storing its outputs interleaved rather than as 32-bit
-    pairs (the kernel before pairs), timed beside it."""
+def cuda_row(n: int, k: int, fmt: str, baseline, ours, fast) -> dict:
+    """The three dequantizes of one weight on CUDA, each timed as the kernels alone (one CUDA graph)
+    and back to back in eager code; the line printed gives the kernels' times and ratios."""
     row = dict(shape=[n, k], format=fmt)
-    calls = [("fp32_formula", baseline), ("packing", ours), ("kernel", fast)]
-    labels = [("packing", "packing"), ("kernel", "Triton kernel")]
-    if interleaving is not None:
-        calls.append(("kernel_interleaving", interleaving))
-        labels.append(("kernel_interleaving", "Triton, interleaving stores"))
-    for name, call in calls:
+    for name, call in (("fp32_formula", baseline), ("packing", ours), ("kernel", fast)):
         row[f"{name}_graph_ms"], row[f"{name}_eager_ms"] = graph_ms(call), back_to_back_ms(call)
     base = row["fp32_formula_graph_ms"]
     line = f"[{n}x{k}] {fmt} (kernels alone / back to back, ms): "
     line += f"fp32 formula {base:.4f} / {row['fp32_formula_eager_ms']:.4f}"
-    for name, label in labels:
+    for name, label in (("packing", "packing"), ("kernel", "Triton kernel")):
         ms = row[f"{name}_graph_ms"]
         line += f", {label} {ms:.4f} ({base / ms:.2f}x) / {row[f'{name}_eager_ms']:.4f}"
     print(line)
@@ -138,11 +131,7 @@ def main(argv=None) -> int:
             ours, baseline, fast = (partial(f, *call_args) for f in (ours, baseline, fast))
             assert torch.equal(fast(), baseline())
             if args.device == "cuda":
-                interleaving = None
-                if fmt == "int4":
-                    interleaving = partial(kernels._TRITON.dequantize_int4, *call_args, pairs=False)
-                    assert torch.equal(interleaving(), baseline())
-                rows.append(cuda_row(n, k, fmt, baseline, ours, fast, interleaving))
+                rows.append(cuda_row(n, k, fmt, baseline, ours, fast))
                 continue
             base_ms, ours_ms = (
                 1e3 * _common.best_of(call, repeats=args.rounds, warmup=1, collect=False).best_s

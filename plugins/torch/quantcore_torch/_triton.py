@@ -575,15 +575,12 @@ DEQUANT_INT4_COLUMNS = 256
 @triton.jit
 def _int4_dequantize_kernel(
     w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wn, stride_sn,
-    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, PAIRS: tl.constexpr = False,
+    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
 ):  # fmt: skip
     """``out[n, k] = (code[n, k] - zero[n, k // GROUP]) * scale[n, k // GROUP]`` (``out`` contiguous).
 
-    A program reads a ``[BLOCK_N, GROUPS, GROUP // 2]`` tile of bytes (contiguous in each row) and
-    makes both codes of each byte (the low nibble is the even column). ``PAIRS`` (``K`` even, a
-    16-bit ``out``): a byte's two outputs are one 32-bit word of ``out``, stored as such, the codes
-    made by the exponent trick (:func:`_nibbles_to_float`); else they are interleaved in registers
-    (a shuffle) and stored as 16- or 32-bit values. The same bits either way.
+    A program reads a ``[BLOCK_N, GROUPS, GROUP // 2]`` tile of bytes (contiguous in each row), makes
+    both codes of each byte (the low nibble is the even column), and stores them interleaved.
     """
     HALF: tl.constexpr = GROUP // 2
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -596,20 +593,12 @@ def _int4_dequantize_kernel(
     group_mask = row_mask[:, None] & (rg < tl.cdiv(K, GROUP))[None, :]
     s = tl.load(s_ptr + group, mask=group_mask, other=0.0).to(tl.float32)[:, :, None]
     z = tl.load(z_ptr + group, mask=group_mask, other=0.0).to(tl.float32)[:, :, None]
-    dtype = out_ptr.dtype.element_ty
-    if PAIRS:
-        lo, hi = _nibbles_to_float(byte)
-        low = ((lo - z) * s).to(dtype).to(tl.uint16, bitcast=True).to(tl.uint32)
-        high = ((hi - z) * s).to(dtype).to(tl.uint16, bitcast=True).to(tl.uint32)
-        words = out_ptr.to(tl.pointer_type(tl.uint32))
-        tl.store(words + rn[:, None, None] * (K // 2) + even // 2, low | (high << 16), mask=byte_mask)
-    else:
-        low = ((byte & 0x0F).to(tl.float32) - z) * s
-        high = ((byte >> 4).to(tl.float32) - z) * s
-        w = tl.reshape(tl.join(low, high), (BLOCK_N, GROUPS * GROUP))
-        rk = tl.program_id(1) * (GROUPS * GROUP) + tl.arange(0, GROUPS * GROUP)
-        mask = row_mask[:, None] & (rk < K)[None, :]
-        tl.store(out_ptr + rn[:, None] * K + rk[None, :], w.to(dtype), mask=mask)
+    low = ((byte & 0x0F).to(tl.float32) - z) * s
+    high = ((byte >> 4).to(tl.float32) - z) * s
+    w = tl.reshape(tl.join(low, high), (BLOCK_N, GROUPS * GROUP))
+    rk = tl.program_id(1) * (GROUPS * GROUP) + tl.arange(0, GROUPS * GROUP)
+    mask = row_mask[:, None] & (rk < K)[None, :]
+    tl.store(out_ptr + rn[:, None] * K + rk[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -656,28 +645,15 @@ def int4_dequantize_groups(group_size: int) -> int:
 
 
 def dequantize_int4(
-    packed: torch.Tensor,
-    scale: torch.Tensor,
-    zero: torch.Tensor,
-    in_features: int,
-    group_size: int,
-    dtype,
-    pairs: bool | None = None,
+    packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, in_features: int, group_size: int, dtype
 ) -> torch.Tensor:
-    """:func:`quantcore_torch.packing.dequantize_int4` in one kernel: the same bits. ``pairs``: store
-    each byte's two outputs as one 32-bit word (``None``: wherever it can, rows of an even length in
-    a 16-bit dtype; ``False`` forces the interleaving stores, for comparison)."""
+    """:func:`quantcore_torch.packing.dequantize_int4` in one kernel: the same bits."""
     groups = int4_dequantize_groups(group_size)
     scale, zero = scale.contiguous(), zero.contiguous()
     block_n = DEQUANT_BLOCK[0]
-    can_pair = in_features % 2 == 0 and dtype in (torch.float16, torch.bfloat16)
-    if pairs and not can_pair:
-        raise ValueError(f"32-bit pairs need rows of an even length in fp16 / bf16, got {in_features} in {dtype}")
-    pairs = can_pair if pairs is None else pairs
-    constexprs = {"GROUP": group_size, "BLOCK_N": block_n, "GROUPS": groups, "PAIRS": pairs}
     return _dequantize(
         _DEQUANTIZE.int4, (packed, scale, zero), (packed.stride(0), scale.stride(0)), (packed.shape[0], in_features),
-        dtype, (block_n, groups * group_size), constexprs,
+        dtype, (block_n, groups * group_size), {"GROUP": group_size, "BLOCK_N": block_n, "GROUPS": groups},
     )  # fmt: skip
 
 

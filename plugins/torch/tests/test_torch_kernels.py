@@ -466,12 +466,6 @@ def test_prefill_dequantizes_in_one_kernel_to_the_same_bits(bits, n, k, group, d
     for fast in (first, again):
         assert torch.equal(fast, expected)
         assert fast.is_contiguous() and fast.shape == (n, k)
-    if bits == 4:  # int4 stores a byte's two outputs as one 32-bit word (even k) or interleaves them
-        args = (module.qweight, module.scale, module.zero, k, group, dtype)
-        assert torch.equal(kernels._TRITON.dequantize_int4(*args, pairs=False), expected)
-        if k % 2:
-            with pytest.raises(ValueError, match="32-bit pairs need rows of an even length"):
-                kernels._TRITON.dequantize_int4(*args, pairs=True)
     x = torch.randn(2, 40, k, dtype=dtype, device="cuda", generator=torch.Generator("cuda").manual_seed(k))
     with torch.no_grad():
         torch.testing.assert_close(module(x), module.reference_forward(x), rtol=0, atol=0)

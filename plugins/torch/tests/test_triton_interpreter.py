@@ -326,15 +326,10 @@ def test_dequantize_kernels_give_the_formulas_bits(kernels, n, k, group, dtype):
     block_n, block_k = kernels.DEQUANT_BLOCK
     groups = kernels.int4_dequantize_groups(group)
     grid = (triton.cdiv(n, block_n), triton.cdiv(k, groups * group))
-    expected = dequantize_int4(packed, scale, zero, k, group, dtype)
-    # Both ways of storing a byte's two outputs: one 32-bit word (even K, 16-bit out), or interleaved.
-    for pairs in (False, True) if k % 2 == 0 and dtype == torch.float16 else (False,):
-        out.fill_(7.0)
-        kernels._int4_dequantize_kernel[grid](
-            packed, scale, zero, out, n, k, packed.stride(0), scale.stride(0),
-            GROUP=group, BLOCK_N=block_n, GROUPS=groups, PAIRS=pairs,
-        )  # fmt: skip
-        assert torch.equal(out, expected), pairs
+    kernels._int4_dequantize_kernel[grid](
+        packed, scale, zero, out, n, k, packed.stride(0), scale.stride(0), GROUP=group, BLOCK_N=block_n, GROUPS=groups
+    )
+    assert torch.equal(out, dequantize_int4(packed, scale, zero, k, group, dtype))
     grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
     q = torch.randint(-128, 128, (n, k), dtype=torch.int8)
     s = (torch.rand(n) * 10 ** torch.empty(n).uniform_(-6, 0)).to(dtype)
@@ -357,17 +352,9 @@ def test_the_dequantize_wrappers_launch_their_kernels_with_the_right_arguments(k
     n, k, group = 37, 200, 64  # ragged rows, columns and last group
     w = torch.randn(n, k).half()
     packed, scale, zero = quantize_int4(w, group)
-    expected = dequantize_int4(packed, scale, zero, k, group, torch.float16)
-    for pairs in (None, False, True):  # 32-bit pairs where it can (even k, fp16), or interleaving stores
-        out = kernels.dequantize_int4(packed, scale, zero, k, group, torch.float16, pairs=pairs)
-        assert out.shape == (n, k) and out.is_contiguous()
-        assert torch.equal(out, expected)
-    odd = quantize_int4(w[:, :199], group)
-    with pytest.raises(ValueError, match="32-bit pairs need rows of an even length in fp16 / bf16, got 199"):
-        kernels.dequantize_int4(*odd, 199, group, torch.float16, pairs=True)
-    assert torch.equal(
-        kernels.dequantize_int4(*odd, 199, group, torch.float16), dequantize_int4(*odd, 199, group, torch.float16)
-    )
+    out = kernels.dequantize_int4(packed, scale, zero, k, group, torch.float16)
+    assert out.shape == (n, k) and out.is_contiguous()
+    assert torch.equal(out, dequantize_int4(packed, scale, zero, k, group, torch.float16))
     q = torch.randint(-128, 128, (n, k), dtype=torch.int8)
     s = torch.rand(n).half()
     assert torch.equal(kernels.dequantize_int8(q, s, torch.float16), dequantize_int8(q, s, torch.float16))
