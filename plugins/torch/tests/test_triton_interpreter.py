@@ -327,8 +327,9 @@ def test_dequantize_kernels_give_the_formulas_bits(kernels, n, k, group, dtype):
     groups = kernels.int4_dequantize_groups(group)
     grid = (triton.cdiv(n, block_n), triton.cdiv(k, groups * group))
     kernels._int4_dequantize_kernel[grid](
-        packed, scale, zero, out, n, k, packed.stride(0), scale.stride(0), GROUP=group, BLOCK_N=block_n, GROUPS=groups
-    )
+        packed, scale, zero, out, n, k, packed.stride(0), scale.stride(0), (k + 1) // 2,
+        GROUP=group, BLOCK_N=block_n, GROUPS=groups,
+    )  # fmt: skip
     assert torch.equal(out, dequantize_int4(packed, scale, zero, k, group, dtype))
     grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
     q = torch.randint(-128, 128, (n, k), dtype=torch.int8)
