@@ -238,11 +238,13 @@ def shape_cases(
         if dot:
             constexprs = {"GROUP": GROUP, "HAS_BIAS": False}
             calls = [
-                dot_one_row(_triton._INT4.dot, x, (x, p, s, z, s), p.shape[0], (p.stride(0), s.stride(0)), constexprs)
+                dot_one_row(
+                    _triton._INT4.dot, x, (x, p, s, z, s), p.shape[0], (p.stride(0), s.stride(0), w.k // 2), constexprs
+                )
                 for p, s, z in w.int4
             ]
             cases["int4 tl.dot, one row"] = ("int4", calls)
-        byte_args = [(p, s, z, s, (p.stride(0), s.stride(0))) for p, s, z in w.int4]
+        byte_args = [(p, s, z, s, (p.stride(0), s.stride(0), w.k // 2)) for p, s, z in w.int4]
         # the interleaved kernel's scales and zero points: one tensor, the zeros by offset
         interleaved_args = []
         for t in w.interleaved:

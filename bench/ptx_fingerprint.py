@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "plugins" / "torch"))
 
 _DEBUG = re.compile(r"^\s*(\.loc|\.file|//)|^\$L__tmp\d+:|^\$L__func")
 _I8 = dict(x_ptr="*bf16", w_ptr="*i8", s_ptr="*bf16", b_ptr="*bf16", y_ptr="*bf16", N="i32", K="i32", stride_wn="i32")
-_I4 = dict(_I8, w_ptr="*u8", z_ptr="*bf16", stride_sn="i32")
+_I4 = dict(_I8, w_ptr="*u8", z_ptr="*bf16", stride_sn="i32", row_bytes="i32")
 
 
 def fingerprint(ptx: str) -> str:

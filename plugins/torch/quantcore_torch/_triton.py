@@ -287,6 +287,7 @@ def _int4_row_kernel(
     K,
     stride_wn,
     stride_sn,
+    row_bytes,
     GROUP: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -307,7 +308,7 @@ def _int4_row_kernel(
     n_mask = rn < N
     rg = tl.arange(0, GROUPS)
     rj = tl.arange(0, HALF_G)
-    half = K // 2
+    half = row_bytes  # K // 2; an argument, so that Triton knows its divisibility (see _int4_dequantize_kernel)
     groups = (K + GROUP - 1) // GROUP
     pairs = x_ptr.to(tl.pointer_type(tl.int32))
     acc = tl.zeros((BLOCK_N, GROUPS, HALF_G), dtype=tl.float32)
@@ -523,6 +524,7 @@ def _int4_dot_kernel(
     K,
     stride_wn,
     stride_sn,
+    row_bytes,
     GROUP: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -539,7 +541,7 @@ def _int4_dot_kernel(
     rb = tl.arange(0, BLOCK_K // 2)
     rg = tl.arange(0, GROUPS_PER_BLOCK)
     rk = tl.arange(0, BLOCK_K)
-    half = (K + 1) // 2
+    half = row_bytes  # (K + 1) // 2, as an argument: its bytes load 16 at a time (see _int4_dequantize_kernel)
     groups = (K + GROUP - 1) // GROUP
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -957,7 +959,8 @@ def _int4_launch(x, packed, scale, zero, group_size: int, bias):
     inputs = (x, packed, scale, zero, scale if bias is None else bias)
     key = (*_key(x, packed, scale, bias), zero.dtype, zero.data_ptr() % 16 == 0, group_size)
     constexprs = {"GROUP": group_size, "HAS_BIAS": bias is not None}
-    return _launch(_INT4, x, inputs, packed.shape[0], (packed.stride(0), scale.stride(0)), key, constexprs)
+    strides = (packed.stride(0), scale.stride(0), (k + 1) // 2)
+    return _launch(_INT4, x, inputs, packed.shape[0], strides, key, constexprs)
 
 
 _INT4_INTERLEAVED = _Launcher(_int4_interleaved_kernel, pdl=True)

@@ -120,6 +120,7 @@ def _int4_row_case(kernel, stride_unit, n, k, group, block_n, block_k, dtype, bi
     y = torch.empty(1, n, dtype=dtype)
     kernel.fn[_grid(n, block_n)](
         x, packed, scale, zero, scale if b is None else b, y, n, k, packed.stride(0) // stride_unit, scale.stride(0),
+        (k + 1) // 2,
         GROUP=group, HAS_BIAS=bias, BLOCK_N=block_n, BLOCK_K=block_k,
     )  # fmt: skip
     weight = dequantize_int4(packed, scale, zero, k, group, torch.float32)
@@ -269,7 +270,7 @@ def test_dot_kernels_several_rows(kernels, n, k):
     assert _error(y, ref) < ROUNDING[dtype]
     packed, s4, z4 = quantize_int4((torch.randn(n, k) * 0.02).to(dtype), 32)
     kernels._int4_dot_kernel.fn[_grid(n, 16, m, 16)](
-        x, packed, s4, z4, s4, y, m, n, k, packed.stride(0), s4.stride(0),
+        x, packed, s4, z4, s4, y, m, n, k, packed.stride(0), s4.stride(0), (k + 1) // 2,
         GROUP=32, HAS_BIAS=False, BLOCK_M=16, BLOCK_N=16, GROUPS_PER_BLOCK=2,
     )  # fmt: skip
     assert _error(y, x.float() @ dequantize_int4(packed, s4, z4, k, 32, torch.float32).T) < ROUNDING[dtype]
