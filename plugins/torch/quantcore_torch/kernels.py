@@ -212,10 +212,18 @@ def int8_weight_only_linear(
     return _float_linear(x, dequantized_int8(qweight, scale, x.dtype), bias)
 
 
+def _check_gate_up(out_features: int) -> None:
+    if out_features % 2:
+        raise ValueError(
+            f"a gated MLP's stacked gate and up projections have an even number of outputs, got {out_features}"
+        )
+
+
 def gated_input(h: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` from ``h [..., 2K]`` holding a gated MLP's ``gate`` then ``up`` halves,
     computed as the MLP computes it (``act_fn(gate_proj(x)) * up_proj(x)``, each op rounding to
     ``h.dtype``): the input of its down projection."""
+    _check_gate_up(h.shape[-1])
     gate, up = h.chunk(2, dim=-1)
     return F.silu(gate) * up
 
@@ -238,13 +246,6 @@ def int8_gated_linear(
     if _TRITON is not None and h.is_cuda and h.dtype in _HALF and h.numel() == h.shape[-1]:
         return _TRITON.int8_glu_mm(h, qweight, scale, bias)
     return int8_weight_only_linear(gated_input(h), qweight, scale, bias)
-
-
-def _check_gate_up(out_features: int) -> None:
-    if out_features % 2:
-        raise ValueError(
-            f"a gated MLP's stacked gate and up projections have an even number of outputs, got {out_features}"
-        )
 
 
 def _one_half_row(x: torch.Tensor) -> bool:

@@ -336,10 +336,6 @@ class WeightOnlyLinear(WeightOnlyStorage):
         (:func:`~quantcore_torch.kernels.int8_gate_up_linear`,
         :func:`~quantcore_torch.kernels.int4_gate_up_linear`); anything else runs this forward,
         then the activation, as the MLP does."""
-        if self.out_features % 2:
-            raise ValueError(
-                f"a gated MLP's stacked gate and up projections have an even number of outputs, got {self.out_features}"
-            )
         bias = self._parameters["bias"]
         trains = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
         if trains or self._fused is not None or (self.compute_dtype is not None and self.compute_dtype != x.dtype):
