@@ -235,16 +235,21 @@ class FusedProjections:
     def stacked(self, x: torch.Tensor) -> torch.Tensor | None:
         """The whole stack's output for ``x`` (the members' outputs side by side, in their order),
         or ``None`` if the group is inactive. Nothing is cached: for a caller that wants it all."""
-        if not torch.compiler.is_compiling() and not self.is_current():
-            self.refresh()
-        return None if self.linear is None else self.linear(x)
+        linear = self._active()
+        return None if linear is None else linear(x)
 
     def gated(self, x: torch.Tensor) -> torch.Tensor | None:
         """``silu(gate) * up`` for ``x`` from a gated MLP's (gate, up) group (see
         :meth:`WeightOnlyLinear.gate_up_forward`), or ``None`` if the group is inactive."""
+        linear = self._active()
+        return None if linear is None else linear.gate_up_forward(x)
+
+    def _active(self) -> WeightOnlyLinear | None:
+        """The stack's layer, stacked again first where stale (eager code; a compiled graph guards
+        on the stack it was traced with), or ``None`` if the group is inactive."""
         if not torch.compiler.is_compiling() and not self.is_current():
             self.refresh()
-        return None if self.linear is None else self.linear.gate_up_forward(x)
+        return self.linear
 
     def forward(self, x: torch.Tensor, index: int) -> torch.Tensor | None:
         """Member ``index``'s output for ``x`` (a slice of the stack's), or ``None`` if the group is inactive."""

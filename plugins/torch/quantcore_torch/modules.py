@@ -121,6 +121,13 @@ class KernelLayoutMixin(nn.Module):
                 torch._dynamo.mark_static_address(self.kernel_layout.weight)
                 torch._dynamo.mark_static_address(self.kernel_layout.scales_and_zeros)
 
+    def _current_kernel_layout(self) -> kernels.Int4Layout | None:
+        """:attr:`kernel_layout`, rebuilt first if a loader swapped the buffers in since. Checked in
+        eager mode only: a compiled graph guards on the layout it was traced with."""
+        if not torch.compiler.is_compiling() and self._layout_is_stale():
+            self.refresh_kernel_layout()
+        return self.kernel_layout
+
     def _layout_is_stale(self) -> bool:
         source = self._layout_of
         if not source:
@@ -299,9 +306,6 @@ class WeightOnlyLinear(WeightOnlyStorage):
         if self.bits == 8:
             y = kernels.int8_weight_only_linear(xc, buffers["qweight"], buffers["scale"], kernel_bias)
         else:
-            # Checked in eager mode only: a compiled graph guards on the layout it was traced with.
-            if not torch.compiler.is_compiling() and self._layout_is_stale():
-                self.refresh_kernel_layout()
             y = kernels.int4_weight_only_linear(
                 xc,
                 buffers["qweight"],
@@ -309,7 +313,7 @@ class WeightOnlyLinear(WeightOnlyStorage):
                 buffers["zero"],
                 self.group_size,
                 kernel_bias,
-                self.kernel_layout,
+                self._current_kernel_layout(),
             )
         if late_bias is not None:
             y = y + late_bias.to(y.dtype)
@@ -343,10 +347,14 @@ class WeightOnlyLinear(WeightOnlyStorage):
         buffers = self._buffers
         if self.bits == 8:
             return kernels.int8_gate_up_linear(x, buffers["qweight"], buffers["scale"], bias)
-        if not torch.compiler.is_compiling() and self._layout_is_stale():
-            self.refresh_kernel_layout()
         return kernels.int4_gate_up_linear(
-            x, buffers["qweight"], buffers["scale"], buffers["zero"], self.group_size, bias, self.kernel_layout
+            x,
+            buffers["qweight"],
+            buffers["scale"],
+            buffers["zero"],
+            self.group_size,
+            bias,
+            self._current_kernel_layout(),
         )
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
