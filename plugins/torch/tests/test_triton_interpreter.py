@@ -15,7 +15,7 @@ import sys
 
 import pytest
 import torch
-from quantcore_torch.packing import dequantize_int4, dequantize_int8, quantize_int4
+from quantcore_torch.packing import dequantize_int4, dequantize_int8, quantize_int4, quantize_int8
 
 triton = pytest.importorskip("triton")
 
@@ -362,16 +362,23 @@ def test_the_dequantize_wrappers_launch_their_kernels_with_the_right_arguments(k
     assert torch.equal(kernels.dequantize_int8(q, s, torch.float16), dequantize_int8(q, s, torch.float16))
 
 
-def test_the_interleaved_wrapper_launches_its_kernel_with_the_right_arguments(kernels, monkeypatch):
-    # int4_interleaved_mm as eager code calls it (its launcher, the layout from kernels), on CPU
-    # tensors, the CUDA queries stubbed: the arguments reach the kernel's parameters in order
-    # (the zero points found by their offset), the second call takes the kept kernel.
+def _stub_cuda_dispatch(kernels, monkeypatch):
+    """``quantcore_torch.kernels`` routed onto this module's interpreted ``_triton`` for CPU tensors,
+    the CUDA queries stubbed (as eager code reaches the wrappers); returns ``kernels``."""
     from quantcore_torch import kernels as dispatch
 
     monkeypatch.setattr(torch._C, "_cuda_getDevice", lambda: None, raising=False)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: None)
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
     monkeypatch.setattr(dispatch, "_TRITON", kernels)
+    return dispatch
+
+
+def test_the_interleaved_wrapper_launches_its_kernel_with_the_right_arguments(kernels, monkeypatch):
+    # int4_interleaved_mm as eager code calls it (its launcher, the layout from kernels), on CPU
+    # tensors, the CUDA queries stubbed: the arguments reach the kernel's parameters in order
+    # (the zero points found by their offset), the second call takes the kept kernel.
+    dispatch = _stub_cuda_dispatch(kernels, monkeypatch)
     torch.manual_seed(0)
     n, k, group = 37, 512, 128  # ragged rows
     packed, scale, zero = quantize_int4(torch.randn(n, k).half(), group)
@@ -397,19 +404,13 @@ def test_the_gate_up_wrappers_launch_their_kernels_with_the_right_arguments(kern
     # int8_gate_up_mm and int4_interleaved_gate_up_mm as eager code calls them, on CPU tensors with
     # the CUDA queries stubbed: N // 2 outputs, silu(gate) * up of the plain wrappers' outputs, a
     # kept kernel on the second call; an odd number of rows is refused before anything launches.
-    from quantcore_torch import kernels as dispatch
-
-    monkeypatch.setattr(torch._C, "_cuda_getDevice", lambda: None, raising=False)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: None)
-    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
-    monkeypatch.setattr(dispatch, "_TRITON", kernels)
+    dispatch = _stub_cuda_dispatch(kernels, monkeypatch)
     torch.manual_seed(0)
     half, k, group = 19, 512, 128
     w = torch.randn(2 * half, k) * 0.05
     bias = torch.randn(2 * half).half()
     x = torch.randn(1, k).half()
-    step = w.abs().amax(1) / 127
-    qweight, s = torch.round(w / step[:, None]).to(torch.int8), step.half()
+    qweight, s = quantize_int8(w.half())
     packed, scale, zero = quantize_int4(w.half(), group)
     layout = dispatch.int4_interleaved_layout(packed, scale, zero, k, group)
     cases = (
