@@ -895,29 +895,44 @@ def _launch(
     width = x.shape[-1]
     k = width // 2 if glu else width
     m = x.numel() // width
-    y = x.new_empty((*x.shape[:-1], n // 2 if gate_up else n))
     if m == 1 and not (kernels.row_needs_even_k and k % 2):
-        launcher, args = kernels.row, (*inputs, y, n, k, *strides)
-        # Kept (every call after a shape's first) and on the current device: launched now.
-        if launcher.run_kept((*key, m), args):
-            return y
-        constexprs = {**constexprs, **kernels.row_constexprs}
-        if glu:
-            constexprs["GLU"] = True
-        if gate_up:
-            constexprs["GATE_UP"] = True
-        grid = _row_grid(n, gate_up)
-    elif glu or gate_up:
+        row = kernels.row_constexprs
+        if glu or gate_up:
+            row = {**row, "GLU": glu, "GATE_UP": gate_up}  # the int8 kernel's: the only one with them
+        return _launch_row(kernels.row, x, inputs, n, k, strides, (*key, m), constexprs, row, gate_up)
+    if glu or gate_up:
         raise ValueError(f"the gated {'input' if glu else 'output'} runs one row at a time, got {m} rows")
-    else:
-        block_m = 16 if m <= 16 else 32
-        launcher, args = kernels.dot, (*inputs, y, m, n, k, *strides)
-        constexprs = {**constexprs, "BLOCK_M": block_m}
+    y = x.new_empty((*x.shape[:-1], n))
+    block_m = 16 if m <= 16 else 32
+    args = (*inputs, y, m, n, k, *strides)
 
-        def grid(meta):
-            return (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, block_m))
+    def grid(meta):
+        return (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, block_m))
 
-    _eager(launcher, (*key, m), x, grid, args, constexprs)  # key[0]: the device
+    _eager(kernels.dot, (*key, m), x, grid, args, {**constexprs, "BLOCK_M": block_m})  # key[0]: the device
+    return y
+
+
+def _launch_row(
+    launcher: _Launcher,
+    x: torch.Tensor,
+    inputs: tuple,
+    n: int,
+    k: int,
+    strides: tuple,
+    key: tuple,
+    constexprs: dict,
+    row: dict,
+    gate_up: bool = False,
+) -> torch.Tensor:
+    """One row through a one-row kernel (``inputs..., y, N, K, strides...``): the kept kernel
+    launched straight (every call after a shape's first, on the current device), else the
+    autotuner with ``constexprs`` and the kernel's own ``row`` constexprs (merged only then).
+    ``gate_up``: ``y`` is ``N // 2`` wide (see :func:`_launch`)."""
+    y = x.new_empty((*x.shape[:-1], n // 2 if gate_up else n))
+    args = (*inputs, y, n, k, *strides)
+    if not launcher.run_kept(key, args):
+        _eager(launcher, key, x, _row_grid(n, gate_up), args, {**constexprs, **row})
     return y
 
 
@@ -964,6 +979,8 @@ def _int4_launch(x, packed, scale, zero, group_size: int, bias):
 
 
 _INT4_INTERLEAVED = _Launcher(_int4_interleaved_kernel, pdl=True)
+# Its own constexprs, as a plain launch sets them, by GATE_UP.
+_INTERLEAVED_ROW = {gate_up: {"USE_GDC": False, "GATE_UP": gate_up} for gate_up in (False, True)}
 
 
 def _int4_interleaved_launch(x, words, scales_and_zeros, group_size: int, bias, gate_up: bool = False):
@@ -982,15 +999,12 @@ def _int4_interleaved_launch(x, words, scales_and_zeros, group_size: int, bias, 
     n = words.shape[0]
     if gate_up:
         _check_gate_up(n)
-    y = x.new_empty((*x.shape[:-1], n // 2 if gate_up else n))
-    args = (x, words, sz, sz if bias is None else bias, y, n, k, words.stride(0), sz.stride(1), sz.stride(0))
-    args += (INT4_MAGIC,)
+    inputs = (x, words, sz, sz if bias is None else bias)
+    strides = (words.stride(0), sz.stride(1), sz.stride(0), INT4_MAGIC)
     key = (*_key(x, words, sz, bias), group_size, "interleaved", gate_up)
-    if _INT4_INTERLEAVED.run_kept(key, args):
-        return y
-    constexprs = {"GROUP": group_size, "HAS_BIAS": bias is not None, "USE_GDC": False, "GATE_UP": gate_up}
-    _eager(_INT4_INTERLEAVED, key, x, _row_grid(n, gate_up), args, constexprs)
-    return y
+    constexprs = {"GROUP": group_size, "HAS_BIAS": bias is not None}
+    row = _INTERLEAVED_ROW[gate_up]
+    return _launch_row(_INT4_INTERLEAVED, x, inputs, n, k, strides, key, constexprs, row, gate_up)
 
 
 def _key(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> tuple:
