@@ -250,7 +250,7 @@ def shape_cases(
         for t in w.interleaved:
             sz = t.scales_and_zeros
             interleaved_args.append(
-                (t.weight, sz, sz, (t.weight.stride(0), sz.stride(1), sz.stride(0), _triton.INT4_MAGIC))
+                (t.weight, sz, sz, (t.weight.stride(0), sz.stride(1), sz.stride(0), _triton.INT4_MAGIC, w.k // 8))
             )
         # Every one-row int4 config, forced: (label, kernel, table, per-copy arguments; the bias slot unused)
         for label, kernel, table, copies in (

@@ -382,6 +382,7 @@ def _int4_interleaved_kernel(
     stride_sn,
     zero_offset,
     magic,
+    row_words,
     GROUP: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -393,7 +394,9 @@ def _int4_interleaved_kernel(
     """The int4 one-row kernel on the interleaved layout (``kernels.interleave_int4``): ``K`` a
     multiple of ``GROUP`` (a power of two, 8 or more), ``x`` 4-byte aligned, ``stride_wn`` in words;
     the scales at ``sz_ptr`` (row stride ``stride_sn``), the zero points ``zero_offset`` elements
-    after them (one ``[2, N, groups]`` tensor: no per-call views).
+    after them (one ``[2, N, groups]`` tensor: no per-call views). ``row_words`` is ``K // 8``,
+    passed rather than computed so that Triton sees its divisibility: masked on it, the words and
+    the input pairs load 16 bytes a thread (``K // 8`` in the kernel gave 8-byte loads).
 
     Word ``j`` of a row's group ``g`` holds, in its byte ``i``, the columns
     ``g * GROUP + i * GROUP // 4 + 2j`` (low nibble) and ``+ 1`` (high nibble): the input pairs a
@@ -417,7 +420,7 @@ def _int4_interleaved_kernel(
     rn, n_mask = _tile_rows(N, BLOCK_N, GATE_UP)
     rg = tl.arange(0, GROUPS)
     rj = tl.arange(0, WPG)
-    words = K // 8
+    words = row_words
     groups = K // GROUP
     w32 = w_ptr.to(tl.pointer_type(tl.uint32))
     pairs = x_ptr.to(tl.pointer_type(tl.int32))
@@ -1000,7 +1003,7 @@ def _int4_interleaved_launch(x, words, scales_and_zeros, group_size: int, bias, 
     if gate_up:
         _check_gate_up(n)
     inputs = (x, words, sz, sz if bias is None else bias)
-    strides = (words.stride(0), sz.stride(1), sz.stride(0), INT4_MAGIC)
+    strides = (words.stride(0), sz.stride(1), sz.stride(0), INT4_MAGIC, k // 8)
     key = (*_key(x, words, sz, bias), group_size, "interleaved", gate_up)
     constexprs = {"GROUP": group_size, "HAS_BIAS": bias is not None}
     row = _INTERLEAVED_ROW[gate_up]

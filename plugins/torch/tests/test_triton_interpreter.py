@@ -164,7 +164,7 @@ def test_int4_interleaved_kernel(kernels, n, k, group, block_n, block_k, prefetc
     y = torch.empty(1, n, dtype=torch.float32)  # the sums before the output's rounding
     kernels._int4_interleaved_kernel.fn[_grid(n, block_n)](
         x, words, sz, sz if b is None else b, y, n, k, words.stride(0), sz.stride(1), sz.stride(0),
-        kernels.INT4_MAGIC, GROUP=group, HAS_BIAS=bias, BLOCK_N=block_n, BLOCK_K=block_k, PREFETCH=prefetch,
+        kernels.INT4_MAGIC, k // 8, GROUP=group, HAS_BIAS=bias, BLOCK_N=block_n, BLOCK_K=block_k, PREFETCH=prefetch,
     )  # fmt: skip
     weight = dequantize_int4(packed, scale, zero, k, group, torch.float64)
     exact = torch.nn.functional.linear(x.double(), weight, None if b is None else b.double())
@@ -240,7 +240,7 @@ def test_int4_interleaved_kernel_runs_a_gated_activation_on_its_output(
     words = interleave_int4(packed, k, group)
     sz = torch.stack((scale, zero))
     args = (x, words, sz, sz if b is None else b)
-    strides = (words.stride(0), sz.stride(1), sz.stride(0), kernels.INT4_MAGIC)
+    strides = (words.stride(0), sz.stride(1), sz.stride(0), kernels.INT4_MAGIC, k // 8)
     meta = dict(GROUP=group, HAS_BIAS=bias, BLOCK_N=block_n, BLOCK_K=block_k, PREFETCH=prefetch)
     plain = torch.empty(1, n, dtype=dtype)
     kernels._int4_interleaved_kernel.fn[_grid(n, block_n)](*args, plain, n, k, *strides, **meta)
