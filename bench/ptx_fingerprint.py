@@ -30,7 +30,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "plugins" / "torch"))
 
 _DEBUG = re.compile(r"^\s*(\.loc|\.file|//)|^\$L__tmp\d+:|^\$L__func")
+# Arguments by name; a kernel takes those it has (g_ptr, r_ptr, eps: the one-row kernels' folded norm and residual).
 _I8 = dict(x_ptr="*bf16", w_ptr="*i8", s_ptr="*bf16", b_ptr="*bf16", y_ptr="*bf16", N="i32", K="i32", stride_wn="i32")
+_I8 |= dict(g_ptr="*bf16", r_ptr="*bf16", eps="fp32")
 _I4 = dict(_I8, w_ptr="*u8", z_ptr="*bf16", stride_sn="i32", row_bytes="i32")
 
 
@@ -63,11 +65,19 @@ def compile_kernel(kernel, signature: dict, constexprs: dict, warps: int, arch: 
     from triton.compiler import ASTSource
 
     fn = kernel.fn
-    constants = dict(constexprs)
+    # Every constexpr gets a value, its default where not given: Triton (3.6) binds the given ones
+    # out of place when a defaulted one before them is missing.
+    constants = {p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}
+    constants.update(constexprs)
     if pdl is not None and "USE_GDC" in fn.arg_names:
         constants["USE_GDC"] = pdl
     full = {name: signature.get(name, "constexpr") for name in fn.arg_names}
-    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in signature}
+    # Pointers and integers as Triton specializes them at launch (16-byte aligned, multiples of 16).
+    attrs = {
+        (fn.arg_names.index(name),): [["tt.divisibility", 16]]
+        for name, kind in signature.items()
+        if name in fn.arg_names and not kind.startswith("fp")
+    }
     source = ASTSource(fn, full, constexprs=constants, attrs=attrs)
     options = {"num_warps": warps, "num_stages": 1, **({"launch_pdl": True} if pdl else {})}
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options).asm

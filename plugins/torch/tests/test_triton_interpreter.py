@@ -66,7 +66,7 @@ def test_int8_row_kernel(kernels, n, k, block_n, block_k, dtype, bias):
     x = torch.randn(1, k, dtype=dtype)
     y = torch.empty(1, n, dtype=dtype)
     kernels._int8_row_kernel.fn[_grid(n, block_n)](
-        x, q, scale, scale if b is None else b, y, n, k, q.stride(0), HAS_BIAS=bias, BLOCK_N=block_n, BLOCK_K=block_k
+        x, q, scale, scale if b is None else b, y, n, k, q.stride(0), x, x, 0.0, HAS_BIAS=bias, BLOCK_N=block_n, BLOCK_K=block_k
     )
     ref = torch.nn.functional.linear(
         x.float(), dequantize_int8(q, scale, torch.float32), None if b is None else b.float()
@@ -88,7 +88,7 @@ def test_int8_row_kernel_folds_a_gated_activation_into_its_input(kernels, n, k, 
     h = torch.cat([gate, up], dim=-1)
     y = torch.empty(1, n, dtype=dtype)
     kernels._int8_row_kernel.fn[_grid(n, block_n)](
-        h, q, scale, scale, y, n, k, q.stride(0), HAS_BIAS=False, BLOCK_N=block_n, BLOCK_K=block_k, GLU=True
+        h, q, scale, scale, y, n, k, q.stride(0), h, h, 0.0, HAS_BIAS=False, BLOCK_N=block_n, BLOCK_K=block_k, GLU=True
     )
     weight = dequantize_int8(q, scale, torch.float32)
     x = torch.nn.functional.silu(gate) * up  # the unfused MLP's input to down_proj, in dtype
@@ -101,7 +101,7 @@ def test_int8_row_kernel_folds_a_gated_activation_into_its_input(kernels, n, k, 
     # difference of silu's exp (the output's own rounding dominates the bound above).
     plain = torch.empty_like(y)
     kernels._int8_row_kernel.fn[_grid(n, block_n)](
-        x, q, scale, scale, plain, n, k, q.stride(0), HAS_BIAS=False, BLOCK_N=block_n, BLOCK_K=block_k
+        x, q, scale, scale, plain, n, k, q.stride(0), x, x, 0.0, HAS_BIAS=False, BLOCK_N=block_n, BLOCK_K=block_k
     )
     assert _error(y, plain) < (ROUNDING[dtype] / 20 if dtype == torch.float16 else ROUNDING[dtype])
     # Not the gate alone: the activation is really applied.
@@ -164,7 +164,7 @@ def test_int4_interleaved_kernel(kernels, n, k, group, block_n, block_k, prefetc
     y = torch.empty(1, n, dtype=torch.float32)  # the sums before the output's rounding
     kernels._int4_interleaved_kernel.fn[_grid(n, block_n)](
         x, words, sz, sz if b is None else b, y, n, k, words.stride(0), sz.stride(1), sz.stride(0),
-        kernels.INT4_MAGIC, k // 8, GROUP=group, HAS_BIAS=bias, BLOCK_N=block_n, BLOCK_K=block_k, PREFETCH=prefetch,
+        kernels.INT4_MAGIC, k // 8, x, x, 0.0, GROUP=group, HAS_BIAS=bias, BLOCK_N=block_n, BLOCK_K=block_k, PREFETCH=prefetch,
     )  # fmt: skip
     weight = dequantize_int4(packed, scale, zero, k, group, torch.float64)
     exact = torch.nn.functional.linear(x.double(), weight, None if b is None else b.double())
@@ -202,11 +202,11 @@ def test_int8_row_kernel_runs_a_gated_activation_on_its_output(kernels, half, k,
     args = (x, q, scale, scale if b is None else b)
     plain = torch.empty(1, n, dtype=dtype)
     kernels._int8_row_kernel.fn[_grid(n, block_n)](
-        *args, plain, n, k, q.stride(0), HAS_BIAS=bias, BLOCK_N=block_n, BLOCK_K=block_k
+        *args, plain, n, k, q.stride(0), x, x, 0.0, HAS_BIAS=bias, BLOCK_N=block_n, BLOCK_K=block_k
     )
     y = torch.full((1, half + 1), 7.0, dtype=dtype)  # one column past the output: never written
     kernels._int8_row_kernel.fn[_grid(half, block_n // 2)](
-        *args, y, n, k, q.stride(0), HAS_BIAS=bias, BLOCK_N=block_n, BLOCK_K=block_k, GATE_UP=True
+        *args, y, n, k, q.stride(0), x, x, 0.0, HAS_BIAS=bias, BLOCK_N=block_n, BLOCK_K=block_k, GATE_UP=True
     )
     assert y[0, half].item() == 7.0
     # Each program sums its rows in the plain kernel's order: the same rounded outputs, so in fp16
@@ -240,7 +240,7 @@ def test_int4_interleaved_kernel_runs_a_gated_activation_on_its_output(
     words = interleave_int4(packed, k, group)
     sz = torch.stack((scale, zero))
     args = (x, words, sz, sz if b is None else b)
-    strides = (words.stride(0), sz.stride(1), sz.stride(0), kernels.INT4_MAGIC, k // 8)
+    strides = (words.stride(0), sz.stride(1), sz.stride(0), kernels.INT4_MAGIC, k // 8, x, x, 0.0)
     meta = dict(GROUP=group, HAS_BIAS=bias, BLOCK_N=block_n, BLOCK_K=block_k, PREFETCH=prefetch)
     plain = torch.empty(1, n, dtype=dtype)
     kernels._int4_interleaved_kernel.fn[_grid(n, block_n)](*args, plain, n, k, *strides, **meta)
