@@ -250,7 +250,12 @@ def shape_cases(
         for t in w.interleaved:
             sz = t.scales_and_zeros
             interleaved_args.append(
-                (t.weight, sz, sz, (t.weight.stride(0), sz.stride(1), sz.stride(0), _triton.INT4_MAGIC, w.k // 8, x, x, 0.0))
+                (
+                    t.weight,
+                    sz,
+                    sz,
+                    (t.weight.stride(0), sz.stride(1), sz.stride(0), _triton.INT4_MAGIC, w.k // 8, x, x, 0.0),
+                )
             )
         # Every one-row int4 config, forced: (label, kernel, table, per-copy arguments; the bias slot unused)
         for label, kernel, table, copies in (

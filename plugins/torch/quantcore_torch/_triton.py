@@ -1079,7 +1079,9 @@ def _check_fold(fold: _Fold | None, x: torch.Tensor, n: int, gate_up: bool) -> N
         if gate_up:
             raise ValueError("a residual is added to a projection's output, not to a gated MLP's activation")
         if r.numel() != n or r.dtype != x.dtype or not r.is_contiguous():
-            raise ValueError(f"a residual must be one contiguous row of {n} in {x.dtype}, got {tuple(r.shape)} {r.dtype}")
+            raise ValueError(
+                f"a residual must be one contiguous row of {n} in {x.dtype}, got {tuple(r.shape)} {r.dtype}"
+            )
 
 
 def _int4_launch(x, packed, scale, zero, group_size: int, bias):
@@ -1097,7 +1099,9 @@ def _int4_launch(x, packed, scale, zero, group_size: int, bias):
 
 _INT4_INTERLEAVED = _Launcher(_int4_interleaved_kernel, pdl=True)
 # Its own constexprs, as a plain launch sets them, by GATE_UP.
-_INTERLEAVED_ROW = {gate_up: {"USE_GDC": False, "GATE_UP": gate_up, **_fold_constexprs(None)} for gate_up in (False, True)}
+_INTERLEAVED_ROW = {
+    gate_up: {"USE_GDC": False, "GATE_UP": gate_up, **_fold_constexprs(None)} for gate_up in (False, True)
+}
 
 
 def _int4_interleaved_launch(
