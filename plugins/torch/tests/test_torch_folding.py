@@ -222,3 +222,36 @@ def test_folded_layers_in_kernels_under_cuda_graphs(bits, monkeypatch):
         ids = ids_for("cuda", length=1, seed=seed)
         torch.testing.assert_close(logits(compiled, ids), logits(unfolded, ids), rtol=2e-2, atol=2e-2)
     torch._dynamo.reset()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize(("n", "k"), [(2560, 2048), (11264, 2048), (2048, 5632), (38, 512)])
+def test_folded_kernels_against_the_exact_sums(bits, n, k, monkeypatch):
+    # A decoder layer's shapes in bf16 on the GPU: the folded norm is at least as close to the exact
+    # sums as the unfolded path (norm rounded to bf16, then the projection); the residual is the
+    # rounded projection plus the residual, rounded, bit for bit; the gate/up epilogue takes the norm.
+    monkeypatch.setattr(kernels, "INT4_CUDA_KERNEL", "interleaved")
+    torch.manual_seed(n + k)
+    linear = nn.Linear(k, n, bias=False).to(torch.bfloat16)
+    module = WeightOnlyLinear.from_linear(linear, bits=bits, group_size=128).to("cuda")
+    assert bits == 8 or module.kernel_layout.kind == "interleaved"
+    h = torch.randn(1, k, device="cuda", dtype=torch.bfloat16) * 3
+    norm = kernels.NormFold((1 + 0.5 * torch.randn(k, device="cuda")).bfloat16(), 1e-5)
+    residual = torch.randn(1, n, device="cuda", dtype=torch.bfloat16)
+    weight = module.dequantized_weight(torch.float64)
+    hd = h.double()
+    exact = (hd * torch.rsqrt(hd.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight.double()) @ weight.T
+
+    def error(y):
+        return ((y.double() - exact).norm() / exact.norm()).item()
+
+    with torch.no_grad():
+        folded = module.folded_forward(h, norm=norm)
+        unfolded = module(kernels.rms_norm(h, norm))
+        assert error(folded) <= error(unfolded) * 1.05 and error(folded) < 1e-2
+        plain = module(h)
+        assert torch.equal(module.folded_forward(h, residual=residual), (plain.float() + residual.float()).bfloat16())
+        gated = module.folded_forward(h, norm=norm, gate_up=True)
+        torch.testing.assert_close(gated, kernels.gated_input(folded), rtol=2e-2, atol=2e-2)
