@@ -36,9 +36,7 @@ fusion), to compare them. A suffix ``+fused``
 on the quantized model: q/k/v and gate/up as one kernel call each; ``+glu`` (``int8-torch+glu``,
 ``int4-torch@interleaved+glu``) does that and runs each MLP's activation in the fused gate/up
 kernel's epilogue (``fuse_projections(activation=True)``), ``+glu-down`` inside the int8 down
-projection's kernel instead (``activation="down"``). ``+fold`` (``int4-torch@interleaved+fold``)
-does what ``+glu`` does and also runs each decoder layer's two RMS norms and two residual adds
-inside its projections' kernels (``fuse_projections(activation=True, norms=True)``). ``+pdl`` launches torch_wo's
+projection's kernel instead (``activation="down"``). ``+pdl`` launches torch_wo's
 one-row Triton kernels programmatically inside CUDA graphs (``QUANTCORE_TRITON_PDL``, Hopper and
 later), ``+inductor-pdl`` inductor's kernels (``TORCHINDUCTOR_ENABLE_PDL``); suffixes combine
 (``int8-torch+fused+pdl+inductor-pdl``, ``bf16+inductor-pdl``). ``+pdl+inductor-pdl`` is what a
@@ -95,10 +93,9 @@ def build_model(name: str, device: str, max_len: int):
     return model.eval()
 
 
-SUFFIXES = ("fused", "glu", "glu-down", "fold", "pdl", "inductor-pdl")
-# The suffixes that fuse projections, and where each runs the MLP's activation (fuse_projections'
-# activation); +fold also runs each decoder layer's norms and residual adds in the kernels (norms).
-FUSING = {"fused": False, "glu": True, "glu-down": "down", "fold": True}
+SUFFIXES = ("fused", "glu", "glu-down", "pdl", "inductor-pdl")
+# The suffixes that fuse projections, and where each runs the MLP's activation (fuse_projections' activation).
+FUSING = {"fused": False, "glu": True, "glu-down": "down"}
 
 
 def split_method(method: str) -> tuple[str, set[str]]:
@@ -169,14 +166,11 @@ def make_variant(base, method: str):
             from quantcore_torch.fusion import fuse_projections
 
             activation = FUSING[fusing[0]]
-            norms = fusing[0] == "fold"
-            report = fuse_projections(model, activation=activation, norms=norms)
+            report = fuse_projections(model, activation=activation)
             if not report.fused:
                 raise ValueError(f"{method}: no projections were fused ({report})")
             if activation and not report.activations:
                 raise ValueError(f"{method}: no MLP runs its activation in a kernel ({report})")
-            if norms and not report.folded:
-                raise ValueError(f"{method}: no decoder layer runs its norms in the kernels ({report})")
     return model
 
 

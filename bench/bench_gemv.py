@@ -210,7 +210,7 @@ def shape_cases(
         )
         for cfg in wide_int8_configs() if wide else _triton.INT8_ROW:
             calls = [
-                forced(_triton._int8_row_kernel, cfg, x, (q, s, s, (q.stride(0), x, x, 0.0)), {"HAS_BIAS": False})
+                forced(_triton._int8_row_kernel, cfg, x, (q, s, s, (q.stride(0),)), {"HAS_BIAS": False})
                 for q, s in w.int8
             ]
             cases[f"int8 {cfg}"] = ("int8", calls)
@@ -250,12 +250,7 @@ def shape_cases(
         for t in w.interleaved:
             sz = t.scales_and_zeros
             interleaved_args.append(
-                (
-                    t.weight,
-                    sz,
-                    sz,
-                    (t.weight.stride(0), sz.stride(1), sz.stride(0), _triton.INT4_MAGIC, w.k // 8, x, x, 0.0),
-                )
+                (t.weight, sz, sz, (t.weight.stride(0), sz.stride(1), sz.stride(0), _triton.INT4_MAGIC))
             )
         # Every one-row int4 config, forced: (label, kernel, table, per-copy arguments; the bias slot unused)
         for label, kernel, table, copies in (

@@ -30,9 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "plugins" / "torch"))
 
 _DEBUG = re.compile(r"^\s*(\.loc|\.file|//)|^\$L__tmp\d+:|^\$L__func")
-# Arguments by name; a kernel takes those it has (g_ptr, r_ptr, eps: the one-row kernels' folded norm and residual).
 _I8 = dict(x_ptr="*bf16", w_ptr="*i8", s_ptr="*bf16", b_ptr="*bf16", y_ptr="*bf16", N="i32", K="i32", stride_wn="i32")
-_I8 |= dict(g_ptr="*bf16", r_ptr="*bf16", eps="fp32")
 _I4 = dict(_I8, w_ptr="*u8", z_ptr="*bf16", stride_sn="i32", row_bytes="i32")
 
 
@@ -72,12 +70,7 @@ def compile_kernel(kernel, signature: dict, constexprs: dict, warps: int, arch: 
     if pdl is not None and "USE_GDC" in fn.arg_names:
         constants["USE_GDC"] = pdl
     full = {name: signature.get(name, "constexpr") for name in fn.arg_names}
-    # Pointers and integers as Triton specializes them at launch (16-byte aligned, multiples of 16).
-    attrs = {
-        (fn.arg_names.index(name),): [["tt.divisibility", 16]]
-        for name, kind in signature.items()
-        if name in fn.arg_names and not kind.startswith("fp")
-    }
+    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in signature}
     source = ASTSource(fn, full, constexprs=constants, attrs=attrs)
     options = {"num_warps": warps, "num_stages": 1, **({"launch_pdl": True} if pdl else {})}
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options).asm

@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     i8, i4 = ptx_fingerprint._I8, ptx_fingerprint._I4
     i8m, i4m = dict(i8, M="i32"), dict(i4, M="i32")
     i4i = {k: v for k, v in i4.items() if k not in ("s_ptr", "z_ptr", "row_bytes")}
-    i4i |= dict(w_ptr="*i32", sz_ptr="*bf16", zero_offset="i32", magic="i32", row_words="i32")
+    i4i |= dict(w_ptr="*i32", sz_ptr="*bf16", zero_offset="i32", magic="i32")
     dot = {"HAS_BIAS": False, "BLOCK_M": 16}
     gate_up = {"GATE_UP": True}
     t = _triton
@@ -98,11 +98,6 @@ def main(argv=None) -> int:
         # A gated MLP's activation in the epilogue: the rows a program takes change, not the loop.
         ("int8 row (2, 1024, 2) gate/up", t._int8_row_kernel, i8, {"BLOCK_N": 2, "BLOCK_K": 1024, **gate_up}, 2, 2048),
         ("int4 interleaved (4, 2048, 2) gate/up", il, i4i, {"BLOCK_N": 4, "BLOCK_K": 2048, **gate_up}, 2, 4096),
-        # A decoder layer's RMS norm folded into the input (qkv, gate/up): the weight is read with
-        # the input and the sum of squares grows beside the products.
-        ("int8 row (2, 1024, 2) norm", t._int8_row_kernel, i8, {"BLOCK_N": 2, "BLOCK_K": 1024, "NORM": True}, 2, 2048),
-        ("int4 interleaved (4, 2048, 2) norm", il, i4i, {"BLOCK_N": 4, "BLOCK_K": 2048, "NORM": True}, 2, 4096),
-        ("int4 interleaved (8, 1024, 1) norm", il, i4i, {"BLOCK_N": 8, "BLOCK_K": 1024, "NORM": True}, 1, 4096),
         ("int8 dot (32, 128, 4)", t._int8_dot_kernel, i8m, {**dot, "BLOCK_N": 32, "BLOCK_K": 128}, 4, 32 * 128),
         ("int4 dot (32, 1, 4)", t._int4_dot_kernel, i4m, {**dot, "BLOCK_N": 32, "GROUPS_PER_BLOCK": 1}, 4, 32 * 64),
     ]  # fmt: skip

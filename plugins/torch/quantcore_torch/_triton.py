@@ -46,11 +46,9 @@ import triton.language as tl
 __all__ = [
     "dequantize_int4",
     "dequantize_int8",
-    "int4_interleaved_folded_mm",
     "int4_interleaved_gate_up_mm",
     "int4_interleaved_mm",
     "int4_mm",
-    "int8_folded_mm",
     "int8_gate_up_mm",
     "int8_glu_mm",
     "int8_mm",
@@ -159,22 +157,11 @@ def _group_params(s_ptr, z_ptr, rn, g, stride_sn, mask):
 
 
 @triton.jit
-def _store_row(out, b_ptr, y_ptr, rn, n_mask, HAS_BIAS: tl.constexpr, r_ptr, RESIDUAL: tl.constexpr):
-    """A one-row kernel's epilogue: ``y[rn] = out + bias[rn]`` in the output's dtype. ``RESIDUAL``:
-    ``y[rn] = residual[rn] + that``, the sum rounded again, as a decoder layer's ``residual +
-    hidden_states`` rounds it after the projection's own output."""
-    dtype = y_ptr.dtype.element_ty
+def _store_row(out, b_ptr, y_ptr, rn, n_mask, HAS_BIAS: tl.constexpr):
+    """A one-row kernel's epilogue: ``y[rn] = out + bias[rn]`` in the output's dtype."""
     if HAS_BIAS:
         out += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
-    if RESIDUAL:
-        out = out.to(dtype).to(tl.float32) + tl.load(r_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + rn, out.to(dtype), mask=n_mask)
-
-
-@triton.jit
-def _norm_scale(ss, K, eps):
-    """The RMS norm's ``rsqrt(mean(h**2) + eps)`` from the sum of squares ``ss`` of ``K`` inputs."""
-    return tl.math.rsqrt(ss / K + eps)
+    tl.store(y_ptr + rn, out.to(y_ptr.dtype.element_ty), mask=n_mask)
 
 
 @triton.jit
@@ -233,7 +220,7 @@ def _row_input(x_ptr, kk, K, GLU: tl.constexpr):
         return tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
 
 
-@triton.autotune(configs=_configs(INT8_ROW, "BLOCK_K"), key=["N", "K", "GLU", "GATE_UP", "NORM", "RESIDUAL"])
+@triton.autotune(configs=_configs(INT8_ROW, "BLOCK_K"), key=["N", "K", "GLU", "GATE_UP"])
 @triton.jit
 def _int8_row_kernel(
     x_ptr,
@@ -244,30 +231,21 @@ def _int8_row_kernel(
     N,
     K,
     stride_wn,
-    g_ptr,
-    r_ptr,
-    eps,
     HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     USE_GDC: tl.constexpr = False,
     GLU: tl.constexpr = False,
     GATE_UP: tl.constexpr = False,
-    NORM: tl.constexpr = False,
-    RESIDUAL: tl.constexpr = False,
 ):
     """``y[n] = scale[n] * sum_k x[k] * w[n, k] + bias[n]`` for one row ``x``: a ``[BLOCK_N, BLOCK_K]``
     int8 tile a step, products summed in fp32 and reduced once at the end. ``USE_GDC``: launched as a
     programmatic dependent launch (see ``PDL``). ``GLU``: ``x`` is a gated MLP's gate and up halves
     (see :func:`_row_input`). ``GATE_UP``: the weight is a gated MLP's gate and up projections
-    stacked, and ``y`` (``N // 2`` wide) gets ``silu(gate) * up`` (see :func:`_store_gate_up`).
-    ``NORM`` and ``RESIDUAL``: a decoder layer's RMS norm before the projection and residual add
-    after it, folded in (see :func:`_int4_interleaved_kernel`; ``g_ptr`` the norm's weight, in
-    ``x``'s dtype, ``r_ptr`` the residual, ``eps`` the norm's)."""
+    stacked, and ``y`` (``N // 2`` wide) gets ``silu(gate) * up`` (see :func:`_store_gate_up`)."""
     rn, n_mask = _tile_rows(N, BLOCK_N, GATE_UP)
     rk = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
         if USE_GDC:  # programmatic launch: the first weight tile loads before the wait
@@ -282,19 +260,14 @@ def _int8_row_kernel(
             w = tl.load(
                 w_ptr + rn[:, None] * stride_wn + kk[None, :], mask=n_mask[:, None] & (kk[None, :] < K), other=0
             )
-        if NORM:
-            ss += xk * xk
-            xk *= tl.load(g_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
         acc += _int8_to_float(w) * xk[None, :]
     if USE_GDC:
         tl.extra.cuda.gdc_launch_dependents()
     out = tl.sum(acc, axis=1) * tl.load(s_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
-    if NORM:
-        out *= _norm_scale(tl.sum(ss, axis=0), K, eps)
     if GATE_UP:
         _store_gate_up(out, b_ptr, y_ptr, rn, n_mask, N, BLOCK_N, HAS_BIAS)
     else:
-        _store_row(out, b_ptr, y_ptr, rn, n_mask, HAS_BIAS, r_ptr, RESIDUAL)
+        _store_row(out, b_ptr, y_ptr, rn, n_mask, HAS_BIAS)
 
 
 @triton.autotune(
@@ -358,7 +331,7 @@ def _int4_row_kernel(
         acc += s[:, :, None] * t
     if USE_GDC:
         tl.extra.cuda.gdc_launch_dependents()
-    _store_row(tl.sum(tl.sum(acc, axis=2), axis=1), b_ptr, y_ptr, rn, n_mask, HAS_BIAS, b_ptr, False)
+    _store_row(tl.sum(tl.sum(acc, axis=2), axis=1), b_ptr, y_ptr, rn, n_mask, HAS_BIAS)
 
 
 # The interleaved int4 layout (see :func:`_int4_interleaved_kernel`): (BLOCK_N, BLOCK_K, num_warps,
@@ -393,7 +366,7 @@ def _offset_nibble(magic, word, SHIFT: tl.constexpr):
 
 @triton.autotune(
     configs=_configs(INT4_INTERLEAVED, "BLOCK_K", extra=("PREFETCH",)),
-    key=["N", "K", "GROUP", "GATE_UP", "NORM", "RESIDUAL"],
+    key=["N", "K", "GROUP", "GATE_UP"],
     prune_configs_by={"early_config_prune": _prune_groups},
 )
 @triton.jit
@@ -409,10 +382,6 @@ def _int4_interleaved_kernel(
     stride_sn,
     zero_offset,
     magic,
-    row_words,
-    g_ptr,
-    r_ptr,
-    eps,
     GROUP: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -420,15 +389,11 @@ def _int4_interleaved_kernel(
     PREFETCH: tl.constexpr = False,
     USE_GDC: tl.constexpr = False,
     GATE_UP: tl.constexpr = False,
-    NORM: tl.constexpr = False,
-    RESIDUAL: tl.constexpr = False,
 ):
     """The int4 one-row kernel on the interleaved layout (``kernels.interleave_int4``): ``K`` a
     multiple of ``GROUP`` (a power of two, 8 or more), ``x`` 4-byte aligned, ``stride_wn`` in words;
     the scales at ``sz_ptr`` (row stride ``stride_sn``), the zero points ``zero_offset`` elements
-    after them (one ``[2, N, groups]`` tensor: no per-call views). ``row_words`` is ``K // 8``,
-    passed rather than computed so that Triton sees its divisibility: masked on it, the words and
-    the input pairs load 16 bytes a thread (``K // 8`` in the kernel gave 8-byte loads).
+    after them (one ``[2, N, groups]`` tensor: no per-call views).
 
     Word ``j`` of a row's group ``g`` holds, in its byte ``i``, the columns
     ``g * GROUP + i * GROUP // 4 + 2j`` (low nibble) and ``+ 1`` (high nibble): the input pairs a
@@ -445,15 +410,6 @@ def _int4_interleaved_kernel(
     one's arithmetic (registers for two tiles). ``GATE_UP``: the weight is a gated MLP's gate and
     up projections stacked, and ``y`` (``N // 2`` wide) gets ``silu(gate) * up`` (see
     :func:`_store_gate_up`).
-
-    ``NORM`` folds a decoder layer's RMS norm into the input: ``x`` is the un-normalized hidden
-    state ``h`` and the kernel computes ``W @ (g * h * rsqrt(mean(h**2) + eps))`` with ``g`` at
-    ``g_ptr`` (``x``'s dtype): the products take ``g * h`` in fp32, the sum of squares
-    accumulates beside them from the same loads, and the scalar multiplies the sums at the end,
-    so no program reads the input twice. The norm's output is never rounded to ``x``'s dtype, as
-    the unfused norm rounds it: the sums are closer to the exact ones than the reference path's.
-    ``RESIDUAL``: ``y = residual + (the projection's output, rounded)``, rounded again, with the
-    residual at ``r_ptr`` (a decoder layer's residual add, folded into the epilogue).
     """
     GROUPS: tl.constexpr = BLOCK_K // GROUP
     WPG: tl.constexpr = GROUP // 8  # words a group, a row
@@ -461,14 +417,12 @@ def _int4_interleaved_kernel(
     rn, n_mask = _tile_rows(N, BLOCK_N, GATE_UP)
     rg = tl.arange(0, GROUPS)
     rj = tl.arange(0, WPG)
-    words = row_words
+    words = K // 8
     groups = K // GROUP
     w32 = w_ptr.to(tl.pointer_type(tl.uint32))
     pairs = x_ptr.to(tl.pointer_type(tl.int32))
     row = rn[None, :, None] * stride_wn
     acc = tl.zeros((GROUPS, BLOCK_N, WPG), dtype=tl.float32)
-    ss = tl.zeros((GROUPS, WPG), dtype=tl.float32)
-    norm_pairs = g_ptr.to(tl.pointer_type(tl.int32))
     first = rg[:, None] * WPG + rj[None, :]  # [GROUPS, WPG]: word index in a row, the first tile
     if PREFETCH:
         word = tl.load(w32 + row + first[:, None, :], mask=n_mask[None, :, None] & (first < words)[:, None, :], other=0)
@@ -491,15 +445,6 @@ def _int4_interleaved_kernel(
         x2, x3 = _pair_to_float(tl.load(pair + WPG, mask=col_mask, other=0), BF16)
         x4, x5 = _pair_to_float(tl.load(pair + 2 * WPG, mask=col_mask, other=0), BF16)
         x6, x7 = _pair_to_float(tl.load(pair + 3 * WPG, mask=col_mask, other=0), BF16)
-        if NORM:  # the norm's weight, read like the input; the sum of squares from the same loads
-            ss += ((x0 * x0 + x1 * x1) + (x2 * x2 + x3 * x3)) + ((x4 * x4 + x5 * x5) + (x6 * x6 + x7 * x7))
-            npair = norm_pairs + g[:, None] * (GROUP // 2) + rj[None, :]
-            g0, g1 = _pair_to_float(tl.load(npair, mask=col_mask, other=0), BF16)
-            g2, g3 = _pair_to_float(tl.load(npair + WPG, mask=col_mask, other=0), BF16)
-            g4, g5 = _pair_to_float(tl.load(npair + 2 * WPG, mask=col_mask, other=0), BF16)
-            g6, g7 = _pair_to_float(tl.load(npair + 3 * WPG, mask=col_mask, other=0), BF16)
-            x0, x1, x2, x3 = x0 * g0, x1 * g1, x2 * g2, x3 * g3
-            x4, x5, x6, x7 = x4 * g4, x5 * g5, x6 * g6, x7 * g7
         even = (x0 + x2) + (x4 + x6)  # codes at bit 16: offset 2**7
         odd = (x1 + x3) + (x5 + x7)  # codes at bit 12: offset 2**11
         params = rn[None, :] * stride_sn + g[:, None]
@@ -525,12 +470,10 @@ def _int4_interleaved_kernel(
     if USE_GDC:
         tl.extra.cuda.gdc_launch_dependents()
     out = tl.sum(tl.sum(acc, axis=2), axis=0)
-    if NORM:
-        out *= _norm_scale(tl.sum(tl.sum(ss, axis=1), axis=0), K, eps)
     if GATE_UP:
         _store_gate_up(out, b_ptr, y_ptr, rn, n_mask, N, BLOCK_N, HAS_BIAS)
     else:
-        _store_row(out, b_ptr, y_ptr, rn, n_mask, HAS_BIAS, r_ptr, RESIDUAL)
+        _store_row(out, b_ptr, y_ptr, rn, n_mask, HAS_BIAS)
 
 
 @triton.autotune(configs=_configs(_INT8_DOT, "BLOCK_K", stages=3), key=["M", "N", "K"])
@@ -900,22 +843,19 @@ def _ready(compiled):
 
 class _Kernels(NamedTuple):
     """A format's two kernels: ``row`` for one row of ``x`` (batch-1 decode), ``dot`` for more
-    (and for one row the row kernel cannot take: odd K where ``row_needs_even_k``). ``row_folds``:
-    the row kernel takes a decoder layer's norm and residual (``g_ptr, r_ptr, eps`` after its strides)."""
+    (and for one row the row kernel cannot take: odd K where ``row_needs_even_k``)."""
 
     row: _Launcher
     dot: _Launcher
     row_needs_even_k: bool
     row_constexprs: dict  # the one-row kernel's own constexprs, as a plain launch sets them
-    row_folds: bool = False
 
 
 _INT8 = _Kernels(
     _Launcher(_int8_row_kernel, pdl=True),
     _Launcher(_int8_dot_kernel),
     row_needs_even_k=False,
-    row_constexprs={"USE_GDC": False, "GLU": False, "GATE_UP": False, "NORM": False, "RESIDUAL": False},
-    row_folds=True,
+    row_constexprs={"USE_GDC": False, "GLU": False, "GATE_UP": False},
 )
 # The int4 row kernel reads the input as 32-bit pairs (_int4_launch gives it an aligned one).
 _INT4 = _Kernels(
@@ -924,41 +864,6 @@ _INT4 = _Kernels(
     row_needs_even_k=True,
     row_constexprs={"USE_GDC": False},
 )
-
-
-class _Fold(NamedTuple):
-    """A decoder layer's RMS norm before a one-row projection and residual add after it, run by
-    the projection's kernel: ``norm_weight`` (in the input's dtype) and ``eps``, or ``None``;
-    ``residual`` (``[..., N]``, the output's shape and dtype), or ``None``."""
-
-    norm_weight: torch.Tensor | None
-    eps: float
-    residual: torch.Tensor | None
-
-
-def _fold_constexprs(fold: _Fold | None) -> dict:
-    if fold is None:
-        return {"NORM": False, "RESIDUAL": False}
-    return {"NORM": fold.norm_weight is not None, "RESIDUAL": fold.residual is not None}
-
-
-def _fold_arguments(x: torch.Tensor, fold: _Fold | None) -> tuple:
-    """The row kernels' ``g_ptr, r_ptr, eps``: ``x`` stands in for a pointer a launch does not read."""
-    if fold is None:
-        return (x, x, 0.0)
-    g = x if fold.norm_weight is None else fold.norm_weight
-    return (g, x if fold.residual is None else fold.residual, float(fold.eps))
-
-
-def _fold_key(fold: _Fold | None) -> tuple:
-    """What a kept kernel was specialized on in ``fold``: which parts, their pointers' alignment."""
-    if fold is None:
-        return ()
-    g, r = fold.norm_weight, fold.residual
-    return (
-        None if g is None else g.data_ptr() % 16 == 0,
-        None if r is None else r.data_ptr() % 16 == 0,
-    )
 
 
 class _Dequantize(NamedTuple):
@@ -981,26 +886,22 @@ def _launch(
     constexprs: dict,
     glu: bool = False,
     gate_up: bool = False,
-    fold: _Fold | None = None,
 ):
     """Run a format's kernel on ``x [..., K]`` (contiguous): the kernels share their output and size
     arguments (``inputs..., y, [M,] N, K, strides...``); the one-row kernel has no ``M``. ``glu``:
     ``x [..., 2K]`` holds a gated MLP's gate and up halves; ``gate_up``: the weight's rows are a
-    gated MLP's gate then up projections and ``y`` gets ``silu(gate) * up`` (``N // 2`` wide);
-    ``fold``: a decoder layer's norm and residual add (:class:`_Fold`). All of them for the one-row
-    kernel (one row only); the int8 one is the only one with ``glu``."""
+    gated MLP's gate then up projections and ``y`` gets ``silu(gate) * up`` (``N // 2`` wide): both
+    for the one-row kernel (one row only)."""
     width = x.shape[-1]
     k = width // 2 if glu else width
     m = x.numel() // width
-    special = glu or gate_up or fold is not None
     if m == 1 and not (kernels.row_needs_even_k and k % 2):
         row = kernels.row_constexprs
-        if special:
-            row = {**row, "GLU": glu, "GATE_UP": gate_up, **_fold_constexprs(fold)}
-        tail = _fold_arguments(x, fold) if kernels.row_folds else ()
-        return _launch_row(kernels.row, x, inputs, n, k, (*strides, *tail), (*key, m), constexprs, row, gate_up)
-    if special:
-        raise ValueError(f"a gated or folded projection runs one row at a time, got {m} rows")
+        if glu or gate_up:
+            row = {**row, "GLU": glu, "GATE_UP": gate_up}  # the int8 kernel's: the only one with them
+        return _launch_row(kernels.row, x, inputs, n, k, strides, (*key, m), constexprs, row, gate_up)
+    if glu or gate_up:
+        raise ValueError(f"the gated {'input' if glu else 'output'} runs one row at a time, got {m} rows")
     y = x.new_empty((*x.shape[:-1], n))
     block_m = 16 if m <= 16 else 32
     args = (*inputs, y, m, n, k, *strides)
@@ -1055,33 +956,13 @@ def _int8_launch(
     bias: torch.Tensor | None,
     glu: bool = False,
     gate_up: bool = False,
-    fold: _Fold | None = None,
 ):
     if gate_up:
         _check_gate_up(qweight.shape[0])
-    _check_fold(fold, x, qweight.shape[0], gate_up)
     inputs = (x, qweight, scale, scale if bias is None else bias)
-    key = (*_key(x, qweight, scale, bias), glu, gate_up, *_fold_key(fold))
+    key = (*_key(x, qweight, scale, bias), glu, gate_up)
     constexprs = {"HAS_BIAS": bias is not None}
-    return _launch(_INT8, x, inputs, qweight.shape[0], (qweight.stride(0),), key, constexprs, glu, gate_up, fold)
-
-
-def _check_fold(fold: _Fold | None, x: torch.Tensor, n: int, gate_up: bool) -> None:
-    """Refuse a fold whose tensors do not fit: the kernels read them unchecked."""
-    if fold is None:
-        return
-    g, r = fold.norm_weight, fold.residual
-    if g is not None and (g.shape != (x.shape[-1],) or g.dtype != x.dtype or not g.is_contiguous()):
-        raise ValueError(
-            f"a folded norm's weight must be contiguous [{x.shape[-1]}] in {x.dtype}, got {tuple(g.shape)} {g.dtype}"
-        )
-    if r is not None:
-        if gate_up:
-            raise ValueError("a residual is added to a projection's output, not to a gated MLP's activation")
-        if r.numel() != n or r.dtype != x.dtype or not r.is_contiguous():
-            raise ValueError(
-                f"a residual must be one contiguous row of {n} in {x.dtype}, got {tuple(r.shape)} {r.dtype}"
-            )
+    return _launch(_INT8, x, inputs, qweight.shape[0], (qweight.stride(0),), key, constexprs, glu, gate_up)
 
 
 def _int4_launch(x, packed, scale, zero, group_size: int, bias):
@@ -1099,16 +980,12 @@ def _int4_launch(x, packed, scale, zero, group_size: int, bias):
 
 _INT4_INTERLEAVED = _Launcher(_int4_interleaved_kernel, pdl=True)
 # Its own constexprs, as a plain launch sets them, by GATE_UP.
-_INTERLEAVED_ROW = {
-    gate_up: {"USE_GDC": False, "GATE_UP": gate_up, **_fold_constexprs(None)} for gate_up in (False, True)
-}
+_INTERLEAVED_ROW = {gate_up: {"USE_GDC": False, "GATE_UP": gate_up} for gate_up in (False, True)}
 
 
-def _int4_interleaved_launch(
-    x, words, scales_and_zeros, group_size: int, bias, gate_up: bool = False, fold: _Fold | None = None
-):
-    """One row ``x [..., K]`` (contiguous) through :func:`_int4_interleaved_kernel` (``gate_up``,
-    ``fold``: see :func:`_launch`)."""
+def _int4_interleaved_launch(x, words, scales_and_zeros, group_size: int, bias, gate_up: bool = False):
+    """One row ``x [..., K]`` (contiguous) through :func:`_int4_interleaved_kernel` (``gate_up``: see
+    :func:`_launch`)."""
     k = x.shape[-1]
     sz_shape = scales_and_zeros.shape  # [2, N, groups]
     if words.shape[1] * 8 != k or sz_shape[2] * group_size != k or sz_shape[1] != words.shape[0]:
@@ -1122,12 +999,11 @@ def _int4_interleaved_launch(
     n = words.shape[0]
     if gate_up:
         _check_gate_up(n)
-    _check_fold(fold, x, n, gate_up)
     inputs = (x, words, sz, sz if bias is None else bias)
-    strides = (words.stride(0), sz.stride(1), sz.stride(0), INT4_MAGIC, k // 8, *_fold_arguments(x, fold))
-    key = (*_key(x, words, sz, bias), group_size, "interleaved", gate_up, *_fold_key(fold))
+    strides = (words.stride(0), sz.stride(1), sz.stride(0), INT4_MAGIC)
+    key = (*_key(x, words, sz, bias), group_size, "interleaved", gate_up)
     constexprs = {"GROUP": group_size, "HAS_BIAS": bias is not None}
-    row = _INTERLEAVED_ROW[gate_up] if fold is None else {**_INTERLEAVED_ROW[gate_up], **_fold_constexprs(fold)}
+    row = _INTERLEAVED_ROW[gate_up]
     return _launch_row(_INT4_INTERLEAVED, x, inputs, n, k, strides, key, constexprs, row, gate_up)
 
 
@@ -1223,56 +1099,6 @@ def _(x, words, scales_and_zeros, group_size, bias):
     return x.new_empty((*x.shape[:-1], words.shape[0] // 2))
 
 
-def _folded(fold_args: tuple) -> _Fold:
-    norm_weight, eps, residual = fold_args
-    return _Fold(
-        None if norm_weight is None else norm_weight.contiguous(),
-        eps,
-        None if residual is None else residual.contiguous(),
-    )
-
-
-@torch.library.custom_op("quantcore_torch::int8_folded_mm", mutates_args=())
-def _int8_folded_mm_op(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    scale: torch.Tensor,
-    bias: torch.Tensor | None,
-    norm_weight: torch.Tensor | None,
-    eps: float,
-    residual: torch.Tensor | None,
-    gate_up: bool,
-) -> torch.Tensor:
-    fold = _folded((norm_weight, eps, residual))
-    return _int8_launch(x.contiguous(), qweight, scale, bias, gate_up=gate_up, fold=fold)
-
-
-@_int8_folded_mm_op.register_fake
-def _(x, qweight, scale, bias, norm_weight, eps, residual, gate_up):
-    return x.new_empty((*x.shape[:-1], qweight.shape[0] // 2 if gate_up else qweight.shape[0]))
-
-
-@torch.library.custom_op("quantcore_torch::int4_interleaved_folded_mm", mutates_args=())
-def _int4_interleaved_folded_mm_op(
-    x: torch.Tensor,
-    words: torch.Tensor,
-    scales_and_zeros: torch.Tensor,
-    group_size: int,
-    bias: torch.Tensor | None,
-    norm_weight: torch.Tensor | None,
-    eps: float,
-    residual: torch.Tensor | None,
-    gate_up: bool,
-) -> torch.Tensor:
-    fold = _folded((norm_weight, eps, residual))
-    return _int4_interleaved_launch(x.contiguous(), words, scales_and_zeros, group_size, bias, gate_up, fold)
-
-
-@_int4_interleaved_folded_mm_op.register_fake
-def _(x, words, scales_and_zeros, group_size, bias, norm_weight, eps, residual, gate_up):
-    return x.new_empty((*x.shape[:-1], words.shape[0] // 2 if gate_up else words.shape[0]))
-
-
 def int8_mm(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``x [..., K] @ (qweight [N, K] * scale[:, None]).T + bias``, in ``x.dtype`` (fp16 / bf16).
 
@@ -1347,45 +1173,3 @@ def int4_interleaved_gate_up_mm(
     return _int4_interleaved_launch(
         x if x.is_contiguous() else x.contiguous(), words, scales_and_zeros, group_size, bias, gate_up=True
     )
-
-
-def int8_folded_mm(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    scale: torch.Tensor,
-    bias: torch.Tensor | None,
-    norm_weight: torch.Tensor | None,
-    eps: float,
-    residual: torch.Tensor | None,
-    gate_up: bool = False,
-) -> torch.Tensor:
-    """:func:`int8_mm` (or :func:`int8_gate_up_mm` with ``gate_up``) of one row with a decoder
-    layer's RMS norm folded into its input (``norm_weight`` in ``x.dtype`` and ``eps``, or
-    ``None``: ``x`` is the un-normalized hidden state) and its residual add into its output
-    (``residual``, one row of ``N`` in ``x.dtype``, or ``None``). See :func:`_int4_interleaved_kernel`."""
-    if torch.compiler.is_compiling():
-        return _int8_folded_mm_op(x, qweight, scale, bias, norm_weight, eps, residual, gate_up)
-    fold = _folded((norm_weight, eps, residual))
-    return _int8_launch(x if x.is_contiguous() else x.contiguous(), qweight, scale, bias, gate_up=gate_up, fold=fold)
-
-
-def int4_interleaved_folded_mm(
-    x: torch.Tensor,
-    words: torch.Tensor,
-    scales_and_zeros: torch.Tensor,
-    group_size: int,
-    bias: torch.Tensor | None,
-    norm_weight: torch.Tensor | None,
-    eps: float,
-    residual: torch.Tensor | None,
-    gate_up: bool = False,
-) -> torch.Tensor:
-    """:func:`int4_interleaved_mm` (or its gate/up form) with a decoder layer's norm and residual
-    folded in, as :func:`int8_folded_mm`."""
-    if torch.compiler.is_compiling():
-        return _int4_interleaved_folded_mm_op(
-            x, words, scales_and_zeros, group_size, bias, norm_weight, eps, residual, gate_up
-        )
-    fold = _folded((norm_weight, eps, residual))
-    x = x if x.is_contiguous() else x.contiguous()
-    return _int4_interleaved_launch(x, words, scales_and_zeros, group_size, bias, gate_up, fold)

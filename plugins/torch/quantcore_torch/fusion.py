@@ -49,9 +49,7 @@ from .modules import WeightOnlyLinear
 __all__ = [
     "ACTIVATION_PLACES",
     "DEFAULT_GROUPS",
-    "FOLDED_LAYERS",
     "GATED_MLPS",
-    "RMS_NORMS",
     "FusedProjections",
     "FusionReport",
     "fuse_projections",
@@ -88,16 +86,12 @@ class FusionReport:
     activations: list[str] = field(default_factory=list)
     #: Where it runs: ``"gate_up"`` or ``"down"`` (:data:`ACTIVATION_PLACES`), ``None`` without ``activation``.
     activation_place: str | None = None
-    #: Decoder layers whose norms and residual adds run in their projections' kernels (``norms``).
-    folded: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [f"fused {len(self.fused)} group(s) of projections, skipped {len(self.skipped)}"]
         if self.activations:
             where = "the gate/up kernel" if self.activation_place == "gate_up" else "the down projection"
             lines.append(f"  {len(self.activations)} gated MLP(s) run their activation in {where}")
-        if self.folded:
-            lines.append(f"  {len(self.folded)} decoder layer(s) run their norms and residual adds in the projections")
         lines += [f"  skipped {name}: {reason}" for name, reason in self.skipped.items()]
         return "\n".join(lines)
 
@@ -145,10 +139,6 @@ class FusedProjections:
         self._views: tuple[tuple[torch.Tensor | None, ...], ...] = ()
         self._cache: tuple[torch.Tensor, int, torch.Tensor] | None = None
         self._served = 0
-        #: ``(hidden_state, norm)`` while a folded decoder layer (``fuse_projections(norms=True)``)
-        #: runs its attention: the members get the un-normalized hidden state and the stack's
-        #: kernel applies the norm.
-        self.norm_input: tuple[torch.Tensor, kernels.NormFold] | None = None
         for index, m in enumerate(members):
             m._fused = (self, index)
 
@@ -248,27 +238,11 @@ class FusedProjections:
         linear = self._active()
         return None if linear is None else linear(x)
 
-    def gated(self, x: torch.Tensor, norm: kernels.NormFold | None = None) -> torch.Tensor | None:
+    def gated(self, x: torch.Tensor) -> torch.Tensor | None:
         """``silu(gate) * up`` for ``x`` from a gated MLP's (gate, up) group (see
-        :meth:`WeightOnlyLinear.gate_up_forward`), or ``None`` if the group is inactive. ``norm``:
-        ``x`` is the hidden state before the MLP's norm, which the kernel applies."""
+        :meth:`WeightOnlyLinear.gate_up_forward`), or ``None`` if the group is inactive."""
         linear = self._active()
-        if linear is None:
-            return None
-        return linear.gate_up_forward(x) if norm is None else linear.folded_forward(x, norm=norm, gate_up=True)
-
-    def _project(self, x: torch.Tensor) -> torch.Tensor:
-        """The stack's output for ``x``, normalized first while a folded layer asks (``norm_input``)."""
-        pending = self.norm_input
-        if pending is None:
-            return self.linear(x)
-        if x is not pending[0]:
-            # The attention transformed its input before the projections: the fold cannot vouch
-            # for it (fuse_projections(norms=True) takes only the decoder layers it knows).
-            raise RuntimeError(
-                f"{self.name}: a folded norm expected the decoder layer's hidden state, got another tensor"
-            )
-        return self.linear.folded_forward(x, norm=pending[1])
+        return None if linear is None else linear.gate_up_forward(x)
 
     def _active(self) -> WeightOnlyLinear | None:
         """The stack's layer, stacked again first where stale (eager code; a compiled graph guards
@@ -290,7 +264,7 @@ class FusedProjections:
             if cache is not None and cache[0] is x:
                 y = cache[2]
             else:
-                y = self._project(x)
+                y = self.linear(x)
                 self._cache, self._served = (x, 0, y), 0
         elif (cache := self._cache) is not None and cache[0] is x and cache[1] == _version(x):
             y = cache[2]
@@ -299,7 +273,7 @@ class FusedProjections:
                 self.refresh()
                 if self.linear is None:
                     return None
-            y = self._project(x)
+            y = self.linear(x)
             self._cache, self._served = (x, _version(x), y), 0
         self._served += 1
         if self._served >= len(self.members):
@@ -329,19 +303,6 @@ def _groups_of(
                 yield parent_name, parent, names, [children[n] for n in names]
 
 
-class _Slot:
-    """A value a patched forward leaves for one it calls (a decoder layer's residual for its
-    ``o_proj``, its norm and residual for its MLP), taken by that call. A plain object: dynamo
-    follows its attribute writes as it follows ``FusedProjections``'."""
-
-    def __init__(self) -> None:
-        self.value = None
-
-    def take(self):
-        value, self.value = self.value, None
-        return value
-
-
 class _GatedMLP(NamedTuple):
     """What a gated MLP's patched forward runs: its projections as fused, their group, and where
     the activation runs (:data:`ACTIVATION_PLACES`)."""
@@ -351,8 +312,6 @@ class _GatedMLP(NamedTuple):
     down: nn.Module
     group: FusedProjections
     place: str
-    #: ``(norm, residual)`` from a folded decoder layer for the next call, or ``None``.
-    fold: _Slot
 
 
 def _gated_mismatch(mlp: nn.Module, gated_mlps: Sequence[str], place: str) -> str | None:
@@ -397,7 +356,6 @@ def _gated_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     it cannot vouch for (gradients into ``x``, a projection replaced or hooked since, an inactive
     group) runs the class's forward."""
     parts: _GatedMLP = self._quantcore_gated
-    norm, residual = parts.fold.take() or (None, None)
     mods = self._modules
     if (
         not (torch.is_grad_enabled() and x.requires_grad)
@@ -407,19 +365,14 @@ def _gated_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
         and _plain(parts.up)
     ):
         if parts.place == "gate_up":
-            a = parts.group.gated(x, norm)
+            a = parts.group.gated(x)
             if a is not None:
-                down = mods["down_proj"]
-                if residual is None:
-                    return down(a)
-                if isinstance(down, WeightOnlyLinear) and _plain(down):
-                    return down.folded_forward(a, residual=residual)
-                return residual + down(a)
-        elif norm is None and residual is None and mods["down_proj"] is parts.down and _plain(parts.down):
+                return mods["down_proj"](a)
+        elif mods["down_proj"] is parts.down and _plain(parts.down):
             h = parts.group.stacked(x)
             if h is not None:
                 return parts.down.gated_forward(h)
-    return kernels.unfolded(lambda xn: type(self).forward(self, xn), x, norm, residual, False)
+    return type(self).forward(self, x)
 
 
 def _is_gated(module: nn.Module) -> bool:
@@ -437,154 +390,9 @@ def _fuse_activations(model: nn.Module, gated_mlps: Sequence[str], place: str, r
         if reason is not None:
             report.skipped[label] = reason
             continue
-        mlp._quantcore_gated = _GatedMLP(gate, up, down, gate._fused[0], place, _Slot())
+        mlp._quantcore_gated = _GatedMLP(gate, up, down, gate._fused[0], place)
         mlp.forward = types.MethodType(_gated_mlp_forward, mlp)
         report.activations.append(name or "<model>")
-
-
-#: transformers' decoder layers whose forward is ``h = h + attn(input_layernorm(h)); h = h +
-#: mlp(post_attention_layernorm(h))``, the attention's projections fed its input as it is and its
-#: output ``o_proj``'s: with ``norms``, the norms and residual adds can run in the projections' kernels.
-FOLDED_LAYERS: tuple[str, ...] = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer")
-#: Their RMS norms: ``weight * (h * rsqrt(mean(h**2) + variance_epsilon)).to(dtype)`` (:func:`kernels.rms_norm`).
-RMS_NORMS: tuple[str, ...] = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
-_QKV = ("q_proj", "k_proj", "v_proj")
-
-
-class _FoldedLayer(NamedTuple):
-    """What a folded decoder layer's patched forward runs: its modules as fused, and the slots
-    it hands its residuals through."""
-
-    attn: nn.Module
-    mlp: nn.Module
-    input_norm: nn.Module
-    post_norm: nn.Module
-    qkv: FusedProjections
-    o_proj: WeightOnlyLinear
-    residual: _Slot  # for o_proj: the attention's residual
-
-
-def _norm_of(module: nn.Module) -> kernels.NormFold:
-    return kernels.NormFold(module.weight, module.variance_epsilon)
-
-
-def _layer_mismatch(layer: nn.Module) -> str | None:
-    """Why ``layer``'s norms and residual adds cannot run in its projections' kernels, or ``None``."""
-    if type(layer).__name__ not in FOLDED_LAYERS:
-        return f"{type(layer).__name__} is not a known decoder layer (FOLDED_LAYERS)"
-    mods = layer._modules
-    attn, mlp = mods.get("self_attn"), mods.get("mlp")
-    for name in ("input_layernorm", "post_attention_layernorm"):
-        norm = mods.get(name)
-        if type(norm).__name__ not in RMS_NORMS or not hasattr(norm, "variance_epsilon"):
-            return f"its {name} is {type(norm).__name__}, not a known RMS norm (RMS_NORMS)"
-    if attn is None or mlp is None:
-        return "it has no self_attn or no mlp"
-    q = attn._modules.get("q_proj")
-    fused = getattr(q, "_fused", None)
-    if fused is None or fused[0].members != tuple(attn._modules.get(n) for n in _QKV) or fused[0].linear is None:
-        return "its q_proj, k_proj and v_proj do not run as one fused group, in that order"
-    if not isinstance(attn._modules.get("o_proj"), WeightOnlyLinear):
-        return "its o_proj is not a torch_wo layer"
-    if not _is_gated(mlp) or mlp._quantcore_gated.place != "gate_up":
-        return "its MLP does not run its activation in the gate/up kernel (activation=True)"
-    return None
-
-
-def _no_hooks(module: nn.Module) -> bool:
-    return not (module._forward_hooks or module._forward_pre_hooks)
-
-
-def _layer_fold_ready(layer: nn.Module, parts: _FoldedLayer, h: torch.Tensor) -> bool:
-    """Whether the folded forward can vouch for this call: no gradients into ``h``, the modules
-    fused still in place and unhooked (the fold skips the norms' calls), the stacks active."""
-    if torch.is_grad_enabled() and h.requires_grad:
-        return False
-    mods, amods = layer._modules, parts.attn._modules
-    if not (
-        mods["self_attn"] is parts.attn
-        and mods["mlp"] is parts.mlp
-        and mods["input_layernorm"] is parts.input_norm
-        and mods["post_attention_layernorm"] is parts.post_norm
-        and _no_hooks(parts.input_norm)
-        and _no_hooks(parts.post_norm)
-        and amods["o_proj"] is parts.o_proj
-        and _no_hooks(parts.o_proj)
-        and _is_gated(parts.mlp)
-    ):
-        return False
-    for name, member in zip(_QKV, parts.qkv.members, strict=True):
-        if amods[name] is not member or not _plain(member):
-            return False
-        bias = member._parameters["bias"]
-        if torch.is_grad_enabled() and bias is not None and bias.requires_grad:
-            return False
-    return parts.qkv._active() is not None and parts.mlp._quantcore_gated.group._active() is not None
-
-
-def _folded_layer_forward(self: nn.Module, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """A decoder layer's forward with its norms and residual adds in its projections' kernels:
-    the q/k/v stack normalizes the hidden state it is given (``input_layernorm``), ``o_proj``
-    adds the residual to its output, the gate/up kernel normalizes (``post_attention_layernorm``)
-    and ``down_proj`` adds the residual. Two kernels fewer a layer at batch-1 decode. A call it
-    cannot vouch for (positional arguments, gradients, a module replaced or hooked since) runs the
-    class's forward."""
-    parts: _FoldedLayer = self._quantcore_folded
-    if args or not _layer_fold_ready(self, parts, hidden_states):
-        return type(self).forward(self, hidden_states, *args, **kwargs)
-    h = hidden_states
-    parts.qkv.norm_input = (h, _norm_of(parts.input_norm))
-    parts.residual.value = h
-    try:
-        out, _ = self.self_attn(hidden_states=h, **kwargs)
-    finally:
-        parts.qkv.norm_input = None
-    if parts.residual.take() is not None:  # o_proj ran without it (another input shape): add it here
-        out = h + out
-    gated = parts.mlp._quantcore_gated
-    gated.fold.value = (_norm_of(parts.post_norm), out)
-    try:
-        return self.mlp(out)
-    finally:
-        gated.fold.value = None
-
-
-def _residual_forward(self: WeightOnlyLinear, x: torch.Tensor) -> torch.Tensor:
-    """A folded layer's ``o_proj``: the layer's residual added in the kernel's epilogue, when the
-    layer left one (:func:`_folded_layer_forward`); else the class's forward."""
-    residual = self._quantcore_residual.take()
-    if residual is None:
-        return type(self).forward(self, x)
-    return self.folded_forward(x, residual=residual)
-
-
-def _is_folded(module: nn.Module) -> bool:
-    return getattr(module.__dict__.get("forward"), "__func__", None) is _folded_layer_forward
-
-
-def _fold_norms(model: nn.Module, report: FusionReport) -> None:
-    for name, layer in model.named_modules():
-        if not (hasattr(layer, "input_layernorm") and hasattr(layer, "post_attention_layernorm")):
-            continue
-        label = f"{name or '<model>'}: norms+residuals"
-        if _is_folded(layer):
-            report.skipped[label] = "already folded"
-            continue
-        reason = _layer_mismatch(layer)
-        if reason is not None:
-            report.skipped[label] = reason
-            continue
-        attn, mods = layer.self_attn, layer._modules
-        o_proj = attn.o_proj
-        parts = _FoldedLayer(
-            attn, layer.mlp, mods["input_layernorm"], mods["post_attention_layernorm"],
-            attn.q_proj._fused[0], o_proj, _Slot(),
-        )  # fmt: skip
-        o_proj._quantcore_residual = parts.residual
-        o_proj.forward = types.MethodType(_residual_forward, o_proj)
-        layer._quantcore_folded = parts
-        layer.forward = types.MethodType(_folded_layer_forward, layer)
-        report.folded.append(name or "<model>")
 
 
 def _activation_place(activation: bool | str) -> str | None:
@@ -604,7 +412,6 @@ def fuse_projections(
     *,
     activation: bool | str = False,
     gated_mlps: Sequence[str] = GATED_MLPS,
-    norms: bool = False,
 ) -> FusionReport:
     """Run sibling torch_wo projections that read the same input as one stacked kernel call each.
 
@@ -623,15 +430,6 @@ def fuse_projections(
         :data:`GATED_MLPS`) with a SiLU activation and gate/up fused; the MLP's forward is patched
         on the instance (:func:`unfuse_projections` removes it). Inputs the kernels do not take
         (several rows, the CPU) compute the activation in PyTorch, as the MLP does.
-    :param norms: also run each decoder layer's two RMS norms and two residual adds inside its
-        projections' kernels, two launches fewer a layer at batch-1 decode: the q/k/v and gate/up
-        kernels normalize the hidden state they read, ``o_proj``'s and ``down_proj``'s add the
-        residual to what they write. Needs ``activation=True`` (or ``"gate_up"``), q/k/v fused
-        and a torch_wo ``o_proj``, in the decoder layers of :data:`FOLDED_LAYERS` with the norms
-        of :data:`RMS_NORMS`; the layer's forward is patched on the instance (and ``o_proj``'s).
-        The kernels never round the normalized hidden state to the model's dtype, as the norm
-        does, so outputs differ from the unfolded ones by float rounding. Inputs the kernels do
-        not take run the norms and adds in PyTorch, as the layer does.
     :returns: a :class:`FusionReport`; nothing is changed for a group it lists as skipped.
 
     Safe to call twice (groups already fused are reported as skipped). If stacking a group fails
@@ -645,10 +443,6 @@ def fuse_projections(
     if isinstance(gated_mlps, str):
         raise ValueError(f"gated_mlps takes class names, e.g. ({gated_mlps!r},), not one string")
     place = _activation_place(activation)
-    if norms and place != "gate_up":
-        raise ValueError(
-            f"norms=True runs the MLP's norm in the gate/up kernel: it needs activation=True, got {activation!r}"
-        )
     groups = [tuple(g) for g in groups]
     for g in groups:
         if len(g) < 2 or len(set(g)) != len(g):
@@ -674,20 +468,12 @@ def fuse_projections(
         report.fused.append(label)
     if place is not None:
         _fuse_activations(model, tuple(gated_mlps), place, report)
-    if norms:
-        _fold_norms(model, report)
     return report
 
 
 def unfuse_projections(model: nn.Module) -> int:
     """Undo :func:`fuse_projections`: every member gets its own storage back. Returns the groups undone."""
     seen: dict[int, FusedProjections] = {}
-    for module in model.modules():
-        if _is_folded(module):
-            o_proj = module._quantcore_folded.o_proj
-            if getattr(o_proj.__dict__.get("forward"), "__func__", None) is _residual_forward:
-                del o_proj.forward, o_proj._quantcore_residual
-            del module.forward, module._quantcore_folded
     for module in model.modules():
         if _is_gated(module):
             del module.forward, module._quantcore_gated

@@ -61,13 +61,11 @@ __all__ = [
     "INTERLEAVED_GROUPS",
     "SMALL_BATCH",
     "Int4Layout",
-    "NormFold",
     "dequantized_int4",
     "dequantized_int8",
     "gated_input",
     "int4_cpu_layout",
     "int4_cuda_kernel_setting",
-    "int4_folded_linear",
     "int4_gate_up_linear",
     "int4_interleaved_layout",
     "int4_kernel_group",
@@ -75,15 +73,12 @@ __all__ = [
     "int4_reference_linear",
     "int4_tinygemm_layout",
     "int4_weight_only_linear",
-    "int8_folded_linear",
     "int8_gate_up_linear",
     "int8_gated_linear",
     "int8_reference_linear",
     "int8_weight_only_linear",
     "interleave_int4",
-    "rms_norm",
     "triton_available",
-    "unfolded",
 ]
 
 #: Rows of ``x`` up to which the CUDA kernels (and the CPU int8 kernel) run; above it (prefill) one
@@ -271,80 +266,6 @@ def int8_gate_up_linear(
     if _one_half_row(x):
         return _TRITON.int8_gate_up_mm(x, qweight, scale, bias)
     return gated_input(int8_weight_only_linear(x, qweight, scale, bias))
-
-
-class NormFold(NamedTuple):
-    """A decoder layer's RMS norm to run inside the projection after it (transformers' ``LlamaRMSNorm``
-    and its copies): ``weight`` and ``eps``."""
-
-    weight: torch.Tensor
-    eps: float
-
-
-def rms_norm(x: torch.Tensor, norm: NormFold) -> torch.Tensor:
-    """``norm`` applied to ``x`` as transformers' ``LlamaRMSNorm`` computes it: in fp32, the
-    normalized value rounded to ``x.dtype`` before the weight multiplies it."""
-    h = x.to(torch.float32)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.eps)
-    return norm.weight * h.to(x.dtype)
-
-
-def _fold_fits(x: torch.Tensor, norm: NormFold | None, residual: torch.Tensor | None, out_features: int) -> bool:
-    """Whether a one-row kernel can take ``norm`` and ``residual`` for ``x`` as they are (their
-    dtype ``x``'s, on its device, contiguous, the right length); other folds run in PyTorch."""
-    if norm is not None:
-        w = norm.weight
-        if w.dtype != x.dtype or w.device != x.device or w.shape != (x.shape[-1],) or not w.is_contiguous():
-            return False
-    if residual is not None:
-        r = residual
-        if r.dtype != x.dtype or r.device != x.device or r.numel() != out_features or not r.is_contiguous():
-            return False
-    return True
-
-
-def unfolded(y_of, x: torch.Tensor, norm: NormFold | None, residual: torch.Tensor | None, gate_up: bool):
-    """``residual + act(y_of(rms_norm(x, norm)))`` in PyTorch's ops, as a decoder layer computes it
-    (``y_of`` the projection; ``act`` :func:`gated_input` with ``gate_up``; each part optional):
-    the folded paths' fallback and reference."""
-    y = y_of(x if norm is None else rms_norm(x, norm))
-    if gate_up:
-        y = gated_input(y)
-    return y if residual is None else residual + y
-
-
-def int8_folded_linear(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    scale: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    *,
-    norm: NormFold | None = None,
-    residual: torch.Tensor | None = None,
-    gate_up: bool = False,
-) -> torch.Tensor:
-    """A decoder layer's norm, an int8 projection and its residual add, in one kernel where it can:
-    ``residual + act(int8_weight_only_linear(rms_norm(x, norm)))``, ``act`` the gated MLP's
-    ``silu(gate) * up`` with ``gate_up`` (:func:`int8_gate_up_linear`), each part optional.
-
-    One row on CUDA (batch-1 decode) runs as one Triton kernel: the norm's weight multiplies the
-    input as it loads, the sum of squares grows beside the products and scales the sums at the
-    end; the residual is added in the epilogue. The kernel never rounds the normalized input to
-    ``x.dtype`` as the unfused norm does, so its outputs are the unfused ones within float
-    rounding (closer to the exact ones). Any other input runs the parts in PyTorch, as the layer
-    does: the same outputs bit for bit.
-
-    :param x: ``[..., in_features]``, the hidden state before the norm (or the input, without ``norm``).
-    :param residual: ``[..., out_features]`` (or ``out_features // 2`` with ``gate_up``: refused), ``x.dtype``.
-    """
-    if gate_up:
-        _check_gate_up(qweight.shape[0])
-        if residual is not None:
-            raise ValueError("a residual is added to a projection's output, not to a gated MLP's activation")
-    if _one_half_row(x) and _fold_fits(x, norm, residual, qweight.shape[0]):
-        weight, eps = (None, 0.0) if norm is None else norm
-        return _TRITON.int8_folded_mm(x, qweight, scale, bias, weight, eps, residual, gate_up)
-    return unfolded(lambda xn: int8_weight_only_linear(xn, qweight, scale, bias), x, norm, residual, gate_up)
 
 
 # ----------------------------------------------------------------------------- int4
@@ -552,37 +473,3 @@ def int4_gate_up_linear(
     if layout is not None and layout.kind == "interleaved" and _one_half_row(x):
         return _TRITON.int4_interleaved_gate_up_mm(x, layout.weight, layout.scales_and_zeros, layout.group_size, bias)
     return gated_input(int4_weight_only_linear(x, packed, scale, zero, group_size, bias, layout))
-
-
-def int4_folded_linear(
-    x: torch.Tensor,
-    packed: torch.Tensor,
-    scale: torch.Tensor,
-    zero: torch.Tensor,
-    group_size: int,
-    bias: torch.Tensor | None = None,
-    layout: Int4Layout | None = None,
-    *,
-    norm: NormFold | None = None,
-    residual: torch.Tensor | None = None,
-    gate_up: bool = False,
-) -> torch.Tensor:
-    """:func:`int8_folded_linear` for int4 (arguments as :func:`int4_weight_only_linear`): one
-    Triton kernel for one CUDA row on the interleaved ``layout``; PyTorch's ops around
-    :func:`int4_weight_only_linear` for anything else."""
-    if gate_up:
-        _check_gate_up(packed.shape[0])
-        if residual is not None:
-            raise ValueError("a residual is added to a projection's output, not to a gated MLP's activation")
-    interleaved = layout is not None and layout.kind == "interleaved"
-    if interleaved and _one_half_row(x) and _fold_fits(x, norm, residual, packed.shape[0]):
-        weight, eps = (None, 0.0) if norm is None else norm
-        sz = layout.scales_and_zeros
-        return _TRITON.int4_interleaved_folded_mm(
-            x, layout.weight, sz, layout.group_size, bias, weight, eps, residual, gate_up
-        )
-
-    def project(xn):
-        return int4_weight_only_linear(xn, packed, scale, zero, group_size, bias, layout)
-
-    return unfolded(project, x, norm, residual, gate_up)

@@ -357,42 +357,6 @@ class WeightOnlyLinear(WeightOnlyStorage):
             self._current_kernel_layout(),
         )
 
-    def folded_forward(
-        self,
-        x: torch.Tensor,
-        *,
-        norm: kernels.NormFold | None = None,
-        residual: torch.Tensor | None = None,
-        gate_up: bool = False,
-    ) -> torch.Tensor:
-        """This layer inside a decoder layer, with the parts around it: ``residual + act(self(
-        rms_norm(x, norm)))``, each part optional, ``act`` the gated MLP's ``silu(gate) * up``
-        with ``gate_up`` (as :meth:`gate_up_forward`). One row on CUDA (int8, or int4 on the
-        interleaved layout) runs as one kernel (:func:`~quantcore_torch.kernels.int8_folded_linear`);
-        anything else (training, another compute dtype, several rows) runs the parts in PyTorch,
-        as the decoder layer does."""
-        bias = self._parameters["bias"]
-        trains = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
-        if trains or self._fused is not None or (self.compute_dtype is not None and self.compute_dtype != x.dtype):
-            return kernels.unfolded(self, x, norm, residual, gate_up)
-        buffers = self._buffers
-        if self.bits == 8:
-            return kernels.int8_folded_linear(
-                x, buffers["qweight"], buffers["scale"], bias, norm=norm, residual=residual, gate_up=gate_up
-            )
-        return kernels.int4_folded_linear(
-            x,
-            buffers["qweight"],
-            buffers["scale"],
-            buffers["zero"],
-            self.group_size,
-            bias,
-            self._current_kernel_layout(),
-            norm=norm,
-            residual=residual,
-            gate_up=gate_up,
-        )
-
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The forward through dequantize + ``F.linear``: what every kernel is tested against."""
         dtype = self.compute_dtype or x.dtype

@@ -66,20 +66,7 @@ def test_int8_row_kernel(kernels, n, k, block_n, block_k, dtype, bias):
     x = torch.randn(1, k, dtype=dtype)
     y = torch.empty(1, n, dtype=dtype)
     kernels._int8_row_kernel.fn[_grid(n, block_n)](
-        x,
-        q,
-        scale,
-        scale if b is None else b,
-        y,
-        n,
-        k,
-        q.stride(0),
-        x,
-        x,
-        0.0,
-        HAS_BIAS=bias,
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
+        x, q, scale, scale if b is None else b, y, n, k, q.stride(0), HAS_BIAS=bias, BLOCK_N=block_n, BLOCK_K=block_k
     )
     ref = torch.nn.functional.linear(
         x.float(), dequantize_int8(q, scale, torch.float32), None if b is None else b.float()
@@ -101,7 +88,7 @@ def test_int8_row_kernel_folds_a_gated_activation_into_its_input(kernels, n, k, 
     h = torch.cat([gate, up], dim=-1)
     y = torch.empty(1, n, dtype=dtype)
     kernels._int8_row_kernel.fn[_grid(n, block_n)](
-        h, q, scale, scale, y, n, k, q.stride(0), h, h, 0.0, HAS_BIAS=False, BLOCK_N=block_n, BLOCK_K=block_k, GLU=True
+        h, q, scale, scale, y, n, k, q.stride(0), HAS_BIAS=False, BLOCK_N=block_n, BLOCK_K=block_k, GLU=True
     )
     weight = dequantize_int8(q, scale, torch.float32)
     x = torch.nn.functional.silu(gate) * up  # the unfused MLP's input to down_proj, in dtype
@@ -114,7 +101,7 @@ def test_int8_row_kernel_folds_a_gated_activation_into_its_input(kernels, n, k, 
     # difference of silu's exp (the output's own rounding dominates the bound above).
     plain = torch.empty_like(y)
     kernels._int8_row_kernel.fn[_grid(n, block_n)](
-        x, q, scale, scale, plain, n, k, q.stride(0), x, x, 0.0, HAS_BIAS=False, BLOCK_N=block_n, BLOCK_K=block_k
+        x, q, scale, scale, plain, n, k, q.stride(0), HAS_BIAS=False, BLOCK_N=block_n, BLOCK_K=block_k
     )
     assert _error(y, plain) < (ROUNDING[dtype] / 20 if dtype == torch.float16 else ROUNDING[dtype])
     # Not the gate alone: the activation is really applied.
@@ -177,8 +164,7 @@ def test_int4_interleaved_kernel(kernels, n, k, group, block_n, block_k, prefetc
     y = torch.empty(1, n, dtype=torch.float32)  # the sums before the output's rounding
     kernels._int4_interleaved_kernel.fn[_grid(n, block_n)](
         x, words, sz, sz if b is None else b, y, n, k, words.stride(0), sz.stride(1), sz.stride(0),
-        kernels.INT4_MAGIC, k // 8, x, x, 0.0,  # g_ptr, r_ptr, eps: no norm, no residual
-        GROUP=group, HAS_BIAS=bias, BLOCK_N=block_n, BLOCK_K=block_k, PREFETCH=prefetch,
+        kernels.INT4_MAGIC, GROUP=group, HAS_BIAS=bias, BLOCK_N=block_n, BLOCK_K=block_k, PREFETCH=prefetch,
     )  # fmt: skip
     weight = dequantize_int4(packed, scale, zero, k, group, torch.float64)
     exact = torch.nn.functional.linear(x.double(), weight, None if b is None else b.double())
@@ -216,11 +202,11 @@ def test_int8_row_kernel_runs_a_gated_activation_on_its_output(kernels, half, k,
     args = (x, q, scale, scale if b is None else b)
     plain = torch.empty(1, n, dtype=dtype)
     kernels._int8_row_kernel.fn[_grid(n, block_n)](
-        *args, plain, n, k, q.stride(0), x, x, 0.0, HAS_BIAS=bias, BLOCK_N=block_n, BLOCK_K=block_k
+        *args, plain, n, k, q.stride(0), HAS_BIAS=bias, BLOCK_N=block_n, BLOCK_K=block_k
     )
     y = torch.full((1, half + 1), 7.0, dtype=dtype)  # one column past the output: never written
     kernels._int8_row_kernel.fn[_grid(half, block_n // 2)](
-        *args, y, n, k, q.stride(0), x, x, 0.0, HAS_BIAS=bias, BLOCK_N=block_n, BLOCK_K=block_k, GATE_UP=True
+        *args, y, n, k, q.stride(0), HAS_BIAS=bias, BLOCK_N=block_n, BLOCK_K=block_k, GATE_UP=True
     )
     assert y[0, half].item() == 7.0
     # Each program sums its rows in the plain kernel's order: the same rounded outputs, so in fp16
@@ -254,7 +240,7 @@ def test_int4_interleaved_kernel_runs_a_gated_activation_on_its_output(
     words = interleave_int4(packed, k, group)
     sz = torch.stack((scale, zero))
     args = (x, words, sz, sz if b is None else b)
-    strides = (words.stride(0), sz.stride(1), sz.stride(0), kernels.INT4_MAGIC, k // 8, x, x, 0.0)
+    strides = (words.stride(0), sz.stride(1), sz.stride(0), kernels.INT4_MAGIC)
     meta = dict(GROUP=group, HAS_BIAS=bias, BLOCK_N=block_n, BLOCK_K=block_k, PREFETCH=prefetch)
     plain = torch.empty(1, n, dtype=dtype)
     kernels._int4_interleaved_kernel.fn[_grid(n, block_n)](*args, plain, n, k, *strides, **meta)
@@ -445,61 +431,3 @@ def test_the_gate_up_wrappers_launch_their_kernels_with_the_right_arguments(kern
         odd = tuple(t[:, :-1] if t.dim() == 3 else t[:-1] for t in weight)
         with pytest.raises(ValueError, match="an even number of rows, got 37"):
             gate_up(x, *odd, bias[:-1])
-
-
-def test_the_folded_wrappers_run_a_decoder_layers_norm_and_residual_in_their_kernels(kernels, monkeypatch):
-    # int8_folded_linear and int4_folded_linear as eager code calls them (one row, CPU tensors, the
-    # CUDA queries stubbed): the norm folded into the input is closer to the exact sums than the
-    # unfolded path (which rounds the normalized input to fp16); the residual is added to the
-    # rounded output and rounded again, bit for bit as the layer's add; the gate/up epilogue takes
-    # the norm too. The kernels run (kept on the second call), not PyTorch's fallback.
-    dispatch = _stub_cuda_dispatch(kernels, monkeypatch)
-    torch.manual_seed(0)
-    n, k, group = 38, 512, 128
-    w = torch.randn(n, k) * 0.05
-    h = torch.randn(1, k).half() * 3
-    norm = dispatch.NormFold((1 + 0.5 * torch.randn(k)).half(), 1e-5)
-    residual = torch.randn(1, n).half()
-    qweight, s = quantize_int8(w.half())
-    packed, scale, zero = quantize_int4(w.half(), group)
-    layout = dispatch.int4_interleaved_layout(packed, scale, zero, k, group)
-    cases = (
-        (
-            lambda x, **kw: dispatch.int8_folded_linear(x, qweight, s, **kw),
-            dequantize_int8(qweight, s, torch.float64),
-            kernels._INT8.row,
-        ),
-        (
-            lambda x, **kw: dispatch.int4_folded_linear(x, packed, scale, zero, group, None, layout, **kw),
-            dequantize_int4(packed, scale, zero, k, group, torch.float64),
-            kernels._INT4_INTERLEAVED,
-        ),
-    )  # fmt: skip
-    hd = h.double()
-    normed = hd * torch.rsqrt(hd.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight.double()
-    for folded, weight, launcher in cases:
-        exact = normed @ weight.T
-        unfolded = dispatch.unfolded(lambda x, w=weight: (x.double() @ w.T).half(), h, norm, None, False)
-        for _ in range(2):
-            out = folded(h, norm=norm)
-            assert out.shape == (1, n) and out.dtype == torch.float16
-            assert _error(out, exact) < ROUNDING[torch.float16] / 2
-            assert _error(out, exact) <= _error(unfolded, exact)
-        assert launcher.compiled or not launcher.direct
-        plain = folded(h)
-        with_residual = folded(h, residual=residual)
-        assert torch.equal(with_residual, (plain.float() + residual.float()).half())
-        gated = folded(h, norm=norm, gate_up=True)
-        assert gated.shape == (1, n // 2)
-        assert _error(gated, _gate_up_reference(folded(h, norm=norm))) < ROUNDING[torch.float16] / 10
-    # Tensors that do not fit are refused before anything launches (the wrappers' fallback never sends them).
-    with pytest.raises(ValueError, match=r"a folded norm's weight must be contiguous \[512\] in torch.float16"):
-        kernels.int8_folded_mm(h, qweight, s, None, norm.weight.float(), 1e-5, None)
-    with pytest.raises(ValueError, match=r"a residual must be one contiguous row of 38 in torch\.float16"):
-        kernels.int8_folded_mm(h, qweight, s, None, None, 0.0, residual[:, :30])
-    # A norm's weight in another dtype: PyTorch's ops, the unfolded outputs exactly.
-    other = dispatch.NormFold(norm.weight.float(), norm.eps)
-    expected = dispatch.unfolded(lambda x: dispatch.int8_weight_only_linear(x, qweight, s), h, other, residual, False)
-    torch.testing.assert_close(
-        dispatch.int8_folded_linear(h, qweight, s, norm=other, residual=residual), expected, rtol=0, atol=0
-    )
