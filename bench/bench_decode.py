@@ -42,6 +42,8 @@ later), ``+inductor-pdl`` inductor's kernels (``TORCHINDUCTOR_ENABLE_PDL``); suf
 (``int8-torch+fused+pdl+inductor-pdl``, ``bf16+inductor-pdl``). ``+pdl+inductor-pdl`` is what a
 user gets from ``TORCHINDUCTOR_ENABLE_PDL=1`` (ours follow inductor's setting); each alone
 isolates one side. Without either, a method runs as the environment says (both off by default).
+``+head`` quantizes the output head too (``quantize(..., default_skips=False)``; it stays in
+bf16 by default, as in transformers).
 
 Usage::
 
@@ -93,7 +95,7 @@ def build_model(name: str, device: str, max_len: int):
     return model.eval()
 
 
-SUFFIXES = ("fused", "glu", "glu-down", "pdl", "inductor-pdl")
+SUFFIXES = ("fused", "glu", "glu-down", "pdl", "inductor-pdl", "head")
 # The suffixes that fuse projections, and where each runs the MLP's activation (fuse_projections' activation).
 FUSING = {"fused": False, "glu": True, "glu-down": "down"}
 
@@ -141,8 +143,8 @@ def make_variant(base, method: str):
     """A copy of ``base`` quantized with the preset ``method`` (``bf16``: the copy as it is)."""
     spec, suffixes = split_method(method)
     if spec == "bf16":
-        if suffixes & FUSING.keys():
-            raise ValueError(f"{method}: bf16 has no quantized projections to fuse")
+        if suffixes & {*FUSING, "head"}:
+            raise ValueError(f"{method}: bf16 has no quantized projections to fuse or output head to quantize")
         return copy.deepcopy(base)
     import quantcore
     from quantcore.cli import resolve_method
@@ -158,7 +160,7 @@ def make_variant(base, method: str):
             raise ValueError(f"{method}: @{kernel} is not an int4 CUDA kernel ({', '.join(kernels.INT4_CUDA_KERNELS)})")
         chosen = _patched(kernels, "INT4_CUDA_KERNEL", kernel)
     with chosen:
-        quantcore.quantize(model, resolve_method(preset), progress=False)
+        quantcore.quantize(model, resolve_method(preset), progress=False, default_skips="head" not in suffixes)
         fusing = sorted(suffixes & FUSING.keys())
         if len(fusing) > 1:
             raise ValueError(f"{method}: one of {', '.join('+' + f for f in FUSING)}, not {fusing}")
