@@ -56,7 +56,9 @@ def _attention_without_rope_kv(self, hidden_states, position_embeddings=None, at
     layer = cache.layers[self.layer_idx]
     layer.cumulative_length.add_(key.shape[-2])
     attend = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
-    out, weights = attend(self, query, layer.keys, layer.values, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs)
+    out, weights = attend(
+        self, query, layer.keys, layer.values, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs
+    )
     return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
 
 
