@@ -17,6 +17,8 @@
 #   profile   profile_decode.py: a compiled step's kernels (PROFILE_METHODS, MODEL)
 #   eager-profile  profile_eager.py: an eager step's host time, kernel time and Python hot spots
 #             (EAGER_ARGS adds arguments: "--prefill --steps 5" profiles the prompt's prefill)
+#   bound     bound_decode.py: a compiled step without the rotary embedding and cache writes, or
+#             the norms (BOUND_METHODS, CUTS): what folding them into the kernels could save at most
 #   gptq      GPTQ's time to quantize a 1.1B Llama (bench_gptq.py), beside plain rounding
 #   dequant   the prefill path's dequantize: Triton kernel, packing's ops, the fp32 formula
 # From the repository root, carrying .whl (torchao-0.17.0, built for torch 2.11) and .devsite
@@ -63,6 +65,9 @@ for part in "$@"; do
     eager-profile) timeout ${T_PROFILE:-200} python3 bench/profile_eager.py --model "$model" ${EAGER_ARGS:-} \
                --methods "${PROFILE_METHODS:-bf16,int8-torch,int8-torch+fused,int4-torch,int4-torch+fused}" \
                --out "$out/profile_eager_${model}.json" 2>&1 | grep -v -E "FutureWarning|forward_call" ;;
+    bound) timeout ${T_BOUND:-300} python3 bench/bound_decode.py --model "$model" \
+             --methods "${BOUND_METHODS:-bf16,int4-torch@interleaved+glu}" --cuts "${CUTS:-rope-kv,norms}" \
+             --out "$out/bound_${model}.json" 2>&1 | grep -v -E "FutureWarning|forward_call" ;;
     dequant) timeout ${T_DEQUANT:-60} python3 bench/bench_dequantize.py --device cuda --out "$out/dequant_cuda.json" ;;
     gptq) timeout ${T_GPTQ:-130} python3 bench/bench_gptq.py --model llama-1.1b --device cuda --out "$out/gptq_cuda.json" ;;
   esac
