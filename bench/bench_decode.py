@@ -36,7 +36,9 @@ fusion), to compare them. A suffix ``+fused``
 on the quantized model: q/k/v and gate/up as one kernel call each; ``+glu`` (``int8-torch+glu``,
 ``int4-torch@interleaved+glu``) does that and runs each MLP's activation in the fused gate/up
 kernel's epilogue (``fuse_projections(activation=True)``), ``+glu-down`` inside the int8 down
-projection's kernel instead (``activation="down"``). ``+pdl`` launches torch_wo's
+projection's kernel instead (``activation="down"``); ``+rope`` (``int4-torch@interleaved+glu+rope``)
+fuses too and runs each attention's rotary embedding and static-cache writes in the q/k/v
+kernel's epilogue (``fuse_projections(rotary=True)``). ``+pdl`` launches torch_wo's
 one-row Triton kernels programmatically inside CUDA graphs (``QUANTCORE_TRITON_PDL``, Hopper and
 later), ``+inductor-pdl`` inductor's kernels (``TORCHINDUCTOR_ENABLE_PDL``); suffixes combine
 (``int8-torch+fused+pdl+inductor-pdl``, ``bf16+inductor-pdl``). ``+pdl+inductor-pdl`` is what a
@@ -95,7 +97,7 @@ def build_model(name: str, device: str, max_len: int):
     return model.eval()
 
 
-SUFFIXES = ("fused", "glu", "glu-down", "pdl", "inductor-pdl", "head")
+SUFFIXES = ("fused", "glu", "glu-down", "rope", "pdl", "inductor-pdl", "head")
 # The suffixes that fuse projections, and where each runs the MLP's activation (fuse_projections' activation).
 FUSING = {"fused": False, "glu": True, "glu-down": "down"}
 
@@ -143,7 +145,7 @@ def make_variant(base, method: str):
     """A copy of ``base`` quantized with the preset ``method`` (``bf16``: the copy as it is)."""
     spec, suffixes = split_method(method)
     if spec == "bf16":
-        if suffixes & {*FUSING, "head"}:
+        if suffixes & {*FUSING, "rope", "head"}:
             raise ValueError(f"{method}: bf16 has no quantized projections to fuse or output head to quantize")
         return copy.deepcopy(base)
     import quantcore
@@ -164,15 +166,18 @@ def make_variant(base, method: str):
         fusing = sorted(suffixes & FUSING.keys())
         if len(fusing) > 1:
             raise ValueError(f"{method}: one of {', '.join('+' + f for f in FUSING)}, not {fusing}")
-        if fusing:
+        rotary = "rope" in suffixes
+        if fusing or rotary:
             from quantcore_torch.fusion import fuse_projections
 
-            activation = FUSING[fusing[0]]
-            report = fuse_projections(model, activation=activation)
+            activation = FUSING[fusing[0]] if fusing else False
+            report = fuse_projections(model, activation=activation, rotary=rotary)
             if not report.fused:
                 raise ValueError(f"{method}: no projections were fused ({report})")
             if activation and not report.activations:
                 raise ValueError(f"{method}: no MLP runs its activation in a kernel ({report})")
+            if rotary and not report.rotary:
+                raise ValueError(f"{method}: no attention rotates q and k in its kernel ({report})")
     return model
 
 

@@ -48,6 +48,7 @@ __all__ = [
     "dequantize_int8",
     "int4_interleaved_gate_up_mm",
     "int4_interleaved_mm",
+    "int4_interleaved_qkv_rope",
     "int4_mm",
     "int8_gate_up_mm",
     "int8_glu_mm",
@@ -364,57 +365,16 @@ def _offset_nibble(magic, word, SHIFT: tl.constexpr):
     return ((word & (0xF << SHIFT)) | (magic - (SHIFT << 23))).to(tl.float32, bitcast=True)
 
 
-@triton.autotune(
-    configs=_configs(INT4_INTERLEAVED, "BLOCK_K", extra=("PREFETCH",)),
-    key=["N", "K", "GROUP", "GATE_UP"],
-    prune_configs_by={"early_config_prune": _prune_groups},
-)
 @triton.jit
-def _int4_interleaved_kernel(
-    x_ptr,
-    w_ptr,
-    sz_ptr,
-    b_ptr,
-    y_ptr,
-    N,
-    K,
-    stride_wn,
-    stride_sn,
-    zero_offset,
-    magic,
-    GROUP: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    PREFETCH: tl.constexpr = False,
-    USE_GDC: tl.constexpr = False,
-    GATE_UP: tl.constexpr = False,
-):
-    """The int4 one-row kernel on the interleaved layout (``kernels.interleave_int4``): ``K`` a
-    multiple of ``GROUP`` (a power of two, 8 or more), ``x`` 4-byte aligned, ``stride_wn`` in words;
-    the scales at ``sz_ptr`` (row stride ``stride_sn``), the zero points ``zero_offset`` elements
-    after them (one ``[2, N, groups]`` tensor: no per-call views).
-
-    Word ``j`` of a row's group ``g`` holds, in its byte ``i``, the columns
-    ``g * GROUP + i * GROUP // 4 + 2j`` (low nibble) and ``+ 1`` (high nibble): the input pairs a
-    tile's words need are four contiguous runs, each loaded like the words themselves, so the
-    input lands in the registers of the threads that use it, shared by the rows a thread holds
-    (where the warps split K, every row of the tile; no shared-memory shuffle then either).
-
-    Every code is masked in place (after a byte rotation) at bit 12 or 16 of a float's mantissa:
-    ``2**11 + q`` or ``2**7 + q`` with one LOP3. The offsets are taken off once a word and row,
-    with the zero point, where the sum starts: ``s * (-(z * sum_i x_i + sum_i M_i x_i) + sum_i
-    (M_i + q_i) x_i)``. A weight costs a LOP3 and a multiply-add. The offsets cost precision: the
-    sums carry 1e-5 to 4e-5 of their size in fp32 rounding, well below the rounding of the
-    reference path's fp16 / bf16 weight. ``PREFETCH``: the next weight tile loads before this
-    one's arithmetic (registers for two tiles). ``GATE_UP``: the weight is a gated MLP's gate and
-    up projections stacked, and ``y`` (``N // 2`` wide) gets ``silu(gate) * up`` (see
-    :func:`_store_gate_up`).
-    """
+def _interleaved_rows(
+    x_ptr, w_ptr, sz_ptr, rn, n_mask, K, stride_wn, stride_sn, zero_offset, magic,
+    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr, USE_GDC: tl.constexpr,
+):  # fmt: skip
+    """The interleaved int4 one-row kernels' sums (see :func:`_int4_interleaved_kernel`): the fp32
+    dot products of the input with the weight rows ``rn`` (``n_mask``: those that exist)."""
     GROUPS: tl.constexpr = BLOCK_K // GROUP
     WPG: tl.constexpr = GROUP // 8  # words a group, a row
     BF16: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16
-    rn, n_mask = _tile_rows(N, BLOCK_N, GATE_UP)
     rg = tl.arange(0, GROUPS)
     rj = tl.arange(0, WPG)
     words = K // 8
@@ -469,11 +429,175 @@ def _int4_interleaved_kernel(
             word = upcoming
     if USE_GDC:
         tl.extra.cuda.gdc_launch_dependents()
-    out = tl.sum(tl.sum(acc, axis=2), axis=0)
+    return tl.sum(tl.sum(acc, axis=2), axis=0)
+
+
+@triton.autotune(
+    configs=_configs(INT4_INTERLEAVED, "BLOCK_K", extra=("PREFETCH",)),
+    key=["N", "K", "GROUP", "GATE_UP"],
+    prune_configs_by={"early_config_prune": _prune_groups},
+)
+@triton.jit
+def _int4_interleaved_kernel(
+    x_ptr,
+    w_ptr,
+    sz_ptr,
+    b_ptr,
+    y_ptr,
+    N,
+    K,
+    stride_wn,
+    stride_sn,
+    zero_offset,
+    magic,
+    GROUP: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PREFETCH: tl.constexpr = False,
+    USE_GDC: tl.constexpr = False,
+    GATE_UP: tl.constexpr = False,
+):
+    """The int4 one-row kernel on the interleaved layout (``kernels.interleave_int4``): ``K`` a
+    multiple of ``GROUP`` (a power of two, 8 or more), ``x`` 4-byte aligned, ``stride_wn`` in words;
+    the scales at ``sz_ptr`` (row stride ``stride_sn``), the zero points ``zero_offset`` elements
+    after them (one ``[2, N, groups]`` tensor: no per-call views).
+
+    Word ``j`` of a row's group ``g`` holds, in its byte ``i``, the columns
+    ``g * GROUP + i * GROUP // 4 + 2j`` (low nibble) and ``+ 1`` (high nibble): the input pairs a
+    tile's words need are four contiguous runs, each loaded like the words themselves, so the
+    input lands in the registers of the threads that use it, shared by the rows a thread holds
+    (where the warps split K, every row of the tile; no shared-memory shuffle then either).
+
+    Every code is masked in place (after a byte rotation) at bit 12 or 16 of a float's mantissa:
+    ``2**11 + q`` or ``2**7 + q`` with one LOP3. The offsets are taken off once a word and row,
+    with the zero point, where the sum starts: ``s * (-(z * sum_i x_i + sum_i M_i x_i) + sum_i
+    (M_i + q_i) x_i)``. A weight costs a LOP3 and a multiply-add. The offsets cost precision: the
+    sums carry 1e-5 to 4e-5 of their size in fp32 rounding, well below the rounding of the
+    reference path's fp16 / bf16 weight. ``PREFETCH``: the next weight tile loads before this
+    one's arithmetic (registers for two tiles). ``GATE_UP``: the weight is a gated MLP's gate and
+    up projections stacked, and ``y`` (``N // 2`` wide) gets ``silu(gate) * up`` (see
+    :func:`_store_gate_up`).
+    """
+    rn, n_mask = _tile_rows(N, BLOCK_N, GATE_UP)
+    out = _interleaved_rows(
+        x_ptr, w_ptr, sz_ptr, rn, n_mask, K, stride_wn, stride_sn, zero_offset, magic,
+        GROUP, BLOCK_N, BLOCK_K, PREFETCH, USE_GDC,
+    )  # fmt: skip
     if GATE_UP:
         _store_gate_up(out, b_ptr, y_ptr, rn, n_mask, N, BLOCK_N, HAS_BIAS)
     else:
         _store_row(out, b_ptr, y_ptr, rn, n_mask, HAS_BIAS)
+
+
+@triton.jit
+def _rope_tile_rows(N, ROTATED, HALF: tl.constexpr, BLOCK_N: tl.constexpr):
+    """:func:`_int4_interleaved_rope_kernel`'s rows: the first ``ROTATED // BLOCK_N`` programs
+    take ``BLOCK_N // 2`` rotary pairs each (rows ``d`` and ``d + HALF`` of a head, alternating),
+    the others ``BLOCK_N`` plain rows from ``ROTATED`` on; and the mask of those that exist."""
+    r = tl.arange(0, BLOCK_N)
+    pid = tl.program_id(0)
+    rotated_tiles = ROTATED // BLOCK_N
+    j = pid * (BLOCK_N // 2) + r // 2  # the pair
+    paired = (j // HALF) * (2 * HALF) + j % HALF + (r % 2) * HALF
+    plain = ROTATED + (pid - rotated_tiles) * BLOCK_N + r
+    rn = tl.where(pid < rotated_tiles, paired, plain)
+    return rn, rn < N
+
+
+@triton.jit
+def _round(x, dtype):
+    return x.to(dtype).to(tl.float32)
+
+
+@triton.jit
+def _store_qkv_rope(
+    out, b_ptr, q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, rn, n_mask, NQ, ROTATED, cache_len,
+    HALF: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
+):  # fmt: skip
+    """:func:`_int4_interleaved_rope_kernel`'s epilogue: q and k rows rotated, as transformers'
+    ``apply_rotary_pos_emb`` rotates them in eager PyTorch (each product and the sum rounded to the
+    output's dtype), q to ``q_ptr``, k and v into the cache at position ``pos_ptr[0]``."""
+    dtype = q_ptr.dtype.element_ty
+    HEAD: tl.constexpr = 2 * HALF
+    if HAS_BIAS:
+        out += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
+    out = _round(out, dtype)  # the projection's output, as the unfused layer writes it
+    pos = tl.load(pos_ptr).to(tl.int64)
+    inside = (pos >= 0) & (pos < cache_len)  # a full cache is left as it is, never written past
+    if tl.program_id(0) < ROTATED // BLOCK_N:
+        a, b = tl.split(tl.reshape(out, (BLOCK_N // 2, 2)))  # dims d and d + HALF of a head
+        row, _ = tl.split(tl.reshape(rn, (BLOCK_N // 2, 2)))
+        d = row % HEAD
+        c1 = tl.load(cos_ptr + d).to(tl.float32)
+        c2 = tl.load(cos_ptr + d + HALF).to(tl.float32)
+        s1 = tl.load(sin_ptr + d).to(tl.float32)
+        s2 = tl.load(sin_ptr + d + HALF).to(tl.float32)
+        # q * cos + rotate_half(q) * sin, rotate_half(q) = cat(-q2, q1)
+        first = _round(_round(a * c1, dtype) - _round(b * s1, dtype), dtype).to(dtype)
+        second = _round(_round(b * c2, dtype) + _round(a * s2, dtype), dtype).to(dtype)
+        is_q = row < NQ
+        kv = (row - NQ).to(tl.int64)
+        k_at = (kv // HEAD) * cache_len * HEAD + pos * HEAD + kv % HEAD
+        tl.store(q_ptr + row, first, mask=is_q)
+        tl.store(q_ptr + row + HALF, second, mask=is_q)
+        tl.store(k_ptr + k_at, first, mask=(row >= NQ) & inside)
+        tl.store(k_ptr + k_at + HALF, second, mask=(row >= NQ) & inside)
+    else:
+        v = (rn - ROTATED).to(tl.int64)
+        tl.store(v_ptr + (v // HEAD) * cache_len * HEAD + pos * HEAD + v % HEAD, out.to(dtype), mask=n_mask & inside)
+
+
+@triton.autotune(
+    configs=_configs(INT4_INTERLEAVED, "BLOCK_K", extra=("PREFETCH",)),
+    key=["N", "K", "GROUP", "NQ", "ROTATED"],
+    prune_configs_by={"early_config_prune": _prune_groups},
+)
+@triton.jit
+def _int4_interleaved_rope_kernel(
+    x_ptr,
+    w_ptr,
+    sz_ptr,
+    b_ptr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    cos_ptr,
+    sin_ptr,
+    pos_ptr,
+    N,
+    K,
+    stride_wn,
+    stride_sn,
+    zero_offset,
+    magic,
+    NQ,
+    ROTATED,
+    cache_len,
+    GROUP: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HALF: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PREFETCH: tl.constexpr = False,
+    USE_GDC: tl.constexpr = False,
+):
+    """An attention's q, k and v projections stacked (``NQ`` q rows, then k's, then v's, ``N`` in
+    all; ``ROTATED``: q's and k's) on the interleaved int4 layout (see
+    :func:`_int4_interleaved_kernel`), for one token: q and k rotated by the rotary embedding
+    ``cos_ptr`` / ``sin_ptr`` (``2 * HALF`` values, a head's), q written to ``q_ptr``, k and v
+    into a static cache's ``[1, heads, cache_len, 2 * HALF]`` tensors at the position
+    ``pos_ptr[0]`` (none where it is past the cache): the rotation and the cache writes of a decode
+    step in the projection's epilogue."""
+    rn, n_mask = _rope_tile_rows(N, ROTATED, HALF, BLOCK_N)
+    out = _interleaved_rows(
+        x_ptr, w_ptr, sz_ptr, rn, n_mask, K, stride_wn, stride_sn, zero_offset, magic,
+        GROUP, BLOCK_N, BLOCK_K, PREFETCH, USE_GDC,
+    )  # fmt: skip
+    _store_qkv_rope(
+        out, b_ptr, q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, rn, n_mask, NQ, ROTATED, cache_len,
+        HALF, BLOCK_N, HAS_BIAS,
+    )  # fmt: skip
 
 
 @triton.autotune(configs=_configs(_INT8_DOT, "BLOCK_K", stages=3), key=["M", "N", "K"])
@@ -1007,6 +1131,58 @@ def _int4_interleaved_launch(x, words, scales_and_zeros, group_size: int, bias, 
     return _launch_row(_INT4_INTERLEAVED, x, inputs, n, k, strides, key, constexprs, row, gate_up)
 
 
+_INT4_INTERLEAVED_ROPE = _Launcher(_int4_interleaved_rope_kernel, pdl=True)
+
+
+def qkv_rope_mismatch(x, n: int, cos, sin, keys, values, position, q_features: int) -> str | None:
+    """Why :func:`int4_interleaved_qkv_rope` cannot take these (``n``: the weight's rows), or ``None``."""
+    problems = []
+    if x.numel() != x.shape[-1]:
+        problems.append(f"one token, got an input of shape {tuple(x.shape)}")
+    head = keys.shape[-1] if keys.dim() == 4 else 0
+    if keys.dim() != 4 or keys.shape[0] != 1 or values.shape != keys.shape:
+        shapes = f"{tuple(keys.shape)}, {tuple(values.shape)}"
+        problems.append(f"keys and values of one shape [1, heads, length, head_dim], got {shapes}")
+    elif head % 16 or q_features % head or q_features + 2 * keys.shape[1] * head != n:
+        layout = f"q ({q_features}) then k and v ({keys.shape[1]} heads of {head})"
+        problems.append(f"{n} stacked rows as {layout}, head_dim a multiple of 16")
+    if not (keys.is_contiguous() and values.is_contiguous()) or keys.dtype != x.dtype or values.dtype != x.dtype:
+        problems.append(f"contiguous keys and values in the input's dtype {x.dtype}")
+    if head and (cos.numel() != head or sin.numel() != head):
+        problems.append(f"cos and sin of one position ({head} values), got {tuple(cos.shape)}, {tuple(sin.shape)}")
+    if position.numel() != 1 or position.dtype not in (torch.int32, torch.int64):
+        problems.append(f"one integer position, got {tuple(position.shape)} {position.dtype}")
+    return "the q/k/v rotary kernel needs " + "; ".join(problems) if problems else None
+
+
+def _int4_interleaved_rope_launch(x, words, sz, group_size: int, bias, cos, sin, keys, values, position, q_features):
+    """One token through :func:`_int4_interleaved_rope_kernel`: returns q, writes k and v."""
+    k = x.shape[-1]
+    n = words.shape[0]
+    problem = qkv_rope_mismatch(x, n, cos, sin, keys, values, position, q_features)
+    if problem is not None:
+        raise ValueError(problem)
+    if words.shape[1] * 8 != k or sz.shape[2] * group_size != k or sz.shape[1] != n:
+        raise ValueError(
+            f"an interleaved int4 weight of {words.shape[1] * 8} inputs does not fit {k} in groups of {group_size}"
+        )
+    if x.data_ptr() % 4:  # the kernel reads the input as 32-bit pairs
+        x = x.clone()
+    cos, sin = cos.reshape(-1), sin.reshape(-1)
+    cos, sin = (cos if cos.is_contiguous() else cos.contiguous()), (sin if sin.is_contiguous() else sin.contiguous())
+    head = keys.shape[-1]
+    rotated = q_features + keys.shape[1] * head
+    q = x.new_empty((*x.shape[:-1], q_features))
+    inputs = (x, words, sz, sz if bias is None else bias, q, keys, values, cos, sin, position)
+    args = (*inputs, n, k, words.stride(0), sz.stride(1), sz.stride(0), INT4_MAGIC, q_features, rotated, keys.shape[2])
+    aligned = tuple(t.data_ptr() % 16 == 0 for t in (keys, values, cos, sin, position))
+    key = (*_key(x, words, sz, bias), group_size, "rope", q_features, *keys.shape, cos.dtype, position.dtype, *aligned)
+    if not _INT4_INTERLEAVED_ROPE.run_kept(key, args):
+        constexprs = {"GROUP": group_size, "HAS_BIAS": bias is not None, "HALF": head // 2, "USE_GDC": False}
+        _eager(_INT4_INTERLEAVED_ROPE, key, x, _row_grid(n, False), args, constexprs)
+    return q
+
+
 def _key(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> tuple:
     """What a compiled kernel was specialized on (with ``M``): sizes, dtypes, the pointers' 16-byte alignment."""
     aligned = (x.data_ptr() % 16 == 0, weight.data_ptr() % 16 == 0, scale.data_ptr() % 16 == 0)
@@ -1099,6 +1275,30 @@ def _(x, words, scales_and_zeros, group_size, bias):
     return x.new_empty((*x.shape[:-1], words.shape[0] // 2))
 
 
+@torch.library.custom_op("quantcore_torch::int4_interleaved_qkv_rope", mutates_args=("keys", "values"))
+def _int4_interleaved_qkv_rope_op(
+    x: torch.Tensor,
+    words: torch.Tensor,
+    scales_and_zeros: torch.Tensor,
+    group_size: int,
+    bias: torch.Tensor | None,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    position: torch.Tensor,
+    q_features: int,
+) -> torch.Tensor:
+    return _int4_interleaved_rope_launch(
+        x.contiguous(), words, scales_and_zeros, group_size, bias, cos, sin, keys, values, position, q_features
+    )
+
+
+@_int4_interleaved_qkv_rope_op.register_fake
+def _(x, words, scales_and_zeros, group_size, bias, cos, sin, keys, values, position, q_features):
+    return x.new_empty((*x.shape[:-1], q_features))
+
+
 def int8_mm(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``x [..., K] @ (qweight [N, K] * scale[:, None]).T + bias``, in ``x.dtype`` (fp16 / bf16).
 
@@ -1173,3 +1373,32 @@ def int4_interleaved_gate_up_mm(
     return _int4_interleaved_launch(
         x if x.is_contiguous() else x.contiguous(), words, scales_and_zeros, group_size, bias, gate_up=True
     )
+
+
+def int4_interleaved_qkv_rope(
+    x: torch.Tensor,
+    words: torch.Tensor,
+    scales_and_zeros: torch.Tensor,
+    group_size: int,
+    bias: torch.Tensor | None,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    position: torch.Tensor,
+    q_features: int,
+) -> torch.Tensor:
+    """An attention's stacked q/k/v projections (:func:`int4_interleaved_mm`'s weight: ``q_features``
+    q rows, then k's, then v's) for one token ``x``, with a decode step's rotary embedding and
+    static-cache writes in the kernel's epilogue: returns q (``[..., q_features]``) rotated by
+    ``cos`` and ``sin`` (one position's, a head's width), and writes k rotated and v into ``keys``
+    and ``values`` (``[1, kv_heads, length, head_dim]``, contiguous) at ``position[0]``.
+    The rotation rounds as transformers' ``apply_rotary_pos_emb`` does in eager PyTorch."""
+    if torch.compiler.is_compiling():
+        return _int4_interleaved_qkv_rope_op(
+            x, words, scales_and_zeros, group_size, bias, cos, sin, keys, values, position, q_features
+        )
+    return _int4_interleaved_rope_launch(
+        x if x.is_contiguous() else x.contiguous(), words, scales_and_zeros, group_size, bias,
+        cos, sin, keys, values, position, q_features,
+    )  # fmt: skip

@@ -35,6 +35,7 @@ against its k/v) stay correct: each call computes the stack for its input and ke
 
 from __future__ import annotations
 
+import sys
 import types
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -50,6 +51,7 @@ __all__ = [
     "ACTIVATION_PLACES",
     "DEFAULT_GROUPS",
     "GATED_MLPS",
+    "ROTARY_ATTENTIONS",
     "FusedProjections",
     "FusionReport",
     "fuse_projections",
@@ -70,6 +72,11 @@ _STORAGE = ("qweight", "scale", "zero")
 #: with ``activation`` and a SiLU ``act_fn``, the activation can run in a projection's kernel.
 GATED_MLPS: tuple[str, ...] = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
 
+#: transformers' attentions whose forward is Llama's (q/k/v projections, ``apply_rotary_pos_emb``,
+#: the cache's update, the attention function, ``o_proj``): with ``rotary=True`` the rotation and
+#: a static cache's writes of a decode step can run in the q/k/v kernel's epilogue.
+ROTARY_ATTENTIONS: tuple[str, ...] = ("LlamaAttention",)
+
 #: Where ``fuse_projections(activation=...)`` runs a gated MLP's activation: the fused gate/up
 #: kernel's epilogue (``"gate_up"``, what ``True`` means) or the int8 down projection's input
 #: (``"down"``).
@@ -86,12 +93,16 @@ class FusionReport:
     activations: list[str] = field(default_factory=list)
     #: Where it runs: ``"gate_up"`` or ``"down"`` (:data:`ACTIVATION_PLACES`), ``None`` without ``activation``.
     activation_place: str | None = None
+    #: Attentions whose q/k/v kernel applies the rotary embedding and writes the cache (``rotary``).
+    rotary: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [f"fused {len(self.fused)} group(s) of projections, skipped {len(self.skipped)}"]
         if self.activations:
             where = "the gate/up kernel" if self.activation_place == "gate_up" else "the down projection"
             lines.append(f"  {len(self.activations)} gated MLP(s) run their activation in {where}")
+        if self.rotary:
+            lines.append(f"  {len(self.rotary)} attention(s) rotate q and k and write the cache in the q/k/v kernel")
         lines += [f"  skipped {name}: {reason}" for name, reason in self.skipped.items()]
         return "\n".join(lines)
 
@@ -244,6 +255,13 @@ class FusedProjections:
         linear = self._active()
         return None if linear is None else linear.gate_up_forward(x)
 
+    def rotary(self, x, cos, sin, keys, values, position, q_features: int) -> torch.Tensor | None:
+        """q rotated for one decode token ``x`` from an attention's (q, k, v) group, k rotated and v
+        written into a static cache (see :meth:`WeightOnlyLinear.qkv_rope_forward`), or ``None`` (the
+        group inactive, or an input the kernel does not take), having written nothing."""
+        linear = self._active()
+        return None if linear is None else linear.qkv_rope_forward(x, cos, sin, keys, values, position, q_features)
+
     def _active(self) -> WeightOnlyLinear | None:
         """The stack's layer, stacked again first where stale (eager code; a compiled graph guards
         on the stack it was traced with), or ``None`` if the group is inactive."""
@@ -395,6 +413,129 @@ def _fuse_activations(model: nn.Module, gated_mlps: Sequence[str], place: str, r
         report.activations.append(name or "<model>")
 
 
+class _RotaryAttention(NamedTuple):
+    """What a rotary attention's patched forward runs: its projections as fused, and their group."""
+
+    q: WeightOnlyLinear
+    k: WeightOnlyLinear
+    v: WeightOnlyLinear
+    group: FusedProjections
+
+
+def _rotary_mismatch(attention: nn.Module) -> str | None:
+    """Why ``attention``'s rotation and cache writes cannot run in its q/k/v kernel, or ``None`` if they can."""
+    if type(attention).__name__ not in ROTARY_ATTENTIONS:
+        return f"{type(attention).__name__} is not a known rotary attention (ROTARY_ATTENTIONS)"
+    q, k, v = (attention._modules.get(name) for name in ("q_proj", "k_proj", "v_proj"))
+    fused = getattr(q, "_fused", None)
+    if fused is None or fused[0].members != (q, k, v) or fused[0].linear is None:
+        return "q_proj, k_proj and v_proj do not run as one fused group, in that order"
+    if q.bits != 4 or kernels.INT4_CUDA_KERNEL != "interleaved":
+        return (
+            "the q/k/v rotary kernel is int4 on the interleaved layout only "
+            f"(QUANTCORE_INT4_CUDA_KERNEL=interleaved; it is {q.bits}-bit, {kernels.INT4_CUDA_KERNEL})"
+        )
+    head = getattr(attention, "head_dim", 0)
+    if not head or head % 16 or q.out_features % head or k.out_features != v.out_features or k.out_features % head:
+        return f"head_dim {head} (a multiple of 16) does not divide q's ({q.out_features}) and k/v's outputs"
+    return None
+
+
+def _static_layer(cache, index: int):
+    """The static cache layer ``index`` of ``cache`` (transformers' ``StaticLayer``, made), or ``None``."""
+    layers = getattr(cache, "layers", None)
+    if not isinstance(layers, (list, tuple)) or not 0 <= index < len(layers):
+        return None
+    layer = layers[index]
+    if type(layer).__name__ != "StaticLayer" or not getattr(layer, "is_initialized", True):
+        return None
+    if not (
+        isinstance(getattr(layer, "keys", None), torch.Tensor)
+        and isinstance(getattr(layer, "values", None), torch.Tensor)
+    ):
+        return None
+    return layer
+
+
+def _attention_function(attention: nn.Module):
+    """The attention function ``attention``'s own forward calls (its model's module's names)."""
+    module = sys.modules[type(attention).__module__]
+    eager = module.eager_attention_forward
+    implementation = attention.config._attn_implementation
+    if implementation == "eager":
+        return eager
+    functions = module.ALL_ATTENTION_FUNCTIONS
+    get = getattr(functions, "get_interface", None)  # transformers 5; 4.x indexes the mapping
+    return get(implementation, eager) if get is not None else functions[implementation]
+
+
+def _rotary_attention_forward(
+    self: nn.Module, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None, *args, **kwargs
+):
+    """A Llama attention's forward at one decode token with a static cache: the q/k/v kernel
+    rotates q and k and writes k and v into the cache (:meth:`FusedProjections.rotary`), then the
+    cache advances, the attention and ``o_proj`` run as the class runs them. Anything else (the
+    prefill, batches, other caches, gradients, a projection replaced or hooked since, inputs the
+    kernel does not take) runs the class's forward."""
+    parts: _RotaryAttention = self._quantcore_rotary
+    mods = self._modules
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    layer = _static_layer(cache, self.layer_idx) if position_embeddings is not None and not args else None
+    q = None
+    if (
+        layer is not None
+        and mods["q_proj"] is parts.q
+        and mods["k_proj"] is parts.k
+        and mods["v_proj"] is parts.v
+        and _plain(parts.q)
+        and _plain(parts.k)
+        and _plain(parts.v)
+    ):
+        # transformers 5's static layer counts its tokens and writes there; 4.x writes at cache_position.
+        counter = getattr(layer, "cumulative_length", None)
+        position = counter if isinstance(counter, torch.Tensor) else kwargs.get("cache_position")
+        if isinstance(position, torch.Tensor):
+            cos, sin = position_embeddings
+            q = parts.group.rotary(hidden_states, cos, sin, layer.keys, layer.values, position, parts.q.out_features)
+    if q is None:
+        return type(self).forward(self, hidden_states, position_embeddings, attention_mask, *args, **kwargs)
+    if isinstance(counter, torch.Tensor):
+        counter.add_(1)
+    rest = {name: value for name, value in kwargs.items() if name not in ("cache", "past_key_values", "cache_position")}
+    input_shape = hidden_states.shape[:-1]
+    query = q.view(*input_shape, -1, self.head_dim).transpose(1, 2)
+    out, weights = _attention_function(self)(
+        self,
+        query,
+        layer.keys,
+        layer.values,
+        attention_mask,
+        dropout=0.0 if not self.training else self.attention_dropout,
+        scaling=self.scaling,
+        **rest,
+    )
+    return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
+
+
+def _is_rotary(module: nn.Module) -> bool:
+    return getattr(module.__dict__.get("forward"), "__func__", None) is _rotary_attention_forward
+
+
+def _fuse_rotary(model: nn.Module, report: FusionReport) -> None:
+    for name, attention, _names, (q, k, v) in _groups_of(model, [("q_proj", "k_proj", "v_proj")]):
+        label = f"{name or '<model>'}: q_proj+k_proj+v_proj+rotary+cache"
+        if _is_rotary(attention):
+            report.skipped[label] = "already fused"
+            continue
+        reason = _rotary_mismatch(attention)
+        if reason is not None:
+            report.skipped[label] = reason
+            continue
+        attention._quantcore_rotary = _RotaryAttention(q, k, v, q._fused[0])
+        attention.forward = types.MethodType(_rotary_attention_forward, attention)
+        report.rotary.append(name or "<model>")
+
+
 def _activation_place(activation: bool | str) -> str | None:
     """``fuse_projections``'s ``activation`` as a place of :data:`ACTIVATION_PLACES`, or ``None``."""
     if activation is False:
@@ -412,6 +553,7 @@ def fuse_projections(
     *,
     activation: bool | str = False,
     gated_mlps: Sequence[str] = GATED_MLPS,
+    rotary: bool = False,
 ) -> FusionReport:
     """Run sibling torch_wo projections that read the same input as one stacked kernel call each.
 
@@ -430,6 +572,14 @@ def fuse_projections(
         :data:`GATED_MLPS`) with a SiLU activation and gate/up fused; the MLP's forward is patched
         on the instance (:func:`unfuse_projections` removes it). Inputs the kernels do not take
         (several rows, the CPU) compute the activation in PyTorch, as the MLP does.
+    :param rotary: also run each attention's rotary embedding and static-cache writes in its
+        fused q/k/v kernel's epilogue at batch-1 decode: the kernel returns q rotated and writes k
+        rotated and v into the cache, three kernels fewer a layer. For the attentions
+        :data:`ROTARY_ATTENTIONS` names, int4 on the interleaved layout
+        (``QUANTCORE_INT4_CUDA_KERNEL=interleaved``), with q/k/v fused; the attention's forward is
+        patched on the instance (:func:`unfuse_projections` removes it). Anything else the kernel
+        does not take (the prefill, batches, caches other than transformers' ``StaticCache``,
+        the CPU) runs the attention's own forward.
     :returns: a :class:`FusionReport`; nothing is changed for a group it lists as skipped.
 
     Safe to call twice (groups already fused are reported as skipped). If stacking a group fails
@@ -468,6 +618,8 @@ def fuse_projections(
         report.fused.append(label)
     if place is not None:
         _fuse_activations(model, tuple(gated_mlps), place, report)
+    if rotary:
+        _fuse_rotary(model, report)
     return report
 
 
@@ -477,6 +629,8 @@ def unfuse_projections(model: nn.Module) -> int:
     for module in model.modules():
         if _is_gated(module):
             del module.forward, module._quantcore_gated
+        if _is_rotary(module):
+            del module.forward, module._quantcore_rotary
         fused = getattr(module, "_fused", None)
         if fused is not None:
             seen.setdefault(id(fused[0]), fused[0])

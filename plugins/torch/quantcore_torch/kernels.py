@@ -70,6 +70,7 @@ __all__ = [
     "int4_interleaved_layout",
     "int4_kernel_group",
     "int4_kernel_rows",
+    "int4_qkv_rope_linear",
     "int4_reference_linear",
     "int4_tinygemm_layout",
     "int4_weight_only_linear",
@@ -473,3 +474,33 @@ def int4_gate_up_linear(
     if layout is not None and layout.kind == "interleaved" and _one_half_row(x):
         return _TRITON.int4_interleaved_gate_up_mm(x, layout.weight, layout.scales_and_zeros, layout.group_size, bias)
     return gated_input(int4_weight_only_linear(x, packed, scale, zero, group_size, bias, layout))
+
+
+def int4_qkv_rope_linear(
+    x: torch.Tensor,
+    layout: Int4Layout | None,
+    bias: torch.Tensor | None,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    position: torch.Tensor,
+    q_features: int,
+) -> torch.Tensor | None:
+    """An attention's q, k and v projections stacked in one int4 weight (``q_features`` q rows,
+    then k's, then v's) for one decode token, with the rotary embedding and the static cache's
+    writes in the kernel's epilogue: q rotated (``[..., q_features]``), k rotated and v written
+    into ``keys`` and ``values`` (``[1, kv_heads, length, head_dim]``) at ``position[0]``.
+    One fp16 / bf16 row on CUDA with the interleaved ``layout`` only
+    (:func:`quantcore_torch._triton.int4_interleaved_qkv_rope`); anything else returns ``None``,
+    having written nothing, for the caller to run the projections and the rotation as they are."""
+    if layout is None or layout.kind != "interleaved" or not _one_half_row(x):
+        return None
+    if cos.dtype != x.dtype or sin.dtype != x.dtype or not (cos.is_cuda and keys.is_cuda and position.is_cuda):
+        return None
+    n = layout.weight.shape[0]
+    if _TRITON.qkv_rope_mismatch(x, n, cos, sin, keys, values, position, q_features) is not None:
+        return None
+    return _TRITON.int4_interleaved_qkv_rope(
+        x, layout.weight, layout.scales_and_zeros, layout.group_size, bias, cos, sin, keys, values, position, q_features
+    )

@@ -357,6 +357,28 @@ class WeightOnlyLinear(WeightOnlyStorage):
             self._current_kernel_layout(),
         )
 
+    def qkv_rope_forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        position: torch.Tensor,
+        q_features: int,
+    ) -> torch.Tensor | None:
+        """This layer as an attention's q, k and v projections stacked, at one decode token: q with
+        the rotary embedding applied, k rotated and v written into a static cache's ``keys`` and
+        ``values`` at ``position`` (:func:`~quantcore_torch.kernels.int4_qkv_rope_linear`). Where
+        the kernel cannot (not int4 on the interleaved layout, training, another compute dtype,
+        shapes it does not take) returns ``None`` and writes nothing."""
+        bias = self._parameters["bias"]
+        trains = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
+        if self.bits != 4 or trains or (self.compute_dtype is not None and self.compute_dtype != x.dtype):
+            return None
+        layout = self._current_kernel_layout()
+        return kernels.int4_qkv_rope_linear(x, layout, bias, cos, sin, keys, values, position, q_features)
+
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The forward through dequantize + ``F.linear``: what every kernel is tested against."""
         dtype = self.compute_dtype or x.dtype

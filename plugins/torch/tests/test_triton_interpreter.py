@@ -431,3 +431,71 @@ def test_the_gate_up_wrappers_launch_their_kernels_with_the_right_arguments(kern
         odd = tuple(t[:, :-1] if t.dim() == 3 else t[:-1] for t in weight)
         with pytest.raises(ValueError, match="an even number of rows, got 37"):
             gate_up(x, *odd, bias[:-1])
+
+
+def _rope_reference(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """transformers' ``apply_rotary_pos_emb`` on ``t [..., head_dim]``, in ``t``'s dtype as eager PyTorch runs it."""
+    first, second = t.chunk(2, dim=-1)
+    return t * cos + torch.cat((-second, first), dim=-1) * sin
+
+
+@pytest.mark.parametrize("dtype", list(ROUNDING), ids=str)
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim", "k", "group"), [(4, 2, 64, 256, 64), (2, 1, 32, 512, 128)])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_the_qkv_rope_kernel_rotates_q_and_k_and_writes_the_cache(
+    kernels, monkeypatch, heads, kv_heads, head_dim, k, group, dtype, bias
+):
+    # An attention's stacked q/k/v on the interleaved layout, one token: q comes back rotated, k
+    # rotated and v land in the cache at the position, every other cache slot stays as it was.
+    # Against the plain kernel's output (the same sums, rounded alike) rotated as transformers
+    # rotates it in eager PyTorch.
+    dispatch = _stub_cuda_dispatch(kernels, monkeypatch)
+    torch.manual_seed(heads * k)
+    nq, nkv, length, pos = heads * head_dim, kv_heads * head_dim, 9, 5
+    n = nq + 2 * nkv
+    packed, scale, zero = quantize_int4((torch.randn(n, k) * 0.05).to(dtype), group)
+    layout = dispatch.int4_interleaved_layout(packed, scale, zero, k, group)
+    b = torch.randn(n, dtype=dtype) if bias else None
+    x = torch.randn(1, 1, k, dtype=dtype)
+    angle = 7.0 * torch.arange(head_dim // 2) / head_dim
+    cos = torch.cat((angle.cos(), angle.cos())).to(dtype)[None, None]
+    sin = torch.cat((angle.sin(), angle.sin())).to(dtype)[None, None]
+    keys = torch.randn(1, kv_heads, length, head_dim, dtype=dtype)
+    values = torch.randn(1, kv_heads, length, head_dim, dtype=dtype)
+    keys0, values0 = keys.clone(), values.clone()
+    position = torch.tensor(pos)
+    plain = kernels.int4_interleaved_mm(x, layout.weight, layout.scales_and_zeros, group, b)
+    q_ref, k_ref, v_ref = plain.split((nq, nkv, nkv), dim=-1)
+    q_ref = _rope_reference(q_ref.view(heads, head_dim), cos[0], sin[0]).view(1, 1, nq)
+    k_ref = _rope_reference(k_ref.view(kv_heads, head_dim), cos[0], sin[0])
+    for _ in range(2):  # the second call takes the kept kernel
+        q = kernels.int4_interleaved_qkv_rope(
+            x, layout.weight, layout.scales_and_zeros, group, b, cos, sin, keys, values, position, nq
+        )
+        assert q.shape == (1, 1, nq) and q.dtype == dtype
+        # fp16: the same roundings as PyTorch's; bf16: the interpreter truncates where a GPU rounds.
+        tolerance = 0 if dtype == torch.float16 else ROUNDING[dtype]
+        assert _error(q, q_ref) <= tolerance
+        assert _error(keys[0, :, pos], k_ref) <= tolerance
+        torch.testing.assert_close(values[0, :, pos], v_ref.view(kv_heads, head_dim), rtol=0, atol=0)
+        others = torch.arange(length) != pos
+        assert torch.equal(keys[:, :, others], keys0[:, :, others])
+        assert torch.equal(values[:, :, others], values0[:, :, others])
+    assert kernels._INT4_INTERLEAVED_ROPE.compiled or not kernels._INT4_INTERLEAVED_ROPE.direct
+    # Shapes it cannot take are refused before anything is written.
+    keys.copy_(keys0)
+    with pytest.raises(ValueError, match="one token"):
+        kernels.int4_interleaved_qkv_rope(
+            x.expand(1, 2, k), layout.weight, layout.scales_and_zeros, group, b, cos, sin, keys, values, position, nq
+        )
+    with pytest.raises(ValueError, match="stacked rows as q"):
+        kernels.int4_interleaved_qkv_rope(
+            x, layout.weight, layout.scales_and_zeros, group, b, cos, sin, keys, values, position, nq - head_dim
+        )
+    assert torch.equal(keys, keys0)
+    # A position past the cache writes nothing (where transformers' index_copy_ would fail).
+    full = kernels.int4_interleaved_qkv_rope(
+        x, layout.weight, layout.scales_and_zeros, group, b, cos, sin, keys, values, torch.tensor(length), nq
+    )
+    assert torch.equal(full, q) and torch.equal(keys, keys0)
+    assert torch.equal(values[:, :, others], values0[:, :, others])
