@@ -713,3 +713,172 @@ def test_activation_in_the_down_kernel_under_cuda_graphs():
         torch.testing.assert_close(logits(model, ids), logits(unfused, ids), rtol=2e-2, atol=2e-2)
     assert len(folded) == len(MLPS)
     assert_cuda_graph_replays_match(model, unfused)
+
+
+# ---------------------------------------------------------------------------- rotary in the q/k/v kernel
+ATTENTIONS = ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+
+
+def _static_cache(model, length: int):
+    try:
+        return transformers.StaticCache(config=model.config, max_cache_len=length)
+    except TypeError:  # transformers 4.x before the cache refactor wants the batch too
+        return transformers.StaticCache(config=model.config, max_batch_size=1, max_cache_len=length)
+
+
+def static_decode(model, ids, steps: int, step=None) -> torch.Tensor:
+    """Greedy decoding with transformers' static cache, gpt-fast style: the prompt's prefill, then
+    ``steps`` one-token steps (through ``step(model, token, cache, position)`` where given); the
+    last position's logits of every call, ``[1, steps + 1, vocab]``."""
+    cache = _static_cache(model, ids.shape[1] + steps)
+
+    def plain(model, token, cache, position):
+        return model(input_ids=token, past_key_values=cache, cache_position=position, use_cache=True).logits
+
+    step = step or plain
+    out = []
+    with torch.no_grad():
+        last = plain(model, ids, cache, torch.arange(ids.shape[1], device=ids.device))[:, -1:]
+        out.append(last)
+        for i in range(steps):
+            position = torch.tensor([ids.shape[1] + i], device=ids.device)
+            last = step(model, last.argmax(-1), cache, position)[:, -1:].clone()
+            out.append(last)
+    return torch.cat(out, dim=1)
+
+
+def _rotary_in_pytorch(calls):
+    """``WeightOnlyLinear.qkv_rope_forward`` as its kernel computes it, in PyTorch ops: the stacked
+    projections, transformers' rotation, the cache's writes at the position (counted in ``calls``)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    def qkv_rope_forward(self, x, cos, sin, keys, values, position, q_features):
+        calls.append(self.out_features)
+        head = keys.shape[-1]
+        kv = keys.shape[1] * head
+        q, k, v = self(x).split((q_features, kv, kv), dim=-1)
+        shape = (*x.shape[:-1], -1, head)
+        q, k = apply_rotary_pos_emb(q.view(shape).transpose(1, 2), k.view(shape).transpose(1, 2), cos, sin)
+        keys.index_copy_(2, position.view(1), k)
+        values.index_copy_(2, position.view(1), v.view(shape).transpose(1, 2))
+        return q.transpose(1, 2).reshape(*x.shape[:-1], q_features)
+
+    return qkv_rope_forward
+
+
+@needs_transformers
+def test_rotary_in_the_qkv_kernel_gives_the_unfolded_decoding(monkeypatch):
+    # The attention's patched forward around the kernel (its position, the cache's count, the
+    # attention on the cache, o_proj), with the kernel's function in PyTorch: every decode step
+    # takes it, the prefill does not, and the logits are the fused model's bit for bit.
+    from quantcore_torch import kernels
+
+    monkeypatch.setattr(kernels, "INT4_CUDA_KERNEL", "interleaved")
+    model = quantized_llama(4, 32)
+    fuse_projections(model, activation=True)
+    unfolded = copy.deepcopy(model)
+    report = fuse_projections(model, rotary=True)
+    assert report.rotary == ATTENTIONS and "rotate q and k" in str(report)
+    calls = []
+    monkeypatch.setattr(WeightOnlyLinear, "qkv_rope_forward", _rotary_in_pytorch(calls))
+    ids = ids_for()
+    expected = static_decode(unfolded, ids, steps=5)
+    torch.testing.assert_close(static_decode(model, ids, steps=5), expected, rtol=0, atol=0)
+    assert calls == [256] * 5 * len(ATTENTIONS)  # 128 q rows, 64 k rows, 64 v rows: decode steps only
+    # Without a static cache (a dynamic one, or none), the attention's own forward.
+    calls.clear()
+    torch.testing.assert_close(logits(model, ids), logits(unfolded, ids), rtol=0, atol=0)
+    with torch.no_grad():
+        out = model(ids[:, :3], use_cache=True)
+        dynamic = model(ids[:, 3:4], past_key_values=out.past_key_values, use_cache=True).logits
+    assert calls == [] and torch.isfinite(dynamic).all()
+    # A hook on k_proj must see its call: the attention's own forward.
+    seen = []
+    handle = model.model.layers[0].self_attn.k_proj.register_forward_hook(lambda m, a, out: seen.append(out.shape))
+    # (The hooked member may run on its own rows rather than the stack's: fp32 rounding apart.)
+    torch.testing.assert_close(static_decode(model, ids, steps=2), expected[:, :3], rtol=1e-5, atol=1e-6)
+    handle.remove()
+    assert len(seen) == 3 and calls == [256] * 2  # layer 1 still folds; layer 0's hook saw every call
+    # Undone, and kept through a deep copy.
+    clone = copy.deepcopy(model)
+    assert clone.model.layers[0].self_attn.forward.__self__ is clone.model.layers[0].self_attn
+    assert unfuse_projections(model) == 4 and "forward" not in model.model.layers[0].self_attn.__dict__
+
+
+@needs_transformers
+def test_rotary_in_the_qkv_kernel_compiles_fullgraph(monkeypatch):
+    # The folded attention traced whole: the compiled decode steps give the eager tokens.
+    from quantcore_torch import kernels
+
+    monkeypatch.setattr(kernels, "INT4_CUDA_KERNEL", "interleaved")
+    model = quantized_llama(4, 32)
+    fuse_projections(model, activation=True, rotary=True)
+    calls = []
+    monkeypatch.setattr(WeightOnlyLinear, "qkv_rope_forward", _rotary_in_pytorch(calls))
+    ids = ids_for()
+    eager = static_decode(model, ids, steps=4)
+    torch._dynamo.reset()
+    compiled = torch.compile(
+        lambda model, token, cache, position: (
+            model(input_ids=token, past_key_values=cache, cache_position=position, use_cache=True).logits
+        ),
+        fullgraph=True,
+    )
+    out = static_decode(model, ids, steps=4, step=compiled)
+    torch._dynamo.reset()
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out.argmax(-1), eager.argmax(-1))
+
+
+@needs_transformers
+def test_rotary_fusion_reports_what_it_cannot_take(monkeypatch):
+    from quantcore_torch import kernels
+
+    model = quantized_llama(4, 32)
+    report = fuse_projections(model, rotary=True)  # the default int4 CUDA kernel: tinygemm
+    label = f"{ATTENTIONS[0]}: q_proj+k_proj+v_proj+rotary+cache"
+    assert report.rotary == [] and report.skipped[label] == (
+        "the q/k/v rotary kernel is int4 on the interleaved layout only "
+        "(QUANTCORE_INT4_CUDA_KERNEL=interleaved; it is 4-bit, tinygemm)"
+    )
+    monkeypatch.setattr(kernels, "INT4_CUDA_KERNEL", "interleaved")
+    unfuse_projections(model)
+    report = fuse_projections(model, groups=[("gate_proj", "up_proj")], rotary=True)
+    assert report.skipped[label] == "q_proj, k_proj and v_proj do not run as one fused group, in that order"
+    unfuse_projections(model)
+    assert fuse_projections(model, rotary=True).rotary == ATTENTIONS
+    assert fuse_projections(model, rotary=True).skipped[label] == "already fused"
+    model = quantized_llama(8, 128)
+    report = fuse_projections(model, rotary=True)
+    assert report.skipped[label].endswith("(QUANTCORE_INT4_CUDA_KERNEL=interleaved; it is 8-bit, interleaved)")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@needs_transformers
+def test_rotary_in_the_qkv_kernel_on_cuda_eager_and_in_cuda_graphs(monkeypatch):
+    # The real kernel: q rotated, k and v in the cache, at every decode step; eager and replayed
+    # from CUDA graphs, within bf16 rounding of the unfolded model's decoding.
+    from quantcore_torch import kernels
+
+    monkeypatch.setattr(kernels, "INT4_CUDA_KERNEL", "interleaved")
+    model = quantized_llama(4, 128, dtype=torch.bfloat16, device="cuda")
+    fuse_projections(model, activation=True)
+    unfolded = copy.deepcopy(model)
+    assert fuse_projections(model, rotary=True).rotary == ATTENTIONS
+    ids = ids_for("cuda", length=7)
+    expected = static_decode(unfolded, ids, steps=6)
+    folded, real = [], kernels._TRITON.int4_interleaved_qkv_rope
+    with pytest.MonkeyPatch.context() as patch:  # eager only: compiled code must not trace the counter
+        patch.setattr(kernels._TRITON, "int4_interleaved_qkv_rope", lambda *a: folded.append(1) or real(*a))
+        torch.testing.assert_close(static_decode(model, ids, steps=6), expected, rtol=2e-2, atol=2e-2)
+    assert len(folded) == 6 * len(ATTENTIONS)
+    torch._dynamo.reset()
+
+    def step(model, token, cache, position):
+        return model(input_ids=token, past_key_values=cache, cache_position=position, use_cache=True).logits
+
+    compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True)
+    for _ in range(2):  # recorded, then replayed on a fresh cache
+        torch.testing.assert_close(static_decode(model, ids, steps=6, step=compiled), expected, rtol=2e-2, atol=2e-2)
+    torch._dynamo.reset()
