@@ -21,7 +21,7 @@ from .dispatch import AutoQuantizer
 from .errors import ConfigError, QuantizationError
 from .match import compile_pattern, exact_name
 from .plugins import call_observers
-from .quantizer_base import QuantizerBase, leaf_size
+from .quantizer_base import QuantizerBase, leaf_size, tensor_nbytes
 from .report import ModuleRecord, QuantizationReport
 from .state import STATE_ATTRIBUTE, QuantizationState, get_quantization_state
 from .swap import swap_module
@@ -374,7 +374,24 @@ def report_decisions(
             )
         )
     params, total = size or walk.size()
-    return QuantizationReport(records, params, total, total - saved, dry_run=dry_run, seconds=seconds)
+    replaced = {r.name for r in records if r.action == "quantized"}
+    kept = _kept_tied_bytes(walk, replaced) if replaced else 0
+    return QuantizationReport(records, params, total, total - saved + kept, dry_run=dry_run, seconds=seconds)
+
+
+def _kept_tied_bytes(walk: Walk, replaced: set[str]) -> int:
+    """Bytes that the ``replaced`` modules' records count as freed but that stay in the model:
+    a parameter tied to a module that is not replaced (a quantized output head whose weight is
+    the input embeddings'), and a tied parameter's second count where several users are replaced."""
+    index = walk.index or ModelIndex.of(walk.model)
+    kept = 0
+    for users in index.tied.values():
+        owners = {name.rpartition(".")[0] for name in users}
+        hits = len(owners & replaced)
+        if hits:
+            nbytes = tensor_nbytes(walk.model.get_parameter(users[0]))
+            kept += nbytes * hits - (nbytes if owners <= replaced else 0)
+    return kept
 
 
 def record_state(walk: Walk, built: list[tuple[Decision, nn.Module]]) -> None:

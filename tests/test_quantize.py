@@ -54,6 +54,28 @@ def test_untied_head_found_by_get_output_embeddings_and_tied_linear_by_identity(
     assert r["layers.1.mlp.down_proj"] == ("skipped", "default: weight tied to layers.0.mlp.down_proj.weight")
 
 
+def _nbytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+
+
+@pytest.mark.parametrize("tie", ["head-to-embeddings", "two-linears"])
+def test_report_sizes_match_reality_when_tied_weights_are_quantized(tiny_lm, untied_lm, tie):
+    # A quantized output head whose weight is the input embeddings' frees none of it (the
+    # embeddings keep it, and the head gets its own quantized copy); two linears that share a
+    # weight, both quantized, free it once. The plan and the report say what memory holds.
+    if tie == "head-to-embeddings":
+        model = tiny_lm
+        assert model.lm_head.weight is model.embed.weight
+    else:
+        model = untied_lm
+        model.layers[1].mlp.down_proj.weight = model.layers[0].mlp.down_proj.weight
+    before = _nbytes(model)
+    plan = quantcore.quantize(model, HalfConfig(), default_skips=False, dry_run=True)
+    report = quantcore.quantize(model, HalfConfig(), default_skips=False)
+    assert report.bytes_before == before
+    assert plan.bytes_after == report.bytes_after == _nbytes(model)
+
+
 def test_report_sizes_match_reality(untied_lm):
     before = sum(t.numel() * t.element_size() for t in (*untied_lm.parameters(), *untied_lm.buffers()))
     report = quantcore.quantize(untied_lm, HalfConfig())
