@@ -35,6 +35,7 @@ against its k/v) stay correct: each call computes the stack for its input and ke
 
 from __future__ import annotations
 
+import inspect
 import sys
 import types
 from collections.abc import Iterable, Sequence
@@ -75,7 +76,13 @@ GATED_MLPS: tuple[str, ...] = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
 #: transformers' attentions whose forward is Llama's (q/k/v projections, ``apply_rotary_pos_emb``,
 #: the cache's update, the attention function, ``o_proj``): with ``rotary=True`` the rotation and
 #: a static cache's writes of a decode step can run in the q/k/v kernel's epilogue.
-ROTARY_ATTENTIONS: tuple[str, ...] = ("LlamaAttention",)
+ROTARY_ATTENTIONS: tuple[str, ...] = ("LlamaAttention", "MistralAttention", "Qwen2Attention")
+
+# What each of them passes its attention function beyond Llama's arguments, as its forward does.
+_ATTENTION_EXTRAS = {
+    "MistralAttention": lambda attention: {"sliding_window": getattr(attention.config, "sliding_window", None)},
+    "Qwen2Attention": lambda attention: {"sliding_window": attention.sliding_window},
+}
 
 #: Where ``fuse_projections(activation=...)`` runs a gated MLP's activation: the fused gate/up
 #: kernel's epilogue (``"gate_up"``, what ``True`` means) or the int8 down projection's input
@@ -420,6 +427,20 @@ class _RotaryAttention(NamedTuple):
     k: WeightOnlyLinear
     v: WeightOnlyLinear
     group: FusedProjections
+    #: Keyword arguments the class's forward takes by name, which it does not hand its attention function.
+    named: frozenset[str]
+
+
+def _named_arguments(attention: nn.Module) -> frozenset[str]:
+    """The keyword arguments ``attention``'s class forward names (the cache's, ``cache_position`` in
+    transformers 4.x): the rest of its ``**kwargs`` go on to the attention function."""
+    parameters = inspect.signature(type(attention).forward).parameters
+    own = {name for name, p in parameters.items() if p.kind is not inspect.Parameter.VAR_KEYWORD}
+    return frozenset(own - {"self", "hidden_states", "position_embeddings", "attention_mask"}) | {
+        "cache",
+        "past_key_values",
+        "past_key_value",
+    }
 
 
 def _rotary_mismatch(attention: nn.Module) -> str | None:
@@ -472,7 +493,7 @@ def _attention_function(attention: nn.Module):
 def _rotary_attention_forward(
     self: nn.Module, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None, *args, **kwargs
 ):
-    """A Llama attention's forward at one decode token with a static cache: the q/k/v kernel
+    """A Llama-family attention's forward at one decode token with a static cache: the q/k/v kernel
     rotates q and k and writes k and v into the cache (:meth:`FusedProjections.rotary`), then the
     cache advances, the attention and ``o_proj`` run as the class runs them. Anything else (the
     prefill, batches, other caches, gradients, a projection replaced or hooked since, inputs the
@@ -501,7 +522,10 @@ def _rotary_attention_forward(
         return type(self).forward(self, hidden_states, position_embeddings, attention_mask, *args, **kwargs)
     if isinstance(counter, torch.Tensor):
         counter.add_(1)
-    rest = {name: value for name, value in kwargs.items() if name not in ("cache", "past_key_values", "cache_position")}
+    rest = {name: value for name, value in kwargs.items() if name not in parts.named}
+    extras = _ATTENTION_EXTRAS.get(type(self).__name__)
+    if extras is not None:
+        rest.update(extras(self))
     input_shape = hidden_states.shape[:-1]
     query = q.view(*input_shape, -1, self.head_dim).transpose(1, 2)
     out, weights = _attention_function(self)(
@@ -531,7 +555,7 @@ def _fuse_rotary(model: nn.Module, report: FusionReport) -> None:
         if reason is not None:
             report.skipped[label] = reason
             continue
-        attention._quantcore_rotary = _RotaryAttention(q, k, v, q._fused[0])
+        attention._quantcore_rotary = _RotaryAttention(q, k, v, q._fused[0], _named_arguments(attention))
         attention.forward = types.MethodType(_rotary_attention_forward, attention)
         report.rotary.append(name or "<model>")
 

@@ -766,15 +766,36 @@ def _rotary_in_pytorch(calls):
     return qkv_rope_forward
 
 
+def tiny_causal(family: str) -> nn.Module:
+    """A small random model of ``family`` (``llama``, ``mistral``, ``qwen2``), torch_wo int4 g32."""
+    if family == "llama":
+        return quantized_llama(4, 32)
+    sizes = dict(
+        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+    )
+    if family == "mistral":
+        config = transformers.MistralConfig(**sizes, vocab_size=300, sliding_window=None)
+        model_class = transformers.MistralForCausalLM
+    else:  # Qwen2: q/k/v with biases, full attention in every layer by default
+        config = transformers.Qwen2Config(**sizes, vocab_size=300)
+        model_class = transformers.Qwen2ForCausalLM
+    torch.manual_seed(0)
+    model = model_class(config).eval()
+    quantcore.quantize(model, TorchWeightOnlyConfig(bits=4, group_size=32), progress=False)
+    return model
+
+
 @needs_transformers
-def test_rotary_in_the_qkv_kernel_gives_the_unfolded_decoding(monkeypatch):
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_rotary_in_the_qkv_kernel_gives_the_unfolded_decoding(family, monkeypatch):
     # The attention's patched forward around the kernel (its position, the cache's count, the
-    # attention on the cache, o_proj), with the kernel's function in PyTorch: every decode step
-    # takes it, the prefill does not, and the logits are the fused model's bit for bit.
+    # attention on the cache with the class's own arguments, o_proj), with the kernel's function
+    # in PyTorch: every decode step takes it, the prefill does not, and the logits are the fused
+    # model's bit for bit.
     from quantcore_torch import kernels
 
     monkeypatch.setattr(kernels, "INT4_CUDA_KERNEL", "interleaved")
-    model = quantized_llama(4, 32)
+    model = tiny_causal(family)
     fuse_projections(model, activation=True)
     unfolded = copy.deepcopy(model)
     report = fuse_projections(model, rotary=True)
@@ -785,6 +806,8 @@ def test_rotary_in_the_qkv_kernel_gives_the_unfolded_decoding(monkeypatch):
     expected = static_decode(unfolded, ids, steps=5)
     torch.testing.assert_close(static_decode(model, ids, steps=5), expected, rtol=0, atol=0)
     assert calls == [256] * 5 * len(ATTENTIONS)  # 128 q rows, 64 k rows, 64 v rows: decode steps only
+    if family != "llama":
+        return
     # Without a static cache (a dynamic one, or none), the attention's own forward.
     calls.clear()
     torch.testing.assert_close(logits(model, ids), logits(unfolded, ids), rtol=0, atol=0)
