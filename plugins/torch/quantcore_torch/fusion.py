@@ -599,11 +599,11 @@ def fuse_projections(
     :param rotary: also run each attention's rotary embedding and static-cache writes in its
         fused q/k/v kernel's epilogue at batch-1 decode: the kernel returns q rotated and writes k
         rotated and v into the cache, three kernels fewer a layer. For the attentions
-        :data:`ROTARY_ATTENTIONS` names, int4 on the interleaved layout
+        :data:`ROTARY_ATTENTIONS` names (Llama, Mistral, Qwen2), int4 on the interleaved layout
         (``QUANTCORE_INT4_CUDA_KERNEL=interleaved``), with q/k/v fused; the attention's forward is
         patched on the instance (:func:`unfuse_projections` removes it). Anything else the kernel
         does not take (the prefill, batches, caches other than transformers' ``StaticCache``,
-        the CPU) runs the attention's own forward.
+        sliding-window layers, the CPU) runs the attention's own forward.
     :returns: a :class:`FusionReport`; nothing is changed for a group it lists as skipped.
 
     Safe to call twice (groups already fused are reported as skipped). If stacking a group fails
