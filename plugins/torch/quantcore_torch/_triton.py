@@ -1107,18 +1107,24 @@ _INT4_INTERLEAVED = _Launcher(_int4_interleaved_kernel, pdl=True)
 _INTERLEAVED_ROW = {gate_up: {"USE_GDC": False, "GATE_UP": gate_up} for gate_up in (False, True)}
 
 
+def _interleaved_input(x, words, scales_and_zeros, group_size: int):
+    """``x`` as the interleaved int4 kernels read it (4-byte aligned: they load the input as 32-bit
+    pairs), after refusing a weight (``words``, ``scales_and_zeros [2, N, groups]``) it does not fit."""
+    k = x.shape[-1]
+    sz_shape = scales_and_zeros.shape
+    if words.shape[1] * 8 != k or sz_shape[2] * group_size != k or sz_shape[1] != words.shape[0]:
+        raise ValueError(
+            f"an interleaved int4 weight of {words.shape[1] * 8} inputs and {tuple(sz_shape)} scales "
+            f"and zero points does not fit an input of {k} features in groups of {group_size}"
+        )
+    return x.clone() if x.data_ptr() % 4 else x
+
+
 def _int4_interleaved_launch(x, words, scales_and_zeros, group_size: int, bias, gate_up: bool = False):
     """One row ``x [..., K]`` (contiguous) through :func:`_int4_interleaved_kernel` (``gate_up``: see
     :func:`_launch`)."""
     k = x.shape[-1]
-    sz_shape = scales_and_zeros.shape  # [2, N, groups]
-    if words.shape[1] * 8 != k or sz_shape[2] * group_size != k or sz_shape[1] != words.shape[0]:
-        raise ValueError(
-            f"an interleaved int4 weight of {words.shape[1] * 8} inputs and {tuple(scales_and_zeros.shape)} scales "
-            f"and zero points does not fit an input of {x.shape[-1]} features in groups of {group_size}"
-        )
-    if x.data_ptr() % 4:  # the kernel reads the input as 32-bit pairs
-        x = x.clone()
+    x = _interleaved_input(x, words, scales_and_zeros, group_size)
     sz = scales_and_zeros
     n = words.shape[0]
     if gate_up:
@@ -1162,12 +1168,7 @@ def _int4_interleaved_rope_launch(x, words, sz, group_size: int, bias, cos, sin,
     problem = qkv_rope_mismatch(x, n, cos, sin, keys, values, position, q_features)
     if problem is not None:
         raise ValueError(problem)
-    if words.shape[1] * 8 != k or sz.shape[2] * group_size != k or sz.shape[1] != n:
-        raise ValueError(
-            f"an interleaved int4 weight of {words.shape[1] * 8} inputs does not fit {k} in groups of {group_size}"
-        )
-    if x.data_ptr() % 4:  # the kernel reads the input as 32-bit pairs
-        x = x.clone()
+    x = _interleaved_input(x, words, sz, group_size)
     cos, sin = cos.reshape(-1), sin.reshape(-1)
     cos, sin = (cos if cos.is_contiguous() else cos.contiguous()), (sin if sin.is_contiguous() else sin.contiguous())
     head = keys.shape[-1]
