@@ -38,11 +38,9 @@ on the quantized model: q/k/v and gate/up as one kernel call each; ``+glu`` (``i
 kernel's epilogue (``fuse_projections(activation=True)``), ``+glu-down`` inside the int8 down
 projection's kernel instead (``activation="down"``); ``+rope`` (``int4-torch@interleaved+glu+rope``)
 fuses too and runs each attention's rotary embedding and static-cache writes in the q/k/v
-kernel's epilogue (``fuse_projections(rotary=True)``). To measure what parts of that fold save,
-``+rope-add`` does it but leaves the static cache's counter to an add of its own after the kernel
-(``+rope``: the kernel advances it), and ``+rope-repeat`` runs the class's attention function
-(``repeat_kv`` copies under compile) instead of SDPA with q packed onto the key/value heads;
-they combine (``+rope-add+rope-repeat``: the fold as the twelfth run measured it). ``+pdl`` launches torch_wo's
+kernel's epilogue (``fuse_projections(rotary=True)``); ``+rope-add`` does that but leaves the
+static cache's counter to an add of its own after the kernel (the kernel advances it with
+``+rope``), to measure what that saves. ``+pdl`` launches torch_wo's
 one-row Triton kernels programmatically inside CUDA graphs (``QUANTCORE_TRITON_PDL``, Hopper and
 later), ``+inductor-pdl`` inductor's kernels (``TORCHINDUCTOR_ENABLE_PDL``); suffixes combine
 (``int8-torch+fused+pdl+inductor-pdl``, ``bf16+inductor-pdl``). ``+pdl+inductor-pdl`` is what a
@@ -101,9 +99,7 @@ def build_model(name: str, device: str, max_len: int):
     return model.eval()
 
 
-SUFFIXES = ("fused", "glu", "glu-down", "rope", "rope-add", "rope-repeat", "pdl", "inductor-pdl", "head")
-# The suffixes that fold the rotary embedding into the q/k/v kernel (the last two, less of it).
-ROTARY = {"rope", "rope-add", "rope-repeat"}
+SUFFIXES = ("fused", "glu", "glu-down", "rope", "rope-add", "pdl", "inductor-pdl", "head")
 # The suffixes that fuse projections, and where each runs the MLP's activation (fuse_projections' activation).
 FUSING = {"fused": False, "glu": True, "glu-down": "down"}
 
@@ -151,7 +147,7 @@ def make_variant(base, method: str):
     """A copy of ``base`` quantized with the preset ``method`` (``bf16``: the copy as it is)."""
     spec, suffixes = split_method(method)
     if spec == "bf16":
-        if suffixes & {*FUSING, *ROTARY, "head"}:
+        if suffixes & {*FUSING, "rope", "rope-add", "head"}:
             raise ValueError(f"{method}: bf16 has no quantized projections to fuse or output head to quantize")
         return copy.deepcopy(base)
     import quantcore
@@ -172,7 +168,7 @@ def make_variant(base, method: str):
         fusing = sorted(suffixes & FUSING.keys())
         if len(fusing) > 1:
             raise ValueError(f"{method}: one of {', '.join('+' + f for f in FUSING)}, not {fusing}")
-        rotary = bool(suffixes & ROTARY)
+        rotary = bool(suffixes & {"rope", "rope-add"})
         if fusing or rotary:
             from quantcore_torch.fusion import fuse_projections
 
@@ -184,11 +180,9 @@ def make_variant(base, method: str):
                 raise ValueError(f"{method}: no MLP runs its activation in a kernel ({report})")
             if rotary and not report.rotary:
                 raise ValueError(f"{method}: no attention rotates q and k in its kernel ({report})")
-            for module in model.modules():
-                if "rope-add" in suffixes:  # the cache's counter advanced by its own add, as before the ticket
+            if "rope-add" in suffixes:  # the cache's counter advanced by its own add, as before the ticket
+                for module in model.modules():
                     module._buffers.pop("_quantcore_rope_ticket", None)
-                if "rope-repeat" in suffixes and hasattr(module, "_quantcore_rotary"):  # the class's attention
-                    module._quantcore_rotary = module._quantcore_rotary._replace(pack_gqa=False)
     return model
 
 

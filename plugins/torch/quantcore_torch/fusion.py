@@ -432,9 +432,6 @@ class _RotaryAttention(NamedTuple):
     group: FusedProjections
     #: Keyword arguments the class's forward takes by name, which it does not hand its attention function.
     named: frozenset[str]
-    #: Whether transformers' SDPA attention runs with q's heads packed onto their key/value heads
-    #: (see :func:`_decode_attention`); ``False`` runs the attention function as the class does.
-    pack_gqa: bool = True
 
 
 #: The buffer a rotary-fused attention holds for its q/k/v kernel (see ``int4_interleaved_qkv_rope``'s ticket).
@@ -541,50 +538,19 @@ def _rotary_attention_forward(
     extras = _ATTENTION_EXTRAS.get(type(self).__name__)
     if extras is not None:
         rest.update(extras(self))
-    out, weights = _decode_attention(self, q, layer.keys, layer.values, attention_mask, rest, parts.pack_gqa)
-    return self.o_proj(out.reshape(*hidden_states.shape[:-1], -1).contiguous()), weights
-
-
-def _packable(attention: nn.Module, mask, rest: dict) -> bool:
-    """Whether transformers' SDPA attention of ``attention`` at one token can run with q packed: it
-    shares key/value heads, the mask (if any) is one row shared by every head, nothing asks for
-    the weights, a soft cap or dropout."""
-    return (
-        attention.config._attn_implementation == "sdpa"
-        and getattr(attention, "num_key_value_groups", 1) > 1
-        and (mask is None or (mask.dim() == 4 and mask.shape[1] == mask.shape[2] == 1))
-        and not (rest.get("output_attentions") or rest.get("softcap") is not None or rest.get("sliding_window"))
-        and not attention.training
-    )
-
-
-def _decode_attention(attention: nn.Module, q, keys, values, mask, rest: dict, pack_gqa: bool):
-    """The attention of one token's q (``[1, 1, heads * head_dim]``, rotated) on the static cache's
-    keys and values: ``(out [1, 1, heads, head_dim], weights)``.
-
-    With ``pack_gqa`` and transformers' SDPA attention on shared key/value heads, q's heads are
-    packed onto their key/value heads (``[1, kv_heads, groups, head_dim]``, as transformers'
-    ``pack_gqa`` does in eager code): SDPA then reads the cache as it is, where the class's
-    compiled path first copies every key/value head ``groups`` times (``repeat_kv``, two copies
-    of the cache a layer and step). Each q row attends to the same keys either way. Anything else
-    runs the class's attention function."""
-    if pack_gqa and _packable(attention, mask, rest):
-        query = q.view(1, keys.shape[1], -1, attention.head_dim)
-        out = torch.nn.functional.scaled_dot_product_attention(
-            query, keys, values, attn_mask=mask, dropout_p=0.0, scale=attention.scaling
-        )
-        return out.reshape(1, 1, -1, attention.head_dim), None
-    query = q.view(1, 1, -1, attention.head_dim).transpose(1, 2)
-    return _attention_function(attention)(
-        attention,
+    input_shape = hidden_states.shape[:-1]
+    query = q.view(*input_shape, -1, self.head_dim).transpose(1, 2)
+    out, weights = _attention_function(self)(
+        self,
         query,
-        keys,
-        values,
-        mask,
-        dropout=0.0 if not attention.training else attention.attention_dropout,
-        scaling=attention.scaling,
+        layer.keys,
+        layer.values,
+        attention_mask,
+        dropout=0.0 if not self.training else self.attention_dropout,
+        scaling=self.scaling,
         **rest,
     )
+    return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
 
 
 def _is_rotary(module: nn.Module) -> bool:

@@ -795,7 +795,7 @@ def test_rotary_in_the_qkv_kernel_gives_the_unfolded_decoding(family, monkeypatc
     # The attention's patched forward around the kernel (its position, the cache's count, the
     # attention on the cache with the class's own arguments, o_proj), with the kernel's function
     # in PyTorch: every decode step takes it, the prefill does not, and the logits are the fused
-    # model's bit for bit (with the class's attention function: q not packed).
+    # model's bit for bit.
     from quantcore_torch import kernels
 
     monkeypatch.setattr(kernels, "INT4_CUDA_KERNEL", "interleaved")
@@ -804,7 +804,6 @@ def test_rotary_in_the_qkv_kernel_gives_the_unfolded_decoding(family, monkeypatc
     unfolded = copy.deepcopy(model)
     report = fuse_projections(model, rotary=True)
     assert report.rotary == ATTENTIONS and "rotate q and k" in str(report)
-    _pack_gqa(model, False)
     calls = []
     monkeypatch.setattr(WeightOnlyLinear, "qkv_rope_forward", _rotary_in_pytorch(calls))
     ids = ids_for()
@@ -838,58 +837,11 @@ def test_rotary_in_the_qkv_kernel_gives_the_unfolded_decoding(family, monkeypatc
     assert not any(name.endswith("ticket") for name, _ in model.named_buffers())
     # Without its ticket, the folded attention advances the counter after the kernel.
     fuse_projections(model, activation=True, rotary=True)
-    _pack_gqa(model, False)
     for attention in (model.model.layers[0].self_attn, model.model.layers[1].self_attn):
         del attention._buffers["_quantcore_rope_ticket"]
     calls.clear()
     torch.testing.assert_close(static_decode(model, ids, steps=5), expected, rtol=0, atol=0)
     assert calls == [256] * 5 * len(ATTENTIONS)
-
-
-def _pack_gqa(model: nn.Module, pack: bool) -> None:
-    for name in ATTENTIONS:
-        attention = model.get_submodule(name)
-        attention._quantcore_rotary = attention._quantcore_rotary._replace(pack_gqa=pack)
-
-
-@needs_transformers
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
-def test_rotary_fold_packs_grouped_queries_onto_their_key_value_heads(family, implementation, monkeypatch):
-    # With transformers' SDPA attention, the folded attention runs SDPA on the cache's key/value
-    # heads with each group's q heads as rows (no repeat_kv copies): the logits are the unfolded
-    # model's within fp32 rounding, the tokens the same. The eager attention function is the
-    # class's, bit for bit.
-    from quantcore_torch import kernels
-
-    monkeypatch.setattr(kernels, "INT4_CUDA_KERNEL", "interleaved")
-    model = tiny_causal(family)
-    model.config._attn_implementation = implementation
-    fuse_projections(model, activation=True)
-    unfolded = copy.deepcopy(model)
-    fuse_projections(model, rotary=True)
-    monkeypatch.setattr(WeightOnlyLinear, "qkv_rope_forward", _rotary_in_pytorch([]))
-    queries = []
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-    monkeypatch.setattr(
-        torch.nn.functional,
-        "scaled_dot_product_attention",
-        lambda q, *a, **kw: queries.append(tuple(q.shape)) or sdpa(q, *a, **kw),
-    )
-    ids = ids_for()
-    expected = static_decode(unfolded, ids, steps=5)
-    queries.clear()
-    out = static_decode(model, ids, steps=5)
-    if implementation == "eager":
-        torch.testing.assert_close(out, expected, rtol=0, atol=0)
-        assert queries == []
-        return
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    assert torch.equal(out.argmax(-1), expected.argmax(-1))
-    # 4 heads on 2 key/value heads: [1, 2, 2, 32] at each decode step, after each layer's prefill.
-    prefill = queries[: len(ATTENTIONS)]
-    assert all(shape[1:3] == (4, len(ids[0])) for shape in prefill)
-    assert queries[len(ATTENTIONS) :] == [(1, 2, 2, 32)] * 5 * len(ATTENTIONS)
 
 
 @needs_transformers
