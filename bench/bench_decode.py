@@ -38,9 +38,7 @@ on the quantized model: q/k/v and gate/up as one kernel call each; ``+glu`` (``i
 kernel's epilogue (``fuse_projections(activation=True)``), ``+glu-down`` inside the int8 down
 projection's kernel instead (``activation="down"``); ``+rope`` (``int4-torch@interleaved+glu+rope``)
 fuses too and runs each attention's rotary embedding and static-cache writes in the q/k/v
-kernel's epilogue (``fuse_projections(rotary=True)``); ``+rope-add`` does that but leaves the
-static cache's counter to an add of its own after the kernel (the kernel advances it with
-``+rope``), to measure what that saves. ``+pdl`` launches torch_wo's
+kernel's epilogue (``fuse_projections(rotary=True)``). ``+pdl`` launches torch_wo's
 one-row Triton kernels programmatically inside CUDA graphs (``QUANTCORE_TRITON_PDL``, Hopper and
 later), ``+inductor-pdl`` inductor's kernels (``TORCHINDUCTOR_ENABLE_PDL``); suffixes combine
 (``int8-torch+fused+pdl+inductor-pdl``, ``bf16+inductor-pdl``). ``+pdl+inductor-pdl`` is what a
@@ -99,7 +97,7 @@ def build_model(name: str, device: str, max_len: int):
     return model.eval()
 
 
-SUFFIXES = ("fused", "glu", "glu-down", "rope", "rope-add", "pdl", "inductor-pdl", "head")
+SUFFIXES = ("fused", "glu", "glu-down", "rope", "pdl", "inductor-pdl", "head")
 # The suffixes that fuse projections, and where each runs the MLP's activation (fuse_projections' activation).
 FUSING = {"fused": False, "glu": True, "glu-down": "down"}
 
@@ -147,7 +145,7 @@ def make_variant(base, method: str):
     """A copy of ``base`` quantized with the preset ``method`` (``bf16``: the copy as it is)."""
     spec, suffixes = split_method(method)
     if spec == "bf16":
-        if suffixes & {*FUSING, "rope", "rope-add", "head"}:
+        if suffixes & {*FUSING, "rope", "head"}:
             raise ValueError(f"{method}: bf16 has no quantized projections to fuse or output head to quantize")
         return copy.deepcopy(base)
     import quantcore
@@ -168,7 +166,7 @@ def make_variant(base, method: str):
         fusing = sorted(suffixes & FUSING.keys())
         if len(fusing) > 1:
             raise ValueError(f"{method}: one of {', '.join('+' + f for f in FUSING)}, not {fusing}")
-        rotary = bool(suffixes & {"rope", "rope-add"})
+        rotary = "rope" in suffixes
         if fusing or rotary:
             from quantcore_torch.fusion import fuse_projections
 
@@ -180,9 +178,6 @@ def make_variant(base, method: str):
                 raise ValueError(f"{method}: no MLP runs its activation in a kernel ({report})")
             if rotary and not report.rotary:
                 raise ValueError(f"{method}: no attention rotates q and k in its kernel ({report})")
-            if "rope-add" in suffixes:  # the cache's counter advanced by its own add, as before the ticket
-                for module in model.modules():
-                    module._buffers.pop("_quantcore_rope_ticket", None)
     return model
 
 

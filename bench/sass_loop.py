@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     gate_up = {"GATE_UP": True}
     rope = {k: v for k, v in i4i.items() if k not in ("y_ptr", "b_ptr")}
     rope |= dict(b_ptr="*bf16", q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", cos_ptr="*bf16", sin_ptr="*bf16")
-    rope |= dict(pos_ptr="*i64", ticket_ptr="*i32", NQ="i32", ROTATED="i32", cache_len="i32")
+    rope |= dict(pos_ptr="*i64", NQ="i32", ROTATED="i32", cache_len="i32")
     t = _triton
     il = t._int4_interleaved_kernel
     # (label, kernel, signature, constexprs, warps, weight bytes a program streams a loop step)
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
         ("int4 interleaved (4, 2048, 2) gate/up", il, i4i, {"BLOCK_N": 4, "BLOCK_K": 2048, **gate_up}, 2, 4096),
         # The rotary embedding and the cache writes in the q/k/v epilogue: the same loop again.
         ("int4 interleaved (4, 2048, 2) q/k/v rotary", t._int4_interleaved_rope_kernel, rope,
-         {"BLOCK_N": 4, "BLOCK_K": 2048, "HALF": 32, "ADVANCE": True}, 2, 4096),
+         {"BLOCK_N": 4, "BLOCK_K": 2048, "HALF": 32}, 2, 4096),
         ("int8 dot (32, 128, 4)", t._int8_dot_kernel, i8m, {**dot, "BLOCK_N": 32, "BLOCK_K": 128}, 4, 32 * 128),
         ("int4 dot (32, 1, 4)", t._int4_dot_kernel, i4m, {**dot, "BLOCK_N": 32, "GROUPS_PER_BLOCK": 1}, 4, 32 * 64),
     ]  # fmt: skip

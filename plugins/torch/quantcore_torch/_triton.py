@@ -548,25 +548,10 @@ def _store_qkv_rope(
         tl.store(v_ptr + (v // HEAD) * cache_len * HEAD + pos * HEAD + v % HEAD, out.to(dtype), mask=n_mask & inside)
 
 
-@triton.jit
-def _advance_once(pos_ptr, ticket_ptr):
-    """The last of a grid's programs to get here adds one to ``pos_ptr[0]`` and sets the ticket
-    ``ticket_ptr[0]`` (zero when the grid starts) back to zero. Called at a program's end, after
-    its stores: every program's read of the position has returned by then (the stores' addresses
-    needed it), so no program reads the advanced one."""
-    tl.debug_barrier()  # the whole program is done
-    arrived = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
-    if arrived == tl.num_programs(0) - 1:
-        tl.store(ticket_ptr, 0)
-        tl.store(pos_ptr, tl.load(pos_ptr) + 1)
-
-
 @triton.autotune(
     configs=_configs(INT4_INTERLEAVED, "BLOCK_K", extra=("PREFETCH",)),
-    key=["N", "K", "GROUP", "NQ", "ROTATED", "ADVANCE"],
+    key=["N", "K", "GROUP", "NQ", "ROTATED"],
     prune_configs_by={"early_config_prune": _prune_groups},
-    # Timing a config runs the kernel: the position it advances is put back after each run.
-    restore_value=["pos_ptr", "ticket_ptr"],
 )
 @triton.jit
 def _int4_interleaved_rope_kernel(
@@ -580,7 +565,6 @@ def _int4_interleaved_rope_kernel(
     cos_ptr,
     sin_ptr,
     pos_ptr,
-    ticket_ptr,
     N,
     K,
     stride_wn,
@@ -593,7 +577,6 @@ def _int4_interleaved_rope_kernel(
     GROUP: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HALF: tl.constexpr,
-    ADVANCE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PREFETCH: tl.constexpr = False,
@@ -605,8 +588,7 @@ def _int4_interleaved_rope_kernel(
     ``cos_ptr`` / ``sin_ptr`` (``2 * HALF`` values, a head's), q written to ``q_ptr``, k and v
     into a static cache's ``[1, heads, cache_len, 2 * HALF]`` tensors at the position
     ``pos_ptr[0]`` (none where it is past the cache): the rotation and the cache writes of a decode
-    step in the projection's epilogue. ``ADVANCE``: the position is the cache's counter, and the
-    kernel adds one to it once every program has read it (``ticket_ptr``, see :func:`_advance_once`)."""
+    step in the projection's epilogue."""
     rn, n_mask = _rope_tile_rows(N, ROTATED, HALF, BLOCK_N)
     out = _interleaved_rows(
         x_ptr, w_ptr, sz_ptr, rn, n_mask, K, stride_wn, stride_sn, zero_offset, magic,
@@ -616,8 +598,6 @@ def _int4_interleaved_rope_kernel(
         out, b_ptr, q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, rn, n_mask, NQ, ROTATED, cache_len,
         HALF, BLOCK_N, HAS_BIAS,
     )  # fmt: skip
-    if ADVANCE:
-        _advance_once(pos_ptr, ticket_ptr)
 
 
 @triton.autotune(configs=_configs(_INT8_DOT, "BLOCK_K", stages=3), key=["M", "N", "K"])
@@ -1160,7 +1140,7 @@ def _int4_interleaved_launch(x, words, scales_and_zeros, group_size: int, bias, 
 _INT4_INTERLEAVED_ROPE = _Launcher(_int4_interleaved_rope_kernel, pdl=True)
 
 
-def qkv_rope_mismatch(x, n: int, cos, sin, keys, values, position, q_features: int, ticket=None) -> str | None:
+def qkv_rope_mismatch(x, n: int, cos, sin, keys, values, position, q_features: int) -> str | None:
     """Why :func:`int4_interleaved_qkv_rope` cannot take these (``n``: the weight's rows), or ``None``."""
     problems = []
     if x.numel() != x.shape[-1]:
@@ -1178,19 +1158,14 @@ def qkv_rope_mismatch(x, n: int, cos, sin, keys, values, position, q_features: i
         problems.append(f"cos and sin of one position ({head} values), got {tuple(cos.shape)}, {tuple(sin.shape)}")
     if position.numel() != 1 or position.dtype not in (torch.int32, torch.int64):
         problems.append(f"one integer position, got {tuple(position.shape)} {position.dtype}")
-    if ticket is not None and (ticket.numel() != 1 or ticket.dtype != torch.int32 or ticket.device != position.device):
-        problems.append(f"a ticket of one int32 on the position's device, got {tuple(ticket.shape)} {ticket.dtype}")
     return "the q/k/v rotary kernel needs " + "; ".join(problems) if problems else None
 
 
-def _int4_interleaved_rope_launch(
-    x, words, sz, group_size: int, bias, cos, sin, keys, values, position, q_features, ticket=None
-):
-    """One token through :func:`_int4_interleaved_rope_kernel`: returns q, writes k and v (and
-    advances ``position`` where a ``ticket`` comes)."""
+def _int4_interleaved_rope_launch(x, words, sz, group_size: int, bias, cos, sin, keys, values, position, q_features):
+    """One token through :func:`_int4_interleaved_rope_kernel`: returns q, writes k and v."""
     k = x.shape[-1]
     n = words.shape[0]
-    problem = qkv_rope_mismatch(x, n, cos, sin, keys, values, position, q_features, ticket)
+    problem = qkv_rope_mismatch(x, n, cos, sin, keys, values, position, q_features)
     if problem is not None:
         raise ValueError(problem)
     x = _interleaved_input(x, words, sz, group_size)
@@ -1199,16 +1174,12 @@ def _int4_interleaved_rope_launch(
     head = keys.shape[-1]
     rotated = q_features + keys.shape[1] * head
     q = x.new_empty((*x.shape[:-1], q_features))
-    advance = ticket is not None  # without it the kernel never touches its ticket argument
     inputs = (x, words, sz, sz if bias is None else bias, q, keys, values, cos, sin, position)
-    inputs += (ticket if advance else position,)
     args = (*inputs, n, k, words.stride(0), sz.stride(1), sz.stride(0), INT4_MAGIC, q_features, rotated, keys.shape[2])
-    aligned = tuple(t.data_ptr() % 16 == 0 for t in inputs[5:])
+    aligned = tuple(t.data_ptr() % 16 == 0 for t in (keys, values, cos, sin, position))
     key = (*_key(x, words, sz, bias), group_size, "rope", q_features, *keys.shape, cos.dtype, position.dtype, *aligned)
-    key += (advance,)
     if not _INT4_INTERLEAVED_ROPE.run_kept(key, args):
-        constexprs = {"GROUP": group_size, "HAS_BIAS": bias is not None, "HALF": head // 2, "ADVANCE": advance}
-        constexprs["USE_GDC"] = False
+        constexprs = {"GROUP": group_size, "HAS_BIAS": bias is not None, "HALF": head // 2, "USE_GDC": False}
         _eager(_INT4_INTERLEAVED_ROPE, key, x, _row_grid(n, False), args, constexprs)
     return q
 
@@ -1329,33 +1300,6 @@ def _(x, words, scales_and_zeros, group_size, bias, cos, sin, keys, values, posi
     return x.new_empty((*x.shape[:-1], q_features))
 
 
-@torch.library.custom_op(
-    "quantcore_torch::int4_interleaved_qkv_rope_advance", mutates_args=("keys", "values", "position", "ticket")
-)
-def _int4_interleaved_qkv_rope_advance_op(
-    x: torch.Tensor,
-    words: torch.Tensor,
-    scales_and_zeros: torch.Tensor,
-    group_size: int,
-    bias: torch.Tensor | None,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    position: torch.Tensor,
-    q_features: int,
-    ticket: torch.Tensor,
-) -> torch.Tensor:
-    return _int4_interleaved_rope_launch(
-        x.contiguous(), words, scales_and_zeros, group_size, bias, cos, sin, keys, values, position, q_features, ticket
-    )
-
-
-@_int4_interleaved_qkv_rope_advance_op.register_fake
-def _(x, words, scales_and_zeros, group_size, bias, cos, sin, keys, values, position, q_features, ticket):
-    return x.new_empty((*x.shape[:-1], q_features))
-
-
 def int8_mm(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``x [..., K] @ (qweight [N, K] * scale[:, None]).T + bias``, in ``x.dtype`` (fp16 / bf16).
 
@@ -1444,28 +1388,18 @@ def int4_interleaved_qkv_rope(
     values: torch.Tensor,
     position: torch.Tensor,
     q_features: int,
-    ticket: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """An attention's stacked q/k/v projections (:func:`int4_interleaved_mm`'s weight: ``q_features``
     q rows, then k's, then v's) for one token ``x``, with a decode step's rotary embedding and
     static-cache writes in the kernel's epilogue: returns q (``[..., q_features]``) rotated by
     ``cos`` and ``sin`` (one position's, a head's width), and writes k rotated and v into ``keys``
     and ``values`` (``[1, kv_heads, length, head_dim]``, contiguous) at ``position[0]``.
-    The rotation rounds as transformers' ``apply_rotary_pos_emb`` does in eager PyTorch.
-
-    ``ticket``: one int32 on the position's device, zero, kept for this call site. With it,
-    ``position`` is a cache's counter (transformers 5's ``StaticLayer.cumulative_length``) and
-    the kernel also adds one to it, as the cache's update does, after every program has read it;
-    the ticket is zero again when the kernel ends. Without it, ``position`` is only read."""
+    The rotation rounds as transformers' ``apply_rotary_pos_emb`` does in eager PyTorch."""
     if torch.compiler.is_compiling():
-        if ticket is not None:
-            return _int4_interleaved_qkv_rope_advance_op(
-                x, words, scales_and_zeros, group_size, bias, cos, sin, keys, values, position, q_features, ticket
-            )
         return _int4_interleaved_qkv_rope_op(
             x, words, scales_and_zeros, group_size, bias, cos, sin, keys, values, position, q_features
         )
     return _int4_interleaved_rope_launch(
         x if x.is_contiguous() else x.contiguous(), words, scales_and_zeros, group_size, bias,
-        cos, sin, keys, values, position, q_features, ticket,
+        cos, sin, keys, values, position, q_features,
     )  # fmt: skip

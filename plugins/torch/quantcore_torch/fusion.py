@@ -262,15 +262,12 @@ class FusedProjections:
         linear = self._active()
         return None if linear is None else linear.gate_up_forward(x)
 
-    def rotary(self, x, cos, sin, keys, values, position, q_features: int, ticket=None) -> torch.Tensor | None:
+    def rotary(self, x, cos, sin, keys, values, position, q_features: int) -> torch.Tensor | None:
         """q rotated for one decode token ``x`` from an attention's (q, k, v) group, k rotated and v
-        written into a static cache, ``position`` advanced where a ``ticket`` comes (see
-        :meth:`WeightOnlyLinear.qkv_rope_forward`), or ``None`` (the group inactive, or an input
-        the kernel does not take), having written nothing."""
+        written into a static cache (see :meth:`WeightOnlyLinear.qkv_rope_forward`), or ``None`` (the
+        group inactive, or an input the kernel does not take), having written nothing."""
         linear = self._active()
-        if linear is None:
-            return None
-        return linear.qkv_rope_forward(x, cos, sin, keys, values, position, q_features, ticket)
+        return None if linear is None else linear.qkv_rope_forward(x, cos, sin, keys, values, position, q_features)
 
     def _active(self) -> WeightOnlyLinear | None:
         """The stack's layer, stacked again first where stale (eager code; a compiled graph guards
@@ -434,10 +431,6 @@ class _RotaryAttention(NamedTuple):
     named: frozenset[str]
 
 
-#: The buffer a rotary-fused attention holds for its q/k/v kernel (see ``int4_interleaved_qkv_rope``'s ticket).
-_TICKET = "_quantcore_rope_ticket"
-
-
 def _named_arguments(attention: nn.Module) -> frozenset[str]:
     """The keyword arguments ``attention``'s class forward names (the cache's, ``cache_position`` in
     transformers 4.x): the rest of its ``**kwargs`` go on to the attention function."""
@@ -519,20 +512,15 @@ def _rotary_attention_forward(
         and _plain(parts.k)
         and _plain(parts.v)
     ):
-        # transformers 5's static layer counts its tokens and writes there, and the kernel advances
-        # that counter as the layer's update does (one launch fewer; without the ticket buffer, an
-        # add after it); 4.x writes at cache_position.
+        # transformers 5's static layer counts its tokens and writes there; 4.x writes at cache_position.
         counter = getattr(layer, "cumulative_length", None)
         position = counter if isinstance(counter, torch.Tensor) else kwargs.get("cache_position")
         if isinstance(position, torch.Tensor):
             cos, sin = position_embeddings
-            ticket = self._buffers.get(_TICKET) if position is counter else None
-            q = parts.group.rotary(
-                hidden_states, cos, sin, layer.keys, layer.values, position, parts.q.out_features, ticket
-            )
+            q = parts.group.rotary(hidden_states, cos, sin, layer.keys, layer.values, position, parts.q.out_features)
     if q is None:
         return type(self).forward(self, hidden_states, position_embeddings, attention_mask, *args, **kwargs)
-    if position is counter and ticket is None:
+    if isinstance(counter, torch.Tensor):
         counter.add_(1)
     rest = {name: value for name, value in kwargs.items() if name not in parts.named}
     extras = _ATTENTION_EXTRAS.get(type(self).__name__)
@@ -568,9 +556,6 @@ def _fuse_rotary(model: nn.Module, report: FusionReport) -> None:
             report.skipped[label] = reason
             continue
         attention._quantcore_rotary = _RotaryAttention(q, k, v, q._fused[0], _named_arguments(attention))
-        # The q/k/v kernel's ticket for advancing the cache's counter: a buffer, so it moves with the model.
-        ticket = torch.zeros((), dtype=torch.int32, device=q.qweight.device)
-        attention.register_buffer(_TICKET, ticket, persistent=False)
         attention.forward = types.MethodType(_rotary_attention_forward, attention)
         report.rotary.append(name or "<model>")
 
@@ -670,7 +655,6 @@ def unfuse_projections(model: nn.Module) -> int:
             del module.forward, module._quantcore_gated
         if _is_rotary(module):
             del module.forward, module._quantcore_rotary
-            module._buffers.pop(_TICKET, None)
         fused = getattr(module, "_fused", None)
         if fused is not None:
             seen.setdefault(id(fused[0]), fused[0])

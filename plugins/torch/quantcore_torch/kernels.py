@@ -486,13 +486,11 @@ def int4_qkv_rope_linear(
     values: torch.Tensor,
     position: torch.Tensor,
     q_features: int,
-    ticket: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """An attention's q, k and v projections stacked in one int4 weight (``q_features`` q rows,
     then k's, then v's) for one decode token, with the rotary embedding and the static cache's
     writes in the kernel's epilogue: q rotated (``[..., q_features]``), k rotated and v written
-    into ``keys`` and ``values`` (``[1, kv_heads, length, head_dim]``) at ``position[0]``; with a
-    ``ticket``, ``position`` is the cache's counter and is advanced by one.
+    into ``keys`` and ``values`` (``[1, kv_heads, length, head_dim]``) at ``position[0]``.
     One fp16 / bf16 row on CUDA with the interleaved ``layout`` only
     (:func:`quantcore_torch._triton.int4_interleaved_qkv_rope`); anything else returns ``None``,
     having written nothing, for the caller to run the projections and the rotation as they are."""
@@ -501,9 +499,8 @@ def int4_qkv_rope_linear(
     if cos.dtype != x.dtype or sin.dtype != x.dtype or not (cos.is_cuda and keys.is_cuda and position.is_cuda):
         return None
     n = layout.weight.shape[0]
-    if _TRITON.qkv_rope_mismatch(x, n, cos, sin, keys, values, position, q_features, ticket) is not None:
+    if _TRITON.qkv_rope_mismatch(x, n, cos, sin, keys, values, position, q_features) is not None:
         return None
     return _TRITON.int4_interleaved_qkv_rope(
-        x, layout.weight, layout.scales_and_zeros, layout.group_size, bias,
-        cos, sin, keys, values, position, q_features, ticket,
-    )  # fmt: skip
+        x, layout.weight, layout.scales_and_zeros, layout.group_size, bias, cos, sin, keys, values, position, q_features
+    )

@@ -366,12 +366,10 @@ class WeightOnlyLinear(WeightOnlyStorage):
         values: torch.Tensor,
         position: torch.Tensor,
         q_features: int,
-        ticket: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
         """This layer as an attention's q, k and v projections stacked, at one decode token: q with
         the rotary embedding applied, k rotated and v written into a static cache's ``keys`` and
-        ``values`` at ``position``, advanced by one where a ``ticket`` comes
-        (:func:`~quantcore_torch.kernels.int4_qkv_rope_linear`). Where
+        ``values`` at ``position`` (:func:`~quantcore_torch.kernels.int4_qkv_rope_linear`). Where
         the kernel cannot (not int4 on the interleaved layout, training, another compute dtype,
         shapes it does not take) returns ``None`` and writes nothing."""
         bias = self._parameters["bias"]
@@ -379,7 +377,7 @@ class WeightOnlyLinear(WeightOnlyStorage):
         if self.bits != 4 or trains or (self.compute_dtype is not None and self.compute_dtype != x.dtype):
             return None
         layout = self._current_kernel_layout()
-        return kernels.int4_qkv_rope_linear(x, layout, bias, cos, sin, keys, values, position, q_features, ticket)
+        return kernels.int4_qkv_rope_linear(x, layout, bias, cos, sin, keys, values, position, q_features)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The forward through dequantize + ``F.linear``: what every kernel is tested against."""

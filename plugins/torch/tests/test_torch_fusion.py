@@ -749,11 +749,10 @@ def static_decode(model, ids, steps: int, step=None) -> torch.Tensor:
 
 def _rotary_in_pytorch(calls):
     """``WeightOnlyLinear.qkv_rope_forward`` as its kernel computes it, in PyTorch ops: the stacked
-    projections, transformers' rotation, the cache's writes at the position (counted in ``calls``),
-    the position advanced where a ticket comes."""
+    projections, transformers' rotation, the cache's writes at the position (counted in ``calls``)."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    def qkv_rope_forward(self, x, cos, sin, keys, values, position, q_features, ticket=None):
+    def qkv_rope_forward(self, x, cos, sin, keys, values, position, q_features):
         calls.append(self.out_features)
         head = keys.shape[-1]
         kv = keys.shape[1] * head
@@ -762,9 +761,6 @@ def _rotary_in_pytorch(calls):
         q, k = apply_rotary_pos_emb(q.view(shape).transpose(1, 2), k.view(shape).transpose(1, 2), cos, sin)
         keys.index_copy_(2, position.view(1), k)
         values.index_copy_(2, position.view(1), v.view(shape).transpose(1, 2))
-        if ticket is not None:
-            assert ticket.dtype == torch.int32 and ticket.device == position.device
-            position.add_(ticket + 1)  # the ticket is zero between kernels
         return q.transpose(1, 2).reshape(*x.shape[:-1], q_features)
 
     return qkv_rope_forward
@@ -826,22 +822,10 @@ def test_rotary_in_the_qkv_kernel_gives_the_unfolded_decoding(family, monkeypatc
     torch.testing.assert_close(static_decode(model, ids, steps=2), expected[:, :3], rtol=1e-5, atol=1e-6)
     handle.remove()
     assert len(seen) == 3 and calls == [256] * 2  # layer 1 still folds; layer 0's hook saw every call
-    # The kernel's ticket is a buffer (it moves with the model), never saved. Undone, and kept
-    # through a deep copy.
-    tickets = [name for name, _ in model.named_buffers() if name.endswith("_quantcore_rope_ticket")]
-    assert tickets == [f"{name}._quantcore_rope_ticket" for name in ATTENTIONS]
-    assert not any("ticket" in key for key in model.state_dict())
+    # Undone, and kept through a deep copy.
     clone = copy.deepcopy(model)
     assert clone.model.layers[0].self_attn.forward.__self__ is clone.model.layers[0].self_attn
     assert unfuse_projections(model) == 4 and "forward" not in model.model.layers[0].self_attn.__dict__
-    assert not any(name.endswith("ticket") for name, _ in model.named_buffers())
-    # Without its ticket, the folded attention advances the counter after the kernel.
-    fuse_projections(model, activation=True, rotary=True)
-    for attention in (model.model.layers[0].self_attn, model.model.layers[1].self_attn):
-        del attention._buffers["_quantcore_rope_ticket"]
-    calls.clear()
-    torch.testing.assert_close(static_decode(model, ids, steps=5), expected, rtol=0, atol=0)
-    assert calls == [256] * 5 * len(ATTENTIONS)
 
 
 @needs_transformers

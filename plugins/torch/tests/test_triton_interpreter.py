@@ -499,35 +499,3 @@ def test_the_qkv_rope_kernel_rotates_q_and_k_and_writes_the_cache(
     )
     assert torch.equal(full, q) and torch.equal(keys, keys0)
     assert torch.equal(values[:, :, others], values0[:, :, others])
-
-
-def test_the_qkv_rope_kernel_advances_the_cache_counter_with_a_ticket(kernels, monkeypatch):
-    # transformers 5's static cache counts its tokens: with a ticket, the kernel writes at the count
-    # and adds one to it after every program has read it, as the cache's update does. Three calls
-    # fill three slots in turn, with the results of calls at those positions without a ticket.
-    dispatch = _stub_cuda_dispatch(kernels, monkeypatch)
-    torch.manual_seed(3)
-    heads, kv_heads, head_dim, k, group, length = 4, 2, 32, 256, 64, 6
-    nq, nkv = heads * head_dim, kv_heads * head_dim
-    packed, scale, zero = quantize_int4((torch.randn(nq + 2 * nkv, k) * 0.05).half(), group)
-    layout = dispatch.int4_interleaved_layout(packed, scale, zero, k, group)
-    weight = (layout.weight, layout.scales_and_zeros, group, None)
-    cos, sin = torch.rand(1, 1, head_dim).half(), torch.rand(1, 1, head_dim).half()
-    keys, values = torch.zeros(1, kv_heads, length, head_dim).half(), torch.zeros(1, kv_heads, length, head_dim).half()
-    keys_ref, values_ref = keys.clone(), values.clone()
-    counter, ticket = torch.tensor(2), torch.zeros((), dtype=torch.int32)
-    for step in range(3):
-        x = torch.randn(1, 1, k).half()
-        q = kernels.int4_interleaved_qkv_rope(x, *weight, cos, sin, keys, values, counter, nq, ticket)
-        at = torch.tensor(2 + step)
-        q_ref = kernels.int4_interleaved_qkv_rope(x, *weight, cos, sin, keys_ref, values_ref, at, nq)
-        assert counter.item() == 3 + step and ticket.item() == 0 and at.item() == 2 + step
-        assert torch.equal(q, q_ref) and torch.equal(keys, keys_ref) and torch.equal(values, values_ref)
-    assert keys[:, :, 2:5].abs().sum() > 0 and keys[:, :, :2].abs().sum() == keys[:, :, 5:].abs().sum() == 0
-    # A full cache: nothing written, the count still advances (as transformers' counter does).
-    counter.fill_(length)
-    kernels.int4_interleaved_qkv_rope(x, *weight, cos, sin, keys, values, counter, nq, ticket)
-    assert counter.item() == length + 1 and torch.equal(keys, keys_ref)
-    with pytest.raises(ValueError, match="a ticket of one int32"):
-        kernels.int4_interleaved_qkv_rope(x, *weight, cos, sin, keys, values, counter, nq, ticket.long())
-    assert counter.item() == length + 1
