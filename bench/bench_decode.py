@@ -38,7 +38,10 @@ on the quantized model: q/k/v and gate/up as one kernel call each; ``+glu`` (``i
 kernel's epilogue (``fuse_projections(activation=True)``), ``+glu-down`` inside the int8 down
 projection's kernel instead (``activation="down"``); ``+rope`` (``int4-torch@interleaved+glu+rope``)
 fuses too and runs each attention's rotary embedding and static-cache writes in the q/k/v
-kernel's epilogue (``fuse_projections(rotary=True)``). ``+pdl`` launches torch_wo's
+kernel's epilogue (``fuse_projections(rotary=True)``) and its attention as quantcore's decode
+attention kernels; ``+rope-sdpa`` folds the same but leaves the attention to the class's SDPA
+function, and ``+attn`` (``bf16+attn``) runs any model's SDPA attention at one token as those
+kernels: the float baseline with the same attention. ``+pdl`` launches torch_wo's
 one-row Triton kernels programmatically inside CUDA graphs (``QUANTCORE_TRITON_PDL``, Hopper and
 later), ``+inductor-pdl`` inductor's kernels (``TORCHINDUCTOR_ENABLE_PDL``); suffixes combine
 (``int8-torch+fused+pdl+inductor-pdl``, ``bf16+inductor-pdl``). ``+pdl+inductor-pdl`` is what a
@@ -97,7 +100,9 @@ def build_model(name: str, device: str, max_len: int):
     return model.eval()
 
 
-SUFFIXES = ("fused", "glu", "glu-down", "rope", "pdl", "inductor-pdl", "head")
+SUFFIXES = ("fused", "glu", "glu-down", "rope", "rope-sdpa", "attn", "pdl", "inductor-pdl", "head")
+# The suffixes that fold the rotary embedding into the q/k/v kernel.
+ROTARY = {"rope", "rope-sdpa"}
 # The suffixes that fuse projections, and where each runs the MLP's activation (fuse_projections' activation).
 FUSING = {"fused": False, "glu": True, "glu-down": "down"}
 
@@ -118,6 +123,8 @@ def launch_options(method: str):
     ``+inductor-pdl``, of inductor's kernels (``TORCHINDUCTOR_ENABLE_PDL``)."""
     _, suffixes = split_method(method)
     with contextlib.ExitStack() as stack:
+        if "attn" in suffixes:
+            stack.enter_context(_decode_attention_for_sdpa())
         if "pdl" in suffixes:
             try:
                 from quantcore_torch import _triton
@@ -129,6 +136,31 @@ def launch_options(method: str):
 
             stack.enter_context(torch._inductor.config.patch({"triton.enable_pdl": True}))
         yield
+
+
+@contextlib.contextmanager
+def _decode_attention_for_sdpa():
+    """transformers' SDPA attention run as quantcore's decode attention kernels at one token
+    (``quantcore_torch.kernels.decode_attention``, what the ``+rope`` fold runs), for any model:
+    ``bf16+attn`` is the float baseline with the same attention."""
+    from quantcore_torch import kernels
+    from transformers.modeling_utils import AttentionInterface
+
+    mapping = AttentionInterface._global_mapping
+    sdpa = mapping["sdpa"]
+
+    def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        if query.shape[0] == 1 and query.shape[2] == 1 and not dropout and scaling is not None:
+            out = kernels.decode_attention(query, key, value, attention_mask, scaling)
+            if out is not None:
+                return out, None
+        return sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+    mapping["sdpa"] = attention
+    try:
+        yield
+    finally:
+        mapping["sdpa"] = sdpa
 
 
 @contextlib.contextmanager
@@ -145,7 +177,7 @@ def make_variant(base, method: str):
     """A copy of ``base`` quantized with the preset ``method`` (``bf16``: the copy as it is)."""
     spec, suffixes = split_method(method)
     if spec == "bf16":
-        if suffixes & {*FUSING, "rope", "head"}:
+        if suffixes & {*FUSING, *ROTARY, "head"}:
             raise ValueError(f"{method}: bf16 has no quantized projections to fuse or output head to quantize")
         return copy.deepcopy(base)
     import quantcore
@@ -166,7 +198,7 @@ def make_variant(base, method: str):
         fusing = sorted(suffixes & FUSING.keys())
         if len(fusing) > 1:
             raise ValueError(f"{method}: one of {', '.join('+' + f for f in FUSING)}, not {fusing}")
-        rotary = "rope" in suffixes
+        rotary = bool(suffixes & ROTARY)
         if fusing or rotary:
             from quantcore_torch.fusion import fuse_projections
 
@@ -178,6 +210,10 @@ def make_variant(base, method: str):
                 raise ValueError(f"{method}: no MLP runs its activation in a kernel ({report})")
             if rotary and not report.rotary:
                 raise ValueError(f"{method}: no attention rotates q and k in its kernel ({report})")
+            if "rope-sdpa" in suffixes:  # the class's attention function after the kernel
+                for module in model.modules():
+                    if hasattr(module, "_quantcore_rotary"):
+                        module._quantcore_rotary = module._quantcore_rotary._replace(own_attention=False)
     return model
 
 

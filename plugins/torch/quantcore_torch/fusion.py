@@ -429,6 +429,8 @@ class _RotaryAttention(NamedTuple):
     group: FusedProjections
     #: Keyword arguments the class's forward takes by name, which it does not hand its attention function.
     named: frozenset[str]
+    #: Whether SDPA attention runs as quantcore's decode attention kernels (see :func:`_decode_attention`).
+    own_attention: bool = True
 
 
 def _named_arguments(attention: nn.Module) -> frozenset[str]:
@@ -526,19 +528,39 @@ def _rotary_attention_forward(
     extras = _ATTENTION_EXTRAS.get(type(self).__name__)
     if extras is not None:
         rest.update(extras(self))
-    input_shape = hidden_states.shape[:-1]
-    query = q.view(*input_shape, -1, self.head_dim).transpose(1, 2)
-    out, weights = _attention_function(self)(
-        self,
+    out, weights = _decode_attention(self, q, layer.keys, layer.values, attention_mask, rest, parts.own_attention)
+    return self.o_proj(out.reshape(*hidden_states.shape[:-1], -1).contiguous()), weights
+
+
+def _decode_attention(attention: nn.Module, q, keys, values, mask, rest: dict, own: bool):
+    """The attention of one token's q (``[1, 1, heads * head_dim]``, rotated) on the static
+    cache's keys and values: ``(out [1, 1, heads, head_dim], weights)``.
+
+    Where the class would run transformers' SDPA attention (no weights asked for, no dropout, soft
+    cap or sliding window) and ``own``, it runs as :func:`kernels.decode_attention`: the same
+    function in two kernels that read the cache where it is, instead of the compiled SDPA path's
+    ``repeat_kv`` copies (grouped-query attention), cuDNN's kernel and its reduction. Anything
+    the kernels do not take runs the class's attention function."""
+    if (
+        own
+        and attention.config._attn_implementation == "sdpa"
+        and not attention.training
+        and not (rest.get("output_attentions") or rest.get("softcap") is not None or rest.get("sliding_window"))
+    ):
+        out = kernels.decode_attention(q, keys, values, mask, attention.scaling)
+        if out is not None:
+            return out, None
+    query = q.view(1, 1, -1, attention.head_dim).transpose(1, 2)
+    return _attention_function(attention)(
+        attention,
         query,
-        layer.keys,
-        layer.values,
-        attention_mask,
-        dropout=0.0 if not self.training else self.attention_dropout,
-        scaling=self.scaling,
+        keys,
+        values,
+        mask,
+        dropout=0.0 if not attention.training else attention.attention_dropout,
+        scaling=attention.scaling,
         **rest,
     )
-    return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
 
 
 def _is_rotary(module: nn.Module) -> bool:
@@ -598,7 +620,9 @@ def fuse_projections(
         (several rows, the CPU) compute the activation in PyTorch, as the MLP does.
     :param rotary: also run each attention's rotary embedding and static-cache writes in its
         fused q/k/v kernel's epilogue at batch-1 decode: the kernel returns q rotated and writes k
-        rotated and v into the cache, three kernels fewer a layer. For the attentions
+        rotated and v into the cache, three kernels fewer a layer; where the class would run
+        transformers' SDPA attention, the attention then runs as quantcore's decode attention
+        (:func:`~quantcore_torch.kernels.decode_attention`). For the attentions
         :data:`ROTARY_ATTENTIONS` names (Llama, Mistral, Qwen2), int4 on the interleaved layout
         (``QUANTCORE_INT4_CUDA_KERNEL=interleaved``), with q/k/v fused; the attention's forward is
         patched on the instance (:func:`unfuse_projections` removes it). Anything else the kernel

@@ -61,6 +61,7 @@ __all__ = [
     "INTERLEAVED_GROUPS",
     "SMALL_BATCH",
     "Int4Layout",
+    "decode_attention",
     "dequantized_int4",
     "dequantized_int8",
     "gated_input",
@@ -133,6 +134,17 @@ def _load_triton():
 
 
 _TRITON = _load_triton()
+
+
+def _load_attention():
+    if _TRITON is None:
+        return None
+    from . import _attention
+
+    return _attention
+
+
+_ATTENTION = _load_attention()
 
 
 def triton_available() -> bool:
@@ -504,3 +516,20 @@ def int4_qkv_rope_linear(
     return _TRITON.int4_interleaved_qkv_rope(
         x, layout.weight, layout.scales_and_zeros, layout.group_size, bias, cos, sin, keys, values, position, q_features
     )
+
+
+def decode_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> torch.Tensor | None:
+    """One decode token's attention on a static KV cache at batch 1, in two Triton kernels
+    (:mod:`quantcore_torch._attention`): ``q`` (one token's heads, in order) against ``keys`` and
+    ``values`` (``[1, kv_heads, length, head_dim]``, key/value heads shared by groups of q heads)
+    under ``mask`` (``None`` or one row of ``length``, boolean or added), scaled by ``scale``;
+    ``[1, 1, heads, head_dim]`` as transformers' attention functions return it. On the CPU,
+    without Triton or for inputs the kernels do not take, returns ``None`` for the caller to run
+    its own attention."""
+    if _ATTENTION is None or not (q.is_cuda and keys.is_cuda and (mask is None or mask.is_cuda)):
+        return None
+    if _ATTENTION.decode_attention_mismatch(q, keys, values, mask) is not None:
+        return None
+    return _ATTENTION.decode_attention(q, keys, values, mask, scale)

@@ -829,6 +829,56 @@ def test_rotary_in_the_qkv_kernel_gives_the_unfolded_decoding(family, monkeypatc
 
 
 @needs_transformers
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_rotary_fold_runs_sdpa_attention_as_the_decode_attention_kernels(family, implementation, monkeypatch):
+    # Where the class would run SDPA, the folded attention hands q, the cache and the mask to
+    # kernels.decode_attention (here its function in PyTorch, SDPA on the repeated key/value
+    # heads): the unfolded model's logits within fp32 rounding. The eager attention function
+    # stays the class's, bit for bit.
+    from quantcore_torch import kernels
+
+    monkeypatch.setattr(kernels, "INT4_CUDA_KERNEL", "interleaved")
+    model = tiny_causal(family)
+    model.config._attn_implementation = implementation
+    fuse_projections(model, activation=True)
+    unfolded = copy.deepcopy(model)
+    fuse_projections(model, rotary=True)
+    monkeypatch.setattr(WeightOnlyLinear, "qkv_rope_forward", _rotary_in_pytorch([]))
+    calls = []
+
+    def decode_attention(q, keys, values, mask, scale):
+        calls.append((tuple(q.shape), tuple(keys.shape), None if mask is None else tuple(mask.shape), scale))
+        groups = q.numel() // keys.shape[1] // keys.shape[-1]
+        query = q.view(1, -1, 1, keys.shape[-1])
+        k, v = (t.repeat_interleave(groups, dim=1) for t in (keys, values))
+        out = torch.nn.functional.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=scale)
+        return out.transpose(1, 2)
+
+    monkeypatch.setattr(kernels, "decode_attention", decode_attention)
+    ids = ids_for()
+    expected = static_decode(unfolded, ids, steps=5)
+    out = static_decode(model, ids, steps=5)
+    if implementation == "eager":
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+        assert calls == []
+        return
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out.argmax(-1), expected.argmax(-1))
+    length = ids.shape[1] + 5
+    head = model.config.hidden_size // model.config.num_attention_heads
+    step = ((1, 1, 128), (1, 2, length, head), (1, 1, 1, length), head**-0.5)
+    assert calls == [step] * 5 * len(ATTENTIONS)
+    # Without it (bench_decode's +rope-sdpa), the class's attention function: bit for bit.
+    for name in ATTENTIONS:
+        attention = model.get_submodule(name)
+        attention._quantcore_rotary = attention._quantcore_rotary._replace(own_attention=False)
+    calls.clear()
+    torch.testing.assert_close(static_decode(model, ids, steps=5), expected, rtol=0, atol=0)
+    assert calls == []
+
+
+@needs_transformers
 def test_rotary_in_the_qkv_kernel_compiles_fullgraph(monkeypatch):
     # The folded attention traced whole: the compiled decode steps give the eager tokens.
     from quantcore_torch import kernels

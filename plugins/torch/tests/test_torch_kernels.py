@@ -469,3 +469,38 @@ def test_prefill_dequantizes_in_one_kernel_to_the_same_bits(bits, n, k, group, d
     x = torch.randn(2, 40, k, dtype=dtype, device="cuda", generator=torch.Generator("cuda").manual_seed(k))
     with torch.no_grad():
         torch.testing.assert_close(module(x), module.reference_forward(x), rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head_dim", "length"), [(32, 4, 64, 640), (32, 32, 128, 640), (8, 2, 64, 3000)]
+)
+@pytest.mark.parametrize("mask", ["bool", "float", None])
+def test_decode_attention_on_cuda_is_sdpa(heads, kv_heads, head_dim, length, mask):
+    # The decode attention kernels in bf16 against PyTorch's SDPA on the repeated key/value heads,
+    # eager, compiled (the custom op) and replayed from a CUDA graph.
+    torch.manual_seed(heads + length)
+    dev = "cuda"
+    q = torch.randn(1, 1, heads * head_dim, device=dev, dtype=torch.bfloat16)
+    keys = torch.randn(1, kv_heads, length, head_dim, device=dev, dtype=torch.bfloat16)
+    values = torch.randn(1, kv_heads, length, head_dim, device=dev, dtype=torch.bfloat16)
+    keep = torch.arange(length, device=dev) < length - 37
+    rows = {"bool": keep, "float": torch.where(keep, 0.0, torch.finfo(torch.bfloat16).min).bfloat16(), None: None}
+    row = None if mask is None else rows[mask].view(1, 1, 1, length)
+    scale = head_dim**-0.5
+    k, v = (t.repeat_interleave(heads // kv_heads, dim=1) for t in (keys, values))
+    query = q.view(1, heads, 1, head_dim)
+    ref = torch.nn.functional.scaled_dot_product_attention(query, k, v, attn_mask=row, scale=scale).transpose(1, 2)
+    out = kernels.decode_attention(q, keys, values, row, scale)
+    assert out is not None and out.shape == (1, 1, heads, head_dim)
+    torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
+    compiled = torch.compile(lambda *a: kernels.decode_attention(*a), fullgraph=True)
+    torch.testing.assert_close(compiled(q, keys, values, row, scale), out, rtol=0, atol=0)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = kernels.decode_attention(q, keys, values, row, scale)
+    q.copy_(torch.randn_like(q))
+    graph.replay()
+    torch.testing.assert_close(captured, kernels.decode_attention(q, keys, values, row, scale), rtol=0, atol=0)
+    torch._dynamo.reset()

@@ -499,3 +499,52 @@ def test_the_qkv_rope_kernel_rotates_q_and_k_and_writes_the_cache(
     )
     assert torch.equal(full, q) and torch.equal(keys, keys0)
     assert torch.equal(values[:, :, others], values0[:, :, others])
+
+
+def _attention_reference(q, keys, values, mask, scale):
+    """transformers' SDPA path in fp32: key/value heads repeated for their query heads."""
+    heads, groups = keys.shape[1], q.numel() // keys.shape[1] // keys.shape[-1]
+    query = q.float().view(1, heads * groups, 1, keys.shape[-1])
+    k, v = (t.float().repeat_interleave(groups, dim=1) for t in (keys, values))
+    bias = mask if mask is None or mask.dtype == torch.bool else mask.float()
+    out = torch.nn.functional.scaled_dot_product_attention(query, k, v, attn_mask=bias, scale=scale)
+    return out.transpose(1, 2)
+
+
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head_dim", "length", "mask"),
+    [(8, 2, 64, 100, "bool"), (4, 4, 32, 40, "float"), (6, 2, 16, 33, None), (2, 1, 16, 2100, "bool")],
+)
+def test_the_decode_attention_is_sdpa_on_the_cache(kernels, monkeypatch, heads, kv_heads, head_dim, length, mask):
+    # One token against a static cache, grouped query heads on shared key/value heads, split over
+    # the cache (2100 positions: 64 splits of two steps each), positions past the mask's kept ones
+    # (whole splits of them) left out: SDPA's output within fp16 rounding, the second call taking
+    # the kept kernels. (The interpreter has no bf16 tl.dot; the GPU test runs bf16.)
+    from quantcore_torch import _attention
+
+    dispatch = _stub_cuda_dispatch(kernels, monkeypatch)
+    monkeypatch.setattr(dispatch, "_ATTENTION", _attention)
+    torch.manual_seed(length)
+    q = torch.randn(1, 1, heads * head_dim).half()
+    keys = torch.randn(1, kv_heads, length, head_dim).half()
+    values = torch.randn(1, kv_heads, length, head_dim).half()
+    keep = torch.arange(length) < (length * 7) // 10
+    masks = {"bool": keep, "float": torch.where(keep, 0.0, torch.finfo(torch.half).min).half(), None: None}
+    row = masks[mask] if mask is None else masks[mask].view(1, 1, 1, length)
+    scale = head_dim**-0.5
+    ref = _attention_reference(q, keys, values, row, scale)
+    for _ in range(2):
+        out = dispatch.decode_attention(q, keys, values, row, scale)
+        assert out.shape == (1, 1, heads, head_dim) and out.dtype == torch.half
+        assert _error(out, ref) < ROUNDING[torch.float16]
+    assert _attention._SPLIT.compiled or not _attention._SPLIT.direct
+    if mask == "bool":  # what the mask leaves out is never read: garbage there changes nothing
+        keys[:, :, ~keep] = float("nan")
+        values[:, :, ~keep] = float("nan")
+        torch.testing.assert_close(dispatch.decode_attention(q, keys, values, row, scale), out, rtol=0, atol=0)
+    # Inputs it cannot take: None from the dispatch (the caller runs its own attention), an error
+    # from the kernels' function.
+    assert dispatch.decode_attention(q.float(), keys, values, row, scale) is None
+    assert dispatch.decode_attention(q[..., : -head_dim // 2], keys, values, row, scale) is None
+    with pytest.raises(ValueError, match="one row of"):
+        _attention.decode_attention(q, keys, values, torch.ones(1, 1, 2, length, dtype=torch.bool), scale)
