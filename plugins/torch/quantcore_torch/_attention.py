@@ -91,9 +91,9 @@ def _decode_attention_combine_kernel(
     m = tl.load(m_ptr + at, mask=inside, other=float("-inf"))
     top = tl.max(m, 0)
     w = tl.exp(m - tl.where(top == float("-inf"), 0.0, top))
-    l = tl.sum(tl.load(l_ptr + at, mask=inside, other=0.0) * w, 0)  # noqa: E741 - the softmax's sum, as written
+    total = tl.sum(tl.load(l_ptr + at, mask=inside, other=0.0) * w, 0)  # the softmax's denominator
     acc = tl.load(acc_ptr + at[:, None] * D + rd[None, :], mask=inside[:, None], other=0.0)
-    out = tl.sum(acc * w[:, None], 0) / l
+    out = tl.sum(acc * w[:, None], 0) / total
     tl.store(o_ptr + h * D + rd, out.to(o_ptr.dtype.element_ty))
 
 
