@@ -41,7 +41,9 @@ fuses too and runs each attention's rotary embedding and static-cache writes in 
 kernel's epilogue (``fuse_projections(rotary=True)``) and its attention as quantcore's decode
 attention kernels; ``+rope-sdpa`` folds the same but leaves the attention to the class's SDPA
 function, and ``+attn`` (``bf16+attn``) runs any model's SDPA attention at one token as those
-kernels: the float baseline with the same attention. ``+pdl`` launches torch_wo's
+kernels: the float baseline with the same attention. ``+autotune`` autotunes the interleaved
+int4 kernels at every shape, where by default the shapes ``INT4_INTERLEAVED_PINNED`` names run
+the config pinned for the card (``QUANTCORE_TRITON_PINNED=0``). ``+pdl`` launches torch_wo's
 one-row Triton kernels programmatically inside CUDA graphs (``QUANTCORE_TRITON_PDL``, Hopper and
 later), ``+inductor-pdl`` inductor's kernels (``TORCHINDUCTOR_ENABLE_PDL``); suffixes combine
 (``int8-torch+fused+pdl+inductor-pdl``, ``bf16+inductor-pdl``). ``+pdl+inductor-pdl`` is what a
@@ -100,7 +102,7 @@ def build_model(name: str, device: str, max_len: int):
     return model.eval()
 
 
-SUFFIXES = ("fused", "glu", "glu-down", "rope", "rope-sdpa", "attn", "pdl", "inductor-pdl", "head")
+SUFFIXES = ("fused", "glu", "glu-down", "rope", "rope-sdpa", "attn", "autotune", "pdl", "inductor-pdl", "head")
 # The suffixes that fold the rotary embedding into the q/k/v kernel.
 ROTARY = {"rope", "rope-sdpa"}
 # The suffixes that fuse projections, and where each runs the MLP's activation (fuse_projections' activation).
@@ -125,6 +127,8 @@ def launch_options(method: str):
     with contextlib.ExitStack() as stack:
         if "attn" in suffixes:
             stack.enter_context(_decode_attention_for_sdpa())
+        if "autotune" in suffixes:
+            stack.enter_context(_autotuned())
         if "pdl" in suffixes:
             try:
                 from quantcore_torch import _triton
@@ -136,6 +140,29 @@ def launch_options(method: str):
 
             stack.enter_context(torch._inductor.config.patch({"triton.enable_pdl": True}))
         yield
+
+
+@contextlib.contextmanager
+def _autotuned():
+    """The interleaved int4 kernels autotuned for every shape, the pinned configs set aside
+    (``QUANTCORE_TRITON_PINNED=0``); the tuning kept by earlier methods is dropped on the way in
+    and out, so that each side tunes for itself."""
+    try:
+        from quantcore_torch import _triton
+    except ImportError as exc:
+        raise ValueError(f"+autotune needs Triton and CUDA ({exc})") from exc
+
+    def forget():
+        for launcher in (_triton._INT4_INTERLEAVED, _triton._INT4_INTERLEAVED_ROPE):
+            launcher.compiled.clear()
+            launcher.kernel.cache.clear()
+
+    forget()
+    try:
+        with _patched(_triton, "PINNED", False):
+            yield
+    finally:
+        forget()
 
 
 @contextlib.contextmanager

@@ -36,6 +36,7 @@ configs that made the compiled int8 step's linears 1.9x slower than the same ker
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import NamedTuple
 
@@ -351,6 +352,57 @@ INT4_INTERLEAVED = [
     (2, 2048, 2, False),  # 1.1B 2560x2048, 2048x2048, 2048x5632 (the wide sweep)
     (4, 1024, 1, False),  # 7B 22016x4096 (the wide sweep)
 ]
+# The config of INT4_INTERLEAVED each fused linear of a 1.1B and a 7B Llama ran fastest with on an
+# H100, its weight streamed from HBM as a decode step reads it (the tenth run's sweep,
+# bench/bench_gemv.py --wide-int4): by (N, K), the rows of the stack and its inputs. The autotuner
+# times a layer alone, its weight in L2, and its picks cost up to 4 us a layer more at 2048x5632
+# in that sweep, and differ from call to call: one fold's 1.1B step measured 1.018 ms in one call
+# and 1.139 ms in the next. These shapes run their pinned config with no timing; others autotune.
+INT4_INTERLEAVED_PINNED: dict[str, dict[tuple[int, int], tuple]] = {
+    "H100": {
+        (2560, 2048): (2, 2048, 2, False),  # 1.1B q/k/v
+        (2048, 2048): (2, 2048, 2, False),  # 1.1B o
+        (11264, 2048): (8, 1024, 4, False),  # 1.1B gate/up
+        (2048, 5632): (2, 2048, 2, False),  # 1.1B down
+        (12288, 4096): (8, 1024, 1, False),  # 7B q/k/v
+        (4096, 4096): (4, 2048, 2, False),  # 7B o
+        (22016, 4096): (4, 1024, 1, False),  # 7B gate/up
+        (4096, 11008): (4, 2048, 2, False),  # 7B down
+    }
+}
+# QUANTCORE_TRITON_PINNED=0 autotunes every shape (to compare).
+PINNED = os.environ.get("QUANTCORE_TRITON_PINNED", "1") != "0"
+
+
+@functools.cache
+def _device_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def _pinned(n: int, k: int, device: torch.device) -> triton.Config | None:
+    """The pinned interleaved config of an ``n x k`` weight on ``device``, or ``None`` (autotune)."""
+    if not PINNED or device.type != "cuda":
+        return None
+    name = _device_name(device.index if device.index is not None else torch.cuda.current_device())
+    for card, shapes in INT4_INTERLEAVED_PINNED.items():
+        if card in name and (n, k) in shapes:
+            block_n, block_k, warps, prefetch = shapes[n, k]
+            config = {"BLOCK_N": block_n, "BLOCK_K": block_k, "PREFETCH": prefetch}
+            return triton.Config(config, num_warps=warps, num_stages=1)
+    return None
+
+
+def _prune_interleaved(configs, named_args, **kwargs):
+    """The interleaved kernels' configs: those that hold whole groups (see :func:`_prune_groups`),
+    or the one pinned for the weight's shape on this card (:data:`INT4_INTERLEAVED_PINNED`)."""
+    kept = _prune_groups(configs, named_args, **kwargs)
+    x = named_args.get("x_ptr")
+    pinned = _pinned(named_args["N"], named_args["K"], x.device) if isinstance(x, torch.Tensor) else None
+    if pinned is not None and pinned.kwargs["BLOCK_K"] % kwargs.get("GROUP", named_args.get("GROUP")) == 0:
+        return [pinned]
+    return kept
+
+
 # The bits of 2.0**23, an argument of the interleaved kernel: a constant would make ``(w & m) | c``
 # two logic instructions (ptxas takes one immediate a LOP3); a value known only at run time sits in
 # a register and the pair becomes one LOP3.
@@ -435,7 +487,7 @@ def _interleaved_rows(
 @triton.autotune(
     configs=_configs(INT4_INTERLEAVED, "BLOCK_K", extra=("PREFETCH",)),
     key=["N", "K", "GROUP", "GATE_UP"],
-    prune_configs_by={"early_config_prune": _prune_groups},
+    prune_configs_by={"early_config_prune": _prune_interleaved},
 )
 @triton.jit
 def _int4_interleaved_kernel(
@@ -551,7 +603,7 @@ def _store_qkv_rope(
 @triton.autotune(
     configs=_configs(INT4_INTERLEAVED, "BLOCK_K", extra=("PREFETCH",)),
     key=["N", "K", "GROUP", "NQ", "ROTATED"],
-    prune_configs_by={"early_config_prune": _prune_groups},
+    prune_configs_by={"early_config_prune": _prune_interleaved},
 )
 @triton.jit
 def _int4_interleaved_rope_kernel(

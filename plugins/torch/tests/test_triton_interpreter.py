@@ -548,3 +548,56 @@ def test_the_decode_attention_is_sdpa_on_the_cache(kernels, monkeypatch, heads, 
     assert dispatch.decode_attention(q[..., : -head_dim // 2], keys, values, row, scale) is None
     with pytest.raises(ValueError, match="one row of"):
         _attention.decode_attention(q, keys, values, torch.ones(1, 1, 2, length, dtype=torch.bool), scale)
+
+
+def _pinned_configs(kernels) -> list:
+    return sorted({config for shapes in kernels.INT4_INTERLEAVED_PINNED.values() for config in shapes.values()})
+
+
+def test_every_pinned_interleaved_config_computes_what_the_first_one_does(kernels, monkeypatch):
+    # The configs pinned by shape (INT4_INTERLEAVED_PINNED) run with no autotuner timing: each must
+    # give the plain, gate/up and q/k/v rotary kernels' results of the table's first config, bit
+    # for bit in fp16 (the same sums: a tile holds whole groups, each row sums in group order).
+    dispatch = _stub_cuda_dispatch(kernels, monkeypatch)
+    torch.manual_seed(5)
+    heads, kv_heads, head_dim, k, group = 4, 2, 32, 2048, 128
+    n = (heads + 2 * kv_heads) * head_dim
+    packed, scale, zero = quantize_int4((torch.randn(n, k) * 0.05).half(), group)
+    layout = dispatch.int4_interleaved_layout(packed, scale, zero, k, group)
+    weight = (layout.weight, layout.scales_and_zeros, group, None)
+    x = torch.randn(1, k).half()
+    cos, sin = torch.rand(1, 1, head_dim).half(), torch.rand(1, 1, head_dim).half()
+
+    def run():
+        keys, values = torch.zeros(2, 1, kv_heads, 4, head_dim).half()
+        q = kernels.int4_interleaved_qkv_rope(x, *weight, cos, sin, keys, values, torch.tensor(1), heads * head_dim)
+        return kernels.int4_interleaved_mm(x, *weight), kernels.int4_interleaved_gate_up_mm(x, *weight), q, keys, values
+
+    expected = run()
+    launchers = (kernels._INT4_INTERLEAVED, kernels._INT4_INTERLEAVED_ROPE)
+    for block_n, block_k, warps, prefetch in _pinned_configs(kernels):
+        config = triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k, "PREFETCH": prefetch}, num_warps=warps)
+        for launcher in launchers:
+            monkeypatch.setattr(launcher.kernel, "configs", [config])
+            monkeypatch.setattr(launcher, "compiled", {})
+        for out, ref in zip(run(), expected, strict=True):
+            torch.testing.assert_close(out, ref, rtol=0, atol=0, msg=f"config {config}")
+
+
+def test_pins_are_by_card_and_shape(kernels, monkeypatch):
+    # A pinned shape on its card gets its one config; another shape, another card, the CPU, or
+    # QUANTCORE_TRITON_PINNED=0 get None (the autotuner's configs).
+    monkeypatch.setattr(kernels, "_device_name", lambda index: "NVIDIA H100 80GB HBM3")
+    gpu = torch.device("cuda", 0)
+    pinned = kernels._pinned(2048, 5632, gpu)
+    assert pinned.kwargs == {"BLOCK_N": 2, "BLOCK_K": 2048, "PREFETCH": False} and pinned.num_warps == 2
+    assert kernels._pinned(2048, 5633, gpu) is None and kernels._pinned(2048, 5632, torch.device("cpu")) is None
+    monkeypatch.setattr(kernels, "PINNED", False)
+    assert kernels._pinned(2048, 5632, gpu) is None
+    monkeypatch.setattr(kernels, "PINNED", True)
+    monkeypatch.setattr(kernels, "_device_name", lambda index: "NVIDIA H200")
+    assert kernels._pinned(2048, 5632, gpu) is None
+    # On the CPU (the interpreter) the autotuner's configs that hold whole groups, as before.
+    configs = kernels._int4_interleaved_kernel.configs
+    x = torch.empty(1)
+    assert kernels._prune_interleaved(configs, {"N": 2048, "K": 5632, "x_ptr": x}, GROUP=128) == configs
