@@ -352,6 +352,18 @@ INT4_INTERLEAVED = [
     (2, 2048, 2, False),  # 1.1B 2560x2048, 2048x2048, 2048x5632 (the wide sweep)
     (4, 1024, 1, False),  # 7B 22016x4096 (the wide sweep)
 ]
+
+
+def _switch(environ, name: str) -> bool | None:
+    """The ``0`` / ``1`` environment setting ``name``, or ``None`` where it is unset or blank."""
+    value = environ.get(name, "").strip()
+    if not value:
+        return None
+    if value not in ("0", "1"):
+        raise ValueError(f"{name} must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
 # The config of INT4_INTERLEAVED each fused linear of a 1.1B and a 7B Llama ran fastest with on an
 # H100, its weight streamed from HBM as a decode step reads it (the tenth run's sweep,
 # bench/bench_gemv.py --wide-int4): by (N, K), the rows of the stack and its inputs. The autotuner
@@ -370,8 +382,14 @@ INT4_INTERLEAVED_PINNED: dict[str, dict[tuple[int, int], tuple]] = {
         (4096, 11008): (4, 2048, 2, False),  # 7B down
     }
 }
-# QUANTCORE_TRITON_PINNED=0 autotunes every shape (to compare).
-PINNED = os.environ.get("QUANTCORE_TRITON_PINNED", "1") != "0"
+
+
+def pinned_setting(environ=os.environ) -> bool:
+    """``QUANTCORE_TRITON_PINNED``: on unless ``0``, which autotunes every shape (to compare)."""
+    return _switch(environ, "QUANTCORE_TRITON_PINNED") is not False
+
+
+PINNED = pinned_setting()
 
 
 @functools.cache
@@ -882,12 +900,8 @@ def _no_hook(hook) -> bool:
 # environment once (a per-call read of inductor's config would cost eager calls about 2 us each).
 def pdl_setting(environ=os.environ) -> bool:
     """``QUANTCORE_TRITON_PDL`` (``1`` or ``0``) where set, else inductor's ``TORCHINDUCTOR_ENABLE_PDL``."""
-    ours = environ.get("QUANTCORE_TRITON_PDL", "").strip()
-    if ours:
-        if ours not in ("0", "1"):
-            raise ValueError(f"QUANTCORE_TRITON_PDL must be 0 or 1, got {ours!r}")
-        return ours == "1"
-    return environ.get("TORCHINDUCTOR_ENABLE_PDL", "0") == "1"
+    ours = _switch(environ, "QUANTCORE_TRITON_PDL")
+    return ours if ours is not None else environ.get("TORCHINDUCTOR_ENABLE_PDL", "0") == "1"
 
 
 PDL = pdl_setting()

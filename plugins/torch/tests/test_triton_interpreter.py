@@ -592,6 +592,10 @@ def test_pins_are_by_card_and_shape(kernels, monkeypatch):
     pinned = kernels._pinned(2048, 5632, gpu)
     assert pinned.kwargs == {"BLOCK_N": 2, "BLOCK_K": 2048, "PREFETCH": False} and pinned.num_warps == 2
     assert kernels._pinned(2048, 5633, gpu) is None and kernels._pinned(2048, 5632, torch.device("cpu")) is None
+    assert kernels.pinned_setting({}) is True and kernels.pinned_setting({"QUANTCORE_TRITON_PINNED": "1"}) is True
+    assert kernels.pinned_setting({"QUANTCORE_TRITON_PINNED": "0"}) is False
+    with pytest.raises(ValueError, match="QUANTCORE_TRITON_PINNED must be 0 or 1, got 'false'"):
+        kernels.pinned_setting({"QUANTCORE_TRITON_PINNED": "false"})
     monkeypatch.setattr(kernels, "PINNED", False)
     assert kernels._pinned(2048, 5632, gpu) is None
     monkeypatch.setattr(kernels, "PINNED", True)
