@@ -19,6 +19,8 @@
 #             (EAGER_ARGS adds arguments: "--prefill --steps 5" profiles the prompt's prefill)
 #   bound     bound_decode.py: a compiled step without the rotary embedding and cache writes, or
 #             the norms (BOUND_METHODS, CUTS): what folding them into the kernels could save at most
+#   attention the decode attention's split configs against SDPA, a step's caches in one graph
+#             (bench_attention.py; ATTENTION_ARGS adds arguments, e.g. "--configs 32x4,64x4")
 #   gptq      GPTQ's time to quantize a 1.1B Llama (bench_gptq.py), beside plain rounding
 #   dequant   the prefill path's dequantize: Triton kernel, packing's ops, the fp32 formula
 # From the repository root, carrying .whl (torchao-0.17.0, built for torch 2.11) and .devsite
@@ -69,6 +71,7 @@ for part in "$@"; do
              --methods "${BOUND_METHODS:-bf16,int4-torch@interleaved+glu}" --cuts "${CUTS:-rope-kv,norms}" \
              --out "$out/bound_${model}.json" 2>&1 | grep -v -E "FutureWarning|forward_call" ;;
     dequant) timeout ${T_DEQUANT:-60} python3 bench/bench_dequantize.py --device cuda --out "$out/dequant_cuda.json" ;;
+    attention) timeout ${T_ATTENTION:-120} python3 bench/bench_attention.py ${ATTENTION_ARGS:-} --out "$out/attention.json" ;;
     gptq) timeout ${T_GPTQ:-130} python3 bench/bench_gptq.py --model llama-1.1b --device cuda --out "$out/gptq_cuda.json" ;;
   esac
 done
