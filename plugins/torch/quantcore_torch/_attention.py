@@ -22,14 +22,21 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton import _eager, _Launcher
+from ._triton import _TAGS, _eager, _Launcher
 
-__all__ = ["decode_attention", "decode_attention_mismatch"]
+__all__ = ["counter_mismatch", "decode_attention", "decode_attention_mismatch"]
 
-# Cache positions a program takes a step, and the most splits of the cache (the combine kernel
-# holds them all in one block); a longer cache gives each split several steps.
-BLOCK_L = 32
+# Cache positions a program takes a step, and its warps; the most splits of the cache (the
+# combine kernel holds them all in one block): a longer cache gives each split several steps.
+# 16 positions on 2 warps: on an H200 (`bench_attention.py`, a step's caches in one CUDA graph)
+# the fastest of eight configs at a 640-position cache for both Llamas' heads (3.9 against 4.3 µs
+# a layer for 32 on 4 warps at 1.1B, 8.3 against 8.6 at 7B) and at 4,096 positions for 7B's;
+# 8 % slower than the best there for 1.1B's.
+BLOCK_L = 16
+SPLIT_WARPS = 2
 MAX_SPLITS = 64
+# Other split configs by head size, (BLOCK_L, warps) (0: any other head size): bench_attention.py.
+SPLIT_CONFIG: dict[int, tuple[int, int]] = {}
 # Mask kinds, the kernels' ``MASK``.
 _NO_MASK, _BOOL_MASK, _ADDED_MASK = 0, 1, 2
 
@@ -60,6 +67,7 @@ def _decode_attention_split_kernel(
             kept = kept & (tl.load(mask_ptr + rl, mask=kept, other=0) != 0)
         at = cache + rl[:, None] * D + rd[None, :]
         k = tl.load(k_ptr + at, mask=kept[:, None], other=0.0)  # positions ruled out are not read
+        v = tl.load(v_ptr + at, mask=kept[:, None], other=0.0)  # issued with k's: both reads in flight
         s = tl.dot(q, tl.trans(k)) * scale
         if MASK == 2:
             s += tl.load(mask_ptr + rl, mask=kept, other=0.0).to(tl.float32)[None, :]
@@ -69,7 +77,6 @@ def _decode_attention_split_kernel(
         alpha = tl.exp(m_i - shift)
         p = tl.exp(s - shift[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_ptr + at, mask=kept[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     out = (head * tl.num_programs(1) + split) * G + rg
@@ -80,21 +87,30 @@ def _decode_attention_split_kernel(
 
 @triton.jit
 def _decode_attention_combine_kernel(
-    m_ptr, l_ptr, acc_ptr, o_ptr, SPLITS, G: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr
-):
-    """Program ``h``: query head ``h``'s output from its splits, each weighed by ``exp(m - max m)``."""
+    m_ptr, l_ptr, acc_ptr, o_ptr, counter_ptr, SPLITS,
+    G: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr, ADVANCE: tl.constexpr,
+):  # fmt: skip
+    """Program ``h``: query head ``h``'s output from its splits, each weighed by ``exp(m - max m)``.
+    ``ADVANCE``: program 0 also adds one to the cache's token count at ``counter_ptr`` (no other
+    program, and no kernel of this attention, reads it)."""
     h = tl.program_id(0)
+    if ADVANCE:
+        count = tl.load(counter_ptr)  # issued first: its latency hides behind the splits' loads
     rs = tl.arange(0, BLOCK_S)
     rd = tl.arange(0, D)
     inside = rs < SPLITS
     at = ((h // G) * SPLITS + rs) * G + h % G
+    # The three reads first, all in flight at once: the kernel is their latency.
     m = tl.load(m_ptr + at, mask=inside, other=float("-inf"))
+    l_s = tl.load(l_ptr + at, mask=inside, other=0.0)
+    acc = tl.load(acc_ptr + at[:, None] * D + rd[None, :], mask=inside[:, None], other=0.0)
     top = tl.max(m, 0)
     w = tl.exp(m - tl.where(top == float("-inf"), 0.0, top))
-    total = tl.sum(tl.load(l_ptr + at, mask=inside, other=0.0) * w, 0)  # the softmax's denominator
-    acc = tl.load(acc_ptr + at[:, None] * D + rd[None, :], mask=inside[:, None], other=0.0)
+    total = tl.sum(l_s * w, 0)  # the softmax's denominator
     out = tl.sum(acc * w[:, None], 0) / total
     tl.store(o_ptr + h * D + rd, out.to(o_ptr.dtype.element_ty))
+    if ADVANCE:
+        tl.store(counter_ptr, count + 1, mask=h == 0)
 
 
 _SPLIT = _Launcher(_decode_attention_split_kernel)
@@ -121,20 +137,23 @@ def decode_attention_mismatch(q: torch.Tensor, keys: torch.Tensor, values: torch
     return "the decode attention needs " + "; ".join(problems) if problems else None
 
 
-def _decode_attention_launch(q, keys, values, mask, scale: float) -> torch.Tensor:
+def _decode_attention_launch(q, keys, values, mask, scale: float, counter=None) -> torch.Tensor:
     """One token's attention on a static cache: ``q`` (``heads * head_dim`` values, heads in
     order, each group of ``heads // kv_heads`` on one key/value head) against ``keys`` and
     ``values`` (``[1, kv_heads, length, head_dim]``), with ``mask`` (``None``, or one row of
     ``length``: boolean, ``True`` kept, or float, added). Returns ``[1, 1, heads, head_dim]`` in
-    the cache's dtype (what transformers' attention functions return)."""
-    problem = decode_attention_mismatch(q, keys, values, mask)
+    the cache's dtype (what transformers' attention functions return). ``counter`` (a one-value
+    integer tensor on q's device, or ``None``): the combine kernel adds one to it, the step's
+    cache advance that would otherwise be a kernel of its own."""
+    problem = decode_attention_mismatch(q, keys, values, mask) or counter_mismatch(counter, q)
     if problem is not None:
         raise ValueError(problem)
     kv_heads, length, head = keys.shape[1:]
     groups = q.numel() // (kv_heads * head)
-    steps = triton.cdiv(length, BLOCK_L)
+    block_l, warps = _split_config(head)
+    steps = triton.cdiv(length, block_l)
     splits = min(steps, MAX_SPLITS)
-    chunk = triton.cdiv(steps, splits) * BLOCK_L
+    chunk = triton.cdiv(steps, splits) * block_l
     splits = triton.cdiv(length, chunk)
     stats = torch.empty((2, kv_heads * splits * groups), device=q.device, dtype=torch.float32)
     acc = torch.empty((kv_heads * splits * groups, head), device=q.device, dtype=torch.float32)
@@ -145,22 +164,40 @@ def _decode_attention_launch(q, keys, values, mask, scale: float) -> torch.Tenso
     args = (q, keys, values, masks, stats[0], stats[1], acc, length, chunk, float(scale))
     # What the compiled kernels were specialized on: sizes, dtypes, the pointers' 16-byte alignment.
     aligned = tuple(t.data_ptr() % 16 == 0 for t in (q, keys, values, masks))
-    key = (q.device.index, kv_heads, length, head, groups, q.dtype, masks.dtype, kind, *aligned)
+    key = (q.device.index, kv_heads, length, head, groups, q.dtype, masks.dtype, kind, block_l, warps, *aligned)
     if not _SPLIT.run_kept(key, args):
-        constexprs = {"G": groups, "D": head, "BLOCK_G": block_g, "BLOCK_L": BLOCK_L, "MASK": kind}
+        constexprs = {"G": groups, "D": head, "BLOCK_G": block_g, "BLOCK_L": block_l, "MASK": kind, "num_warps": warps}
         _eager(_SPLIT, key, q, lambda meta: (kv_heads, splits), args, constexprs)
-    args = (stats[0], stats[1], acc, out, splits)
-    if not _COMBINE.run_kept(key, args):
-        constexprs = {"G": groups, "D": head, "BLOCK_S": triton.next_power_of_2(splits)}
-        _eager(_COMBINE, key, q, lambda meta: (kv_heads * groups, 1), args, constexprs)
+    advance = counter is not None
+    args = (stats[0], stats[1], acc, out, counter if advance else stats, splits)
+    if not _COMBINE.run_kept((*key, advance), args):
+        constexprs = {"G": groups, "D": head, "BLOCK_S": triton.next_power_of_2(splits), "ADVANCE": advance}
+        _eager(_COMBINE, (*key, advance), q, lambda meta: (kv_heads * groups, 1), args, constexprs)
     return out
 
 
-@torch.library.custom_op("quantcore_torch::decode_attention", mutates_args=())
+def _split_config(head: int) -> tuple[int, int]:
+    """The split kernel's ``BLOCK_L`` and warps for a head size (``SPLIT_CONFIG`` where set)."""
+    return SPLIT_CONFIG.get(head, SPLIT_CONFIG.get(0, (BLOCK_L, SPLIT_WARPS)))
+
+
+def counter_mismatch(counter, q: torch.Tensor) -> str | None:
+    """Why :func:`decode_attention` cannot advance ``counter``, or ``None``."""
+    if counter is None:
+        return None
+    if counter.numel() != 1 or counter.dtype not in (torch.int32, torch.int64) or counter.device != q.device:
+        return (
+            f"the decode attention advances a one-value int32/int64 counter on {q.device}, "
+            f"got {tuple(counter.shape)} {counter.dtype} on {counter.device}"
+        )
+    return None
+
+
+@torch.library.custom_op("quantcore_torch::decode_attention", mutates_args=(), **_TAGS)
 def _decode_attention_op(
     q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, scale: float
 ) -> torch.Tensor:
-    return _decode_attention_launch(q.contiguous(), keys, values, mask, scale)
+    return _decode_attention_launch(q.contiguous(), keys, values, _contiguous(mask), scale)
 
 
 @_decode_attention_op.register_fake
@@ -168,9 +205,31 @@ def _(q, keys, values, mask, scale):
     return q.new_empty((1, 1, q.numel() // keys.shape[-1], keys.shape[-1]))
 
 
-def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask, scale: float) -> torch.Tensor:
-    """One token's attention on a static cache (see :func:`_decode_attention_launch`): from eager
-    code the kernels launch directly; under ``torch.compile`` this is the custom op."""
+@torch.library.custom_op("quantcore_torch::decode_attention_advance", mutates_args=("counter",), **_TAGS)
+def _decode_attention_advance_op(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, scale: float,
+    counter: torch.Tensor,
+) -> torch.Tensor:  # fmt: skip
+    return _decode_attention_launch(q.contiguous(), keys, values, _contiguous(mask), scale, counter)
+
+
+@_decode_attention_advance_op.register_fake
+def _(q, keys, values, mask, scale, counter):
+    return q.new_empty((1, 1, q.numel() // keys.shape[-1], keys.shape[-1]))
+
+
+def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
+    return t if t is None or t.is_contiguous() else t.contiguous()
+
+
+def decode_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask, scale: float, counter=None
+) -> torch.Tensor:
+    """One token's attention on a static cache (see :func:`_decode_attention_launch`), and with
+    ``counter``, the cache's count advanced by one: from eager code the kernels launch directly;
+    under ``torch.compile`` this is a custom op."""
     if torch.compiler.is_compiling():
-        return _decode_attention_op(q, keys, values, mask, scale)
-    return _decode_attention_launch(q if q.is_contiguous() else q.contiguous(), keys, values, mask, scale)
+        if counter is None:
+            return _decode_attention_op(q, keys, values, mask, scale)
+        return _decode_attention_advance_op(q, keys, values, mask, scale, counter)
+    return _decode_attention_launch(_contiguous(q), keys, values, mask, scale, counter)

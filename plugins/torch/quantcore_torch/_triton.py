@@ -37,6 +37,7 @@ configs that made the compiled int8 step's linears 1.9x slower than the same ker
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 from typing import NamedTuple
 
@@ -1267,6 +1268,18 @@ def _eager(launcher: _Launcher, key: tuple, x: torch.Tensor, grid, args: tuple, 
             launcher(key, grid, args, constexprs)
 
 
+# Flexible layout, for the ops whose inputs every layer of a step shares (cos and sin, the
+# attention's mask): inductor hands them the buffers it has, so such an input is computed once a
+# step. Under the default exact-strides constraint inductor copies each call's input, and a
+# shared input of a few ops is recomputed for every layer, in a kernel of its own where the
+# consumer is one of these ops.
+_TAGS = (
+    {"tags": (torch.Tag.flexible_layout,)}
+    if hasattr(torch.Tag, "flexible_layout") and "tags" in inspect.signature(torch.library.custom_op).parameters
+    else {}
+)
+
+
 @torch.library.custom_op("quantcore_torch::int8_mm", mutates_args=())
 def _int8_mm_op(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return _int8_launch(x.contiguous(), qweight, scale, bias)
@@ -1342,7 +1355,7 @@ def _(x, words, scales_and_zeros, group_size, bias):
     return x.new_empty((*x.shape[:-1], words.shape[0] // 2))
 
 
-@torch.library.custom_op("quantcore_torch::int4_interleaved_qkv_rope", mutates_args=("keys", "values"))
+@torch.library.custom_op("quantcore_torch::int4_interleaved_qkv_rope", mutates_args=("keys", "values"), **_TAGS)
 def _int4_interleaved_qkv_rope_op(
     x: torch.Tensor,
     words: torch.Tensor,

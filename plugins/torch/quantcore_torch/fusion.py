@@ -522,34 +522,39 @@ def _rotary_attention_forward(
             q = parts.group.rotary(hidden_states, cos, sin, layer.keys, layer.values, position, parts.q.out_features)
     if q is None:
         return type(self).forward(self, hidden_states, position_embeddings, attention_mask, *args, **kwargs)
-    if isinstance(counter, torch.Tensor):
-        counter.add_(1)
     rest = {name: value for name, value in kwargs.items() if name not in parts.named}
     extras = _ATTENTION_EXTRAS.get(type(self).__name__)
     if extras is not None:
         rest.update(extras(self))
-    out, weights = _decode_attention(self, q, layer.keys, layer.values, attention_mask, rest, parts.own_attention)
+    counter = counter if isinstance(counter, torch.Tensor) else None
+    out, weights = _decode_attention(
+        self, q, layer.keys, layer.values, attention_mask, rest, parts.own_attention, counter
+    )
     return self.o_proj(out.reshape(*hidden_states.shape[:-1], -1).contiguous()), weights
 
 
-def _decode_attention(attention: nn.Module, q, keys, values, mask, rest: dict, own: bool):
+def _decode_attention(attention: nn.Module, q, keys, values, mask, rest: dict, own: bool, counter=None):
     """The attention of one token's q (``[1, 1, heads * head_dim]``, rotated) on the static
-    cache's keys and values: ``(out [1, 1, heads, head_dim], weights)``.
+    cache's keys and values: ``(out [1, 1, heads, head_dim], weights)``; and ``counter`` (the
+    static layer's token count, transformers 5), read by the q/k/v kernel, advanced by one.
 
     Where the class would run transformers' SDPA attention (no weights asked for, no dropout, soft
     cap or sliding window) and ``own``, it runs as :func:`kernels.decode_attention`: the same
     function in two kernels that read the cache where it is, instead of the compiled SDPA path's
-    ``repeat_kv`` copies (grouped-query attention), cuDNN's kernel and its reduction. Anything
-    the kernels do not take runs the class's attention function."""
+    ``repeat_kv`` copies (grouped-query attention), cuDNN's kernel and its reduction; the second
+    kernel advances the counter, a launch fewer than the counter's own add. Anything the kernels
+    do not take runs the class's attention function, and the counter's add."""
     if (
         own
         and attention.config._attn_implementation == "sdpa"
         and not attention.training
         and not (rest.get("output_attentions") or rest.get("softcap") is not None or rest.get("sliding_window"))
     ):
-        out = kernels.decode_attention(q, keys, values, mask, attention.scaling)
+        out = kernels.decode_attention(q, keys, values, mask, attention.scaling, counter)
         if out is not None:
             return out, None
+    if counter is not None:
+        counter.add_(1)
     query = q.view(1, 1, -1, attention.head_dim).transpose(1, 2)
     return _attention_function(attention)(
         attention,

@@ -519,17 +519,26 @@ def int4_qkv_rope_linear(
 
 
 def decode_attention(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, scale: float
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    counter: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """One decode token's attention on a static KV cache at batch 1, in two Triton kernels
     (:mod:`quantcore_torch._attention`): ``q`` (one token's heads, in order) against ``keys`` and
     ``values`` (``[1, kv_heads, length, head_dim]``, key/value heads shared by groups of q heads)
     under ``mask`` (``None`` or one row of ``length``, boolean or added), scaled by ``scale``;
-    ``[1, 1, heads, head_dim]`` as transformers' attention functions return it. On the CPU,
-    without Triton or for inputs the kernels do not take, returns ``None`` for the caller to run
-    its own attention."""
+    ``[1, 1, heads, head_dim]`` as transformers' attention functions return it. ``counter`` (the
+    static cache layer's one-value token count, or ``None``): advanced by one in the second
+    kernel, in the step's order after the attention's reads. On the CPU, without Triton or for
+    inputs the kernels do not take, returns ``None`` (and leaves ``counter`` alone) for the caller
+    to run its own attention."""
     if _ATTENTION is None or not (q.is_cuda and keys.is_cuda and (mask is None or mask.is_cuda)):
         return None
     if _ATTENTION.decode_attention_mismatch(q, keys, values, mask) is not None:
         return None
-    return _ATTENTION.decode_attention(q, keys, values, mask, scale)
+    if counter is not None and _ATTENTION.counter_mismatch(counter, q) is not None:
+        return None
+    return _ATTENTION.decode_attention(q, keys, values, mask, scale, counter)

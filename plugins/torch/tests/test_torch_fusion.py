@@ -847,8 +847,15 @@ def test_rotary_fold_runs_sdpa_attention_as_the_decode_attention_kernels(family,
     monkeypatch.setattr(WeightOnlyLinear, "qkv_rope_forward", _rotary_in_pytorch([]))
     calls = []
 
-    def decode_attention(q, keys, values, mask, scale):
+    # The kernels advance transformers 5's token count (4.x's static cache writes at cache_position).
+    layers = getattr(_static_cache(model, 8), "layers", None)
+    counted = bool(layers) and hasattr(layers[0], "cumulative_length")
+
+    def decode_attention(q, keys, values, mask, scale, counter=None):
+        assert (counter is not None) == counted
         calls.append((tuple(q.shape), tuple(keys.shape), None if mask is None else tuple(mask.shape), scale))
+        if counter is not None:
+            counter.add_(1)
         groups = q.numel() // keys.shape[1] // keys.shape[-1]
         query = q.view(1, -1, 1, keys.shape[-1])
         k, v = (t.repeat_interleave(groups, dim=1) for t in (keys, values))

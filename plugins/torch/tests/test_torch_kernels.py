@@ -477,9 +477,12 @@ def test_prefill_dequantizes_in_one_kernel_to_the_same_bits(bits, n, k, group, d
     ("heads", "kv_heads", "head_dim", "length"), [(32, 4, 64, 640), (32, 32, 128, 640), (8, 2, 64, 3000)]
 )
 @pytest.mark.parametrize("mask", ["bool", "float", None])
-def test_decode_attention_on_cuda_is_sdpa(heads, kv_heads, head_dim, length, mask):
+def test_decode_attention_on_cuda_is_sdpa(heads, kv_heads, head_dim, length, mask, monkeypatch):
     # The decode attention kernels in bf16 against PyTorch's SDPA on the repeated key/value heads,
-    # eager, compiled (the custom op) and replayed from a CUDA graph.
+    # eager, compiled (the custom op) and replayed from a CUDA graph; advancing a counter in each
+    # (one a call); another split config after the kept one's calls.
+    from quantcore_torch import _attention
+
     torch.manual_seed(heads + length)
     dev = "cuda"
     q = torch.randn(1, 1, heads * head_dim, device=dev, dtype=torch.bfloat16)
@@ -503,4 +506,52 @@ def test_decode_attention_on_cuda_is_sdpa(heads, kv_heads, head_dim, length, mas
     q.copy_(torch.randn_like(q))
     graph.replay()
     torch.testing.assert_close(captured, kernels.decode_attention(q, keys, values, row, scale), rtol=0, atol=0)
+    out = kernels.decode_attention(q, keys, values, row, scale)
+    count = torch.tensor(5, device=dev)
+    torch.testing.assert_close(kernels.decode_attention(q, keys, values, row, scale, count), out, rtol=0, atol=0)
+    torch.testing.assert_close(compiled(q, keys, values, row, scale, count), out, rtol=0, atol=0)
+    assert count.item() == 7
+    with torch.cuda.graph(graph := torch.cuda.CUDAGraph()):
+        captured = kernels.decode_attention(q, keys, values, row, scale, count)
+    count.fill_(10)
+    for _ in range(3):
+        graph.replay()
+    torch.testing.assert_close(captured, out, rtol=0, atol=0)
+    assert count.item() == 13
+    monkeypatch.setitem(_attention.SPLIT_CONFIG, head_dim, (64, 8))
+    torch.testing.assert_close(kernels.decode_attention(q, keys, values, row, scale), out, rtol=2e-2, atol=2e-2)
+    torch._dynamo.reset()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_compiled_layers_share_one_mask_and_advance_their_counters_in_the_attention():
+    # Four layers' attention under one compiled step, their mask made in it from the position: the
+    # mask is computed once (the op's flexible layout), not copied for each layer, and each
+    # layer's counter advances in the attention's second kernel: nothing launches but the mask's
+    # kernel and the attention's two a layer.
+    dev, length, heads, head_dim = "cuda", 640, 8, 64
+    torch.manual_seed(0)
+    q = torch.randn(1, 1, heads * head_dim, device=dev, dtype=torch.bfloat16)
+    caches = [torch.randn(2, 1, 2, length, head_dim, device=dev, dtype=torch.bfloat16) for _ in range(4)]
+    counters = [torch.tensor(100, device=dev) for _ in caches]
+    position = torch.tensor(99, device=dev)
+
+    def step(q, caches, counters, position):
+        mask = (torch.arange(length, device=dev) <= position).view(1, 1, 1, length)
+        return [kernels.decode_attention(q, *caches[i], mask, 0.125, counters[i]) for i in range(len(caches))]
+
+    compiled = torch.compile(step, fullgraph=True)
+    outs = compiled(q, caches, counters, position)
+    mask = (torch.arange(length, device=dev) <= position).view(1, 1, 1, length)
+    for out, (k, v), c in zip(outs, caches, counters, strict=True):
+        torch.testing.assert_close(out, kernels.decode_attention(q, k, v, mask, 0.125), rtol=0, atol=0)
+        assert c.item() == 101
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        compiled(q, caches, counters, position)
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    attention = [n for n in names if n.startswith("_decode_attention")]
+    assert len(attention) == 8 and len(names) - len(attention) <= 1, names
+    assert all(c.item() == 102 for c in counters)
     torch._dynamo.reset()

@@ -517,9 +517,9 @@ def _attention_reference(q, keys, values, mask, scale):
 )
 def test_the_decode_attention_is_sdpa_on_the_cache(kernels, monkeypatch, heads, kv_heads, head_dim, length, mask):
     # One token against a static cache, grouped query heads on shared key/value heads, split over
-    # the cache (2100 positions: 64 splits of two steps each), positions past the mask's kept ones
-    # (whole splits of them) left out: SDPA's output within fp16 rounding, the second call taking
-    # the kept kernels. (The interpreter has no bf16 tl.dot; the GPU test runs bf16.)
+    # the cache (2100 positions: 44 splits of three 16-position steps), positions past the mask's
+    # kept ones (whole splits of them) left out: SDPA's output within fp16 rounding, the second
+    # call taking the kept kernels. (The interpreter has no bf16 tl.dot; the GPU test runs bf16.)
     from quantcore_torch import _attention
 
     dispatch = _stub_cuda_dispatch(kernels, monkeypatch)
@@ -542,12 +542,43 @@ def test_the_decode_attention_is_sdpa_on_the_cache(kernels, monkeypatch, heads, 
         keys[:, :, ~keep] = float("nan")
         values[:, :, ~keep] = float("nan")
         torch.testing.assert_close(dispatch.decode_attention(q, keys, values, row, scale), out, rtol=0, atol=0)
-    # Inputs it cannot take: None from the dispatch (the caller runs its own attention), an error
-    # from the kernels' function.
-    assert dispatch.decode_attention(q.float(), keys, values, row, scale) is None
+    # With the static layer's counter: the same output, the counter one further each call (the
+    # combine kernel's program 0 adds one, however many heads it has).
+    count = torch.tensor(7)
+    for expected in (8, 9):
+        torch.testing.assert_close(dispatch.decode_attention(q, keys, values, row, scale, count), out, rtol=0, atol=0)
+        assert count.item() == expected
+    # Inputs it cannot take: None from the dispatch (the caller runs its own attention), the
+    # counter untouched; an error from the kernels' function.
+    assert dispatch.decode_attention(q.float(), keys, values, row, scale, count) is None
     assert dispatch.decode_attention(q[..., : -head_dim // 2], keys, values, row, scale) is None
+    assert dispatch.decode_attention(q, keys, values, row, scale, torch.tensor([1, 2])) is None
+    assert dispatch.decode_attention(q, keys, values, row, scale, torch.tensor(1.0)) is None
+    assert count.item() == 9
     with pytest.raises(ValueError, match="one row of"):
         _attention.decode_attention(q, keys, values, torch.ones(1, 1, 2, length, dtype=torch.bool), scale)
+    with pytest.raises(ValueError, match="one-value int32/int64 counter"):
+        _attention.decode_attention(q, keys, values, row, scale, torch.zeros(2, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("config", [(16, 2), (64, 4), (32, 8)])
+def test_the_decode_attention_split_configs_give_the_same_attention(kernels, monkeypatch, config):
+    # SPLIT_CONFIG (the split kernel's positions a step and warps, by head size): another config
+    # splits the cache otherwise, to the same attention within fp16 rounding. (The interpreter
+    # keeps no kernels: the GPU test changes the config between kept calls.)
+    from quantcore_torch import _attention
+
+    dispatch = _stub_cuda_dispatch(kernels, monkeypatch)
+    monkeypatch.setattr(dispatch, "_ATTENTION", _attention)
+    torch.manual_seed(3)
+    q = torch.randn(1, 1, 4 * 32).half()
+    keys, values = torch.randn(2, 1, 2, 300, 32).half()
+    row = (torch.arange(300) < 250).view(1, 1, 1, 300)
+    ref = _attention_reference(q, keys, values, row, 32**-0.5)
+    default = dispatch.decode_attention(q, keys, values, row, 32**-0.5)
+    monkeypatch.setitem(_attention.SPLIT_CONFIG, 32, config)
+    out = dispatch.decode_attention(q, keys, values, row, 32**-0.5)
+    assert _error(out, ref) < ROUNDING[torch.float16] and _error(default, ref) < ROUNDING[torch.float16]
 
 
 def _pinned_configs(kernels) -> list:
