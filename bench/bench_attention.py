@@ -14,8 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common
 import torch
 
 SHAPES = {"llama-1.1b": (22, 32, 4, 64), "llama-7b": (32, 32, 32, 128)}  # layers, heads, kv heads, head_dim
@@ -78,21 +82,35 @@ def run(shape: str, length: int, kept: int, configs: list[tuple[int, int]], repl
     return rows
 
 
+def _pairs(text: str, sep: str) -> list[tuple[int, int]]:
+    """``"AsepB,..."`` as ``[(A, B), ...]`` of positive integers (an argparse type)."""
+    try:
+        pairs = [tuple(int(v) for v in item.split(sep)) for item in text.split(",")]
+    except ValueError:
+        pairs = []
+    if not pairs or any(len(p) != 2 or min(p) < 1 for p in pairs):
+        raise argparse.ArgumentTypeError(f"expected comma-separated A{sep}B of positive integers, got {text!r}")
+    return pairs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default=",".join(SHAPES))
-    parser.add_argument("--lengths", default="640:577,4096:4000", help="cache length:kept positions, comma-separated")
-    parser.add_argument("--configs", default=CONFIGS, help="BLOCK_LxWARPS, comma-separated")
-    parser.add_argument("--replays", type=int, default=50)
+    lengths, configs = (lambda t: _pairs(t, ":")), (lambda t: _pairs(t, "x"))
+    parser.add_argument("--lengths", type=lengths, default="640:577,4096:4000", help="cache length:kept positions")
+    parser.add_argument("--configs", type=configs, default=CONFIGS, help="BLOCK_LxWARPS, comma-separated")
+    parser.add_argument("--replays", type=_common.int_at_least(1), default=50)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    configs = [tuple(int(v) for v in c.split("x")) for c in args.configs.split(",")]
+    if unknown := set(args.shapes.split(",")) - SHAPES.keys():
+        parser.error(f"--shapes: {', '.join(sorted(unknown))} unknown (known: {', '.join(SHAPES)})")
+    if bad := [(length, kept) for length, kept in args.lengths if kept > length]:
+        parser.error(f"--lengths: more kept positions than the cache holds: {bad}")
     print(f"{torch.cuda.get_device_name()}: torch {torch.__version__}")
     rows = []
     for shape in args.shapes.split(","):
-        for spec in args.lengths.split(","):
-            length, kept = (int(v) for v in spec.split(":"))
-            rows += run(shape, length, kept, configs, args.replays)
+        for length, kept in args.lengths:
+            rows += run(shape, length, kept, args.configs, args.replays)
     if args.out:
         args.out.write_text(json.dumps(rows, indent=1))
 

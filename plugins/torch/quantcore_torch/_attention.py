@@ -170,15 +170,25 @@ def _decode_attention_launch(q, keys, values, mask, scale: float, counter=None) 
         _eager(_SPLIT, key, q, lambda meta: (kv_heads, splits), args, constexprs)
     advance = counter is not None
     args = (stats[0], stats[1], acc, out, counter if advance else stats, splits)
-    if not _COMBINE.run_kept((*key, advance), args):
+    key = (*key, advance)
+    if not _COMBINE.run_kept(key, args):
         constexprs = {"G": groups, "D": head, "BLOCK_S": triton.next_power_of_2(splits), "ADVANCE": advance}
-        _eager(_COMBINE, (*key, advance), q, lambda meta: (kv_heads * groups, 1), args, constexprs)
+        _eager(_COMBINE, key, q, lambda meta: (kv_heads * groups, 1), args, constexprs)
     return out
 
 
 def _split_config(head: int) -> tuple[int, int]:
     """The split kernel's ``BLOCK_L`` and warps for a head size (``SPLIT_CONFIG`` where set)."""
-    return SPLIT_CONFIG.get(head, SPLIT_CONFIG.get(0, (BLOCK_L, SPLIT_WARPS)))
+    config = SPLIT_CONFIG.get(head, SPLIT_CONFIG.get(0))
+    if config is None:
+        return BLOCK_L, SPLIT_WARPS
+    block_l, warps = config
+    if block_l < 16 or block_l & (block_l - 1) or warps not in (1, 2, 4, 8, 16):
+        raise ValueError(
+            f"SPLIT_CONFIG for head size {head}: (BLOCK_L, warps) with BLOCK_L a power of two of at least 16 "
+            f"(tl.dot's smallest tile) and 1, 2, 4, 8 or 16 warps, got {config!r}"
+        )
+    return block_l, warps
 
 
 def counter_mismatch(counter, q: torch.Tensor) -> str | None:

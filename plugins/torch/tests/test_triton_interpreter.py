@@ -579,6 +579,10 @@ def test_the_decode_attention_split_configs_give_the_same_attention(kernels, mon
     monkeypatch.setitem(_attention.SPLIT_CONFIG, 32, config)
     out = dispatch.decode_attention(q, keys, values, row, 32**-0.5)
     assert _error(out, ref) < ROUNDING[torch.float16] and _error(default, ref) < ROUNDING[torch.float16]
+    # A config the kernel cannot compile is refused by name, before any launch.
+    monkeypatch.setitem(_attention.SPLIT_CONFIG, 32, (24, 2))
+    with pytest.raises(ValueError, match=r"SPLIT_CONFIG for head size 32: .* got \(24, 2\)"):
+        dispatch.decode_attention(q, keys, values, row, 32**-0.5)
 
 
 def _pinned_configs(kernels) -> list:
