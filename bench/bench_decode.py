@@ -44,11 +44,13 @@ function, and ``+attn`` (``bf16+attn``) runs any model's SDPA attention at one t
 kernels: the float baseline with the same attention. ``+autotune`` autotunes the interleaved
 int4 kernels at every shape, where by default the shapes ``INT4_INTERLEAVED_PINNED`` names run
 the config pinned for the card (``QUANTCORE_TRITON_PINNED=0``). ``+pdl`` launches torch_wo's
-one-row Triton kernels programmatically inside CUDA graphs (``QUANTCORE_TRITON_PDL``, Hopper and
-later), ``+inductor-pdl`` inductor's kernels (``TORCHINDUCTOR_ENABLE_PDL``); suffixes combine
-(``int8-torch+fused+pdl+inductor-pdl``, ``bf16+inductor-pdl``). ``+pdl+inductor-pdl`` is what a
-user gets from ``TORCHINDUCTOR_ENABLE_PDL=1`` (ours follow inductor's setting); each alone
-isolates one side. Without either, a method runs as the environment says (both off by default).
+Triton kernels programmatically inside CUDA graphs (``QUANTCORE_TRITON_PDL``, Hopper and later;
+``+pdl-early`` the same, each kernel letting the next launch right after its wait,
+``QUANTCORE_TRITON_PDL_TRIGGER=early``), ``+inductor-pdl`` inductor's kernels
+(``TORCHINDUCTOR_ENABLE_PDL``); suffixes combine (``int8-torch+fused+pdl+inductor-pdl``,
+``bf16+inductor-pdl``). ``+pdl+inductor-pdl`` is what a user gets from
+``TORCHINDUCTOR_ENABLE_PDL=1`` (ours follow inductor's setting); each alone isolates one side.
+Without either, a method runs as the environment says (both off by default).
 ``+head`` quantizes the output head too (``quantize(..., default_skips=False)``; it stays in
 bf16 by default, as in transformers).
 
@@ -102,7 +104,8 @@ def build_model(name: str, device: str, max_len: int):
     return model.eval()
 
 
-SUFFIXES = ("fused", "glu", "glu-down", "rope", "rope-sdpa", "attn", "autotune", "pdl", "inductor-pdl", "head")
+SUFFIXES = ("fused", "glu", "glu-down", "rope", "rope-sdpa", "attn", "autotune", "pdl", "pdl-early", "inductor-pdl")
+SUFFIXES += ("head",)
 # The suffixes that fold the rotary embedding into the q/k/v kernel.
 ROTARY = {"rope", "rope-sdpa"}
 # The suffixes that fuse projections, and where each runs the MLP's activation (fuse_projections' activation).
@@ -129,17 +132,29 @@ def launch_options(method: str):
             stack.enter_context(_decode_attention_for_sdpa())
         if "autotune" in suffixes:
             stack.enter_context(_autotuned())
-        if "pdl" in suffixes:
-            try:
-                from quantcore_torch import _triton
-            except ImportError as exc:
-                raise ValueError(f"{method}: +pdl needs Triton and CUDA ({exc})") from exc
-            stack.enter_context(_patched(_triton, "PDL", True))
+        if suffixes & {"pdl", "pdl-early"}:
+            stack.enter_context(_programmatic(method, "early" if "pdl-early" in suffixes else "late"))
         if "inductor-pdl" in suffixes:
             import torch._inductor.config
 
             stack.enter_context(torch._inductor.config.patch({"triton.enable_pdl": True}))
         yield
+
+
+@contextlib.contextmanager
+def _programmatic(method: str, trigger: str):
+    """torch_wo's kernels launched programmatically in CUDA graphs, with ``trigger``; the variants
+    earlier methods built (perhaps with the other trigger) are dropped on the way in and out."""
+    try:
+        from quantcore_torch import _triton
+    except ImportError as exc:
+        raise ValueError(f"{method}: +pdl needs Triton and CUDA ({exc})") from exc
+    _triton.forget_pdl_variants()
+    try:
+        with _patched(_triton, "PDL", True), _patched(_triton, "PDL_TRIGGER", trigger):
+            yield
+    finally:
+        _triton.forget_pdl_variants()
 
 
 @contextlib.contextmanager

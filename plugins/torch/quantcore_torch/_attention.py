@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton import _TAGS, _eager, _Launcher
+from ._triton import _TAGS, _eager, _gdc_done, _gdc_wait, _Launcher
 
 __all__ = ["counter_mismatch", "decode_attention", "decode_attention_mismatch"]
 
@@ -45,15 +45,19 @@ _NO_MASK, _BOOL_MASK, _ADDED_MASK = 0, 1, 2
 def _decode_attention_split_kernel(
     q_ptr, k_ptr, v_ptr, mask_ptr, m_ptr, l_ptr, acc_ptr, L, CHUNK, scale,
     G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_L: tl.constexpr, MASK: tl.constexpr,
+    USE_GDC: tl.constexpr = False,
 ):  # fmt: skip
     """Program ``(h, s)``: the ``G`` query heads of key/value head ``h`` against cache positions
     ``s * CHUNK`` to ``(s + 1) * CHUNK``, an online softmax over ``BLOCK_L`` positions a step;
-    writes the split's running max ``m``, sum ``l`` and unnormalized output ``acc`` (fp32)."""
+    writes the split's running max ``m``, sum ``l`` and unnormalized output ``acc`` (fp32).
+    ``USE_GDC``: a programmatic launch (``_triton.PDL``); every read waits, as the kernel before
+    (the q/k/v projection) writes q and the cache's newest position."""
     head = tl.program_id(0)
     split = tl.program_id(1)
     rg = tl.arange(0, BLOCK_G)
     rd = tl.arange(0, D)
     rows = rg < G
+    _gdc_wait(USE_GDC)
     q = tl.load(q_ptr + (head * G + rg)[:, None] * D + rd[None, :], mask=rows[:, None], other=0.0)
     m_i = tl.full((BLOCK_G,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_G,), tl.float32)
@@ -79,6 +83,7 @@ def _decode_attention_split_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
+    _gdc_done(USE_GDC)
     out = (head * tl.num_programs(1) + split) * G + rg
     tl.store(m_ptr + out, m_i, mask=rows)
     tl.store(l_ptr + out, l_i, mask=rows)
@@ -88,12 +93,13 @@ def _decode_attention_split_kernel(
 @triton.jit
 def _decode_attention_combine_kernel(
     m_ptr, l_ptr, acc_ptr, o_ptr, counter_ptr, SPLITS,
-    G: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr, ADVANCE: tl.constexpr,
+    G: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr, ADVANCE: tl.constexpr, USE_GDC: tl.constexpr = False,
 ):  # fmt: skip
     """Program ``h``: query head ``h``'s output from its splits, each weighed by ``exp(m - max m)``.
     ``ADVANCE``: program 0 also adds one to the cache's token count at ``counter_ptr`` (no other
-    program, and no kernel of this attention, reads it)."""
+    program, and no kernel of this attention, reads it). ``USE_GDC``: a programmatic launch."""
     h = tl.program_id(0)
+    _gdc_wait(USE_GDC)
     if ADVANCE:
         count = tl.load(counter_ptr)  # issued first: its latency hides behind the splits' loads
     rs = tl.arange(0, BLOCK_S)
@@ -108,13 +114,17 @@ def _decode_attention_combine_kernel(
     w = tl.exp(m - tl.where(top == float("-inf"), 0.0, top))
     total = tl.sum(l_s * w, 0)  # the softmax's denominator
     out = tl.sum(acc * w[:, None], 0) / total
+    _gdc_done(USE_GDC)
     tl.store(o_ptr + h * D + rd, out.to(o_ptr.dtype.element_ty))
     if ADVANCE:
         tl.store(counter_ptr, count + 1, mask=h == 0)
 
 
-_SPLIT = _Launcher(_decode_attention_split_kernel)
-_COMBINE = _Launcher(_decode_attention_combine_kernel)
+# Both launch programmatically in a captured graph where ``_triton.PDL`` is on (no weights to load
+# early: what they gain is their launch, hidden behind the kernel before, and the o projection's
+# weight loads issued during the combine).
+_SPLIT = _Launcher(_decode_attention_split_kernel, pdl=True)
+_COMBINE = _Launcher(_decode_attention_combine_kernel, pdl=True)
 
 
 def decode_attention_mismatch(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask) -> str | None:
@@ -166,13 +176,15 @@ def _decode_attention_launch(q, keys, values, mask, scale: float, counter=None) 
     aligned = tuple(t.data_ptr() % 16 == 0 for t in (q, keys, values, masks))
     key = (q.device.index, kv_heads, length, head, groups, q.dtype, masks.dtype, kind, block_l, warps, *aligned)
     if not _SPLIT.run_kept(key, args):
-        constexprs = {"G": groups, "D": head, "BLOCK_G": block_g, "BLOCK_L": block_l, "MASK": kind, "num_warps": warps}
+        constexprs = {"G": groups, "D": head, "BLOCK_G": block_g, "BLOCK_L": block_l, "MASK": kind, "USE_GDC": False}
+        constexprs["num_warps"] = warps
         _eager(_SPLIT, key, q, lambda meta: (kv_heads, splits), args, constexprs)
     advance = counter is not None
     args = (stats[0], stats[1], acc, out, counter if advance else stats, splits)
     key = (*key, advance)
     if not _COMBINE.run_kept(key, args):
-        constexprs = {"G": groups, "D": head, "BLOCK_S": triton.next_power_of_2(splits), "ADVANCE": advance}
+        block_s = triton.next_power_of_2(splits)
+        constexprs = {"G": groups, "D": head, "BLOCK_S": block_s, "ADVANCE": advance, "USE_GDC": False}
         _eager(_COMBINE, key, q, lambda meta: (kv_heads * groups, 1), args, constexprs)
     return out
 

@@ -223,6 +223,26 @@ def _row_input(x_ptr, kk, K, GLU: tl.constexpr):
         return tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
 
 
+# A programmatic launch's two points (see ``PDL``), by ``USE_GDC``: 0, an ordinary launch; 1, the
+# kernel waits for the one before and lets the next one launch once its own work is done; 2
+# (``PDL_TRIGGER = "early"``), it lets the next one launch as soon as its wait returns, so that the
+# next kernel's programs are resident and issue their weight loads while this one computes.
+@triton.jit
+def _gdc_wait(USE_GDC: tl.constexpr):
+    """Wait for the kernel before to complete and flush (its outputs are this kernel's inputs)."""
+    if USE_GDC:
+        tl.extra.cuda.gdc_wait()
+        if USE_GDC == 2:
+            tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def _gdc_done(USE_GDC: tl.constexpr):
+    """The late trigger: the next kernel may launch (it still waits for this one to complete)."""
+    if USE_GDC == 1:
+        tl.extra.cuda.gdc_launch_dependents()
+
+
 @triton.autotune(configs=_configs(INT8_ROW, "BLOCK_K"), key=["N", "K", "GLU", "GATE_UP"])
 @triton.jit
 def _int8_row_kernel(
@@ -256,7 +276,7 @@ def _int8_row_kernel(
                 w_ptr + rn[:, None] * stride_wn + kk[None, :], mask=n_mask[:, None] & (kk[None, :] < K), other=0
             )
             if k0 == 0:
-                tl.extra.cuda.gdc_wait()
+                _gdc_wait(USE_GDC)
             xk = _row_input(x_ptr, kk, K, GLU)
         else:  # the input first, the order these configs were tuned with
             xk = _row_input(x_ptr, kk, K, GLU)
@@ -264,8 +284,7 @@ def _int8_row_kernel(
                 w_ptr + rn[:, None] * stride_wn + kk[None, :], mask=n_mask[:, None] & (kk[None, :] < K), other=0
             )
         acc += _int8_to_float(w) * xk[None, :]
-    if USE_GDC:
-        tl.extra.cuda.gdc_launch_dependents()
+    _gdc_done(USE_GDC)
     out = tl.sum(acc, axis=1) * tl.load(s_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
     if GATE_UP:
         _store_gate_up(out, b_ptr, y_ptr, rn, n_mask, N, BLOCK_N, HAS_BIAS)
@@ -326,14 +345,13 @@ def _int4_row_kernel(
         )
         if USE_GDC:  # noqa: SIM102 - programmatic launch: the first weight tile loads before the wait
             if k0 == 0:
-                tl.extra.cuda.gdc_wait()
+                _gdc_wait(USE_GDC)
         xe, xo = _pair_to_float(tl.load(pairs + col, mask=col_mask, other=0), x_ptr.dtype.element_ty == tl.bfloat16)
         s, z = _group_params(s_ptr, z_ptr, rn, g, stride_sn, n_mask[:, None] & (g < groups)[None, :])
         lo, hi = _nibbles_to_float(byte)
         t = lo * xe[None, :, :] + hi * xo[None, :, :] - z[:, :, None] * (xe + xo)[None, :, :]
         acc += s[:, :, None] * t
-    if USE_GDC:
-        tl.extra.cuda.gdc_launch_dependents()
+    _gdc_done(USE_GDC)
     _store_row(tl.sum(tl.sum(acc, axis=2), axis=1), b_ptr, y_ptr, rn, n_mask, HAS_BIAS)
 
 
@@ -470,7 +488,7 @@ def _interleaved_rows(
             word = tl.load(w32 + row + col[:, None, :], mask=n_mask[None, :, None] & col_mask[:, None, :], other=0)
         if USE_GDC:  # noqa: SIM102 - programmatic launch: the first weight tile loads before the wait
             if k0 == 0:
-                tl.extra.cuda.gdc_wait()
+                _gdc_wait(USE_GDC)
         pair = pairs + g[:, None] * (GROUP // 2) + rj[None, :]  # byte i's pair: + i * WPG
         x0, x1 = _pair_to_float(tl.load(pair, mask=col_mask, other=0), BF16)
         x2, x3 = _pair_to_float(tl.load(pair + WPG, mask=col_mask, other=0), BF16)
@@ -498,8 +516,7 @@ def _interleaved_rows(
         acc += s[:, :, None] * t
         if PREFETCH:
             word = upcoming
-    if USE_GDC:
-        tl.extra.cuda.gdc_launch_dependents()
+    _gdc_done(USE_GDC)
     return tl.sum(tl.sum(acc, axis=2), axis=0)
 
 
@@ -908,6 +925,27 @@ def pdl_setting(environ=os.environ) -> bool:
 PDL = pdl_setting()
 
 
+def pdl_trigger_setting(environ=os.environ) -> str:
+    """``QUANTCORE_TRITON_PDL_TRIGGER``: where a programmatic kernel lets the next one launch,
+    ``late`` (after its weight is read and summed, the default) or ``early`` (right after its wait)."""
+    value = environ.get("QUANTCORE_TRITON_PDL_TRIGGER", "").strip() or "late"
+    if value not in ("late", "early"):
+        raise ValueError(f"QUANTCORE_TRITON_PDL_TRIGGER must be late or early, got {value!r}")
+    return value
+
+
+PDL_TRIGGER = pdl_trigger_setting()
+# Every launcher, so that a changed PDL_TRIGGER can drop the programmatic variants built before.
+_LAUNCHERS: list[_Launcher] = []
+
+
+def forget_pdl_variants() -> None:
+    """Drop every kept programmatic variant: the next call outside capture compiles it again
+    (after ``PDL_TRIGGER`` changed)."""
+    for launcher in _LAUNCHERS:
+        launcher.compiled = {key: hit._replace(pdl=None) for key, hit in launcher.compiled.items()}
+
+
 class _Entry(NamedTuple):
     """A key's compiled kernel, its grid and its constexpr arguments; ``pdl``: the same config
     compiled for programmatic dependent launch (``(kernel, constexprs)``), ``False`` where the GPU
@@ -939,6 +977,7 @@ class _Launcher:
         self.compiled: dict[tuple, _Entry] = {}
         self.direct = os.environ.get("QUANTCORE_TRITON_DIRECT", "1") != "0"
         self.pdl = pdl
+        _LAUNCHERS.append(self)
 
     def run_kept(self, key: tuple, args: tuple) -> bool:
         """Launch ``key``'s kept kernel, if there is one, ``key[0]`` (its device) is the current
@@ -1013,7 +1052,7 @@ class _Launcher:
         if torch.cuda.get_device_capability(key[0])[0] >= 9:
             try:  # the kept kernel's config: its constexprs (tail) and its compile options
                 names = self.jit.arg_names[len(args) :]
-                meta = {**dict(zip(names, hit.tail, strict=True)), "USE_GDC": True}
+                meta = {**dict(zip(names, hit.tail, strict=True)), "USE_GDC": 2 if PDL_TRIGGER == "early" else 1}
                 kept = hit.compiled.metadata
                 options = {"num_warps": kept.num_warps, "num_stages": kept.num_stages, "launch_pdl": True}
                 compiled = self.jit.warmup(*args, grid=(hit.grid0, hit.grid1), **meta, **options)

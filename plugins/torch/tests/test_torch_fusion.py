@@ -962,3 +962,46 @@ def test_rotary_in_the_qkv_kernel_on_cuda_eager_and_in_cuda_graphs(monkeypatch):
     for _ in range(2):  # recorded, then replayed on a fresh cache
         torch.testing.assert_close(static_decode(model, ids, steps=6, step=compiled), expected, rtol=2e-2, atol=2e-2)
     torch._dynamo.reset()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("trigger", ["late", "early"])
+def test_programmatic_launches_decode_a_folded_model_to_the_same_bits(trigger, monkeypatch):
+    # TORCHINDUCTOR_ENABLE_PDL=1's settings: inductor's kernels and ours (the q/k/v rotary kernel,
+    # the attention's two, the o, gate/up and down projections) launched programmatically in the
+    # captured graph of a compiled step, each letting the next one start early. The logits of
+    # every step are the ones the same graph gives with ordinary launches, bit for bit.
+    import torch._inductor.config
+    from quantcore_torch import kernels
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs Hopper or later")
+    triton_mod = kernels._TRITON
+    monkeypatch.setattr(kernels, "INT4_CUDA_KERNEL", "interleaved")
+    model = quantized_llama(4, 128, dtype=torch.bfloat16, device="cuda")
+    fuse_projections(model, activation=True)
+    assert fuse_projections(model, rotary=True).rotary == ATTENTIONS
+    ids = ids_for("cuda", length=7)
+
+    def step(model, token, cache, position):
+        return model(input_ids=token, past_key_values=cache, cache_position=position, use_cache=True).logits
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True)
+    static_decode(model, ids, steps=6, step=compiled)  # recorded
+    expected = static_decode(model, ids, steps=6, step=compiled)  # replayed
+    torch._dynamo.reset()
+    monkeypatch.setattr(triton_mod, "PDL", True)
+    monkeypatch.setattr(triton_mod, "PDL_TRIGGER", trigger)
+    triton_mod.forget_pdl_variants()
+    with torch._inductor.config.patch({"triton.enable_pdl": True}):
+        compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True)
+        for _ in range(2):
+            torch.testing.assert_close(static_decode(model, ids, steps=6, step=compiled), expected, rtol=0, atol=0)
+    built = [e for launcher in triton_mod._LAUNCHERS for e in launcher.compiled.values() if e.pdl]
+    names = {e.pdl[0].name for e in built}
+    for kernel in ("_int4_interleaved_rope_kernel", "_decode_attention_split_kernel", "_int4_interleaved_kernel"):
+        assert kernel in names, names
+    torch._dynamo.reset()
+    triton_mod.forget_pdl_variants()

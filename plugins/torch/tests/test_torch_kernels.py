@@ -246,8 +246,9 @@ def test_eager_launches_match_the_custom_op(kernel, rows, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("trigger", ["late", "early"])
 @pytest.mark.parametrize("kernel", ["int8", "int4", "int4-interleaved"])
-def test_programmatic_launches_in_a_graph_give_the_same_bits(kernel):
+def test_programmatic_launches_in_a_graph_give_the_same_bits(kernel, trigger):
     # With QUANTCORE_TRITON_PDL, a one-row kernel captured in a CUDA graph launches programmatically:
     # it loads its first weight tile before waiting for the kernel before it, which writes its
     # input. A chain of layers, each input made by the kernel just before: the replayed graph
@@ -279,15 +280,11 @@ def test_programmatic_launches_in_a_graph_give_the_same_bits(kernel):
     x = torch.randn(1, k, dtype=torch.bfloat16, device="cuda")
     with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
         patch.setattr(triton_mod, "PDL", True)
+        patch.setattr(triton_mod, "PDL_TRIGGER", trigger)
+        triton_mod.forget_pdl_variants()  # another case's trigger
         eager = run(x)  # keeps the kernel and compiles its programmatic variant
         torch.testing.assert_close(run(x), eager, rtol=0, atol=0)  # outside capture: launched as before
-        built = [entry for entry in launcher.compiled.values() if entry.pdl is not None]
-        assert built and all(entry.pdl for entry in built), "no programmatic variant was compiled"
-        assert all(e.pdl[0].metadata.launch_pdl and not e.compiled.metadata.launch_pdl for e in built)
-        launches = []
-        for entry in built:  # ``run`` is Triton's property over ``_run``, the launcher
-            run_pdl = entry.pdl[0].run
-            patch.setattr(entry.pdl[0], "_run", lambda *a, run_pdl=run_pdl: launches.append(1) or run_pdl(*a))
+        launches = _captured_launches(patch, [launcher])
         static_x = x.clone()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -307,6 +304,87 @@ def test_programmatic_launches_in_a_graph_give_the_same_bits(kernel):
             )
             graph.replay()
             torch.testing.assert_close(static_out, run(static_x), rtol=0, atol=0)
+    triton_mod.forget_pdl_variants()
+
+
+def _captured_launches(patch, launchers) -> list:
+    """A list that grows by one for each launch of a kept programmatic variant of ``launchers``."""
+    launches: list = []
+    for launcher in launchers:
+        built = [entry for entry in launcher.compiled.values() if entry.pdl is not None]
+        assert built and all(entry.pdl for entry in built), f"{launcher.jit.__name__}: no programmatic variant"
+        for entry in built:
+            assert entry.pdl[0].metadata.launch_pdl and not entry.compiled.metadata.launch_pdl
+            run_pdl = entry.pdl[0].run  # ``run`` is Triton's property over ``_run``, the launcher
+            patch.setattr(entry.pdl[0], "_run", lambda *a, run_pdl=run_pdl: launches.append(1) or run_pdl(*a))
+    return launches
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("trigger", ["late", "early"])
+def test_programmatic_attention_layers_in_a_graph_give_the_same_bits(trigger):
+    # A decode step's attention half, four layers deep, every kernel programmatic: the q/k/v
+    # rotary kernel writes q and the cache's newest position, the attention's split kernel reads
+    # them (after its wait), the combine kernel its splits, the o projection the combine's output,
+    # and the next layer's input comes from that. Replayed from a CUDA graph, eager's bits.
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs Hopper or later")
+    from quantcore_torch import _attention
+
+    triton_mod = kernels._TRITON
+    dev, dtype, k, heads, kv_heads, head, length, pos = "cuda", torch.bfloat16, 512, 8, 2, 64, 640, 301
+    nq, nkv = heads * head, kv_heads * head
+    layers = []
+    for i in range(4):
+        qkv = _module(nq + 2 * nkv, k, 4, 128, dtype, dev, bias=False)
+        o = _module(k, nq, 4, 128, dtype, dev, bias=False)
+        qkv.qweight.copy_(torch.roll(qkv.qweight, i, dims=0))
+        cache = torch.randn(2, 1, kv_heads, length, head, device=dev, dtype=dtype)
+        layouts = [kernels.int4_interleaved_layout(m.qweight, m.scale, m.zero, m.in_features, 128) for m in (qkv, o)]
+        layers.append((*layouts, cache))
+    angle = pos * torch.arange(head // 2, device=dev) / head
+    cos = torch.cat((angle.cos(), angle.cos())).to(dtype)
+    sin = torch.cat((angle.sin(), angle.sin())).to(dtype)
+    position = torch.tensor([pos], device=dev)
+    mask = (torch.arange(length, device=dev) <= pos).view(1, 1, 1, length)
+
+    def run(x):
+        for qkv, o, cache in layers:
+            q = triton_mod.int4_interleaved_qkv_rope(
+                x, qkv.weight, qkv.scales_and_zeros, 128, None, cos, sin, cache[0], cache[1], position, nq
+            )
+            attention = _attention.decode_attention(q, cache[0], cache[1], mask, head**-0.5)
+            x = triton_mod.int4_interleaved_mm(attention.view(1, nq), o.weight, o.scales_and_zeros, 128, None)
+        return x
+
+    launchers = (triton_mod._INT4_INTERLEAVED_ROPE, _attention._SPLIT, _attention._COMBINE)
+    launchers += (triton_mod._INT4_INTERLEAVED,)
+    x = torch.randn(1, k, dtype=dtype, device=dev)
+    with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(triton_mod, "PDL", True)
+        patch.setattr(triton_mod, "PDL_TRIGGER", trigger)
+        triton_mod.forget_pdl_variants()  # variants are built again for this test's shapes alone
+        eager = run(x)  # keeps the kernels and compiles their programmatic variants
+        torch.testing.assert_close(run(x), eager, rtol=0, atol=0)
+        launches = _captured_launches(patch, launchers)
+        static_x = x.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            run(static_x)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        launches.clear()
+        with torch.cuda.graph(graph):
+            static_out = run(static_x)
+        assert len(launches) == 4 * len(layers), "the captured graph did not launch the programmatic variants"
+        for seed in range(5):
+            generator = torch.Generator(dev).manual_seed(seed)
+            static_x.copy_(torch.randn(1, k, dtype=dtype, device=dev, generator=generator))
+            graph.replay()
+            torch.testing.assert_close(static_out, run(static_x), rtol=0, atol=0)
+    triton_mod.forget_pdl_variants()
 
 
 @pytest.mark.gpu

@@ -315,6 +315,24 @@ def test_programmatic_launch_follows_inductors_setting_unless_overridden(kernels
         setting({"QUANTCORE_TRITON_PDL": "yes"})
 
 
+def test_programmatic_trigger_is_late_unless_set_early(kernels):
+    trigger = kernels.pdl_trigger_setting
+    assert trigger({}) == "late" and trigger({"QUANTCORE_TRITON_PDL_TRIGGER": " "}) == "late"
+    assert trigger({"QUANTCORE_TRITON_PDL_TRIGGER": "early"}) == "early"
+    with pytest.raises(ValueError, match="QUANTCORE_TRITON_PDL_TRIGGER must be late or early, got 'soon'"):
+        trigger({"QUANTCORE_TRITON_PDL_TRIGGER": "soon"})
+
+
+def test_forgetting_programmatic_variants_keeps_the_kernels(kernels, monkeypatch):
+    # A changed trigger drops the programmatic variants built with the old one, never a kept kernel.
+    launcher = kernels._INT4_INTERLEAVED
+    entry = kernels._Entry("compiled", 4, 1, (128,), pdl=("variant", (128, 1)))
+    monkeypatch.setattr(launcher, "compiled", {("key",): entry, ("other",): entry._replace(pdl=False)})
+    assert launcher in kernels._LAUNCHERS
+    kernels.forget_pdl_variants()
+    assert launcher.compiled == {("key",): entry._replace(pdl=None), ("other",): entry._replace(pdl=None)}
+
+
 # The interpreter's float-to-bf16 conversion truncates (see above): the dequantize kernels are
 # checked bit for bit in fp16 and fp32 here, in bf16 by the GPU tests.
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
