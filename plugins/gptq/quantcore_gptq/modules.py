@@ -224,10 +224,8 @@ def _int4_runtime(module: GPTQLinear, dtype: torch.dtype) -> _Int4Runtime | None
         layout = None
         if qweight.device.type == "cpu":
             layout = int4_kernels.int4_cpu_layout(packed, scale, zero, module.in_features, size, dtype)
-        elif qweight.is_cuda and int4_kernels.INT4_CUDA_KERNEL == "tinygemm":
-            layout = int4_kernels.int4_tinygemm_layout(packed, scale, zero, module.in_features, size)
-        elif qweight.is_cuda and int4_kernels.INT4_CUDA_KERNEL == "interleaved":
-            layout = int4_kernels.int4_interleaved_layout(packed, scale, zero, module.in_features, size)
+        elif qweight.is_cuda:
+            layout = int4_kernels.int4_cuda_layout(packed, scale, zero, module.in_features, size, dtype)
         runtime = _Int4Runtime(key, packed, scale, zero, size, layout)
     module.__dict__["_int4"] = (key, runtime)
     return runtime

@@ -10,13 +10,13 @@ format       CPU                                                CUDA (``M`` = ro
 int8         ``torch._weight_int8pack_mm`` (the stored int8     Triton kernel on the stored tensors for
              weight as it is; fp32 / fp16 / bf16;              ``M <= SMALL_BATCH``, fp16 / bf16
              ``in_features % 64 == 0``; ``M <= SMALL_BATCH``)
-int4         ``torch._weight_int4pack_mm_for_cpu`` on a         tinygemm (``torch._weight_int4pack_mm``)
-             kernel layout built by :func:`int4_cpu_layout`     on :func:`int4_tinygemm_layout`, bf16,
-             (``out_features % 16 == 0``, a kernel group of     ``M <= SMALL_BATCH``; else the Triton
-             32..256 columns dividing ``in_features``;          kernel on the stored tensors (fp16 too).
-             ``M <= CPU_INT4_ROWS``)                            ``INT4_CUDA_KERNEL == "interleaved"``:
-                                                                ``M == 1`` on
-                                                                :func:`int4_interleaved_layout`
+int4         ``torch._weight_int4pack_mm_for_cpu`` on a         ``M == 1``: Triton kernel on
+             kernel layout built by :func:`int4_cpu_layout`     :func:`int4_interleaved_layout`, fp16 /
+             (``out_features % 16 == 0``, a kernel group of     bf16; ``M <= SMALL_BATCH``: Triton
+             32..256 columns dividing ``in_features``;          ``tl.dot`` kernel on the stored tensors.
+             ``M <= CPU_INT4_ROWS``)                            ``INT4_CUDA_KERNEL == "tinygemm"`` (or
+                                                                no interleaved layout): tinygemm on
+                                                                :func:`int4_tinygemm_layout` for bf16
 ===========  =================================================  ========================================
 
 A gated MLP's activation can run inside a kernel at batch-1 decode, one launch fewer a layer:
@@ -67,6 +67,7 @@ __all__ = [
     "gated_input",
     "int4_cpu_layout",
     "int4_cuda_kernel_setting",
+    "int4_cuda_layout",
     "int4_gate_up_linear",
     "int4_interleaved_layout",
     "int4_kernel_group",
@@ -99,16 +100,19 @@ def int4_kernel_rows(device: torch.device) -> int:
     return CPU_INT4_ROWS if device.type == "cpu" else SMALL_BATCH
 
 
-#: The kernel the CUDA int4 path uses: ``"tinygemm"`` (``torch._weight_int4pack_mm``, bf16 only, a
-#: second copy of the packed weight in its layout; fp16 takes the Triton kernels), ``"interleaved"``
-#: (one row through the Triton kernel on :func:`interleave_int4`'s layout, a second copy too; fp16 and
-#: bf16; more rows read the stored tensors) or ``"triton"`` (the stored tensors only, no extra memory).
+#: The kernel the CUDA int4 path uses: ``"interleaved"`` (the default: one row through the Triton
+#: kernel on :func:`interleave_int4`'s layout, a second copy of the packed weight; fp16 and bf16;
+#: more rows read the stored tensors; where the layout can't be built, tinygemm's for bf16),
+#: ``"tinygemm"`` (``torch._weight_int4pack_mm``, bf16 only, a second copy in its layout; fp16 takes
+#: the Triton kernels) or ``"triton"`` (the stored tensors only, no extra memory). On an H100 the
+#: interleaved kernels beat tinygemm at batch 1 (a 7B Llama 6 % faster) and batch 16 (a 1.1B Llama
+#: 5,141 against 4,768 tok/s), and only they take the fused gate/up activation and the rotary fold.
 INT4_CUDA_KERNELS = ("tinygemm", "interleaved", "triton")
 
 
 def int4_cuda_kernel_setting(environ=os.environ) -> str:
-    """``QUANTCORE_INT4_CUDA_KERNEL`` (one of :data:`INT4_CUDA_KERNELS`), ``"tinygemm"`` where unset."""
-    value = environ.get("QUANTCORE_INT4_CUDA_KERNEL", "").strip() or "tinygemm"
+    """``QUANTCORE_INT4_CUDA_KERNEL`` (one of :data:`INT4_CUDA_KERNELS`), ``"interleaved"`` where unset."""
+    value = environ.get("QUANTCORE_INT4_CUDA_KERNEL", "").strip() or "interleaved"
     if value not in INT4_CUDA_KERNELS:
         raise ValueError(f"QUANTCORE_INT4_CUDA_KERNEL must be one of {', '.join(INT4_CUDA_KERNELS)}, got {value!r}")
     return value
@@ -366,6 +370,20 @@ def int4_tinygemm_layout(
     weight = torch.ops.aten._convert_weight_to_int4pack(swapped.contiguous(), inner_k_tiles)
     sz = _kernel_scales_and_zeros(scale, zero, in_features, group_size, kernel_group, torch.bfloat16)
     return Int4Layout("tinygemm", weight, sz, kernel_group)
+
+
+def int4_cuda_layout(
+    packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, in_features: int, group_size: int, dtype: torch.dtype
+) -> Int4Layout | None:
+    """The CUDA layout :data:`INT4_CUDA_KERNEL` asks for, for activations in ``dtype``; ``None`` where
+    no kernel needs one (``"triton"``, fp16 with ``"tinygemm"``) or none can be built. Where the
+    interleaved layout can't be built (no Triton, a group it does not take), bf16 takes tinygemm's."""
+    layout = None
+    if INT4_CUDA_KERNEL == "interleaved" and dtype in _HALF:
+        layout = int4_interleaved_layout(packed, scale, zero, in_features, group_size)
+    if layout is None and INT4_CUDA_KERNEL != "triton" and dtype == torch.bfloat16:
+        layout = int4_tinygemm_layout(packed, scale, zero, in_features, group_size)
+    return layout
 
 
 #: Group sizes the interleaved layout takes (its kernel tiles whole groups of 32-bit words).

@@ -106,16 +106,9 @@ class KernelLayoutMixin(nn.Module):
                 self.qweight, self.scale, self.zero, self.in_features, self.group_size, dtype
             )
         elif self.qweight.is_cuda:
-            choice = kernels.INT4_CUDA_KERNEL
-            if choice == "tinygemm" and dtype == torch.bfloat16:
-                # tinygemm takes bf16 activations only; fp16 uses the Triton kernels, which need no layout.
-                self.kernel_layout = kernels.int4_tinygemm_layout(
-                    self.qweight, self.scale, self.zero, self.in_features, self.group_size
-                )
-            elif choice == "interleaved" and dtype in (torch.float16, torch.bfloat16):
-                self.kernel_layout = kernels.int4_interleaved_layout(
-                    self.qweight, self.scale, self.zero, self.in_features, self.group_size
-                )
+            self.kernel_layout = kernels.int4_cuda_layout(
+                self.qweight, self.scale, self.zero, self.in_features, self.group_size, dtype
+            )
             if self.kernel_layout is not None:
                 # CUDA graphs would copy a plain tensor input at every replay; this one never changes.
                 torch._dynamo.mark_static_address(self.kernel_layout.weight)

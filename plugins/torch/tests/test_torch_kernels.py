@@ -66,7 +66,7 @@ def test_interleave_int4_puts_each_code_where_the_kernel_reads_it(k, group):
 
 
 def test_the_cuda_int4_kernel_setting_is_checked():
-    assert kernels.int4_cuda_kernel_setting({}) == "tinygemm"
+    assert kernels.int4_cuda_kernel_setting({}) == "interleaved"
     for choice in kernels.INT4_CUDA_KERNELS:
         assert kernels.int4_cuda_kernel_setting({"QUANTCORE_INT4_CUDA_KERNEL": f" {choice} "}) == choice
     with pytest.raises(ValueError, match="must be one of tinygemm, interleaved, triton, got 'interleave'"):
@@ -425,6 +425,25 @@ def test_interleaved_layout_matches_the_reference(n, k, group, dtype, monkeypatc
         compiled = torch.compile(module, fullgraph=True)
         torch.testing.assert_close(compiled(x), direct, rtol=0, atol=0)
     assert _module(48, 136, 4, 16, dtype, "cuda").kernel_layout is None  # a group the layout cannot take
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_default_cuda_int4_layout_is_interleaved_else_tinygemm(monkeypatch):
+    # Unset, QUANTCORE_INT4_CUDA_KERNEL means the interleaved layout; a layer it cannot take (K not
+    # a multiple of the group, as SmolLM2's 576 inputs in groups of 128) runs tinygemm in bf16 and
+    # the Triton kernel on the stored tensors in fp16.
+    monkeypatch.setattr(kernels, "INT4_CUDA_KERNEL", kernels.int4_cuda_kernel_setting({}))
+    for dtype in (torch.float16, torch.bfloat16):
+        assert _module(256, 1024, 4, 128, dtype, "cuda").kernel_layout.kind == "interleaved"
+    ragged = _module(192, 576, 4, 128, torch.bfloat16, "cuda")
+    assert ragged.kernel_layout.kind == "tinygemm" and ragged.kernel_layout.group_size == 64
+    assert _module(192, 576, 4, 128, torch.float16, "cuda").kernel_layout is None
+    for dtype in (torch.float16, torch.bfloat16):
+        module = _module(192, 576, 4, 128, dtype, "cuda")
+        x = torch.randn(1, 576, dtype=dtype, device="cuda")
+        with torch.no_grad():
+            assert relative_error(module(x), module.reference_forward(x)) < ROUNDING[dtype]
 
 
 @pytest.mark.gpu
