@@ -31,7 +31,7 @@ random Llama, for smoke tests).
 
 A method suffix ``@triton``, ``@interleaved`` or ``@tinygemm`` (``int4-torch@interleaved``) picks the
 kernel torch_wo int4 runs on CUDA (``QUANTCORE_INT4_CUDA_KERNEL``, for the quantization and the
-fusion), to compare them. A suffix ``+fused``
+fusion; without one, the environment's, ``interleaved`` where unset), to compare them. A suffix ``+fused``
 (``int8-torch+fused``, ``int4-torch@triton+fused``) also runs ``quantcore_torch.fuse_projections``
 on the quantized model: q/k/v and gate/up as one kernel call each; ``+glu`` (``int8-torch+glu``,
 ``int4-torch@interleaved+glu``) does that and runs each MLP's activation in the fused gate/up

@@ -23,9 +23,9 @@ op layer, then the autotuner) cost about 130 µs a call on an H200 host, against
 bf16 ``F.linear``, which made every eager decode step slower than bf16's.
 
 With ``TORCHINDUCTOR_ENABLE_PDL=1`` (inductor's programmatic launches; ``QUANTCORE_TRITON_PDL``
-overrides it for these kernels alone), the one-row kernels captured in a CUDA graph launch
-programmatically on Hopper and later, their first weight tile loaded before they wait on the
-kernel before (see ``PDL``).
+overrides it for these kernels alone), the one-row kernels (and the decode attention's) captured
+in a CUDA graph launch programmatically on Hopper and later, their first weight tile loaded
+before they wait on the kernel before (see ``PDL``; ``PDL_TRIGGER`` for when the next may launch).
 
 Under ``torch.compile`` they are the custom ops ``quantcore_torch::int8_mm`` and
 ``quantcore_torch::int4_mm``: opaque to inductor, which calls them as they are, so a compiled model
@@ -916,6 +916,9 @@ def _no_hook(hook) -> bool:
 # took 1.37 ms with ours alone against 1.33 ms without, 1.21-1.23 ms with both against 1.31 ms
 # with inductor's alone (docs/benchmarks.md). So it follows inductor's setting, read from the
 # environment once (a per-call read of inductor's config would cost eager calls about 2 us each).
+# The q/k/v rotary kernel and the decode attention's two (quantcore_torch._attention) launch so
+# too. With both settings an int4 1.1B Llama's folded step took 0.727 against 0.772 ms, but a 7B
+# one's 2.557 against 2.489 ms (fifteenth run): off unless asked for.
 def pdl_setting(environ=os.environ) -> bool:
     """``QUANTCORE_TRITON_PDL`` (``1`` or ``0``) where set, else inductor's ``TORCHINDUCTOR_ENABLE_PDL``."""
     ours = _switch(environ, "QUANTCORE_TRITON_PDL")
