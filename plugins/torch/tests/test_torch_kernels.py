@@ -176,14 +176,25 @@ def test_inductor_compile_on_cpu(preset):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_triton_kernels_are_the_ones_that_run_on_cuda():
-    # fp16: tinygemm takes bf16 only, so the Triton kernel runs.
+def test_triton_kernels_are_the_ones_that_run_on_cuda(monkeypatch):
+    # fp16, one row: the interleaved kernel by default; the kernel on the stored tensors with
+    # "triton", and with "tinygemm" (which takes bf16 only).
     assert kernels.triton_available()
-    module = _module(64, 256, 4, 128, torch.float16, "cuda")
     x = torch.randn(1, 256, dtype=torch.float16, device="cuda")
-    with torch.no_grad():  # with gradients on, the trainable bias is added after the kernel
-        direct = torch.ops.quantcore_torch.int4_mm(x, module.qweight, module.scale, module.zero, 128, module.bias)
-        torch.testing.assert_close(module(x), direct, rtol=0, atol=0)
+    for choice in ("interleaved", "triton", "tinygemm"):
+        monkeypatch.setattr(kernels, "INT4_CUDA_KERNEL", choice)
+        module = _module(64, 256, 4, 128, torch.float16, "cuda")
+        with torch.no_grad():  # with gradients on, the trainable bias is added after the kernel
+            if choice == "interleaved":
+                layout = module.kernel_layout
+                direct = torch.ops.quantcore_torch.int4_interleaved_mm(
+                    x, layout.weight, layout.scales_and_zeros, 128, module.bias
+                )
+            else:
+                assert module.kernel_layout is None
+                stored = (module.qweight, module.scale, module.zero)
+                direct = torch.ops.quantcore_torch.int4_mm(x, *stored, 128, module.bias)
+            torch.testing.assert_close(module(x), direct, rtol=0, atol=0)
 
 
 @pytest.mark.gpu
@@ -198,6 +209,8 @@ def test_eager_launches_match_the_custom_op(kernel, rows, monkeypatch):
         if rows > 1:
             pytest.skip("the interleaved layout serves one row (more rows read the stored tensors)")
         monkeypatch.setattr(kernels, "INT4_CUDA_KERNEL", "interleaved")
+    else:  # int4: the kernel on the stored tensors, for one row too
+        monkeypatch.setattr(kernels, "INT4_CUDA_KERNEL", "triton")
     triton_mod = kernels._TRITON
     n, k = 320, 512
     module = _module(n, k, 8 if kernel == "int8" else 4, 128, torch.float16, "cuda")
@@ -449,13 +462,18 @@ def test_the_default_cuda_int4_layout_is_interleaved_else_tinygemm(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("preset", ["int8-torch", "int4-torch"])
-def test_cuda_graphs_and_the_static_cache(preset):
-    # generate(cache_implementation="static") with the forward under reduce-overhead (CUDA graphs).
+def test_cuda_graphs_and_the_static_cache(preset, device="cuda"):
+    # generate(cache_implementation="static") compiles the decode steps itself, here fullgraph
+    # under reduce-overhead (CUDA graphs); the prefill runs eagerly, so the cache's tensors are
+    # made outside the graphs. (Compiling model.forward instead puts the prefill, and the cache's
+    # lazy allocation, inside a CUDA graph, whose next run overwrites it: transformers 5.17 fails.)
+    from transformers import CompileConfig
+
     from quantcore.cli import resolve_method
 
-    model = _tiny_llama("cuda")
+    model = _tiny_llama(device)
     quantcore.quantize(model, resolve_method(preset), progress=False)
-    ids = torch.randint(0, 512, (1, 12), device="cuda")
+    ids = torch.randint(0, 512, (1, 12), device=device)
     kwargs = dict(
         max_new_tokens=8,
         do_sample=False,
@@ -464,10 +482,14 @@ def test_cuda_graphs_and_the_static_cache(preset):
         output_logits=True,
     )
     with torch.no_grad():
-        eager = model.generate(ids, **kwargs)
+        eager = model.generate(ids, **kwargs, disable_compile=True)
+        assert not hasattr(model, "_compiled_call")
         torch._dynamo.reset()
-        model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+        config = CompileConfig(fullgraph=True, mode="reduce-overhead")
+        config._compile_all_devices = device != "cuda"  # transformers' flag to compile on the CPU (checked there)
+        model.generation_config.compile_config = config
         recorded = model.generate(ids, **kwargs)
+        assert hasattr(model, "_compiled_call"), "generate did not compile the decode steps"
         replayed = model.generate(ids, **kwargs)
     # A random model's greedy tokens sit on near-ties, so compiled and eager may part ways after a
     # few tokens (bf16 rounding); the first step's logits must agree, and replays must repeat exactly.
@@ -475,6 +497,7 @@ def test_cuda_graphs_and_the_static_cache(preset):
     assert torch.equal(replayed.sequences, recorded.sequences)
     for a, b in zip(replayed.logits, recorded.logits, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch._dynamo.reset()
 
 
 @pytest.mark.gpu
