@@ -141,14 +141,20 @@ def launch_options(method: str):
         yield
 
 
+def _triton_for(what: str):
+    """quantcore_torch's Triton kernels module, which ``what`` needs; a ValueError without it."""
+    try:
+        from quantcore_torch import _triton
+    except ImportError as exc:
+        raise ValueError(f"{what} needs Triton and CUDA ({exc})") from exc
+    return _triton
+
+
 @contextlib.contextmanager
 def _programmatic(method: str, trigger: str):
     """torch_wo's kernels launched programmatically in CUDA graphs, with ``trigger``; the variants
     earlier methods built (perhaps with the other trigger) are dropped on the way in and out."""
-    try:
-        from quantcore_torch import _triton
-    except ImportError as exc:
-        raise ValueError(f"{method}: +pdl needs Triton and CUDA ({exc})") from exc
+    _triton = _triton_for(f"{method}: +pdl")
     _triton.forget_pdl_variants()
     try:
         with _patched(_triton, "PDL", True), _patched(_triton, "PDL_TRIGGER", trigger):
@@ -162,10 +168,7 @@ def _autotuned():
     """The interleaved int4 kernels autotuned for every shape, the pinned configs set aside
     (``QUANTCORE_TRITON_PINNED=0``); the tuning kept by earlier methods is dropped on the way in
     and out, so that each side tunes for itself."""
-    try:
-        from quantcore_torch import _triton
-    except ImportError as exc:
-        raise ValueError(f"+autotune needs Triton and CUDA ({exc})") from exc
+    _triton = _triton_for("+autotune")
 
     def forget():
         for launcher in (_triton._INT4_INTERLEAVED, _triton._INT4_INTERLEAVED_ROPE):

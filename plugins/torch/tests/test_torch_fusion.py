@@ -726,19 +726,20 @@ def _static_cache(model, length: int):
         return transformers.StaticCache(config=model.config, max_batch_size=1, max_cache_len=length)
 
 
+def decode_step(model, token, cache, position):
+    """One forward on the static ``cache`` at ``position``: its logits (what a test compiles)."""
+    return model(input_ids=token, past_key_values=cache, cache_position=position, use_cache=True).logits
+
+
 def static_decode(model, ids, steps: int, step=None) -> torch.Tensor:
     """Greedy decoding with transformers' static cache, gpt-fast style: the prompt's prefill, then
     ``steps`` one-token steps (through ``step(model, token, cache, position)`` where given); the
     last position's logits of every call, ``[1, steps + 1, vocab]``."""
     cache = _static_cache(model, ids.shape[1] + steps)
-
-    def plain(model, token, cache, position):
-        return model(input_ids=token, past_key_values=cache, cache_position=position, use_cache=True).logits
-
-    step = step or plain
+    step = step or decode_step
     out = []
     with torch.no_grad():
-        last = plain(model, ids, cache, torch.arange(ids.shape[1], device=ids.device))[:, -1:]
+        last = decode_step(model, ids, cache, torch.arange(ids.shape[1], device=ids.device))[:, -1:]
         out.append(last)
         for i in range(steps):
             position = torch.tensor([ids.shape[1] + i], device=ids.device)
@@ -956,10 +957,7 @@ def test_rotary_in_the_qkv_kernel_on_cuda_eager_and_in_cuda_graphs(monkeypatch):
     assert len(folded) == 6 * len(ATTENTIONS)
     torch._dynamo.reset()
 
-    def step(model, token, cache, position):
-        return model(input_ids=token, past_key_values=cache, cache_position=position, use_cache=True).logits
-
-    compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True)
+    compiled = torch.compile(decode_step, mode="reduce-overhead", fullgraph=True)
     for _ in range(2):  # recorded, then replayed on a fresh cache
         torch.testing.assert_close(static_decode(model, ids, steps=6, step=compiled), expected, rtol=2e-2, atol=2e-2)
     torch._dynamo.reset()
@@ -985,11 +983,8 @@ def test_programmatic_launches_decode_a_folded_model_to_the_same_bits(trigger, m
     assert fuse_projections(model, rotary=True).rotary == ATTENTIONS
     ids = ids_for("cuda", length=7)
 
-    def step(model, token, cache, position):
-        return model(input_ids=token, past_key_values=cache, cache_position=position, use_cache=True).logits
-
     torch._dynamo.reset()
-    compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True)
+    compiled = torch.compile(decode_step, mode="reduce-overhead", fullgraph=True)
     static_decode(model, ids, steps=6, step=compiled)  # recorded
     expected = static_decode(model, ids, steps=6, step=compiled)  # replayed
     torch._dynamo.reset()
@@ -997,7 +992,7 @@ def test_programmatic_launches_decode_a_folded_model_to_the_same_bits(trigger, m
     monkeypatch.setattr(triton_mod, "PDL_TRIGGER", trigger)
     triton_mod.forget_pdl_variants()
     with torch._inductor.config.patch({"triton.enable_pdl": True}):
-        compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True)
+        compiled = torch.compile(decode_step, mode="reduce-overhead", fullgraph=True)
         for _ in range(2):
             torch.testing.assert_close(static_decode(model, ids, steps=6, step=compiled), expected, rtol=0, atol=0)
     built = [e for launcher in triton_mod._LAUNCHERS for e in launcher.compiled.values() if e.pdl]

@@ -298,26 +298,30 @@ def test_programmatic_launches_in_a_graph_give_the_same_bits(kernel, trigger):
         eager = run(x)  # keeps the kernel and compiles its programmatic variant
         torch.testing.assert_close(run(x), eager, rtol=0, atol=0)  # outside capture: launched as before
         launches = _captured_launches(patch, [launcher])
-        static_x = x.clone()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            run(static_x)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        launches.clear()
-        with torch.cuda.graph(graph):
-            static_out = run(static_x)
-        assert len(launches) == len(layers), "the captured graph did not launch the programmatic variant"
-        for seed in range(5):
-            static_x.copy_(
-                torch.randn(
-                    1, k, dtype=torch.bfloat16, device="cuda", generator=torch.Generator("cuda").manual_seed(seed)
-                )
-            )
-            graph.replay()
-            torch.testing.assert_close(static_out, run(static_x), rtol=0, atol=0)
+        _assert_replays_match_eager(run, x, launches, len(layers))
     triton_mod.forget_pdl_variants()
+
+
+def _assert_replays_match_eager(run, x: torch.Tensor, launches: list, programmatic: int) -> None:
+    """``run`` captured in a CUDA graph (after a warm-up on a side stream) launches ``programmatic``
+    kept programmatic variants (counted in ``launches``), and each replay on a new input gives
+    eager's bits for it."""
+    static_x = x.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run(static_x)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    launches.clear()
+    with torch.cuda.graph(graph):
+        static_out = run(static_x)
+    assert len(launches) == programmatic, "the captured graph did not launch the programmatic variants"
+    for seed in range(5):
+        generator = torch.Generator(x.device).manual_seed(seed)
+        static_x.copy_(torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator))
+        graph.replay()
+        torch.testing.assert_close(static_out, run(static_x), rtol=0, atol=0)
 
 
 def _captured_launches(patch, launchers) -> list:
@@ -381,22 +385,7 @@ def test_programmatic_attention_layers_in_a_graph_give_the_same_bits(trigger):
         eager = run(x)  # keeps the kernels and compiles their programmatic variants
         torch.testing.assert_close(run(x), eager, rtol=0, atol=0)
         launches = _captured_launches(patch, launchers)
-        static_x = x.clone()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            run(static_x)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        launches.clear()
-        with torch.cuda.graph(graph):
-            static_out = run(static_x)
-        assert len(launches) == 4 * len(layers), "the captured graph did not launch the programmatic variants"
-        for seed in range(5):
-            generator = torch.Generator(dev).manual_seed(seed)
-            static_x.copy_(torch.randn(1, k, dtype=dtype, device=dev, generator=generator))
-            graph.replay()
-            torch.testing.assert_close(static_out, run(static_x), rtol=0, atol=0)
+        _assert_replays_match_eager(run, x, launches, 4 * len(layers))
     triton_mod.forget_pdl_variants()
 
 
