@@ -52,8 +52,7 @@ Triton kernels programmatically inside CUDA graphs (``QUANTCORE_TRITON_PDL``, Ho
 ``TORCHINDUCTOR_ENABLE_PDL=1`` (ours follow inductor's setting); each alone isolates one side.
 Without either, a method runs as the environment says (both off by default).
 ``+head`` quantizes the output head too (``quantize(..., default_skips=False)``; it stays in
-bf16 by default, as in transformers). ``+l2`` links each int4 layer to the next
-(``quantcore_torch.link_lookahead``): its interleaved kernel asks L2 for the next weight.
+bf16 by default, as in transformers).
 
 Usage::
 
@@ -106,7 +105,7 @@ def build_model(name: str, device: str, max_len: int):
 
 
 SUFFIXES = ("fused", "glu", "glu-down", "rope", "rope-sdpa", "attn", "autotune", "pdl", "pdl-early", "inductor-pdl")
-SUFFIXES += ("head", "l2")
+SUFFIXES += ("head",)
 # The suffixes that fold the rotary embedding into the q/k/v kernel.
 ROTARY = {"rope", "rope-sdpa"}
 # The suffixes that fuse projections, and where each runs the MLP's activation (fuse_projections' activation).
@@ -223,7 +222,7 @@ def make_variant(base, method: str):
     """A copy of ``base`` quantized with the preset ``method`` (``bf16``: the copy as it is)."""
     spec, suffixes = split_method(method)
     if spec == "bf16":
-        if suffixes & {*FUSING, *ROTARY, "head", "l2"}:
+        if suffixes & {*FUSING, *ROTARY, "head"}:
             raise ValueError(f"{method}: bf16 has no quantized projections to fuse or output head to quantize")
         return copy.deepcopy(base)
     import quantcore
@@ -260,11 +259,6 @@ def make_variant(base, method: str):
                 for module in model.modules():
                     if hasattr(module, "_quantcore_rotary"):
                         module._quantcore_rotary = module._quantcore_rotary._replace(own_attention=False)
-        if "l2" in suffixes:
-            from quantcore_torch import link_lookahead
-
-            if not link_lookahead(model):
-                raise ValueError(f"{method}: no int4 layers to link")
     return model
 
 

@@ -28,7 +28,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 from pathlib import Path
@@ -251,8 +250,7 @@ def shape_cases(
         for t in w.interleaved:
             sz = t.scales_and_zeros
             interleaved_args.append(
-                # the L2 lookahead's pointer and line count last: none asked for
-                (t.weight, sz, sz, (t.weight.stride(0), sz.stride(1), sz.stride(0), _triton.INT4_MAGIC, t.weight, 0))
+                (t.weight, sz, sz, (t.weight.stride(0), sz.stride(1), sz.stride(0), _triton.INT4_MAGIC))
             )
         # Every one-row int4 config, forced: (label, kernel, table, per-copy arguments; the bias slot unused)
         for label, kernel, table, copies in (
@@ -330,47 +328,16 @@ def run_shapes(
     return rows
 
 
-STACK_METHODS = ("bf16", "int8", "int4-triton", "int4-tinygemm", "int4-interleaved", "int4-interleaved+l2")
-# The L2 lookahead's ways of asking (quantcore_torch._triton.AHEAD_MODE), by suffix.
-AHEAD_MODES = {"int4-interleaved+l2-lines": 1, "int4-interleaved+l2-bulk": 2, "int4-interleaved+l2-end": 3}
-STACK_METHODS += tuple(AHEAD_MODES)
-
-
-def _ahead_call(x: torch.Tensor, layout, following):
-    """The interleaved kernel on ``layout``, asking L2 for ``following``'s weight (``None``: none)."""
-    from quantcore_torch import kernels
-
-    ahead = None if following is None else following.weight
-    return lambda: kernels._TRITON.int4_interleaved_mm(
-        x, layout.weight, layout.scales_and_zeros, layout.group_size, None, ahead
-    )
-
-
-@contextlib.contextmanager
-def _ahead_mode(mode: int | None):
-    """``quantcore_torch._triton.AHEAD_MODE`` set to ``mode`` (``None``: as it is) while timing."""
-    if mode is None:
-        yield
-        return
-    from quantcore_torch import _triton
-
-    kept, _triton.AHEAD_MODE = _triton.AHEAD_MODE, mode
-    try:
-        yield
-    finally:
-        _triton.AHEAD_MODE = kept
-
-
-def run_stack(model: str, bandwidth: float, fused: bool, methods=STACK_METHODS) -> dict:
+def run_stack(model: str, bandwidth: float, fused: bool) -> dict:
     """Every linear of a decode step, each with its own weight, in one graph, per method.
     ``fused``: the quantized methods run the fused projections' shapes; bf16 runs transformers'."""
     from quantcore_torch import kernels
     from quantcore_torch.packing import quantize_int4, quantize_int8
 
     result = {}
-    for method in methods:
+    for method in ("bf16", "int8", "int4-triton", "int4-tinygemm", "int4-interleaved"):
         layers, shapes = linears(model, fused and method != "bf16")
-        calls, nbytes, layouts = [], 0, []
+        calls, nbytes = [], 0
         xs = {k: torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for _, k in shapes}
         for _ in range(layers):
             for n, k in shapes:
@@ -388,13 +355,11 @@ def run_stack(model: str, bandwidth: float, fused: bool, methods=STACK_METHODS) 
                     layout = None
                     if method == "int4-tinygemm":
                         layout = kernels.int4_tinygemm_layout(p, s, z, k, GROUP)
-                    elif method.startswith("int4-interleaved"):
+                    elif method == "int4-interleaved":
                         layout = kernels.int4_interleaved_layout(p, s, z, k, GROUP)
                     if layout is None and method != "int4-triton":
                         raise RuntimeError(f"{method}: no layout for {n}x{k}")
-                    if method.startswith("int4-interleaved+l2"):
-                        layouts.append((x, layout))
-                    elif layout is None:
+                    if layout is None:
                         calls.append(lambda x=x, p=p, s=s, z=z: kernels._TRITON.int4_mm(x, p, s, z, GROUP, None))
                     else:
                         calls.append(
@@ -404,14 +369,9 @@ def run_stack(model: str, bandwidth: float, fused: bool, methods=STACK_METHODS) 
                         )
                     nbytes += tensor_bytes(p, s, z)
                 del w
-        if layouts:  # each linear asks L2 for the next one's weight while it runs
-            following = [t for _, t in layouts[1:]] + [None]
-            calls = [_ahead_call(x, t, after) for (x, t), after in zip(layouts, following, strict=True)]
-        with _ahead_mode(AHEAD_MODES.get(method)):
-            us = graph_time_us(calls, replays=5) * len(calls)
+        us = graph_time_us(calls, replays=5) * len(calls)
         floor = nbytes / bandwidth * 1e6
-        # A list a method: --stack-methods may name one twice (A B A B, against drift).
-        result.setdefault(method, []).append(dict(us_per_step=us, mib=nbytes / 2**20, floor_us=floor, share=floor / us))
+        result[method] = dict(us_per_step=us, mib=nbytes / 2**20, floor_us=floor, share=floor / us)
         print(
             f"[stack {model}] {method:14s} {us:8.1f} us a step for {len(calls)} linears, "
             f"{nbytes / 2**20:7.1f} MiB, floor {floor:6.1f} us ({100 * floor / us:4.1f}%)",
@@ -435,11 +395,6 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--no-shapes", action="store_true", help="skip the per-shape config sweep")
     parser.add_argument("--stack", action="store_true", help="also time a whole step's linears per method")
-    parser.add_argument(
-        "--stack-methods",
-        default=",".join(STACK_METHODS),
-        help=f"--stack's methods, comma-separated, in order (one may repeat): {', '.join(STACK_METHODS)}",
-    )
     parser.add_argument(
         "--fused", action="store_true", help="fused projections' shapes (q+k+v, gate+up) for the quantized formats"
     )
@@ -467,9 +422,6 @@ def main(argv=None) -> int:
         parser.error("--formats: give at least one of bf16, int8, int4")
     if not formats <= {"bf16", "int8", "int4"}:
         parser.error(f"--formats: unknown {sorted(formats - {'bf16', 'int8', 'int4'})}")
-    stack_methods = [m.strip() for m in args.stack_methods.split(",") if m.strip()]
-    if not set(stack_methods) <= set(STACK_METHODS) or not stack_methods:
-        parser.error(f"--stack-methods: give some of {', '.join(STACK_METHODS)}")
     if args.no_shapes and not args.stack:
         parser.error("--no-shapes without --stack leaves nothing to time")
     if not torch.cuda.is_available():
@@ -493,7 +445,7 @@ def main(argv=None) -> int:
                 args.wide_int4,
             )
         if args.stack:
-            report["stack"] = run_stack(args.model, bandwidth, args.fused, stack_methods)
+            report["stack"] = run_stack(args.model, bandwidth, args.fused)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1))

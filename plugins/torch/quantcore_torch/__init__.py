@@ -18,7 +18,6 @@ _EXPORTS = {
     "TorchWeightOnlyQuantizer": ".quantizer",
     "weight_only_nbytes": ".quantizer",
     "fuse_projections": ".fusion",
-    "link_lookahead": ".modules",
     "unfuse_projections": ".fusion",
 }
 
@@ -27,7 +26,7 @@ __all__ = [*sorted(_EXPORTS), "__version__"]
 if TYPE_CHECKING:
     from .config import TorchWeightOnlyConfig
     from .fusion import FusionReport, fuse_projections, unfuse_projections
-    from .modules import WeightOnlyLinear, link_lookahead
+    from .modules import WeightOnlyLinear
     from .quantizer import TorchWeightOnlyQuantizer, weight_only_nbytes
 
 

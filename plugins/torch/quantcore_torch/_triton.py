@@ -97,9 +97,6 @@ _INT8_DOT = [(16, 128, 4), (16, 256, 4), (32, 128, 4), (32, 256, 4), (64, 128, 4
 _INT4_DOT = [(16, 1, 4), (16, 2, 4), (32, 1, 4), (32, 2, 4), (64, 1, 4), (64, 2, 4)]
 
 
-_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _configs(table: list, inner: str, stages: int = 1, extra: tuple[str, ...] = ()) -> list[triton.Config]:
     """``(BLOCK_N, inner, num_warps, *extra)`` rows as configs (``extra`` names the constexprs of the
     rows' trailing values); the ``tl.dot`` kernels pipeline their loads (3 stages)."""
@@ -109,7 +106,7 @@ def _configs(table: list, inner: str, stages: int = 1, extra: tuple[str, ...] = 
     ]
     # Triton's CPU interpreter (how kernels can be checked without a GPU) cannot time configs;
     # the autotuner skips timing when there is one.
-    return configs[:1] if _INTERPRETED else configs
+    return configs[:1] if os.environ.get("TRITON_INTERPRET") == "1" else configs
 
 
 def _prune_groups(configs, named_args, **kwargs):
@@ -457,60 +454,10 @@ def _offset_nibble(magic, word, SHIFT: tl.constexpr):
     return ((word & (0xF << SHIFT)) | (magic - (SHIFT << 23))).to(tl.float32, bitcast=True)
 
 
-# L2 lookahead: a one-row kernel asks the L2 cache for the next kernel's weight (``ahead_ptr``,
-# ``ahead_lines`` 128-byte lines), each program its share, and goes on without waiting for it. A
-# step's DRAM then streams the next weight while this kernel computes, across the kernel boundary
-# where it would otherwise idle (the launch, the tail), and the next kernel reads from L2.
-_AHEAD_LINES = tl.constexpr(64)  # the lines a program asks for at once (a 128-thread program: one each, or two)
-
-
-@triton.jit
-def _ahead_span(ahead_lines):
-    """The lines ``[first, last)`` of ``ahead_lines`` this program asks for: an even share each."""
-    programs = tl.num_programs(0)
-    share = (ahead_lines + programs - 1) // programs
-    first = tl.program_id(0) * share
-    return first, tl.minimum(first + share, ahead_lines)
-
-
-@triton.jit
-def _l2_prefetch(ahead_ptr, ahead_lines, AHEAD: tl.constexpr):
-    """This program's share of the ``ahead_lines`` 128-byte lines at ``ahead_ptr`` asked into L2,
-    with nothing waiting on it: ``AHEAD`` 1 or 3, a ``prefetch.global.L2::evict_last`` a line
-    from the program's threads; 2, one ``cp.async.bulk.prefetch.L2`` for the whole share from its
-    first thread (the TMA unit's, Hopper and later)."""
-    if AHEAD:
-        first, last = _ahead_span(ahead_lines)
-        base = ahead_ptr.to(tl.pointer_type(tl.int8))
-        if AHEAD == 2:
-            if last > first:
-                tl.inline_asm_elementwise(
-                    "{\n\t.reg .pred p;\n\t.reg .b32 t;\n\tmov.u32 t, %tid.x;\n\tsetp.eq.u32 p, t, 0;\n\t"
-                    "@p cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.u32 $0, 0;\n\t}",
-                    "=r,l,r",
-                    [base + first.to(tl.int64) * 128, ((last - first) * 128).to(tl.int32)],
-                    dtype=tl.int32,
-                    is_pure=False,
-                    pack=1,
-                )
-        else:
-            for start in range(first, last, _AHEAD_LINES):
-                line = tl.minimum(start + tl.arange(0, _AHEAD_LINES), last - 1).to(tl.int64)
-                tl.inline_asm_elementwise(
-                    "prefetch.global.L2::evict_last [$1];\n\tmov.u32 $0, 0;",
-                    "=r,l",
-                    [base + line * 128],
-                    dtype=tl.int32,
-                    is_pure=False,
-                    pack=1,
-                )
-
-
 @triton.jit
 def _interleaved_rows(
-    x_ptr, w_ptr, sz_ptr, rn, n_mask, K, stride_wn, stride_sn, zero_offset, magic, ahead_ptr, ahead_lines,
+    x_ptr, w_ptr, sz_ptr, rn, n_mask, K, stride_wn, stride_sn, zero_offset, magic,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr, USE_GDC: tl.constexpr,
-    AHEAD: tl.constexpr,
 ):  # fmt: skip
     """The interleaved int4 one-row kernels' sums (see :func:`_int4_interleaved_kernel`): the fp32
     dot products of the input with the weight rows ``rn`` (``n_mask``: those that exist)."""
@@ -528,8 +475,6 @@ def _interleaved_rows(
     first = rg[:, None] * WPG + rj[None, :]  # [GROUPS, WPG]: word index in a row, the first tile
     if PREFETCH:
         word = tl.load(w32 + row + first[:, None, :], mask=n_mask[None, :, None] & (first < words)[:, None, :], other=0)
-    if AHEAD != 3:
-        _l2_prefetch(ahead_ptr, ahead_lines, AHEAD)
     for k0 in range(0, K, BLOCK_K):
         g = k0 // GROUP + rg
         col = first + k0 // 8
@@ -571,8 +516,6 @@ def _interleaved_rows(
         acc += s[:, :, None] * t
         if PREFETCH:
             word = upcoming
-    if AHEAD == 3:  # after the weight's loads: this program's own come first
-        _l2_prefetch(ahead_ptr, ahead_lines, AHEAD)
     _gdc_done(USE_GDC)
     return tl.sum(tl.sum(acc, axis=2), axis=0)
 
@@ -595,8 +538,6 @@ def _int4_interleaved_kernel(
     stride_sn,
     zero_offset,
     magic,
-    ahead_ptr,
-    ahead_lines,
     GROUP: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -604,7 +545,6 @@ def _int4_interleaved_kernel(
     PREFETCH: tl.constexpr = False,
     USE_GDC: tl.constexpr = False,
     GATE_UP: tl.constexpr = False,
-    AHEAD: tl.constexpr = 0,
 ):
     """The int4 one-row kernel on the interleaved layout (``kernels.interleave_int4``): ``K`` a
     multiple of ``GROUP`` (a power of two, 8 or more), ``x`` 4-byte aligned, ``stride_wn`` in words;
@@ -629,8 +569,8 @@ def _int4_interleaved_kernel(
     """
     rn, n_mask = _tile_rows(N, BLOCK_N, GATE_UP)
     out = _interleaved_rows(
-        x_ptr, w_ptr, sz_ptr, rn, n_mask, K, stride_wn, stride_sn, zero_offset, magic, ahead_ptr, ahead_lines,
-        GROUP, BLOCK_N, BLOCK_K, PREFETCH, USE_GDC, AHEAD,
+        x_ptr, w_ptr, sz_ptr, rn, n_mask, K, stride_wn, stride_sn, zero_offset, magic,
+        GROUP, BLOCK_N, BLOCK_K, PREFETCH, USE_GDC,
     )  # fmt: skip
     if GATE_UP:
         _store_gate_up(out, b_ptr, y_ptr, rn, n_mask, N, BLOCK_N, HAS_BIAS)
@@ -722,8 +662,6 @@ def _int4_interleaved_rope_kernel(
     NQ,
     ROTATED,
     cache_len,
-    ahead_ptr,
-    ahead_lines,
     GROUP: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HALF: tl.constexpr,
@@ -731,7 +669,6 @@ def _int4_interleaved_rope_kernel(
     BLOCK_K: tl.constexpr,
     PREFETCH: tl.constexpr = False,
     USE_GDC: tl.constexpr = False,
-    AHEAD: tl.constexpr = 0,
 ):
     """An attention's q, k and v projections stacked (``NQ`` q rows, then k's, then v's, ``N`` in
     all; ``ROTATED``: q's and k's) on the interleaved int4 layout (see
@@ -742,8 +679,8 @@ def _int4_interleaved_rope_kernel(
     step in the projection's epilogue."""
     rn, n_mask = _rope_tile_rows(N, ROTATED, HALF, BLOCK_N)
     out = _interleaved_rows(
-        x_ptr, w_ptr, sz_ptr, rn, n_mask, K, stride_wn, stride_sn, zero_offset, magic, ahead_ptr, ahead_lines,
-        GROUP, BLOCK_N, BLOCK_K, PREFETCH, USE_GDC, AHEAD,
+        x_ptr, w_ptr, sz_ptr, rn, n_mask, K, stride_wn, stride_sn, zero_offset, magic,
+        GROUP, BLOCK_N, BLOCK_K, PREFETCH, USE_GDC,
     )  # fmt: skip
     _store_qkv_rope(
         out, b_ptr, q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, rn, n_mask, NQ, ROTATED, cache_len,
@@ -1276,40 +1213,7 @@ def _int4_launch(x, packed, scale, zero, group_size: int, bias):
 
 _INT4_INTERLEAVED = _Launcher(_int4_interleaved_kernel, pdl=True)
 # Its own constexprs, as a plain launch sets them, by GATE_UP.
-_INTERLEAVED_ROW = {
-    (gate_up, ahead): {"USE_GDC": False, "GATE_UP": gate_up, "AHEAD": ahead}
-    for gate_up in (False, True)
-    for ahead in (0, 1, 2, 3)
-}
-
-
-def ahead_mode_setting(environ=os.environ) -> int:
-    """``QUANTCORE_L2_AHEAD_MODE``: how a one-row kernel asks L2 for the next weight (``AHEAD`` of
-    :func:`_l2_prefetch`): ``1`` a prefetch a line first, ``2`` one bulk prefetch (the default),
-    ``3`` a prefetch a line after the kernel's own loads."""
-    value = environ.get("QUANTCORE_L2_AHEAD_MODE", "").strip() or "2"
-    if value not in ("1", "2", "3"):
-        raise ValueError(f"QUANTCORE_L2_AHEAD_MODE must be 1, 2 or 3, got {value!r}")
-    return int(value)
-
-
-AHEAD_MODE = ahead_mode_setting()
-
-
-def _ahead_args(ahead: torch.Tensor | None, fallback: torch.Tensor) -> tuple:
-    """The L2 lookahead's kernel arguments for the tensor ``ahead`` (the next kernel's weight), or
-    none (``fallback``, a pointer never read, and no lines) where it is ``None``."""
-    if ahead is None or _INTERPRETED:  # Triton's CPU interpreter runs no inline assembly
-        return fallback, 0
-    return ahead, (ahead.numel() * ahead.element_size() + 127) // 128
-
-
-def _ahead_key(ahead: torch.Tensor | None) -> tuple:
-    """What a compiled kernel was specialized on in the lookahead's arguments."""
-    if ahead is None or _INTERPRETED:
-        return ()
-    lines = (ahead.numel() * ahead.element_size() + 127) // 128
-    return (AHEAD_MODE, ahead.data_ptr() % 16 == 0, lines == 1, lines % 16 == 0)
+_INTERLEAVED_ROW = {gate_up: {"USE_GDC": False, "GATE_UP": gate_up} for gate_up in (False, True)}
 
 
 def _interleaved_input(x, words, scales_and_zeros, group_size: int):
@@ -1325,11 +1229,9 @@ def _interleaved_input(x, words, scales_and_zeros, group_size: int):
     return x.clone() if x.data_ptr() % 4 else x
 
 
-def _int4_interleaved_launch(
-    x, words, scales_and_zeros, group_size: int, bias, gate_up: bool = False, ahead: torch.Tensor | None = None
-):
+def _int4_interleaved_launch(x, words, scales_and_zeros, group_size: int, bias, gate_up: bool = False):
     """One row ``x [..., K]`` (contiguous) through :func:`_int4_interleaved_kernel` (``gate_up``: see
-    :func:`_launch`; ``ahead``: the next kernel's weight, asked into L2, see :func:`_l2_prefetch`)."""
+    :func:`_launch`)."""
     k = x.shape[-1]
     x = _interleaved_input(x, words, scales_and_zeros, group_size)
     sz = scales_and_zeros
@@ -1337,10 +1239,10 @@ def _int4_interleaved_launch(
     if gate_up:
         _check_gate_up(n)
     inputs = (x, words, sz, sz if bias is None else bias)
-    strides = (words.stride(0), sz.stride(1), sz.stride(0), INT4_MAGIC, *_ahead_args(ahead, words))
-    key = (*_key(x, words, sz, bias), group_size, "interleaved", gate_up, _ahead_key(ahead))
+    strides = (words.stride(0), sz.stride(1), sz.stride(0), INT4_MAGIC)
+    key = (*_key(x, words, sz, bias), group_size, "interleaved", gate_up)
     constexprs = {"GROUP": group_size, "HAS_BIAS": bias is not None}
-    row = _INTERLEAVED_ROW[gate_up, AHEAD_MODE if _ahead_key(ahead) else 0]
+    row = _INTERLEAVED_ROW[gate_up]
     return _launch_row(_INT4_INTERLEAVED, x, inputs, n, k, strides, key, constexprs, row, gate_up)
 
 
@@ -1368,11 +1270,8 @@ def qkv_rope_mismatch(x, n: int, cos, sin, keys, values, position, q_features: i
     return "the q/k/v rotary kernel needs " + "; ".join(problems) if problems else None
 
 
-def _int4_interleaved_rope_launch(
-    x, words, sz, group_size: int, bias, cos, sin, keys, values, position, q_features, ahead=None
-):
-    """One token through :func:`_int4_interleaved_rope_kernel`: returns q, writes k and v
-    (``ahead``: see :func:`_int4_interleaved_launch`)."""
+def _int4_interleaved_rope_launch(x, words, sz, group_size: int, bias, cos, sin, keys, values, position, q_features):
+    """One token through :func:`_int4_interleaved_rope_kernel`: returns q, writes k and v."""
     k = x.shape[-1]
     n = words.shape[0]
     problem = qkv_rope_mismatch(x, n, cos, sin, keys, values, position, q_features)
@@ -1385,14 +1284,11 @@ def _int4_interleaved_rope_launch(
     rotated = q_features + keys.shape[1] * head
     q = x.new_empty((*x.shape[:-1], q_features))
     inputs = (x, words, sz, sz if bias is None else bias, q, keys, values, cos, sin, position)
-    sizes = (n, k, words.stride(0), sz.stride(1), sz.stride(0), INT4_MAGIC, q_features, rotated, keys.shape[2])
-    args = (*inputs, *sizes, *_ahead_args(ahead, words))
+    args = (*inputs, n, k, words.stride(0), sz.stride(1), sz.stride(0), INT4_MAGIC, q_features, rotated, keys.shape[2])
     aligned = tuple(t.data_ptr() % 16 == 0 for t in (keys, values, cos, sin, position))
     key = (*_key(x, words, sz, bias), group_size, "rope", q_features, *keys.shape, cos.dtype, position.dtype, *aligned)
-    key += (_ahead_key(ahead),)
     if not _INT4_INTERLEAVED_ROPE.run_kept(key, args):
         constexprs = {"GROUP": group_size, "HAS_BIAS": bias is not None, "HALF": head // 2, "USE_GDC": False}
-        constexprs["AHEAD"] = AHEAD_MODE if _ahead_key(ahead) else 0
         _eager(_INT4_INTERLEAVED_ROPE, key, x, _row_grid(n, False), args, constexprs)
     return q
 
@@ -1479,37 +1375,25 @@ def _(x, packed, scale, zero, group_size, bias):
 
 @torch.library.custom_op("quantcore_torch::int4_interleaved_mm", mutates_args=())
 def _int4_interleaved_mm_op(
-    x: torch.Tensor,
-    words: torch.Tensor,
-    scales_and_zeros: torch.Tensor,
-    group_size: int,
-    bias: torch.Tensor | None,
-    ahead: torch.Tensor | None = None,
+    x: torch.Tensor, words: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    return _int4_interleaved_launch(x.contiguous(), words, scales_and_zeros, group_size, bias, ahead=ahead)
+    return _int4_interleaved_launch(x.contiguous(), words, scales_and_zeros, group_size, bias)
 
 
 @_int4_interleaved_mm_op.register_fake
-def _(x, words, scales_and_zeros, group_size, bias, ahead=None):
+def _(x, words, scales_and_zeros, group_size, bias):
     return x.new_empty((*x.shape[:-1], words.shape[0]))
 
 
 @torch.library.custom_op("quantcore_torch::int4_interleaved_gate_up_mm", mutates_args=())
 def _int4_interleaved_gate_up_mm_op(
-    x: torch.Tensor,
-    words: torch.Tensor,
-    scales_and_zeros: torch.Tensor,
-    group_size: int,
-    bias: torch.Tensor | None,
-    ahead: torch.Tensor | None = None,
+    x: torch.Tensor, words: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    return _int4_interleaved_launch(
-        x.contiguous(), words, scales_and_zeros, group_size, bias, gate_up=True, ahead=ahead
-    )
+    return _int4_interleaved_launch(x.contiguous(), words, scales_and_zeros, group_size, bias, gate_up=True)
 
 
 @_int4_interleaved_gate_up_mm_op.register_fake
-def _(x, words, scales_and_zeros, group_size, bias, ahead=None):
+def _(x, words, scales_and_zeros, group_size, bias):
     return x.new_empty((*x.shape[:-1], words.shape[0] // 2))
 
 
@@ -1526,15 +1410,14 @@ def _int4_interleaved_qkv_rope_op(
     values: torch.Tensor,
     position: torch.Tensor,
     q_features: int,
-    ahead: torch.Tensor | None = None,
 ) -> torch.Tensor:
     return _int4_interleaved_rope_launch(
-        x.contiguous(), words, scales_and_zeros, group_size, bias, cos, sin, keys, values, position, q_features, ahead
+        x.contiguous(), words, scales_and_zeros, group_size, bias, cos, sin, keys, values, position, q_features
     )
 
 
 @_int4_interleaved_qkv_rope_op.register_fake
-def _(x, words, scales_and_zeros, group_size, bias, cos, sin, keys, values, position, q_features, ahead=None):
+def _(x, words, scales_and_zeros, group_size, bias, cos, sin, keys, values, position, q_features):
     return x.new_empty((*x.shape[:-1], q_features))
 
 
@@ -1589,40 +1472,28 @@ def int4_mm(
 
 
 def int4_interleaved_mm(
-    x: torch.Tensor,
-    words: torch.Tensor,
-    scales_and_zeros: torch.Tensor,
-    group_size: int,
-    bias: torch.Tensor | None,
-    ahead: torch.Tensor | None = None,
+    x: torch.Tensor, words: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """One row ``x [..., K]`` (``K`` a multiple of ``group_size``) times an int4 weight in the
     interleaved layout (``words`` and ``scales_and_zeros [2, N, groups]``, contiguous:
-    :func:`quantcore_torch.kernels.int4_interleaved_layout`), in ``x.dtype`` (fp16 / bf16).
-    ``ahead``: a tensor the next kernel reads (its weight), asked into the L2 cache while this
-    one runs (a hint: the result is the same with or without it)."""
+    :func:`quantcore_torch.kernels.int4_interleaved_layout`), in ``x.dtype`` (fp16 / bf16)."""
     if torch.compiler.is_compiling():
-        return _int4_interleaved_mm_op(x, words, scales_and_zeros, group_size, bias, ahead)
+        return _int4_interleaved_mm_op(x, words, scales_and_zeros, group_size, bias)
     return _int4_interleaved_launch(
-        x if x.is_contiguous() else x.contiguous(), words, scales_and_zeros, group_size, bias, ahead=ahead
+        x if x.is_contiguous() else x.contiguous(), words, scales_and_zeros, group_size, bias
     )
 
 
 def int4_interleaved_gate_up_mm(
-    x: torch.Tensor,
-    words: torch.Tensor,
-    scales_and_zeros: torch.Tensor,
-    group_size: int,
-    bias: torch.Tensor | None,
-    ahead: torch.Tensor | None = None,
+    x: torch.Tensor, words: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """:func:`int4_interleaved_mm` on a gated MLP's gate and up projections stacked (gate rows
     first), returning ``silu(gate) * up`` (``[..., N // 2]``) from the kernel's epilogue (see
     :func:`int8_gate_up_mm`)."""
     if torch.compiler.is_compiling():
-        return _int4_interleaved_gate_up_mm_op(x, words, scales_and_zeros, group_size, bias, ahead)
+        return _int4_interleaved_gate_up_mm_op(x, words, scales_and_zeros, group_size, bias)
     return _int4_interleaved_launch(
-        x if x.is_contiguous() else x.contiguous(), words, scales_and_zeros, group_size, bias, True, ahead
+        x if x.is_contiguous() else x.contiguous(), words, scales_and_zeros, group_size, bias, gate_up=True
     )
 
 
@@ -1638,20 +1509,18 @@ def int4_interleaved_qkv_rope(
     values: torch.Tensor,
     position: torch.Tensor,
     q_features: int,
-    ahead: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """An attention's stacked q/k/v projections (:func:`int4_interleaved_mm`'s weight: ``q_features``
     q rows, then k's, then v's) for one token ``x``, with a decode step's rotary embedding and
     static-cache writes in the kernel's epilogue: returns q (``[..., q_features]``) rotated by
     ``cos`` and ``sin`` (one position's, a head's width), and writes k rotated and v into ``keys``
     and ``values`` (``[1, kv_heads, length, head_dim]``, contiguous) at ``position[0]``.
-    The rotation rounds as transformers' ``apply_rotary_pos_emb`` does in eager PyTorch.
-    ``ahead``: see :func:`int4_interleaved_mm`."""
+    The rotation rounds as transformers' ``apply_rotary_pos_emb`` does in eager PyTorch."""
     if torch.compiler.is_compiling():
         return _int4_interleaved_qkv_rope_op(
-            x, words, scales_and_zeros, group_size, bias, cos, sin, keys, values, position, q_features, ahead
+            x, words, scales_and_zeros, group_size, bias, cos, sin, keys, values, position, q_features
         )
     return _int4_interleaved_rope_launch(
         x if x.is_contiguous() else x.contiguous(), words, scales_and_zeros, group_size, bias,
-        cos, sin, keys, values, position, q_features, ahead,
+        cos, sin, keys, values, position, q_features,
     )  # fmt: skip

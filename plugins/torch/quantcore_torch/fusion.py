@@ -230,7 +230,6 @@ class FusedProjections:
         self._views = tuple(views)
         # Built last: members' refresh hooks must not see a half-made stack.
         linear.refresh_kernel_layout()
-        linear._stack_of = self  # the L2 lookahead's link (modules.link_lookahead) is the last member's
         if linear.qweight.is_cuda:
             # CUDA graphs copy plain tensor inputs at every replay; these are the weights, never changed in a graph.
             for t in (*(getattr(linear, n) for n in names), linear.bias):

@@ -447,7 +447,6 @@ def int4_weight_only_linear(
     group_size: int,
     bias: torch.Tensor | None = None,
     layout: Int4Layout | None = None,
-    ahead: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``x @ W.T + bias`` in ``x.dtype`` for ``W = (q - zero) * scale`` in int4 groups, through the fastest kernel.
 
@@ -460,8 +459,6 @@ def int4_weight_only_linear(
     :param layout: a kernel layout from :func:`int4_cpu_layout` / :func:`int4_tinygemm_layout` /
         :func:`int4_interleaved_layout` of the same weight, or ``None``. The CUDA Triton kernels on
         the stored tensors need none.
-    :param ahead: the weight the next kernel of the step reads: the one-row kernel on the
-        interleaved layout asks the L2 cache for it while it runs (a hint; the output is the same).
     """
     k = x.shape[-1]
     rows = x.numel() // k if k else 0
@@ -474,9 +471,7 @@ def int4_weight_only_linear(
             y = _add_bias(y, bias)
             return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
         if layout is not None and layout.kind == "interleaved" and rows == 1 and x.dtype in _HALF:
-            return _TRITON.int4_interleaved_mm(
-                x, layout.weight, layout.scales_and_zeros, layout.group_size, bias, ahead
-            )
+            return _TRITON.int4_interleaved_mm(x, layout.weight, layout.scales_and_zeros, layout.group_size, bias)
         # The Triton kernel tiles K by whole groups: a power of two from 16 to 256 columns.
         if _TRITON is not None and x.dtype in _HALF and group_size in (16, 32, 64, 128, 256):
             return _TRITON.int4_mm(x, packed, scale, zero, group_size, bias)
@@ -498,7 +493,6 @@ def int4_gate_up_linear(
     group_size: int,
     bias: torch.Tensor | None = None,
     layout: Int4Layout | None = None,
-    ahead: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A gated MLP's gate and up projections stacked in one int4 weight (the gate's rows first),
     and its activation: :func:`gated_input` of :func:`int4_weight_only_linear`, ``[...,
@@ -508,10 +502,8 @@ def int4_gate_up_linear(
     activation."""
     _check_gate_up(packed.shape[0])
     if layout is not None and layout.kind == "interleaved" and _one_half_row(x):
-        return _TRITON.int4_interleaved_gate_up_mm(
-            x, layout.weight, layout.scales_and_zeros, layout.group_size, bias, ahead
-        )
-    return gated_input(int4_weight_only_linear(x, packed, scale, zero, group_size, bias, layout, ahead))
+        return _TRITON.int4_interleaved_gate_up_mm(x, layout.weight, layout.scales_and_zeros, layout.group_size, bias)
+    return gated_input(int4_weight_only_linear(x, packed, scale, zero, group_size, bias, layout))
 
 
 def int4_qkv_rope_linear(
@@ -524,7 +516,6 @@ def int4_qkv_rope_linear(
     values: torch.Tensor,
     position: torch.Tensor,
     q_features: int,
-    ahead: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """An attention's q, k and v projections stacked in one int4 weight (``q_features`` q rows,
     then k's, then v's) for one decode token, with the rotary embedding and the static cache's
@@ -532,8 +523,7 @@ def int4_qkv_rope_linear(
     into ``keys`` and ``values`` (``[1, kv_heads, length, head_dim]``) at ``position[0]``.
     One fp16 / bf16 row on CUDA with the interleaved ``layout`` only
     (:func:`quantcore_torch._triton.int4_interleaved_qkv_rope`); anything else returns ``None``,
-    having written nothing, for the caller to run the projections and the rotation as they are.
-    ``ahead``: see :func:`int4_weight_only_linear`."""
+    having written nothing, for the caller to run the projections and the rotation as they are."""
     if layout is None or layout.kind != "interleaved" or not _one_half_row(x):
         return None
     if cos.dtype != x.dtype or sin.dtype != x.dtype or not (cos.is_cuda and keys.is_cuda and position.is_cuda):
@@ -542,9 +532,8 @@ def int4_qkv_rope_linear(
     if _TRITON.qkv_rope_mismatch(x, n, cos, sin, keys, values, position, q_features) is not None:
         return None
     return _TRITON.int4_interleaved_qkv_rope(
-        x, layout.weight, layout.scales_and_zeros, layout.group_size, bias,
-        cos, sin, keys, values, position, q_features, ahead,
-    )  # fmt: skip
+        x, layout.weight, layout.scales_and_zeros, layout.group_size, bias, cos, sin, keys, values, position, q_features
+    )
 
 
 def decode_attention(

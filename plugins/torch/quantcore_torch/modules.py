@@ -46,7 +46,7 @@ from quantcore.layers import QuantizedLinear, linear_recomputing_weight
 from . import kernels
 from .packing import dequantize_int4, dequantize_int8, int4_shapes, quantize_int4, quantize_int8
 
-__all__ = ["KernelLayoutMixin", "WeightOnlyLinear", "WeightOnlyStorage", "link_lookahead"]
+__all__ = ["KernelLayoutMixin", "WeightOnlyLinear", "WeightOnlyStorage"]
 
 
 class KernelLayoutMixin(nn.Module):
@@ -61,10 +61,6 @@ class KernelLayoutMixin(nn.Module):
     group_size: int
     #: ``(group, index)`` while fused with siblings by :func:`quantcore_torch.fusion.fuse_projections`.
     _fused: tuple | None = None
-    #: A fused stack's own layer: the group it stacks (``FusedProjections``).
-    _stack_of: object | None = None
-    #: The layer that runs after this one (:func:`link_lookahead`): a plain reference, not a child.
-    _next_layer: nn.Module | None = None
     in_features: int
     compute_dtype: torch.dtype | None
     qweight: torch.Tensor
@@ -117,24 +113,6 @@ class KernelLayoutMixin(nn.Module):
                 # CUDA graphs would copy a plain tensor input at every replay; this one never changes.
                 torch._dynamo.mark_static_address(self.kernel_layout.weight)
                 torch._dynamo.mark_static_address(self.kernel_layout.scales_and_zeros)
-
-    def _lookahead(self) -> torch.Tensor | None:
-        """The weight the layer linked after this one (:func:`link_lookahead`) reads on the
-        interleaved layout, for this layer's kernel to ask L2 for, or ``None``. A fused stack's
-        layer (``_stack_of``: its group) follows its last member's link; a link to a member of an
-        active stack reads the stack's layout."""
-        group = self._stack_of
-        target = (self if group is None else group.members[-1])._next_layer
-        if target is None:
-            return None
-        fused = target._fused
-        if fused is not None and fused[0].linear is not None:
-            target = fused[0].linear
-        ahead = target.kernel_layout
-        own = self.kernel_layout
-        if ahead is None or own is None or ahead.kind != "interleaved" or ahead.weight.device != own.weight.device:
-            return None
-        return ahead.weight
 
     def _current_kernel_layout(self) -> kernels.Int4Layout | None:
         """:attr:`kernel_layout`, rebuilt first if a loader swapped the buffers in since. Checked in
@@ -329,7 +307,6 @@ class WeightOnlyLinear(WeightOnlyStorage):
                 self.group_size,
                 kernel_bias,
                 self._current_kernel_layout(),
-                self._lookahead(),
             )
         if late_bias is not None:
             y = y + late_bias.to(y.dtype)
@@ -371,7 +348,6 @@ class WeightOnlyLinear(WeightOnlyStorage):
             self.group_size,
             bias,
             self._current_kernel_layout(),
-            self._lookahead(),
         )
 
     def qkv_rope_forward(
@@ -394,37 +370,13 @@ class WeightOnlyLinear(WeightOnlyStorage):
         if self.bits != 4 or trains or (self.compute_dtype is not None and self.compute_dtype != x.dtype):
             return None
         layout = self._current_kernel_layout()
-        ahead = self._lookahead()
-        return kernels.int4_qkv_rope_linear(x, layout, bias, cos, sin, keys, values, position, q_features, ahead)
+        return kernels.int4_qkv_rope_linear(x, layout, bias, cos, sin, keys, values, position, q_features)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The forward through dequantize + ``F.linear``: what every kernel is tested against."""
         dtype = self.compute_dtype or x.dtype
         bias = self.bias.to(dtype) if self.bias is not None else None
         return F.linear(x.to(dtype), self._reference_weight(dtype), bias).to(x.dtype)
-
-
-def link_lookahead(model: nn.Module, enabled: bool = True) -> int:
-    """Link each int4 :class:`WeightOnlyLinear` of ``model`` to the next one, so that its one-row
-    kernel on the interleaved layout asks the GPU's L2 cache for that layer's weight while it runs
-    (``enabled=False`` removes the links). Returns the links made (or removed).
-
-    A decode step reads every weight once, in order, each kernel too short to keep HBM busy
-    across its launch and its tail. With the link, HBM streams the next weight during this
-    kernel, and the next kernel reads from L2. "Next" is the order the model registers its
-    modules, which is the order Llama-family layers run them (q, k, v, o, gate, up, down, then
-    the next layer); fused stacks (:func:`quantcore_torch.fusion.fuse_projections`) follow their
-    last member's link. A link is a hint: the outputs are the same with or without it, and a
-    link whose target is not on the interleaved layout on the same device asks for nothing.
-    Links are plain references (no child modules, nothing in the state dict); they resolve the
-    target's current layout at each call, so moving or reloading layers needs no new link.
-    """
-    layers = [m for m in model.modules() if isinstance(m, WeightOnlyLinear) and m.bits == 4]
-    following: list[WeightOnlyLinear | None] = [*layers[1:], None] if enabled else [None] * len(layers)
-    for layer, after in zip(layers, following, strict=False):  # none at all: no following either
-        # Not nn.Module.__setattr__: the next layer must not become a child of this one.
-        layer.__dict__["_next_layer"] = after
-    return max(len(layers) - 1, 0)
 
 
 def _refresh_after_load(module: nn.Module, incompatible_keys) -> None:

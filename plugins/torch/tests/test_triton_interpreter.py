@@ -37,19 +37,6 @@ def test_the_kernels_under_the_interpreter():
     assert re.match(r"\d+ passed, 1 skipped", summary), summary  # the child skips only this test
 
 
-if INTERPRETED:
-    import triton.language as tl
-    from quantcore_torch._triton import _ahead_span
-
-    @triton.jit
-    def _count_ahead_lines(counts_ptr, lines, LINES: tl.constexpr):
-        """Each line of the L2 lookahead's share of every program (``_ahead_span``), counted."""
-        first, last = _ahead_span(lines)
-        for start in range(first, last, LINES):
-            line = start + tl.arange(0, LINES)
-            tl.atomic_add(counts_ptr + line, 1, mask=line < last)
-
-
 @pytest.fixture(scope="module")
 def kernels():
     if not INTERPRETED:
@@ -177,7 +164,7 @@ def test_int4_interleaved_kernel(kernels, n, k, group, block_n, block_k, prefetc
     y = torch.empty(1, n, dtype=torch.float32)  # the sums before the output's rounding
     kernels._int4_interleaved_kernel.fn[_grid(n, block_n)](
         x, words, sz, sz if b is None else b, y, n, k, words.stride(0), sz.stride(1), sz.stride(0),
-        kernels.INT4_MAGIC, words, 0, GROUP=group, HAS_BIAS=bias, BLOCK_N=block_n, BLOCK_K=block_k, PREFETCH=prefetch,
+        kernels.INT4_MAGIC, GROUP=group, HAS_BIAS=bias, BLOCK_N=block_n, BLOCK_K=block_k, PREFETCH=prefetch,
     )  # fmt: skip
     weight = dequantize_int4(packed, scale, zero, k, group, torch.float64)
     exact = torch.nn.functional.linear(x.double(), weight, None if b is None else b.double())
@@ -253,7 +240,7 @@ def test_int4_interleaved_kernel_runs_a_gated_activation_on_its_output(
     words = interleave_int4(packed, k, group)
     sz = torch.stack((scale, zero))
     args = (x, words, sz, sz if b is None else b)
-    strides = (words.stride(0), sz.stride(1), sz.stride(0), kernels.INT4_MAGIC, words, 0)  # no L2 lookahead
+    strides = (words.stride(0), sz.stride(1), sz.stride(0), kernels.INT4_MAGIC)
     meta = dict(GROUP=group, HAS_BIAS=bias, BLOCK_N=block_n, BLOCK_K=block_k, PREFETCH=prefetch)
     plain = torch.empty(1, n, dtype=dtype)
     kernels._int4_interleaved_kernel.fn[_grid(n, block_n)](*args, plain, n, k, *strides, **meta)
@@ -671,24 +658,3 @@ def test_pins_are_by_card_and_shape(kernels, monkeypatch):
     configs = kernels._int4_interleaved_kernel.configs
     x = torch.empty(1)
     assert kernels._prune_interleaved(configs, {"N": 2048, "K": 5632, "x_ptr": x}, GROUP=128) == configs
-
-
-@pytest.mark.parametrize(("lines", "programs"), [(0, 4), (1, 4), (5, 8), (100, 7), (1000, 3), (129, 64), (4096, 64)])
-def test_the_l2_lookahead_asks_for_every_line_once(kernels, lines, programs):
-    # The programs' shares tile the next weight's lines: none missed, none asked for twice.
-    counts = torch.zeros(lines + 64, dtype=torch.int32)
-    _count_ahead_lines[(programs,)](counts, lines, LINES=16)
-    assert counts[:lines].tolist() == [1] * lines and not counts[lines:].any()
-
-
-def test_the_l2_lookahead_is_left_out_under_the_interpreter(kernels):
-    # The interpreter runs no inline assembly: a lookahead tensor is dropped, the rest unchanged.
-    words = torch.zeros(8, 4, dtype=torch.int32)
-    assert kernels._ahead_args(words, words) == (words, 0) and kernels._ahead_key(words) == ()
-
-
-def test_the_l2_lookahead_mode_is_read_from_the_environment(kernels):
-    assert kernels.ahead_mode_setting({}) == 2
-    assert kernels.ahead_mode_setting({"QUANTCORE_L2_AHEAD_MODE": " 3 "}) == 3
-    with pytest.raises(ValueError, match="QUANTCORE_L2_AHEAD_MODE must be 1, 2 or 3, got 'bulk'"):
-        kernels.ahead_mode_setting({"QUANTCORE_L2_AHEAD_MODE": "bulk"})
