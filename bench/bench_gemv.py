@@ -328,14 +328,17 @@ def run_shapes(
     return rows
 
 
-def run_stack(model: str, bandwidth: float, fused: bool) -> dict:
+STACK_METHODS = ("bf16", "int8", "int4-triton", "int4-tinygemm", "int4-interleaved")
+
+
+def run_stack(model: str, bandwidth: float, fused: bool, methods=STACK_METHODS) -> dict:
     """Every linear of a decode step, each with its own weight, in one graph, per method.
     ``fused``: the quantized methods run the fused projections' shapes; bf16 runs transformers'."""
     from quantcore_torch import kernels
     from quantcore_torch.packing import quantize_int4, quantize_int8
 
     result = {}
-    for method in ("bf16", "int8", "int4-triton", "int4-tinygemm", "int4-interleaved"):
+    for method in methods:
         layers, shapes = linears(model, fused and method != "bf16")
         calls, nbytes = [], 0
         xs = {k: torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for _, k in shapes}
@@ -371,7 +374,8 @@ def run_stack(model: str, bandwidth: float, fused: bool) -> dict:
                 del w
         us = graph_time_us(calls, replays=5) * len(calls)
         floor = nbytes / bandwidth * 1e6
-        result[method] = dict(us_per_step=us, mib=nbytes / 2**20, floor_us=floor, share=floor / us)
+        # A list a method: --stack-methods may name one twice (A B A B, against drift).
+        result.setdefault(method, []).append(dict(us_per_step=us, mib=nbytes / 2**20, floor_us=floor, share=floor / us))
         print(
             f"[stack {model}] {method:14s} {us:8.1f} us a step for {len(calls)} linears, "
             f"{nbytes / 2**20:7.1f} MiB, floor {floor:6.1f} us ({100 * floor / us:4.1f}%)",
@@ -395,6 +399,11 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--no-shapes", action="store_true", help="skip the per-shape config sweep")
     parser.add_argument("--stack", action="store_true", help="also time a whole step's linears per method")
+    parser.add_argument(
+        "--stack-methods",
+        default=",".join(STACK_METHODS),
+        help=f"--stack's methods, comma-separated, in order (one may repeat): {', '.join(STACK_METHODS)}",
+    )
     parser.add_argument(
         "--fused", action="store_true", help="fused projections' shapes (q+k+v, gate+up) for the quantized formats"
     )
@@ -422,6 +431,9 @@ def main(argv=None) -> int:
         parser.error("--formats: give at least one of bf16, int8, int4")
     if not formats <= {"bf16", "int8", "int4"}:
         parser.error(f"--formats: unknown {sorted(formats - {'bf16', 'int8', 'int4'})}")
+    stack_methods = [m.strip() for m in args.stack_methods.split(",") if m.strip()]
+    if not stack_methods or not set(stack_methods) <= set(STACK_METHODS):
+        parser.error(f"--stack-methods: give some of {', '.join(STACK_METHODS)}")
     if args.no_shapes and not args.stack:
         parser.error("--no-shapes without --stack leaves nothing to time")
     if not torch.cuda.is_available():
@@ -445,7 +457,7 @@ def main(argv=None) -> int:
                 args.wide_int4,
             )
         if args.stack:
-            report["stack"] = run_stack(args.model, bandwidth, args.fused)
+            report["stack"] = run_stack(args.model, bandwidth, args.fused, stack_methods)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1))

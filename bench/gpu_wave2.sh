@@ -11,7 +11,8 @@
 #             --wide-int8" for a wider int8 grid, num_stages included, or "--formats int4 --dot"
 #             for the tl.dot kernels on the one row, tensor cores, beside the one-row kernels;
 #             "--only tinygemm,interleaved" times those cases alone; "--wide-int4" sweeps the
-#             interleaved kernel over a wider grid of configs, prefetch included)
+#             interleaved kernel over a wider grid of configs, prefetch included; "--no-shapes
+#             --stack-methods A,B,A,B" times those stacks alone, in that order)
 #   launch    one layer at a time, back-to-back eager calls: what an eager step pays per layer
 #   decode    bench_decode.py (METHODS, MODES, MODEL, BATCH, REPEATS narrow it); eager in rounds
 #   profile   profile_decode.py: a compiled step's kernels (PROFILE_METHODS, MODEL)
