@@ -45,6 +45,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._settings import choice
+
 __all__ = [
     "dequantize_int4",
     "dequantize_int8",
@@ -375,12 +377,8 @@ INT4_INTERLEAVED = [
 
 def _switch(environ, name: str) -> bool | None:
     """The ``0`` / ``1`` environment setting ``name``, or ``None`` where it is unset or blank."""
-    value = environ.get(name, "").strip()
-    if not value:
-        return None
-    if value not in ("0", "1"):
-        raise ValueError(f"{name} must be 0 or 1, got {value!r}")
-    return value == "1"
+    value = choice(name, ("0", "1"), None, environ)
+    return None if value is None else value == "1"
 
 
 # The config of INT4_INTERLEAVED each fused linear of a 1.1B and a 7B Llama ran fastest with on an
@@ -931,10 +929,7 @@ PDL = pdl_setting()
 def pdl_trigger_setting(environ=os.environ) -> str:
     """``QUANTCORE_TRITON_PDL_TRIGGER``: where a programmatic kernel lets the next one launch,
     ``late`` (after its weight is read and summed, the default) or ``early`` (right after its wait)."""
-    value = environ.get("QUANTCORE_TRITON_PDL_TRIGGER", "").strip() or "late"
-    if value not in ("late", "early"):
-        raise ValueError(f"QUANTCORE_TRITON_PDL_TRIGGER must be late or early, got {value!r}")
-    return value
+    return choice("QUANTCORE_TRITON_PDL_TRIGGER", ("late", "early"), "late", environ)
 
 
 PDL_TRIGGER = pdl_trigger_setting()

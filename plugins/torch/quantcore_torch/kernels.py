@@ -53,6 +53,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from ._settings import choice
 from .packing import dequantize_int4, dequantize_int8
 
 __all__ = [
@@ -112,10 +113,7 @@ INT4_CUDA_KERNELS = ("tinygemm", "interleaved", "triton")
 
 def int4_cuda_kernel_setting(environ=os.environ) -> str:
     """``QUANTCORE_INT4_CUDA_KERNEL`` (one of :data:`INT4_CUDA_KERNELS`), ``"interleaved"`` where unset."""
-    value = environ.get("QUANTCORE_INT4_CUDA_KERNEL", "").strip() or "interleaved"
-    if value not in INT4_CUDA_KERNELS:
-        raise ValueError(f"QUANTCORE_INT4_CUDA_KERNEL must be one of {', '.join(INT4_CUDA_KERNELS)}, got {value!r}")
-    return value
+    return choice("QUANTCORE_INT4_CUDA_KERNEL", INT4_CUDA_KERNELS, "interleaved", environ)
 
 
 INT4_CUDA_KERNEL = int4_cuda_kernel_setting()
