@@ -386,6 +386,21 @@ def run_stack(model: str, bandwidth: float, fused: bool, methods=STACK_METHODS) 
     return result
 
 
+def _words(text: str) -> list[str]:
+    """A comma-separated option's words, in order, blanks dropped."""
+    return [word.strip() for word in text.split(",") if word.strip()]
+
+
+def _listed(parser: argparse.ArgumentParser, option: str, text: str, known: tuple[str, ...]) -> list[str]:
+    """``option``'s words (:func:`_words`), each one of ``known``; a parser error otherwise."""
+    words = _words(text)
+    if not words:
+        parser.error(f"{option}: give at least one of {', '.join(known)}")
+    if unknown := sorted(set(words) - set(known)):
+        parser.error(f"{option}: unknown {unknown}")
+    return words
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=("llama-1.1b", "llama-7b"), default="llama-1.1b")
@@ -426,14 +441,8 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    formats = {f.strip() for f in args.formats.split(",") if f.strip()}
-    if not formats:
-        parser.error("--formats: give at least one of bf16, int8, int4")
-    if not formats <= {"bf16", "int8", "int4"}:
-        parser.error(f"--formats: unknown {sorted(formats - {'bf16', 'int8', 'int4'})}")
-    stack_methods = [m.strip() for m in args.stack_methods.split(",") if m.strip()]
-    if not stack_methods or not set(stack_methods) <= set(STACK_METHODS):
-        parser.error(f"--stack-methods: give some of {', '.join(STACK_METHODS)}")
+    formats = set(_listed(parser, "--formats", args.formats, ("bf16", "int8", "int4")))
+    stack_methods = _listed(parser, "--stack-methods", args.stack_methods, STACK_METHODS)
     if args.no_shapes and not args.stack:
         parser.error("--no-shapes without --stack leaves nothing to time")
     if not torch.cuda.is_available():
@@ -444,7 +453,7 @@ def main(argv=None) -> int:
     report = dict(device=torch.cuda.get_device_name(), bandwidth=bandwidth, model=args.model, fused=args.fused)
     with torch.no_grad():
         if not args.no_shapes:
-            only = [word.strip() for word in args.only.split(",") if word.strip()]
+            only = _words(args.only)
             report["shapes"] = run_shapes(
                 args.model,
                 formats,
