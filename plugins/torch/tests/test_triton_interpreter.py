@@ -658,3 +658,102 @@ def test_pins_are_by_card_and_shape(kernels, monkeypatch):
     configs = kernels._int4_interleaved_kernel.configs
     x = torch.empty(1)
     assert kernels._prune_interleaved(configs, {"N": 2048, "K": 5632, "x_ptr": x}, GROUP=128) == configs
+
+
+def _chain_links(dtype, group, h=128, kv=32, layers=2):
+    """Two decoder layers' fused int4 links (q/k/v, o from q, gate/up, down) as ``_chain`` takes them,
+    each output its own buffer (so every link's input is still there to check it against) and
+    the next link's input: a slice, a gate/up output, a layer's output into the next layer."""
+    from quantcore_torch._chain import ChainLink
+    from quantcore_torch.kernels import interleave_int4
+
+    torch.manual_seed(group + h)
+    inter = 3 * group
+    x = torch.randn(h, dtype=dtype)
+    links, stored = [], []
+    for _ in range(layers):
+        q = torch.empty(h + 2 * kv, dtype=dtype)
+        o, act, out = torch.empty(h, dtype=dtype), torch.empty(inter, dtype=dtype), torch.empty(h, dtype=dtype)
+        for (n, k), src, dst, gated in (
+            ((h + 2 * kv, h), x, q, False), ((h, h), q[:h], o, False),
+            ((2 * inter, h), o, act, True), ((h, inter), act, out, False),
+        ):  # fmt: skip
+            packed, scale, zero = quantize_int4((torch.randn(n, k) * 0.1).to(dtype), group)
+            links.append(ChainLink(src, interleave_int4(packed, k, group), torch.stack((scale, zero)), dst, gated))
+            stored.append((packed, scale, zero))
+        x = out
+    return links, stored
+
+
+@pytest.mark.parametrize("dtype", list(ROUNDING), ids=str)
+@pytest.mark.parametrize(("group", "config"), [(64, (4, 128, 2, False)), (32, (8, 64, 4, True))])
+def test_a_chain_gives_each_link_the_interleaved_kernels_bits(kernels, dtype, group, config):
+    # The chain kernel a launch a link (what the interpreter can run; the persistent launch is
+    # checked against it on the GPU): every link's output is the one-row kernel's on the same
+    # input, bit for bit, the gate/up link's activation included, and the reference's within rounding.
+    from quantcore_torch._chain import ChainConfig, Int4Chain
+
+    links, stored = _chain_links(dtype, group, h=64 + group)
+    chain = Int4Chain(links, group, ChainConfig(*config), one_launch=False)
+    chain()
+    block_n, block_k, warps, prefetch = config
+    for link, (packed, scale, zero) in zip(links, stored, strict=True):
+        n, k = link.words.shape[0], link.x.numel()
+        x = link.x.clone().view(1, k)
+        sz = link.scales_and_zeros
+        y = torch.empty(1, n // 2 if link.gate_up else n, dtype=dtype)
+        strides = (link.words.stride(0), sz.stride(1), sz.stride(0), kernels.INT4_MAGIC)
+        meta = dict(
+            GROUP=group, HAS_BIAS=False, BLOCK_N=block_n, BLOCK_K=block_k, PREFETCH=prefetch, GATE_UP=link.gate_up
+        )
+        grid = _grid(n // 2, block_n // 2) if link.gate_up else _grid(n, block_n)
+        kernels._int4_interleaved_kernel.fn[grid](x, link.words, sz, sz, y, n, k, *strides, **meta, num_warps=warps)
+        assert torch.equal(link.y.view(1, -1), y), (n, k, link.gate_up)
+        exact = torch.nn.functional.linear(x.float(), dequantize_int4(packed, scale, zero, k, group, torch.float32))
+        if link.gate_up:
+            assert _error(y, _gate_up_reference(exact)) < ROUNDING[dtype] * 2
+        else:
+            assert _error(y, exact) < ROUNDING[dtype]
+
+
+def test_a_chain_refuses_links_it_cannot_run(kernels):
+    from quantcore_torch._chain import ChainConfig, ChainLink, Int4Chain
+
+    links, _ = _chain_links(torch.float16, 64, layers=1)
+    with pytest.raises(ValueError, match="at least one link"):
+        Int4Chain([], 64, one_launch=False)
+    with pytest.raises(ValueError, match="needs a CUDA device, not cpu"):
+        Int4Chain(links, 64)
+    with pytest.raises(ValueError, match="whole groups of 64"):
+        Int4Chain(links, 64, ChainConfig(block_k=96), one_launch=False)
+    bad = {
+        "link 1: x and y must share": links[1]._replace(y=links[1].y.float()),
+        "link 2: y must hold 192 values, has 128": links[2]._replace(y=links[1].y),
+        "link 0: x must be one contiguous row": links[0]._replace(x=links[0].x.view(2, -1)),
+        "link 3: x must be 4-byte aligned": links[3]._replace(x=torch.empty(193, dtype=torch.float16)[1:]),
+        "link 2: a gate/up weight stacks two halves": links[2]._replace(words=links[2].words[:-1]),
+        "link 3: an interleaved int4 weight of 192 inputs": links[3]._replace(x=links[0].x),
+    }
+    for message, link in bad.items():
+        chain = [*links]
+        index = int(message.split(":")[0].split()[1])
+        chain[index] = link
+        with pytest.raises(ValueError, match=re.escape(message)):
+            Int4Chain(chain, 64, one_launch=False)
+    assert isinstance(links[0], ChainLink)
+
+
+def test_resident_programs_follow_registers_threads_and_shared_memory(kernels):
+    from types import SimpleNamespace
+
+    from quantcore_torch._chain import resident_programs
+
+    h100 = SimpleNamespace(
+        regs_per_multiprocessor=65536, max_threads_per_multi_processor=2048, shared_memory_per_multiprocessor=233472
+    )
+    assert resident_programs(121, 2, 16, h100) == 8  # 121 registers: 4,096 a warp (256 at a time)
+    assert resident_programs(80, 4, 64, h100) == 6
+    assert resident_programs(32, 1, 0, h100) == 32  # at most 32 a multiprocessor
+    assert resident_programs(32, 16, 0, h100) == 4  # 2,048 threads
+    assert resident_programs(32, 1, 100_000, h100) == 2  # shared memory
+    assert resident_programs(255, 32, 0, h100) == 0
