@@ -337,28 +337,33 @@ STACK_METHODS = (
     "int4-interleaved",
     "int4-chain",
     "int4-chain-launches",
+    "int4-chain-barriers",
 )
-# ``int4-chain@BNxBKxWxPFxPPS``: a chain method with its config (``ChainConfig``'s fields in order).
-_CHAIN = re.compile(r"^(int4-chain(?:-launches)?)(?:@(\d+)x(\d+)x(\d+)x([01])x(\d+))?$")
+# ``int4-chain@BNxBKxWxPFxPPS[xSLEEP]``: a chain method with its config (``ChainConfig``'s fields in
+# order). ``int4-chain-barriers``: the persistent chain on links of one tile a program (one group
+# of inputs): what its barriers cost.
+_CHAIN = re.compile(r"^(int4-chain(?:-launches|-barriers)?)(?:@(\d+)x(\d+)x(\d+)x([01])x(\d+)(?:x(\d+))?)?$")
 
 
 def chain_method(method: str):
-    """``(one_launch, ChainConfig)`` of a chain method's name, or ``None`` for the other methods."""
+    """``(kind, ChainConfig)`` of a chain method's name (kind: ``int4-chain``, ``-launches`` or
+    ``-barriers``), or ``None`` for the other methods."""
     from quantcore_torch._chain import ChainConfig
 
     match = _CHAIN.match(method)
     if match is None:
         return None
-    base, *fields = match.groups()
-    config = ChainConfig() if fields[0] is None else ChainConfig(*(int(f) for f in fields))
-    return base == "int4-chain", config._replace(prefetch=bool(config.prefetch))
+    kind, *fields = match.groups()
+    config = ChainConfig() if fields[0] is None else ChainConfig(*(int(f) for f in fields if f is not None))
+    return kind, config._replace(prefetch=bool(config.prefetch))
 
 
-def chain_stack(model: str, one_launch: bool, config) -> tuple[list, int]:
+def chain_stack(model: str, kind: str, config) -> tuple[list, int]:
     """A decode step's fused int4 linears as one :class:`~quantcore_torch._chain.Int4Chain`, each
     layer's data flowing as a layer's does: q/k/v from the hidden state, o from q (the attention's
     place), gate/up (with its activation) from o's output, down back into the hidden state.
-    ``([the chain], bytes read)``."""
+    ``kind`` ``int4-chain-barriers``: as many links, each of one tile a program and one group of
+    inputs. ``([the chain], bytes read)``."""
     from quantcore_torch import kernels
     from quantcore_torch._chain import ChainLink, Int4Chain
     from quantcore_torch.packing import quantize_int4
@@ -373,6 +378,11 @@ def chain_stack(model: str, one_launch: bool, config) -> tuple[list, int]:
         (gate_up, hidden2, act, True),
         (down, act, hidden, False),
     )
+    if kind == "int4-chain-barriers":
+        n = config.block_n * config.per_sm * torch.cuda.get_device_properties(0).multi_processor_count
+        out = new(n)
+        flow = (((n, GROUP), out[:GROUP], out, False),)
+        layers *= 4
     links, nbytes = [], 0
     for _ in range(layers):
         for (n, k), x, y, gated in flow:
@@ -380,7 +390,7 @@ def chain_stack(model: str, one_launch: bool, config) -> tuple[list, int]:
             layout = kernels.int4_interleaved_layout(p, s, z, k, GROUP)
             links.append(ChainLink(x, layout.weight, layout.scales_and_zeros, y, gated))
             nbytes += tensor_bytes(p, s, z)
-    chain = Int4Chain(links, GROUP, config, one_launch=one_launch)
+    chain = Int4Chain(links, GROUP, config, one_launch=kind != "int4-chain-launches")
     return [chain], nbytes
 
 

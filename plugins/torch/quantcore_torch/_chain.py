@@ -39,9 +39,9 @@ from ._triton import INT4_MAGIC, _barrier_wait, _interleaved_input, _interleaved
 
 __all__ = ["ChainConfig", "ChainLink", "Int4Chain", "resident_programs"]
 
-# The table's columns, a row a link (int64): addresses, then sizes and strides.
-_W, _SZ, _X, _Y, _N, _K, _STRIDE_WN, _STRIDE_SN, _ZERO_OFFSET, _GATE_UP = range(10)
-_FIELDS = 10
+# The table: a row a link, 16 int64 columns (the kernel loads a row whole): the weight's, scales',
+# input's and output's addresses, N, K, the weight's and scales' row strides, the zero points'
+# offset, gate/up (0 or 1), six unused.
 # Reads a wait makes before it gives up (a second or so on an H100); the launch's other waits
 # then give up at once.
 SPINS = 1 << 20
@@ -70,8 +70,14 @@ def _store_gate_up_tile(out, y_ptr, t, N, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _field(row, fields, index: tl.constexpr):
+    """Column ``index`` of a table row loaded whole."""
+    return tl.sum(tl.where(fields == index, row, 0), axis=0)
+
+
+@triton.jit
 def _int4_chain_kernel(
-    table_ptr, counters_ptr, first, last, magic, spins,
+    table_ptr, counters_ptr, first, last, magic, spins, sleep,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
     BF16: tl.constexpr, BARRIERS: tl.constexpr,
 ):  # fmt: skip
@@ -82,27 +88,30 @@ def _int4_chain_kernel(
     programs = tl.num_programs(0)
     dtype = tl.bfloat16 if BF16 else tl.float16
     for i in range(first, last):
-        row = table_ptr + i * 10
-        w_ptr = tl.load(row + 0).to(tl.pointer_type(tl.int32))
-        sz_ptr = tl.load(row + 1).to(tl.pointer_type(dtype))
-        x_ptr = tl.load(row + 2).to(tl.pointer_type(dtype))
-        y_ptr = tl.load(row + 3).to(tl.pointer_type(dtype))
-        N = tl.load(row + 4).to(tl.int32)
-        K = tl.load(row + 5).to(tl.int32)
-        stride_wn = tl.load(row + 6).to(tl.int32)
-        stride_sn = tl.load(row + 7).to(tl.int32)
-        zero_offset = tl.load(row + 8).to(tl.int32)
-        gate_up = tl.load(row + 9).to(tl.int32)
+        # The link's row in one load a warp: every program reads it, and ten scalar loads of one
+        # line from each of a thousand programs queue at one L2 slice.
+        fields = tl.arange(0, 16)
+        row = tl.load(table_ptr + i * 16 + fields)
+        w_ptr = _field(row, fields, 0).to(tl.pointer_type(tl.int32))
+        sz_ptr = _field(row, fields, 1).to(tl.pointer_type(dtype))
+        x_ptr = _field(row, fields, 2).to(tl.pointer_type(dtype))
+        y_ptr = _field(row, fields, 3).to(tl.pointer_type(dtype))
+        N = _field(row, fields, 4).to(tl.int32)
+        K = _field(row, fields, 5).to(tl.int32)
+        stride_wn = _field(row, fields, 6).to(tl.int32)
+        stride_sn = _field(row, fields, 7).to(tl.int32)
+        zero_offset = _field(row, fields, 8).to(tl.int32)
+        gate_up = _field(row, fields, 9).to(tl.int32)
         tiles = tl.where(gate_up != 0, tl.cdiv(N // 2, BLOCK_N // 2), tl.cdiv(N, BLOCK_N))
         ready = tl.where(i > first, programs, 0) * BARRIERS  # the first tile waits for link i - 1
         if BARRIERS:  # noqa: SIM102
             if pid >= tiles:  # no tile of this link: in step with the others all the same
-                _barrier_wait(counters_ptr, i, ready, spins)
+                _barrier_wait(counters_ptr, i, ready, spins, sleep)
         for t in range(pid, tiles, programs):
             rn, n_mask = _link_rows(t, N, gate_up, BLOCK_N)
             out = _interleaved_rows(
                 x_ptr, w_ptr, sz_ptr, rn, n_mask, K, stride_wn, stride_sn, zero_offset, magic,
-                GROUP, BLOCK_N, BLOCK_K, PREFETCH, 3 if BARRIERS else 0, counters_ptr, i, ready, spins,
+                GROUP, BLOCK_N, BLOCK_K, PREFETCH, 3 if BARRIERS else 0, counters_ptr, i, ready, spins, sleep,
             )  # fmt: skip
             ready = ready * 0
             if gate_up != 0:
@@ -140,6 +149,7 @@ class ChainConfig(NamedTuple):
     warps: int = 2
     prefetch: bool = False
     per_sm: int = 8
+    sleep: int = 0  # nanoseconds between a waiting thread's reads of a barrier
 
 
 def resident_programs(registers: int, warps: int, shared: int, properties) -> int:
@@ -188,7 +198,7 @@ class Int4Chain:
             rows.append([
                 link.words.data_ptr(), sz.data_ptr(), link.x.data_ptr(), link.y.data_ptr(),
                 link.words.shape[0], link.x.shape[-1], link.words.stride(0), sz.stride(1), sz.stride(0),
-                int(link.gate_up),
+                int(link.gate_up), 0, 0, 0, 0, 0, 0,
             ])  # fmt: skip
         self.table = torch.tensor(rows, dtype=torch.int64, device=first.device)
         # [timeouts, programs out, one count a link]
@@ -221,7 +231,7 @@ class Int4Chain:
         return None
 
     def _args(self, first: int, last: int) -> tuple:
-        return (self.table, self.counters, first, last, INT4_MAGIC, SPINS)
+        return (self.table, self.counters, first, last, INT4_MAGIC, SPINS, self.config.sleep)
 
     def _persistent_grid(self) -> int:
         device = self.table.device
