@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
@@ -329,69 +328,7 @@ def run_shapes(
     return rows
 
 
-STACK_METHODS = (
-    "bf16",
-    "int8",
-    "int4-triton",
-    "int4-tinygemm",
-    "int4-interleaved",
-    "int4-chain",
-    "int4-chain-launches",
-    "int4-chain-barriers",
-)
-# ``int4-chain@BNxBKxWxPFxPPS[xSLEEP]``: a chain method with its config (``ChainConfig``'s fields in
-# order). ``int4-chain-barriers``: the persistent chain on links of one tile a program (one group
-# of inputs): what its barriers cost.
-_CHAIN = re.compile(r"^(int4-chain(?:-launches|-barriers)?)(?:@(\d+)x(\d+)x(\d+)x([01])x(\d+)(?:x(\d+))?)?$")
-
-
-def chain_method(method: str):
-    """``(kind, ChainConfig)`` of a chain method's name (kind: ``int4-chain``, ``-launches`` or
-    ``-barriers``), or ``None`` for the other methods."""
-    from quantcore_torch._chain import ChainConfig
-
-    match = _CHAIN.match(method)
-    if match is None:
-        return None
-    kind, *fields = match.groups()
-    config = ChainConfig() if fields[0] is None else ChainConfig(*(int(f) for f in fields if f is not None))
-    return kind, config._replace(prefetch=bool(config.prefetch))
-
-
-def chain_stack(model: str, kind: str, config) -> tuple[list, int]:
-    """A decode step's fused int4 linears as one :class:`~quantcore_torch._chain.Int4Chain`, each
-    layer's data flowing as a layer's does: q/k/v from the hidden state, o from q (the attention's
-    place), gate/up (with its activation) from o's output, down back into the hidden state.
-    ``kind`` ``int4-chain-barriers``: as many links, each of one tile a program and one group of
-    inputs. ``([the chain], bytes read)``."""
-    from quantcore_torch import kernels
-    from quantcore_torch._chain import ChainLink, Int4Chain
-    from quantcore_torch.packing import quantize_int4
-
-    layers, (qkv, o, gate_up, down) = linears(model, fused=True)
-    h, inter = o[0], down[1]
-    new = lambda n: torch.randn(n, device="cuda", dtype=torch.bfloat16)  # noqa: E731
-    hidden, q, hidden2, act = new(h), new(qkv[0]), new(h), new(inter)
-    flow = (
-        (qkv, hidden, q, False),
-        (o, q[:h], hidden2, False),
-        (gate_up, hidden2, act, True),
-        (down, act, hidden, False),
-    )
-    if kind == "int4-chain-barriers":
-        n = config.block_n * config.per_sm * torch.cuda.get_device_properties(0).multi_processor_count
-        out = new(n)
-        flow = (((n, GROUP), out[:GROUP], out, False),)
-        layers *= 4
-    links, nbytes = [], 0
-    for _ in range(layers):
-        for (n, k), x, y, gated in flow:
-            p, s, z = quantize_int4((torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16), GROUP)
-            layout = kernels.int4_interleaved_layout(p, s, z, k, GROUP)
-            links.append(ChainLink(x, layout.weight, layout.scales_and_zeros, y, gated))
-            nbytes += tensor_bytes(p, s, z)
-    chain = Int4Chain(links, GROUP, config, one_launch=kind != "int4-chain-launches")
-    return [chain], nbytes
+STACK_METHODS = ("bf16", "int8", "int4-triton", "int4-tinygemm", "int4-interleaved")
 
 
 def run_stack(model: str, bandwidth: float, fused: bool, methods=STACK_METHODS) -> dict:
@@ -404,10 +341,6 @@ def run_stack(model: str, bandwidth: float, fused: bool, methods=STACK_METHODS) 
     for method in methods:
         layers, shapes = linears(model, fused and method != "bf16")
         calls, nbytes = [], 0
-        chained = chain_method(method)
-        if chained is not None:
-            calls, nbytes = chain_stack(model, *chained)
-            shapes = []
         xs = {k: torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for _, k in shapes}
         for _ in range(layers):
             for n, k in shapes:
@@ -440,14 +373,11 @@ def run_stack(model: str, bandwidth: float, fused: bool, methods=STACK_METHODS) 
                     nbytes += tensor_bytes(p, s, z)
                 del w
         us = graph_time_us(calls, replays=5) * len(calls)
-        if chained is not None:
-            calls[0].check()  # a barrier that gave up would make the time meaningless
         floor = nbytes / bandwidth * 1e6
         # A list a method: --stack-methods may name one twice (A B A B, against drift).
         result.setdefault(method, []).append(dict(us_per_step=us, mib=nbytes / 2**20, floor_us=floor, share=floor / us))
-        count = len(calls[0].links) if chained else len(calls)
         print(
-            f"[stack {model}] {method:14s} {us:8.1f} us a step for {count} linears, "
+            f"[stack {model}] {method:14s} {us:8.1f} us a step for {len(calls)} linears, "
             f"{nbytes / 2**20:7.1f} MiB, floor {floor:6.1f} us ({100 * floor / us:4.1f}%)",
             flush=True,
         )
@@ -461,15 +391,12 @@ def _words(text: str) -> list[str]:
     return [word.strip() for word in text.split(",") if word.strip()]
 
 
-def _listed(
-    parser: argparse.ArgumentParser, option: str, text: str, known: tuple[str, ...], pattern: re.Pattern | None = None
-) -> list[str]:
-    """``option``'s words (:func:`_words`), each one of ``known`` (or matching ``pattern``); a parser
-    error otherwise."""
+def _listed(parser: argparse.ArgumentParser, option: str, text: str, known: tuple[str, ...]) -> list[str]:
+    """``option``'s words (:func:`_words`), each one of ``known``; a parser error otherwise."""
     words = _words(text)
     if not words:
         parser.error(f"{option}: give at least one of {', '.join(known)}")
-    if unknown := sorted(w for w in set(words) - set(known) if not (pattern and pattern.match(w))):
+    if unknown := sorted(set(words) - set(known)):
         parser.error(f"{option}: unknown {unknown}")
     return words
 
@@ -490,8 +417,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--stack-methods",
         default=",".join(STACK_METHODS),
-        help=f"--stack's methods, comma-separated, in order (one may repeat): {', '.join(STACK_METHODS)}; "
-        "int4-chain[-launches]@BNxBKxWxPFxPPS gives a chain its config (ChainConfig's fields)",
+        help=f"--stack's methods, comma-separated, in order (one may repeat): {', '.join(STACK_METHODS)}",
     )
     parser.add_argument(
         "--fused", action="store_true", help="fused projections' shapes (q+k+v, gate+up) for the quantized formats"
@@ -516,7 +442,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     formats = set(_listed(parser, "--formats", args.formats, ("bf16", "int8", "int4")))
-    stack_methods = _listed(parser, "--stack-methods", args.stack_methods, STACK_METHODS, _CHAIN)
+    stack_methods = _listed(parser, "--stack-methods", args.stack_methods, STACK_METHODS)
     if args.no_shapes and not args.stack:
         parser.error("--no-shapes without --stack leaves nothing to time")
     if not torch.cuda.is_available():

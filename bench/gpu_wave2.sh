@@ -46,9 +46,9 @@ for part in "$@"; do
     tests|tests-ao|tests-torch|tests-fusion|tests-gptq)
       # SIGINT: a run cut short by its limit still prints its failures.
       case $part in tests-ao) paths=plugins/torchao/tests ;; tests-gptq) paths=plugins/gptq/tests ;;
-        tests-torch) paths="plugins/torch/tests/test_torch_chain.py plugins/torch/tests/test_torch_kernels.py plugins/torch/tests/test_torch_modules.py plugins/torch/tests/test_torch_fusion.py" ;;
+        tests-torch) paths="plugins/torch/tests/test_torch_kernels.py plugins/torch/tests/test_torch_modules.py plugins/torch/tests/test_torch_fusion.py" ;;
         tests-fusion) paths=plugins/torch/tests/test_torch_fusion.py ;;
-        *) paths="plugins/torchao/tests plugins/gptq/tests plugins/torch/tests/test_torch_chain.py plugins/torch/tests/test_torch_kernels.py plugins/torch/tests/test_torch_modules.py plugins/torch/tests/test_torch_fusion.py" ;;
+        *) paths="plugins/torchao/tests plugins/gptq/tests plugins/torch/tests/test_torch_kernels.py plugins/torch/tests/test_torch_modules.py plugins/torch/tests/test_torch_fusion.py" ;;
       esac
       timeout -s INT ${T_TESTS:-170} python3 -m pytest -q -m gpu -rf --tb=short -p no:cacheprovider -W ignore ${PYTEST_K:+-k "$PYTEST_K"} $paths 2>&1 \
         | grep -v MatMul8bitLt > "$out/$part.log"

@@ -238,52 +238,6 @@ def _gdc_wait(USE_GDC: tl.constexpr):
             tl.extra.cuda.gdc_launch_dependents()
 
 
-# 3: no programmatic launch; a persistent kernel's program instead waits, before its first input
-# load, until ``ready`` programs have counted themselves done with the link before (``_chain``).
-@triton.jit
-def _acquire(ptr):
-    """``*ptr`` (32 bits) read with acquire semantics at GPU scope: a load, not an atomic, so that
-    the programs waiting on one counter do not queue behind each other at L2."""
-    return tl.inline_asm_elementwise(
-        "ld.global.acquire.gpu.b32 $0, [$1];", "=r,l", [ptr], dtype=tl.int32, is_pure=False, pack=1
-    )
-
-
-@triton.jit
-def _nanosleep(ns):
-    return tl.inline_asm_elementwise(
-        "nanosleep.u32 $1;\n\tmov.u32 $0, 0;", "=r,r", [ns], dtype=tl.int32, is_pure=False, pack=1
-    )
-
-
-@triton.jit
-def _barrier_wait(counters_ptr, link, ready, spins, sleep):
-    """Wait until ``ready`` programs have counted themselves done with link ``link - 1`` (at
-    ``counters_ptr[2 + link - 1]``; ``ready`` 0: no wait), reading at most ``spins`` times; a wait
-    that gives up adds one to ``counters_ptr[0]``, which the host checks, instead of hanging the
-    GPU, and every wait of the launch then gives up at once. Every thread reads (each acquires),
-    then the program's threads meet, so that no input load is issued before the wait ends.
-    ``sleep``: nanoseconds a thread sleeps between reads (0: none)."""
-    if ready > 0:
-        n = 0
-        while (_acquire(counters_ptr + 1 + link) < ready) & (n < spins) & (tl.load(counters_ptr, volatile=True) == 0):
-            if sleep > 0:
-                _nanosleep(sleep)
-            n += 1
-        if n >= spins:
-            tl.atomic_add(counters_ptr, 1, sem="relaxed")
-        tl.debug_barrier()
-
-
-@triton.jit
-def _input_wait(USE_GDC: tl.constexpr, counters_ptr, link, ready, spins, sleep):
-    """Before a kernel's first input load: a programmatic launch's wait, or a persistent program's."""
-    if USE_GDC == 3:
-        _barrier_wait(counters_ptr, link, ready, spins, sleep)
-    else:
-        _gdc_wait(USE_GDC)
-
-
 @triton.jit
 def _gdc_done(USE_GDC: tl.constexpr):
     """The late trigger: the next kernel may launch (it still waits for this one to complete)."""
@@ -502,12 +456,9 @@ def _offset_nibble(magic, word, SHIFT: tl.constexpr):
 def _interleaved_rows(
     x_ptr, w_ptr, sz_ptr, rn, n_mask, K, stride_wn, stride_sn, zero_offset, magic,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr, USE_GDC: tl.constexpr,
-    counters_ptr=None, link=0, ready=0, spins=0, sleep=0,
 ):  # fmt: skip
     """The interleaved int4 one-row kernels' sums (see :func:`_int4_interleaved_kernel`): the fp32
-    dot products of the input with the weight rows ``rn`` (``n_mask``: those that exist). The
-    first weight tile's loads are issued before the input's, and before the wait where there is
-    one (``USE_GDC``; 3, with the last four arguments: :func:`_barrier_wait`)."""
+    dot products of the input with the weight rows ``rn`` (``n_mask``: those that exist)."""
     GROUPS: tl.constexpr = BLOCK_K // GROUP
     WPG: tl.constexpr = GROUP // 8  # words a group, a row
     BF16: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16
@@ -535,7 +486,7 @@ def _interleaved_rows(
             word = tl.load(w32 + row + col[:, None, :], mask=n_mask[None, :, None] & col_mask[:, None, :], other=0)
         if USE_GDC:  # noqa: SIM102 - programmatic launch: the first weight tile loads before the wait
             if k0 == 0:
-                _input_wait(USE_GDC, counters_ptr, link, ready, spins, sleep)
+                _gdc_wait(USE_GDC)
         pair = pairs + g[:, None] * (GROUP // 2) + rj[None, :]  # byte i's pair: + i * WPG
         x0, x1 = _pair_to_float(tl.load(pair, mask=col_mask, other=0), BF16)
         x2, x3 = _pair_to_float(tl.load(pair + WPG, mask=col_mask, other=0), BF16)
