@@ -31,7 +31,7 @@ from .errors import ConfigError
 
 __all__ = ["QuantizationConfigMixin", "config_field", "define_config"]
 
-C = TypeVar("C", bound="QuantizationConfigMixin")
+C = TypeVar("C", bound="_SerializedConfig")
 T = TypeVar("T")
 
 _INVALID = object()
@@ -142,8 +142,10 @@ def _default_of(field: attrs.Attribute) -> Any:
     return default
 
 
-class QuantizationConfigMixin:
-    """Base of every backend's quantization config (see the module docstring)."""
+class _SerializedConfig:
+    """A config's dict / JSON side, the base of :class:`QuantizationConfigMixin`: its fields'
+    types, serialized with the project converter, diffed against the class defaults, written
+    atomically, and read back (foreign dicts through :meth:`normalize_dict`)."""
 
     __slots__ = ()
 
@@ -154,40 +156,6 @@ class QuantizationConfigMixin:
     quant_method: ClassVar[str] = ""
     """The backend's method name; a class constant, always present in the serialized dict."""
 
-    skip_modules_field: ClassVar[str | None] = None
-    """Name of the field holding the modules to keep in float, if the config has one."""
-
-    # ------------------------------------------------------------------ hooks for subclasses
-    def validate(self) -> Iterable[tuple[str, str]]:
-        """Cross-field rules: return (or yield) ``(field, message)`` for each problem.
-
-        Called after every field passed its own checks, on construction and on assignment.
-        """
-        return ()
-
-    @classmethod
-    def normalize_dict(cls, data: dict[str, Any]) -> dict[str, Any]:
-        """Rewrite a foreign or legacy dict into this class's field names before loading.
-
-        Called by :meth:`from_dict` on a copy of the input; the default changes nothing.
-        """
-        return data
-
-    def skip_modules(self) -> list[str]:
-        """The module names or patterns this config keeps in float (empty when it has none)."""
-        if self.skip_modules_field is None:
-            return []
-        return list(getattr(self, self.skip_modules_field) or [])
-
-    def module_overrides(self) -> dict[str, Any]:
-        """Per-module configs the config itself carries: ``{pattern: config | None}``, as ``overrides``.
-
-        For configs that hold a table of module names (torchao's ``FqnToConfig``): quantize applies
-        them after the call's own overrides and before the config itself. Empty by default.
-        """
-        return {}
-
-    # ------------------------------------------------------------------ validation
     @classmethod
     def _field_types(cls) -> dict[str, Any]:
         types = cls.__dict__.get("_qc_types")
@@ -205,21 +173,14 @@ class QuantizationConfigMixin:
             type.__setattr__(cls, "_qc_types", types)
         return types
 
-    def __attrs_post_init__(self) -> None:
-        problems = self._problems()
-        if problems:
-            raise ConfigError(problems, title=f"invalid {type(self).__name__}")
+    @classmethod
+    def normalize_dict(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """Rewrite a foreign or legacy dict into this class's field names before loading.
 
-    def _problems(self) -> list[tuple[str, str]]:
-        problems: list[tuple[str, str]] = []
-        types = self._field_types()
-        for f in attrs.fields(type(self)):
-            problems.extend(_field_problems(types[f.name], f, getattr(self, f.name)))
-        if not problems:
-            problems.extend(self.validate() or ())
-        return problems
+        Called by :meth:`from_dict` on a copy of the input; the default changes nothing.
+        """
+        return data
 
-    # ------------------------------------------------------------------ dict / JSON
     def to_dict(self) -> dict[str, Any]:
         """Every field, serialized, with ``quant_method`` first."""
         out: dict[str, Any] = {"quant_method": self.quant_method}
@@ -295,6 +256,57 @@ class QuantizationConfigMixin:
             raise ConfigError([("", f"{path}: not valid JSON ({exc})")]) from None
         return cls.from_dict(data)  # type: ignore[return-value]
 
+    def __iter__(self) -> Iterator[tuple[str, Any]]:
+        yield from self.to_dict().items()
+
+
+class QuantizationConfigMixin(_SerializedConfig):
+    """Base of every backend's quantization config (see the module docstring): the hooks a backend
+    overrides, validation, changes. The dict / JSON side is :class:`_SerializedConfig`'s."""
+
+    __slots__ = ()
+
+    skip_modules_field: ClassVar[str | None] = None
+    """Name of the field holding the modules to keep in float, if the config has one."""
+
+    # ------------------------------------------------------------------ hooks for subclasses
+    def validate(self) -> Iterable[tuple[str, str]]:
+        """Cross-field rules: return (or yield) ``(field, message)`` for each problem.
+
+        Called after every field passed its own checks, on construction and on assignment.
+        """
+        return ()
+
+    def skip_modules(self) -> list[str]:
+        """The module names or patterns this config keeps in float (empty when it has none)."""
+        if self.skip_modules_field is None:
+            return []
+        return list(getattr(self, self.skip_modules_field) or [])
+
+    def module_overrides(self) -> dict[str, Any]:
+        """Per-module configs the config itself carries: ``{pattern: config | None}``, as ``overrides``.
+
+        For configs that hold a table of module names (torchao's ``FqnToConfig``): quantize applies
+        them after the call's own overrides and before the config itself. Empty by default.
+        """
+        return {}
+
+    # ------------------------------------------------------------------ validation
+    def __attrs_post_init__(self) -> None:
+        problems = self._problems()
+        if problems:
+            raise ConfigError(problems, title=f"invalid {type(self).__name__}")
+
+    def _problems(self) -> list[tuple[str, str]]:
+        problems: list[tuple[str, str]] = []
+        types = self._field_types()
+        for f in attrs.fields(type(self)):
+            problems.extend(_field_problems(types[f.name], f, getattr(self, f.name)))
+        if not problems:
+            problems.extend(self.validate() or ())
+        return problems
+
+    # ------------------------------------------------------------------ changes
     def update(self, **kwargs: Any) -> dict[str, Any]:
         """Set the known fields together (all validated before any is set); return the unknown ones."""
         known, unused = _split_known(type(self), kwargs)
@@ -308,9 +320,6 @@ class QuantizationConfigMixin:
     def copy(self: C, **changes: Any) -> C:
         """A validated copy, with ``changes`` applied."""
         return _evolve(self, **changes)
-
-    def __iter__(self) -> Iterator[tuple[str, Any]]:
-        yield from self.to_dict().items()
 
     def __repr__(self) -> str:
         diff = self.to_diff_dict()
