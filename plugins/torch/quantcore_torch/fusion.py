@@ -165,18 +165,12 @@ class FusedProjections:
         return f"FusedProjections({self.name}, {state})"
 
     # ------------------------------------------------------------------ life cycle
-    @staticmethod
-    def _member_tensors(m: WeightOnlyLinear) -> tuple[torch.Tensor | None, ...]:
-        # From the dicts, not getattr (about a microsecond a name): this runs once a step per group.
-        buffers = m._buffers
-        return buffers.get("qweight"), buffers.get("scale"), buffers.get("zero"), m._parameters.get("bias")
-
     def is_current(self) -> bool:
         """Whether every member still reads the views of the current stack."""
         if self.linear is None:
             return False
         for m, views in zip(self.members, self._views, strict=True):
-            for have, view in zip(self._member_tensors(m), views, strict=True):
+            for have, view in zip(_member_tensors(m), views, strict=True):
                 if have is not view:
                     return False
         return True
@@ -197,45 +191,7 @@ class FusedProjections:
             # but the kernel layout derived from it does not.
             self.linear.refresh_kernel_layout()
             return
-        self._stack()
-
-    def _stack(self) -> None:
-        members = self.members
-        first = members[0]
-        linear = WeightOnlyLinear(
-            first.in_features,
-            sum(m.out_features for m in members),
-            bits=first.bits,
-            group_size=first.group_size,
-            bias=first.bias is not None,
-            dtype=first.weight_dtype,
-            device="meta",
-            compute_dtype=first.compute_dtype,
-        )
-        names = _storage_names(first)
-        with torch.no_grad():
-            for name in names:
-                setattr(linear, name, torch.cat([getattr(m, name) for m in members]))
-            if first.bias is not None:
-                linear.bias = nn.Parameter(torch.cat([m.bias.detach() for m in members]), requires_grad=False)
-        views = []
-        for m, (start, stop) in zip(members, self.bounds, strict=True):
-            for name in names:
-                setattr(m, name, getattr(linear, name)[start:stop])
-            if m.bias is not None:
-                # Still trainable if it was (then the member runs alone while gradients are on).
-                m.bias = nn.Parameter(linear.bias[start:stop], requires_grad=m.bias.requires_grad)
-            m.kernel_layout, m._layout_of = None, ()
-            views.append(self._member_tensors(m))
-        self._views = tuple(views)
-        # Built last: members' refresh hooks must not see a half-made stack.
-        linear.refresh_kernel_layout()
-        if linear.qweight.is_cuda:
-            # CUDA graphs copy plain tensor inputs at every replay; these are the weights, never changed in a graph.
-            for t in (*(getattr(linear, n) for n in names), linear.bias):
-                if t is not None:
-                    torch._dynamo.mark_static_address(t)
-        self.linear = linear
+        self.linear, self._views = _stack_members(self.members, self.bounds)
 
     def release(self) -> None:
         """Give every member its own storage again and detach them from the group."""
@@ -305,6 +261,55 @@ class FusedProjections:
             # Every member has had its slice: keep no activation alive until the next step.
             self._cache = None
         return y[..., start:stop]
+
+
+def _member_tensors(m: WeightOnlyLinear) -> tuple[torch.Tensor | None, ...]:
+    """``m``'s quantized weight tensors and bias, the ones a stack's views replace."""
+    # From the dicts, not getattr (about a microsecond a name): this runs once a step per group.
+    buffers = m._buffers
+    return buffers.get("qweight"), buffers.get("scale"), buffers.get("zero"), m._parameters.get("bias")
+
+
+def _stack_members(
+    members: Sequence[WeightOnlyLinear], bounds: Sequence[tuple[int, int]]
+) -> tuple[WeightOnlyLinear, tuple[tuple[torch.Tensor | None, ...], ...]]:
+    """One :class:`WeightOnlyLinear` whose buffers are the members' tensors stacked (rows
+    ``bounds[i]`` member ``i``'s), each member rebound to views of them, its kernel layout
+    dropped; and the views each member reads (:func:`_member_tensors`'s order)."""
+    first = members[0]
+    linear = WeightOnlyLinear(
+        first.in_features,
+        sum(m.out_features for m in members),
+        bits=first.bits,
+        group_size=first.group_size,
+        bias=first.bias is not None,
+        dtype=first.weight_dtype,
+        device="meta",
+        compute_dtype=first.compute_dtype,
+    )
+    names = _storage_names(first)
+    with torch.no_grad():
+        for name in names:
+            setattr(linear, name, torch.cat([getattr(m, name) for m in members]))
+        if first.bias is not None:
+            linear.bias = nn.Parameter(torch.cat([m.bias.detach() for m in members]), requires_grad=False)
+    views = []
+    for m, (start, stop) in zip(members, bounds, strict=True):
+        for name in names:
+            setattr(m, name, getattr(linear, name)[start:stop])
+        if m.bias is not None:
+            # Still trainable if it was (then the member runs alone while gradients are on).
+            m.bias = nn.Parameter(linear.bias[start:stop], requires_grad=m.bias.requires_grad)
+        m.kernel_layout, m._layout_of = None, ()
+        views.append(_member_tensors(m))
+    # Built last: members' refresh hooks must not see a half-made stack.
+    linear.refresh_kernel_layout()
+    if linear.qweight.is_cuda:
+        # CUDA graphs copy plain tensor inputs at every replay; these are the weights, never changed in a graph.
+        for t in (*(getattr(linear, n) for n in names), linear.bias):
+            if t is not None:
+                torch._dynamo.mark_static_address(t)
+    return linear, tuple(views)
 
 
 def _storage_names(m: WeightOnlyLinear) -> tuple[str, ...]:
