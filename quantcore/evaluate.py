@@ -22,7 +22,8 @@ import attrs
 import torch
 from torch import nn
 
-from .errors import QuantcoreError
+from .auto import quantize
+from .errors import BackendUnavailableError, QuantcoreError
 
 __all__ = [
     "SENTENCES",
@@ -70,8 +71,6 @@ def _transformers() -> Any:
     try:
         import transformers
     except ImportError:
-        from .errors import BackendUnavailableError
-
         raise BackendUnavailableError("transformers is not installed: pip install 'quantcore[transformers]'") from None
     return transformers
 
@@ -290,11 +289,9 @@ class Evaluation:
 
     def quantized(self, label: str, config: Any, **quantize_kwargs: Any) -> QualityRow:
         """Quantize a copy of the float model with ``config`` and score it (the copy is then dropped)."""
-        import quantcore
-
         self.log(f"quantizing with {label}")
         model = copy.deepcopy(self.model)
-        report = quantcore.quantize(model, config, progress=False, **quantize_kwargs)
+        report = quantize(model, config, progress=False, **quantize_kwargs)
         method = report.quantized[0].method if report.quantized else "nothing quantized"
         self.log(f"scoring {label}")
         row = QualityRow(

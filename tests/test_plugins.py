@@ -190,7 +190,7 @@ def test_after_hook_sees_report_and_its_errors_only_warn(tiny_lm):
 
 def test_import_is_lazy_and_light():
     code = (
-        "import sys, json, quantcore, quantcore.plugins as p\n"
+        "import sys, json, quantcore, quantcore.plugins as p, quantcore.cli\n"
         "heavy = [m for m in ('bitsandbytes', 'transformers', 'peft', 'quantcore_bnb', 'quantcore_torch', 'torch', "
         "'quantcore.integrations') "
         "if m in sys.modules]\n"
