@@ -16,7 +16,13 @@ forced; the autotuned choice that
 ``--stack``: the linears of a whole decode step (every layer's q, k, v, o, gate, up, down, each
 with its own weight) through each method's dispatch, in one graph: the linears' share of a step.
 ``--fused``: the shapes ``quantcore_torch.fuse_projections`` runs (q+k+v and gate+up stacked),
-for tuning the kernels on them; bf16's stack keeps transformers' separate projections. ``--dot``:
+for tuning the kernels on them; bf16's stack keeps transformers' separate projections. The
+``read`` stacks bound what any design with a kernel a linear could do: ``read`` gives each linear
+a kernel that only reads its int4 bytes (codes, scales, zero points: 8 KiB a program, 16-byte
+loads, one word out a program); ``read-pdl`` launches it programmatically (loads issued before it
+waits on the kernel before, the next launched once its work is done, as torch_wo's ``+pdl``);
+``read-pdl-early`` launches the next at once. ``int4-interleaved-pdl`` is torch_wo's kernels
+launched as ``+pdl``. ``--dot``:
 also the several-row ``tl.dot`` kernels on the one row (a 16-row tile, 15 rows masked): whether
 tensor cores beat the one-row kernels' reduction, where the int4 one is bound by its instructions.
 
@@ -28,7 +34,10 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
+import operator
 import sys
 from pathlib import Path
 
@@ -40,6 +49,53 @@ import torch
 import torch.nn.functional as F
 
 GROUP = 128
+READ_BLOCK = 2048  # int32 words a program of the read kernel loads (8 KiB)
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the read stacks need Triton; everything else runs without
+    triton = None
+
+if triton is not None:
+
+    @triton.jit
+    def _read_kernel(src, out, NUMEL, BLOCK: tl.constexpr, USE_GDC: tl.constexpr):
+        """Read ``src``'s words, one program a block, and store their XOR (so the loads stay).
+        ``USE_GDC``: 1, launched programmatically, the next kernel launched once this one's work is
+        done; 2, the next launched at once (the most overlap programmatic launches allow)."""
+        if USE_GDC == 2:
+            tl.extra.cuda.gdc_launch_dependents()
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        words = tl.load(src + offs, mask=offs < NUMEL, other=0)
+        if USE_GDC:
+            tl.extra.cuda.gdc_wait()
+        tl.store(out + tl.program_id(0), tl.xor_sum(words, 0))
+        if USE_GDC == 1:
+            tl.extra.cuda.gdc_launch_dependents()
+
+
+def read_call(nbytes: int, pdl: int):
+    """A zero-argument call that reads ``nbytes`` of fresh memory with the read kernel (``pdl``:
+    its ``USE_GDC``), as a kernel a linear would read its weight and nothing more."""
+    if triton is None:
+        raise RuntimeError("the read stacks need Triton")
+    src = torch.randint(-(2**31), 2**31 - 1, (nbytes // 4,), dtype=torch.int32, device="cuda")
+    programs = triton.cdiv(src.numel(), READ_BLOCK)
+    out = torch.empty(programs, dtype=torch.int32, device="cuda")
+    options = {"launch_pdl": True} if pdl else {}  # sm_90 and later
+
+    def call():
+        _read_kernel[(programs,)](src, out, src.numel(), BLOCK=READ_BLOCK, USE_GDC=pdl, num_warps=4, **options)
+
+    def check() -> None:
+        """The first program's word is the XOR of its block (the kernel read what it was given)."""
+        want = functools.reduce(operator.xor, src[:READ_BLOCK].tolist())
+        if int(out[0]) != want:
+            raise RuntimeError(f"read kernel: {int(out[0])} where the block's XOR is {want}")
+
+    call.check = check
+    return call
 
 
 def linears(model: str, fused: bool = False) -> tuple[int, list[tuple[int, int]]]:
@@ -328,7 +384,17 @@ def run_shapes(
     return rows
 
 
-STACK_METHODS = ("bf16", "int8", "int4-triton", "int4-tinygemm", "int4-interleaved")
+STACK_METHODS = (
+    "bf16",
+    "int8",
+    "int4-triton",
+    "int4-tinygemm",
+    "int4-interleaved",
+    "int4-interleaved-pdl",
+    "read",
+    "read-pdl",
+    "read-pdl-early",
+)
 
 
 def run_stack(model: str, bandwidth: float, fused: bool, methods=STACK_METHODS) -> dict:
@@ -341,6 +407,19 @@ def run_stack(model: str, bandwidth: float, fused: bool, methods=STACK_METHODS) 
     for method in methods:
         layers, shapes = linears(model, fused and method != "bf16")
         calls, nbytes = [], 0
+        if method.startswith("read"):
+            for _ in range(layers):
+                for n, k in shapes:
+                    w = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
+                    size = tensor_bytes(*quantize_int4(w, GROUP))  # what the int4 stacks read
+                    calls.append(read_call(size, pdl={"read": 0, "read-pdl": 1, "read-pdl-early": 2}[method]))
+                    nbytes += size
+            us = graph_time_us(calls, replays=5) * len(calls)
+            calls[-1].check()
+            _stack_row(result, model, method, us, len(calls), nbytes, bandwidth)
+            del calls
+            torch.cuda.empty_cache()
+            continue
         xs = {k: torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for _, k in shapes}
         for _ in range(layers):
             for n, k in shapes:
@@ -358,7 +437,7 @@ def run_stack(model: str, bandwidth: float, fused: bool, methods=STACK_METHODS) 
                     layout = None
                     if method == "int4-tinygemm":
                         layout = kernels.int4_tinygemm_layout(p, s, z, k, GROUP)
-                    elif method == "int4-interleaved":
+                    elif method.startswith("int4-interleaved"):
                         layout = kernels.int4_interleaved_layout(p, s, z, k, GROUP)
                     if layout is None and method != "int4-triton":
                         raise RuntimeError(f"{method}: no layout for {n}x{k}")
@@ -372,18 +451,40 @@ def run_stack(model: str, bandwidth: float, fused: bool, methods=STACK_METHODS) 
                         )
                     nbytes += tensor_bytes(p, s, z)
                 del w
-        us = graph_time_us(calls, replays=5) * len(calls)
-        floor = nbytes / bandwidth * 1e6
-        # A list a method: --stack-methods may name one twice (A B A B, against drift).
-        result.setdefault(method, []).append(dict(us_per_step=us, mib=nbytes / 2**20, floor_us=floor, share=floor / us))
-        print(
-            f"[stack {model}] {method:14s} {us:8.1f} us a step for {len(calls)} linears, "
-            f"{nbytes / 2**20:7.1f} MiB, floor {floor:6.1f} us ({100 * floor / us:4.1f}%)",
-            flush=True,
-        )
+        with _programmatic() if method == "int4-interleaved-pdl" else contextlib.nullcontext():
+            us = graph_time_us(calls, replays=5) * len(calls)
+        _stack_row(result, model, method, us, len(calls), nbytes, bandwidth)
         del calls
         torch.cuda.empty_cache()
     return result
+
+
+@contextlib.contextmanager
+def _programmatic():
+    """torch_wo's Triton kernels launched programmatically (late trigger), as ``+pdl`` in
+    ``bench_decode.py``; the variants are dropped on the way in and out."""
+    from quantcore_torch import _triton
+
+    _triton.forget_pdl_variants()
+    saved = _triton.PDL, _triton.PDL_TRIGGER
+    _triton.PDL, _triton.PDL_TRIGGER = True, "late"
+    try:
+        yield
+    finally:
+        _triton.PDL, _triton.PDL_TRIGGER = saved
+        _triton.forget_pdl_variants()
+
+
+def _stack_row(result: dict, model: str, method: str, us: float, calls: int, nbytes: int, bandwidth: float) -> None:
+    """Record and print one stack's time against its floor."""
+    floor = nbytes / bandwidth * 1e6
+    # A list a method: --stack-methods may name one twice (A B A B, against drift).
+    result.setdefault(method, []).append(dict(us_per_step=us, mib=nbytes / 2**20, floor_us=floor, share=floor / us))
+    print(
+        f"[stack {model}] {method:20s} {us:8.1f} us a step for {calls} linears, "
+        f"{nbytes / 2**20:7.1f} MiB, floor {floor:6.1f} us ({100 * floor / us:4.1f}%)",
+        flush=True,
+    )
 
 
 def _words(text: str) -> list[str]:
