@@ -21,8 +21,8 @@ for tuning the kernels on them; bf16's stack keeps transformers' separate projec
 a kernel that only reads its int4 bytes (codes, scales, zero points: 8 KiB a program, 16-byte
 loads, one word out a program); ``read-pdl`` launches it programmatically (loads issued before it
 waits on the kernel before, the next launched once its work is done, as torch_wo's ``+pdl``);
-``read-pdl-early`` launches the next at once. ``int4-interleaved-pdl`` is torch_wo's kernels
-launched as ``+pdl``. ``--dot``:
+``read-pdl-early`` launches the next at once. ``int4-interleaved-pdl`` and ``-pdl-early`` are
+torch_wo's kernels launched as ``+pdl`` and ``+pdl-early``. ``--dot``:
 also the several-row ``tl.dot`` kernels on the one row (a 16-row tile, 15 rows masked): whether
 tensor cores beat the one-row kernels' reduction, where the int4 one is bound by its instructions.
 
@@ -391,6 +391,7 @@ STACK_METHODS = (
     "int4-tinygemm",
     "int4-interleaved",
     "int4-interleaved-pdl",
+    "int4-interleaved-pdl-early",
     "read",
     "read-pdl",
     "read-pdl-early",
@@ -451,7 +452,8 @@ def run_stack(model: str, bandwidth: float, fused: bool, methods=STACK_METHODS) 
                         )
                     nbytes += tensor_bytes(p, s, z)
                 del w
-        with _programmatic() if method == "int4-interleaved-pdl" else contextlib.nullcontext():
+        trigger = {"int4-interleaved-pdl": "late", "int4-interleaved-pdl-early": "early"}.get(method)
+        with _programmatic(trigger) if trigger else contextlib.nullcontext():
             us = graph_time_us(calls, replays=5) * len(calls)
         _stack_row(result, model, method, us, len(calls), nbytes, bandwidth)
         del calls
@@ -460,14 +462,14 @@ def run_stack(model: str, bandwidth: float, fused: bool, methods=STACK_METHODS) 
 
 
 @contextlib.contextmanager
-def _programmatic():
-    """torch_wo's Triton kernels launched programmatically (late trigger), as ``+pdl`` in
-    ``bench_decode.py``; the variants are dropped on the way in and out."""
+def _programmatic(trigger: str):
+    """torch_wo's Triton kernels launched programmatically with ``trigger``, as ``+pdl`` /
+    ``+pdl-early`` in ``bench_decode.py``; the variants are dropped on the way in and out."""
     from quantcore_torch import _triton
 
     _triton.forget_pdl_variants()
     saved = _triton.PDL, _triton.PDL_TRIGGER
-    _triton.PDL, _triton.PDL_TRIGGER = True, "late"
+    _triton.PDL, _triton.PDL_TRIGGER = True, trigger
     try:
         yield
     finally:

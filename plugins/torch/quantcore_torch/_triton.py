@@ -453,6 +453,16 @@ def _offset_nibble(magic, word, SHIFT: tl.constexpr):
 
 
 @triton.jit
+def _interleaved_params(sz_ptr, rn, n_mask, g, groups, stride_sn, zero_offset):
+    """The scales and zero points of groups ``g`` of rows ``rn``, ``[len(g), len(rn)]`` in fp32."""
+    params = rn[None, :] * stride_sn + g[:, None]
+    params_mask = n_mask[None, :] & (g < groups)[:, None]
+    s = tl.load(sz_ptr + params, mask=params_mask, other=0.0).to(tl.float32)
+    z = tl.load(sz_ptr + zero_offset + params, mask=params_mask, other=0.0).to(tl.float32)
+    return s, z
+
+
+@triton.jit
 def _interleaved_rows(
     x_ptr, w_ptr, sz_ptr, rn, n_mask, K, stride_wn, stride_sn, zero_offset, magic,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr, USE_GDC: tl.constexpr,
@@ -484,7 +494,8 @@ def _interleaved_rows(
             )
         else:
             word = tl.load(w32 + row + col[:, None, :], mask=n_mask[None, :, None] & col_mask[:, None, :], other=0)
-        if USE_GDC:  # noqa: SIM102 - programmatic launch: the first weight tile loads before the wait
+        if USE_GDC:  # programmatic launch: the first tile's words, scales and zero points load before the wait
+            s, z = _interleaved_params(sz_ptr, rn, n_mask, g, groups, stride_sn, zero_offset)
             if k0 == 0:
                 _gdc_wait(USE_GDC)
         pair = pairs + g[:, None] * (GROUP // 2) + rj[None, :]  # byte i's pair: + i * WPG
@@ -494,10 +505,8 @@ def _interleaved_rows(
         x6, x7 = _pair_to_float(tl.load(pair + 3 * WPG, mask=col_mask, other=0), BF16)
         even = (x0 + x2) + (x4 + x6)  # codes at bit 16: offset 2**7
         odd = (x1 + x3) + (x5 + x7)  # codes at bit 12: offset 2**11
-        params = rn[None, :] * stride_sn + g[:, None]
-        params_mask = n_mask[None, :] & (g < groups)[:, None]
-        s = tl.load(sz_ptr + params, mask=params_mask, other=0.0).to(tl.float32)
-        z = tl.load(sz_ptr + zero_offset + params, mask=params_mask, other=0.0).to(tl.float32)
+        if not USE_GDC:
+            s, z = _interleaved_params(sz_ptr, rn, n_mask, g, groups, stride_sn, zero_offset)
         # The sum starts at -(z * sum_i x_i + sum_i M_i x_i): no subtraction after it.
         t = z[:, :, None] * (-(even + odd))[:, None, :] - (odd * 2048.0 + even * 128.0)[:, None, :]
         left8 = (word << 8) | (word >> 24)
