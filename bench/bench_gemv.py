@@ -22,7 +22,8 @@ a kernel that only reads its int4 bytes (codes, scales, zero points: 8 KiB a pro
 loads, one word out a program); ``read-pdl`` launches it programmatically (loads issued before it
 waits on the kernel before, the next launched once its work is done, as torch_wo's ``+pdl``);
 ``read-pdl-early`` launches the next at once. ``int4-interleaved-pdl`` and ``-pdl-early`` are
-torch_wo's kernels launched as ``+pdl`` and ``+pdl-early``. ``--dot``:
+torch_wo's kernels launched as ``+pdl`` and ``+pdl-early``; ``-pdl-early-onepass`` pins them to
+configs that load a row's whole weight in one tile. ``--dot``:
 also the several-row ``tl.dot`` kernels on the one row (a 16-row tile, 15 rows masked): whether
 tensor cores beat the one-row kernels' reduction, where the int4 one is bound by its instructions.
 
@@ -392,6 +393,7 @@ STACK_METHODS = (
     "int4-interleaved",
     "int4-interleaved-pdl",
     "int4-interleaved-pdl-early",
+    "int4-interleaved-pdl-early-onepass",
     "read",
     "read-pdl",
     "read-pdl-early",
@@ -453,7 +455,12 @@ def run_stack(model: str, bandwidth: float, fused: bool, methods=STACK_METHODS) 
                     nbytes += tensor_bytes(p, s, z)
                 del w
         trigger = {"int4-interleaved-pdl": "late", "int4-interleaved-pdl-early": "early"}.get(method)
-        with _programmatic(trigger) if trigger else contextlib.nullcontext():
+        trigger = "early" if method == "int4-interleaved-pdl-early-onepass" else trigger
+        with contextlib.ExitStack() as stack:
+            if trigger:
+                stack.enter_context(_programmatic(trigger))
+            if method.endswith("-onepass"):
+                stack.enter_context(_one_pass(shapes))
             us = graph_time_us(calls, replays=5) * len(calls)
         _stack_row(result, model, method, us, len(calls), nbytes, bandwidth)
         del calls
@@ -475,6 +482,37 @@ def _programmatic(trigger: str):
     finally:
         _triton.PDL, _triton.PDL_TRIGGER = saved
         _triton.forget_pdl_variants()
+
+
+@contextlib.contextmanager
+def _one_pass(shapes: list[tuple[int, int]]):
+    """The interleaved kernels pinned, on this card, to a config that reads a row's whole ``K`` in
+    one tile (two rows a program, two warps; four for gate/up): under a programmatic launch each
+    program then loads all of its weight before it waits. The compiled kernels and the pins are
+    restored on the way out."""
+    from quantcore_torch import _triton
+
+    name = torch.cuda.get_device_name()
+    card = next((c for c in _triton.INT4_INTERLEAVED_PINNED if c in name), name)  # a card without pins: one for now
+    pins = _triton.INT4_INTERLEAVED_PINNED.setdefault(card, {})
+    saved = dict(pins)
+
+    def forget():
+        for launcher in (_triton._INT4_INTERLEAVED, _triton._INT4_INTERLEAVED_ROPE):
+            launcher.compiled.clear()
+            launcher.kernel.cache.clear()
+
+    forget()
+    for n, k in shapes:
+        pins[n, k] = (4 if n > 4 * k else 2, triton.next_power_of_2(k), 2, False)
+    try:
+        yield
+    finally:
+        pins.clear()
+        pins.update(saved)
+        if not saved:
+            del _triton.INT4_INTERLEAVED_PINNED[card]
+        forget()
 
 
 def _stack_row(result: dict, model: str, method: str, us: float, calls: int, nbytes: int, bandwidth: float) -> None:
