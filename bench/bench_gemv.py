@@ -439,8 +439,7 @@ def run_stack(model: str, bandwidth: float, fused: bool, methods=STACK_METHODS) 
                     made[n, k] = _stack_call(method, xs[k], n, k)
                 calls.append(made[n, k][0])
                 nbytes += made[n, k][1]
-        trigger = {"int4-interleaved-pdl": "late", "int4-interleaved-pdl-early": "early"}.get(method)
-        trigger = "early" if method == "int4-interleaved-pdl-early-onepass" else trigger
+        trigger = "early" if "-pdl-early" in method else "late" if "-pdl" in method else None
         with contextlib.ExitStack() as stack:
             if trigger:
                 stack.enter_context(_programmatic(trigger))
@@ -495,7 +494,7 @@ def _programmatic(trigger: str):
 @contextlib.contextmanager
 def _one_pass(shapes: list[tuple[int, int]]):
     """The interleaved kernels pinned, on this card, to a config that reads a row's whole ``K`` in
-    one tile (two rows a program, two warps; four for gate/up): under a programmatic launch each
+    one tile (two rows a program, four for gate/up; two warps): under a programmatic launch each
     program then loads all of its weight before it waits. The compiled kernels and the pins are
     restored on the way out."""
     from quantcore_torch import _triton
