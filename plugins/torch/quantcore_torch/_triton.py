@@ -915,18 +915,19 @@ def _no_hook(hook) -> bool:
 # Programmatic dependent launch (Hopper and later): a kernel launched with it may start while the
 # kernel before it in the stream finishes. The one-row kernels then load their first weight tile
 # (the interleaved int4 ones its scales and zero points too) before ``gdc_wait`` (which waits for
-# the kernel before to complete and flush) and read the input after it. Weights must not be written by the kernel just before, which holds inside a captured
-# CUDA graph of a decode step (weights are written outside it) but not in eager code (loading or
-# quantizing a weight, then a forward): so the launch is programmatic only while a CUDA graph is
-# captured. It pays only beside inductor's own programmatic launches (``TORCHINDUCTOR_ENABLE_PDL=1``),
-# whose kernels let the next one start early: on an H100, a compiled 1.1B Llama int8 decode step
-# took 1.37 ms with ours alone against 1.33 ms without, 1.21-1.23 ms with both against 1.31 ms
-# with inductor's alone (docs/benchmarks.md). So it follows inductor's setting, read from the
-# environment once (a per-call read of inductor's config would cost eager calls about 2 us each).
-# The q/k/v rotary kernel and the decode attention's two (quantcore_torch._attention) launch so
-# too. With both settings an int4 1.1B Llama's folded step took 0.727 against 0.772 ms, but a 7B
-# one's 2.557 against 2.489 ms (fifteenth run): off unless asked for. With the scales before the
-# wait, the 1.1B step took 0.714 against 0.760 ms (eighteenth run).
+# the kernel before to complete and flush) and read the input after it. Weights must not be written
+# by the kernel just before, which holds inside a captured CUDA graph of a decode step (weights are
+# written outside it) but not in eager code (loading or quantizing a weight, then a forward): so the
+# launch is programmatic only while a CUDA graph is captured. It pays only beside inductor's own
+# programmatic launches (``TORCHINDUCTOR_ENABLE_PDL=1``), whose kernels let the next one start
+# early: on an H100, a compiled 1.1B Llama int8 decode step took 1.37 ms with ours alone against
+# 1.33 ms without, 1.21-1.23 ms with both against 1.31 ms with inductor's alone
+# (docs/benchmarks.md). So it follows inductor's setting, read from the environment once (a per-call
+# read of inductor's config would cost eager calls about 2 us each). The q/k/v rotary kernel and the
+# decode attention's two (quantcore_torch._attention) launch so too. With both settings an int4 1.1B
+# Llama's folded step took 0.727 against 0.772 ms, but a 7B one's 2.557 against 2.489 ms (fifteenth
+# run): off unless asked for. With the scales before the wait, the 1.1B step took 0.714 against
+# 0.760 ms (eighteenth run).
 def pdl_setting(environ=os.environ) -> bool:
     """``QUANTCORE_TRITON_PDL`` (``1`` or ``0``) where set, else inductor's ``TORCHINDUCTOR_ENABLE_PDL``."""
     ours = _switch(environ, "QUANTCORE_TRITON_PDL")
