@@ -406,8 +406,6 @@ STACK_METHODS = (
 def run_stack(model: str, bandwidth: float, fused: bool, methods=STACK_METHODS) -> dict:
     """Every linear of a decode step, each with its own weight, in one graph, per method.
     ``fused``: the quantized methods run the fused projections' shapes; bf16 runs transformers'."""
-    from quantcore_torch.packing import quantize_int4
-
     result = {}
     for label in methods:
         # "-l2": every layer runs the same weights (one a shape, in L2 after the first replay), so
@@ -415,22 +413,6 @@ def run_stack(model: str, bandwidth: float, fused: bool, methods=STACK_METHODS) 
         method, in_l2 = label.removesuffix("-l2"), label.endswith("-l2")
         layers, shapes = linears(model, fused and method != "bf16")
         calls, nbytes = [], 0
-        if method.startswith("read"):
-            reads = {}
-            for _ in range(layers):
-                for n, k in shapes:
-                    if (n, k) not in reads or not in_l2:
-                        w = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
-                        size = tensor_bytes(*quantize_int4(w, GROUP))  # what the int4 stacks read
-                        reads[n, k] = read_call(size, pdl={"read": 0, "read-pdl": 1, "read-pdl-early": 2}[method]), size
-                    calls.append(reads[n, k][0])
-                    nbytes += reads[n, k][1]
-            us = graph_time_us(calls, replays=5) * len(calls)
-            calls[-1].check()
-            _stack_row(result, model, label, us, len(calls), nbytes, bandwidth)
-            del calls
-            torch.cuda.empty_cache()
-            continue
         xs = {k: torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for _, k in shapes}
         made = {}
         for _ in range(layers):
@@ -439,13 +421,16 @@ def run_stack(model: str, bandwidth: float, fused: bool, methods=STACK_METHODS) 
                     made[n, k] = _stack_call(method, xs[k], n, k)
                 calls.append(made[n, k][0])
                 nbytes += made[n, k][1]
+        ours = method.startswith("int4-interleaved")  # the read stacks launch themselves
         trigger = "early" if "-pdl-early" in method else "late" if "-pdl" in method else None
         with contextlib.ExitStack() as stack:
-            if trigger:
+            if ours and trigger:
                 stack.enter_context(_programmatic(trigger))
             if method.endswith("-onepass"):
                 stack.enter_context(_one_pass(shapes))
             us = graph_time_us(calls, replays=5) * len(calls)
+        if hasattr(calls[-1], "check"):
+            calls[-1].check()
         _stack_row(result, model, label, us, len(calls), nbytes, bandwidth)
         del calls, made
         torch.cuda.empty_cache()
@@ -464,15 +449,18 @@ def _stack_call(method: str, x: torch.Tensor, n: int, k: int):
         q, s = quantize_int8(w)
         return (lambda: kernels.int8_weight_only_linear(x, q, s)), tensor_bytes(q, s)
     p, s, z = quantize_int4(w, GROUP)
+    nbytes = tensor_bytes(p, s, z)
+    if method.startswith("read"):  # the int4 bytes, read and nothing more
+        return read_call(nbytes, pdl={"read": 0, "read-pdl": 1, "read-pdl-early": 2}[method]), nbytes
     if method == "int4-triton":
-        return (lambda: kernels._TRITON.int4_mm(x, p, s, z, GROUP, None)), tensor_bytes(p, s, z)
+        return (lambda: kernels._TRITON.int4_mm(x, p, s, z, GROUP, None)), nbytes
     if method == "int4-tinygemm":
         layout = kernels.int4_tinygemm_layout(p, s, z, k, GROUP)
     else:  # the interleaved stacks
         layout = kernels.int4_interleaved_layout(p, s, z, k, GROUP)
     if layout is None:
         raise RuntimeError(f"{method}: no layout for {n}x{k}")
-    return (lambda: kernels.int4_weight_only_linear(x, p, s, z, GROUP, None, layout)), tensor_bytes(p, s, z)
+    return (lambda: kernels.int4_weight_only_linear(x, p, s, z, GROUP, None, layout)), nbytes
 
 
 @contextlib.contextmanager
