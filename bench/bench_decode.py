@@ -46,7 +46,9 @@ int4 kernels at every shape, where by default the shapes ``INT4_INTERLEAVED_PINN
 the config pinned for the card (``QUANTCORE_TRITON_PINNED=0``). ``+pdl`` launches torch_wo's
 Triton kernels programmatically inside CUDA graphs (``QUANTCORE_TRITON_PDL``, Hopper and later;
 ``+pdl-early`` the same, each kernel letting the next launch right after its wait,
-``QUANTCORE_TRITON_PDL_TRIGGER=early``), ``+inductor-pdl`` inductor's kernels
+``QUANTCORE_TRITON_PDL_TRIGGER=early``; ``+pre`` with either, the interleaved int4 kernels
+dequantizing their first weight tile before the wait, ``QUANTCORE_TRITON_PDL_PRE=1``),
+``+inductor-pdl`` inductor's kernels
 (``TORCHINDUCTOR_ENABLE_PDL``); suffixes combine (``int8-torch+fused+pdl+inductor-pdl``,
 ``bf16+inductor-pdl``). ``+pdl+inductor-pdl`` is what a user gets from
 ``TORCHINDUCTOR_ENABLE_PDL=1`` (ours follow inductor's setting); each alone isolates one side.
@@ -105,7 +107,7 @@ def build_model(name: str, device: str, max_len: int):
 
 
 SUFFIXES = ("fused", "glu", "glu-down", "rope", "rope-sdpa", "attn", "autotune", "pdl", "pdl-early", "inductor-pdl")
-SUFFIXES += ("head",)
+SUFFIXES += ("head", "pre")
 # The suffixes that fold the rotary embedding into the q/k/v kernel.
 ROTARY = {"rope", "rope-sdpa"}
 # The suffixes that fuse projections, and where each runs the MLP's activation (fuse_projections' activation).
@@ -132,8 +134,11 @@ def launch_options(method: str):
             stack.enter_context(_decode_attention_for_sdpa())
         if "autotune" in suffixes:
             stack.enter_context(_autotuned())
+        if "pre" in suffixes and not suffixes & {"pdl", "pdl-early"}:
+            raise ValueError(f"{method}: +pre dequantizes before a programmatic launch's wait: add +pdl or +pdl-early")
         if suffixes & {"pdl", "pdl-early"}:
-            stack.enter_context(_programmatic(method, "early" if "pdl-early" in suffixes else "late"))
+            trigger = "early" if "pdl-early" in suffixes else "late"
+            stack.enter_context(_programmatic(method, trigger, "pre" in suffixes))
         if "inductor-pdl" in suffixes:
             import torch._inductor.config
 
@@ -151,13 +156,18 @@ def _triton_for(what: str):
 
 
 @contextlib.contextmanager
-def _programmatic(method: str, trigger: str):
-    """torch_wo's kernels launched programmatically in CUDA graphs, with ``trigger``; the variants
-    earlier methods built (perhaps with the other trigger) are dropped on the way in and out."""
+def _programmatic(method: str, trigger: str, pre: bool = False):
+    """torch_wo's kernels launched programmatically in CUDA graphs, with ``trigger`` (``pre``: the
+    interleaved int4 kernels dequantize their first tile before the wait); the variants earlier
+    methods built (perhaps with the other trigger) are dropped on the way in and out."""
     _triton = _triton_for(f"{method}: +pdl")
     _triton.forget_pdl_variants()
     try:
-        with _patched(_triton, "PDL", True), _patched(_triton, "PDL_TRIGGER", trigger):
+        with (
+            _patched(_triton, "PDL", True),
+            _patched(_triton, "PDL_TRIGGER", trigger),
+            _patched(_triton, "PDL_PRE", pre),
+        ):
             yield
     finally:
         _triton.forget_pdl_variants()

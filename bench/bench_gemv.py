@@ -394,8 +394,11 @@ STACK_METHODS = (
     "int4-interleaved-pdl",
     "int4-interleaved-pdl-early",
     "int4-interleaved-pdl-early-onepass",
+    "int4-interleaved-pdl-pre",
+    "int4-interleaved-pdl-early-pre",
     "int4-interleaved-l2",
     "int4-interleaved-pdl-early-l2",
+    "int4-interleaved-pdl-early-pre-l2",
     "read",
     "read-pdl",
     "read-pdl-early",
@@ -409,8 +412,9 @@ def run_stack(model: str, bandwidth: float, fused: bool, methods=STACK_METHODS) 
     result = {}
     for label in methods:
         # "-l2": every layer runs the same weights (one a shape, in L2 after the first replay), so
-        # the stack times the kernels' own work and boundaries without HBM.
-        method, in_l2 = label.removesuffix("-l2"), label.endswith("-l2")
+        # the stack times the kernels' own work and boundaries without HBM. "@...": pinned configs.
+        name, _, spec = label.partition("@")
+        method, in_l2 = name.removesuffix("-l2"), name.endswith("-l2")
         layers, shapes = linears(model, fused and method != "bf16")
         calls, nbytes = [], 0
         xs = {k: torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for _, k in shapes}
@@ -425,9 +429,11 @@ def run_stack(model: str, bandwidth: float, fused: bool, methods=STACK_METHODS) 
         trigger = "early" if "-pdl-early" in method else "late" if "-pdl" in method else None
         with contextlib.ExitStack() as stack:
             if ours and trigger:
-                stack.enter_context(_programmatic(trigger))
+                stack.enter_context(_programmatic(trigger, pre=method.endswith("-pre")))
             if method.endswith("-onepass"):
-                stack.enter_context(_one_pass(shapes))
+                stack.enter_context(_pinned_configs(_one_pass_configs(shapes)))
+            if spec:
+                stack.enter_context(_pinned_configs(pin_spec(spec, shapes)))
             us = graph_time_us(calls, replays=5) * len(calls)
         if hasattr(calls[-1], "check"):
             calls[-1].check()
@@ -464,27 +470,54 @@ def _stack_call(method: str, x: torch.Tensor, n: int, k: int):
 
 
 @contextlib.contextmanager
-def _programmatic(trigger: str):
+def _programmatic(trigger: str, pre: bool = False):
     """torch_wo's Triton kernels launched programmatically with ``trigger``, as ``+pdl`` /
-    ``+pdl-early`` in ``bench_decode.py``; the variants are dropped on the way in and out."""
+    ``+pdl-early`` in ``bench_decode.py`` (``pre``: ``+pre``, the first tile dequantized before the
+    wait); the variants are dropped on the way in and out."""
     from quantcore_torch import _triton
 
     _triton.forget_pdl_variants()
-    saved = _triton.PDL, _triton.PDL_TRIGGER
-    _triton.PDL, _triton.PDL_TRIGGER = True, trigger
+    saved = _triton.PDL, _triton.PDL_TRIGGER, _triton.PDL_PRE
+    _triton.PDL, _triton.PDL_TRIGGER, _triton.PDL_PRE = True, trigger, pre
     try:
         yield
     finally:
-        _triton.PDL, _triton.PDL_TRIGGER = saved
+        _triton.PDL, _triton.PDL_TRIGGER, _triton.PDL_PRE = saved
         _triton.forget_pdl_variants()
 
 
+def _one_pass_configs(shapes: list[tuple[int, int]]) -> dict:
+    """Configs that read a row's whole ``K`` in one tile (two rows a program, four for gate/up;
+    two warps): under a programmatic launch each program then loads all of its weight before it
+    waits."""
+    return {(n, k): (4 if n > 4 * k else 2, triton.next_power_of_2(k), 2, False) for n, k in shapes}
+
+
+def pin_spec(spec: str, shapes: list[tuple[int, int]]) -> dict:
+    """A stack method's ``@`` configs: one a shape, in the order of ``shapes``, separated by ``/``,
+    each ``BLOCK_NxBLOCK_KxWARPS`` with an optional ``x1`` (prefetch), ``-`` for the pinned one
+    (``2x2048x2/-/8x1024x4x1/2x8192x8``)."""
+    parts = spec.split("/")
+    if len(parts) != len(shapes):
+        raise ValueError(f"@{spec}: {len(shapes)} configs expected (one a shape: {shapes}), got {len(parts)}")
+    configs = {}
+    for shape, part in zip(shapes, parts, strict=True):
+        if part == "-":
+            continue
+        try:
+            block_n, block_k, warps, *prefetch = (int(v) for v in part.split("x"))
+        except ValueError:
+            raise ValueError(f"@{spec}: {part!r} is not BLOCK_NxBLOCK_KxWARPS[x1]") from None
+        if len(prefetch) > 1 or block_k % GROUP or block_n & (block_n - 1) or block_k & (block_k - 1):
+            raise ValueError(f"@{spec}: {part!r}: powers of two, BLOCK_K a multiple of {GROUP}, at most 4 fields")
+        configs[shape] = (block_n, block_k, warps, bool(prefetch and prefetch[0]))
+    return configs
+
+
 @contextlib.contextmanager
-def _one_pass(shapes: list[tuple[int, int]]):
-    """The interleaved kernels pinned, on this card, to a config that reads a row's whole ``K`` in
-    one tile (two rows a program, four for gate/up; two warps): under a programmatic launch each
-    program then loads all of its weight before it waits. The compiled kernels and the pins are
-    restored on the way out."""
+def _pinned_configs(configs: dict):
+    """The interleaved kernels pinned, on this card, to ``configs`` (``(n, k)``: ``(BLOCK_N,
+    BLOCK_K, num_warps, PREFETCH)``). The compiled kernels and the pins are restored on the way out."""
     from quantcore_torch import _triton
 
     name = torch.cuda.get_device_name()
@@ -498,8 +531,7 @@ def _one_pass(shapes: list[tuple[int, int]]):
             launcher.kernel.cache.clear()
 
     forget()
-    for n, k in shapes:
-        pins[n, k] = (4 if n > 4 * k else 2, triton.next_power_of_2(k), 2, False)
+    pins.update(configs)
     try:
         yield
     finally:
@@ -532,7 +564,7 @@ def _listed(parser: argparse.ArgumentParser, option: str, text: str, known: tupl
     words = _words(text)
     if not words:
         parser.error(f"{option}: give at least one of {', '.join(known)}")
-    if unknown := sorted(set(words) - set(known)):
+    if unknown := sorted({word for word in words if word.partition("@")[0] not in known}):
         parser.error(f"{option}: unknown {unknown}")
     return words
 
@@ -579,6 +611,15 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     formats = set(_listed(parser, "--formats", args.formats, ("bf16", "int8", "int4")))
     stack_methods = _listed(parser, "--stack-methods", args.stack_methods, STACK_METHODS)
+    for label in stack_methods:
+        name, at, spec = label.partition("@")
+        if at and not name.startswith("int4-interleaved"):
+            parser.error(f"--stack-methods: {label}: only the interleaved stacks take @configs")
+        if at:
+            try:
+                pin_spec(spec, linears(args.model, args.fused)[1])
+            except ValueError as exc:
+                parser.error(f"--stack-methods: {exc}")
     if args.no_shapes and not args.stack:
         parser.error("--no-shapes without --stack leaves nothing to time")
     if not torch.cuda.is_available():

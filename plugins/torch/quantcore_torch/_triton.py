@@ -463,12 +463,68 @@ def _interleaved_params(sz_ptr, rn, n_mask, g, groups, stride_sn, zero_offset):
 
 
 @triton.jit
+def _interleaved_input_tile(pairs, g, rj, mask, GROUP: tl.constexpr, BF16: tl.constexpr):
+    """The eight inputs a tile's words (groups ``g``, words ``rj`` of a group) meet, each
+    ``[len(g), len(rj)]`` in fp32: byte ``i`` of a word meets inputs ``2i`` and ``2i + 1`` of its
+    pair run (``x_{2i}``, ``x_{2i+1}``), four runs of 32-bit pairs loaded like the words."""
+    WPG: tl.constexpr = GROUP // 8
+    pair = pairs + g[:, None] * (GROUP // 2) + rj[None, :]  # byte i's pair: + i * WPG
+    x0, x1 = _pair_to_float(tl.load(pair, mask=mask, other=0), BF16)
+    x2, x3 = _pair_to_float(tl.load(pair + WPG, mask=mask, other=0), BF16)
+    x4, x5 = _pair_to_float(tl.load(pair + 2 * WPG, mask=mask, other=0), BF16)
+    x6, x7 = _pair_to_float(tl.load(pair + 3 * WPG, mask=mask, other=0), BF16)
+    return x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
+def _before_the_wait(ptr, never, w0, w1, w2, w3, w4, w5, w6, w7):
+    """Make the compilers compute ``w0 .. w7`` before ``griddepcontrol.wait``: a store of their
+    bits' XOR that never happens (``never`` false at run time, unknown when compiling) and that
+    no compiler moves past the wait, as neither moves memory accesses across it. Otherwise both
+    sink the arithmetic to its first use after the wait (LLVM) or hoist the wait above it (ptxas).
+    Three LOP3s and a predicated-off store a thread's element."""
+    bits = (w0.to(tl.int32, bitcast=True) ^ w1.to(tl.int32, bitcast=True)) ^ (
+        w2.to(tl.int32, bitcast=True) ^ w3.to(tl.int32, bitcast=True)
+    )
+    bits ^= (w4.to(tl.int32, bitcast=True) ^ w5.to(tl.int32, bitcast=True)) ^ (
+        w6.to(tl.int32, bitcast=True) ^ w7.to(tl.int32, bitcast=True)
+    )
+    tl.store(ptr, bits.to(tl.uint32, bitcast=True), mask=never)
+
+
+@triton.jit
+def _dequantized_tile(word, s, z, magic):
+    """A tile's words (``[GROUPS, BLOCK_N, WPG]``) as the fp32 weights ``s * (q - z)`` they hold,
+    in the order of the inputs they meet (:func:`_interleaved_input_tile`): a LOP3 and one fused
+    multiply-add a weight, ``(M + q) * s - (M + z) * s`` rounded once (``M`` the code's offset,
+    its product with ``s`` rounded before). None of it needs the input: under a programmatic
+    launch it runs before the wait, and only the products are left after it."""
+    s3 = s[:, :, None]
+    c12 = (-(2048.0 + z) * s)[:, :, None]  # codes at bit 12: offset 2**11
+    c16 = (-(128.0 + z) * s)[:, :, None]  # codes at bit 16: offset 2**7
+    left8 = (word << 8) | (word >> 24)
+    right8 = (word >> 8) | (word << 24)
+    half = (word >> 16) | (word << 16)
+    w0 = _offset_nibble(magic, half, 16) * s3 + c16
+    w1 = _offset_nibble(magic, left8, 12) * s3 + c12
+    w2 = _offset_nibble(magic, left8, 16) * s3 + c16
+    w3 = _offset_nibble(magic, word, 12) * s3 + c12
+    w4 = _offset_nibble(magic, word, 16) * s3 + c16
+    w5 = _offset_nibble(magic, right8, 12) * s3 + c12
+    w6 = _offset_nibble(magic, right8, 16) * s3 + c16
+    w7 = _offset_nibble(magic, half, 12) * s3 + c12
+    return w0, w1, w2, w3, w4, w5, w6, w7
+
+
+@triton.jit
 def _interleaved_rows(
     x_ptr, w_ptr, sz_ptr, rn, n_mask, K, stride_wn, stride_sn, zero_offset, magic,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr, USE_GDC: tl.constexpr,
+    PRE: tl.constexpr,
 ):  # fmt: skip
     """The interleaved int4 one-row kernels' sums (see :func:`_int4_interleaved_kernel`): the fp32
-    dot products of the input with the weight rows ``rn`` (``n_mask``: those that exist)."""
+    dot products of the input with the weight rows ``rn`` (``n_mask``: those that exist). ``PRE``
+    (with ``USE_GDC``): the first tile dequantized before the wait (:func:`_dequantized_tile`)."""
     GROUPS: tl.constexpr = BLOCK_K // GROUP
     WPG: tl.constexpr = GROUP // 8  # words a group, a row
     BF16: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16
@@ -479,11 +535,32 @@ def _interleaved_rows(
     w32 = w_ptr.to(tl.pointer_type(tl.uint32))
     pairs = x_ptr.to(tl.pointer_type(tl.int32))
     row = rn[None, :, None] * stride_wn
-    acc = tl.zeros((GROUPS, BLOCK_N, WPG), dtype=tl.float32)
     first = rg[:, None] * WPG + rj[None, :]  # [GROUPS, WPG]: word index in a row, the first tile
+    if PRE:  # the first tile's products alone after the wait; the loop takes the rest
+        start: tl.constexpr = BLOCK_K
+        first_mask = first < words
+        word = tl.load(w32 + row + first[:, None, :], mask=n_mask[None, :, None] & first_mask[:, None, :], other=0)
+        s, z = _interleaved_params(sz_ptr, rn, n_mask, rg, groups, stride_sn, zero_offset)
+        w0, w1, w2, w3, w4, w5, w6, w7 = _dequantized_tile(word, s, z, magic)
+        if USE_GDC:  # computed before the wait, not sunk past it to their uses
+            _before_the_wait(w32 + row + first[:, None, :], K < 0, w0, w1, w2, w3, w4, w5, w6, w7)
+        _gdc_wait(USE_GDC)
+        x0, x1, x2, x3, x4, x5, x6, x7 = _interleaved_input_tile(pairs, rg, rj, first_mask, GROUP, BF16)
+        acc = w0 * x0[:, None, :]  # then one fused multiply-add a weight
+        acc += w1 * x1[:, None, :]
+        acc += w2 * x2[:, None, :]
+        acc += w3 * x3[:, None, :]
+        acc += w4 * x4[:, None, :]
+        acc += w5 * x5[:, None, :]
+        acc += w6 * x6[:, None, :]
+        acc += w7 * x7[:, None, :]
+    else:
+        start: tl.constexpr = 0
+        acc = tl.zeros((GROUPS, BLOCK_N, WPG), dtype=tl.float32)
     if PREFETCH:
-        word = tl.load(w32 + row + first[:, None, :], mask=n_mask[None, :, None] & (first < words)[:, None, :], other=0)
-    for k0 in range(0, K, BLOCK_K):
+        ahead = first + start // 8
+        word = tl.load(w32 + row + ahead[:, None, :], mask=n_mask[None, :, None] & (ahead < words)[:, None, :], other=0)
+    for k0 in range(start, K, BLOCK_K):
         g = k0 // GROUP + rg
         col = first + k0 // 8
         col_mask = col < words
@@ -498,11 +575,7 @@ def _interleaved_rows(
             s, z = _interleaved_params(sz_ptr, rn, n_mask, g, groups, stride_sn, zero_offset)
             if k0 == 0:
                 _gdc_wait(USE_GDC)
-        pair = pairs + g[:, None] * (GROUP // 2) + rj[None, :]  # byte i's pair: + i * WPG
-        x0, x1 = _pair_to_float(tl.load(pair, mask=col_mask, other=0), BF16)
-        x2, x3 = _pair_to_float(tl.load(pair + WPG, mask=col_mask, other=0), BF16)
-        x4, x5 = _pair_to_float(tl.load(pair + 2 * WPG, mask=col_mask, other=0), BF16)
-        x6, x7 = _pair_to_float(tl.load(pair + 3 * WPG, mask=col_mask, other=0), BF16)
+        x0, x1, x2, x3, x4, x5, x6, x7 = _interleaved_input_tile(pairs, g, rj, col_mask, GROUP, BF16)
         even = (x0 + x2) + (x4 + x6)  # codes at bit 16: offset 2**7
         odd = (x1 + x3) + (x5 + x7)  # codes at bit 12: offset 2**11
         if not USE_GDC:
@@ -552,6 +625,7 @@ def _int4_interleaved_kernel(
     PREFETCH: tl.constexpr = False,
     USE_GDC: tl.constexpr = False,
     GATE_UP: tl.constexpr = False,
+    PRE: tl.constexpr = False,
 ):
     """The int4 one-row kernel on the interleaved layout (``kernels.interleave_int4``): ``K`` a
     multiple of ``GROUP`` (a power of two, 8 or more), ``x`` 4-byte aligned, ``stride_wn`` in words;
@@ -577,7 +651,7 @@ def _int4_interleaved_kernel(
     rn, n_mask = _tile_rows(N, BLOCK_N, GATE_UP)
     out = _interleaved_rows(
         x_ptr, w_ptr, sz_ptr, rn, n_mask, K, stride_wn, stride_sn, zero_offset, magic,
-        GROUP, BLOCK_N, BLOCK_K, PREFETCH, USE_GDC,
+        GROUP, BLOCK_N, BLOCK_K, PREFETCH, USE_GDC, PRE,
     )  # fmt: skip
     if GATE_UP:
         _store_gate_up(out, b_ptr, y_ptr, rn, n_mask, N, BLOCK_N, HAS_BIAS)
@@ -676,6 +750,7 @@ def _int4_interleaved_rope_kernel(
     BLOCK_K: tl.constexpr,
     PREFETCH: tl.constexpr = False,
     USE_GDC: tl.constexpr = False,
+    PRE: tl.constexpr = False,
 ):
     """An attention's q, k and v projections stacked (``NQ`` q rows, then k's, then v's, ``N`` in
     all; ``ROTATED``: q's and k's) on the interleaved int4 layout (see
@@ -687,7 +762,7 @@ def _int4_interleaved_rope_kernel(
     rn, n_mask = _rope_tile_rows(N, ROTATED, HALF, BLOCK_N)
     out = _interleaved_rows(
         x_ptr, w_ptr, sz_ptr, rn, n_mask, K, stride_wn, stride_sn, zero_offset, magic,
-        GROUP, BLOCK_N, BLOCK_K, PREFETCH, USE_GDC,
+        GROUP, BLOCK_N, BLOCK_K, PREFETCH, USE_GDC, PRE,
     )  # fmt: skip
     _store_qkv_rope(
         out, b_ptr, q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, rn, n_mask, NQ, ROTATED, cache_len,
@@ -944,6 +1019,16 @@ def pdl_trigger_setting(environ=os.environ) -> str:
 
 
 PDL_TRIGGER = pdl_trigger_setting()
+
+
+def pdl_pre_setting(environ=os.environ) -> bool:
+    """``QUANTCORE_TRITON_PDL_PRE``: whether a programmatic interleaved int4 kernel dequantizes its
+    first weight tile before it waits (``1``), leaving only the input's products after the wait;
+    off by default (its sums round otherwise than the plain launch's)."""
+    return _switch(environ, "QUANTCORE_TRITON_PDL_PRE") is True
+
+
+PDL_PRE = pdl_pre_setting()
 # Every launcher, so that a changed PDL_TRIGGER can drop the programmatic variants built before.
 _LAUNCHERS: list[_Launcher] = []
 
@@ -1062,6 +1147,8 @@ class _Launcher:
             try:  # the kept kernel's config: its constexprs (tail) and its compile options
                 names = self.jit.arg_names[len(args) :]
                 meta = {**dict(zip(names, hit.tail, strict=True)), "USE_GDC": 2 if PDL_TRIGGER == "early" else 1}
+                if "PRE" in names:
+                    meta["PRE"] = PDL_PRE
                 kept = hit.compiled.metadata
                 options = {"num_warps": kept.num_warps, "num_stages": kept.num_stages, "launch_pdl": True}
                 compiled = self.jit.warmup(*args, grid=(hit.grid0, hit.grid1), **meta, **options)
@@ -1219,7 +1306,7 @@ def _int4_launch(x, packed, scale, zero, group_size: int, bias):
 
 _INT4_INTERLEAVED = _Launcher(_int4_interleaved_kernel, pdl=True)
 # Its own constexprs, as a plain launch sets them, by GATE_UP.
-_INTERLEAVED_ROW = {gate_up: {"USE_GDC": False, "GATE_UP": gate_up} for gate_up in (False, True)}
+_INTERLEAVED_ROW = {gate_up: {"USE_GDC": False, "GATE_UP": gate_up, "PRE": False} for gate_up in (False, True)}
 
 
 def _interleaved_input(x, words, scales_and_zeros, group_size: int):
@@ -1294,7 +1381,8 @@ def _int4_interleaved_rope_launch(x, words, sz, group_size: int, bias, cos, sin,
     aligned = tuple(t.data_ptr() % 16 == 0 for t in (keys, values, cos, sin, position))
     key = (*_key(x, words, sz, bias), group_size, "rope", q_features, *keys.shape, cos.dtype, position.dtype, *aligned)
     if not _INT4_INTERLEAVED_ROPE.run_kept(key, args):
-        constexprs = {"GROUP": group_size, "HAS_BIAS": bias is not None, "HALF": head // 2, "USE_GDC": False}
+        constexprs = {"GROUP": group_size, "HAS_BIAS": bias is not None, "HALF": head // 2}
+        constexprs |= {"USE_GDC": False, "PRE": False}
         _eager(_INT4_INTERLEAVED_ROPE, key, x, _row_grid(n, False), args, constexprs)
     return q
 

@@ -147,10 +147,14 @@ def test_int4_row_kernel(kernels, n, k, group, block_n, block_k, dtype, bias):
         (24, 768, 128, 8, 256, True),
         (7, 1024, 256, 2, 512, False),
         (6, 512, 64, 4, 128, True),
+        (12, 384, 128, 4, 512, False),  # one tile, a quarter of it past K
     ],
 )
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
-def test_int4_interleaved_kernel(kernels, n, k, group, block_n, block_k, prefetch, dtype, bias):
+@pytest.mark.parametrize("pre", [False, True], ids=["", "pre"])
+def test_int4_interleaved_kernel(kernels, n, k, group, block_n, block_k, prefetch, dtype, bias, pre):
+    # pre: the first tile dequantized up front (as before a programmatic launch's wait), the
+    # loop from the second tile on: another rounding of the same sums.
     from quantcore_torch.kernels import interleave_int4
 
     torch.manual_seed(n * k)
@@ -165,6 +169,7 @@ def test_int4_interleaved_kernel(kernels, n, k, group, block_n, block_k, prefetc
     kernels._int4_interleaved_kernel.fn[_grid(n, block_n)](
         x, words, sz, sz if b is None else b, y, n, k, words.stride(0), sz.stride(1), sz.stride(0),
         kernels.INT4_MAGIC, GROUP=group, HAS_BIAS=bias, BLOCK_N=block_n, BLOCK_K=block_k, PREFETCH=prefetch,
+        PRE=pre,
     )  # fmt: skip
     weight = dequantize_int4(packed, scale, zero, k, group, torch.float64)
     exact = torch.nn.functional.linear(x.double(), weight, None if b is None else b.double())
