@@ -23,7 +23,11 @@ loads, one word out a program); ``read-pdl`` launches it programmatically (loads
 waits on the kernel before, the next launched once its work is done, as torch_wo's ``+pdl``);
 ``read-pdl-early`` launches the next at once. ``int4-interleaved-pdl`` and ``-pdl-early`` are
 torch_wo's kernels launched as ``+pdl`` and ``+pdl-early``; ``-pdl-early-onepass`` pins them to
-configs that load a row's whole weight in one tile. ``--dot``:
+configs that load a row's whole weight in one tile; ``-pre`` (after ``-pdl`` or ``-pdl-early``)
+dequantizes each kernel's first tile before its wait (``QUANTCORE_TRITON_PDL_PRE``). ``-l2``: one
+weight a shape, so the kernels read from L2 (their own work and boundaries, without HBM). An
+interleaved stack takes ``@`` configs, one a shape separated by ``/``, ``-`` for the pinned one
+(``int4-interleaved-pdl-early-pre@-/-/8x1024x4x1/4x2048x4``: see :func:`pin_spec`). ``--dot``:
 also the several-row ``tl.dot`` kernels on the one row (a 16-row tile, 15 rows masked): whether
 tensor cores beat the one-row kernels' reduction, where the int4 one is bound by its instructions.
 

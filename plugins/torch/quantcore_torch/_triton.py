@@ -1021,10 +1021,16 @@ def pdl_trigger_setting(environ=os.environ) -> str:
 PDL_TRIGGER = pdl_trigger_setting()
 
 
+# With the early trigger, dequantizing the first tile before the wait took a compiled int4 1.1B
+# Llama's step on an H100 from 0.719-0.721 ms (the late trigger without it) to 0.693-0.695 ms, but a
+# 7B one's from 2.440 to 3.023 ms; with the late trigger it lost at 1.1B too (0.754 ms). The
+# dequantized tile takes eight registers a word where the codes took one, so fewer programs wait
+# beside the running kernel. The nineteenth run in docs/benchmarks.md: opt-in, for small models.
 def pdl_pre_setting(environ=os.environ) -> bool:
     """``QUANTCORE_TRITON_PDL_PRE``: whether a programmatic interleaved int4 kernel dequantizes its
     first weight tile before it waits (``1``), leaving only the input's products after the wait;
-    off by default (its sums round otherwise than the plain launch's)."""
+    off by default (its sums round otherwise than the plain launch's, and it pays only beside
+    ``QUANTCORE_TRITON_PDL_TRIGGER=early``, and only on small models)."""
     return _switch(environ, "QUANTCORE_TRITON_PDL_PRE") is True
 
 
