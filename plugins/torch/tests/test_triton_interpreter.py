@@ -328,6 +328,14 @@ def test_programmatic_trigger_is_late_unless_set_early(kernels):
         trigger({"QUANTCORE_TRITON_PDL_TRIGGER": "soon"})
 
 
+def test_dequantizing_before_the_wait_is_off_unless_asked_for(kernels):
+    pre = kernels.pdl_pre_setting
+    assert pre({}) is False and pre({"QUANTCORE_TRITON_PDL_PRE": "0"}) is False
+    assert pre({"QUANTCORE_TRITON_PDL_PRE": "1"}) is True
+    with pytest.raises(ValueError, match="QUANTCORE_TRITON_PDL_PRE must be 0 or 1, got 'on'"):
+        pre({"QUANTCORE_TRITON_PDL_PRE": "on"})
+
+
 def test_forgetting_programmatic_variants_keeps_the_kernels(kernels, monkeypatch):
     # A changed trigger drops the programmatic variants built with the old one, never a kept kernel.
     launcher = kernels._INT4_INTERLEAVED
