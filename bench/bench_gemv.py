@@ -21,9 +21,12 @@ for tuning the kernels on them; bf16's stack keeps transformers' separate projec
 a kernel that only reads its int4 bytes (codes, scales, zero points: 8 KiB a program, 16-byte
 loads, one word out a program); ``read-pdl`` launches it programmatically (loads issued before it
 waits on the kernel before, the next launched once its work is done, as torch_wo's ``+pdl``);
-``read-pdl-early`` launches the next at once. ``int4-interleaved-pdl`` and ``-pdl-early`` are
-torch_wo's kernels launched as ``+pdl`` and ``+pdl-early``; ``-pdl-early-onepass`` pins them to
-configs that load a row's whole weight in one tile; ``-pre`` (after ``-pdl`` or ``-pdl-early``)
+``read-pdl-early`` launches the next at once; ``read-x-pdl-early``, ``read-math-pdl-early`` and
+``read-x-math-pdl-early`` add, after the wait, the input's loads, the int4 arithmetic, or both, and
+a reduction (``_probe_kernel``): what each part of the kernels' work costs.
+``int4-interleaved-pdl`` and ``-pdl-early`` are torch_wo's kernels launched as ``+pdl`` and
+``+pdl-early``; ``-pdl-early-onepass`` pins them to configs that load a row's whole weight in one
+tile; ``-pre`` (after ``-pdl`` or ``-pdl-early``)
 dequantizes each kernel's first tile before its wait (``QUANTCORE_TRITON_PDL_PRE``). ``-l2``: one
 weight a shape, so the kernels read from L2 (their own work and boundaries, without HBM). An
 interleaved stack takes ``@`` configs, one a shape separated by ``/``, ``-`` for the pinned one
@@ -79,6 +82,53 @@ if triton is not None:
         if USE_GDC == 1:
             tl.extra.cuda.gdc_launch_dependents()
 
+    @triton.jit
+    def _nibble(magic, word, SHIFT: tl.constexpr):
+        return ((word & (0xF << SHIFT)) | (magic - (SHIFT << 23))).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _probe_kernel(
+        src, pairs, out, NUMEL, PAIRS, magic, c,
+        BLOCK: tl.constexpr, USE_GDC: tl.constexpr, INPUT: tl.constexpr, MATH: tl.constexpr,
+    ):  # fmt: skip
+        """The read kernel with a part of an int4 kernel's work after its wait, to see what each
+        part costs: ``INPUT``, two 32-bit input pairs a word loaded (four bf16 values, as a two-row
+        program of the interleaved kernel loads them), ``MATH``, the interleaved kernel's arithmetic
+        on each word (three rotations, eight LOP3s, eight multiply-adds) against those values or
+        the run-time constant ``c``. The sums are reduced across the program, one float stored."""
+        if USE_GDC == 2:
+            tl.extra.cuda.gdc_launch_dependents()
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        word = tl.load(src + offs, mask=offs < NUMEL, other=0).to(tl.uint32, bitcast=True)
+        if USE_GDC:
+            tl.extra.cuda.gdc_wait()
+        if INPUT:
+            at = (offs * 2) % PAIRS
+            a = tl.load(pairs + at)
+            b = tl.load(pairs + at + 1)
+            x0, x1 = (a << 16).to(tl.float32, bitcast=True), (a & -65536).to(tl.float32, bitcast=True)
+            x2, x3 = (b << 16).to(tl.float32, bitcast=True), (b & -65536).to(tl.float32, bitcast=True)
+        else:
+            x0 = tl.full((BLOCK,), 1.0, tl.float32) * c
+            x1, x2, x3 = x0 + 1.0, x0 + 2.0, x0 + 3.0
+        if MATH:
+            left8 = (word << 8) | (word >> 24)
+            right8 = (word >> 8) | (word << 24)
+            half = (word >> 16) | (word << 16)
+            acc = _nibble(magic, word, 12) * x0
+            acc += _nibble(magic, word, 16) * x1
+            acc += _nibble(magic, left8, 12) * x2
+            acc += _nibble(magic, left8, 16) * x3
+            acc += _nibble(magic, right8, 12) * x0
+            acc += _nibble(magic, right8, 16) * x1
+            acc += _nibble(magic, half, 12) * x2
+            acc += _nibble(magic, half, 16) * x3
+        else:
+            acc = (x0 + x1) + (x2 + x3) + (word & 1).to(tl.float32)
+        tl.store(out + tl.program_id(0), tl.sum(acc, 0))
+        if USE_GDC == 1:
+            tl.extra.cuda.gdc_launch_dependents()
+
 
 def read_call(nbytes: int, pdl: int):
     """A zero-argument call that reads ``nbytes`` of fresh memory with the read kernel (``pdl``:
@@ -100,6 +150,28 @@ def read_call(nbytes: int, pdl: int):
             raise RuntimeError(f"read kernel: {int(out[0])} where the block's XOR is {want}")
 
     call.check = check
+    return call
+
+
+def probe_call(nbytes: int, x: torch.Tensor, pdl: int, input_loads: bool, math: bool):
+    """:func:`read_call` with a part of an int4 kernel's work after the wait (``_probe_kernel``):
+    the input's loads from ``x`` (a bf16 row, 4-byte aligned), the arithmetic, or both."""
+    if triton is None:
+        raise RuntimeError("the read stacks need Triton")
+    from quantcore_torch._triton import INT4_MAGIC
+
+    src = torch.randint(-(2**31), 2**31 - 1, (nbytes // 4,), dtype=torch.int32, device="cuda")
+    programs = triton.cdiv(src.numel(), READ_BLOCK)
+    out = torch.empty(programs, dtype=torch.float32, device="cuda")
+    pairs = x.reshape(-1).view(torch.int32)
+    options = {"launch_pdl": True} if pdl else {}
+
+    def call():
+        _probe_kernel[(programs,)](
+            src, pairs, out, src.numel(), pairs.numel() - 1, INT4_MAGIC, 0.5,
+            BLOCK=READ_BLOCK, USE_GDC=pdl, INPUT=input_loads, MATH=math, num_warps=4, **options,
+        )  # fmt: skip
+
     return call
 
 
@@ -407,6 +479,9 @@ STACK_METHODS = (
     "read-pdl",
     "read-pdl-early",
     "read-pdl-early-l2",
+    "read-x-pdl-early",
+    "read-math-pdl-early",
+    "read-x-math-pdl-early",
 )
 
 
@@ -460,8 +535,12 @@ def _stack_call(method: str, x: torch.Tensor, n: int, k: int):
         return (lambda: kernels.int8_weight_only_linear(x, q, s)), tensor_bytes(q, s)
     p, s, z = quantize_int4(w, GROUP)
     nbytes = tensor_bytes(p, s, z)
-    if method.startswith("read"):  # the int4 bytes, read and nothing more
-        return read_call(nbytes, pdl={"read": 0, "read-pdl": 1, "read-pdl-early": 2}[method]), nbytes
+    if method.startswith("read"):  # the int4 bytes, read (and with -x, -math, a part of the work)
+        pdl = 2 if "-pdl-early" in method else 1 if "-pdl" in method else 0
+        input_loads, math = "-x-" in method, "-math-" in method
+        if input_loads or math:
+            return probe_call(nbytes, x, pdl, input_loads, math), nbytes
+        return read_call(nbytes, pdl), nbytes
     if method == "int4-triton":
         return (lambda: kernels._TRITON.int4_mm(x, p, s, z, GROUP, None)), nbytes
     if method == "int4-tinygemm":
