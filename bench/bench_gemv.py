@@ -103,7 +103,7 @@ if triton is not None:
         if USE_GDC:
             tl.extra.cuda.gdc_wait()
         if INPUT:
-            at = (offs * 2) % PAIRS
+            at = (offs * 2) & (PAIRS - 1)  # PAIRS a power of two: no division
             a = tl.load(pairs + at)
             b = tl.load(pairs + at + 1)
             x0, x1 = (a << 16).to(tl.float32, bitcast=True), (a & -65536).to(tl.float32, bitcast=True)
@@ -168,7 +168,7 @@ def probe_call(nbytes: int, x: torch.Tensor, pdl: int, input_loads: bool, math: 
 
     def call():
         _probe_kernel[(programs,)](
-            src, pairs, out, src.numel(), pairs.numel() - 1, INT4_MAGIC, 0.5,
+            src, pairs, out, src.numel(), 1 << (pairs.numel().bit_length() - 1), INT4_MAGIC, 0.5,
             BLOCK=READ_BLOCK, USE_GDC=pdl, INPUT=input_loads, MATH=math, num_warps=4, **options,
         )  # fmt: skip
 
