@@ -95,7 +95,8 @@ if triton is not None:
         part costs: ``INPUT``, two 32-bit input pairs a word loaded (four bf16 values, as a two-row
         program of the interleaved kernel loads them), ``MATH``, the interleaved kernel's arithmetic
         on each word (three rotations, eight LOP3s, eight multiply-adds) against those values or
-        the run-time constant ``c``. The sums are reduced across the program, one float stored."""
+        the run-time constant ``c``. The sums are reduced across the program, one float stored.
+        The pairs are read where the words are (a word's and its neighbour's), coalesced."""
         if USE_GDC == 2:
             tl.extra.cuda.gdc_launch_dependents()
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -103,9 +104,9 @@ if triton is not None:
         if USE_GDC:
             tl.extra.cuda.gdc_wait()
         if INPUT:
-            at = (offs * 2) & (PAIRS - 1)  # PAIRS a power of two: no division
-            a = tl.load(pairs + at)
-            b = tl.load(pairs + at + 1)
+            at = offs & (PAIRS - 1)  # PAIRS a power of two: no division
+            a = tl.load(pairs + at)  # contiguous, as the word's own load: 16-byte loads
+            b = tl.load(pairs + (at ^ 1))
             x0, x1 = (a << 16).to(tl.float32, bitcast=True), (a & -65536).to(tl.float32, bitcast=True)
             x2, x3 = (b << 16).to(tl.float32, bitcast=True), (b & -65536).to(tl.float32, bitcast=True)
         else:
