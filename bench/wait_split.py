@@ -79,7 +79,7 @@ def main(argv=None) -> int:
         row = split(*config, args.pre, args.arch, _triton._int4_interleaved_kernel)
         result["x".join(map(str, config))] = row
         print(
-            f"{str(config):16s} {row['words']:3d} words a thread ({4 * row['words']:3d} B); "
+            f"{config!s:16s} {row['words']:3d} words a thread ({4 * row['words']:3d} B); "
             f"loads before the wait {row['before']:4d} B, after {row['after']:4d} B: "
             f"{row['input_per_weight_byte']:.2f} input bytes a weight byte",
             flush=True,
