@@ -25,7 +25,8 @@ bf16 ``F.linear``, which made every eager decode step slower than bf16's.
 With ``TORCHINDUCTOR_ENABLE_PDL=1`` (inductor's programmatic launches; ``QUANTCORE_TRITON_PDL``
 overrides it for these kernels alone), the one-row kernels (and the decode attention's) captured
 in a CUDA graph launch programmatically on Hopper and later, their first weight tile loaded
-before they wait on the kernel before (see ``PDL``; ``PDL_TRIGGER`` for when the next may launch).
+before they wait on the kernel before (see ``PDL``; ``PDL_TRIGGER`` for when the next may launch;
+``PDL_PRE`` to dequantize that tile before the wait too).
 
 Under ``torch.compile`` they are the custom ops ``quantcore_torch::int8_mm`` and
 ``quantcore_torch::int4_mm``: opaque to inductor, which calls them as they are, so a compiled model
