@@ -23,7 +23,7 @@ loads, one word out a program); ``read-pdl`` launches it programmatically (loads
 waits on the kernel before, the next launched once its work is done, as torch_wo's ``+pdl``);
 ``read-pdl-early`` launches the next at once; ``read-x-pdl-early``, ``read-math-pdl-early`` and
 ``read-x-math-pdl-early`` add, after the wait, the input's loads, the int4 arithmetic, or both, and
-a reduction (``_probe_kernel``): what each part of the kernels' work costs.
+a reduction (``_read_kernel``'s probes): what each part of the kernels' work costs.
 ``int4-interleaved-pdl`` and ``-pdl-early`` are torch_wo's kernels launched as ``+pdl`` and
 ``+pdl-early``; ``-pdl-early-onepass`` pins them to configs that load a row's whole weight in one
 tile; ``-pre`` (after ``-pdl`` or ``-pdl-early``)
@@ -66,83 +66,82 @@ except ImportError:  # the read stacks need Triton; everything else runs without
     triton = None
 
 if triton is not None:
+    from quantcore_torch._triton import INT4_MAGIC, _offset_nibble
 
     @triton.jit
-    def _read_kernel(src, out, NUMEL, BLOCK: tl.constexpr, USE_GDC: tl.constexpr):
+    def _read_kernel(
+        src, pairs, out, NUMEL, PAIRS, magic, c,
+        BLOCK: tl.constexpr, USE_GDC: tl.constexpr, INPUT: tl.constexpr = False, MATH: tl.constexpr = False,
+    ):  # fmt: skip
         """Read ``src``'s words, one program a block, and store their XOR (so the loads stay).
         ``USE_GDC``: 1, launched programmatically, the next kernel launched once this one's work is
-        done; 2, the next launched at once (the most overlap programmatic launches allow)."""
+        done; 2, the next launched at once (the most overlap programmatic launches allow).
+
+        The probes add a part of an int4 kernel's work after the wait, to see what each part
+        costs: ``INPUT``, two 32-bit input pairs a word loaded from ``pairs`` (four bf16 values,
+        as a two-row program of the interleaved kernel loads them; a word's pair and its
+        neighbour's, coalesced; ``PAIRS`` a power of two), ``MATH``, the interleaved kernel's
+        arithmetic on each word (three rotations, eight LOP3s, eight multiply-adds) against those
+        values or the run-time constant ``c``. Their sums are reduced across the program, one float
+        stored in place of the XOR."""
         if USE_GDC == 2:
             tl.extra.cuda.gdc_launch_dependents()
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         words = tl.load(src + offs, mask=offs < NUMEL, other=0)
         if USE_GDC:
             tl.extra.cuda.gdc_wait()
-        tl.store(out + tl.program_id(0), tl.xor_sum(words, 0))
-        if USE_GDC == 1:
-            tl.extra.cuda.gdc_launch_dependents()
-
-    @triton.jit
-    def _nibble(magic, word, SHIFT: tl.constexpr):
-        return ((word & (0xF << SHIFT)) | (magic - (SHIFT << 23))).to(tl.float32, bitcast=True)
-
-    @triton.jit
-    def _probe_kernel(
-        src, pairs, out, NUMEL, PAIRS, magic, c,
-        BLOCK: tl.constexpr, USE_GDC: tl.constexpr, INPUT: tl.constexpr, MATH: tl.constexpr,
-    ):  # fmt: skip
-        """The read kernel with a part of an int4 kernel's work after its wait, to see what each
-        part costs: ``INPUT``, two 32-bit input pairs a word loaded (four bf16 values, as a two-row
-        program of the interleaved kernel loads them), ``MATH``, the interleaved kernel's arithmetic
-        on each word (three rotations, eight LOP3s, eight multiply-adds) against those values or
-        the run-time constant ``c``. The sums are reduced across the program, one float stored.
-        The pairs are read where the words are (a word's and its neighbour's), coalesced."""
-        if USE_GDC == 2:
-            tl.extra.cuda.gdc_launch_dependents()
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        word = tl.load(src + offs, mask=offs < NUMEL, other=0).to(tl.uint32, bitcast=True)
-        if USE_GDC:
-            tl.extra.cuda.gdc_wait()
-        if INPUT:
-            at = offs & (PAIRS - 1)  # PAIRS a power of two: no division
-            a = tl.load(pairs + at)  # contiguous, as the word's own load: 16-byte loads
-            b = tl.load(pairs + (at ^ 1))
-            x0, x1 = (a << 16).to(tl.float32, bitcast=True), (a & -65536).to(tl.float32, bitcast=True)
-            x2, x3 = (b << 16).to(tl.float32, bitcast=True), (b & -65536).to(tl.float32, bitcast=True)
+        if INPUT or MATH:
+            word = words.to(tl.uint32, bitcast=True)
+            if INPUT:
+                at = offs & (PAIRS - 1)  # no division
+                a = tl.load(pairs + at)  # contiguous, as the word's own load: 16-byte loads
+                b = tl.load(pairs + (at ^ 1))
+                x0, x1 = (a << 16).to(tl.float32, bitcast=True), (a & -65536).to(tl.float32, bitcast=True)
+                x2, x3 = (b << 16).to(tl.float32, bitcast=True), (b & -65536).to(tl.float32, bitcast=True)
+            else:
+                x0 = tl.full((BLOCK,), 1.0, tl.float32) * c
+                x1, x2, x3 = x0 + 1.0, x0 + 2.0, x0 + 3.0
+            if MATH:
+                left8 = (word << 8) | (word >> 24)
+                right8 = (word >> 8) | (word << 24)
+                half = (word >> 16) | (word << 16)
+                acc = _offset_nibble(magic, word, 12) * x0
+                acc += _offset_nibble(magic, word, 16) * x1
+                acc += _offset_nibble(magic, left8, 12) * x2
+                acc += _offset_nibble(magic, left8, 16) * x3
+                acc += _offset_nibble(magic, right8, 12) * x0
+                acc += _offset_nibble(magic, right8, 16) * x1
+                acc += _offset_nibble(magic, half, 12) * x2
+                acc += _offset_nibble(magic, half, 16) * x3
+            else:
+                acc = (x0 + x1) + (x2 + x3) + (word & 1).to(tl.float32)
+            tl.store(out + tl.program_id(0), tl.sum(acc, 0))
         else:
-            x0 = tl.full((BLOCK,), 1.0, tl.float32) * c
-            x1, x2, x3 = x0 + 1.0, x0 + 2.0, x0 + 3.0
-        if MATH:
-            left8 = (word << 8) | (word >> 24)
-            right8 = (word >> 8) | (word << 24)
-            half = (word >> 16) | (word << 16)
-            acc = _nibble(magic, word, 12) * x0
-            acc += _nibble(magic, word, 16) * x1
-            acc += _nibble(magic, left8, 12) * x2
-            acc += _nibble(magic, left8, 16) * x3
-            acc += _nibble(magic, right8, 12) * x0
-            acc += _nibble(magic, right8, 16) * x1
-            acc += _nibble(magic, half, 12) * x2
-            acc += _nibble(magic, half, 16) * x3
-        else:
-            acc = (x0 + x1) + (x2 + x3) + (word & 1).to(tl.float32)
-        tl.store(out + tl.program_id(0), tl.sum(acc, 0))
+            tl.store(out + tl.program_id(0), tl.xor_sum(words, 0))
         if USE_GDC == 1:
             tl.extra.cuda.gdc_launch_dependents()
 
 
-def read_call(nbytes: int, pdl: int):
+def read_call(nbytes: int, pdl: int, x: torch.Tensor | None = None, input_loads: bool = False, math: bool = False):
     """A zero-argument call that reads ``nbytes`` of fresh memory with the read kernel (``pdl``:
-    its ``USE_GDC``), as a kernel a linear would read its weight and nothing more."""
+    its ``USE_GDC``), as a kernel a linear would read its weight and nothing more; or, a probe,
+    with a part of an int4 kernel's work after the wait: ``input_loads`` from ``x`` (a bf16 row,
+    4-byte aligned), the arithmetic (``math``), or both. A plain read's call has a ``check``."""
     if triton is None:
         raise RuntimeError("the read stacks need Triton")
     src = torch.randint(-(2**31), 2**31 - 1, (nbytes // 4,), dtype=torch.int32, device="cuda")
     programs = triton.cdiv(src.numel(), READ_BLOCK)
-    out = torch.empty(programs, dtype=torch.int32, device="cuda")
+    probe = input_loads or math
+    out = torch.empty(programs, dtype=torch.float32 if probe else torch.int32, device="cuda")
+    pairs = x.reshape(-1).view(torch.int32) if input_loads else src  # unread without input loads
+    power = 1 << (pairs.numel().bit_length() - 1)  # the most pairs a power of two covers
     options = {"launch_pdl": True} if pdl else {}  # sm_90 and later
 
     def call():
-        _read_kernel[(programs,)](src, out, src.numel(), BLOCK=READ_BLOCK, USE_GDC=pdl, num_warps=4, **options)
+        _read_kernel[(programs,)](
+            src, pairs, out, src.numel(), power, INT4_MAGIC, 0.5,
+            BLOCK=READ_BLOCK, USE_GDC=pdl, INPUT=input_loads, MATH=math, num_warps=4, **options,
+        )  # fmt: skip
 
     def check() -> None:
         """The first program's word is the XOR of its block (the kernel read what it was given)."""
@@ -150,29 +149,8 @@ def read_call(nbytes: int, pdl: int):
         if int(out[0]) != want:
             raise RuntimeError(f"read kernel: {int(out[0])} where the block's XOR is {want}")
 
-    call.check = check
-    return call
-
-
-def probe_call(nbytes: int, x: torch.Tensor, pdl: int, input_loads: bool, math: bool):
-    """:func:`read_call` with a part of an int4 kernel's work after the wait (``_probe_kernel``):
-    the input's loads from ``x`` (a bf16 row, 4-byte aligned), the arithmetic, or both."""
-    if triton is None:
-        raise RuntimeError("the read stacks need Triton")
-    from quantcore_torch._triton import INT4_MAGIC
-
-    src = torch.randint(-(2**31), 2**31 - 1, (nbytes // 4,), dtype=torch.int32, device="cuda")
-    programs = triton.cdiv(src.numel(), READ_BLOCK)
-    out = torch.empty(programs, dtype=torch.float32, device="cuda")
-    pairs = x.reshape(-1).view(torch.int32)
-    options = {"launch_pdl": True} if pdl else {}
-
-    def call():
-        _probe_kernel[(programs,)](
-            src, pairs, out, src.numel(), 1 << (pairs.numel().bit_length() - 1), INT4_MAGIC, 0.5,
-            BLOCK=READ_BLOCK, USE_GDC=pdl, INPUT=input_loads, MATH=math, num_warps=4, **options,
-        )  # fmt: skip
-
+    if not probe:
+        call.check = check
     return call
 
 
@@ -538,10 +516,7 @@ def _stack_call(method: str, x: torch.Tensor, n: int, k: int):
     nbytes = tensor_bytes(p, s, z)
     if method.startswith("read"):  # the int4 bytes, read (and with -x, -math, a part of the work)
         pdl = 2 if "-pdl-early" in method else 1 if "-pdl" in method else 0
-        input_loads, math = "-x-" in method, "-math-" in method
-        if input_loads or math:
-            return probe_call(nbytes, x, pdl, input_loads, math), nbytes
-        return read_call(nbytes, pdl), nbytes
+        return read_call(nbytes, pdl, x, "-x-" in method, "-math-" in method), nbytes
     if method == "int4-triton":
         return (lambda: kernels._TRITON.int4_mm(x, p, s, z, GROUP, None)), nbytes
     if method == "int4-tinygemm":
