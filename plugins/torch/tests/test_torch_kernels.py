@@ -269,9 +269,73 @@ def test_programmatic_launches_in_a_graph_give_the_same_bits(kernel, trigger):
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("programmatic dependent launch needs Hopper or later")
     triton_mod = kernels._TRITON
-    bits = 8 if kernel == "int8" else 4
     k = 1024
-    layers = [_module(k, k, bits, 128, torch.bfloat16, "cuda", bias=False) for _ in range(12)]
+    run = _layer_chain(kernel, k)
+    launcher = {"int8": triton_mod._INT8.row, "int4": triton_mod._INT4.row}.get(kernel, triton_mod._INT4_INTERLEAVED)
+    x = torch.randn(1, k, dtype=torch.bfloat16, device="cuda")
+    with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(triton_mod, "PDL", True)
+        patch.setattr(triton_mod, "PDL_TRIGGER", trigger)
+        triton_mod.forget_pdl_variants()  # another case's trigger
+        eager = run(x)  # keeps the kernel and compiles its programmatic variant
+        torch.testing.assert_close(run(x), eager, rtol=0, atol=0)  # outside capture: launched as before
+        launches = _captured_launches(patch, [launcher])
+        _assert_replays_match_eager(run, x, launches, CHAIN)
+    triton_mod.forget_pdl_variants()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("trigger", ["late", "early"])
+def test_programmatic_launches_dequantizing_before_the_wait(trigger):
+    # QUANTCORE_TRITON_PDL_PRE: the programmatic interleaved kernel dequantizes its first weight
+    # tile before the wait, so only the products follow it. Its sums round otherwise than eager's
+    # (the plain launch), so the replays are compared within bf16's rounding over 12 layers; a read
+    # of the input before the wait would give other numbers altogether. Two tiles a row (K = 2048
+    # on a 1024-wide tile) take the loop after the first tile too.
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs Hopper or later")
+    triton_mod = kernels._TRITON
+    k = 2048
+    run = _layer_chain("int4-interleaved", k)
+    launcher = triton_mod._INT4_INTERLEAVED
+    x = torch.randn(1, k, dtype=torch.bfloat16, device="cuda")
+    pins = {card: {(k, k): (8, 1024, 4, False)} for card in ("H100", "H200", torch.cuda.get_device_name())}
+    try:
+        with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
+            patch.setattr(triton_mod, "INT4_INTERLEAVED_PINNED", pins)
+            patch.setattr(triton_mod, "PDL", True)
+            patch.setattr(triton_mod, "PDL_TRIGGER", trigger)
+            patch.setattr(triton_mod, "PDL_PRE", True)
+            launcher.compiled.clear()  # the pinned two-tile config, not one kept or tuned before
+            launcher.kernel.cache.clear()
+            triton_mod.forget_pdl_variants()
+            run(x)  # keeps the kernel and compiles its programmatic variant
+            launches = _captured_launches(patch, [launcher])
+            names = launcher.jit.arg_names
+            for entry in launcher.compiled.values():  # the variant compiled with PRE, the plain kernel without
+                tail, plain = entry.pdl[1], entry.tail
+                assert tail[names.index("PRE") - len(names)] is True
+                assert plain[names.index("PRE") - len(names)] is False
+            assert {entry.tail[names.index("BLOCK_K") - len(names)] for entry in launcher.compiled.values()} == {1024}
+            _assert_replays_match_eager(run, x, launches, CHAIN, exact=False)
+    finally:  # the next test tunes and keeps its own config, with the setting as it was
+        launcher.compiled.clear()
+        launcher.kernel.cache.clear()
+        triton_mod.forget_pdl_variants()
+
+
+# A chain of one-row layers, each input made by the kernel just before it.
+CHAIN = 12
+
+
+def _layer_chain(kernel: str, k: int):
+    """A chain of ``CHAIN`` ``k x k`` layers (distinct weights, rolled from one seed's) through
+    ``kernel`` (``int8``, ``int4``, ``int4-interleaved``), each input written by the kernel just
+    before it: a function of the first input."""
+    triton_mod = kernels._TRITON
+    bits = 8 if kernel == "int8" else 4
+    layers = [_module(k, k, bits, 128, torch.bfloat16, "cuda", bias=False) for _ in range(CHAIN)]
     for i, layer in enumerate(layers):
         layer.qweight.copy_(torch.roll(layers[0].qweight, i, dims=0))  # distinct weights, one seed
     interleaved = [
@@ -289,65 +353,7 @@ def test_programmatic_launches_in_a_graph_give_the_same_bits(kernel, trigger):
             x = y * 0.5 + x  # a kernel that writes the next layer's input just before it
         return x
 
-    launcher = {"int8": triton_mod._INT8.row, "int4": triton_mod._INT4.row}.get(kernel, triton_mod._INT4_INTERLEAVED)
-    x = torch.randn(1, k, dtype=torch.bfloat16, device="cuda")
-    with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
-        patch.setattr(triton_mod, "PDL", True)
-        patch.setattr(triton_mod, "PDL_TRIGGER", trigger)
-        triton_mod.forget_pdl_variants()  # another case's trigger
-        eager = run(x)  # keeps the kernel and compiles its programmatic variant
-        torch.testing.assert_close(run(x), eager, rtol=0, atol=0)  # outside capture: launched as before
-        launches = _captured_launches(patch, [launcher])
-        _assert_replays_match_eager(run, x, launches, len(layers))
-    triton_mod.forget_pdl_variants()
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("trigger", ["late", "early"])
-def test_programmatic_launches_dequantizing_before_the_wait(trigger):
-    # QUANTCORE_TRITON_PDL_PRE: the programmatic interleaved kernel dequantizes its first weight
-    # tile before the wait, so only the products follow it. Its sums round otherwise than eager's
-    # (the plain launch), so the replays are compared within bf16's rounding over 12 layers; a read
-    # of the input before the wait would give other numbers altogether. Two tiles a row (K = 2048
-    # on a 1024-wide tile) take the loop after the first tile too.
-    if torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("programmatic dependent launch needs Hopper or later")
-    triton_mod = kernels._TRITON
-    k = 2048
-    layers = [_module(k, k, 4, 128, torch.bfloat16, "cuda", bias=False) for _ in range(12)]
-    for i, layer in enumerate(layers):
-        layer.qweight.copy_(torch.roll(layers[0].qweight, i, dims=0))
-    interleaved = [kernels.int4_interleaved_layout(m.qweight, m.scale, m.zero, k, 128) for m in layers]
-
-    def run(x):
-        for layout in interleaved:
-            y = triton_mod.int4_interleaved_mm(x, layout.weight, layout.scales_and_zeros, 128, None)
-            x = y * 0.5 + x
-        return x
-
-    launcher = triton_mod._INT4_INTERLEAVED
-    x = torch.randn(1, k, dtype=torch.bfloat16, device="cuda")
-    pins = {card: {(k, k): (8, 1024, 4, False)} for card in ("H100", "H200", torch.cuda.get_device_name())}
-    with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
-        patch.setattr(triton_mod, "INT4_INTERLEAVED_PINNED", pins)
-        patch.setattr(triton_mod, "PDL", True)
-        patch.setattr(triton_mod, "PDL_TRIGGER", trigger)
-        patch.setattr(triton_mod, "PDL_PRE", True)
-        launcher.compiled.clear()  # the pinned two-tile config, not one kept or tuned before
-        launcher.kernel.cache.clear()
-        triton_mod.forget_pdl_variants()
-        run(x)  # keeps the kernel and compiles its programmatic variant
-        launches = _captured_launches(patch, [launcher])
-        names = launcher.jit.arg_names
-        for entry in launcher.compiled.values():  # the variant was compiled with PRE, the plain kernel without
-            tail, plain = entry.pdl[1], entry.tail
-            assert tail[names.index("PRE") - len(names)] is True and plain[names.index("PRE") - len(names)] is False
-        assert {entry.tail[names.index("BLOCK_K") - len(names)] for entry in launcher.compiled.values()} == {1024}
-        _assert_replays_match_eager(run, x, launches, len(layers), exact=False)
-    launcher.compiled.clear()
-    launcher.kernel.cache.clear()
-    triton_mod.forget_pdl_variants()
+    return run
 
 
 def _assert_replays_match_eager(run, x: torch.Tensor, launches: list, programmatic: int, exact: bool = True) -> None:
