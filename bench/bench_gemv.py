@@ -72,6 +72,7 @@ if triton is not None:
     def _read_kernel(
         src, pairs, out, NUMEL, PAIRS, magic, c,
         BLOCK: tl.constexpr, USE_GDC: tl.constexpr, INPUT: tl.constexpr = False, MATH: tl.constexpr = False,
+        src2=None, NUMEL2=0, SECOND: tl.constexpr = False,
     ):  # fmt: skip
         """Read ``src``'s words, one program a block, and store their XOR (so the loads stay).
         ``USE_GDC``: 1, launched programmatically, the next kernel launched once this one's work is
@@ -83,11 +84,20 @@ if triton is not None:
         neighbour's, coalesced; ``PAIRS`` a power of two), ``MATH``, the interleaved kernel's
         arithmetic on each word (three rotations, eight LOP3s, eight multiply-adds) against those
         values or the run-time constant ``c``. Their sums are reduced across the program, one float
-        stored in place of the XOR."""
+        stored in place of the XOR. ``SECOND``: the programs past ``src``'s read ``src2``'s
+        ``NUMEL2`` words (a weight's codes, then its scales and zero points, in one launch)."""
         if USE_GDC == 2:
             tl.extra.cuda.gdc_launch_dependents()
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        words = tl.load(src + offs, mask=offs < NUMEL, other=0)
+        if SECOND:
+            first = tl.cdiv(NUMEL, BLOCK)
+            if tl.program_id(0) >= first:
+                at = offs - first * BLOCK
+                words = tl.load(src2 + at, mask=at < NUMEL2, other=0)
+            else:
+                words = tl.load(src + offs, mask=offs < NUMEL, other=0)
+        else:
+            words = tl.load(src + offs, mask=offs < NUMEL, other=0)
         if USE_GDC:
             tl.extra.cuda.gdc_wait()
         if INPUT or MATH:
@@ -152,6 +162,30 @@ def read_call(nbytes: int, pdl: int, x: torch.Tensor | None = None, input_loads:
     if not probe:
         call.check = check
     return call
+
+
+def _as_words(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor's bytes as int32 words (no copy: a copy would be a kernel of its own)."""
+    if not t.is_contiguous() or (t.numel() * t.element_size()) % 4:
+        raise ValueError(f"the read kernel reads contiguous whole words, got {tuple(t.shape)} {t.dtype}")
+    return t.reshape(-1).view(torch.int32)
+
+
+def read_weight(codes: torch.Tensor, params: torch.Tensor, pdl: int) -> torch.Tensor:
+    """Read a weight's two tensors (``codes``, then ``params``: its scales and zero points) in one
+    launch of the read kernel (``pdl``: its ``USE_GDC``), as a kernel a linear would that cost only
+    its bytes; returns the programs' XORs, one a block of ``READ_BLOCK`` words."""
+    if triton is None:
+        raise RuntimeError("the read kernel needs Triton")
+    a, b = _as_words(codes), _as_words(params)
+    programs = triton.cdiv(a.numel(), READ_BLOCK) + triton.cdiv(b.numel(), READ_BLOCK)
+    out = torch.empty(programs, dtype=torch.int32, device=a.device)
+    options = {"launch_pdl": True} if pdl else {}  # sm_90 and later
+    _read_kernel[(programs,)](
+        a, a, out, a.numel(), 1, INT4_MAGIC, 0.5, BLOCK=READ_BLOCK, USE_GDC=pdl,
+        src2=b, NUMEL2=b.numel(), SECOND=True, num_warps=4, **options,
+    )  # fmt: skip
+    return out
 
 
 def linears(model: str, fused: bool = False) -> tuple[int, list[tuple[int, int]]]:

@@ -9,33 +9,47 @@ is and with parts of every decoder layer taken out, timed in one process:
   kernel that rotated q and k and wrote k and v into the cache in its epilogue would leave this.
 - ``norms``: each layer's two RMS norms an identity; the residual adds stay. A q/k/v and gate/up
   kernel that normalized its input as it loaded it would leave this.
-- ``rope-kv,norms``: both.
+- ``linears``: every interleaved int4 linear (plain, gate/up, q/k/v with the rotary epilogue) a
+  kernel that only reads its weight's bytes (codes, then scales and zero points, one launch:
+  ``bench_gemv.read_weight``) and returns an unwritten output, launched as the method launches its
+  kernels (``+pdl``, ``+pdl-early``); the q/k/v one writes no cache. What the step would take if
+  every linear cost only its bytes, at the read kernel's bandwidth: the bound of any design with
+  a kernel a linear.
+- ``attention``: quantcore's decode attention (the ``+rope`` fold's) returns an unwritten output
+  without a kernel (the cache's counter it may advance stays).
 
-The outputs are wrong by construction (the tokens differ): the figures are upper bounds on what a
+``--cuts`` lists the variants, each a cut or cuts joined by ``+`` (``linears+norms``). The
+outputs are wrong by construction (the tokens differ): the figures are upper bounds on what a
 fold could gain, with its own kernel costing nothing more, not speeds anyone gets. They say which
-fold is worth building before it is built. Methods and suffixes are ``bench_decode.py``'s.
+fold is worth building before it is built, and what a step could reach at all. Methods and
+suffixes are ``bench_decode.py``'s.
 
 Usage::
 
-    python bench/bound_decode.py --methods bf16,int4-torch@interleaved+glu --cuts rope-kv,norms
+    python bench/bound_decode.py --methods bf16,int4-torch@interleaved+glu --cuts rope-kv,norms,rope-kv+norms
+    python bench/bound_decode.py --methods int4-torch@interleaved+glu+rope+pdl-early+inductor-pdl \\
+        --cuts linears,linears+norms,linears+norms+attention
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
 import types
 from pathlib import Path
+from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common
 import bench_decode
+import bench_gemv
 import torch
 
-CUTS = ("rope-kv", "norms")
+CUTS = ("rope-kv", "norms", "linears", "attention")
 
 
 def _attention_without_rope_kv(self, hidden_states, position_embeddings=None, attention_mask=None, *args, **kwargs):
@@ -62,8 +76,45 @@ def _attention_without_rope_kv(self, hidden_states, position_embeddings=None, at
     return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
 
 
+def _read_only(x, words, scales_and_zeros, out_features: int):
+    """A linear that costs only its weight's bytes: the read kernel over them, launched as the
+    method's kernels are, and an unwritten output."""
+    from quantcore_torch import _triton
+
+    pdl = (2 if _triton.PDL_TRIGGER == "early" else 1) if _triton.PDL else 0
+    bench_gemv.read_weight(words, scales_and_zeros, pdl)
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+@contextlib.contextmanager
+def _kernels_cut(cuts: set[str]):
+    """The process-wide cuts (``linears``, ``attention``) while the variant runs: quantcore_torch's
+    launch functions, which its custom ops call, swapped out and put back."""
+    with contextlib.ExitStack() as stack:
+        if "linears" in cuts:
+            from quantcore_torch import _triton
+
+            def plain(x, words, sz, group_size, bias, gate_up=False):
+                return _read_only(x, words, sz, words.shape[0] // 2 if gate_up else words.shape[0])
+
+            def rope(x, words, sz, group_size, bias, cos, sin, keys, values, position, q_features):
+                return _read_only(x, words, sz, q_features)
+
+            stack.enter_context(mock.patch.object(_triton, "_int4_interleaved_launch", plain))
+            stack.enter_context(mock.patch.object(_triton, "_int4_interleaved_rope_launch", rope))
+        if "attention" in cuts:
+            from quantcore_torch import _attention
+
+            def attend(q, keys, values, mask, scale, counter=None):
+                return q.new_empty((1, 1, q.numel() // keys.shape[-1], keys.shape[-1]))
+
+            stack.enter_context(mock.patch.object(_attention, "_decode_attention_launch", attend))
+        yield
+
+
 def apply_cuts(model, cuts: set[str]) -> int:
-    """Take ``cuts`` out of every decoder layer of ``model``; returns the number of layers cut."""
+    """Take the layer cuts (``rope-kv``, ``norms``) out of every decoder layer of ``model``;
+    returns the number of layers."""
     layers = model.model.layers
     for layer in layers:
         if "rope-kv" in cuts:
@@ -78,7 +129,7 @@ def apply_cuts(model, cuts: set[str]) -> int:
 
 
 def time_variant(base, method: str, cuts: set[str], args) -> dict:
-    with bench_decode.launch_options(method):
+    with bench_decode.launch_options(method), _kernels_cut(cuts):
         model = bench_decode.make_variant(base, method)
         apply_cuts(model, cuts)
         dec = bench_decode.Decoder(model, 1, args.prompt, args.new, "cuda", compiled=True)
@@ -95,7 +146,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=("llama-1.1b", "llama-7b", "tiny"), default="llama-1.1b")
     parser.add_argument("--methods", default="bf16,int4-torch@interleaved+glu")
-    parser.add_argument("--cuts", default="rope-kv,norms", help="comma-separated: each alone, then all together")
+    parser.add_argument(
+        "--cuts",
+        default="rope-kv,norms,rope-kv+norms",
+        help=f"comma-separated variants, each a cut or cuts joined by '+' (cuts: {', '.join(CUTS)})",
+    )
     parser.add_argument("--prompt", type=_common.int_at_least(1), default=512)
     parser.add_argument("--new", type=_common.int_at_least(2), default=128)
     parser.add_argument("--repeats", type=_common.int_at_least(1), default=1)
@@ -103,11 +158,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("needs a CUDA device: the bound is a CUDA-graph step's time")
-    cuts = [c for c in args.cuts.split(",") if c]
-    unknown = set(cuts) - set(CUTS)
+    variants = [set()] + [set(v.split("+")) for v in args.cuts.split(",") if v]
+    unknown = set().union(*variants) - set(CUTS)
     if unknown:
         parser.error(f"--cuts: unknown {sorted(unknown)} (known: {', '.join(CUTS)})")
-    variants = [set()] + [{c} for c in cuts] + ([set(cuts)] if len(cuts) > 1 else [])
     base = bench_decode.build_model(args.model, "cuda", args.prompt + args.new)
     print(torch.cuda.get_device_name(), args.model, flush=True)
     rows = []

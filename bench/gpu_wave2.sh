@@ -18,8 +18,9 @@
 #   profile   profile_decode.py: a compiled step's kernels (PROFILE_METHODS, MODEL)
 #   eager-profile  profile_eager.py: an eager step's host time, kernel time and Python hot spots
 #             (EAGER_ARGS adds arguments: "--prefill --steps 5" profiles the prompt's prefill)
-#   bound     bound_decode.py: a compiled step without the rotary embedding and cache writes, or
-#             the norms (BOUND_METHODS, CUTS): what folding them into the kernels could save at most
+#   bound     bound_decode.py: a compiled step without the rotary embedding and cache writes, the
+#             norms, the attention, or with linears that only read their bytes (BOUND_METHODS,
+#             CUTS, e.g. "linears,linears+norms"): what folding or faster kernels could save at most
 #   attention the decode attention's split configs against SDPA, a step's caches in one graph
 #             (bench_attention.py; ATTENTION_ARGS adds arguments, e.g. "--configs 32x4,64x4")
 #   gptq      GPTQ's time to quantize a 1.1B Llama (bench_gptq.py), beside plain rounding
@@ -69,7 +70,7 @@ for part in "$@"; do
                --methods "${PROFILE_METHODS:-bf16,int8-torch,int8-torch+fused,int4-torch,int4-torch+fused}" \
                --out "$out/profile_eager_${model}.json" 2>&1 | grep -v -E "FutureWarning|forward_call" ;;
     bound) timeout ${T_BOUND:-300} python3 bench/bound_decode.py --model "$model" \
-             --methods "${BOUND_METHODS:-bf16,int4-torch@interleaved+glu}" --cuts "${CUTS:-rope-kv,norms}" \
+             --methods "${BOUND_METHODS:-bf16,int4-torch@interleaved+glu}" --cuts "${CUTS:-rope-kv,norms,rope-kv+norms}" \
              --out "$out/bound_${model}.json" 2>&1 | grep -v -E "FutureWarning|forward_call" ;;
     dequant) timeout ${T_DEQUANT:-60} python3 bench/bench_dequantize.py --device cuda --out "$out/dequant_cuda.json" ;;
     attention) timeout ${T_ATTENTION:-120} python3 bench/bench_attention.py ${ATTENTION_ARGS:-} --out "$out/attention.json" ;;
