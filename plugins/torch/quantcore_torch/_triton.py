@@ -1026,16 +1026,30 @@ PDL_TRIGGER = pdl_trigger_setting()
 # Llama's step on an H100 from 0.719-0.721 ms (the late trigger without it) to 0.693-0.695 ms, but a
 # 7B one's from 2.440 to 3.023 ms; with the late trigger it lost at 1.1B too (0.754 ms). The
 # dequantized tile takes eight registers a word where the codes took one, so fewer programs wait
-# beside the running kernel. The nineteenth run in docs/benchmarks.md: opt-in, for small models.
+# beside the running kernel; 7B's pinned tiles spilled. The nineteenth run in docs/benchmarks.md:
+# opt-in, and since the twentieth only for tiles within PRE_WEIGHTS.
 def pdl_pre_setting(environ=os.environ) -> bool:
     """``QUANTCORE_TRITON_PDL_PRE``: whether a programmatic interleaved int4 kernel dequantizes its
-    first weight tile before it waits (``1``), leaving only the input's products after the wait;
-    off by default (its sums round otherwise than the plain launch's, and it pays only beside
-    ``QUANTCORE_TRITON_PDL_TRIGGER=early``, and only on small models)."""
+    first weight tile before it waits (``1``), leaving only the input's products after the wait,
+    where the tile fits :data:`PRE_WEIGHTS` (:func:`pre_fits`); off by default (its sums round
+    otherwise than the plain launch's, and it pays only beside ``QUANTCORE_TRITON_PDL_TRIGGER=early``)."""
     return _switch(environ, "QUANTCORE_TRITON_PDL_PRE") is True
 
 
 PDL_PRE = pdl_pre_setting()
+
+# The most weights a thread may hold in its first tile for PDL_PRE to apply: dequantized, a tile
+# takes a register a weight where its codes took one a word of eight. Offline on sm_90, with the
+# early trigger, 64 a thread (the 1.1B pins: 2x2048 on 2 warps, 8x1024 on 4) go from 67-70 to 94
+# registers; 128 (7B's 4x2048 on 2 warps, 4x1024 on 1) from 93 to 229-234, and 256 (7B's q/k/v,
+# 8x1024 on 1) from 153 to the 255 cap with 93 spill stores. That is what lost at 7B.
+PRE_WEIGHTS = 64
+
+
+def pre_fits(block_n: int, block_k: int, num_warps: int) -> bool:
+    """Whether an interleaved config's first tile is small enough to dequantize before the wait
+    (:data:`PRE_WEIGHTS` weights a thread at most); a larger one launches as without ``PDL_PRE``."""
+    return block_n * block_k <= PRE_WEIGHTS * 32 * num_warps
 # Every launcher, so that a changed PDL_TRIGGER can drop the programmatic variants built before.
 _LAUNCHERS: list[_Launcher] = []
 
@@ -1154,9 +1168,9 @@ class _Launcher:
             try:  # the kept kernel's config: its constexprs (tail) and its compile options
                 names = self.jit.arg_names[len(args) :]
                 meta = {**dict(zip(names, hit.tail, strict=True)), "USE_GDC": 2 if PDL_TRIGGER == "early" else 1}
-                if "PRE" in names:
-                    meta["PRE"] = PDL_PRE
                 kept = hit.compiled.metadata
+                if "PRE" in names:
+                    meta["PRE"] = PDL_PRE and pre_fits(meta["BLOCK_N"], meta["BLOCK_K"], kept.num_warps)
                 options = {"num_warps": kept.num_warps, "num_stages": kept.num_stages, "launch_pdl": True}
                 compiled = self.jit.warmup(*args, grid=(hit.grid0, hit.grid1), **meta, **options)
                 variant = (_ready(compiled), self._tail(meta, args))

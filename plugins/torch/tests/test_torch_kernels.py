@@ -287,12 +287,14 @@ def test_programmatic_launches_in_a_graph_give_the_same_bits(kernel, trigger):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("trigger", ["late", "early"])
-def test_programmatic_launches_dequantizing_before_the_wait(trigger):
+@pytest.mark.parametrize(("pin", "pre"), [((8, 1024, 4, False), True), ((4, 2048, 2, False), False)])
+def test_programmatic_launches_dequantizing_before_the_wait(trigger, pin, pre):
     # QUANTCORE_TRITON_PDL_PRE: the programmatic interleaved kernel dequantizes its first weight
     # tile before the wait, so only the products follow it. Its sums round otherwise than eager's
     # (the plain launch), so the replays are compared within bf16's rounding over 12 layers; a read
     # of the input before the wait would give other numbers altogether. Two tiles a row (K = 2048
-    # on a 1024-wide tile) take the loop after the first tile too.
+    # on a 1024-wide tile) take the loop after the first tile too. A tile of 128 weights a thread
+    # (4 x 2048 on 2 warps) is past PRE_WEIGHTS: its variant launches without PRE.
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("programmatic dependent launch needs Hopper or later")
     triton_mod = kernels._TRITON
@@ -300,7 +302,7 @@ def test_programmatic_launches_dequantizing_before_the_wait(trigger):
     run = _layer_chain("int4-interleaved", k)
     launcher = triton_mod._INT4_INTERLEAVED
     x = torch.randn(1, k, dtype=torch.bfloat16, device="cuda")
-    pins = {card: {(k, k): (8, 1024, 4, False)} for card in ("H100", "H200", torch.cuda.get_device_name())}
+    pins = {card: {(k, k): pin} for card in ("H100", "H200", torch.cuda.get_device_name())}
     try:
         with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
             patch.setattr(triton_mod, "INT4_INTERLEAVED_PINNED", pins)
@@ -315,9 +317,9 @@ def test_programmatic_launches_dequantizing_before_the_wait(trigger):
             names = launcher.jit.arg_names
             for entry in launcher.compiled.values():  # the variant compiled with PRE, the plain kernel without
                 tail, plain = entry.pdl[1], entry.tail
-                assert tail[names.index("PRE") - len(names)] is True
+                assert tail[names.index("PRE") - len(names)] is pre
                 assert plain[names.index("PRE") - len(names)] is False
-            assert {entry.tail[names.index("BLOCK_K") - len(names)] for entry in launcher.compiled.values()} == {1024}
+            assert {entry.tail[names.index("BLOCK_K") - len(names)] for entry in launcher.compiled.values()} == {pin[1]}
             _assert_replays_match_eager(run, x, launches, CHAIN, exact=False)
     finally:  # the next test tunes and keeps its own config, with the setting as it was
         launcher.compiled.clear()

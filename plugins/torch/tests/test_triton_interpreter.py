@@ -336,6 +336,17 @@ def test_dequantizing_before_the_wait_is_off_unless_asked_for(kernels):
         pre({"QUANTCORE_TRITON_PDL_PRE": "on"})
 
 
+def test_dequantizing_before_the_wait_only_where_the_tile_fits_the_registers(kernels):
+    # 64 weights a thread at most: every pinned 1.1B config on the H100, none of 7B's (whose
+    # dequantized tiles spilled or took twice the registers offline, the loss at 7B).
+    fits = kernels.pre_fits
+    assert fits(1, 2048, 1) and not fits(1, 4096, 1) and fits(4, 2048, 4) and not fits(4, 2048, 2)
+    pins = kernels.INT4_INTERLEAVED_PINNED["H100"]
+    small = {(2560, 2048), (2048, 2048), (11264, 2048), (2048, 5632)}
+    assert {shape for shape, (n, k, warps, _) in pins.items() if fits(n, k, warps)} == small
+    assert len(pins) == 8
+
+
 def test_forgetting_programmatic_variants_keeps_the_kernels(kernels, monkeypatch):
     # A changed trigger drops the programmatic variants built with the old one, never a kept kernel.
     launcher = kernels._INT4_INTERLEAVED
