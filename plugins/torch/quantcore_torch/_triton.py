@@ -1050,6 +1050,8 @@ def pre_fits(block_n: int, block_k: int, num_warps: int) -> bool:
     """Whether an interleaved config's first tile is small enough to dequantize before the wait
     (:data:`PRE_WEIGHTS` weights a thread at most); a larger one launches as without ``PDL_PRE``."""
     return block_n * block_k <= PRE_WEIGHTS * 32 * num_warps
+
+
 # Every launcher, so that a changed PDL_TRIGGER can drop the programmatic variants built before.
 _LAUNCHERS: list[_Launcher] = []
 
