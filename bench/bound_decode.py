@@ -15,6 +15,9 @@ is and with parts of every decoder layer taken out, timed in one process:
   kernels (``+pdl``, ``+pdl-early``); the q/k/v one writes no cache. What the step would take if
   every linear cost only its bytes, at the read kernel's bandwidth: the bound of any design with
   a kernel a linear.
+- ``adds``: each layer's two residual adds skipped (the layer returns its MLP's output); with
+  ``norms``, nothing of a layer is left but its attention and its linears. A design that added
+  the residual in its projections' epilogues would leave this.
 - ``attention``: quantcore's decode attention (the ``+rope`` fold's) returns an unwritten output
   without a kernel (the cache's counter it may advance stays).
 
@@ -49,7 +52,7 @@ import bench_decode
 import bench_gemv
 import torch
 
-CUTS = ("rope-kv", "norms", "linears", "attention")
+CUTS = ("rope-kv", "norms", "adds", "linears", "attention")
 
 
 def _attention_without_rope_kv(self, hidden_states, position_embeddings=None, attention_mask=None, *args, **kwargs):
@@ -74,6 +77,15 @@ def _attention_without_rope_kv(self, hidden_states, position_embeddings=None, at
         self, query, layer.keys, layer.values, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs
     )
     return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
+
+
+def _layer_without_adds(self, hidden_states, **kwargs):
+    """A Llama-family decoder layer's forward without its residual adds (a bound); the prefill runs
+    the layer's own forward."""
+    if hidden_states.shape[1] != 1:
+        return type(self).forward(self, hidden_states, **kwargs)
+    attended = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)[0]
+    return self.mlp(self.post_attention_layernorm(attended))
 
 
 def _read_only(x, words, scales_and_zeros, out_features: int):
@@ -113,7 +125,7 @@ def _kernels_cut(cuts: set[str]):
 
 
 def apply_cuts(model, cuts: set[str]) -> int:
-    """Take the layer cuts (``rope-kv``, ``norms``) out of every decoder layer of ``model``;
+    """Take the layer cuts (``rope-kv``, ``norms``, ``adds``) out of every decoder layer of ``model``;
     returns the number of layers."""
     layers = model.model.layers
     for layer in layers:
@@ -125,6 +137,8 @@ def apply_cuts(model, cuts: set[str]) -> int:
         if "norms" in cuts:
             layer.input_layernorm = torch.nn.Identity()
             layer.post_attention_layernorm = torch.nn.Identity()
+        if "adds" in cuts:
+            layer.forward = types.MethodType(_layer_without_adds, layer)
     return len(layers)
 
 

@@ -20,7 +20,7 @@
 #             (EAGER_ARGS adds arguments: "--prefill --steps 5" profiles the prompt's prefill)
 #   bound     bound_decode.py: a compiled step without the rotary embedding and cache writes, the
 #             norms, the attention, or with linears that only read their bytes (BOUND_METHODS,
-#             CUTS, e.g. "linears,linears+norms"): what folding or faster kernels could save at most
+#             CUTS, e.g. "linears,linears+norms+adds"): what folds or faster kernels could save at most
 #   attention the decode attention's split configs against SDPA, a step's caches in one graph
 #             (bench_attention.py; ATTENTION_ARGS adds arguments, e.g. "--configs 32x4,64x4")
 #   gptq      GPTQ's time to quantize a 1.1B Llama (bench_gptq.py), beside plain rounding
