@@ -54,7 +54,10 @@ dequantizing their first weight tile before the wait, ``QUANTCORE_TRITON_PDL_PRE
 ``TORCHINDUCTOR_ENABLE_PDL=1`` (ours follow inductor's setting); each alone isolates one side.
 Without either, a method runs as the environment says (both off by default).
 ``+head`` quantizes the output head too (``quantize(..., default_skips=False)``; it stays in
-bf16 by default, as in transformers).
+bf16 by default, as in transformers). ``+graph`` (compiled, CUDA) captures the compiled step in
+a ``torch.cuda.CUDAGraph`` of its own, inductor's CUDA graphs off, the graph feeding each step's
+token and position to the next: a step is one replay, without dynamo's guards and cudagraph
+trees' checks on the host, which can bound a short step (``bound_decode.py`` measures that time).
 
 Usage::
 
@@ -107,7 +110,7 @@ def build_model(name: str, device: str, max_len: int):
 
 
 SUFFIXES = ("fused", "glu", "glu-down", "rope", "rope-sdpa", "attn", "autotune", "pdl", "pdl-early", "inductor-pdl")
-SUFFIXES += ("head", "pre")
+SUFFIXES += ("head", "pre", "graph")
 # The suffixes that fold the rotary embedding into the q/k/v kernel.
 ROTARY = {"rope", "rope-sdpa"}
 # The suffixes that fuse projections, and where each runs the MLP's activation (fuse_projections' activation).
@@ -311,6 +314,11 @@ class Decoder:
         self.compiled = compiled
         self.compile_mode = "reduce-overhead" if device == "cuda" else None
         self.marked = False
+        # graph_step: the compiled step captured once in a torch.cuda.CUDAGraph of its own (inductor
+        # without its CUDA graphs), which also feeds its token and position to the next step: a
+        # step is one replay, with none of dynamo's guards or cudagraph trees' checks on the host.
+        self.graph_step = False
+        self.graph = None
 
     def _step(self, token, position):
         out = self.model(
@@ -330,6 +338,8 @@ class Decoder:
 
     def run(self):
         """``(tokens [batch, new], prefill seconds, decode seconds)``."""
+        if self.compiled and self.graph_step:
+            return self._run_graph()
         self.cache.reset()
         sync(self.device)
         t0 = time.perf_counter()
@@ -351,6 +361,57 @@ class Decoder:
             sync(self.device)
             t2 = time.perf_counter()
         return torch.cat(out, dim=1), t1 - t0, t2 - t1
+
+    def _graph_body(self, step) -> None:
+        """One decode step on the static token and position, its token kept and fed to the next."""
+        token = step(self.static_token, self.static_position)
+        self.tokens.index_copy_(1, self.static_position - (self.prompt - 1), token)
+        self.static_token.copy_(token)
+        self.static_position.add_(1)
+
+    def _prefill(self) -> torch.Tensor:
+        with torch.no_grad():
+            return self._step(self.ids, torch.arange(self.prompt, device=self.device))
+
+    def _capture(self) -> None:
+        """Compile the step (no CUDA graphs of inductor's), warm it up on a side stream, capture it."""
+        if self.device != "cuda":
+            raise ValueError("+graph captures the step in a CUDA graph: CUDA only")
+        self.cache.reset()
+        token = self._prefill()  # the cache's tensors exist before the capture
+        self.static_token = token.clone()
+        self.static_position = torch.tensor([self.prompt], device=self.device)
+        self.tokens = torch.zeros(token.shape[0], self.new, dtype=token.dtype, device=self.device)
+        self.compile_mode = None
+        step = self._compile()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.no_grad(), torch.cuda.stream(stream):
+            for _ in range(3):  # compiles, keeps the kernels and their programmatic variants
+                self._graph_body(step)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(self.graph):
+            self._graph_body(step)
+
+    def _run_graph(self):
+        """:meth:`run` with each decode step one replay of the captured graph."""
+        if self.graph is None:
+            self._capture()
+        self.cache.reset()
+        sync(self.device)
+        t0 = time.perf_counter()
+        token = self._prefill()
+        sync(self.device)
+        t1 = time.perf_counter()
+        self.tokens[:, :1].copy_(token)
+        self.static_token.copy_(token)
+        self.static_position.fill_(self.prompt)
+        for _ in range(self.new - 1):
+            self.graph.replay()
+        sync(self.device)
+        t2 = time.perf_counter()
+        return self.tokens.clone(), t1 - t0, t2 - t1
 
     def _compile(self):
         mode = self.compile_mode
@@ -472,6 +533,7 @@ def measure(base, method: str, args, bandwidth: float, rows: list[dict]) -> None
                 torch.cuda.reset_peak_memory_stats()
             skips0 = _cudagraph_skips()
             dec = Decoder(model, batch, args.prompt, args.new, args.device, compiled=mode == "compiled")
+            dec.graph_step = "graph" in split_method(method)[1]
             t = time.perf_counter()
             tokens, _, _ = dec.run()  # warm-up: compiles, records the graphs
             warm = time.perf_counter() - t
