@@ -41,7 +41,6 @@ import contextlib
 import json
 import statistics
 import sys
-import time
 import types
 from pathlib import Path
 from unittest import mock
@@ -143,44 +142,19 @@ def apply_cuts(model, cuts: set[str]) -> int:
     return len(layers)
 
 
-# GPU cycles of the sleep that holds the GPU while the host's steps are timed: about 0.5 s, longer
-# than the host takes to issue HOST_STEPS steps.
-HOLD_CYCLES = 10**9
-HOST_STEPS = 64
-
-
-def host_ms_per_step(dec) -> float:
-    """The host's time to issue one compiled step (dynamo's guards, the CUDA graph's replay, the
-    loop's two small ops), measured with the GPU held busy so that no step waits for the GPU: the
-    step time below which a faster GPU step cannot go in this loop."""
-    dec.cache.reset()
-    with torch.no_grad():
-        token = dec.ids[:, :1].clone()
-        position = torch.tensor([dec.prompt], device="cuda")
-        torch.cuda.synchronize()
-        torch.cuda._sleep(HOLD_CYCLES)
-        start = time.perf_counter()
-        for _ in range(HOST_STEPS):
-            token = dec.step(token, position).clone()
-            position = position + 1
-        issued = time.perf_counter() - start
-        torch.cuda.synchronize()
-    return 1e3 * issued / HOST_STEPS
-
-
 def time_variant(base, method: str, cuts: set[str], args) -> dict:
     with bench_decode.launch_options(method), _kernels_cut(cuts):
         model = bench_decode.make_variant(base, method)
         apply_cuts(model, cuts)
         dec = bench_decode.Decoder(model, 1, args.prompt, args.new, "cuda", compiled=True)
+        dec.graph_step = "graph" in bench_decode.split_method(method)[1]
         dec.run()  # compiles, records the graphs
         times = [dec.run()[2] for _ in range(args.repeats)]
-        host = host_ms_per_step(dec)
         del dec, model
         torch._dynamo.reset()
         torch.cuda.empty_cache()
     step = statistics.median(times) / (args.new - 1)
-    return dict(method=method, cuts=sorted(cuts), ms_per_step=1e3 * step, tokens_per_s=1 / step, host_ms_per_step=host)
+    return dict(method=method, cuts=sorted(cuts), ms_per_step=1e3 * step, tokens_per_s=1 / step)
 
 
 def main(argv=None) -> int:
@@ -221,7 +195,7 @@ def main(argv=None) -> int:
             label = "as is" if not cut else "without " + ",".join(sorted(cut))
             print(
                 f"  {method:<36} {label:<24} {row['tokens_per_s']:8.1f} tok/s {row['ms_per_step']:.3f} ms/step"
-                f"  saves {saved:6.1f} us  host {row['host_ms_per_step']:.3f} ms/step",
+                f"  saves {saved:6.1f} us",
                 flush=True,
             )
             if args.out:
