@@ -57,7 +57,7 @@ Without either, a method runs as the environment says (both off by default).
 bf16 by default, as in transformers). ``+graph`` (compiled, CUDA) captures the compiled step in
 a ``torch.cuda.CUDAGraph`` of its own, inductor's CUDA graphs off, the graph feeding each step's
 token and position to the next: a step is one replay, without dynamo's guards and cudagraph
-trees' checks on the host, which can bound a short step (``bound_decode.py`` measures that time).
+trees' checks on the host, which can bound a short step (``bound_decode.py``'s cut steps take it).
 
 Usage::
 
