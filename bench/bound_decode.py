@@ -171,12 +171,12 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=_common.int_at_least(1), default=1)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        parser.error("needs a CUDA device: the bound is a CUDA-graph step's time")
     variants = [set()] + [set(v.split("+")) for v in args.cuts.split(",") if v]
     unknown = set().union(*variants) - set(CUTS)
     if unknown:
         parser.error(f"--cuts: unknown {sorted(unknown)} (known: {', '.join(CUTS)})")
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA device: the bound is a CUDA-graph step's time")
     base = bench_decode.build_model(args.model, "cuda", args.prompt + args.new)
     print(torch.cuda.get_device_name(), args.model, flush=True)
     rows = []
