@@ -521,7 +521,7 @@ def run_stack(model: str, bandwidth: float, fused: bool, methods=STACK_METHODS) 
         trigger = "early" if "-pdl-early" in method else "late" if "-pdl" in method else None
         with contextlib.ExitStack() as stack:
             if ours and trigger:
-                stack.enter_context(_programmatic(trigger, pre=method.endswith("-pre")))
+                stack.enter_context(bench_decode._programmatic(label, trigger, pre=method.endswith("-pre")))
             if method.endswith("-onepass"):
                 stack.enter_context(_pinned_configs(_one_pass_configs(shapes)))
             if spec:
@@ -560,23 +560,6 @@ def _stack_call(method: str, x: torch.Tensor, n: int, k: int):
     if layout is None:
         raise RuntimeError(f"{method}: no layout for {n}x{k}")
     return (lambda: kernels.int4_weight_only_linear(x, p, s, z, GROUP, None, layout)), nbytes
-
-
-@contextlib.contextmanager
-def _programmatic(trigger: str, pre: bool = False):
-    """torch_wo's Triton kernels launched programmatically with ``trigger``, as ``+pdl`` /
-    ``+pdl-early`` in ``bench_decode.py`` (``pre``: ``+pre``, the first tile dequantized before the
-    wait); the variants are dropped on the way in and out."""
-    from quantcore_torch import _triton
-
-    _triton.forget_pdl_variants()
-    saved = _triton.PDL, _triton.PDL_TRIGGER, _triton.PDL_PRE
-    _triton.PDL, _triton.PDL_TRIGGER, _triton.PDL_PRE = True, trigger, pre
-    try:
-        yield
-    finally:
-        _triton.PDL, _triton.PDL_TRIGGER, _triton.PDL_PRE = saved
-        _triton.forget_pdl_variants()
 
 
 def _one_pass_configs(shapes: list[tuple[int, int]]) -> dict:
