@@ -32,6 +32,9 @@ sys.path.insert(0, str(ROOT / "plugins" / "torch"))
 _DEBUG = re.compile(r"^\s*(\.loc|\.file|//)|^\$L__tmp\d+:|^\$L__func")
 _I8 = dict(x_ptr="*bf16", w_ptr="*i8", s_ptr="*bf16", b_ptr="*bf16", y_ptr="*bf16", N="i32", K="i32", stride_wn="i32")
 _I4 = dict(_I8, w_ptr="*u8", z_ptr="*bf16", stride_sn="i32", row_bytes="i32")
+# The interleaved int4 kernels': 32-bit words, scales and zero points in one tensor.
+_I4_INTERLEAVED = {k: v for k, v in _I4.items() if k not in ("s_ptr", "z_ptr", "row_bytes")}
+_I4_INTERLEAVED |= dict(w_ptr="*i32", sz_ptr="*bf16", zero_offset="i32", magic="i32")
 
 
 def fingerprint(ptx: str) -> str:

@@ -79,8 +79,7 @@ def main(argv=None) -> int:
         sys.exit(f"this triton ships no nvdisasm (looked for {nvdisasm_path()})")
     i8, i4 = ptx_fingerprint._I8, ptx_fingerprint._I4
     i8m, i4m = dict(i8, M="i32"), dict(i4, M="i32")
-    i4i = {k: v for k, v in i4.items() if k not in ("s_ptr", "z_ptr", "row_bytes")}
-    i4i |= dict(w_ptr="*i32", sz_ptr="*bf16", zero_offset="i32", magic="i32")
+    i4i = ptx_fingerprint._I4_INTERLEAVED
     dot = {"HAS_BIAS": False, "BLOCK_M": 16}
     gate_up = {"GATE_UP": True}
     rope = {k: v for k, v in i4i.items() if k not in ("y_ptr", "b_ptr")}

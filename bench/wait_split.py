@@ -30,10 +30,6 @@ import sass_loop
 
 _LINE = re.compile(r"/\*[0-9a-f]{4}\*/\s*(.*)")
 _LOAD_BYTES = {None: 4, "64": 8, "128": 16, "U16": 2, "16": 2, "U8": 1, "8": 1}
-_SIGNATURE = dict(
-    x_ptr="*bf16", w_ptr="*i32", sz_ptr="*bf16", b_ptr="*bf16", y_ptr="*bf16", N="i32", K="i32",
-    stride_wn="i32", stride_sn="i32", zero_offset="i32", magic="i32",
-)  # fmt: skip
 # (BLOCK_N, BLOCK_K, num_warps): the pinned 1.1B configs and the ones the nineteenth run tried.
 CONFIGS = [(2, 2048, 2), (2, 2048, 4), (4, 2048, 4), (4, 1024, 2), (8, 1024, 4), (8, 2048, 8), (16, 1024, 8)]
 
@@ -51,7 +47,7 @@ def load_bytes(lines: list[str]) -> int:
 def split(block_n: int, block_k: int, warps: int, pre: bool, arch: int, kernel) -> dict:
     """The load bytes a thread moves before and after the wait of one config's programmatic variant."""
     constexprs = dict(GROUP=128, HAS_BIAS=False, BLOCK_N=block_n, BLOCK_K=block_k, PREFETCH=False, PRE=pre)
-    asm = ptx_fingerprint.compile_kernel(kernel, _SIGNATURE, constexprs, warps, arch, 2)
+    asm = ptx_fingerprint.compile_kernel(kernel, ptx_fingerprint._I4_INTERLEAVED, constexprs, warps, arch, 2)
     lines = [m.group(1) for m in map(_LINE.search, sass_loop.disassemble(asm["cubin"]).splitlines()) if m]
     wait = next(i for i, line in enumerate(lines) if line.startswith("ACQBULK"))
     words = block_n * block_k // 8 // (32 * warps)
