@@ -344,8 +344,7 @@ class Decoder:
         sync(self.device)
         t0 = time.perf_counter()
         with torch.no_grad():
-            position = torch.arange(self.prompt, device=self.device)
-            token = self._step(self.ids, position)
+            token = self._prefill()
             sync(self.device)
             t1 = time.perf_counter()
             if self.compiled and not self.marked:
