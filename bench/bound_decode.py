@@ -93,7 +93,7 @@ def _read_only(x, words, scales_and_zeros, out_features: int):
     method's kernels are, and an unwritten output."""
     from quantcore_torch import _triton
 
-    pdl = (2 if _triton.PDL_TRIGGER == "early" else 1) if _triton.PDL else 0
+    pdl = _triton.programmatic_use_gdc() if _triton.PDL else 0
     bench_gemv.read_weight(words, scales_and_zeros, pdl)
     return x.new_empty((*x.shape[:-1], out_features))
 

@@ -1022,6 +1022,12 @@ def pdl_trigger_setting(environ=os.environ) -> str:
 PDL_TRIGGER = pdl_trigger_setting()
 
 
+def programmatic_use_gdc() -> int:
+    """The ``USE_GDC`` a programmatic variant compiles with under ``PDL_TRIGGER``: 2 (the next
+    kernel launched right after the wait) for ``early``, 1 (after the kernel's work) for ``late``."""
+    return 2 if PDL_TRIGGER == "early" else 1
+
+
 # With the early trigger, dequantizing the first tile before the wait took a compiled int4 1.1B
 # Llama's step on an H100 from 0.719-0.721 ms (the late trigger without it) to 0.693-0.695 ms, but a
 # 7B one's from 2.440 to 3.023 ms; with the late trigger it lost at 1.1B too (0.754 ms). The
@@ -1169,7 +1175,7 @@ class _Launcher:
         if torch.cuda.get_device_capability(key[0])[0] >= 9:
             try:  # the kept kernel's config: its constexprs (tail) and its compile options
                 names = self.jit.arg_names[len(args) :]
-                meta = {**dict(zip(names, hit.tail, strict=True)), "USE_GDC": 2 if PDL_TRIGGER == "early" else 1}
+                meta = {**dict(zip(names, hit.tail, strict=True)), "USE_GDC": programmatic_use_gdc()}
                 kept = hit.compiled.metadata
                 if "PRE" in names:
                     meta["PRE"] = PDL_PRE and pre_fits(meta["BLOCK_N"], meta["BLOCK_K"], kept.num_warps)

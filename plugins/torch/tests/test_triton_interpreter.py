@@ -328,6 +328,13 @@ def test_programmatic_trigger_is_late_unless_set_early(kernels):
         trigger({"QUANTCORE_TRITON_PDL_TRIGGER": "soon"})
 
 
+def test_the_trigger_picks_the_programmatic_variants_wait(kernels, monkeypatch):
+    monkeypatch.setattr(kernels, "PDL_TRIGGER", "early")
+    assert kernels.programmatic_use_gdc() == 2
+    monkeypatch.setattr(kernels, "PDL_TRIGGER", "late")
+    assert kernels.programmatic_use_gdc() == 1
+
+
 def test_dequantizing_before_the_wait_is_off_unless_asked_for(kernels):
     pre = kernels.pdl_pre_setting
     assert pre({}) is False and pre({"QUANTCORE_TRITON_PDL_PRE": "0"}) is False
