@@ -8,7 +8,10 @@ the interleaved kernel for sm_90 (Triton's ``ptxas``, no GPU), finds the wait in
 (``ACQBULK``) and adds up the bytes its global loads (``LDG``) move a thread on each side: before
 it the weight words, scales and zero points; after it, on a one-tile row, the input. Triton picks
 the tile's layout, so the input bytes a thread loads for its weight bytes depend on the config,
-not on ``BLOCK_N`` alone. Static counts of one thread's code, not a timing.
+not on ``BLOCK_N`` alone. It also gives the registers the code uses (the highest ``R`` named,
+plus one) and its spill stores (``STL``): what ``--pre`` costs a config, and why
+``QUANTCORE_TRITON_PDL_PRE`` applies only within ``_triton.PRE_WEIGHTS`` weights a thread. Static
+counts of one thread's code, not a timing.
 
 Usage (needs ``triton``)::
 
@@ -30,8 +33,11 @@ import sass_loop
 
 _LINE = re.compile(r"/\*[0-9a-f]{4}\*/\s*(.*)")
 _LOAD_BYTES = {None: 4, "64": 8, "128": 16, "U16": 2, "16": 2, "U8": 1, "8": 1}
-# (BLOCK_N, BLOCK_K, num_warps): the pinned 1.1B configs and the ones the nineteenth run tried.
+_REGISTER = re.compile(r"\bR(\d+)\b")  # RZ, the zero register, is not one of them
+# (BLOCK_N, BLOCK_K, num_warps): the pinned 1.1B configs and the ones the nineteenth run tried,
+# then 7B's pins on the H100.
 CONFIGS = [(2, 2048, 2), (2, 2048, 4), (4, 2048, 4), (4, 1024, 2), (8, 1024, 4), (8, 2048, 8), (16, 1024, 8)]
+CONFIGS += [(4, 2048, 2), (8, 1024, 1), (4, 1024, 1)]
 
 
 def load_bytes(lines: list[str]) -> int:
@@ -52,7 +58,12 @@ def split(block_n: int, block_k: int, warps: int, pre: bool, arch: int, kernel) 
     wait = next(i for i, line in enumerate(lines) if line.startswith("ACQBULK"))
     words = block_n * block_k // 8 // (32 * warps)
     before, after = load_bytes(lines[:wait]), load_bytes(lines[wait:])
-    return dict(words=words, before=before, after=after, input_per_weight_byte=after / (4 * words))
+    registers = 1 + max((int(r) for line in lines for r in _REGISTER.findall(line)), default=-1)
+    spills = sum(line.startswith("STL") for line in lines)
+    return dict(
+        words=words, before=before, after=after, input_per_weight_byte=after / (4 * words),
+        registers=registers, spill_stores=spills,
+    )  # fmt: skip
 
 
 def main(argv=None) -> int:
@@ -77,7 +88,8 @@ def main(argv=None) -> int:
         print(
             f"{config!s:16s} {row['words']:3d} words a thread ({4 * row['words']:3d} B); "
             f"loads before the wait {row['before']:4d} B, after {row['after']:4d} B: "
-            f"{row['input_per_weight_byte']:.2f} input bytes a weight byte",
+            f"{row['input_per_weight_byte']:.2f} input bytes a weight byte; "
+            f"{row['registers']} registers, {row['spill_stores']} spill stores",
             flush=True,
         )
     if args.out:

@@ -1048,7 +1048,8 @@ PDL_PRE = pdl_pre_setting()
 # takes a register a weight where its codes took one a word of eight. Offline on sm_90, with the
 # early trigger, 64 a thread (the 1.1B pins: 2x2048 on 2 warps, 8x1024 on 4) go from 67-70 to 94
 # registers; 128 (7B's 4x2048 on 2 warps, 4x1024 on 1) from 93 to 229-234, and 256 (7B's q/k/v,
-# 8x1024 on 1) from 153 to the 255 cap with 93 spill stores. That is what lost at 7B.
+# 8x1024 on 1) from 153 to 253 (the cap is 255) with 93 spill stores (python bench/wait_split.py,
+# then with --pre). That is what lost at 7B.
 PRE_WEIGHTS = 64
 
 
