@@ -47,11 +47,8 @@ the config pinned for the card (``QUANTCORE_TRITON_PINNED=0``). ``+pdl`` launche
 Triton kernels programmatically inside CUDA graphs (``QUANTCORE_TRITON_PDL``, Hopper and later;
 ``+pdl-early`` the same, each kernel letting the next launch right after its wait,
 ``QUANTCORE_TRITON_PDL_TRIGGER=early``; ``+pre`` with either, the interleaved int4 kernels
-dequantizing their first weight tile before the wait, ``QUANTCORE_TRITON_PDL_PRE=1``; ``+ahead``
-with either, the kernels whose next one is quantcore's in the fused step (q/k/v rotary, the
-attention's two, gate/up) letting it launch before their own wait, ``_triton.PDL_AHEAD``, a
-measurement switch with no environment setting: only right where o_proj and down_proj run
-quantcore's kernels, as in ``int4-torch@interleaved+glu+rope``), ``+inductor-pdl`` inductor's kernels
+dequantizing their first weight tile before the wait, ``QUANTCORE_TRITON_PDL_PRE=1``),
+``+inductor-pdl`` inductor's kernels
 (``TORCHINDUCTOR_ENABLE_PDL``); suffixes combine (``int8-torch+fused+pdl+inductor-pdl``,
 ``bf16+inductor-pdl``). ``+pdl+inductor-pdl`` is what a user gets from
 ``TORCHINDUCTOR_ENABLE_PDL=1`` (ours follow inductor's setting); each alone isolates one side.
@@ -113,7 +110,7 @@ def build_model(name: str, device: str, max_len: int):
 
 
 SUFFIXES = ("fused", "glu", "glu-down", "rope", "rope-sdpa", "attn", "autotune", "pdl", "pdl-early", "inductor-pdl")
-SUFFIXES += ("head", "pre", "graph", "ahead")
+SUFFIXES += ("head", "pre", "graph")
 # The suffixes that fold the rotary embedding into the q/k/v kernel.
 ROTARY = {"rope", "rope-sdpa"}
 # The suffixes that fuse projections, and where each runs the MLP's activation (fuse_projections' activation).
@@ -140,12 +137,11 @@ def launch_options(method: str):
             stack.enter_context(_decode_attention_for_sdpa())
         if "autotune" in suffixes:
             stack.enter_context(_autotuned())
-        for needs in ("pre", "ahead"):
-            if needs in suffixes and not suffixes & {"pdl", "pdl-early"}:
-                raise ValueError(f"{method}: +{needs} changes programmatic launches: add +pdl or +pdl-early")
+        if "pre" in suffixes and not suffixes & {"pdl", "pdl-early"}:
+            raise ValueError(f"{method}: +pre dequantizes before a programmatic launch's wait: add +pdl or +pdl-early")
         if suffixes & {"pdl", "pdl-early"}:
             trigger = "early" if "pdl-early" in suffixes else "late"
-            stack.enter_context(_programmatic(method, trigger, "pre" in suffixes, "ahead" in suffixes))
+            stack.enter_context(_programmatic(method, trigger, "pre" in suffixes))
         if "inductor-pdl" in suffixes:
             import torch._inductor.config
 
@@ -163,12 +159,10 @@ def _triton_for(what: str):
 
 
 @contextlib.contextmanager
-def _programmatic(method: str, trigger: str, pre: bool = False, ahead: bool = False):
+def _programmatic(method: str, trigger: str, pre: bool = False):
     """torch_wo's kernels launched programmatically in CUDA graphs, with ``trigger`` (``pre``: the
-    interleaved int4 kernels dequantize their first tile before the wait; ``ahead``: the kernels
-    whose next kernel is quantcore's in a fused Llama step let it launch before their wait,
-    ``_triton.PDL_AHEAD``); the variants earlier methods built (perhaps with the other trigger)
-    are dropped on the way in and out."""
+    interleaved int4 kernels dequantize their first tile before the wait); the variants earlier
+    methods built (perhaps with the other trigger) are dropped on the way in and out."""
     _triton = _triton_for(f"{method}: +pdl")
     _triton.forget_pdl_variants()
     try:
@@ -176,7 +170,6 @@ def _programmatic(method: str, trigger: str, pre: bool = False, ahead: bool = Fa
             _patched(_triton, "PDL", True),
             _patched(_triton, "PDL_TRIGGER", trigger),
             _patched(_triton, "PDL_PRE", pre),
-            _patched(_triton, "PDL_AHEAD", ahead),
         ):
             yield
     finally:

@@ -229,18 +229,11 @@ def _row_input(x_ptr, kk, K, GLU: tl.constexpr):
 # A programmatic launch's two points (see ``PDL``), by ``USE_GDC``: 0, an ordinary launch; 1, the
 # kernel waits for the one before and lets the next one launch once its own work is done; 2
 # (``PDL_TRIGGER = "early"``), it lets the next one launch as soon as its wait returns, so that the
-# next kernel's programs are resident and issue their weight loads while this one computes; 3
-# (``PDL_AHEAD``), it lets the next one launch before its own wait, so that several kernels ahead
-# may be resident and loading their weights at once. 1 and 2 keep what a kernel launched early may
-# read before its wait safe: every kernel but the one before it has completed. 3 does not (the
-# kernel two back may still run), so it is only for kernels whose next kernel reads nothing before
-# its wait but weights (quantcore's own).
+# next kernel's programs are resident and issue their weight loads while this one computes.
 @triton.jit
 def _gdc_wait(USE_GDC: tl.constexpr):
     """Wait for the kernel before to complete and flush (its outputs are this kernel's inputs)."""
     if USE_GDC:
-        if USE_GDC == 3:
-            tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
         if USE_GDC == 2:
             tl.extra.cuda.gdc_launch_dependents()
@@ -1029,21 +1022,10 @@ def pdl_trigger_setting(environ=os.environ) -> str:
 PDL_TRIGGER = pdl_trigger_setting()
 
 
-def programmatic_use_gdc(ahead: bool = False) -> int:
+def programmatic_use_gdc() -> int:
     """The ``USE_GDC`` a programmatic variant compiles with under ``PDL_TRIGGER``: 2 (the next
-    kernel launched right after the wait) for ``early``, 1 (after the kernel's work) for ``late``;
-    3 (before the wait) for a kernel whose next one is quantcore's (``ahead``) under ``PDL_AHEAD``."""
-    if ahead and PDL_AHEAD:
-        return 3
+    kernel launched right after the wait) for ``early``, 1 (after the kernel's work) for ``late``."""
     return 2 if PDL_TRIGGER == "early" else 1
-
-
-# A measurement switch, not a setting: under it the kernels whose next kernel is quantcore's in a
-# fused Llama-family decode step (the q/k/v rotary kernel, before the decode attention; its split
-# kernel, before the combine; the combine, before o_proj's; the gate/up kernel, before down_proj's)
-# let that kernel launch before their own wait (``USE_GDC`` 3). Only right for a model whose
-# o_proj and down_proj run quantcore's one-row kernels: ``bench_decode.py``'s ``+ahead``.
-PDL_AHEAD = False
 
 
 # With the early trigger, dequantizing the first tile before the wait took a compiled int4 1.1B
@@ -1114,12 +1096,11 @@ class _Launcher:
     outside graph capture (the first call with ``PDL`` on), and launched while a graph is captured.
     """
 
-    def __init__(self, kernel, pdl: bool = False, ahead: bool = False) -> None:
+    def __init__(self, kernel, pdl: bool = False) -> None:
         self.kernel = kernel
         self.compiled: dict[tuple, _Entry] = {}
         self.direct = os.environ.get("QUANTCORE_TRITON_DIRECT", "1") != "0"
         self.pdl = pdl
-        self.ahead = ahead
         _LAUNCHERS.append(self)
 
     def run_kept(self, key: tuple, args: tuple) -> bool:
@@ -1195,8 +1176,7 @@ class _Launcher:
         if torch.cuda.get_device_capability(key[0])[0] >= 9:
             try:  # the kept kernel's config: its constexprs (tail) and its compile options
                 names = self.jit.arg_names[len(args) :]
-                meta = dict(zip(names, hit.tail, strict=True))
-                meta["USE_GDC"] = programmatic_use_gdc(self.ahead or bool(meta.get("GATE_UP")))
+                meta = {**dict(zip(names, hit.tail, strict=True)), "USE_GDC": programmatic_use_gdc()}
                 kept = hit.compiled.metadata
                 if "PRE" in names:
                     meta["PRE"] = PDL_PRE and pre_fits(meta["BLOCK_N"], meta["BLOCK_K"], kept.num_warps)
@@ -1389,7 +1369,7 @@ def _int4_interleaved_launch(x, words, scales_and_zeros, group_size: int, bias, 
     return _launch_row(_INT4_INTERLEAVED, x, inputs, n, k, strides, key, constexprs, row, gate_up)
 
 
-_INT4_INTERLEAVED_ROPE = _Launcher(_int4_interleaved_rope_kernel, pdl=True, ahead=True)
+_INT4_INTERLEAVED_ROPE = _Launcher(_int4_interleaved_rope_kernel, pdl=True)
 
 
 def qkv_rope_mismatch(x, n: int, cos, sin, keys, values, position, q_features: int) -> str | None:

@@ -333,20 +333,6 @@ def test_the_trigger_picks_the_programmatic_variants_wait(kernels, monkeypatch):
     assert kernels.programmatic_use_gdc() == 2
     monkeypatch.setattr(kernels, "PDL_TRIGGER", "late")
     assert kernels.programmatic_use_gdc() == 1
-    # PDL_AHEAD (a measurement switch): before the wait, only for a kernel whose next one is ours.
-    assert kernels.programmatic_use_gdc(ahead=True) == 1
-    monkeypatch.setattr(kernels, "PDL_AHEAD", True)
-    assert kernels.programmatic_use_gdc(ahead=True) == 3 and kernels.programmatic_use_gdc() == 1
-
-
-def test_only_kernels_followed_by_ours_launch_the_next_before_their_wait(kernels):
-    # The q/k/v rotary kernel (the decode attention follows), the attention's split (its combine)
-    # and combine (o_proj's kernel in a fused step); the plain one-row kernel, whose next kernel may
-    # be anyone's, never (its gate/up variant is picked by its GATE_UP constexpr in _keep_pdl).
-    from quantcore_torch import _attention
-
-    assert kernels._INT4_INTERLEAVED_ROPE.ahead and _attention._SPLIT.ahead and _attention._COMBINE.ahead
-    assert not kernels._INT4_INTERLEAVED.ahead and not kernels._INT8.row.ahead
 
 
 def test_dequantizing_before_the_wait_is_off_unless_asked_for(kernels):
