@@ -46,8 +46,11 @@ int4 kernels at every shape, where by default the shapes ``INT4_INTERLEAVED_PINN
 the config pinned for the card (``QUANTCORE_TRITON_PINNED=0``). ``+pdl`` launches torch_wo's
 Triton kernels programmatically inside CUDA graphs (``QUANTCORE_TRITON_PDL``, Hopper and later;
 ``+pdl-early`` the same, each kernel letting the next launch right after its wait,
-``QUANTCORE_TRITON_PDL_TRIGGER=early``; ``+pre`` with either, the interleaved int4 kernels
-dequantizing their first weight tile before the wait, ``QUANTCORE_TRITON_PDL_PRE=1``),
+``QUANTCORE_TRITON_PDL_TRIGGER=early``; ``+pdl-auto`` with ``auto``, the early trigger and the
+first tile dequantized before the wait for the int4 kernels whose tile is small enough, the late
+trigger for the rest; ``+pre`` with any, the interleaved int4 kernels dequantizing their first
+weight tile before the wait, ``QUANTCORE_TRITON_PDL_PRE=1``; without it, ``+pdl`` and
+``+pdl-early`` run with ``QUANTCORE_TRITON_PDL_PRE`` unset, which under them means off),
 ``+inductor-pdl`` inductor's kernels
 (``TORCHINDUCTOR_ENABLE_PDL``); suffixes combine (``int8-torch+fused+pdl+inductor-pdl``,
 ``bf16+inductor-pdl``). ``+pdl+inductor-pdl`` is what a user gets from
@@ -109,8 +112,11 @@ def build_model(name: str, device: str, max_len: int):
     return model.eval()
 
 
-SUFFIXES = ("fused", "glu", "glu-down", "rope", "rope-sdpa", "attn", "autotune", "pdl", "pdl-early", "inductor-pdl")
+SUFFIXES = ("fused", "glu", "glu-down", "rope", "rope-sdpa", "attn", "autotune", "pdl", "pdl-early", "pdl-auto")
+SUFFIXES += ("inductor-pdl",)
 SUFFIXES += ("head", "pre", "graph")
+# The programmatic-launch suffixes and the trigger each sets (QUANTCORE_TRITON_PDL_TRIGGER).
+TRIGGERS = {"pdl": "late", "pdl-early": "early", "pdl-auto": "auto"}
 # The suffixes that fold the rotary embedding into the q/k/v kernel.
 ROTARY = {"rope", "rope-sdpa"}
 # The suffixes that fuse projections, and where each runs the MLP's activation (fuse_projections' activation).
@@ -137,11 +143,13 @@ def launch_options(method: str):
             stack.enter_context(_decode_attention_for_sdpa())
         if "autotune" in suffixes:
             stack.enter_context(_autotuned())
-        if "pre" in suffixes and not suffixes & {"pdl", "pdl-early"}:
+        triggers = suffixes & set(TRIGGERS)
+        if len(triggers) > 1:
+            raise ValueError(f"{method}: one trigger at most, got {' and '.join(sorted(triggers))}")
+        if "pre" in suffixes and not triggers:
             raise ValueError(f"{method}: +pre dequantizes before a programmatic launch's wait: add +pdl or +pdl-early")
-        if suffixes & {"pdl", "pdl-early"}:
-            trigger = "early" if "pdl-early" in suffixes else "late"
-            stack.enter_context(_programmatic(method, trigger, "pre" in suffixes))
+        if triggers:
+            stack.enter_context(_programmatic(method, TRIGGERS[triggers.pop()], "pre" in suffixes))
         if "inductor-pdl" in suffixes:
             import torch._inductor.config
 
@@ -169,7 +177,7 @@ def _programmatic(method: str, trigger: str, pre: bool = False):
         with (
             _patched(_triton, "PDL", True),
             _patched(_triton, "PDL_TRIGGER", trigger),
-            _patched(_triton, "PDL_PRE", pre),
+            _patched(_triton, "PDL_PRE", True if pre else None),
         ):
             yield
     finally:

@@ -1015,31 +1015,46 @@ PDL = pdl_setting()
 
 def pdl_trigger_setting(environ=os.environ) -> str:
     """``QUANTCORE_TRITON_PDL_TRIGGER``: where a programmatic kernel lets the next one launch,
-    ``late`` (after its weight is read and summed, the default) or ``early`` (right after its wait)."""
-    return choice("QUANTCORE_TRITON_PDL_TRIGGER", ("late", "early"), "late", environ)
+    ``late`` (after its weight is read and summed), ``early`` (right after its wait), or ``auto``
+    (the default): early, dequantizing its first tile before the wait, for an int4 kernel whose
+    first tile fits :data:`PRE_WEIGHTS` (a 1.1B-class model's), late for every other kernel."""
+    return choice("QUANTCORE_TRITON_PDL_TRIGGER", ("auto", "late", "early"), "auto", environ)
 
 
 PDL_TRIGGER = pdl_trigger_setting()
 
 
-def programmatic_use_gdc() -> int:
+def programmatic_use_gdc(small_tile: bool = False) -> int:
     """The ``USE_GDC`` a programmatic variant compiles with under ``PDL_TRIGGER``: 2 (the next
-    kernel launched right after the wait) for ``early``, 1 (after the kernel's work) for ``late``."""
+    kernel launched right after the wait) for ``early``, 1 (after the kernel's work) for ``late``;
+    under ``auto``, 2 for an interleaved int4 kernel whose first tile fits :func:`pre_fits`
+    (``small_tile``) and dequantizes before the wait (:func:`dequantizes_first`), else 1."""
+    if PDL_TRIGGER == "auto":
+        return 2 if dequantizes_first(small_tile) else 1
     return 2 if PDL_TRIGGER == "early" else 1
+
+
+def dequantizes_first(small_tile: bool) -> bool:
+    """Whether a programmatic interleaved int4 kernel dequantizes its first tile before the wait:
+    only a tile within :data:`PRE_WEIGHTS` (``small_tile``), where ``QUANTCORE_TRITON_PDL_PRE=1``
+    asks for it or, unset, under the ``auto`` trigger (which pairs it with the early trigger)."""
+    return small_tile and (PDL_PRE is True or (PDL_PRE is None and PDL_TRIGGER == "auto"))
 
 
 # With the early trigger, dequantizing the first tile before the wait took a compiled int4 1.1B
 # Llama's step on an H100 from 0.719-0.721 ms (the late trigger without it) to 0.693-0.695 ms, but a
 # 7B one's from 2.440 to 3.023 ms; with the late trigger it lost at 1.1B too (0.754 ms). The
 # dequantized tile takes eight registers a word where the codes took one, so fewer programs wait
-# beside the running kernel; 7B's pinned tiles spilled. The nineteenth run in docs/benchmarks.md:
-# opt-in, and since the twentieth only for tiles within PRE_WEIGHTS.
-def pdl_pre_setting(environ=os.environ) -> bool:
+# beside the running kernel; 7B's pinned tiles spilled. The nineteenth run in docs/benchmarks.md;
+# since the twentieth only for tiles within PRE_WEIGHTS, and since the twenty-first what the auto
+# trigger does for those tiles.
+def pdl_pre_setting(environ=os.environ) -> bool | None:
     """``QUANTCORE_TRITON_PDL_PRE``: whether a programmatic interleaved int4 kernel dequantizes its
     first weight tile before it waits (``1``), leaving only the input's products after the wait,
-    where the tile fits :data:`PRE_WEIGHTS` (:func:`pre_fits`); off by default (its sums round
-    otherwise than the plain launch's, and it pays only beside ``QUANTCORE_TRITON_PDL_TRIGGER=early``)."""
-    return _switch(environ, "QUANTCORE_TRITON_PDL_PRE") is True
+    where the tile fits :data:`PRE_WEIGHTS` (:func:`pre_fits`); ``0`` never; unset (``None``), as
+    the trigger says: under ``auto`` yes, under ``late`` or ``early`` no. Its sums round otherwise
+    than the plain launch's (a captured graph's logits differ from eager ones in the last bits)."""
+    return _switch(environ, "QUANTCORE_TRITON_PDL_PRE")
 
 
 PDL_PRE = pdl_pre_setting()
@@ -1176,10 +1191,12 @@ class _Launcher:
         if torch.cuda.get_device_capability(key[0])[0] >= 9:
             try:  # the kept kernel's config: its constexprs (tail) and its compile options
                 names = self.jit.arg_names[len(args) :]
-                meta = {**dict(zip(names, hit.tail, strict=True)), "USE_GDC": programmatic_use_gdc()}
+                meta = dict(zip(names, hit.tail, strict=True))
                 kept = hit.compiled.metadata
+                small = "PRE" in names and pre_fits(meta["BLOCK_N"], meta["BLOCK_K"], kept.num_warps)
+                meta["USE_GDC"] = programmatic_use_gdc(small)
                 if "PRE" in names:
-                    meta["PRE"] = PDL_PRE and pre_fits(meta["BLOCK_N"], meta["BLOCK_K"], kept.num_warps)
+                    meta["PRE"] = dequantizes_first(small)
                 options = {"num_warps": kept.num_warps, "num_stages": kept.num_stages, "launch_pdl": True}
                 compiled = self.jit.warmup(*args, grid=(hit.grid0, hit.grid1), **meta, **options)
                 variant = (_ready(compiled), self._tail(meta, args))

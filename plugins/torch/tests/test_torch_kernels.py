@@ -286,7 +286,7 @@ def test_programmatic_launches_in_a_graph_give_the_same_bits(kernel, trigger):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("trigger", ["late", "early"])
+@pytest.mark.parametrize("trigger", ["late", "early", "auto"])
 @pytest.mark.parametrize(("pin", "pre"), [((8, 1024, 4, False), True), ((4, 2048, 2, False), False)])
 def test_programmatic_launches_dequantizing_before_the_wait(trigger, pin, pre):
     # QUANTCORE_TRITON_PDL_PRE: the programmatic interleaved kernel dequantizes its first weight
@@ -294,7 +294,9 @@ def test_programmatic_launches_dequantizing_before_the_wait(trigger, pin, pre):
     # (the plain launch), so the replays are compared within bf16's rounding over 12 layers; a read
     # of the input before the wait would give other numbers altogether. Two tiles a row (K = 2048
     # on a 1024-wide tile) take the loop after the first tile too. A tile of 128 weights a thread
-    # (4 x 2048 on 2 warps) is past PRE_WEIGHTS: its variant launches without PRE.
+    # (4 x 2048 on 2 warps) is past PRE_WEIGHTS: its variant launches without PRE. The auto trigger
+    # (PDL_PRE unset) pairs the early trigger with PRE for the small tile, the late one without it
+    # for the large.
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("programmatic dependent launch needs Hopper or later")
     triton_mod = kernels._TRITON
@@ -308,7 +310,7 @@ def test_programmatic_launches_dequantizing_before_the_wait(trigger, pin, pre):
             patch.setattr(triton_mod, "INT4_INTERLEAVED_PINNED", pins)
             patch.setattr(triton_mod, "PDL", True)
             patch.setattr(triton_mod, "PDL_TRIGGER", trigger)
-            patch.setattr(triton_mod, "PDL_PRE", True)
+            patch.setattr(triton_mod, "PDL_PRE", None if trigger == "auto" else True)
             launcher.compiled.clear()  # the pinned two-tile config, not one kept or tuned before
             launcher.kernel.cache.clear()
             triton_mod.forget_pdl_variants()
@@ -319,6 +321,8 @@ def test_programmatic_launches_dequantizing_before_the_wait(trigger, pin, pre):
                 tail, plain = entry.pdl[1], entry.tail
                 assert tail[names.index("PRE") - len(names)] is pre
                 assert plain[names.index("PRE") - len(names)] is False
+                use_gdc = {"late": 1, "early": 2, "auto": 2 if pre else 1}[trigger]
+                assert tail[names.index("USE_GDC") - len(names)] == use_gdc
             assert {entry.tail[names.index("BLOCK_K") - len(names)] for entry in launcher.compiled.values()} == {pin[1]}
             _assert_replays_match_eager(run, x, launches, CHAIN, exact=False)
     finally:  # the next test tunes and keeps its own config, with the setting as it was

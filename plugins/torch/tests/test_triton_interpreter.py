@@ -320,25 +320,45 @@ def test_programmatic_launch_follows_inductors_setting_unless_overridden(kernels
         setting({"QUANTCORE_TRITON_PDL": "yes"})
 
 
-def test_programmatic_trigger_is_late_unless_set_early(kernels):
+def test_programmatic_trigger_is_auto_unless_set(kernels):
     trigger = kernels.pdl_trigger_setting
-    assert trigger({}) == "late" and trigger({"QUANTCORE_TRITON_PDL_TRIGGER": " "}) == "late"
+    assert trigger({}) == "auto" and trigger({"QUANTCORE_TRITON_PDL_TRIGGER": " "}) == "auto"
     assert trigger({"QUANTCORE_TRITON_PDL_TRIGGER": "early"}) == "early"
-    with pytest.raises(ValueError, match="QUANTCORE_TRITON_PDL_TRIGGER must be late or early, got 'soon'"):
+    assert trigger({"QUANTCORE_TRITON_PDL_TRIGGER": "late"}) == "late"
+    with pytest.raises(ValueError, match="QUANTCORE_TRITON_PDL_TRIGGER must be one of auto, late, early, got 'soon'"):
         trigger({"QUANTCORE_TRITON_PDL_TRIGGER": "soon"})
 
 
 def test_the_trigger_picks_the_programmatic_variants_wait(kernels, monkeypatch):
+    monkeypatch.setattr(kernels, "PDL_PRE", None)
     monkeypatch.setattr(kernels, "PDL_TRIGGER", "early")
-    assert kernels.programmatic_use_gdc() == 2
+    assert kernels.programmatic_use_gdc() == 2 and kernels.programmatic_use_gdc(small_tile=True) == 2
     monkeypatch.setattr(kernels, "PDL_TRIGGER", "late")
-    assert kernels.programmatic_use_gdc() == 1
+    assert kernels.programmatic_use_gdc() == 1 and kernels.programmatic_use_gdc(small_tile=True) == 1
+    # auto: the early trigger only beside a first tile dequantized before the wait (a small int4
+    # tile: 1.1B's pins), the late one for the rest (7B's pins, the attention's and int8's kernels).
+    monkeypatch.setattr(kernels, "PDL_TRIGGER", "auto")
+    assert kernels.programmatic_use_gdc(small_tile=True) == 2 and kernels.programmatic_use_gdc() == 1
+    monkeypatch.setattr(kernels, "PDL_PRE", False)  # without the tile before the wait, early never paid
+    assert kernels.programmatic_use_gdc(small_tile=True) == 1
 
 
-def test_dequantizing_before_the_wait_is_off_unless_asked_for(kernels):
+@pytest.mark.parametrize(
+    ("trigger", "pre", "dequantizes"),
+    [("auto", None, True), ("auto", True, True), ("auto", False, False), ("early", None, False),
+     ("early", True, True), ("late", None, False), ("late", True, True)],
+)  # fmt: skip
+def test_the_first_tile_dequantized_as_the_settings_say(kernels, monkeypatch, trigger, pre, dequantizes):
+    monkeypatch.setattr(kernels, "PDL_TRIGGER", trigger)
+    monkeypatch.setattr(kernels, "PDL_PRE", pre)
+    assert kernels.dequantizes_first(True) is dequantizes
+    assert kernels.dequantizes_first(False) is False  # a tile past PRE_WEIGHTS never
+
+
+def test_dequantizing_before_the_wait_follows_the_trigger_unless_set(kernels):
     pre = kernels.pdl_pre_setting
-    assert pre({}) is False and pre({"QUANTCORE_TRITON_PDL_PRE": "0"}) is False
-    assert pre({"QUANTCORE_TRITON_PDL_PRE": "1"}) is True
+    assert pre({}) is None and pre({"QUANTCORE_TRITON_PDL_PRE": " "}) is None
+    assert pre({"QUANTCORE_TRITON_PDL_PRE": "0"}) is False and pre({"QUANTCORE_TRITON_PDL_PRE": "1"}) is True
     with pytest.raises(ValueError, match="QUANTCORE_TRITON_PDL_PRE must be 0 or 1, got 'on'"):
         pre({"QUANTCORE_TRITON_PDL_PRE": "on"})
 
