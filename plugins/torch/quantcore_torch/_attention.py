@@ -123,8 +123,8 @@ def _decode_attention_combine_kernel(
 # Both launch programmatically in a captured graph where ``_triton.PDL`` is on (no weights to load
 # early: what they gain is their launch, hidden behind the kernel before, and the o projection's
 # weight loads issued during the combine).
-_SPLIT = _Launcher(_decode_attention_split_kernel, pdl=True)
-_COMBINE = _Launcher(_decode_attention_combine_kernel, pdl=True)
+_SPLIT = _Launcher(_decode_attention_split_kernel, pdl=True, auto_early=True)
+_COMBINE = _Launcher(_decode_attention_combine_kernel, pdl=True, auto_early=True)
 
 
 def decode_attention_mismatch(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask) -> str | None:

@@ -1017,21 +1017,31 @@ def pdl_trigger_setting(environ=os.environ) -> str:
     """``QUANTCORE_TRITON_PDL_TRIGGER``: where a programmatic kernel lets the next one launch,
     ``late`` (after its weight is read and summed), ``early`` (right after its wait), or ``auto``
     (the default): early, dequantizing its first tile before the wait, for an int4 kernel whose
-    first tile fits :data:`PRE_WEIGHTS` (a 1.1B-class model's), late for every other kernel."""
+    first tile fits :data:`PRE_WEIGHTS` (a 1.1B-class model's), early for the decode attention's,
+    late for every other kernel (:func:`programmatic_choice`)."""
     return choice("QUANTCORE_TRITON_PDL_TRIGGER", ("auto", "late", "early"), "auto", environ)
 
 
 PDL_TRIGGER = pdl_trigger_setting()
 
 
-def programmatic_use_gdc(small_tile: bool = False) -> int:
+def programmatic_use_gdc(early_under_auto: bool = False) -> int:
     """The ``USE_GDC`` a programmatic variant compiles with under ``PDL_TRIGGER``: 2 (the next
     kernel launched right after the wait) for ``early``, 1 (after the kernel's work) for ``late``;
-    under ``auto``, 2 for an interleaved int4 kernel whose first tile fits :func:`pre_fits`
-    (``small_tile``) and dequantizes before the wait (:func:`dequantizes_first`), else 1."""
+    under ``auto``, 2 where ``early_under_auto`` (see :func:`programmatic_choice`), else 1."""
     if PDL_TRIGGER == "auto":
-        return 2 if dequantizes_first(small_tile) else 1
+        return 2 if early_under_auto else 1
     return 2 if PDL_TRIGGER == "early" else 1
+
+
+def programmatic_choice(small_tile: bool, auto_early: bool = False) -> tuple[int, bool]:
+    """A programmatic variant's ``USE_GDC`` and ``PRE``: ``small_tile``, an interleaved int4
+    config whose first tile fits :func:`pre_fits`; ``auto_early``, a kernel that triggers early
+    under ``auto`` whatever its tile (the decode attention's: 1.1B's step took 0.712-0.713 ms with
+    them late, 0.686-0.687 early, the int4 kernels early with ``PRE`` both times; twenty-first
+    run). Under ``auto`` an int4 kernel triggers early where it dequantizes before the wait."""
+    pre = dequantizes_first(small_tile)
+    return programmatic_use_gdc(auto_early or pre), pre
 
 
 def dequantizes_first(small_tile: bool) -> bool:
@@ -1111,11 +1121,12 @@ class _Launcher:
     outside graph capture (the first call with ``PDL`` on), and launched while a graph is captured.
     """
 
-    def __init__(self, kernel, pdl: bool = False) -> None:
+    def __init__(self, kernel, pdl: bool = False, auto_early: bool = False) -> None:
         self.kernel = kernel
         self.compiled: dict[tuple, _Entry] = {}
         self.direct = os.environ.get("QUANTCORE_TRITON_DIRECT", "1") != "0"
         self.pdl = pdl
+        self.auto_early = auto_early
         _LAUNCHERS.append(self)
 
     def run_kept(self, key: tuple, args: tuple) -> bool:
@@ -1194,9 +1205,9 @@ class _Launcher:
                 meta = dict(zip(names, hit.tail, strict=True))
                 kept = hit.compiled.metadata
                 small = "PRE" in names and pre_fits(meta["BLOCK_N"], meta["BLOCK_K"], kept.num_warps)
-                meta["USE_GDC"] = programmatic_use_gdc(small)
+                meta["USE_GDC"], pre = programmatic_choice(small, self.auto_early)
                 if "PRE" in names:
-                    meta["PRE"] = dequantizes_first(small)
+                    meta["PRE"] = pre
                 options = {"num_warps": kept.num_warps, "num_stages": kept.num_stages, "launch_pdl": True}
                 compiled = self.jit.warmup(*args, grid=(hit.grid0, hit.grid1), **meta, **options)
                 variant = (_ready(compiled), self._tail(meta, args))

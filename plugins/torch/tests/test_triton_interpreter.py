@@ -332,15 +332,24 @@ def test_programmatic_trigger_is_auto_unless_set(kernels):
 def test_the_trigger_picks_the_programmatic_variants_wait(kernels, monkeypatch):
     monkeypatch.setattr(kernels, "PDL_PRE", None)
     monkeypatch.setattr(kernels, "PDL_TRIGGER", "early")
-    assert kernels.programmatic_use_gdc() == 2 and kernels.programmatic_use_gdc(small_tile=True) == 2
+    assert kernels.programmatic_use_gdc() == 2 and kernels.programmatic_use_gdc(True) == 2
     monkeypatch.setattr(kernels, "PDL_TRIGGER", "late")
-    assert kernels.programmatic_use_gdc() == 1 and kernels.programmatic_use_gdc(small_tile=True) == 1
-    # auto: the early trigger only beside a first tile dequantized before the wait (a small int4
-    # tile: 1.1B's pins), the late one for the rest (7B's pins, the attention's and int8's kernels).
+    assert kernels.programmatic_use_gdc() == 1 and kernels.programmatic_use_gdc(True) == 1
+    # auto: the early trigger beside a first tile dequantized before the wait (a small int4 tile:
+    # 1.1B's pins) and for the decode attention's kernels, the late one for the rest (7B's pins,
+    # int8's kernels).
     monkeypatch.setattr(kernels, "PDL_TRIGGER", "auto")
-    assert kernels.programmatic_use_gdc(small_tile=True) == 2 and kernels.programmatic_use_gdc() == 1
+    choice = kernels.programmatic_choice
+    assert choice(small_tile=True) == (2, True) and choice(small_tile=False) == (1, False)
+    assert choice(small_tile=False, auto_early=True) == (2, False)
     monkeypatch.setattr(kernels, "PDL_PRE", False)  # without the tile before the wait, early never paid
-    assert kernels.programmatic_use_gdc(small_tile=True) == 1
+    assert choice(small_tile=True) == (1, False) and choice(small_tile=True, auto_early=True) == (2, False)
+    monkeypatch.setattr(kernels, "PDL_TRIGGER", "late")  # an explicit trigger holds for every kernel
+    assert choice(small_tile=True, auto_early=True) == (1, False)
+    from quantcore_torch import _attention
+
+    assert _attention._SPLIT.auto_early and _attention._COMBINE.auto_early
+    assert not kernels._INT4_INTERLEAVED.auto_early and not kernels._INT4_INTERLEAVED_ROPE.auto_early
 
 
 @pytest.mark.parametrize(
