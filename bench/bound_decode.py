@@ -12,7 +12,8 @@ is and with parts of every decoder layer taken out, timed in one process:
 - ``linears``: every interleaved int4 linear (plain, gate/up, q/k/v with the rotary epilogue) a
   kernel that only reads its weight's bytes (codes, then scales and zero points, one launch:
   ``bench_gemv.read_weight``) and returns an unwritten output, launched as the method launches its
-  kernels (``+pdl``, ``+pdl-early``); the q/k/v one writes no cache. What the step would take if
+  kernels (``+pdl``, ``+pdl-early``; ``+pdl-auto``: late, the read kernel has no tile to
+  dequantize); the q/k/v one writes no cache. What the step would take if
   every linear cost only its bytes, at the read kernel's bandwidth: the bound of any design with
   a kernel a linear.
 - ``adds``: each layer's two residual adds skipped (the layer returns its MLP's output); with

@@ -1013,6 +1013,10 @@ def pdl_setting(environ=os.environ) -> bool:
 PDL = pdl_setting()
 
 
+# One trigger everywhere had a best per model size: early with the first tile dequantized before
+# the wait at 1.1B (1,453.8 against 1,403.0 tok/s late), late at 7B (422.5 against 407.8 early;
+# twentieth run). auto picks per kernel and matched each: 1.1B 1,467.7 against 1,468.0, 7B 420.1
+# against 415.8 late (twenty-first run, H100, the step in its own CUDA graph).
 def pdl_trigger_setting(environ=os.environ) -> str:
     """``QUANTCORE_TRITON_PDL_TRIGGER``: where a programmatic kernel lets the next one launch,
     ``late`` (after its weight is read and summed), ``early`` (right after its wait), or ``auto``
