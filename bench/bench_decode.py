@@ -147,7 +147,8 @@ def launch_options(method: str):
         if len(triggers) > 1:
             raise ValueError(f"{method}: one trigger at most, got {' and '.join(sorted(triggers))}")
         if "pre" in suffixes and not triggers:
-            raise ValueError(f"{method}: +pre dequantizes before a programmatic launch's wait: add +pdl or +pdl-early")
+            names = " or ".join(f"+{t}" for t in TRIGGERS)
+            raise ValueError(f"{method}: +pre dequantizes before a programmatic launch's wait: add {names}")
         if triggers:
             stack.enter_context(_programmatic(method, TRIGGERS[triggers.pop()], "pre" in suffixes))
         if "inductor-pdl" in suffixes:

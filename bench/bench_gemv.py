@@ -518,7 +518,7 @@ def run_stack(model: str, bandwidth: float, fused: bool, methods=STACK_METHODS) 
                 calls.append(made[n, k][0])
                 nbytes += made[n, k][1]
         ours = method.startswith("int4-interleaved")  # the read stacks launch themselves
-        trigger = "early" if "-pdl-early" in method else "late" if "-pdl" in method else None
+        trigger = _trigger(method)
         with contextlib.ExitStack() as stack:
             if ours and trigger:
                 stack.enter_context(bench_decode._programmatic(label, trigger, pre=method.endswith("-pre")))
@@ -535,6 +535,12 @@ def run_stack(model: str, bandwidth: float, fused: bool, methods=STACK_METHODS) 
     return result
 
 
+def _trigger(method: str) -> str | None:
+    """A stack method's programmatic trigger: ``early`` (``-pdl-early``), ``late`` (``-pdl``), or
+    ``None`` (ordinary launches)."""
+    return "early" if "-pdl-early" in method else "late" if "-pdl" in method else None
+
+
 def _stack_call(method: str, x: torch.Tensor, n: int, k: int):
     """A stack's call of ``method`` on a fresh random ``n x k`` weight, and the bytes it reads."""
     from quantcore_torch import kernels
@@ -549,7 +555,7 @@ def _stack_call(method: str, x: torch.Tensor, n: int, k: int):
     p, s, z = quantize_int4(w, GROUP)
     nbytes = tensor_bytes(p, s, z)
     if method.startswith("read"):  # the int4 bytes, read (and with -x, -math, a part of the work)
-        pdl = 2 if "-pdl-early" in method else 1 if "-pdl" in method else 0
+        pdl = {None: 0, "late": 1, "early": 2}[_trigger(method)]
         return read_call(nbytes, pdl, x, "-x-" in method, "-math-" in method), nbytes
     if method == "int4-triton":
         return (lambda: kernels._TRITON.int4_mm(x, p, s, z, GROUP, None)), nbytes

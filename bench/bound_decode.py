@@ -89,29 +89,28 @@ def _layer_without_adds(self, hidden_states, **kwargs):
     return self.mlp(self.post_attention_layernorm(attended))
 
 
-def _read_only(x, words, scales_and_zeros, out_features: int):
-    """A linear that costs only its weight's bytes: the read kernel over them, launched as the
-    method's kernels are, and an unwritten output."""
-    from quantcore_torch import _triton
-
-    pdl = _triton.programmatic_use_gdc() if _triton.PDL else 0
+def _read_only(x, words, scales_and_zeros, out_features: int, pdl: int):
+    """A linear that costs only its weight's bytes: the read kernel over them, launched with
+    ``pdl`` (its ``USE_GDC``, as the method's kernels launch), and an unwritten output."""
     bench_gemv.read_weight(words, scales_and_zeros, pdl)
     return x.new_empty((*x.shape[:-1], out_features))
 
 
 @contextlib.contextmanager
 def _kernels_cut(cuts: set[str]):
-    """The process-wide cuts (``linears``, ``attention``) while the variant runs: quantcore_torch's
+    """The process-wide cuts (``linears``, ``attention``) while the variant runs (inside its
+    ``launch_options``, whose programmatic settings the read kernels take): quantcore_torch's
     launch functions, which its custom ops call, swapped out and put back."""
     with contextlib.ExitStack() as stack:
         if "linears" in cuts:
-            from quantcore_torch import _triton
+            _triton = bench_decode._triton_for("--cuts linears")
+            pdl = _triton.programmatic_use_gdc() if _triton.PDL else 0
 
             def plain(x, words, sz, group_size, bias, gate_up=False):
-                return _read_only(x, words, sz, words.shape[0] // 2 if gate_up else words.shape[0])
+                return _read_only(x, words, sz, words.shape[0] // 2 if gate_up else words.shape[0], pdl)
 
             def rope(x, words, sz, group_size, bias, cos, sin, keys, values, position, q_features):
-                return _read_only(x, words, sz, q_features)
+                return _read_only(x, words, sz, q_features, pdl)
 
             stack.enter_context(mock.patch.object(_triton, "_int4_interleaved_launch", plain))
             stack.enter_context(mock.patch.object(_triton, "_int4_interleaved_rope_launch", rope))
