@@ -23,7 +23,10 @@ loads, one word out a program); ``read-pdl`` launches it programmatically (loads
 waits on the kernel before, the next launched once its work is done, as torch_wo's ``+pdl``);
 ``read-pdl-early`` launches the next at once; ``read-x-pdl-early``, ``read-math-pdl-early`` and
 ``read-x-math-pdl-early`` add, after the wait, the input's loads, the int4 arithmetic, or both, and
-a reduction (``_read_kernel``'s probes): what each part of the kernels' work costs.
+a reduction (``_read_kernel``'s probes): what each part of the kernels' work costs. ``-x4-`` and
+``-x16-`` (``read-x4-pdl-early``) load the input with the same instructions over a quarter or a
+sixteenth of the bytes: whether the input's cost is its bytes (programs of more rows would cut
+it) or one round trip after the wait (they would not).
 ``int4-interleaved-pdl`` and ``-pdl-early`` are torch_wo's kernels launched as ``+pdl`` and
 ``+pdl-early``; ``-pdl-early-onepass`` pins them to configs that load a row's whole weight in one
 tile; ``-pre`` (after ``-pdl`` or ``-pdl-early``)
@@ -46,6 +49,7 @@ import contextlib
 import functools
 import json
 import operator
+import re
 import sys
 from pathlib import Path
 
@@ -72,7 +76,7 @@ if triton is not None:
     def _read_kernel(
         src, pairs, out, NUMEL, PAIRS, magic, c,
         BLOCK: tl.constexpr, USE_GDC: tl.constexpr, INPUT: tl.constexpr = False, MATH: tl.constexpr = False,
-        src2=None, NUMEL2=0, SECOND: tl.constexpr = False,
+        src2=None, NUMEL2=0, SECOND: tl.constexpr = False, SHARE: tl.constexpr = 0,
     ):  # fmt: skip
         """Read ``src``'s words, one program a block, and store their XOR (so the loads stay).
         ``USE_GDC``: 1, launched programmatically, the next kernel launched once this one's work is
@@ -84,7 +88,9 @@ if triton is not None:
         neighbour's, coalesced; ``PAIRS`` a power of two), ``MATH``, the interleaved kernel's
         arithmetic on each word (three rotations, eight LOP3s, eight multiply-adds) against those
         values or the run-time constant ``c``. Their sums are reduced across the program, one float
-        stored in place of the XOR. ``SECOND``: the programs past ``src``'s read ``src2``'s
+        stored in place of the XOR. ``SHARE``: the input's loads stay the same instructions, but
+        cover a ``2 ** SHARE``-th of the bytes (a program's words share each pair, as ``2 ** SHARE``
+        times the rows of a program would share the input). ``SECOND``: the programs past ``src``'s read ``src2``'s
         ``NUMEL2`` words (a weight's codes, then its scales and zero points, in one launch)."""
         if USE_GDC == 2:
             tl.extra.cuda.gdc_launch_dependents()
@@ -103,7 +109,8 @@ if triton is not None:
         if INPUT or MATH:
             word = words.to(tl.uint32, bitcast=True)
             if INPUT:
-                at = offs & (PAIRS - 1)  # no division
+                window = BLOCK >> SHARE  # the program's pairs: contiguous, so loads stay 16 bytes
+                at = (tl.program_id(0) * window + (tl.arange(0, BLOCK) & (window - 1))) & (PAIRS - 1)
                 a = tl.load(pairs + at)  # contiguous, as the word's own load: 16-byte loads
                 b = tl.load(pairs + (at ^ 1))
                 x0, x1 = (a << 16).to(tl.float32, bitcast=True), (a & -65536).to(tl.float32, bitcast=True)
@@ -132,11 +139,16 @@ if triton is not None:
             tl.extra.cuda.gdc_launch_dependents()
 
 
-def read_call(nbytes: int, pdl: int, x: torch.Tensor | None = None, input_loads: bool = False, math: bool = False):
+def read_call(
+    nbytes: int, pdl: int, x: torch.Tensor | None = None, input_loads: bool = False, math: bool = False, share: int = 0
+):
     """A zero-argument call that reads ``nbytes`` of fresh memory with the read kernel (``pdl``:
     its ``USE_GDC``), as a kernel a linear would read its weight and nothing more; or, a probe,
     with a part of an int4 kernel's work after the wait: ``input_loads`` from ``x`` (a bf16 row,
-    4-byte aligned), the arithmetic (``math``), or both. A plain read's call has a ``check``."""
+    4-byte aligned; ``share``: the kernel's ``SHARE``), the arithmetic (``math``), or both. A
+    plain read's call has a ``check``."""
+    if share and not input_loads:
+        raise ValueError("share applies to the input's loads")
     if triton is None:
         raise RuntimeError("the read stacks need Triton")
     src = torch.randint(-(2**31), 2**31 - 1, (nbytes // 4,), dtype=torch.int32, device="cuda")
@@ -150,7 +162,7 @@ def read_call(nbytes: int, pdl: int, x: torch.Tensor | None = None, input_loads:
     def call():
         _read_kernel[(programs,)](
             src, pairs, out, src.numel(), power, INT4_MAGIC, 0.5,
-            BLOCK=READ_BLOCK, USE_GDC=pdl, INPUT=input_loads, MATH=math, num_warps=4, **options,
+            BLOCK=READ_BLOCK, USE_GDC=pdl, INPUT=input_loads, MATH=math, SHARE=share, num_warps=4, **options,
         )  # fmt: skip
 
     def check() -> None:
@@ -493,6 +505,8 @@ STACK_METHODS = (
     "read-pdl-early",
     "read-pdl-early-l2",
     "read-x-pdl-early",
+    "read-x4-pdl-early",
+    "read-x16-pdl-early",
     "read-math-pdl-early",
     "read-x-math-pdl-early",
 )
@@ -541,6 +555,18 @@ def _trigger(method: str) -> str | None:
     return "early" if "-pdl-early" in method else "late" if "-pdl" in method else None
 
 
+def _input_share(method: str) -> int | None:
+    """A read stack's input loads: ``None`` without them (no ``-x``), else the read kernel's
+    ``SHARE``: ``-x-`` 0, ``-x4-`` 2 (a quarter of the input's bytes), ``-x16-`` 4."""
+    found = re.search(r"-x(\d*)-", method)
+    if found is None:
+        return None
+    ways = int(found[1] or 1)
+    if ways & (ways - 1) or ways > READ_BLOCK:
+        raise ValueError(f"{method}: -x takes a power of two up to {READ_BLOCK}, got {ways}")
+    return ways.bit_length() - 1
+
+
 def _stack_call(method: str, x: torch.Tensor, n: int, k: int):
     """A stack's call of ``method`` on a fresh random ``n x k`` weight, and the bytes it reads."""
     from quantcore_torch import kernels
@@ -556,7 +582,8 @@ def _stack_call(method: str, x: torch.Tensor, n: int, k: int):
     nbytes = tensor_bytes(p, s, z)
     if method.startswith("read"):  # the int4 bytes, read (and with -x, -math, a part of the work)
         pdl = {None: 0, "late": 1, "early": 2}[_trigger(method)]
-        return read_call(nbytes, pdl, x, "-x-" in method, "-math-" in method), nbytes
+        share = _input_share(method)
+        return read_call(nbytes, pdl, x, share is not None, "-math-" in method, share or 0), nbytes
     if method == "int4-triton":
         return (lambda: kernels._TRITON.int4_mm(x, p, s, z, GROUP, None)), nbytes
     if method == "int4-tinygemm":
