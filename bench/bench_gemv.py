@@ -26,8 +26,7 @@ waits on the kernel before, the next launched once its work is done, as torch_wo
 a reduction (``_read_kernel``'s probes): what each part of the kernels' work costs. ``-x4-`` and
 ``-x16-`` (``read-x4-pdl-early``) load the input with the same instructions over a quarter or a
 sixteenth of the bytes: whether the input's cost is its bytes (programs of more rows would cut
-it) or one round trip after the wait (they would not). ``-xs-`` has every program load the same
-input, from the row's start, as the programs of a linear do.
+it) or one round trip after the wait (they would not).
 ``int4-interleaved-pdl`` and ``-pdl-early`` are torch_wo's kernels launched as ``+pdl`` and
 ``+pdl-early``; ``-pdl-early-onepass`` pins them to configs that load a row's whole weight in one
 tile; ``-pre`` (after ``-pdl`` or ``-pdl-early``)
@@ -77,7 +76,7 @@ if triton is not None:
     def _read_kernel(
         src, pairs, out, NUMEL, PAIRS, magic, c,
         BLOCK: tl.constexpr, USE_GDC: tl.constexpr, INPUT: tl.constexpr = False, MATH: tl.constexpr = False,
-        src2=None, NUMEL2=0, SECOND: tl.constexpr = False, SHARE: tl.constexpr = 0, SAME: tl.constexpr = False,
+        src2=None, NUMEL2=0, SECOND: tl.constexpr = False, SHARE: tl.constexpr = 0,
     ):  # fmt: skip
         """Read ``src``'s words, one program a block, and store their XOR (so the loads stay).
         ``USE_GDC``: 1, launched programmatically, the next kernel launched once this one's work is
@@ -91,10 +90,8 @@ if triton is not None:
         values or the run-time constant ``c``. Their sums are reduced across the program, one float
         stored in place of the XOR. ``SHARE``: the input's loads stay the same instructions, but
         cover a ``2 ** SHARE``-th of the bytes (a program's words share each pair, as ``2 ** SHARE``
-        times the rows of a program would share the input). ``SAME``: every program loads the same
-        pairs, from the row's start, as every program of a linear loads the same input.
-        ``SECOND``: the programs past ``src``'s read ``src2``'s ``NUMEL2`` words (a weight's codes,
-        then its scales and zero points, in one launch)."""
+        times the rows of a program would share the input). ``SECOND``: the programs past ``src``'s read ``src2``'s
+        ``NUMEL2`` words (a weight's codes, then its scales and zero points, in one launch)."""
         if USE_GDC == 2:
             tl.extra.cuda.gdc_launch_dependents()
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -113,8 +110,7 @@ if triton is not None:
             word = words.to(tl.uint32, bitcast=True)
             if INPUT:
                 window = BLOCK >> SHARE  # the program's pairs: contiguous, so loads stay 16 bytes
-                first = 0 if SAME else tl.program_id(0) * window
-                at = (first + (tl.arange(0, BLOCK) & (window - 1))) & (PAIRS - 1)
+                at = (tl.program_id(0) * window + (tl.arange(0, BLOCK) & (window - 1))) & (PAIRS - 1)
                 a = tl.load(pairs + at)  # contiguous, as the word's own load: 16-byte loads
                 b = tl.load(pairs + (at ^ 1))
                 x0, x1 = (a << 16).to(tl.float32, bitcast=True), (a & -65536).to(tl.float32, bitcast=True)
@@ -144,21 +140,15 @@ if triton is not None:
 
 
 def read_call(
-    nbytes: int,
-    pdl: int,
-    x: torch.Tensor | None = None,
-    input_loads: bool = False,
-    math: bool = False,
-    share: int = 0,
-    same: bool = False,
+    nbytes: int, pdl: int, x: torch.Tensor | None = None, input_loads: bool = False, math: bool = False, share: int = 0
 ):
     """A zero-argument call that reads ``nbytes`` of fresh memory with the read kernel (``pdl``:
     its ``USE_GDC``), as a kernel a linear would read its weight and nothing more; or, a probe,
     with a part of an int4 kernel's work after the wait: ``input_loads`` from ``x`` (a bf16 row,
-    4-byte aligned; ``share``, ``same``: the kernel's ``SHARE``, ``SAME``), the arithmetic
-    (``math``), or both. A plain read's call has a ``check``."""
-    if (share or same) and not input_loads:
-        raise ValueError("share and same apply to the input's loads")
+    4-byte aligned; ``share``: the kernel's ``SHARE``), the arithmetic (``math``), or both. A
+    plain read's call has a ``check``."""
+    if share and not input_loads:
+        raise ValueError("share applies to the input's loads")
     if triton is None:
         raise RuntimeError("the read stacks need Triton")
     src = torch.randint(-(2**31), 2**31 - 1, (nbytes // 4,), dtype=torch.int32, device="cuda")
@@ -172,8 +162,7 @@ def read_call(
     def call():
         _read_kernel[(programs,)](
             src, pairs, out, src.numel(), power, INT4_MAGIC, 0.5,
-            BLOCK=READ_BLOCK, USE_GDC=pdl, INPUT=input_loads, MATH=math, SHARE=share, SAME=same,
-            num_warps=4, **options,
+            BLOCK=READ_BLOCK, USE_GDC=pdl, INPUT=input_loads, MATH=math, SHARE=share, num_warps=4, **options,
         )  # fmt: skip
 
     def check() -> None:
@@ -518,8 +507,6 @@ STACK_METHODS = (
     "read-x-pdl-early",
     "read-x4-pdl-early",
     "read-x16-pdl-early",
-    "read-xs-pdl-early",
-    "read-xs-math-pdl-early",
     "read-math-pdl-early",
     "read-x-math-pdl-early",
 )
@@ -570,9 +557,8 @@ def _trigger(method: str) -> str | None:
 
 def _input_share(method: str) -> int | None:
     """A read stack's input loads: ``None`` without them (no ``-x``), else the read kernel's
-    ``SHARE``: ``-x-`` and ``-xs-`` (every program the same pairs) 0, ``-x4-`` 2 (a quarter of the
-    input's bytes), ``-x16-`` 4."""
-    found = re.search(r"-x(\d*)s?-", method)
+    ``SHARE``: ``-x-`` 0, ``-x4-`` 2 (a quarter of the input's bytes), ``-x16-`` 4."""
+    found = re.search(r"-x(\d*)-", method)
     if found is None:
         return None
     ways = int(found[1] or 1)
@@ -597,8 +583,7 @@ def _stack_call(method: str, x: torch.Tensor, n: int, k: int):
     if method.startswith("read"):  # the int4 bytes, read (and with -x, -math, a part of the work)
         pdl = {None: 0, "late": 1, "early": 2}[_trigger(method)]
         share = _input_share(method)
-        loads = share is not None
-        return read_call(nbytes, pdl, x, loads, "-math-" in method, share or 0, "-xs-" in method), nbytes
+        return read_call(nbytes, pdl, x, share is not None, "-math-" in method, share or 0), nbytes
     if method == "int4-triton":
         return (lambda: kernels._TRITON.int4_mm(x, p, s, z, GROUP, None)), nbytes
     if method == "int4-tinygemm":
