@@ -24,8 +24,9 @@ waits on the kernel before, the next launched once its work is done, as torch_wo
 ``read-pdl-early`` launches the next at once; ``read-x-pdl-early``, ``read-math-pdl-early`` and
 ``read-x-math-pdl-early`` add, after the wait, the input's loads, the int4 arithmetic, or both, and
 a reduction (``_read_kernel``'s probes): what each part of the kernels' work costs. ``-x4-`` and
-``-x16-`` (``read-x4-pdl-early``) load the input with the same instructions over a quarter or a
-sixteenth of the bytes: whether the input's cost is its bytes (programs of more rows would cut
+``-x16-`` (``read-x4-pdl-early``) load the input with the same instructions over a window of a
+quarter or a sixteenth of ``-x-``'s (which wraps over the whole input at 1.1B: 2 or 0.5 KiB a
+program against 4 or 8): whether the input's cost is its bytes (programs of more rows would cut
 it) or one round trip after the wait (they would not).
 ``int4-interleaved-pdl`` and ``-pdl-early`` are torch_wo's kernels launched as ``+pdl`` and
 ``+pdl-early``; ``-pdl-early-onepass`` pins them to configs that load a row's whole weight in one
@@ -89,9 +90,10 @@ if triton is not None:
         arithmetic on each word (three rotations, eight LOP3s, eight multiply-adds) against those
         values or the run-time constant ``c``. Their sums are reduced across the program, one float
         stored in place of the XOR. ``SHARE``: the input's loads stay the same instructions, but
-        cover a ``2 ** SHARE``-th of the bytes (a program's words share each pair, as ``2 ** SHARE``
-        times the rows of a program would share the input). ``SECOND``: the programs past ``src``'s read ``src2``'s
-        ``NUMEL2`` words (a weight's codes, then its scales and zero points, in one launch)."""
+        over a window of ``BLOCK >> SHARE`` pairs (a program's words share each pair, as
+        ``2 ** SHARE`` times the rows of a program would share the input). ``SECOND``: the
+        programs past ``src``'s read ``src2``'s ``NUMEL2`` words (a weight's codes, then its scales
+        and zero points, in one launch)."""
         if USE_GDC == 2:
             tl.extra.cuda.gdc_launch_dependents()
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -557,7 +559,7 @@ def _trigger(method: str) -> str | None:
 
 def _input_share(method: str) -> int | None:
     """A read stack's input loads: ``None`` without them (no ``-x``), else the read kernel's
-    ``SHARE``: ``-x-`` 0, ``-x4-`` 2 (a quarter of the input's bytes), ``-x16-`` 4."""
+    ``SHARE``: ``-x-`` 0, ``-x4-`` 2 (a window of a quarter of the pairs), ``-x16-`` 4."""
     found = re.search(r"-x(\d*)-", method)
     if found is None:
         return None
