@@ -61,6 +61,9 @@ bf16 by default, as in transformers). ``+graph`` (compiled, CUDA) captures the c
 a ``torch.cuda.CUDAGraph`` of its own, inductor's CUDA graphs off, the graph feeding each step's
 token and position to the next: a step is one replay, without dynamo's guards and cudagraph
 trees' checks on the host, which can bound a short step (``bound_decode.py``'s cut steps take it).
+``+pins=SPEC`` pins the interleaved int4 kernels' configs on the model's fused linears (q+k+v, o,
+gate+up, down; ``+pins=8x2048x8s/8x2048x8s/-/-``: see :func:`pin_spec`), to compare configs in
+a whole step.
 
 Usage::
 
@@ -124,21 +127,38 @@ FUSING = {"fused": False, "glu": True, "glu-down": "down"}
 
 
 def split_method(method: str) -> tuple[str, set[str]]:
-    """``method`` as its preset (with its ``@kernel``) and its ``+`` suffixes."""
+    """``method`` as its preset (with its ``@kernel``) and its ``+`` suffixes (``pins=SPEC``
+    among them as it is: see :func:`pinned_from`)."""
     spec, *suffixes = method.split("+")
-    unknown = set(suffixes) - set(SUFFIXES)
+    unknown = {s for s in suffixes if not s.startswith("pins=")} - set(SUFFIXES)
     if unknown:
         raise ValueError(f"{method}: unknown suffix {sorted(unknown)} (known: {', '.join(SUFFIXES)})")
     return spec, set(suffixes)
 
 
+def pinned_from(method: str, model: str) -> dict | None:
+    """The configs ``method``'s ``+pins=SPEC`` suffix pins the interleaved int4 kernels to on
+    ``model``'s fused linears (:func:`pin_spec`; ``-`` keeps a shape's), or ``None`` without one."""
+    specs = [s.removeprefix("pins=") for s in split_method(method)[1] if s.startswith("pins=")]
+    if not specs:
+        return None
+    if len(specs) > 1 or model not in LLAMA:
+        raise ValueError(f"{method}: +pins= once, on a Llama shape ({', '.join(LLAMA)}), got {model}")
+    return pin_spec(specs[0], llama_linears(model, fused=True)[1])
+
+
 @contextlib.contextmanager
-def launch_options(method: str):
+def launch_options(method: str, model: str | None = None):
     """The launch settings of ``method``'s suffixes while it runs: ``+pdl``, programmatic dependent
     launches of quantcore_torch's one-row kernels in CUDA graphs (``QUANTCORE_TRITON_PDL``);
-    ``+inductor-pdl``, of inductor's kernels (``TORCHINDUCTOR_ENABLE_PDL``)."""
+    ``+inductor-pdl``, of inductor's kernels (``TORCHINDUCTOR_ENABLE_PDL``); ``+pins=SPEC``, the
+    interleaved int4 kernels' configs on ``model``'s shapes (:func:`pinned_from`)."""
     _, suffixes = split_method(method)
+    pins = pinned_from(method, model)
     with contextlib.ExitStack() as stack:
+        if pins is not None:
+            _triton_for(f"{method}: +pins=")
+            stack.enter_context(pinned_configs(pins))
         if "attn" in suffixes:
             stack.enter_context(_decode_attention_for_sdpa())
         if "autotune" in suffixes:
@@ -282,6 +302,82 @@ def make_variant(base, method: str):
                     if hasattr(module, "_quantcore_rotary"):
                         module._quantcore_rotary = module._quantcore_rotary._replace(own_attention=False)
     return model
+
+
+def llama_linears(model: str, fused: bool = False) -> tuple[int, list[tuple[int, int]]]:
+    """A Llama shape's layer count and its linears' ``[out, in]``, in the order a layer calls them
+    (q, k, v, o, gate, up, down), from the shapes this benchmark builds its models with.
+    ``fused``: as ``quantcore_torch.fuse_projections`` runs them (q+k+v, o, gate+up, down)."""
+    shape = LLAMA[model]
+    h, i = shape["hidden_size"], shape["intermediate_size"]
+    kv = h // shape["num_attention_heads"] * shape["num_key_value_heads"]
+    if fused:
+        return shape["num_hidden_layers"], [(h + 2 * kv, h), (h, h), (2 * i, h), (h, i)]
+    return shape["num_hidden_layers"], [(h, h), (kv, h), (kv, h), (h, h), (i, h), (i, h), (h, i)]
+
+
+# The int4 group a pinned config's BLOCK_K must hold whole (the benchmarks quantize in groups of 128).
+PIN_GROUP = 128
+
+
+def pin_spec(spec: str, shapes: list[tuple[int, int]]) -> dict:
+    """Pinned configs of the interleaved int4 kernels, as ``bench_gemv.py``'s stack methods take
+    them after ``@`` and this benchmark's methods after ``+pins=``: one a shape, in the order of
+    ``shapes`` (:func:`llama_linears`, fused), separated by ``/``,
+    each ``BLOCK_NxBLOCK_KxWARPS`` with an optional ``x1`` (prefetch) or a trailing ``s`` (the
+    rows in each thread's registers: ``SPREAD``), ``-`` for the pinned one
+    (``2x2048x2/-/8x1024x4x1/8x2048x8s``)."""
+    parts = spec.split("/")
+    if len(parts) != len(shapes):
+        raise ValueError(f"configs {spec!r}: {len(shapes)} configs expected (one a shape: {shapes}), got {len(parts)}")
+    configs = {}
+    for shape, part in zip(shapes, parts, strict=True):
+        if part == "-":
+            continue
+        spread = part.endswith("s")
+        try:
+            block_n, block_k, warps, *prefetch = (int(v) for v in part.removesuffix("s").split("x"))
+        except ValueError:
+            raise ValueError(
+                f"configs {spec!r}: {part!r} is not BLOCK_NxBLOCK_KxWARPS[x1] or BLOCK_NxBLOCK_KxWARPSs"
+            ) from None
+        if len(prefetch) > 1 or block_k % PIN_GROUP or block_n & (block_n - 1) or block_k & (block_k - 1):
+            raise ValueError(
+                f"configs {spec!r}: {part!r}: powers of two, BLOCK_K a multiple of {PIN_GROUP}, at most 4 fields"
+            )
+        if spread and prefetch and prefetch[0]:
+            raise ValueError(f"configs {spec!r}: {part!r}: a spread config does not prefetch")
+        configs[shape] = (block_n, block_k, warps, bool(prefetch and prefetch[0])) + ((True,) if spread else ())
+    return configs
+
+
+@contextlib.contextmanager
+def pinned_configs(configs: dict):
+    """The interleaved kernels pinned, on this card, to ``configs`` (``(n, k)``: ``(BLOCK_N,
+    BLOCK_K, num_warps, PREFETCH[, SPREAD])``). The compiled kernels and the pins are restored on
+    the way out."""
+    from quantcore_torch import _triton
+
+    name = torch.cuda.get_device_name()
+    card = next((c for c in _triton.INT4_INTERLEAVED_PINNED if c in name), name)  # a card without pins: one for now
+    pins = _triton.INT4_INTERLEAVED_PINNED.setdefault(card, {})
+    saved = dict(pins)
+
+    def forget():
+        for launcher in (_triton._INT4_INTERLEAVED, _triton._INT4_INTERLEAVED_ROPE):
+            launcher.compiled.clear()
+            launcher.kernel.cache.clear()
+
+    forget()
+    pins.update(configs)
+    try:
+        yield
+    finally:
+        pins.clear()
+        pins.update(saved)
+        if not saved:
+            del _triton.INT4_INTERLEAVED_PINNED[card]
+        forget()
 
 
 def step_bytes(model) -> int:
@@ -654,6 +750,7 @@ def main(argv=None) -> int:
     for method in args.methods.split(","):
         try:
             split_method(method)
+            pinned_from(method, args.model)
         except ValueError as exc:
             parser.error(f"--methods: {exc}")
 
@@ -694,7 +791,7 @@ def main(argv=None) -> int:
         save()
     for method in args.methods.split(",") if args.modes else []:
         try:
-            with _time_limit(args.method_timeout), launch_options(method):
+            with _time_limit(args.method_timeout), launch_options(method, args.model):
                 measure(base, method, args, bandwidth, rows)
         except Exception as exc:  # one method failing must not lose the others' figures
             print(f"  {method}: FAILED {type(exc).__name__}: {str(exc)[:300]}", flush=True)

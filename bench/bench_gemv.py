@@ -34,7 +34,7 @@ tile; ``-pre`` (after ``-pdl`` or ``-pdl-early``)
 dequantizes each kernel's first tile before its wait (``QUANTCORE_TRITON_PDL_PRE``). ``-l2``: one
 weight a shape, so the kernels read from L2 (their own work and boundaries, without HBM). An
 interleaved stack takes ``@`` configs, one a shape separated by ``/``, ``-`` for the pinned one
-(``int4-interleaved-pdl-early-pre@-/-/8x1024x4x1/4x2048x4``: see :func:`pin_spec`). ``--dot``:
+(``int4-interleaved-pdl-early-pre@-/-/8x1024x4x1/4x2048x4``: see :func:`bench_decode.pin_spec`). ``--dot``:
 also the several-row ``tl.dot`` kernels on the one row (a 16-row tile, 15 rows masked): whether
 tensor cores beat the one-row kernels' reduction, where the int4 one is bound by its instructions.
 
@@ -200,18 +200,6 @@ def read_weight(codes: torch.Tensor, params: torch.Tensor, pdl: int) -> torch.Te
         src2=b, NUMEL2=b.numel(), SECOND=True, num_warps=4, **options,
     )  # fmt: skip
     return out
-
-
-def linears(model: str, fused: bool = False) -> tuple[int, list[tuple[int, int]]]:
-    """A Llama shape's layer count and its linears' ``[out, in]``, in the order a layer calls them
-    (q, k, v, o, gate, up, down), from the shapes ``bench_decode.py`` builds its models with.
-    ``fused``: as ``quantcore_torch.fuse_projections`` runs them (q+k+v, o, gate+up, down)."""
-    shape = bench_decode.LLAMA[model]
-    h, i = shape["hidden_size"], shape["intermediate_size"]
-    kv = h // shape["num_attention_heads"] * shape["num_key_value_heads"]
-    if fused:
-        return shape["num_hidden_layers"], [(h + 2 * kv, h), (h, h), (2 * i, h), (h, i)]
-    return shape["num_hidden_layers"], [(h, h), (kv, h), (kv, h), (h, h), (i, h), (i, h), (h, i)]
 
 
 def tensor_bytes(*tensors: torch.Tensor) -> int:
@@ -459,7 +447,7 @@ def run_shapes(
     wide_int4: bool = False,
 ) -> list[dict]:
     rows = []
-    for n, k in dict.fromkeys(linears(model, fused)[1]):
+    for n, k in dict.fromkeys(bench_decode.llama_linears(model, fused)[1]):
         bytes_bf16 = 2 * n * k
         copies = max(4, -(-stream_mib * 2**20 // (bytes_bf16 if "bf16" in formats else n * k)))
         w = Weights(n, k, copies, formats)
@@ -523,7 +511,7 @@ def run_stack(model: str, bandwidth: float, fused: bool, methods=STACK_METHODS) 
         # the stack times the kernels' own work and boundaries without HBM. "@...": pinned configs.
         name, _, spec = label.partition("@")
         method, in_l2 = name.removesuffix("-l2"), name.endswith("-l2")
-        layers, shapes = linears(model, fused and method != "bf16")
+        layers, shapes = bench_decode.llama_linears(model, fused and method != "bf16")
         calls, nbytes = [], 0
         xs = {k: torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for _, k in shapes}
         made = {}
@@ -539,9 +527,9 @@ def run_stack(model: str, bandwidth: float, fused: bool, methods=STACK_METHODS) 
             if ours and trigger:
                 stack.enter_context(bench_decode._programmatic(label, trigger, pre=method.endswith("-pre")))
             if method.endswith("-onepass"):
-                stack.enter_context(_pinned_configs(_one_pass_configs(shapes)))
+                stack.enter_context(bench_decode.pinned_configs(_one_pass_configs(shapes)))
             if spec:
-                stack.enter_context(_pinned_configs(pin_spec(spec, shapes)))
+                stack.enter_context(bench_decode.pinned_configs(bench_decode.pin_spec(spec, shapes)))
             us = graph_time_us(calls, replays=5) * len(calls)
         if hasattr(calls[-1], "check"):
             calls[-1].check()
@@ -602,55 +590,6 @@ def _one_pass_configs(shapes: list[tuple[int, int]]) -> dict:
     two warps): under a programmatic launch each program then loads all of its weight before it
     waits."""
     return {(n, k): (4 if n > 4 * k else 2, triton.next_power_of_2(k), 2, False) for n, k in shapes}
-
-
-def pin_spec(spec: str, shapes: list[tuple[int, int]]) -> dict:
-    """A stack method's ``@`` configs: one a shape, in the order of ``shapes``, separated by ``/``,
-    each ``BLOCK_NxBLOCK_KxWARPS`` with an optional ``x1`` (prefetch), ``-`` for the pinned one
-    (``2x2048x2/-/8x1024x4x1/2x8192x8``)."""
-    parts = spec.split("/")
-    if len(parts) != len(shapes):
-        raise ValueError(f"@{spec}: {len(shapes)} configs expected (one a shape: {shapes}), got {len(parts)}")
-    configs = {}
-    for shape, part in zip(shapes, parts, strict=True):
-        if part == "-":
-            continue
-        try:
-            block_n, block_k, warps, *prefetch = (int(v) for v in part.split("x"))
-        except ValueError:
-            raise ValueError(f"@{spec}: {part!r} is not BLOCK_NxBLOCK_KxWARPS[x1]") from None
-        if len(prefetch) > 1 or block_k % GROUP or block_n & (block_n - 1) or block_k & (block_k - 1):
-            raise ValueError(f"@{spec}: {part!r}: powers of two, BLOCK_K a multiple of {GROUP}, at most 4 fields")
-        configs[shape] = (block_n, block_k, warps, bool(prefetch and prefetch[0]))
-    return configs
-
-
-@contextlib.contextmanager
-def _pinned_configs(configs: dict):
-    """The interleaved kernels pinned, on this card, to ``configs`` (``(n, k)``: ``(BLOCK_N,
-    BLOCK_K, num_warps, PREFETCH)``). The compiled kernels and the pins are restored on the way out."""
-    from quantcore_torch import _triton
-
-    name = torch.cuda.get_device_name()
-    card = next((c for c in _triton.INT4_INTERLEAVED_PINNED if c in name), name)  # a card without pins: one for now
-    pins = _triton.INT4_INTERLEAVED_PINNED.setdefault(card, {})
-    saved = dict(pins)
-
-    def forget():
-        for launcher in (_triton._INT4_INTERLEAVED, _triton._INT4_INTERLEAVED_ROPE):
-            launcher.compiled.clear()
-            launcher.kernel.cache.clear()
-
-    forget()
-    pins.update(configs)
-    try:
-        yield
-    finally:
-        pins.clear()
-        pins.update(saved)
-        if not saved:
-            del _triton.INT4_INTERLEAVED_PINNED[card]
-        forget()
 
 
 def _stack_row(result: dict, model: str, method: str, us: float, calls: int, nbytes: int, bandwidth: float) -> None:
@@ -728,7 +667,7 @@ def main(argv=None) -> int:
             parser.error(f"--stack-methods: {label}: only the interleaved stacks take @configs")
         if at:
             try:
-                pin_spec(spec, linears(args.model, args.fused)[1])
+                bench_decode.pin_spec(spec, bench_decode.llama_linears(args.model, args.fused)[1])
             except ValueError as exc:
                 parser.error(f"--stack-methods: {exc}")
     if args.no_shapes and not args.stack:

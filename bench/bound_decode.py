@@ -143,7 +143,7 @@ def apply_cuts(model, cuts: set[str]) -> int:
 
 
 def time_variant(base, method: str, cuts: set[str], args) -> dict:
-    with bench_decode.launch_options(method), _kernels_cut(cuts):
+    with bench_decode.launch_options(method, args.model), _kernels_cut(cuts):
         model = bench_decode.make_variant(base, method)
         apply_cuts(model, cuts)
         dec = bench_decode.Decoder(model, 1, args.prompt, args.new, "cuda", compiled=True)

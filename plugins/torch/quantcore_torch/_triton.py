@@ -422,8 +422,10 @@ def _pinned(n: int, k: int, device: torch.device) -> triton.Config | None:
     name = _device_name(device.index if device.index is not None else torch.cuda.current_device())
     for card, shapes in INT4_INTERLEAVED_PINNED.items():
         if card in name and (n, k) in shapes:
-            block_n, block_k, warps, prefetch = shapes[n, k]
+            block_n, block_k, warps, prefetch, *spread = shapes[n, k]
             config = {"BLOCK_N": block_n, "BLOCK_K": block_k, "PREFETCH": prefetch}
+            if spread and spread[0]:  # a fifth field: the rows in each thread's registers
+                config["SPREAD"] = True
             return triton.Config(config, num_warps=warps, num_stages=1)
     return None
 
@@ -494,15 +496,15 @@ def _before_the_wait(ptr, never, w0, w1, w2, w3, w4, w5, w6, w7):
 
 
 @triton.jit
-def _dequantized_tile(word, s, z, magic):
-    """A tile's words (``[GROUPS, BLOCK_N, WPG]``) as the fp32 weights ``s * (q - z)`` they hold,
-    in the order of the inputs they meet (:func:`_interleaved_input_tile`): a LOP3 and one fused
-    multiply-add a weight, ``(M + q) * s - (M + z) * s`` rounded once (``M`` the code's offset,
-    its product with ``s`` rounded before). None of it needs the input: under a programmatic
-    launch it runs before the wait, and only the products are left after it."""
-    s3 = s[:, :, None]
-    c12 = (-(2048.0 + z) * s)[:, :, None]  # codes at bit 12: offset 2**11
-    c16 = (-(128.0 + z) * s)[:, :, None]  # codes at bit 16: offset 2**7
+def _dequantized_tile(word, s3, z3, magic):
+    """A tile's words as the fp32 weights ``s * (q - z)`` they hold, in the order of the inputs
+    they meet (:func:`_interleaved_input_tile`), ``s3`` and ``z3`` the scales and zero points
+    broadcast to the words' shape: a LOP3 and one fused multiply-add a weight,
+    ``(M + q) * s - (M + z) * s`` rounded once (``M`` the code's offset, its product with ``s``
+    rounded before). None of it needs the input: under a programmatic launch it runs before the
+    wait, and only the products are left after it."""
+    c12 = -(2048.0 + z3) * s3  # codes at bit 12: offset 2**11
+    c16 = -(128.0 + z3) * s3  # codes at bit 16: offset 2**7
     left8 = (word << 8) | (word >> 24)
     right8 = (word >> 8) | (word << 24)
     half = (word >> 16) | (word << 16)
@@ -542,7 +544,7 @@ def _interleaved_rows(
         first_mask = first < words
         word = tl.load(w32 + row + first[:, None, :], mask=n_mask[None, :, None] & first_mask[:, None, :], other=0)
         s, z = _interleaved_params(sz_ptr, rn, n_mask, rg, groups, stride_sn, zero_offset)
-        w0, w1, w2, w3, w4, w5, w6, w7 = _dequantized_tile(word, s, z, magic)
+        w0, w1, w2, w3, w4, w5, w6, w7 = _dequantized_tile(word, s[:, :, None], z[:, :, None], magic)
         if USE_GDC:  # computed before the wait, not sunk past it to their uses
             _before_the_wait(w32 + row + first[:, None, :], K < 0, w0, w1, w2, w3, w4, w5, w6, w7)
         _gdc_wait(USE_GDC)
@@ -601,6 +603,134 @@ def _interleaved_rows(
     return tl.sum(tl.sum(acc, axis=2), axis=0)
 
 
+@triton.jit
+def _spread_positions(POS: tl.constexpr):
+    """The word of a tile each of its ``POS`` positions takes: position ``p`` word
+    ``(p % 2) * (POS // 2) + p // 2``. The compiler cannot prove these contiguous, so it gives a
+    thread one word a row of a tile (not four, as it does to the contiguous words of
+    :func:`_interleaved_rows`), and the threads and warps go along the positions: a tile's rows
+    sit in each thread's registers. A warp's 32 positions are two runs of 16 words: its loads stay
+    coalesced."""
+    p = tl.arange(0, POS)
+    return (p % 2) * (POS // 2) + p // 2
+
+
+@triton.jit
+def _spread_tile(
+    x_ptr, w_ptr, sz_ptr, row, params_row, n_mask, k0, words, zero_offset, POS: tl.constexpr, WPG: tl.constexpr
+):
+    """A :func:`_spread_rows` tile from ``k0`` on: its words ``[POS, BLOCK_N]`` and their pointers,
+    their scales and zero points (fp32), the input pairs of its positions (``[POS]`` pointers) and
+    their mask."""
+    col = _spread_positions(POS) + k0 // 8
+    col_mask = col < words
+    mask = col_mask[:, None] & n_mask[None, :]
+    g = col // WPG
+    at = w_ptr.to(tl.pointer_type(tl.uint32)) + row + col[:, None]
+    word = tl.load(at, mask=mask, other=0)
+    params = params_row + g[:, None]
+    s = tl.load(sz_ptr + params, mask=mask, other=0.0).to(tl.float32)
+    z = tl.load(sz_ptr + zero_offset + params, mask=mask, other=0.0).to(tl.float32)
+    # byte i of word (g, j) meets the input pair g * GROUP // 2 + i * WPG + j
+    pair = x_ptr.to(tl.pointer_type(tl.int32)) + g * (4 * WPG) + col % WPG
+    return word, at, s, z, pair, col_mask
+
+
+@triton.jit
+def _spread_input(pair, col_mask, WPG: tl.constexpr, BF16: tl.constexpr):
+    """The eight inputs of a :func:`_spread_rows` tile's positions (``[POS]`` each, fp32): four 32-bit pairs."""
+    x0, x1 = _pair_to_float(tl.load(pair, mask=col_mask, other=0), BF16)
+    x2, x3 = _pair_to_float(tl.load(pair + WPG, mask=col_mask, other=0), BF16)
+    x4, x5 = _pair_to_float(tl.load(pair + 2 * WPG, mask=col_mask, other=0), BF16)
+    x6, x7 = _pair_to_float(tl.load(pair + 3 * WPG, mask=col_mask, other=0), BF16)
+    return x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
+def _spread_rows(
+    x_ptr, w_ptr, sz_ptr, rn, n_mask, K, stride_wn, stride_sn, zero_offset, magic,
+    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_GDC: tl.constexpr, PRE: tl.constexpr,
+):  # fmt: skip
+    """:func:`_interleaved_rows` with a tile's rows in each thread's registers (``SPREAD``): tiles
+    of ``[BLOCK_K // 8, BLOCK_N]`` words, positions along the threads (:func:`_spread_positions`).
+    A thread loads the eight inputs of its position once and uses them for every row of the
+    program, and no warp loads an input another warp of the program loads: a program of ``BLOCK_N``
+    rows pulls in the input once, where ``BLOCK_N // 2`` programs of two rows pull it in as many
+    times. The arithmetic a weight is :func:`_interleaved_rows`' (a LOP3 and a multiply-add);
+    ``PRE`` dequantizes the first tile before the wait, as there."""
+    WPG: tl.constexpr = GROUP // 8  # words a group, a row
+    POS: tl.constexpr = BLOCK_K // 8  # words a row, a tile
+    BF16: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16
+    words = K // 8
+    row = rn[None, :] * stride_wn
+    params_row = rn[None, :] * stride_sn
+    if PRE:  # the first tile's weights before the wait, its products alone after it
+        start: tl.constexpr = BLOCK_K
+        word, at, s, z, pair, col_mask = _spread_tile(
+            x_ptr, w_ptr, sz_ptr, row, params_row, n_mask, 0, words, zero_offset, POS, WPG
+        )
+        w0, w1, w2, w3, w4, w5, w6, w7 = _dequantized_tile(word, s, z, magic)
+        if USE_GDC:
+            _before_the_wait(at, K < 0, w0, w1, w2, w3, w4, w5, w6, w7)
+        _gdc_wait(USE_GDC)
+        x0, x1, x2, x3, x4, x5, x6, x7 = _spread_input(pair, col_mask, WPG, BF16)
+        acc = w0 * x0[:, None]
+        acc += w1 * x1[:, None]
+        acc += w2 * x2[:, None]
+        acc += w3 * x3[:, None]
+        acc += w4 * x4[:, None]
+        acc += w5 * x5[:, None]
+        acc += w6 * x6[:, None]
+        acc += w7 * x7[:, None]
+    else:
+        start: tl.constexpr = 0
+        acc = tl.zeros((POS, BLOCK_N), dtype=tl.float32)
+    for k0 in range(start, K, BLOCK_K):
+        word, _, s, z, pair, col_mask = _spread_tile(
+            x_ptr, w_ptr, sz_ptr, row, params_row, n_mask, k0, words, zero_offset, POS, WPG
+        )
+        if k0 == 0:
+            _gdc_wait(USE_GDC)
+        x0, x1, x2, x3, x4, x5, x6, x7 = _spread_input(pair, col_mask, WPG, BF16)
+        even = (x0 + x2) + (x4 + x6)  # codes at bit 16: offset 2**7
+        odd = (x1 + x3) + (x5 + x7)  # codes at bit 12: offset 2**11
+        t = z * (-(even + odd))[:, None] - (odd * 2048.0 + even * 128.0)[:, None]
+        left8 = (word << 8) | (word >> 24)
+        right8 = (word >> 8) | (word << 24)
+        half = (word >> 16) | (word << 16)
+        t += _offset_nibble(magic, word, 12) * x3[:, None]
+        t += _offset_nibble(magic, word, 16) * x4[:, None]
+        t += _offset_nibble(magic, left8, 12) * x1[:, None]
+        t += _offset_nibble(magic, left8, 16) * x2[:, None]
+        t += _offset_nibble(magic, right8, 12) * x5[:, None]
+        t += _offset_nibble(magic, right8, 16) * x6[:, None]
+        t += _offset_nibble(magic, half, 12) * x7[:, None]
+        t += _offset_nibble(magic, half, 16) * x0[:, None]
+        acc += s * t
+    _gdc_done(USE_GDC)
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _rows(
+    x_ptr, w_ptr, sz_ptr, rn, n_mask, K, stride_wn, stride_sn, zero_offset, magic,
+    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr, USE_GDC: tl.constexpr,
+    PRE: tl.constexpr, SPREAD: tl.constexpr,
+):  # fmt: skip
+    """The interleaved kernels' sums: :func:`_spread_rows` with ``SPREAD``, else :func:`_interleaved_rows`."""
+    if SPREAD:
+        out = _spread_rows(
+            x_ptr, w_ptr, sz_ptr, rn, n_mask, K, stride_wn, stride_sn, zero_offset, magic,
+            GROUP, BLOCK_N, BLOCK_K, USE_GDC, PRE,
+        )  # fmt: skip
+    else:
+        out = _interleaved_rows(
+            x_ptr, w_ptr, sz_ptr, rn, n_mask, K, stride_wn, stride_sn, zero_offset, magic,
+            GROUP, BLOCK_N, BLOCK_K, PREFETCH, USE_GDC, PRE,
+        )  # fmt: skip
+    return out
+
+
 @triton.autotune(
     configs=_configs(INT4_INTERLEAVED, "BLOCK_K", extra=("PREFETCH",)),
     key=["N", "K", "GROUP", "GATE_UP"],
@@ -627,6 +757,7 @@ def _int4_interleaved_kernel(
     USE_GDC: tl.constexpr = False,
     GATE_UP: tl.constexpr = False,
     PRE: tl.constexpr = False,
+    SPREAD: tl.constexpr = False,
 ):
     """The int4 one-row kernel on the interleaved layout (``kernels.interleave_int4``): ``K`` a
     multiple of ``GROUP`` (a power of two, 8 or more), ``x`` 4-byte aligned, ``stride_wn`` in words;
@@ -650,9 +781,9 @@ def _int4_interleaved_kernel(
     :func:`_store_gate_up`).
     """
     rn, n_mask = _tile_rows(N, BLOCK_N, GATE_UP)
-    out = _interleaved_rows(
+    out = _rows(
         x_ptr, w_ptr, sz_ptr, rn, n_mask, K, stride_wn, stride_sn, zero_offset, magic,
-        GROUP, BLOCK_N, BLOCK_K, PREFETCH, USE_GDC, PRE,
+        GROUP, BLOCK_N, BLOCK_K, PREFETCH, USE_GDC, PRE, SPREAD,
     )  # fmt: skip
     if GATE_UP:
         _store_gate_up(out, b_ptr, y_ptr, rn, n_mask, N, BLOCK_N, HAS_BIAS)
@@ -752,6 +883,7 @@ def _int4_interleaved_rope_kernel(
     PREFETCH: tl.constexpr = False,
     USE_GDC: tl.constexpr = False,
     PRE: tl.constexpr = False,
+    SPREAD: tl.constexpr = False,
 ):
     """An attention's q, k and v projections stacked (``NQ`` q rows, then k's, then v's, ``N`` in
     all; ``ROTATED``: q's and k's) on the interleaved int4 layout (see
@@ -761,9 +893,9 @@ def _int4_interleaved_rope_kernel(
     ``pos_ptr[0]`` (none where it is past the cache): the rotation and the cache writes of a decode
     step in the projection's epilogue."""
     rn, n_mask = _rope_tile_rows(N, ROTATED, HALF, BLOCK_N)
-    out = _interleaved_rows(
+    out = _rows(
         x_ptr, w_ptr, sz_ptr, rn, n_mask, K, stride_wn, stride_sn, zero_offset, magic,
-        GROUP, BLOCK_N, BLOCK_K, PREFETCH, USE_GDC, PRE,
+        GROUP, BLOCK_N, BLOCK_K, PREFETCH, USE_GDC, PRE, SPREAD,
     )  # fmt: skip
     _store_qkv_rope(
         out, b_ptr, q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, rn, n_mask, NQ, ROTATED, cache_len,

@@ -287,7 +287,16 @@ def test_programmatic_launches_in_a_graph_give_the_same_bits(kernel, trigger):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("trigger", ["late", "early", "auto"])
-@pytest.mark.parametrize(("pin", "pre"), [((8, 1024, 4, False), True), ((4, 2048, 2, False), False)])
+@pytest.mark.parametrize(
+    ("pin", "pre"),
+    [
+        ((8, 1024, 4, False), True),
+        ((4, 2048, 2, False), False),
+        ((8, 1024, 4, False, True), True),  # SPREAD: the rows in each thread's registers
+        ((16, 2048, 8, False, True), False),
+    ],
+    ids=str,
+)
 def test_programmatic_launches_dequantizing_before_the_wait(trigger, pin, pre):
     # QUANTCORE_TRITON_PDL_PRE: the programmatic interleaved kernel dequantizes its first weight
     # tile before the wait, so only the products follow it. Its sums round otherwise than eager's
@@ -323,6 +332,7 @@ def test_programmatic_launches_dequantizing_before_the_wait(trigger, pin, pre):
                 assert plain[names.index("PRE") - len(names)] is False
                 use_gdc = {"late": 1, "early": 2, "auto": 2 if pre else 1}[trigger]
                 assert tail[names.index("USE_GDC") - len(names)] == use_gdc
+                assert tail[names.index("SPREAD") - len(names)] is (len(pin) > 4)
             assert {entry.tail[names.index("BLOCK_K") - len(names)] for entry in launcher.compiled.values()} == {pin[1]}
             _assert_replays_match_eager(run, x, launches, CHAIN, exact=False)
     finally:  # the next test tunes and keeps its own config, with the setting as it was
@@ -583,6 +593,47 @@ def test_gated_int8_kernel_matches_the_unfused_activation_and_kernel(n, k, dtype
             rtol=0,
             atol=0,
         )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    ("n", "k", "pin"),
+    [
+        (2560, 2048, (8, 2048, 8)),
+        (2048, 5632, (8, 2048, 8)),  # three tiles, the last a quarter past K
+        (11264, 2048, (4, 2048, 4)),
+        (250, 512, (16, 256, 4)),  # a ragged last program
+    ],
+    ids=str,
+)
+def test_spread_configs_match_the_reference(n, k, pin, dtype, monkeypatch):
+    # SPREAD: a program's rows in each thread's registers, its words along the threads. Its sums
+    # add in another order than the pinned kernels', so it is held to the reference's rounding, on
+    # the plain and the gated (gate/up) epilogues.
+    triton_mod = kernels._TRITON
+    monkeypatch.setattr(kernels, "INT4_CUDA_KERNEL", "interleaved")
+    pins = {card: {(n, k): (*pin, False, True)} for card in ("H100", "H200", torch.cuda.get_device_name())}
+    launcher = triton_mod._INT4_INTERLEAVED
+    try:
+        with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
+            patch.setattr(triton_mod, "INT4_INTERLEAVED_PINNED", pins)
+            launcher.compiled.clear()
+            launcher.kernel.cache.clear()
+            module = _module(n, k, 4, 128, dtype, "cuda")
+            x = torch.randn(1, k, dtype=dtype, device="cuda", generator=torch.Generator("cuda").manual_seed(n))
+            out = module(x)
+            assert relative_error(out, module.reference_forward(x)) < ROUNDING[dtype]
+            names = launcher.jit.arg_names
+            assert [entry.tail[names.index("SPREAD") - len(names)] for entry in launcher.compiled.values()] == [True]
+            if n % 2 == 0 and n >= 2 * pin[0]:
+                folded = module.gate_up_forward(x)
+                reference = kernels.gated_input(module.reference_forward(x))
+                assert relative_error(folded, reference) < 3 * ROUNDING[dtype]
+    finally:
+        launcher.compiled.clear()
+        launcher.kernel.cache.clear()
 
 
 @pytest.mark.gpu

@@ -152,9 +152,11 @@ def test_int4_row_kernel(kernels, n, k, group, block_n, block_k, dtype, bias):
 )
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("pre", [False, True], ids=["", "pre"])
-def test_int4_interleaved_kernel(kernels, n, k, group, block_n, block_k, prefetch, dtype, bias, pre):
+@pytest.mark.parametrize("spread", [False, True], ids=["", "spread"])
+def test_int4_interleaved_kernel(kernels, n, k, group, block_n, block_k, prefetch, dtype, bias, pre, spread):
     # pre: the first tile dequantized up front (as before a programmatic launch's wait), the
-    # loop from the second tile on: another rounding of the same sums.
+    # loop from the second tile on: another rounding of the same sums. spread: a tile's rows in
+    # each thread's registers, its words along the threads (prefetch does not apply there).
     from quantcore_torch.kernels import interleave_int4
 
     torch.manual_seed(n * k)
@@ -169,7 +171,7 @@ def test_int4_interleaved_kernel(kernels, n, k, group, block_n, block_k, prefetc
     kernels._int4_interleaved_kernel.fn[_grid(n, block_n)](
         x, words, sz, sz if b is None else b, y, n, k, words.stride(0), sz.stride(1), sz.stride(0),
         kernels.INT4_MAGIC, GROUP=group, HAS_BIAS=bias, BLOCK_N=block_n, BLOCK_K=block_k, PREFETCH=prefetch,
-        PRE=pre,
+        PRE=pre, SPREAD=spread,
     )  # fmt: skip
     weight = dequantize_int4(packed, scale, zero, k, group, torch.float64)
     exact = torch.nn.functional.linear(x.double(), weight, None if b is None else b.double())
@@ -695,6 +697,37 @@ def test_every_pinned_interleaved_config_computes_what_the_first_one_does(kernel
             monkeypatch.setattr(launcher, "compiled", {})
         for out, ref in zip(run(), expected, strict=True):
             torch.testing.assert_close(out, ref, rtol=0, atol=0, msg=f"config {config}")
+
+
+@pytest.mark.parametrize(("block_n", "block_k", "warps"), [(8, 1024, 4), (4, 2048, 8)], ids=str)
+def test_spread_configs_compute_what_the_first_config_does(kernels, monkeypatch, block_n, block_k, warps):
+    # SPREAD (a program's rows in each thread's registers) through the plain, gate/up and q/k/v
+    # rotary kernels: the same outputs as the table's first config, to the rounding of summing in
+    # another order (one fp16 ulp of an output, where it rounds across a boundary).
+    dispatch = _stub_cuda_dispatch(kernels, monkeypatch)
+    torch.manual_seed(7)
+    heads, kv_heads, head_dim, k, group = 4, 2, 32, 2048, 128
+    n = (heads + 2 * kv_heads) * head_dim
+    packed, scale, zero = quantize_int4((torch.randn(n, k) * 0.05).half(), group)
+    layout = dispatch.int4_interleaved_layout(packed, scale, zero, k, group)
+    weight = (layout.weight, layout.scales_and_zeros, group, None)
+    x = torch.randn(1, k).half()
+    cos, sin = torch.rand(1, 1, head_dim).half(), torch.rand(1, 1, head_dim).half()
+
+    def run():
+        keys, values = torch.zeros(2, 1, kv_heads, 4, head_dim).half()
+        q = kernels.int4_interleaved_qkv_rope(x, *weight, cos, sin, keys, values, torch.tensor(1), heads * head_dim)
+        return kernels.int4_interleaved_mm(x, *weight), kernels.int4_interleaved_gate_up_mm(x, *weight), q, keys, values
+
+    expected = run()
+    config = {"BLOCK_N": block_n, "BLOCK_K": block_k, "PREFETCH": False, "SPREAD": True}
+    for launcher in (kernels._INT4_INTERLEAVED, kernels._INT4_INTERLEAVED_ROPE):
+        monkeypatch.setattr(launcher.kernel, "configs", [triton.Config(config, num_warps=warps)])
+        monkeypatch.setattr(launcher, "compiled", {})
+    outputs = run()
+    for out, ref in zip(outputs, expected, strict=True):
+        assert _error(out, ref) < ROUNDING[torch.float16]
+    assert not torch.equal(outputs[0], expected[0])  # summed in another order: not the same kernel
 
 
 def test_pins_are_by_card_and_shape(kernels, monkeypatch):
