@@ -1329,8 +1329,12 @@ class _Launcher:
         self.compiled[key] = _Entry(compiled, grid0, grid1, tail)
 
     def _tail(self, meta: dict, args: tuple) -> tuple:
-        """The constexpr arguments after ``args``, in the kernel's parameter order."""
-        return tuple(meta[name] for name in self.jit.arg_names[len(args) :])
+        """The constexpr arguments after ``args``, in the kernel's parameter order: ``meta``'s, or
+        the kernel's defaults for those neither the call nor the config sets (``SPREAD``, which
+        only a config sets)."""
+        parameters = inspect.signature(self.jit.fn).parameters.values()
+        defaults = {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
+        return tuple(meta[name] if name in meta else defaults[name] for name in self.jit.arg_names[len(args) :])
 
     def _keep_pdl(self, key: tuple, hit: _Entry, args: tuple) -> None:
         """Compile the kept config of ``key`` again with ``USE_GDC`` and a programmatic launch."""

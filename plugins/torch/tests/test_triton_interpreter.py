@@ -283,6 +283,22 @@ def test_dot_kernels_several_rows(kernels, n, k):
     assert _error(y, x.float() @ dequantize_int4(packed, s4, z4, k, 32, torch.float32).T) < ROUNDING[dtype]
 
 
+def test_the_kept_launch_gives_the_kernels_defaults_where_neither_call_nor_config_sets_one(kernels):
+    # A kept kernel is launched with every constexpr after the arguments in order: those the call
+    # and the chosen config set, and the kernel's defaults for the rest (SPREAD, which only a
+    # pinned config sets). A missing one sent every call back to the autotuner, unprogrammatic.
+    launcher = kernels._INT4_INTERLEAVED
+    names = launcher.jit.arg_names
+    first = names.index("GROUP")
+    meta = dict(
+        GROUP=128, HAS_BIAS=False, BLOCK_N=2, BLOCK_K=2048, PREFETCH=False, USE_GDC=False, GATE_UP=True, PRE=False
+    )
+    tail = launcher._tail(meta, tuple(range(first)))
+    assert dict(zip(names[first:], tail, strict=True)) == {**meta, "SPREAD": False}
+    tail = launcher._tail({**meta, "SPREAD": True}, tuple(range(first)))
+    assert tail[names.index("SPREAD") - len(names)] is True
+
+
 def test_launch_hooks_are_seen_as_unset_until_one_is_added(kernels):
     # Triton 3.5+ keeps its launch hooks in HookChain objects that are never None: read as "set",
     # every eager call took the autotuner's path (about 100 us) instead of the direct launch.
