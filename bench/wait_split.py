@@ -15,7 +15,7 @@ counts of one thread's code, not a timing.
 
 Usage (needs ``triton``)::
 
-    python bench/wait_split.py [--pre]
+    python bench/wait_split.py [--pre] [--spread]
 """
 
 from __future__ import annotations
@@ -50,9 +50,11 @@ def load_bytes(lines: list[str]) -> int:
     return total
 
 
-def split(block_n: int, block_k: int, warps: int, pre: bool, arch: int, kernel) -> dict:
-    """The load bytes a thread moves before and after the wait of one config's programmatic variant."""
+def split(block_n: int, block_k: int, warps: int, pre: bool, arch: int, kernel, spread: bool = False) -> dict:
+    """The load bytes a thread moves before and after the wait of one config's programmatic variant
+    (``spread``: its ``SPREAD`` variant, the rows in each thread's registers)."""
     constexprs = dict(GROUP=128, HAS_BIAS=False, BLOCK_N=block_n, BLOCK_K=block_k, PREFETCH=False, PRE=pre)
+    constexprs["SPREAD"] = spread
     asm = ptx_fingerprint.compile_kernel(kernel, ptx_fingerprint._I4_INTERLEAVED, constexprs, warps, arch, 2)
     lines = [m.group(1) for m in map(_LINE.search, sass_loop.disassemble(asm["cubin"]).splitlines()) if m]
     wait = next(i for i, line in enumerate(lines) if line.startswith("ACQBULK"))
@@ -74,6 +76,9 @@ def main(argv=None) -> int:
         help="the variant that dequantizes its first tile before the wait (its code after the wait "
         "also holds the loop over later tiles, whose weight loads then count there)",
     )
+    parser.add_argument(
+        "--spread", action="store_true", help="the SPREAD variant (a program's rows in each thread's registers)"
+    )
     parser.add_argument("--arch", type=int, default=90)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -82,8 +87,8 @@ def main(argv=None) -> int:
     except ImportError as exc:
         parser.error(f"needs triton (pip install triton): {exc}")
     result = {}
-    for config in CONFIGS:
-        row = split(*config, args.pre, args.arch, _triton._int4_interleaved_kernel)
+    for config in CONFIGS if not args.spread else [c for c in CONFIGS if c[1] // 8 >= 32 * c[2]]:
+        row = split(*config, args.pre, args.arch, _triton._int4_interleaved_kernel, args.spread)
         result["x".join(map(str, config))] = row
         print(
             f"{config!s:16s} {row['words']:3d} words a thread ({4 * row['words']:3d} B); "
