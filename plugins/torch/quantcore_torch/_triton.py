@@ -520,6 +520,21 @@ def _dequantized_tile(word, s3, z3, magic):
 
 
 @triton.jit
+def _tile_products(w0, w1, w2, w3, w4, w5, w6, w7, x0, x1, x2, x3, x4, x5, x6, x7):
+    """A dequantized tile's products with its inputs (broadcast to the words' shape), summed in
+    input order: one fused multiply-add a weight."""
+    acc = w0 * x0
+    acc += w1 * x1
+    acc += w2 * x2
+    acc += w3 * x3
+    acc += w4 * x4
+    acc += w5 * x5
+    acc += w6 * x6
+    acc += w7 * x7
+    return acc
+
+
+@triton.jit
 def _interleaved_rows(
     x_ptr, w_ptr, sz_ptr, rn, n_mask, K, stride_wn, stride_sn, zero_offset, magic,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr, USE_GDC: tl.constexpr,
@@ -549,14 +564,11 @@ def _interleaved_rows(
             _before_the_wait(w32 + row + first[:, None, :], K < 0, w0, w1, w2, w3, w4, w5, w6, w7)
         _gdc_wait(USE_GDC)
         x0, x1, x2, x3, x4, x5, x6, x7 = _interleaved_input_tile(pairs, rg, rj, first_mask, GROUP, BF16)
-        acc = w0 * x0[:, None, :]  # then one fused multiply-add a weight
-        acc += w1 * x1[:, None, :]
-        acc += w2 * x2[:, None, :]
-        acc += w3 * x3[:, None, :]
-        acc += w4 * x4[:, None, :]
-        acc += w5 * x5[:, None, :]
-        acc += w6 * x6[:, None, :]
-        acc += w7 * x7[:, None, :]
+        acc = _tile_products(
+            w0, w1, w2, w3, w4, w5, w6, w7,
+            x0[:, None, :], x1[:, None, :], x2[:, None, :], x3[:, None, :],
+            x4[:, None, :], x5[:, None, :], x6[:, None, :], x7[:, None, :],
+        )  # fmt: skip
     else:
         start: tl.constexpr = 0
         acc = tl.zeros((GROUPS, BLOCK_N, WPG), dtype=tl.float32)
@@ -674,14 +686,10 @@ def _spread_rows(
             _before_the_wait(at, K < 0, w0, w1, w2, w3, w4, w5, w6, w7)
         _gdc_wait(USE_GDC)
         x0, x1, x2, x3, x4, x5, x6, x7 = _spread_input(pair, col_mask, WPG, BF16)
-        acc = w0 * x0[:, None]
-        acc += w1 * x1[:, None]
-        acc += w2 * x2[:, None]
-        acc += w3 * x3[:, None]
-        acc += w4 * x4[:, None]
-        acc += w5 * x5[:, None]
-        acc += w6 * x6[:, None]
-        acc += w7 * x7[:, None]
+        acc = _tile_products(
+            w0, w1, w2, w3, w4, w5, w6, w7,
+            x0[:, None], x1[:, None], x2[:, None], x3[:, None], x4[:, None], x5[:, None], x6[:, None], x7[:, None],
+        )  # fmt: skip
     else:
         start: tl.constexpr = 0
         acc = tl.zeros((POS, BLOCK_N), dtype=tl.float32)
