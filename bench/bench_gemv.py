@@ -27,7 +27,10 @@ a reduction (``_read_kernel``'s probes): what each part of the kernels' work cos
 ``-x16-`` (``read-x4-pdl-early``) load the input with the same instructions over a window of a
 quarter or a sixteenth of ``-x-``'s (which wraps over the whole input at 1.1B: 2 or 0.5 KiB a
 program against 4 or 8): whether the input's cost is its bytes (programs of more rows would cut
-it) or one round trip after the wait (they would not).
+it) or one round trip after the wait (they would not). ``-r<n>-`` (``read-x16-r8-pdl-early``)
+adds to a probe a reduction across groups of ``n`` programs, as a split over K would need (each
+program's sum stored, an atomic count, the last to arrive adding its group's sums in order):
+what that reduction costs a stack beside the same probe without it.
 ``int4-interleaved-pdl`` and ``-pdl-early`` are torch_wo's kernels launched as ``+pdl`` and
 ``+pdl-early``; ``-pdl-early-onepass`` pins them to configs that load a row's whole weight in one
 tile; ``-pre`` (after ``-pdl`` or ``-pdl-early``)
@@ -78,6 +81,7 @@ if triton is not None:
         src, pairs, out, NUMEL, PAIRS, magic, c,
         BLOCK: tl.constexpr, USE_GDC: tl.constexpr, INPUT: tl.constexpr = False, MATH: tl.constexpr = False,
         src2=None, NUMEL2=0, SECOND: tl.constexpr = False, SHARE: tl.constexpr = 0,
+        counters=None, result=None, REDUCE: tl.constexpr = 0,
     ):  # fmt: skip
         """Read ``src``'s words, one program a block, and store their XOR (so the loads stay).
         ``USE_GDC``: 1, launched programmatically, the next kernel launched once this one's work is
@@ -93,7 +97,11 @@ if triton is not None:
         over a window of ``BLOCK >> SHARE`` pairs (a program's words share each pair, as
         ``2 ** SHARE`` times the rows of a program would share the input). ``SECOND``: the
         programs past ``src``'s read ``src2``'s ``NUMEL2`` words (a weight's codes, then its scales
-        and zero points, in one launch)."""
+        and zero points, in one launch). ``REDUCE`` (with a probe): the programs in groups of
+        ``REDUCE``, as a split over K would split a row's sum; each stores its sum, counts itself in
+        its group's ``counters`` slot (an atomic add, acquire-release), and the last to arrive
+        adds the group's sums in program order into ``result`` and zeroes the slot for the next
+        launch: what a deterministic reduction across programs costs after the arithmetic."""
         if USE_GDC == 2:
             tl.extra.cuda.gdc_launch_dependents()
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -135,22 +143,50 @@ if triton is not None:
             else:
                 acc = (x0 + x1) + (x2 + x3) + (word & 1).to(tl.float32)
             tl.store(out + tl.program_id(0), tl.sum(acc, 0))
+            if REDUCE:
+                _last_arriver_sum(out, counters, result, REDUCE)
         else:
             tl.store(out + tl.program_id(0), tl.xor_sum(words, 0))
         if USE_GDC == 1:
             tl.extra.cuda.gdc_launch_dependents()
 
+    @triton.jit
+    def _last_arriver_sum(out, counters, result, REDUCE: tl.constexpr):
+        """``_read_kernel``'s reduction across programs (``REDUCE``): after this program's sum is
+        stored, the last of its group to arrive sums the group's, in program order."""
+        pid = tl.program_id(0)
+        group = pid // REDUCE
+        members = tl.minimum(REDUCE, tl.num_programs(0) - group * REDUCE)
+        tl.debug_barrier()  # every thread's store before the count
+        arrived = tl.atomic_add(counters + group, 1, sem="acq_rel")
+        if arrived == members - 1:
+            first = group * REDUCE + tl.arange(0, REDUCE)
+            sums = tl.load(out + first, mask=first < group * REDUCE + members, other=0.0, cache_modifier=".cg")
+            tl.store(result + group, tl.sum(sums, 0))
+            tl.store(counters + group, 0)
+
 
 def read_call(
-    nbytes: int, pdl: int, x: torch.Tensor | None = None, input_loads: bool = False, math: bool = False, share: int = 0
+    nbytes: int,
+    pdl: int,
+    x: torch.Tensor | None = None,
+    input_loads: bool = False,
+    math: bool = False,
+    share: int = 0,
+    reduce: int = 0,
 ):
     """A zero-argument call that reads ``nbytes`` of fresh memory with the read kernel (``pdl``:
     its ``USE_GDC``), as a kernel a linear would read its weight and nothing more; or, a probe,
     with a part of an int4 kernel's work after the wait: ``input_loads`` from ``x`` (a bf16 row,
-    4-byte aligned; ``share``: the kernel's ``SHARE``), the arithmetic (``math``), or both. A
-    plain read's call has a ``check``."""
+    4-byte aligned; ``share``: the kernel's ``SHARE``), the arithmetic (``math``), or both, and
+    with ``reduce`` a reduction across groups of that many programs. A plain read's call, and a
+    reducing probe's, have a ``check``."""
     if share and not input_loads:
         raise ValueError("share applies to the input's loads")
+    if reduce and (not (input_loads or math) or reduce & (reduce - 1) or reduce > 64):
+        raise ValueError(
+            f"a reduction (reduce={reduce}) follows a probe's sum, across a power of two up to 64 programs"
+        )
     if triton is None:
         raise RuntimeError("the read stacks need Triton")
     src = torch.randint(-(2**31), 2**31 - 1, (nbytes // 4,), dtype=torch.int32, device="cuda")
@@ -160,11 +196,15 @@ def read_call(
     pairs = x.reshape(-1).view(torch.int32) if input_loads else src  # unread without input loads
     power = 1 << (pairs.numel().bit_length() - 1)  # the most pairs a power of two covers
     options = {"launch_pdl": True} if pdl else {}  # sm_90 and later
+    groups = triton.cdiv(programs, reduce) if reduce else 1
+    counters = torch.zeros(groups, dtype=torch.int32, device=src.device)
+    result = torch.empty(groups, dtype=torch.float32, device=src.device)
 
     def call():
         _read_kernel[(programs,)](
             src, pairs, out, src.numel(), power, INT4_MAGIC, 0.5,
-            BLOCK=READ_BLOCK, USE_GDC=pdl, INPUT=input_loads, MATH=math, SHARE=share, num_warps=4, **options,
+            BLOCK=READ_BLOCK, USE_GDC=pdl, INPUT=input_loads, MATH=math, SHARE=share,
+            counters=counters, result=result, REDUCE=reduce, num_warps=4, **options,
         )  # fmt: skip
 
     def check() -> None:
@@ -173,8 +213,20 @@ def read_call(
         if int(out[0]) != want:
             raise RuntimeError(f"read kernel: {int(out[0])} where the block's XOR is {want}")
 
+    def check_reduced() -> None:
+        """Each group's result is the sum of its programs' sums, and every count is back at 0."""
+        padded = torch.zeros(groups * reduce, device=out.device)
+        padded[:programs] = out
+        want = padded.view(groups, reduce).sum(1)
+        if not torch.allclose(result, want, rtol=1e-5, atol=1e-3) or counters.any():
+            raise RuntimeError(
+                f"read kernel's reduction: {result[:4].tolist()} where the sums give {want[:4].tolist()}"
+            )
+
     if not probe:
         call.check = check
+    elif reduce:
+        call.check = check_reduced
     return call
 
 
@@ -497,6 +549,9 @@ STACK_METHODS = (
     "read-x-pdl-early",
     "read-x4-pdl-early",
     "read-x16-pdl-early",
+    "read-x16-r4-pdl-early",
+    "read-x16-r8-pdl-early",
+    "read-x16-r16-pdl-early",
     "read-math-pdl-early",
     "read-x-math-pdl-early",
 )
@@ -557,6 +612,12 @@ def _input_share(method: str) -> int | None:
     return ways.bit_length() - 1
 
 
+def _reduce_ways(method: str) -> int:
+    """A read probe's reduction across programs: ``-r8-`` 8 (``read_call``'s ``reduce``), else 0."""
+    found = re.search(r"-r(\d+)-", method)
+    return int(found[1]) if found else 0
+
+
 def _stack_call(method: str, x: torch.Tensor, n: int, k: int):
     """A stack's call of ``method`` on a fresh random ``n x k`` weight, and the bytes it reads."""
     from quantcore_torch import kernels
@@ -573,7 +634,8 @@ def _stack_call(method: str, x: torch.Tensor, n: int, k: int):
     if method.startswith("read"):  # the int4 bytes, read (and with -x, -math, a part of the work)
         pdl = {None: 0, "late": 1, "early": 2}[_trigger(method)]
         share = _input_share(method)
-        return read_call(nbytes, pdl, x, share is not None, "-math-" in method, share or 0), nbytes
+        probe = read_call(nbytes, pdl, x, share is not None, "-math-" in method, share or 0, _reduce_ways(method))
+        return probe, nbytes
     if method == "int4-triton":
         return (lambda: kernels._TRITON.int4_mm(x, p, s, z, GROUP, None)), nbytes
     if method == "int4-tinygemm":
