@@ -470,8 +470,14 @@ def _interleaved_input_tile(pairs, g, rj, mask, GROUP: tl.constexpr, BF16: tl.co
     """The eight inputs a tile's words (groups ``g``, words ``rj`` of a group) meet, each
     ``[len(g), len(rj)]`` in fp32: byte ``i`` of a word meets inputs ``2i`` and ``2i + 1`` of its
     pair run (``x_{2i}``, ``x_{2i+1}``), four runs of 32-bit pairs loaded like the words."""
-    WPG: tl.constexpr = GROUP // 8
     pair = pairs + g[:, None] * (GROUP // 2) + rj[None, :]  # byte i's pair: + i * WPG
+    return _pair_runs(pair, mask, GROUP // 8, BF16)
+
+
+@triton.jit
+def _pair_runs(pair, mask, WPG: tl.constexpr, BF16: tl.constexpr):
+    """The eight inputs the words at ``pair``'s places meet (fp32, ``pair``'s shape each): four
+    32-bit pairs, ``WPG`` (a group's words a row) apart, the first at ``pair``."""
     x0, x1 = _pair_to_float(tl.load(pair, mask=mask, other=0), BF16)
     x2, x3 = _pair_to_float(tl.load(pair + WPG, mask=mask, other=0), BF16)
     x4, x5 = _pair_to_float(tl.load(pair + 2 * WPG, mask=mask, other=0), BF16)
@@ -649,16 +655,6 @@ def _spread_tile(
 
 
 @triton.jit
-def _spread_input(pair, col_mask, WPG: tl.constexpr, BF16: tl.constexpr):
-    """The eight inputs of a :func:`_spread_rows` tile's positions (``[POS]`` each, fp32): four 32-bit pairs."""
-    x0, x1 = _pair_to_float(tl.load(pair, mask=col_mask, other=0), BF16)
-    x2, x3 = _pair_to_float(tl.load(pair + WPG, mask=col_mask, other=0), BF16)
-    x4, x5 = _pair_to_float(tl.load(pair + 2 * WPG, mask=col_mask, other=0), BF16)
-    x6, x7 = _pair_to_float(tl.load(pair + 3 * WPG, mask=col_mask, other=0), BF16)
-    return x0, x1, x2, x3, x4, x5, x6, x7
-
-
-@triton.jit
 def _spread_rows(
     x_ptr, w_ptr, sz_ptr, rn, n_mask, K, stride_wn, stride_sn, zero_offset, magic,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_GDC: tl.constexpr, PRE: tl.constexpr,
@@ -685,7 +681,7 @@ def _spread_rows(
         if USE_GDC:
             _before_the_wait(at, K < 0, w0, w1, w2, w3, w4, w5, w6, w7)
         _gdc_wait(USE_GDC)
-        x0, x1, x2, x3, x4, x5, x6, x7 = _spread_input(pair, col_mask, WPG, BF16)
+        x0, x1, x2, x3, x4, x5, x6, x7 = _pair_runs(pair, col_mask, WPG, BF16)
         acc = _tile_products(
             w0, w1, w2, w3, w4, w5, w6, w7,
             x0[:, None], x1[:, None], x2[:, None], x3[:, None], x4[:, None], x5[:, None], x6[:, None], x7[:, None],
@@ -699,7 +695,7 @@ def _spread_rows(
         )
         if k0 == 0:
             _gdc_wait(USE_GDC)
-        x0, x1, x2, x3, x4, x5, x6, x7 = _spread_input(pair, col_mask, WPG, BF16)
+        x0, x1, x2, x3, x4, x5, x6, x7 = _pair_runs(pair, col_mask, WPG, BF16)
         even = (x0 + x2) + (x4 + x6)  # codes at bit 16: offset 2**7
         odd = (x1 + x3) + (x5 + x7)  # codes at bit 12: offset 2**11
         t = z * (-(even + odd))[:, None] - (odd * 2048.0 + even * 128.0)[:, None]

@@ -685,12 +685,12 @@ def _pinned_configs(kernels) -> list:
     return sorted({config for shapes in kernels.INT4_INTERLEAVED_PINNED.values() for config in shapes.values()})
 
 
-def test_every_pinned_interleaved_config_computes_what_the_first_one_does(kernels, monkeypatch):
-    # The configs pinned by shape (INT4_INTERLEAVED_PINNED) run with no autotuner timing: each must
-    # give the plain, gate/up and q/k/v rotary kernels' results of the table's first config, bit
-    # for bit in fp16 (the same sums: a tile holds whole groups, each row sums in group order).
+def _interleaved_kernels_run(kernels, monkeypatch, seed: int):
+    """A function running one fp16 token through the interleaved plain, gate/up and q/k/v rotary
+    kernels (on a ``[256, 2048]`` weight of groups of 128, four q heads and two k/v heads of 32):
+    their outputs and the cache it writes, to compare configs by."""
     dispatch = _stub_cuda_dispatch(kernels, monkeypatch)
-    torch.manual_seed(5)
+    torch.manual_seed(seed)
     heads, kv_heads, head_dim, k, group = 4, 2, 32, 2048, 128
     n = (heads + 2 * kv_heads) * head_dim
     packed, scale, zero = quantize_int4((torch.randn(n, k) * 0.05).half(), group)
@@ -704,6 +704,14 @@ def test_every_pinned_interleaved_config_computes_what_the_first_one_does(kernel
         q = kernels.int4_interleaved_qkv_rope(x, *weight, cos, sin, keys, values, torch.tensor(1), heads * head_dim)
         return kernels.int4_interleaved_mm(x, *weight), kernels.int4_interleaved_gate_up_mm(x, *weight), q, keys, values
 
+    return run
+
+
+def test_every_pinned_interleaved_config_computes_what_the_first_one_does(kernels, monkeypatch):
+    # The configs pinned by shape (INT4_INTERLEAVED_PINNED) run with no autotuner timing: each must
+    # give the plain, gate/up and q/k/v rotary kernels' results of the table's first config, bit
+    # for bit in fp16 (the same sums: a tile holds whole groups, each row sums in group order).
+    run = _interleaved_kernels_run(kernels, monkeypatch, seed=5)
     expected = run()
     launchers = (kernels._INT4_INTERLEAVED, kernels._INT4_INTERLEAVED_ROPE)
     for block_n, block_k, warps, prefetch in _pinned_configs(kernels):
@@ -720,21 +728,7 @@ def test_spread_configs_compute_what_the_first_config_does(kernels, monkeypatch,
     # SPREAD (a program's rows in each thread's registers) through the plain, gate/up and q/k/v
     # rotary kernels: the same outputs as the table's first config, to the rounding of summing in
     # another order (one fp16 ulp of an output, where it rounds across a boundary).
-    dispatch = _stub_cuda_dispatch(kernels, monkeypatch)
-    torch.manual_seed(7)
-    heads, kv_heads, head_dim, k, group = 4, 2, 32, 2048, 128
-    n = (heads + 2 * kv_heads) * head_dim
-    packed, scale, zero = quantize_int4((torch.randn(n, k) * 0.05).half(), group)
-    layout = dispatch.int4_interleaved_layout(packed, scale, zero, k, group)
-    weight = (layout.weight, layout.scales_and_zeros, group, None)
-    x = torch.randn(1, k).half()
-    cos, sin = torch.rand(1, 1, head_dim).half(), torch.rand(1, 1, head_dim).half()
-
-    def run():
-        keys, values = torch.zeros(2, 1, kv_heads, 4, head_dim).half()
-        q = kernels.int4_interleaved_qkv_rope(x, *weight, cos, sin, keys, values, torch.tensor(1), heads * head_dim)
-        return kernels.int4_interleaved_mm(x, *weight), kernels.int4_interleaved_gate_up_mm(x, *weight), q, keys, values
-
+    run = _interleaved_kernels_run(kernels, monkeypatch, seed=7)
     expected = run()
     config = {"BLOCK_N": block_n, "BLOCK_K": block_k, "PREFETCH": False, "SPREAD": True}
     for launcher in (kernels._INT4_INTERLEAVED, kernels._INT4_INTERLEAVED_ROPE):
