@@ -388,12 +388,15 @@ def _switch(environ, name: str) -> bool | None:
 # times a layer alone, its weight in L2, and its picks cost up to 4 us a layer more at 2048x5632
 # in that sweep, and differ from call to call: one fold's 1.1B step measured 1.018 ms in one call
 # and 1.139 ms in the next. These shapes run their pinned config with no timing; others autotune.
+# A fifth field, True, sets SPREAD (a program's rows in each thread's registers, its input loaded
+# once): 1.1B's down with it took 412 to 415 us of the 88-linear stack against 428 (two-row
+# programs), and a decode step 0.670 ms against 0.683, the same tokens (H100, one call each).
 INT4_INTERLEAVED_PINNED: dict[str, dict[tuple[int, int], tuple]] = {
     "H100": {
         (2560, 2048): (2, 2048, 2, False),  # 1.1B q/k/v
         (2048, 2048): (2, 2048, 2, False),  # 1.1B o
         (11264, 2048): (8, 1024, 4, False),  # 1.1B gate/up
-        (2048, 5632): (2, 2048, 2, False),  # 1.1B down
+        (2048, 5632): (8, 2048, 8, False, True),  # 1.1B down, SPREAD (the twenty-fourth run)
         (12288, 4096): (8, 1024, 1, False),  # 7B q/k/v
         (4096, 4096): (4, 2048, 2, False),  # 7B o
         (22016, 4096): (4, 1024, 1, False),  # 7B gate/up

@@ -397,7 +397,7 @@ def test_dequantizing_before_the_wait_only_where_the_tile_fits_the_registers(ker
     assert fits(1, 2048, 1) and not fits(1, 4096, 1) and fits(4, 2048, 4) and not fits(4, 2048, 2)
     pins = kernels.INT4_INTERLEAVED_PINNED["H100"]
     small = {(2560, 2048), (2048, 2048), (11264, 2048), (2048, 5632)}
-    assert {shape for shape, (n, k, warps, _) in pins.items() if fits(n, k, warps)} == small
+    assert {shape for shape, (n, k, warps, *_) in pins.items() if fits(n, k, warps)} == small
     assert len(pins) == 8
 
 
@@ -681,8 +681,16 @@ def test_the_decode_attention_split_configs_give_the_same_attention(kernels, mon
         dispatch.decode_attention(q, keys, values, row, 32**-0.5)
 
 
-def _pinned_configs(kernels) -> list:
-    return sorted({config for shapes in kernels.INT4_INTERLEAVED_PINNED.values() for config in shapes.values()})
+def _pinned_configs(kernels) -> list[tuple[triton.Config, bool]]:
+    """Every config pinned by shape, and whether it sets ``SPREAD`` (a fifth field, True)."""
+    pins = sorted({pin for shapes in kernels.INT4_INTERLEAVED_PINNED.values() for pin in shapes.values()})
+    configs = []
+    for block_n, block_k, warps, prefetch, *spread in pins:
+        config = {"BLOCK_N": block_n, "BLOCK_K": block_k, "PREFETCH": prefetch}
+        if spread and spread[0]:
+            config["SPREAD"] = True
+        configs.append((triton.Config(config, num_warps=warps), bool(spread and spread[0])))
+    return configs
 
 
 def _interleaved_kernels_run(kernels, monkeypatch, seed: int):
@@ -710,17 +718,22 @@ def _interleaved_kernels_run(kernels, monkeypatch, seed: int):
 def test_every_pinned_interleaved_config_computes_what_the_first_one_does(kernels, monkeypatch):
     # The configs pinned by shape (INT4_INTERLEAVED_PINNED) run with no autotuner timing: each must
     # give the plain, gate/up and q/k/v rotary kernels' results of the table's first config, bit
-    # for bit in fp16 (the same sums: a tile holds whole groups, each row sums in group order).
+    # for bit in fp16 (the same sums: a tile holds whole groups, each row sums in group order); a
+    # SPREAD pin sums a group's words in another order, so within an fp16 rounding.
     run = _interleaved_kernels_run(kernels, monkeypatch, seed=5)
     expected = run()
     launchers = (kernels._INT4_INTERLEAVED, kernels._INT4_INTERLEAVED_ROPE)
-    for block_n, block_k, warps, prefetch in _pinned_configs(kernels):
-        config = triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k, "PREFETCH": prefetch}, num_warps=warps)
+    configs = _pinned_configs(kernels)
+    assert any(spread for _, spread in configs) and not all(spread for _, spread in configs)
+    for config, spread in configs:
         for launcher in launchers:
             monkeypatch.setattr(launcher.kernel, "configs", [config])
             monkeypatch.setattr(launcher, "compiled", {})
         for out, ref in zip(run(), expected, strict=True):
-            torch.testing.assert_close(out, ref, rtol=0, atol=0, msg=f"config {config}")
+            if spread:
+                assert _error(out, ref) < ROUNDING[torch.float16], f"config {config}"
+            else:
+                torch.testing.assert_close(out, ref, rtol=0, atol=0, msg=f"config {config}")
 
 
 @pytest.mark.parametrize(("block_n", "block_k", "warps"), [(8, 1024, 4), (4, 2048, 8)], ids=str)
@@ -745,8 +758,11 @@ def test_pins_are_by_card_and_shape(kernels, monkeypatch):
     # QUANTCORE_TRITON_PINNED=0 get None (the autotuner's configs).
     monkeypatch.setattr(kernels, "_device_name", lambda index: "NVIDIA H100 80GB HBM3")
     gpu = torch.device("cuda", 0)
-    pinned = kernels._pinned(2048, 5632, gpu)
+    pinned = kernels._pinned(2048, 2048, gpu)
     assert pinned.kwargs == {"BLOCK_N": 2, "BLOCK_K": 2048, "PREFETCH": False} and pinned.num_warps == 2
+    spread = kernels._pinned(2048, 5632, gpu)  # a fifth field: SPREAD
+    assert spread.kwargs == {"BLOCK_N": 8, "BLOCK_K": 2048, "PREFETCH": False, "SPREAD": True}
+    assert spread.num_warps == 8 and spread.num_stages == 1
     assert kernels._pinned(2048, 5633, gpu) is None and kernels._pinned(2048, 5632, torch.device("cpu")) is None
     assert kernels.pinned_setting({}) is True and kernels.pinned_setting({"QUANTCORE_TRITON_PINNED": "1"}) is True
     assert kernels.pinned_setting({"QUANTCORE_TRITON_PINNED": "0"}) is False
