@@ -539,6 +539,7 @@ STACK_METHODS = (
     "int4-interleaved-pdl-early-onepass",
     "int4-interleaved-pdl-pre",
     "int4-interleaved-pdl-early-pre",
+    "int4-interleaved-fold-pdl-early-pre",
     "int4-interleaved-l2",
     "int4-interleaved-pdl-early-l2",
     "int4-interleaved-pdl-early-pre-l2",
@@ -570,9 +571,12 @@ def run_stack(model: str, bandwidth: float, fused: bool, methods=STACK_METHODS) 
         calls, nbytes = [], 0
         xs = {k: torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for _, k in shapes}
         made = {}
-        for _ in range(layers):
-            for n, k in shapes:
-                if (n, k) not in made or not in_l2:
+        fold = FoldedStack(layers, shapes) if "-fold" in method else None
+        for layer in range(layers):
+            for role, (n, k) in enumerate(shapes):
+                if fold is not None:
+                    made[n, k] = fold.call(layer, role, xs[k])
+                elif (n, k) not in made or not in_l2:
                     made[n, k] = _stack_call(method, xs[k], n, k)
                 calls.append(made[n, k][0])
                 nbytes += made[n, k][1]
@@ -645,6 +649,42 @@ def _stack_call(method: str, x: torch.Tensor, n: int, k: int):
     if layout is None:
         raise RuntimeError(f"{method}: no layout for {n}x{k}")
     return (lambda: kernels.int4_weight_only_linear(x, p, s, z, GROUP, None, layout)), nbytes
+
+
+class FoldedStack:
+    """A fused stack's linears with a decoder layer's norms and residual adds in their kernels
+    (``quantcore_torch._fold``): q+k+v and gate+up scale their sums by a norm's counter, o and
+    down add the residual, write the next norm's input and add to its counter, as a folded layer
+    would run them (counters per layer and norm, each cleared by the block after its reader).
+    gate+up stays a plain projection, as in the other stacks: the fold's cost alone."""
+
+    def __init__(self, layers: int, shapes: list[tuple[int, int]]) -> None:
+        hidden = shapes[1][0]
+        self.layers = layers
+        self.attn = [torch.zeros((), dtype=torch.int64, device="cuda") for _ in range(layers)]
+        self.mlp = [torch.zeros((), dtype=torch.int64, device="cuda") for _ in range(layers)]
+        self.h = torch.randn(1, hidden, device="cuda", dtype=torch.bfloat16)
+        self.gain = torch.rand(hidden, device="cuda", dtype=torch.bfloat16) + 0.5
+        self.shapes = shapes
+
+    def call(self, layer: int, role: int, x: torch.Tensor):
+        from quantcore_torch import _fold, kernels
+        from quantcore_torch.packing import quantize_int4
+
+        n, k = self.shapes[role]
+        w = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
+        p, s, z = quantize_int4(w, GROUP)
+        layout = kernels.int4_interleaved_layout(p, s, z, k, GROUP)
+        weight = (layout.weight, layout.scales_and_zeros, GROUP, None)
+        nbytes = tensor_bytes(p, s, z)
+        if role in (0, 2):  # q+k+v, gate+up: a norm's counter scales the sums
+            sq = (self.attn if role == 0 else self.mlp)[layer]
+            return (lambda: _fold.int4_interleaved_norm_mm(x, *weight, sq, 1e-5)), nbytes
+        if role == 1:  # o: the MLP's norm counted, the attention's (read by q+k+v) cleared
+            sq, clear = self.mlp[layer], self.attn[layer]
+        else:  # down: the next layer's attention norm counted, this MLP's cleared
+            sq, clear = self.attn[(layer + 1) % self.layers], self.mlp[layer]
+        return (lambda: _fold.int4_interleaved_residual_mm(x, *weight, self.h, self.gain, sq, clear)), nbytes
 
 
 def _one_pass_configs(shapes: list[tuple[int, int]]) -> dict:

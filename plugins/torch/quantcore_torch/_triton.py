@@ -547,11 +547,12 @@ def _tile_products(w0, w1, w2, w3, w4, w5, w6, w7, x0, x1, x2, x3, x4, x5, x6, x
 def _interleaved_rows(
     x_ptr, w_ptr, sz_ptr, rn, n_mask, K, stride_wn, stride_sn, zero_offset, magic,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr, USE_GDC: tl.constexpr,
-    PRE: tl.constexpr,
+    PRE: tl.constexpr, early_ptr, EARLY: tl.constexpr,
 ):  # fmt: skip
     """The interleaved int4 one-row kernels' sums (see :func:`_int4_interleaved_kernel`): the fp32
-    dot products of the input with the weight rows ``rn`` (``n_mask``: those that exist). ``PRE``
-    (with ``USE_GDC``): the first tile dequantized before the wait (:func:`_dequantized_tile`)."""
+    dot products of the input with the weight rows ``rn`` (``n_mask``: those that exist), and
+    :func:`_early_load`'s value. ``PRE`` (with ``USE_GDC``): the first tile dequantized before the
+    wait (:func:`_dequantized_tile`)."""
     GROUPS: tl.constexpr = BLOCK_K // GROUP
     WPG: tl.constexpr = GROUP // 8  # words a group, a row
     BF16: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16
@@ -572,6 +573,7 @@ def _interleaved_rows(
         if USE_GDC:  # computed before the wait, not sunk past it to their uses
             _before_the_wait(w32 + row + first[:, None, :], K < 0, w0, w1, w2, w3, w4, w5, w6, w7)
         _gdc_wait(USE_GDC)
+        early = _early_load(early_ptr, EARLY)
         x0, x1, x2, x3, x4, x5, x6, x7 = _interleaved_input_tile(pairs, rg, rj, first_mask, GROUP, BF16)
         acc = _tile_products(
             w0, w1, w2, w3, w4, w5, w6, w7,
@@ -581,6 +583,8 @@ def _interleaved_rows(
     else:
         start: tl.constexpr = 0
         acc = tl.zeros((GROUPS, BLOCK_N, WPG), dtype=tl.float32)
+        if not USE_GDC:  # no wait: stream order
+            early = _early_load(early_ptr, EARLY)
     if PREFETCH:
         ahead = first + start // 8
         word = tl.load(w32 + row + ahead[:, None, :], mask=n_mask[None, :, None] & (ahead < words)[:, None, :], other=0)
@@ -621,7 +625,21 @@ def _interleaved_rows(
         if PREFETCH:
             word = upcoming
     _gdc_done(USE_GDC)
-    return tl.sum(tl.sum(acc, axis=2), axis=0)
+    if not PRE and USE_GDC:  # the wait was in the loop
+        early = _early_load(early_ptr, EARLY)
+    return tl.sum(tl.sum(acc, axis=2), axis=0), early
+
+
+@triton.jit
+def _early_load(ptr, EARLY: tl.constexpr):
+    """``ptr[0]`` with ``EARLY`` (else 0), loaded as soon as the kernel may read what the kernel
+    before wrote: right after the wait, with the first input loads, where a load after the sums
+    would add a round trip to every program's end (a norm's counter, :mod:`._fold`)."""
+    if EARLY:  # noqa: SIM108 - a constexpr branch: Triton compiles only the one taken
+        value = tl.load(ptr)
+    else:
+        value = 0
+    return value
 
 
 @triton.jit
@@ -661,6 +679,7 @@ def _spread_tile(
 def _spread_rows(
     x_ptr, w_ptr, sz_ptr, rn, n_mask, K, stride_wn, stride_sn, zero_offset, magic,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_GDC: tl.constexpr, PRE: tl.constexpr,
+    early_ptr, EARLY: tl.constexpr,
 ):  # fmt: skip
     """:func:`_interleaved_rows` with a tile's rows in each thread's registers (``SPREAD``): tiles
     of ``[BLOCK_K // 8, BLOCK_N]`` words, positions along the threads (:func:`_spread_positions`).
@@ -684,6 +703,7 @@ def _spread_rows(
         if USE_GDC:
             _before_the_wait(at, K < 0, w0, w1, w2, w3, w4, w5, w6, w7)
         _gdc_wait(USE_GDC)
+        early = _early_load(early_ptr, EARLY)
         x0, x1, x2, x3, x4, x5, x6, x7 = _pair_runs(pair, col_mask, WPG, BF16)
         acc = _tile_products(
             w0, w1, w2, w3, w4, w5, w6, w7,
@@ -692,6 +712,8 @@ def _spread_rows(
     else:
         start: tl.constexpr = 0
         acc = tl.zeros((POS, BLOCK_N), dtype=tl.float32)
+        if not USE_GDC:  # no wait: stream order
+            early = _early_load(early_ptr, EARLY)
     for k0 in range(start, K, BLOCK_K):
         word, _, s, z, pair, col_mask = _spread_tile(
             x_ptr, w_ptr, sz_ptr, row, params_row, n_mask, k0, words, zero_offset, POS, WPG
@@ -715,27 +737,30 @@ def _spread_rows(
         t += _offset_nibble(magic, half, 16) * x0[:, None]
         acc += s * t
     _gdc_done(USE_GDC)
-    return tl.sum(acc, axis=0)
+    if not PRE and USE_GDC:  # the wait was in the loop
+        early = _early_load(early_ptr, EARLY)
+    return tl.sum(acc, axis=0), early
 
 
 @triton.jit
 def _rows(
     x_ptr, w_ptr, sz_ptr, rn, n_mask, K, stride_wn, stride_sn, zero_offset, magic,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr, USE_GDC: tl.constexpr,
-    PRE: tl.constexpr, SPREAD: tl.constexpr,
+    PRE: tl.constexpr, SPREAD: tl.constexpr, early_ptr, EARLY: tl.constexpr,
 ):  # fmt: skip
-    """The interleaved kernels' sums: :func:`_spread_rows` with ``SPREAD``, else :func:`_interleaved_rows`."""
+    """The interleaved kernels' sums: :func:`_spread_rows` with ``SPREAD``, else
+    :func:`_interleaved_rows`; and :func:`_early_load`'s value (``early_ptr``, ``EARLY``)."""
     if SPREAD:
-        out = _spread_rows(
+        out, early = _spread_rows(
             x_ptr, w_ptr, sz_ptr, rn, n_mask, K, stride_wn, stride_sn, zero_offset, magic,
-            GROUP, BLOCK_N, BLOCK_K, USE_GDC, PRE,
+            GROUP, BLOCK_N, BLOCK_K, USE_GDC, PRE, early_ptr, EARLY,
         )  # fmt: skip
     else:
-        out = _interleaved_rows(
+        out, early = _interleaved_rows(
             x_ptr, w_ptr, sz_ptr, rn, n_mask, K, stride_wn, stride_sn, zero_offset, magic,
-            GROUP, BLOCK_N, BLOCK_K, PREFETCH, USE_GDC, PRE,
+            GROUP, BLOCK_N, BLOCK_K, PREFETCH, USE_GDC, PRE, early_ptr, EARLY,
         )  # fmt: skip
-    return out
+    return out, early
 
 
 @triton.autotune(
@@ -788,9 +813,9 @@ def _int4_interleaved_kernel(
     :func:`_store_gate_up`).
     """
     rn, n_mask = _tile_rows(N, BLOCK_N, GATE_UP)
-    out = _rows(
+    out, _ = _rows(
         x_ptr, w_ptr, sz_ptr, rn, n_mask, K, stride_wn, stride_sn, zero_offset, magic,
-        GROUP, BLOCK_N, BLOCK_K, PREFETCH, USE_GDC, PRE, SPREAD,
+        GROUP, BLOCK_N, BLOCK_K, PREFETCH, USE_GDC, PRE, SPREAD, x_ptr, False,
     )  # fmt: skip
     if GATE_UP:
         _store_gate_up(out, b_ptr, y_ptr, rn, n_mask, N, BLOCK_N, HAS_BIAS)
@@ -900,9 +925,9 @@ def _int4_interleaved_rope_kernel(
     ``pos_ptr[0]`` (none where it is past the cache): the rotation and the cache writes of a decode
     step in the projection's epilogue."""
     rn, n_mask = _rope_tile_rows(N, ROTATED, HALF, BLOCK_N)
-    out = _rows(
+    out, _ = _rows(
         x_ptr, w_ptr, sz_ptr, rn, n_mask, K, stride_wn, stride_sn, zero_offset, magic,
-        GROUP, BLOCK_N, BLOCK_K, PREFETCH, USE_GDC, PRE, SPREAD,
+        GROUP, BLOCK_N, BLOCK_K, PREFETCH, USE_GDC, PRE, SPREAD, x_ptr, False,
     )  # fmt: skip
     _store_qkv_rope(
         out, b_ptr, q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, rn, n_mask, NQ, ROTATED, cache_len,

@@ -782,3 +782,98 @@ def test_compiled_layers_share_one_mask_and_advance_their_counters_in_the_attent
     assert len(attention) == 8 and len(names) - len(attention) <= 1, names
     assert all(c.item() == 102 for c in counters)
     torch._dynamo.reset()
+
+
+def _folded_layer_weights(hidden: int, inner: int, heads_out: int, dtype):
+    """1.1B-shaped interleaved int4 weights for a folded layer's four projections (q+k+v, o,
+    gate+up, down) with their dequantized fp32 weights."""
+    from quantcore_torch.packing import dequantize_int4
+
+    weights = {}
+    for name, (n, k) in {
+        "qkv": (heads_out, hidden),
+        "o": (hidden, hidden),
+        "gate_up": (2 * inner, hidden),
+        "down": (hidden, inner),
+    }.items():
+        module = _module(n, k, 4, 128, dtype, "cuda", bias=False)
+        layout = kernels.int4_interleaved_layout(module.qweight, module.scale, module.zero, k, 128)
+        dense = dequantize_int4(module.qweight, module.scale, module.zero, k, 128, torch.float32)
+        weights[name] = ((layout.weight, layout.scales_and_zeros, 128, None), dense)
+    return weights
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_a_folded_layer_matches_the_unfused_ops_and_replays_the_same_bits(dtype):
+    # A 1.1B layer's four projections with its norms and residual adds folded
+    # (quantcore_torch._fold) on the card's pinned configs, three layers in a CUDA graph: each
+    # block's counters cleared by the block after its reader, so every replay gives the same
+    # bits (fixed-point counters: no order dependence); against transformers' unfused ops
+    # (residual adds, RMSNorm, the projections on the dequantized weights), within rounding.
+    from quantcore_torch import _fold
+
+    hidden, inner, eps, layers = 2048, 5632, 1e-5, 3
+    weights = _folded_layer_weights(hidden, inner, 2560, dtype)
+    gen = torch.Generator("cuda").manual_seed(1)
+    attn_out = torch.randn(1, hidden, dtype=dtype, device="cuda", generator=gen)
+    g1, g2 = (torch.rand(2, hidden, device="cuda", generator=gen) + 0.5).to(dtype)
+    h0 = torch.randn(1, hidden, dtype=dtype, device="cuda", generator=gen) * 3
+    # attn[0]: the first layer's, as a model's embedding step would set it; the others start at
+    # zero, as the block before adds to them; `final` takes the last layer's (the model's norm).
+    attn = [_fold.sumsq_counter(h0)] + [_fold.sumsq_counter(device="cuda") for _ in range(layers - 1)]
+    mlp = [_fold.sumsq_counter(device="cuda") for _ in range(layers)]
+    final = _fold.sumsq_counter(device="cuda")
+    xn0 = g1 * h0
+
+    def step():
+        h, xn, outs = h0, xn0, []
+        for i in range(layers):  # the attention's output stands in for attention(q)
+            q = _fold.int4_interleaved_norm_mm(xn, *weights["qkv"][0], attn[i], eps)
+            h, xn = _fold.int4_interleaved_residual_mm(
+                attn_out + q[:, :hidden] * 0.01, *weights["o"][0], h, g2, mlp[i], attn[i]
+            )
+            a = _fold.int4_interleaved_norm_mm(xn, *weights["gate_up"][0], mlp[i], eps, gate_up=True)
+            nxt = attn[i + 1] if i + 1 < layers else final
+            h, xn = _fold.int4_interleaved_residual_mm(a, *weights["down"][0], h, g1, nxt, mlp[i])
+            outs += [q, a, h]
+        outs.append(final.clone())
+        attn[0].copy_(_fold.sumsq_counter(h0))
+        final.zero_()
+        return outs
+
+    def reference():
+        h, outs = h0, []
+        for _ in range(layers):
+            q = torch.nn.functional.linear(_rms(h, g1, eps).float(), weights["qkv"][1]).to(dtype)
+            o = torch.nn.functional.linear((attn_out + q[:, :hidden] * 0.01).float(), weights["o"][1]).to(dtype)
+            h = h + o
+            gate, up = (
+                torch.nn.functional.linear(_rms(h, g2, eps).float(), weights["gate_up"][1]).to(dtype).chunk(2, -1)
+            )
+            a = torch.nn.functional.silu(gate) * up
+            h = h + torch.nn.functional.linear(a.float(), weights["down"][1]).to(dtype)
+            outs += [q, a, h]
+        return outs
+
+    with torch.no_grad():
+        eager = step()
+        for out, ref in zip(eager[:-1], reference(), strict=True):
+            assert relative_error(out, ref) < ROUNDING[dtype] * 2
+        # The last hidden state's sum of squares, in fixed point; each other counter cleared.
+        assert abs(eager[-1].item() - _fold.sumsq_counter(eager[-2]).item()) < 1e-6 * eager[-1].item()
+        assert all(c.item() == 0 for c in mlp + attn[1:])
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = step()
+        for _ in range(3):
+            graph.replay()
+            torch.cuda.synchronize()
+            for a, b in zip(captured, eager, strict=True):
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def _rms(h: torch.Tensor, gain: torch.Tensor, eps: float) -> torch.Tensor:
+    hf = h.float()
+    return gain * (hf * torch.rsqrt(hf.square().mean(-1, keepdim=True) + eps)).to(h.dtype)

@@ -777,3 +777,111 @@ def test_pins_are_by_card_and_shape(kernels, monkeypatch):
     configs = kernels._int4_interleaved_kernel.configs
     x = torch.empty(1)
     assert kernels._prune_interleaved(configs, {"N": 2048, "K": 5632, "x_ptr": x}, GROUP=128) == configs
+
+
+def _rms_norm(h: torch.Tensor, gain: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' LlamaRMSNorm: ``gain * (h * rsqrt(mean(h**2) + eps)).to(dtype)``."""
+    hf = h.float()
+    return gain * (hf * torch.rsqrt(hf.square().mean(-1, keepdim=True) + eps)).to(h.dtype)
+
+
+@pytest.mark.parametrize("dtype", list(ROUNDING), ids=str)
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_a_block_boundary_folded_into_the_interleaved_kernels(kernels, monkeypatch, dtype, bias):
+    # o_proj then the MLP's gate/up, folded (quantcore_torch._fold): the residual kernel adds the
+    # residual, writes g * h and adds sum(h**2) to a counter; the norm kernel takes g * h and
+    # scales its sums by the counter's rsqrt. Against transformers' unfused ops (the residual add,
+    # RMSNorm, the projections on the dequantized weights, silu(gate) * up), within rounding.
+    from quantcore_torch import _fold
+
+    dispatch = _stub_cuda_dispatch(kernels, monkeypatch)
+    torch.manual_seed(3 + bias)
+    hidden, inner, heads, group, eps = 256, 96, 512, 128, 1e-5
+    weights = {}
+    for name, (n, k) in {"o": (hidden, heads), "gate_up": (2 * inner, hidden)}.items():
+        packed, scale, zero = quantize_int4((torch.randn(n, k) * 0.05).to(dtype), group)
+        layout = dispatch.int4_interleaved_layout(packed, scale, zero, k, group)
+        weights[name] = (
+            layout.weight,
+            layout.scales_and_zeros,
+            group,
+            dequantize_int4(packed, scale, zero, k, group, torch.float32),
+        )
+    b_o = torch.randn(hidden, dtype=dtype) if bias else None
+    b_gu = torch.randn(2 * inner, dtype=dtype) if bias else None
+    attn, h = torch.randn(1, heads, dtype=dtype), torch.randn(1, hidden, dtype=dtype) * 4
+    gain = (torch.rand(hidden) + 0.5).to(dtype)
+    sq, clear = _fold.sumsq_counter(device="cpu"), torch.tensor(77, dtype=torch.int64)
+    y, xn = _fold.int4_interleaved_residual_mm(attn, *weights["o"][:3], b_o, h, gain, sq, clear)
+    o = torch.nn.functional.linear(attn.float(), weights["o"][3], None if b_o is None else b_o.float()).to(dtype)
+    expected = h + o
+    assert _error(y, expected) < ROUNDING[dtype]
+    # g * h, rounded once, from the written h (bf16 within its last bit: the interpreter's
+    # conversions to bf16 truncate where a GPU's round to nearest).
+    torch.testing.assert_close(xn, gain * y, rtol=0 if dtype == torch.float16 else 2**-7, atol=0)
+    assert clear.item() == 0
+    # The counter: sum(h**2) in units of 2**-24, each program's share summed in fp32.
+    assert abs(sq.item() - _fold.sumsq_counter(y).item()) < 1e-6 * sq.item()
+    out = _fold.int4_interleaved_norm_mm(xn, *weights["gate_up"][:3], b_gu, sq, eps, gate_up=True)
+    normed = _rms_norm(expected, gain, eps)
+    gate, up = (
+        torch.nn.functional.linear(normed.float(), weights["gate_up"][3], None if b_gu is None else b_gu.float())
+        .to(dtype)
+        .chunk(2, -1)
+    )
+    ref = torch.nn.functional.silu(gate) * up
+    assert out.shape == (1, inner) and _error(out, ref) < ROUNDING[dtype] * 2
+    # Not without the norm: the counter's scale is applied.
+    plain = kernels.int4_interleaved_gate_up_mm(xn, *weights["gate_up"][:3], b_gu)
+    assert _error(out, plain) > 0.1
+    # A plain (not gated) first projection: the norm's scale, then the bias.
+    q = _fold.int4_interleaved_norm_mm(xn, *weights["gate_up"][:3], b_gu, sq, eps)
+    ref_q = torch.nn.functional.linear(normed.float(), weights["gate_up"][3], None if b_gu is None else b_gu.float())
+    assert _error(q, ref_q) < ROUNDING[dtype] * 2
+
+
+def test_the_folded_kernels_under_torch_compile(kernels, monkeypatch):
+    # The custom ops (fake outputs for tracing, the counters declared mutated): a compiled block
+    # boundary gives the eager one's bits and counts into the same counter.
+    from quantcore_torch import _fold
+
+    dispatch = _stub_cuda_dispatch(kernels, monkeypatch)
+    torch.manual_seed(4)
+    weight = {}
+    for name, (n, k) in {"o": (128, 256), "gate_up": (64, 128)}.items():
+        packed, scale, zero = quantize_int4(torch.randn(n, k).half() * 0.05, 128)
+        layout = dispatch.int4_interleaved_layout(packed, scale, zero, k, 128)
+        weight[name] = (layout.weight, layout.scales_and_zeros, 128, None)
+    x, h, gain = torch.randn(1, 256).half(), torch.randn(1, 128).half(), torch.rand(128).half() + 0.5
+
+    def boundary(x, h, sq, clear):
+        y, xn = _fold.int4_interleaved_residual_mm(x, *weight["o"], h, gain, sq, clear)
+        return y, _fold.int4_interleaved_norm_mm(xn, *weight["gate_up"], sq, 1e-6, gate_up=True)
+
+    counters = [_fold.sumsq_counter(device="cpu") for _ in range(4)]
+    eager = boundary(x, h, counters[0], counters[1])
+    torch._dynamo.reset()
+    compiled = torch.compile(boundary, fullgraph=True, backend="eager")(x, h, counters[2], counters[3])
+    for a, b in zip(compiled, eager, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert counters[2].item() == counters[0].item() > 0
+    assert compiled[1].shape == (1, 32)
+    torch._dynamo.reset()
+
+
+def test_the_folded_kernels_refuse_what_they_cannot_take(kernels, monkeypatch):
+    from quantcore_torch import _fold
+
+    dispatch = _stub_cuda_dispatch(kernels, monkeypatch)
+    packed, scale, zero = quantize_int4(torch.randn(64, 256).half(), 128)
+    layout = dispatch.int4_interleaved_layout(packed, scale, zero, 256, 128)
+    weight = (layout.weight, layout.scales_and_zeros, 128, None)
+    x, h, gain = torch.randn(1, 256).half(), torch.randn(1, 64).half(), torch.ones(64).half()
+    with pytest.raises(ValueError, match=r"a norm's counter is one int64 on cpu, got \(\) torch.float32"):
+        _fold.int4_interleaved_norm_mm(x, *weight, torch.zeros(()), 1e-5)
+    counter = _fold.sumsq_counter(device="cpu")
+    with pytest.raises(ValueError, match=r"the residual and the next norm's weight have the 64 outputs"):
+        _fold.int4_interleaved_residual_mm(x, *weight, h[:, :32], gain, counter, counter.clone())
+    with pytest.raises(ValueError, match=r"the residual in torch.float16"):
+        _fold.int4_interleaved_residual_mm(x, *weight, h.float(), gain, counter, counter.clone())
+    assert counter.item() == 0  # nothing launched
