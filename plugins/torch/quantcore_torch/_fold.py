@@ -20,7 +20,8 @@ follows the reader's end, clears it (``clear``).
 The rounding is the unfused layer's where it can be: the projection's output, the residual sum
 and ``g * h`` round to the activation's dtype as transformers' eager ops round them; ``r``
 multiplies the fp32 sums instead of the input before the product, a difference within the
-dtype's rounding. Imported by :mod:`quantcore_torch.kernels` where :mod:`._triton` imports.
+dtype's rounding. It imports where :mod:`._triton` does (Triton installed); no model layer calls
+it yet: ``bench/bench_gemv.py``'s ``int4-interleaved-fold-*`` stacks measure what it costs.
 """
 
 from __future__ import annotations
