@@ -907,6 +907,8 @@ def _int4_interleaved_rope_kernel(
     NQ,
     ROTATED,
     cache_len,
+    sq_ptr,
+    eps,
     GROUP: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HALF: tl.constexpr,
@@ -916,6 +918,7 @@ def _int4_interleaved_rope_kernel(
     USE_GDC: tl.constexpr = False,
     PRE: tl.constexpr = False,
     SPREAD: tl.constexpr = False,
+    NORM: tl.constexpr = False,
 ):
     """An attention's q, k and v projections stacked (``NQ`` q rows, then k's, then v's, ``N`` in
     all; ``ROTATED``: q's and k's) on the interleaved int4 layout (see
@@ -923,12 +926,16 @@ def _int4_interleaved_rope_kernel(
     ``cos_ptr`` / ``sin_ptr`` (``2 * HALF`` values, a head's), q written to ``q_ptr``, k and v
     into a static cache's ``[1, heads, cache_len, 2 * HALF]`` tensors at the position
     ``pos_ptr[0]`` (none where it is past the cache): the rotation and the cache writes of a decode
-    step in the projection's epilogue."""
+    step in the projection's epilogue. ``NORM``: the input is ``g * h`` and the sums are scaled by
+    the RMS norm's ``rsqrt(sum(h**2) / K + eps)``, ``sum(h**2)`` in fixed point at ``sq_ptr``
+    (:mod:`._fold`); without it ``sq_ptr`` and ``eps`` are not read."""
     rn, n_mask = _rope_tile_rows(N, ROTATED, HALF, BLOCK_N)
-    out, _ = _rows(
+    out, sq = _rows(
         x_ptr, w_ptr, sz_ptr, rn, n_mask, K, stride_wn, stride_sn, zero_offset, magic,
-        GROUP, BLOCK_N, BLOCK_K, PREFETCH, USE_GDC, PRE, SPREAD, x_ptr, False,
+        GROUP, BLOCK_N, BLOCK_K, PREFETCH, USE_GDC, PRE, SPREAD, sq_ptr, NORM,
     )  # fmt: skip
+    if NORM:
+        out = out * tl.math.rsqrt(sq.to(tl.float32) * (1.0 / 16777216.0) / K + eps)
     _store_qkv_rope(
         out, b_ptr, q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, rn, n_mask, NQ, ROTATED, cache_len,
         HALF, BLOCK_N, HAS_BIAS,
@@ -1593,8 +1600,11 @@ def qkv_rope_mismatch(x, n: int, cos, sin, keys, values, position, q_features: i
     return "the q/k/v rotary kernel needs " + "; ".join(problems) if problems else None
 
 
-def _int4_interleaved_rope_launch(x, words, sz, group_size: int, bias, cos, sin, keys, values, position, q_features):
-    """One token through :func:`_int4_interleaved_rope_kernel`: returns q, writes k and v."""
+def _int4_interleaved_rope_launch(
+    x, words, sz, group_size: int, bias, cos, sin, keys, values, position, q_features, sq=None, eps: float = 0.0
+):  # fmt: skip
+    """One token through :func:`_int4_interleaved_rope_kernel`: returns q, writes k and v; ``sq``
+    (a norm's counter, :mod:`._fold`): the kernel's ``NORM``, with ``eps``."""
     k = x.shape[-1]
     n = words.shape[0]
     problem = qkv_rope_mismatch(x, n, cos, sin, keys, values, position, q_features)
@@ -1606,13 +1616,20 @@ def _int4_interleaved_rope_launch(x, words, sz, group_size: int, bias, cos, sin,
     head = keys.shape[-1]
     rotated = q_features + keys.shape[1] * head
     q = x.new_empty((*x.shape[:-1], q_features))
+    if sq is not None and (sq.dtype != torch.int64 or sq.numel() != 1 or sq.device != x.device):
+        raise ValueError(
+            f"a norm's counter is one int64 on {x.device}, got {tuple(sq.shape)} {sq.dtype} on {sq.device}"
+        )
     inputs = (x, words, sz, sz if bias is None else bias, q, keys, values, cos, sin, position)
-    args = (*inputs, n, k, words.stride(0), sz.stride(1), sz.stride(0), INT4_MAGIC, q_features, rotated, keys.shape[2])
+    sizes = (n, k, words.stride(0), sz.stride(1), sz.stride(0), INT4_MAGIC, q_features, rotated, keys.shape[2])
+    args = (*inputs, *sizes, position if sq is None else sq, float(eps))
     aligned = tuple(t.data_ptr() % 16 == 0 for t in (keys, values, cos, sin, position))
+    norm = None if sq is None else sq.data_ptr() % 16 == 0
     key = (*_key(x, words, sz, bias), group_size, "rope", q_features, *keys.shape, cos.dtype, position.dtype, *aligned)
+    key += (norm,)
     if not _INT4_INTERLEAVED_ROPE.run_kept(key, args):
         constexprs = {"GROUP": group_size, "HAS_BIAS": bias is not None, "HALF": head // 2}
-        constexprs |= {"USE_GDC": False, "PRE": False}
+        constexprs |= {"USE_GDC": False, "PRE": False, "NORM": sq is not None}
         _eager(_INT4_INTERLEAVED_ROPE, key, x, _row_grid(n, False), args, constexprs)
     return q
 
@@ -1734,14 +1751,16 @@ def _int4_interleaved_qkv_rope_op(
     values: torch.Tensor,
     position: torch.Tensor,
     q_features: int,
+    sq: torch.Tensor | None = None,
+    eps: float = 0.0,
 ) -> torch.Tensor:
     return _int4_interleaved_rope_launch(
-        x.contiguous(), words, scales_and_zeros, group_size, bias, cos, sin, keys, values, position, q_features
+        x.contiguous(), words, scales_and_zeros, group_size, bias, cos, sin, keys, values, position, q_features, sq, eps
     )
 
 
 @_int4_interleaved_qkv_rope_op.register_fake
-def _(x, words, scales_and_zeros, group_size, bias, cos, sin, keys, values, position, q_features):
+def _(x, words, scales_and_zeros, group_size, bias, cos, sin, keys, values, position, q_features, sq=None, eps=0.0):
     return x.new_empty((*x.shape[:-1], q_features))
 
 
@@ -1833,18 +1852,22 @@ def int4_interleaved_qkv_rope(
     values: torch.Tensor,
     position: torch.Tensor,
     q_features: int,
+    sq: torch.Tensor | None = None,
+    eps: float = 0.0,
 ) -> torch.Tensor:
     """An attention's stacked q/k/v projections (:func:`int4_interleaved_mm`'s weight: ``q_features``
     q rows, then k's, then v's) for one token ``x``, with a decode step's rotary embedding and
     static-cache writes in the kernel's epilogue: returns q (``[..., q_features]``) rotated by
     ``cos`` and ``sin`` (one position's, a head's width), and writes k rotated and v into ``keys``
     and ``values`` (``[1, kv_heads, length, head_dim]``, contiguous) at ``position[0]``.
-    The rotation rounds as transformers' ``apply_rotary_pos_emb`` does in eager PyTorch."""
+    The rotation rounds as transformers' ``apply_rotary_pos_emb`` does in eager PyTorch. ``sq``:
+    ``x`` is ``g * h`` and the sums take the RMS norm's scale from this counter and ``eps``
+    (:func:`quantcore_torch._fold.int4_interleaved_norm_mm`)."""
     if torch.compiler.is_compiling():
         return _int4_interleaved_qkv_rope_op(
-            x, words, scales_and_zeros, group_size, bias, cos, sin, keys, values, position, q_features
+            x, words, scales_and_zeros, group_size, bias, cos, sin, keys, values, position, q_features, sq, eps
         )
     return _int4_interleaved_rope_launch(
         x if x.is_contiguous() else x.contiguous(), words, scales_and_zeros, group_size, bias,
-        cos, sin, keys, values, position, q_features,
+        cos, sin, keys, values, position, q_features, sq, eps,
     )  # fmt: skip

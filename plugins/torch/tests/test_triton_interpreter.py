@@ -840,6 +840,37 @@ def test_a_block_boundary_folded_into_the_interleaved_kernels(kernels, monkeypat
     assert _error(q, ref_q) < ROUNDING[dtype] * 2
 
 
+def test_the_rotary_kernel_takes_a_folded_norm(kernels, monkeypatch):
+    # The q/k/v rotary kernel with a norm's counter (NORM): its input g * h, its sums scaled by the
+    # counter's rsqrt before the rotation and the cache writes: q, k and v as the kernel gives them
+    # for the unfused norm's output, within rounding; a counter it cannot take is refused.
+    from quantcore_torch import _fold
+
+    dispatch = _stub_cuda_dispatch(kernels, monkeypatch)
+    torch.manual_seed(6)
+    heads, kv_heads, head_dim, k, group, eps = 4, 2, 32, 256, 128, 1e-5
+    n = (heads + 2 * kv_heads) * head_dim
+    packed, scale, zero = quantize_int4((torch.randn(n, k) * 0.05).half(), group)
+    layout = dispatch.int4_interleaved_layout(packed, scale, zero, k, group)
+    weight = (layout.weight, layout.scales_and_zeros, group, None)
+    h, gain = torch.randn(1, k).half() * 3, (torch.rand(k) + 0.5).half()
+    cos, sin = torch.rand(1, 1, head_dim).half(), torch.rand(1, 1, head_dim).half()
+    caches = [torch.zeros(2, 1, kv_heads, 4, head_dim).half() for _ in range(2)]
+    position = torch.tensor(2)
+    folded = kernels.int4_interleaved_qkv_rope(
+        gain * h, *weight, cos, sin, *caches[0], position, heads * head_dim, _fold.sumsq_counter(h), eps
+    )
+    plain = kernels.int4_interleaved_qkv_rope(
+        _rms_norm(h, gain, eps), *weight, cos, sin, *caches[1], position, heads * head_dim
+    )
+    assert _error(folded, plain) < ROUNDING[torch.float16]
+    assert _error(caches[0], caches[1]) < ROUNDING[torch.float16] and caches[0][:, :, :, 2].abs().sum() > 0
+    with pytest.raises(ValueError, match="a norm's counter is one int64"):
+        kernels.int4_interleaved_qkv_rope(
+            h, *weight, cos, sin, *caches[0], position, heads * head_dim, torch.zeros(1), eps
+        )
+
+
 def test_the_folded_kernels_under_torch_compile(kernels, monkeypatch):
     # The custom ops (fake outputs for tracing, the counters declared mutated): a compiled block
     # boundary gives the eager one's bits and counts into the same counter.
