@@ -8,9 +8,10 @@ holding a float weight:
 - ``weight`` is a *view*: reading it dequantizes (:meth:`QuantizedLinear.dequantize`) into a new
   tensor, so its shape, dtype and device are right and ``F.linear(x, layer.weight)`` matches the
   layer; nothing is kept, so memory stays quantized.
-- writing through the view's ``.data`` (``layer.weight.data = w``, ``layer.weight.data += delta``:
-  how PEFT merges an adapter) re-quantizes the written weight into the layer
-  (:meth:`QuantizedLinear.requantize_`); a backend that cannot do that raises a clear error.
+- writing through the view's ``.data`` (``layer.weight.data = w``, ``layer.weight.data += delta``,
+  ``layer.weight.data.copy_(w)``: how PEFT merges an adapter, the last since PEFT 0.22's safe
+  merge) re-quantizes the written weight into the layer (:meth:`QuantizedLinear.requantize_`); a
+  backend that cannot do that raises a clear error.
 - :func:`linear_recomputing_weight` is the matmul to use when gradients flow (training adapters
   on a frozen quantized base): its backward dequantizes the weight again instead of keeping the
   float weight of every layer alive until the backward pass.
@@ -34,8 +35,10 @@ class QuantizedWeightView(torch.Tensor):
     """The float weight a :class:`QuantizedLinear` stands for, computed when read.
 
     A plain tensor for every operation (results are ordinary tensors); only ``.data`` differs:
-    reading it gives the view itself, assigning it re-quantizes the layer. Writes that bypass
-    ``.data`` (``layer.weight.add_(x)``) change this copy only, as with any computed tensor.
+    assigning it re-quantizes the layer, and reading it gives a :class:`QuantizedWeightData`,
+    whose in-place methods (``layer.weight.data.copy_(w)``) re-quantize the layer too. Writes
+    that bypass ``.data`` (``layer.weight.add_(x)``) change this copy only, as with any computed
+    tensor.
     """
 
     _layer: QuantizedLinear
@@ -52,11 +55,45 @@ class QuantizedWeightView(torch.Tensor):
 
     @property
     def data(self) -> torch.Tensor:
-        return self
+        return QuantizedWeightData.of(self._layer, self)
 
     @data.setter
     def data(self, value: torch.Tensor) -> None:
         self._layer.requantize_(value)
+
+
+def _writing_through(name: str):
+    """``Tensor.<name>`` on a :class:`QuantizedWeightData`, then the layer re-quantized from it."""
+    method = getattr(torch.Tensor, name)
+
+    def write(self: QuantizedWeightData, *args, **kwargs):
+        method(self, *args, **kwargs)
+        self._layer.requantize_(torch.Tensor._make_subclass(torch.Tensor, self, False))
+        return self
+
+    write.__name__ = write.__qualname__ = name
+    return write
+
+
+class QuantizedWeightData(QuantizedWeightView):
+    """A :class:`QuantizedWeightView`'s ``.data``: its in-place methods (``copy_``, ``add_``,
+    ``sub_``, ``mul_``, ``div_``, ``zero_``, ``fill_``) change the tensor and re-quantize the layer
+    from it, as assigning ``.data`` does. Augmented assignment through the attribute
+    (``layer.weight.data += delta``) re-quantizes once, through the view's setter."""
+
+    @staticmethod
+    def of(layer: QuantizedLinear, weight: torch.Tensor) -> QuantizedWeightData:
+        data = torch.Tensor._make_subclass(QuantizedWeightData, weight, False)
+        data._layer = layer
+        return data
+
+    copy_ = _writing_through("copy_")
+    add_ = _writing_through("add_")
+    sub_ = _writing_through("sub_")
+    mul_ = _writing_through("mul_")
+    div_ = _writing_through("div_")
+    zero_ = _writing_through("zero_")
+    fill_ = _writing_through("fill_")
 
 
 class QuantizedLinear(nn.Linear):

@@ -149,6 +149,50 @@ def test_weight_view_cannot_be_replaced():
         layer.weight.data = torch.zeros(64, 32)
 
 
+@pytest.mark.parametrize(
+    "write",
+    [
+        lambda layer, w: setattr(layer.weight, "data", w),  # PEFT < 0.22's safe merge
+        lambda layer, w: layer.weight.data.copy_(w),  # PEFT 0.22's safe merge
+        lambda layer, w: layer.weight.data.add_(w - layer.weight),
+        lambda layer, w: layer.weight.data.sub_(layer.weight - w),
+    ],
+    ids=["assign", "copy_", "add_", "sub_"],
+)
+def test_every_write_through_the_weight_views_data_requantizes_once(write, monkeypatch):
+    # The ways libraries write a merged weight through .data: each re-quantizes the layer once,
+    # and the layer then computes with the written weight (to int8's rounding).
+    torch.manual_seed(0)
+    layer = WeightOnlyLinear.from_linear(nn.Linear(64, 32), bits=8)
+    target = torch.randn(32, 64) * 0.05
+    calls = []
+    requantize = WeightOnlyLinear.requantize_
+    monkeypatch.setattr(WeightOnlyLinear, "requantize_", lambda self, w: calls.append(1) or requantize(self, w))
+    write(layer, target)
+    assert len(calls) == 1
+    assert ((layer.dequantize() - target).abs() <= target.abs().amax(1, keepdim=True) / 127).all()  # an int8 step
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(layer(x), nn.functional.linear(x, layer.dequantize(), layer.bias), rtol=1e-5, atol=1e-5)
+
+
+def test_augmented_assignment_through_data_requantizes_once(monkeypatch):
+    # PEFT's plain merge, `weight.data += delta`: the in-place add on the copy, then one re-quantization
+    # through the view's setter (not a second one from the add).
+    torch.manual_seed(1)
+    layer = WeightOnlyLinear.from_linear(nn.Linear(64, 32), bits=8)
+    before, delta = layer.dequantize(), torch.randn(32, 64) * 0.05
+    calls = []
+    requantize = WeightOnlyLinear.requantize_
+    monkeypatch.setattr(WeightOnlyLinear, "requantize_", lambda self, w: calls.append(1) or requantize(self, w))
+    layer.weight.data += delta
+    assert len(calls) == 1
+    merged = before + delta
+    assert ((layer.dequantize() - merged).abs() <= merged.abs().amax(1, keepdim=True) / 127).all()
+    # A write that bypasses .data changes the read copy only, as with any computed tensor.
+    layer.weight.add_(1.0)
+    assert len(calls) == 1
+
+
 def test_quantcore_never_quantizes_a_quantized_linear_again():
     model = tiny_llama(CONFIGS[1])
     report = quantcore.quantize(model, TorchWeightOnlyConfig(bits=4, group_size=32), dry_run=True)
