@@ -109,7 +109,7 @@ def _kernels_cut(cuts: set[str]):
             def plain(x, words, sz, group_size, bias, gate_up=False):
                 return _read_only(x, words, sz, words.shape[0] // 2 if gate_up else words.shape[0], pdl)
 
-            def rope(x, words, sz, group_size, bias, cos, sin, keys, values, position, q_features):
+            def rope(x, words, sz, group_size, bias, cos, sin, keys, values, position, q_features, sq=None, eps=0.0):
                 return _read_only(x, words, sz, q_features, pdl)
 
             stack.enter_context(mock.patch.object(_triton, "_int4_interleaved_launch", plain))
