@@ -31,19 +31,19 @@ import triton
 import triton.language as tl
 
 from ._triton import (
-    INT4_INTERLEAVED,
     INT4_MAGIC,
-    _check_gate_up,
-    _configs,
+    _int4_interleaved_launch,
     _interleaved_input,
     _key,
     _launch_row,
     _Launcher,
-    _prune_interleaved,
+    _norm_scaled,
     _rows,
     _store_gate_up,
     _store_row,
     _tile_rows,
+    check_counter,
+    interleaved_autotune,
 )
 
 __all__ = ["SUMSQ_SCALE", "int4_interleaved_norm_mm", "int4_interleaved_residual_mm", "sumsq_counter"]
@@ -75,12 +75,7 @@ def _store_residual(
 
 # The autotuner runs a kernel many times to time it (even a single config left by the pins):
 # the counters are put back after, or each timing run's sums would add up in them.
-@triton.autotune(
-    configs=_configs(INT4_INTERLEAVED, "BLOCK_K", extra=("PREFETCH",)),
-    key=["N", "K", "GROUP"],
-    prune_configs_by={"early_config_prune": _prune_interleaved},
-    restore_value=["sq_ptr", "clear_ptr"],
-)
+@interleaved_autotune(["N", "K", "GROUP"], restore_value=["sq_ptr", "clear_ptr"])
 @triton.jit
 def _int4_interleaved_residual_kernel(
     x_ptr, w_ptr, sz_ptr, b_ptr, h_ptr, g_ptr, xn_ptr, sq_ptr, clear_ptr, y_ptr,
@@ -104,11 +99,7 @@ def _int4_interleaved_residual_kernel(
     _store_residual(out, b_ptr, h, gain, y_ptr, xn_ptr, sq_ptr, clear_ptr, rn, n_mask, HAS_BIAS)
 
 
-@triton.autotune(
-    configs=_configs(INT4_INTERLEAVED, "BLOCK_K", extra=("PREFETCH",)),
-    key=["N", "K", "GROUP", "GATE_UP"],
-    prune_configs_by={"early_config_prune": _prune_interleaved},
-)
+@interleaved_autotune(["N", "K", "GROUP", "GATE_UP"])
 @triton.jit
 def _int4_interleaved_norm_kernel(
     x_ptr, w_ptr, sz_ptr, b_ptr, y_ptr, N, K, stride_wn, stride_sn, zero_offset, magic, sq_ptr, eps,
@@ -125,8 +116,7 @@ def _int4_interleaved_norm_kernel(
         x_ptr, w_ptr, sz_ptr, rn, n_mask, K, stride_wn, stride_sn, zero_offset, magic,
         GROUP, BLOCK_N, BLOCK_K, PREFETCH, USE_GDC, PRE, SPREAD, sq_ptr, True,
     )  # fmt: skip
-    mean = sq.to(tl.float32) * (1.0 / 16777216.0) / K
-    out = out * tl.math.rsqrt(mean + eps)
+    out = _norm_scaled(out, sq, K, eps)
     if GATE_UP:
         _store_gate_up(out, b_ptr, y_ptr, rn, n_mask, N, BLOCK_N, HAS_BIAS)
     else:
@@ -145,13 +135,6 @@ def sumsq_counter(h: torch.Tensor | None = None, device=None) -> torch.Tensor:
     return (h.double().square().sum() * SUMSQ_SCALE).to(torch.int64)
 
 
-def _check_counter(sq: torch.Tensor, x: torch.Tensor) -> None:
-    if sq.dtype != torch.int64 or sq.numel() != 1 or sq.device != x.device:
-        raise ValueError(
-            f"a norm's counter is one int64 on {x.device}, got {tuple(sq.shape)} {sq.dtype} on {sq.device}"
-        )
-
-
 def int4_interleaved_norm_mm(
     x: torch.Tensor, words, scales_and_zeros, group_size: int, bias, sq: torch.Tensor, eps: float, gate_up: bool = False
 ) -> torch.Tensor:
@@ -161,22 +144,19 @@ def int4_interleaved_norm_mm(
     Under ``torch.compile``, the custom op ``quantcore_torch::int4_interleaved_norm_mm``."""
     if torch.compiler.is_compiling():
         return _norm_op(x, words, scales_and_zeros, group_size, bias, sq, eps, gate_up)
-    return _norm_launch(x, words, scales_and_zeros, group_size, bias, sq, eps, gate_up)
+    return _norm_launch(
+        x if x.is_contiguous() else x.contiguous(), words, scales_and_zeros, group_size, bias, sq, eps, gate_up
+    )
 
 
 def _norm_launch(x, words, scales_and_zeros, group_size: int, bias, sq, eps: float, gate_up: bool) -> torch.Tensor:
-    _check_counter(sq, x)
-    k = x.shape[-1]
-    x = _interleaved_input(x if x.is_contiguous() else x.contiguous(), words, scales_and_zeros, group_size)
-    sz, n = scales_and_zeros, words.shape[0]
-    if gate_up:
-        _check_gate_up(n)
-    inputs = (x, words, sz, sz if bias is None else bias)
-    strides = (words.stride(0), sz.stride(1), sz.stride(0), INT4_MAGIC, sq, float(eps))
-    key = (*_key(x, words, sz, bias), group_size, "norm", gate_up, sq.data_ptr() % 16 == 0)
-    constexprs = {"GROUP": group_size, "HAS_BIAS": bias is not None}
-    row = {"USE_GDC": False, "GATE_UP": gate_up, "PRE": False}
-    return _launch_row(_NORM, x, inputs, n, k, strides, key, constexprs, row, gate_up)
+    """:func:`int4_interleaved_norm_mm` for a contiguous ``x``: the interleaved kernel's launch,
+    the counter and ``eps`` after its arguments."""
+    check_counter(sq, x)
+    tag = ("norm", sq.data_ptr() % 16 == 0)
+    return _int4_interleaved_launch(
+        x, words, scales_and_zeros, group_size, bias, gate_up, launcher=_NORM, extra=(sq, float(eps)), tag=tag
+    )
 
 
 def int4_interleaved_residual_mm(
@@ -194,8 +174,8 @@ def int4_interleaved_residual_mm(
 
 
 def _residual_launch(x, words, scales_and_zeros, group_size: int, bias, h, gain, sq, clear):
-    _check_counter(sq, x)
-    _check_counter(clear, x)
+    check_counter(sq, x)
+    check_counter(clear, x)
     k = x.shape[-1]
     n = words.shape[0]
     if h.numel() != n or gain.numel() != n or h.dtype != x.dtype:

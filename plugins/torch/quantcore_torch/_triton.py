@@ -631,6 +631,13 @@ def _interleaved_rows(
 
 
 @triton.jit
+def _norm_scaled(out, sq, K, eps):
+    """Sums ``out`` of a folded RMS norm's input ``g * h`` scaled by ``rsqrt(sum(h**2) / K + eps)``,
+    ``sum(h**2)`` the counter's fixed point ``sq`` (units of 2**-24, :mod:`._fold`)."""
+    return out * tl.math.rsqrt(sq.to(tl.float32) * (1.0 / 16777216.0) / K + eps)
+
+
+@triton.jit
 def _early_load(ptr, EARLY: tl.constexpr):
     """``ptr[0]`` with ``EARLY`` (else 0), loaded as soon as the kernel may read what the kernel
     before wrote: right after the wait, with the first input loads, where a load after the sums
@@ -763,11 +770,20 @@ def _rows(
     return out, early
 
 
-@triton.autotune(
-    configs=_configs(INT4_INTERLEAVED, "BLOCK_K", extra=("PREFETCH",)),
-    key=["N", "K", "GROUP", "GATE_UP"],
-    prune_configs_by={"early_config_prune": _prune_interleaved},
-)
+def interleaved_autotune(key: list[str], restore_value: list[str] | None = None):
+    """The interleaved int4 kernels' autotuner: :data:`INT4_INTERLEAVED`'s configs, pruned to the
+    pinned one where there is one (:func:`_prune_interleaved`), timed by ``key``; ``restore_value``:
+    arguments the kernel adds to, put back after each timing run (Triton times even a single
+    config left by the pins, running the kernel many times)."""
+    return triton.autotune(
+        configs=_configs(INT4_INTERLEAVED, "BLOCK_K", extra=("PREFETCH",)),
+        key=key,
+        prune_configs_by={"early_config_prune": _prune_interleaved},
+        restore_value=restore_value,
+    )
+
+
+@interleaved_autotune(["N", "K", "GROUP", "GATE_UP"])
 @triton.jit
 def _int4_interleaved_kernel(
     x_ptr,
@@ -881,11 +897,7 @@ def _store_qkv_rope(
         tl.store(v_ptr + (v // HEAD) * cache_len * HEAD + pos * HEAD + v % HEAD, out.to(dtype), mask=n_mask & inside)
 
 
-@triton.autotune(
-    configs=_configs(INT4_INTERLEAVED, "BLOCK_K", extra=("PREFETCH",)),
-    key=["N", "K", "GROUP", "NQ", "ROTATED"],
-    prune_configs_by={"early_config_prune": _prune_interleaved},
-)
+@interleaved_autotune(["N", "K", "GROUP", "NQ", "ROTATED"])
 @triton.jit
 def _int4_interleaved_rope_kernel(
     x_ptr,
@@ -935,7 +947,7 @@ def _int4_interleaved_rope_kernel(
         GROUP, BLOCK_N, BLOCK_K, PREFETCH, USE_GDC, PRE, SPREAD, sq_ptr, NORM,
     )  # fmt: skip
     if NORM:
-        out = out * tl.math.rsqrt(sq.to(tl.float32) * (1.0 / 16777216.0) / K + eps)
+        out = _norm_scaled(out, sq, K, eps)
     _store_qkv_rope(
         out, b_ptr, q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, rn, n_mask, NQ, ROTATED, cache_len,
         HALF, BLOCK_N, HAS_BIAS,
@@ -1559,9 +1571,13 @@ def _interleaved_input(x, words, scales_and_zeros, group_size: int):
     return x.clone() if x.data_ptr() % 4 else x
 
 
-def _int4_interleaved_launch(x, words, scales_and_zeros, group_size: int, bias, gate_up: bool = False):
+def _int4_interleaved_launch(
+    x, words, scales_and_zeros, group_size: int, bias, gate_up: bool = False,
+    launcher: _Launcher | None = None, extra: tuple = (), tag: tuple = ("interleaved",),
+):  # fmt: skip
     """One row ``x [..., K]`` (contiguous) through :func:`_int4_interleaved_kernel` (``gate_up``: see
-    :func:`_launch`)."""
+    :func:`_launch`), or through ``launcher``'s kernel of the same parameters plus ``extra``
+    arguments after ``magic`` (``tag`` tells its compiled kernels apart: ``._fold``'s norm kernel)."""
     k = x.shape[-1]
     x = _interleaved_input(x, words, scales_and_zeros, group_size)
     sz = scales_and_zeros
@@ -1569,11 +1585,11 @@ def _int4_interleaved_launch(x, words, scales_and_zeros, group_size: int, bias, 
     if gate_up:
         _check_gate_up(n)
     inputs = (x, words, sz, sz if bias is None else bias)
-    strides = (words.stride(0), sz.stride(1), sz.stride(0), INT4_MAGIC)
-    key = (*_key(x, words, sz, bias), group_size, "interleaved", gate_up)
+    strides = (words.stride(0), sz.stride(1), sz.stride(0), INT4_MAGIC, *extra)
+    key = (*_key(x, words, sz, bias), group_size, *tag, gate_up)
     constexprs = {"GROUP": group_size, "HAS_BIAS": bias is not None}
     row = _INTERLEAVED_ROW[gate_up]
-    return _launch_row(_INT4_INTERLEAVED, x, inputs, n, k, strides, key, constexprs, row, gate_up)
+    return _launch_row(launcher or _INT4_INTERLEAVED, x, inputs, n, k, strides, key, constexprs, row, gate_up)
 
 
 _INT4_INTERLEAVED_ROPE = _Launcher(_int4_interleaved_rope_kernel, pdl=True)
@@ -1600,6 +1616,14 @@ def qkv_rope_mismatch(x, n: int, cos, sin, keys, values, position, q_features: i
     return "the q/k/v rotary kernel needs " + "; ".join(problems) if problems else None
 
 
+def check_counter(sq: torch.Tensor, x: torch.Tensor) -> None:
+    """Refuse a folded norm's counter (:mod:`._fold`) that is not one int64 on ``x``'s device."""
+    if sq.dtype != torch.int64 or sq.numel() != 1 or sq.device != x.device:
+        raise ValueError(
+            f"a norm's counter is one int64 on {x.device}, got {tuple(sq.shape)} {sq.dtype} on {sq.device}"
+        )
+
+
 def _int4_interleaved_rope_launch(
     x, words, sz, group_size: int, bias, cos, sin, keys, values, position, q_features, sq=None, eps: float = 0.0
 ):  # fmt: skip
@@ -1616,10 +1640,8 @@ def _int4_interleaved_rope_launch(
     head = keys.shape[-1]
     rotated = q_features + keys.shape[1] * head
     q = x.new_empty((*x.shape[:-1], q_features))
-    if sq is not None and (sq.dtype != torch.int64 or sq.numel() != 1 or sq.device != x.device):
-        raise ValueError(
-            f"a norm's counter is one int64 on {x.device}, got {tuple(sq.shape)} {sq.dtype} on {sq.device}"
-        )
+    if sq is not None:
+        check_counter(sq, x)
     inputs = (x, words, sz, sz if bias is None else bias, q, keys, values, cos, sin, position)
     sizes = (n, k, words.stride(0), sz.stride(1), sz.stride(0), INT4_MAGIC, q_features, rotated, keys.shape[2])
     args = (*inputs, *sizes, position if sq is None else sq, float(eps))
