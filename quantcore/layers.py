@@ -46,10 +46,10 @@ class QuantizedWeightView(torch.Tensor):
     # Operations on the view give plain tensors and skip the subclass machinery (speed).
     __torch_function__ = torch._C._disabled_torch_function_impl  # type: ignore[assignment]
 
-    @staticmethod
-    def of(layer: QuantizedLinear, weight: torch.Tensor) -> QuantizedWeightView:
-        """Wrap ``weight`` (a freshly dequantized tensor) as the view of ``layer``."""
-        view = torch.Tensor._make_subclass(QuantizedWeightView, weight.detach(), False)
+    @classmethod
+    def of(cls, layer: QuantizedLinear, weight: torch.Tensor) -> QuantizedWeightView:
+        """Wrap ``weight`` (a freshly dequantized tensor, or a view's) as ``cls`` of ``layer``."""
+        view = torch.Tensor._make_subclass(cls, weight.detach(), False)
         view._layer = layer
         return view
 
@@ -80,12 +80,6 @@ class QuantizedWeightData(QuantizedWeightView):
     ``sub_``, ``mul_``, ``div_``, ``zero_``, ``fill_``) change the tensor and re-quantize the layer
     from it, as assigning ``.data`` does. Augmented assignment through the attribute
     (``layer.weight.data += delta``) re-quantizes once, through the view's setter."""
-
-    @staticmethod
-    def of(layer: QuantizedLinear, weight: torch.Tensor) -> QuantizedWeightData:
-        data = torch.Tensor._make_subclass(QuantizedWeightData, weight, False)
-        data._layer = layer
-        return data
 
     copy_ = _writing_through("copy_")
     add_ = _writing_through("add_")
