@@ -178,10 +178,10 @@ def _residual_launch(x, words, scales_and_zeros, group_size: int, bias, h, gain,
     check_counter(clear, x)
     k = x.shape[-1]
     n = words.shape[0]
-    if h.numel() != n or gain.numel() != n or h.dtype != x.dtype:
+    if h.numel() != n or gain.numel() != n or h.dtype != x.dtype or h.device != x.device or gain.device != x.device:
         raise ValueError(
-            f"the residual and the next norm's weight have the {n} outputs, the residual in {x.dtype}; "
-            f"got {tuple(h.shape)} {h.dtype} and {tuple(gain.shape)}"
+            f"the residual and the next norm's weight have the {n} outputs on {x.device}, the residual in "
+            f"{x.dtype}; got {tuple(h.shape)} {h.dtype} on {h.device} and {tuple(gain.shape)} on {gain.device}"
         )
     x = _interleaved_input(x if x.is_contiguous() else x.contiguous(), words, scales_and_zeros, group_size)
     h, gain = h.reshape(-1).contiguous(), gain.reshape(-1).contiguous()

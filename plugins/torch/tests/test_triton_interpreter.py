@@ -915,4 +915,6 @@ def test_the_folded_kernels_refuse_what_they_cannot_take(kernels, monkeypatch):
         _fold.int4_interleaved_residual_mm(x, *weight, h[:, :32], gain, counter, counter.clone())
     with pytest.raises(ValueError, match=r"the residual in torch.float16"):
         _fold.int4_interleaved_residual_mm(x, *weight, h.float(), gain, counter, counter.clone())
+    with pytest.raises(ValueError, match=r"64 outputs on cpu, .* on meta"):
+        _fold.int4_interleaved_residual_mm(x, *weight, h, gain.to("meta"), counter, counter.clone())
     assert counter.item() == 0  # nothing launched
