@@ -20,8 +20,9 @@ follows the reader's end, clears it (``clear``).
 The rounding is the unfused layer's where it can be: the projection's output, the residual sum
 and ``g * h`` round to the activation's dtype as transformers' eager ops round them; ``r``
 multiplies the fp32 sums instead of the input before the product, a difference within the
-dtype's rounding. It imports where :mod:`._triton` does (Triton installed); no model layer calls
-it yet: ``bench/bench_gemv.py``'s ``int4-interleaved-fold-*`` stacks measure what it costs.
+dtype's rounding. It imports where :mod:`._triton` does (Triton installed). A decoder layer runs
+it through ``fuse_projections(norms=True)`` (:mod:`quantcore_torch.fusion`); a stack's first
+layer makes its input and sum in PyTorch (:mod:`quantcore_torch.rms`).
 """
 
 from __future__ import annotations
@@ -45,11 +46,9 @@ from ._triton import (
     check_counter,
     interleaved_autotune,
 )
+from .rms import SUMSQ_SCALE, sumsq_counter
 
 __all__ = ["SUMSQ_SCALE", "int4_interleaved_norm_mm", "int4_interleaved_residual_mm", "sumsq_counter"]
-
-# The counter's unit: 2**-24 of a squared feature.
-SUMSQ_SCALE = 2.0**24
 
 
 @triton.jit
@@ -125,14 +124,6 @@ def _int4_interleaved_norm_kernel(
 
 _NORM = _Launcher(_int4_interleaved_norm_kernel, pdl=True)
 _RESIDUAL = _Launcher(_int4_interleaved_residual_kernel, pdl=True)
-
-
-def sumsq_counter(h: torch.Tensor | None = None, device=None) -> torch.Tensor:
-    """A norm's counter: zero, or ``sum(h**2)`` of one token's hidden state ``h`` in the kernels'
-    fixed point (a block whose input no residual kernel wrote: a model's first layer)."""
-    if h is None:
-        return torch.zeros((), dtype=torch.int64, device=device)
-    return (h.double().square().sum() * SUMSQ_SCALE).to(torch.int64)
 
 
 def int4_interleaved_norm_mm(

@@ -73,8 +73,10 @@ __all__ = [
     "int4_interleaved_layout",
     "int4_kernel_group",
     "int4_kernel_rows",
+    "int4_norm_linear",
     "int4_qkv_rope_linear",
     "int4_reference_linear",
+    "int4_residual_linear",
     "int4_tinygemm_layout",
     "int4_weight_only_linear",
     "int8_gate_up_linear",
@@ -82,6 +84,7 @@ __all__ = [
     "int8_reference_linear",
     "int8_weight_only_linear",
     "interleave_int4",
+    "norm_fold_takes",
     "triton_available",
 ]
 
@@ -147,6 +150,17 @@ def _load_attention():
 
 
 _ATTENTION = _load_attention()
+
+
+def _load_fold():
+    if _TRITON is None:
+        return None
+    from . import _fold
+
+    return _fold
+
+
+_FOLD = _load_fold()
 
 
 def triton_available() -> bool:
@@ -514,6 +528,8 @@ def int4_qkv_rope_linear(
     values: torch.Tensor,
     position: torch.Tensor,
     q_features: int,
+    sq: torch.Tensor | None = None,
+    eps: float = 0.0,
 ) -> torch.Tensor | None:
     """An attention's q, k and v projections stacked in one int4 weight (``q_features`` q rows,
     then k's, then v's) for one decode token, with the rotary embedding and the static cache's
@@ -521,7 +537,9 @@ def int4_qkv_rope_linear(
     into ``keys`` and ``values`` (``[1, kv_heads, length, head_dim]``) at ``position[0]``.
     One fp16 / bf16 row on CUDA with the interleaved ``layout`` only
     (:func:`quantcore_torch._triton.int4_interleaved_qkv_rope`); anything else returns ``None``,
-    having written nothing, for the caller to run the projections and the rotation as they are."""
+    having written nothing, for the caller to run the projections and the rotation as they are.
+    ``sq``: ``x`` is a norm's weight times the hidden state and the projections are of the RMS
+    norm's output, the sum of squares in this counter (see :func:`int4_norm_linear`)."""
     if layout is None or layout.kind != "interleaved" or not _one_half_row(x):
         return None
     if cos.dtype != x.dtype or sin.dtype != x.dtype or not (cos.is_cuda and keys.is_cuda and position.is_cuda):
@@ -530,7 +548,65 @@ def int4_qkv_rope_linear(
     if _TRITON.qkv_rope_mismatch(x, n, cos, sin, keys, values, position, q_features) is not None:
         return None
     return _TRITON.int4_interleaved_qkv_rope(
-        x, layout.weight, layout.scales_and_zeros, layout.group_size, bias, cos, sin, keys, values, position, q_features
+        x, layout.weight, layout.scales_and_zeros, layout.group_size, bias, cos, sin, keys, values, position,
+        q_features, sq, eps,
+    )  # fmt: skip
+
+
+def norm_fold_takes(x: torch.Tensor, layout: Int4Layout | None) -> bool:
+    """Whether :func:`int4_norm_linear` and :func:`int4_residual_linear` run their kernels for
+    ``x`` and a weight in ``layout``: one fp16 / bf16 row on CUDA, the interleaved layout."""
+    return _FOLD is not None and layout is not None and layout.kind == "interleaved" and _one_half_row(x)
+
+
+def _check_fold(x: torch.Tensor, layout: Int4Layout | None) -> None:
+    if not norm_fold_takes(x, layout):
+        kind = None if layout is None else layout.kind
+        raise ValueError(
+            "a folded norm's kernels take one fp16 / bf16 row on CUDA and a weight in the interleaved "
+            f"int4 layout (Triton installed); got {tuple(x.shape)} {x.dtype} on {x.device}, layout {kind}"
+        )
+
+
+def int4_norm_linear(
+    x: torch.Tensor,
+    layout: Int4Layout | None,
+    bias: torch.Tensor | None,
+    sq: torch.Tensor,
+    eps: float,
+    gate_up: bool = False,
+) -> torch.Tensor:
+    """A block's first projection with its RMS norm folded in, for one decode token: ``x`` is
+    ``g * h`` (the norm's weight times the hidden state, as :func:`int4_residual_linear` writes
+    it), ``sq`` one int64 holding ``sum(h**2)`` in the kernels' fixed point
+    (:func:`quantcore_torch.rms.sumsq_counter`), and the result is ``rms_norm(h) @ W.T + bias``:
+    the sums scaled by ``rsqrt(sum(h**2) / in_features + eps)``. ``gate_up``: a gated MLP's
+    stacked gate and up projections, ``silu(gate) * up``. Only where :func:`norm_fold_takes`;
+    raises ``ValueError`` elsewhere (the caller checks first: there is no fallback for a counter)."""
+    _check_fold(x, layout)
+    if gate_up:
+        _check_gate_up(layout.weight.shape[0])
+    weight, sz = layout.weight, layout.scales_and_zeros
+    return _FOLD.int4_interleaved_norm_mm(x, weight, sz, layout.group_size, bias, sq, eps, gate_up)
+
+
+def int4_residual_linear(
+    x: torch.Tensor,
+    layout: Int4Layout | None,
+    bias: torch.Tensor | None,
+    h: torch.Tensor,
+    gain: torch.Tensor,
+    sq: torch.Tensor,
+    clear: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A block's last projection with the residual add and the next norm's input, for one decode
+    token: ``(y, gain * y)`` with ``y = h + x @ W.T + bias``; ``sum(y**2)`` added to the counter
+    ``sq`` (zero before), the counter ``clear`` set to zero
+    (:func:`quantcore_torch._fold.int4_interleaved_residual_mm`). Only where
+    :func:`norm_fold_takes`; raises ``ValueError`` elsewhere."""
+    _check_fold(x, layout)
+    return _FOLD.int4_interleaved_residual_mm(
+        x, layout.weight, layout.scales_and_zeros, layout.group_size, bias, h, gain, sq, clear
     )
 
 

@@ -359,18 +359,50 @@ class WeightOnlyLinear(WeightOnlyStorage):
         values: torch.Tensor,
         position: torch.Tensor,
         q_features: int,
+        sq: torch.Tensor | None = None,
+        eps: float = 0.0,
     ) -> torch.Tensor | None:
         """This layer as an attention's q, k and v projections stacked, at one decode token: q with
         the rotary embedding applied, k rotated and v written into a static cache's ``keys`` and
         ``values`` at ``position`` (:func:`~quantcore_torch.kernels.int4_qkv_rope_linear`). Where
         the kernel cannot (not int4 on the interleaved layout, training, another compute dtype,
-        shapes it does not take) returns ``None`` and writes nothing."""
-        bias = self._parameters["bias"]
-        trains = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
-        if self.bits != 4 or trains or (self.compute_dtype is not None and self.compute_dtype != x.dtype):
+        shapes it does not take) returns ``None`` and writes nothing. ``sq`` and ``eps``: the
+        attention's RMS norm folded in (:meth:`norm_forward`)."""
+        if not self._kernel_serves(x):
             return None
         layout = self._current_kernel_layout()
-        return kernels.int4_qkv_rope_linear(x, layout, bias, cos, sin, keys, values, position, q_features)
+        bias = self._parameters["bias"]
+        return kernels.int4_qkv_rope_linear(x, layout, bias, cos, sin, keys, values, position, q_features, sq, eps)
+
+    def _kernel_serves(self, x: torch.Tensor) -> bool:
+        """Int4, not training, and the compute dtype ``x``'s: what the fused epilogues need."""
+        bias = self._parameters["bias"]
+        trains = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
+        return self.bits == 4 and not trains and (self.compute_dtype is None or self.compute_dtype == x.dtype)
+
+    def norm_fold_takes(self, x: torch.Tensor) -> bool:
+        """Whether :meth:`norm_forward` and :meth:`residual_forward` run for ``x`` (one fp16 / bf16
+        row on CUDA, int4 on the interleaved layout, not training): a decoder layer whose norms are
+        folded (``fuse_projections(norms=True)``) checks every projection before it starts."""
+        return self._kernel_serves(x) and kernels.norm_fold_takes(x, self._current_kernel_layout())
+
+    def norm_forward(self, x: torch.Tensor, sq: torch.Tensor, eps: float, gate_up: bool = False) -> torch.Tensor:
+        """This layer after an RMS norm, folded in: ``x`` is the norm's weight times the hidden
+        state, ``sq`` its sum of squares in a counter (:func:`~quantcore_torch.kernels.int4_norm_linear`;
+        ``gate_up``: a gated MLP's stacked gate and up, ``silu(gate) * up``). Only where
+        :meth:`norm_fold_takes`; raises ``ValueError`` elsewhere."""
+        layout = self._current_kernel_layout()
+        return kernels.int4_norm_linear(x, layout, self._parameters["bias"], sq, eps, gate_up)
+
+    def residual_forward(
+        self, x: torch.Tensor, h: torch.Tensor, gain: torch.Tensor, sq: torch.Tensor, clear: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(y, gain * y)`` with ``y = h + self(x)``, the residual add and the next norm's input
+        in this layer's epilogue, ``sum(y**2)`` added to the counter ``sq``, ``clear`` zeroed
+        (:func:`~quantcore_torch.kernels.int4_residual_linear`). Only where :meth:`norm_fold_takes`;
+        raises ``ValueError`` elsewhere."""
+        layout = self._current_kernel_layout()
+        return kernels.int4_residual_linear(x, layout, self._parameters["bias"], h, gain, sq, clear)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The forward through dequantize + ``F.linear``: what every kernel is tested against."""
