@@ -47,11 +47,14 @@ from torch import nn
 
 from . import kernels
 from .modules import WeightOnlyLinear
+from .rms import rms_input, sumsq_counter
 
 __all__ = [
     "ACTIVATION_PLACES",
     "DEFAULT_GROUPS",
     "GATED_MLPS",
+    "NORM_LAYERS",
+    "RMS_NORMS",
     "ROTARY_ATTENTIONS",
     "FusedProjections",
     "FusionReport",
@@ -102,6 +105,8 @@ class FusionReport:
     activation_place: str | None = None
     #: Attentions whose q/k/v kernel applies the rotary embedding and writes the cache (``rotary``).
     rotary: list[str] = field(default_factory=list)
+    #: Decoder layers whose RMS norms and residual adds run in their projections' kernels (``norms``).
+    norms: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [f"fused {len(self.fused)} group(s) of projections, skipped {len(self.skipped)}"]
@@ -110,6 +115,8 @@ class FusionReport:
             lines.append(f"  {len(self.activations)} gated MLP(s) run their activation in {where}")
         if self.rotary:
             lines.append(f"  {len(self.rotary)} attention(s) rotate q and k and write the cache in the q/k/v kernel")
+        if self.norms:
+            lines.append(f"  {len(self.norms)} decoder layer(s) run their norms and residual adds in the kernels")
         lines += [f"  skipped {name}: {reason}" for name, reason in self.skipped.items()]
         return "\n".join(lines)
 
@@ -218,12 +225,20 @@ class FusedProjections:
         linear = self._active()
         return None if linear is None else linear.gate_up_forward(x)
 
-    def rotary(self, x, cos, sin, keys, values, position, q_features: int) -> torch.Tensor | None:
+    def rotary(self, x, cos, sin, keys, values, position, q_features: int, sq=None, eps=0.0) -> torch.Tensor | None:
         """q rotated for one decode token ``x`` from an attention's (q, k, v) group, k rotated and v
-        written into a static cache (see :meth:`WeightOnlyLinear.qkv_rope_forward`), or ``None`` (the
-        group inactive, or an input the kernel does not take), having written nothing."""
+        written into a static cache (see :meth:`WeightOnlyLinear.qkv_rope_forward`; ``sq``, ``eps``:
+        the norm before, folded in), or ``None`` (the group inactive, or an input the kernel does
+        not take), having written nothing."""
         linear = self._active()
-        return None if linear is None else linear.qkv_rope_forward(x, cos, sin, keys, values, position, q_features)
+        if linear is None:
+            return None
+        return linear.qkv_rope_forward(x, cos, sin, keys, values, position, q_features, sq, eps)
+
+    def layer(self) -> WeightOnlyLinear | None:
+        """The stack's :class:`WeightOnlyLinear` (stacked again first where stale), or ``None`` if
+        the group is inactive."""
+        return self._active()
 
     def _active(self) -> WeightOnlyLinear | None:
         """The stack's layer, stacked again first where stale (eager code; a compiled graph guards
@@ -505,6 +520,20 @@ def _rotary_attention_forward(
     cache advances, the attention and ``o_proj`` run as the class runs them. Anything else (the
     prefill, batches, other caches, gradients, a projection replaced or hooked since, inputs the
     kernel does not take) runs the class's forward."""
+    done = _rotary_attention(self, hidden_states, position_embeddings, attention_mask, args, kwargs)
+    if done is None:
+        return type(self).forward(self, hidden_states, position_embeddings, attention_mask, *args, **kwargs)
+    out, weights = done
+    return self.o_proj(out), weights
+
+
+def _rotary_attention(
+    self: nn.Module, hidden_states, position_embeddings, attention_mask, args: tuple, kwargs: dict, sq=None, eps=0.0
+):  # fmt: skip
+    """:func:`_rotary_attention_forward` up to ``o_proj``: ``(out, weights)``, ``out`` the
+    attention's heads side by side (``o_proj``'s input), or ``None`` where the q/k/v kernel does
+    not run, having written nothing. ``sq``, ``eps``: ``hidden_states`` is the norm's weight
+    times the layer's input, the norm folded into the q/k/v kernel (:func:`_folded_layer_forward`)."""
     parts: _RotaryAttention = self._quantcore_rotary
     mods = self._modules
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
@@ -524,9 +553,11 @@ def _rotary_attention_forward(
         position = counter if isinstance(counter, torch.Tensor) else kwargs.get("cache_position")
         if isinstance(position, torch.Tensor):
             cos, sin = position_embeddings
-            q = parts.group.rotary(hidden_states, cos, sin, layer.keys, layer.values, position, parts.q.out_features)
+            q = parts.group.rotary(
+                hidden_states, cos, sin, layer.keys, layer.values, position, parts.q.out_features, sq, eps
+            )
     if q is None:
-        return type(self).forward(self, hidden_states, position_embeddings, attention_mask, *args, **kwargs)
+        return None
     rest = {name: value for name, value in kwargs.items() if name not in parts.named}
     extras = _ATTENTION_EXTRAS.get(type(self).__name__)
     if extras is not None:
@@ -535,7 +566,7 @@ def _rotary_attention_forward(
     out, weights = _decode_attention(
         self, q, layer.keys, layer.values, attention_mask, rest, parts.own_attention, counter
     )
-    return self.o_proj(out.reshape(*hidden_states.shape[:-1], -1).contiguous()), weights
+    return out.reshape(*hidden_states.shape[:-1], -1).contiguous(), weights
 
 
 def _decode_attention(attention: nn.Module, q, keys, values, mask, rest: dict, own: bool, counter=None):
@@ -592,6 +623,207 @@ def _fuse_rotary(model: nn.Module, report: FusionReport) -> None:
         report.rotary.append(name or "<model>")
 
 
+#: transformers' decoder layers whose forward is Llama's (input RMS norm, attention, residual add,
+#: post-attention RMS norm, MLP, residual add): with ``norms=True`` the norms and the adds of a
+#: decode step run in the projections' kernels.
+NORM_LAYERS: tuple[str, ...] = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")
+
+#: RMS norms of Llama's formula (``weight * (h * rsqrt(mean(h**2) + eps))``, no offset on the weight).
+RMS_NORMS: tuple[str, ...] = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")
+
+# The counters' buffers, on a stack's first folded layer.
+_SUMS = ("_quantcore_sum_mid", "_quantcore_sum_out")
+
+
+class _FoldChain:
+    """What the folded layers of one stack hand each other within a step: the last layer's output
+    ``h``, ``g * h`` for the ``next`` layer's norm (``xn``), and whether a layer stopped between
+    its kernels (``dirty``: the counters are zeroed before the next use). The two sums of squares
+    live on ``owner`` as buffers (moved with the model): ``mid`` (a block's ``o_proj`` to its
+    gate/up) and ``out`` (``down_proj`` to the next layer's q/k/v). Each is cleared by the kernel
+    two after the one that reads it (``o_proj`` clears ``out``, ``down_proj`` clears ``mid``), so
+    a step leaves ``mid`` zero and ``out`` cleared before its next add, eager and in CUDA graphs."""
+
+    def __init__(self, owner: nn.Module):
+        self.owner = owner
+        self.h: torch.Tensor | None = None
+        self.xn: torch.Tensor | None = None
+        self.next: nn.Module | None = None
+        self.dirty = False
+
+    def sums(self) -> tuple[torch.Tensor, torch.Tensor]:
+        buffers = self.owner._buffers
+        return buffers[_SUMS[0]], buffers[_SUMS[1]]
+
+    def hand_on(self, h=None, xn=None, next_layer=None) -> None:
+        self.h, self.xn, self.next = h, xn, next_layer
+
+
+class _FoldedLayer(NamedTuple):
+    """What a decoder layer's folded forward runs (:func:`_folded_layer_forward`)."""
+
+    attention: nn.Module
+    mlp: nn.Module
+    input_norm: nn.Module
+    post_norm: nn.Module
+    #: The next folded layer of the stack (its input norm's weight is the down projection's gain), or ``None``.
+    next: nn.Module | None
+    chain: _FoldChain
+
+
+def _hooked(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def _fold_projections(parts: _FoldedLayer, x: torch.Tensor):
+    """``(o_proj, gate/up stack, down_proj)`` if they and the q/k/v stack each run their folded
+    kernel for ``x`` and nothing was replaced or hooked since; otherwise ``None``."""
+    attention, mlp = parts.attention, parts.mlp
+    if not (_is_rotary(attention) and _is_gated(mlp)) or _hooked(attention) or _hooked(mlp):
+        return None
+    gated: _GatedMLP = mlp._quantcore_gated
+    if gated.place != "gate_up" or not (_plain(gated.gate) and _plain(gated.up)):
+        return None
+    if mlp._modules["gate_proj"] is not gated.gate or mlp._modules["up_proj"] is not gated.up:
+        return None
+    o, down = attention._modules["o_proj"], mlp._modules["down_proj"]
+    if not (isinstance(o, WeightOnlyLinear) and isinstance(down, WeightOnlyLinear) and _plain(o) and _plain(down)):
+        return None
+    qkv, gate_up = attention._quantcore_rotary.group.layer(), gated.group.layer()
+    if qkv is None or gate_up is None:
+        return None
+    if not all(m.norm_fold_takes(x) for m in (qkv, o, gate_up, down)):
+        return None
+    return o, gate_up, down
+
+
+def _folded_layer_forward(self: nn.Module, hidden_states: torch.Tensor, *args, **kwargs):
+    """A Llama-family decoder layer's forward at one decode token with a static cache, its RMS
+    norms and residual adds in the projections' kernels (:mod:`quantcore_torch._fold`): four
+    kernels and the attention's two a layer. The q/k/v kernel reads ``g * h`` and the sum of
+    squares ``h`` left (the layer before's ``down_proj``, or PyTorch ops at a stack's first
+    layer); ``o_proj`` adds the residual and writes the post-attention norm's input and sum;
+    the gate/up kernel reads them; ``down_proj`` adds the residual and writes the next layer's.
+    Anything the kernels do not take (the prefill, batches, the CPU, another cache, gradients, a
+    module replaced or hooked since, a counter on another device) runs the class's forward."""
+    parts: _FoldedLayer = self._quantcore_fold
+    chain = parts.chain
+    mods = self._modules
+    norm_in, norm_post = parts.input_norm, parts.post_norm
+    sums = chain.sums()
+    layers = None
+    if (
+        not args
+        and mods["self_attn"] is parts.attention
+        and mods["mlp"] is parts.mlp
+        and mods["input_layernorm"] is norm_in
+        and mods["post_attention_layernorm"] is norm_post
+        and not (_hooked(norm_in) or _hooked(norm_post))
+        and sums[0].device == hidden_states.device
+    ):
+        layers = _fold_projections(parts, hidden_states)
+    if layers is None:
+        chain.hand_on()
+        return type(self).forward(self, hidden_states, *args, **kwargs)
+    o, gate_up, down = layers
+    mid, out = sums
+    if chain.h is hidden_states and chain.next is self and not chain.dirty:
+        xn, sq = chain.xn, out
+    else:
+        if chain.dirty:  # a layer stopped between its kernels: its counters are not zero
+            mid.zero_()
+            chain.dirty = False
+        xn, sq = rms_input(hidden_states, norm_in.weight), sumsq_counter(hidden_states)
+    rest = {k: v for k, v in kwargs.items() if k not in ("position_embeddings", "attention_mask")}
+    done = _rotary_attention(
+        parts.attention, xn, kwargs.get("position_embeddings"), kwargs.get("attention_mask"), (), rest,
+        sq, norm_in.variance_epsilon,
+    )  # fmt: skip
+    if done is None:
+        chain.hand_on()
+        return type(self).forward(self, hidden_states, *args, **kwargs)
+    chain.dirty = True
+    y, xn = o.residual_forward(done[0], hidden_states, norm_post.weight, mid, out)
+    a = gate_up.norm_forward(xn, mid, norm_post.variance_epsilon, gate_up=True)
+    following = parts.next
+    gain = norm_post.weight if following is None else following._quantcore_fold.input_norm.weight
+    h, xn = down.residual_forward(a, y, gain, out, mid)
+    chain.dirty = False
+    if following is None:
+        chain.hand_on()  # the stack's end: nothing kept alive until the next step
+    else:
+        chain.hand_on(h, xn, following)
+    return h
+
+
+def _is_folded(module: nn.Module) -> bool:
+    return getattr(module.__dict__.get("forward"), "__func__", None) is _folded_layer_forward
+
+
+def _norm_mismatch(layer: nn.Module) -> str | None:
+    """Why ``layer``'s norms and residual adds cannot run in its projections' kernels, or ``None``."""
+    if type(layer).__name__ not in NORM_LAYERS:
+        return f"{type(layer).__name__} is not a known decoder layer (NORM_LAYERS)"
+    if "forward" in layer.__dict__:
+        return "its forward is replaced (an accelerate hook, or another patch)"
+    mods = layer._modules
+    attention, mlp = mods.get("self_attn"), mods.get("mlp")
+    if attention is None or not _is_rotary(attention):
+        return "its attention does not run the rotary q/k/v kernel (fuse_projections(rotary=True))"
+    if mlp is None or not _is_gated(mlp) or mlp._quantcore_gated.place != "gate_up":
+        return "its MLP does not run the activation in the gate/up kernel (fuse_projections(activation=True))"
+    for name in ("input_layernorm", "post_attention_layernorm"):
+        norm = mods.get(name)
+        if norm is None or type(norm).__name__ not in RMS_NORMS or "forward" in norm.__dict__:
+            return f"{name} is {type(norm).__name__}, not an RMS norm of Llama's formula (RMS_NORMS)"
+        weight = getattr(norm, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.shape != (attention.o_proj.out_features,):
+            return f"{name}'s weight is not one value a hidden feature"
+    for name, m in (("o_proj", attention._modules.get("o_proj")), ("down_proj", mlp._modules.get("down_proj"))):
+        if not isinstance(m, WeightOnlyLinear) or m.bits != 4:
+            return f"{name} is not an int4 torch_wo layer"
+    return None
+
+
+def _fuse_norms(model: nn.Module, report: FusionReport) -> None:
+    """Fold each decoder layer's norms and residual adds into its kernels (:func:`_folded_layer_forward`),
+    one chain a stack of layers (a ``ModuleList``), its counters on the stack's first folded layer."""
+    for stack_name, stack in model.named_modules():
+        if not isinstance(stack, nn.ModuleList):
+            continue
+        chain, before = None, None
+        for index, layer in enumerate(stack):
+            if type(layer).__name__ not in NORM_LAYERS:
+                before = None
+                continue
+            label = f"{stack_name}.{index}: rms norms+residual adds"
+            reason = "already folded" if _is_folded(layer) else _norm_mismatch(layer)
+            if reason is not None:
+                report.skipped[label] = reason
+                before = None
+                continue
+            if chain is None:
+                chain = _FoldChain(layer)
+                device = layer.self_attn.o_proj.qweight.device
+                for name in _SUMS:
+                    layer.register_buffer(name, torch.zeros((), dtype=torch.int64, device=device), persistent=False)
+            if before is not None:
+                before._quantcore_fold = before._quantcore_fold._replace(next=layer)
+            mods = layer._modules
+            layer._quantcore_fold = _FoldedLayer(
+                mods["self_attn"], mods["mlp"], mods["input_layernorm"], mods["post_attention_layernorm"], None, chain
+            )
+            layer.forward = types.MethodType(_folded_layer_forward, layer)
+            report.norms.append(f"{stack_name}.{index}")
+            before = layer
+
+
+def _unfuse_norms(layer: nn.Module) -> None:
+    del layer.forward, layer._quantcore_fold
+    for name in _SUMS:
+        layer._buffers.pop(name, None)
+
+
 def _activation_place(activation: bool | str) -> str | None:
     """``fuse_projections``'s ``activation`` as a place of :data:`ACTIVATION_PLACES`, or ``None``."""
     if activation is False:
@@ -610,6 +842,7 @@ def fuse_projections(
     activation: bool | str = False,
     gated_mlps: Sequence[str] = GATED_MLPS,
     rotary: bool = False,
+    norms: bool = False,
 ) -> FusionReport:
     """Run sibling torch_wo projections that read the same input as one stacked kernel call each.
 
@@ -638,6 +871,17 @@ def fuse_projections(
         patched on the instance (:func:`unfuse_projections` removes it). Anything else the kernel
         does not take (the prefill, batches, caches other than transformers' ``StaticCache``,
         sliding-window layers, the CPU) runs the attention's own forward.
+    :param norms: also run each decoder layer's two RMS norms and two residual adds inside its
+        kernels at batch-1 decode (:mod:`quantcore_torch._fold`): ``o_proj`` and ``down_proj``
+        add the residual and write the next norm's input and its sum of squares, the q/k/v and
+        gate/up kernels scale their sums by the norm; a layer runs four kernels and the
+        attention's two instead of eight. For the decoder layers :data:`NORM_LAYERS` names
+        whose attention takes ``rotary`` and whose MLP takes ``activation="gate_up"`` (asked for
+        here or by an earlier call), int4 ``o_proj`` and ``down_proj``; the layer's forward is
+        patched on the instance, and a stack's first folded layer holds two int64 counters as
+        non-persistent buffers. The outputs are the unfolded layer's within the dtype's
+        rounding (the norm's scale multiplies the projection's sums instead of its input).
+        Anything else runs the layer's own forward, as ``rotary`` does.
     :returns: a :class:`FusionReport`; nothing is changed for a group it lists as skipped.
 
     Safe to call twice (groups already fused are reported as skipped). If stacking a group fails
@@ -678,6 +922,8 @@ def fuse_projections(
         _fuse_activations(model, tuple(gated_mlps), place, report)
     if rotary:
         _fuse_rotary(model, report)
+    if norms:
+        _fuse_norms(model, report)
     return report
 
 
@@ -685,6 +931,8 @@ def unfuse_projections(model: nn.Module) -> int:
     """Undo :func:`fuse_projections`: every member gets its own storage back. Returns the groups undone."""
     seen: dict[int, FusedProjections] = {}
     for module in model.modules():
+        if _is_folded(module):
+            _unfuse_norms(module)
         if _is_gated(module):
             del module.forward, module._quantcore_gated
         if _is_rotary(module):

@@ -8,6 +8,8 @@ import pytest
 import torch
 from quantcore_torch import TorchWeightOnlyConfig, WeightOnlyLinear
 from quantcore_torch.fusion import FusedProjections, fuse_projections, unfuse_projections
+from quantcore_torch.kernels import gated_input
+from quantcore_torch.rms import SUMSQ_SCALE, rms_input, sumsq_counter
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -748,16 +750,26 @@ def static_decode(model, ids, steps: int, step=None) -> torch.Tensor:
     return torch.cat(out, dim=1)
 
 
+def _normed(layer, x, sq, eps):
+    """``layer`` on ``rms_norm(h)`` from ``x = g * h`` and the counter ``sq`` (``sum(h**2)``), as
+    the folded kernels compute it: the sums scaled by ``rsqrt(sum / K + eps)``, then the bias."""
+    r = torch.rsqrt(sq.double() / SUMSQ_SCALE / x.shape[-1] + eps).float()
+    y = (x.float() @ layer.dequantized_weight(torch.float32).T) * r
+    return (y if layer.bias is None else y + layer.bias.float()).to(x.dtype)
+
+
 def _rotary_in_pytorch(calls):
     """``WeightOnlyLinear.qkv_rope_forward`` as its kernel computes it, in PyTorch ops: the stacked
-    projections, transformers' rotation, the cache's writes at the position (counted in ``calls``)."""
+    projections (after a folded norm: :func:`_normed`), transformers' rotation, the cache's writes
+    at the position (counted in ``calls``)."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    def qkv_rope_forward(self, x, cos, sin, keys, values, position, q_features):
+    def qkv_rope_forward(self, x, cos, sin, keys, values, position, q_features, sq=None, eps=0.0):
         calls.append(self.out_features)
         head = keys.shape[-1]
         kv = keys.shape[1] * head
-        q, k, v = self(x).split((q_features, kv, kv), dim=-1)
+        y = self(x) if sq is None else _normed(self, x, sq, eps)
+        q, k, v = y.split((q_features, kv, kv), dim=-1)
         shape = (*x.shape[:-1], -1, head)
         q, k = apply_rotary_pos_emb(q.view(shape).transpose(1, 2), k.view(shape).transpose(1, 2), cos, sin)
         keys.index_copy_(2, position.view(1), k)
@@ -1001,3 +1013,218 @@ def test_programmatic_launches_decode_a_folded_model_to_the_same_bits(trigger, m
         assert kernel in names, names
     torch._dynamo.reset()
     triton_mod.forget_pdl_variants()
+
+
+# ----------------------------------------------------------------------------- norms folded
+LAYERS = ["model.layers.0", "model.layers.1"]
+
+
+def _fold_in_pytorch(monkeypatch, calls):
+    """The folded kernels' functions in PyTorch ops, as they compute (``WeightOnlyLinear``'s
+    ``qkv_rope_forward`` with a counter, ``norm_forward``, ``residual_forward``), taking one row
+    as the kernels do; each call is logged in ``calls`` with the counters it got."""
+    rotary = _rotary_in_pytorch([])
+
+    def qkv_rope_forward(self, x, cos, sin, keys, values, position, q_features, sq=None, eps=0.0):
+        calls.append(("qkv", sq))
+        return rotary(self, x, cos, sin, keys, values, position, q_features, sq, eps)
+
+    def norm_forward(self, x, sq, eps, gate_up=False):
+        calls.append(("norm", sq))
+        y = _normed(self, x, sq, eps)
+        return gated_input(y) if gate_up else y
+
+    def residual_forward(self, x, h, gain, sq, clear):
+        y = (h.float() + self(x).float()).to(h.dtype)
+        calls.append(("residual", sq, clear, y))
+        sq.add_(sumsq_counter(y))
+        clear.zero_()
+        return y, rms_input(y, gain)
+
+    monkeypatch.setattr(WeightOnlyLinear, "norm_fold_takes", lambda self, x: x.numel() == x.shape[-1])
+    monkeypatch.setattr(WeightOnlyLinear, "qkv_rope_forward", qkv_rope_forward)
+    monkeypatch.setattr(WeightOnlyLinear, "norm_forward", norm_forward)
+    monkeypatch.setattr(WeightOnlyLinear, "residual_forward", residual_forward)
+
+
+def folded_causal(family: str, monkeypatch, dtype=torch.float32, device="cpu"):
+    """``tiny_causal(family)`` with random norm weights (ones would hide a norm's weight in the
+    wrong place), fused with the activation and the rotary fold: ``(model, unfolded copy)``,
+    the model's norms folded too."""
+    from quantcore_torch import kernels
+
+    monkeypatch.setattr(kernels, "INT4_CUDA_KERNEL", "interleaved")
+    model = (
+        quantized_llama(4, 32 if device == "cpu" else 128, dtype, device) if family == "llama" else tiny_causal(family)
+    )
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for module in model.modules():
+            if type(module).__name__.endswith("RMSNorm"):
+                module.weight.uniform_(0.5, 1.5)
+    fuse_projections(model, activation=True, rotary=True)
+    unfolded = copy.deepcopy(model)
+    report = fuse_projections(model, norms=True)
+    assert report.norms == LAYERS and "2 decoder layer(s) run their norms and residual adds" in str(report)
+    return model, unfolded
+
+
+@needs_transformers
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_folded_norms_give_the_unfolded_decoding(family, monkeypatch):
+    # Each decode step runs q/k/v, o, gate/up and down a layer with the norms and adds folded in
+    # (their functions in PyTorch here): the unfolded model's logits within fp32 rounding. The
+    # counters pass as the kernels need: layer 0 reads one made from its input, o_proj adds to
+    # ``mid`` and clears ``out``, down_proj adds to ``out`` and clears ``mid``; a step leaves
+    # ``mid`` zero and ``out`` holding the last layer's sum.
+    model, unfolded = folded_causal(family, monkeypatch)
+    calls = []
+    _fold_in_pytorch(monkeypatch, calls)
+    ids = ids_for()
+    expected = static_decode(unfolded, ids, steps=5)
+    calls.clear()
+    out = static_decode(model, ids, steps=5)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    assert torch.equal(out.argmax(-1), expected.argmax(-1))
+    assert [c[0] for c in calls] == ["qkv", "residual", "norm", "residual"] * len(LAYERS) * 5  # decode only
+    owner = model.model.layers[0]
+    mid, last = owner._quantcore_sum_mid, owner._quantcore_sum_out
+    step = calls[-8:]
+    assert step[0][1] is not mid and step[0][1] is not last  # made from layer 0's input
+    assert step[1][1] is mid and step[1][2] is last and step[2][1] is mid
+    assert step[3][1] is last and step[3][2] is mid and step[4][1] is last
+    assert step[5][1] is mid and step[5][2] is last and step[7][1] is last and step[7][2] is mid
+    assert mid.item() == 0 and last.item() == sumsq_counter(step[7][3]).item() > 0
+    assert model.model.layers[0]._quantcore_fold.chain.h is None  # nothing kept alive between steps
+    # The state dict has no counters, and the unfolded model loads it.
+    assert model.state_dict().keys() == unfolded.state_dict().keys()
+
+
+@needs_transformers
+def test_folded_norms_fall_back_per_layer_and_recover_a_step_stopped_midway(monkeypatch):
+    # A hook on a layer's norm: that layer runs its own forward (its attention still rotary), the
+    # other still folds, and the next layer starts from its input. A step stopped between o_proj
+    # and down_proj leaves ``mid`` non-zero: the next step zeroes it first.
+    model, unfolded = folded_causal("llama", monkeypatch)
+    calls = []
+    _fold_in_pytorch(monkeypatch, calls)
+    ids = ids_for()
+    expected = static_decode(unfolded, ids, steps=4)
+    seen = []
+    handle = model.model.layers[1].post_attention_layernorm.register_forward_hook(lambda *a: seen.append(1))
+    calls.clear()
+    torch.testing.assert_close(static_decode(model, ids, steps=4), expected, rtol=1e-4, atol=1e-4)
+    handle.remove()
+    assert [c[0] for c in calls] == ["qkv", "residual", "norm", "residual", "qkv"] * 4
+    assert calls[-1][1] is None and len(seen) == 5  # layer 1: its own norm, prefill included
+
+    def stop(self, x, sq, eps, gate_up=False):
+        raise RuntimeError("stopped")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(WeightOnlyLinear, "norm_forward", stop)
+        with pytest.raises(RuntimeError, match="stopped"):
+            static_decode(model, ids, steps=1)
+    assert model.model.layers[0]._quantcore_sum_mid.item() > 0
+    torch.testing.assert_close(static_decode(model, ids, steps=4), expected, rtol=1e-4, atol=1e-4)
+    assert model.model.layers[0]._quantcore_sum_mid.item() == 0
+    # What a step stopped in layer 1 leaves handed on (an output of layer 0's, here a stale one
+    # with a wrong norm input): the next step's layer 0 gets another tensor and makes its own.
+    chain, first = model.model.layers[0]._quantcore_fold.chain, model.model.layers[0]
+
+    def stale_then_step(*args):
+        chain.hand_on(torch.zeros(1, 1, 128), torch.randn(1, 1, 128), first)
+        return decode_step(*args)
+
+    torch.testing.assert_close(static_decode(model, ids, 4, stale_then_step), expected, rtol=1e-4, atol=1e-4)
+
+
+@needs_transformers
+def test_folded_norms_compile_fullgraph(monkeypatch):
+    # The folded layers traced whole, the counters mutated in the graph: the eager tokens.
+    model, _ = folded_causal("llama", monkeypatch)
+    _fold_in_pytorch(monkeypatch, [])
+    ids = ids_for()
+    eager = static_decode(model, ids, steps=4)
+    torch._dynamo.reset()
+    compiled = torch.compile(decode_step, fullgraph=True)
+    for _ in range(2):
+        out = static_decode(model, ids, steps=4, step=compiled)
+        torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+        assert torch.equal(out.argmax(-1), eager.argmax(-1))
+    torch._dynamo.reset()
+
+
+@needs_transformers
+def test_norm_fold_reports_what_it_cannot_take_and_unfuses(monkeypatch):
+    from quantcore_torch import kernels
+
+    monkeypatch.setattr(kernels, "INT4_CUDA_KERNEL", "interleaved")
+    model = quantized_llama(4, 32)
+    label = "model.layers.0: rms norms+residual adds"
+    report = fuse_projections(model, activation=True, norms=True)
+    assert report.norms == [] and report.skipped[label] == (
+        "its attention does not run the rotary q/k/v kernel (fuse_projections(rotary=True))"
+    )
+    report = fuse_projections(model, rotary=True, norms=True)
+    assert report.norms == LAYERS and fuse_projections(model, norms=True).skipped[label] == "already folded"
+    clone = copy.deepcopy(model)
+    fold = clone.model.layers[1]._quantcore_fold
+    assert (
+        fold.chain.owner is clone.model.layers[0]
+        and clone.model.layers[0]._quantcore_fold.next is clone.model.layers[1]
+    )
+    assert (
+        fold.attention is clone.model.layers[1].self_attn
+        and clone.model.layers[1].forward.__self__ is clone.model.layers[1]
+    )
+    assert unfuse_projections(model) == 4
+    layer = model.model.layers[0]
+    assert "forward" not in layer.__dict__ and not hasattr(layer, "_quantcore_fold")
+    assert not [name for name, _ in model.named_buffers() if "_quantcore" in name]
+    model = quantized_llama(8, 128)
+    report = fuse_projections(model, activation=True, rotary=True, norms=True)
+    assert report.skipped[label].startswith("its attention does not run the rotary q/k/v kernel")
+    model = quantized_llama(4, 32)
+    model.model.layers[1].forward = model.model.layers[1].forward  # as accelerate's hooks do
+    report = fuse_projections(model, activation=True, rotary=True, norms=True)
+    assert report.norms == ["model.layers.0"]
+    assert report.skipped["model.layers.1: rms norms+residual adds"].startswith("its forward is replaced")
+    assert model.model.layers[0]._quantcore_fold.next is None
+
+
+def test_norm_fold_kernels_refuse_what_they_cannot_take():
+    layer = WeightOnlyLinear.from_linear(nn.Linear(64, 32), bits=4, group_size=32)
+    x = torch.randn(1, 64)
+    assert not layer.norm_fold_takes(x)
+    with pytest.raises(ValueError, match="one fp16 / bf16 row on CUDA and a weight in the interleaved int4 layout"):
+        layer.norm_forward(x, sumsq_counter(x), 1e-6)
+    with pytest.raises(ValueError, match="one fp16 / bf16 row on CUDA"):
+        layer.residual_forward(x, torch.zeros(32), torch.ones(32), sumsq_counter(), sumsq_counter())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@needs_transformers
+def test_folded_norms_on_cuda_eager_and_in_cuda_graphs(monkeypatch):
+    # The real kernels at every decode step: within bf16 rounding of the unfolded model's
+    # decoding, eager and from CUDA graphs; a graph's replays give its recording's bits (the
+    # counters are cleared inside the graph, no reset between replays).
+    from quantcore_torch import kernels
+
+    model, unfolded = folded_causal("llama", monkeypatch, torch.bfloat16, "cuda")
+    ids = ids_for("cuda", length=7)
+    expected = static_decode(unfolded, ids, steps=6)
+    residual, real = [], kernels._FOLD.int4_interleaved_residual_mm
+    with pytest.MonkeyPatch.context() as patch:  # eager only
+        patch.setattr(kernels._FOLD, "int4_interleaved_residual_mm", lambda *a: residual.append(1) or real(*a))
+        torch.testing.assert_close(static_decode(model, ids, steps=6), expected, rtol=2e-2, atol=2e-2)
+    assert len(residual) == 6 * 2 * len(LAYERS)
+    torch._dynamo.reset()
+    compiled = torch.compile(decode_step, mode="reduce-overhead", fullgraph=True)
+    recorded = static_decode(model, ids, steps=6, step=compiled)
+    torch.testing.assert_close(recorded, expected, rtol=2e-2, atol=2e-2)
+    for _ in range(2):
+        torch.testing.assert_close(static_decode(model, ids, steps=6, step=compiled), recorded, rtol=0, atol=0)
+    torch._dynamo.reset()
+    assert model.model.layers[0]._quantcore_sum_mid.item() == 0
