@@ -40,7 +40,9 @@ projection's kernel instead (``activation="down"``); ``+rope`` (``int4-torch@int
 fuses too and runs each attention's rotary embedding and static-cache writes in the q/k/v
 kernel's epilogue (``fuse_projections(rotary=True)``) and its attention as quantcore's decode
 attention kernels; ``+rope-sdpa`` folds the same but leaves the attention to the class's SDPA
-function, and ``+attn`` (``bf16+attn``) runs any model's SDPA attention at one token as those
+function; ``+norms`` (``int4-torch@interleaved+glu+rope+norms``) also runs each decoder layer's
+RMS norms and residual adds in its projections' kernels (``fuse_projections(norms=True)``), and
+``+attn`` (``bf16+attn``) runs any model's SDPA attention at one token as those
 kernels: the float baseline with the same attention. ``+autotune`` autotunes the interleaved
 int4 kernels at every shape, where by default the shapes ``INT4_INTERLEAVED_PINNED`` names run
 the config pinned for the card (``QUANTCORE_TRITON_PINNED=0``). ``+pdl`` launches torch_wo's
@@ -117,7 +119,7 @@ def build_model(name: str, device: str, max_len: int):
 
 SUFFIXES = ("fused", "glu", "glu-down", "rope", "rope-sdpa", "attn", "autotune", "pdl", "pdl-early", "pdl-auto")
 SUFFIXES += ("inductor-pdl",)
-SUFFIXES += ("head", "pre", "graph")
+SUFFIXES += ("head", "pre", "graph", "norms")
 # The programmatic-launch suffixes and the trigger each sets (QUANTCORE_TRITON_PDL_TRIGGER).
 TRIGGERS = {"pdl": "late", "pdl-early": "early", "pdl-auto": "auto"}
 # The suffixes that fold the rotary embedding into the q/k/v kernel.
@@ -264,7 +266,7 @@ def make_variant(base, method: str):
     """A copy of ``base`` quantized with the preset ``method`` (``bf16``: the copy as it is)."""
     spec, suffixes = split_method(method)
     if spec == "bf16":
-        if suffixes & {*FUSING, *ROTARY, "head"}:
+        if suffixes & {*FUSING, *ROTARY, "head", "norms"}:
             raise ValueError(f"{method}: bf16 has no quantized projections to fuse or output head to quantize")
         return copy.deepcopy(base)
     import quantcore
@@ -286,17 +288,22 @@ def make_variant(base, method: str):
         if len(fusing) > 1:
             raise ValueError(f"{method}: one of {', '.join('+' + f for f in FUSING)}, not {fusing}")
         rotary = bool(suffixes & ROTARY)
+        norms = "norms" in suffixes
+        if norms and not (rotary and fusing == ["glu"]):
+            raise ValueError(f"{method}: +norms folds a layer's norms with +glu and +rope")
         if fusing or rotary:
             from quantcore_torch.fusion import fuse_projections
 
             activation = FUSING[fusing[0]] if fusing else False
-            report = fuse_projections(model, activation=activation, rotary=rotary)
+            report = fuse_projections(model, activation=activation, rotary=rotary, norms=norms)
             if not report.fused:
                 raise ValueError(f"{method}: no projections were fused ({report})")
             if activation and not report.activations:
                 raise ValueError(f"{method}: no MLP runs its activation in a kernel ({report})")
             if rotary and not report.rotary:
                 raise ValueError(f"{method}: no attention rotates q and k in its kernel ({report})")
+            if norms and not report.norms:
+                raise ValueError(f"{method}: no decoder layer runs its norms in the kernels ({report})")
             if "rope-sdpa" in suffixes:  # the class's attention function after the kernel
                 for module in model.modules():
                     if hasattr(module, "_quantcore_rotary"):

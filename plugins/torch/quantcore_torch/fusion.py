@@ -807,6 +807,9 @@ def _fuse_norms(model: nn.Module, report: FusionReport) -> None:
                 device = layer.self_attn.o_proj.qweight.device
                 for name in _SUMS:
                     layer.register_buffer(name, torch.zeros((), dtype=torch.int64, device=device), persistent=False)
+                    if device.type == "cuda":
+                        # Mutated in a CUDA graph: a static address, not an input copied at every replay.
+                        torch._dynamo.mark_static_address(layer._buffers[name])
             if before is not None:
                 before._quantcore_fold = before._quantcore_fold._replace(next=layer)
             mods = layer._modules
