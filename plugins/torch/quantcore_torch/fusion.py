@@ -679,9 +679,12 @@ def _fold_projections(parts: _FoldedLayer, x: torch.Tensor):
     """``(o_proj, gate/up stack, down_proj)`` if they and the q/k/v stack each run their folded
     kernel for ``x`` and nothing was replaced or hooked since; otherwise ``None``."""
     attention, mlp = parts.attention, parts.mlp
-    if not (_is_rotary(attention) and _is_gated(mlp)) or _hooked(attention) or _hooked(mlp):
+    # The patches' own attributes, not _is_rotary / _is_gated: dynamo (torch 2.11) reads a bound
+    # method's __func__ from a module's __dict__ as another object, and the fold would never trace.
+    rotary: _RotaryAttention | None = getattr(attention, "_quantcore_rotary", None)
+    gated: _GatedMLP | None = getattr(mlp, "_quantcore_gated", None)
+    if rotary is None or gated is None or _hooked(attention) or _hooked(mlp):
         return None
-    gated: _GatedMLP = mlp._quantcore_gated
     if gated.place != "gate_up" or not (_plain(gated.gate) and _plain(gated.up)):
         return None
     if mlp._modules["gate_proj"] is not gated.gate or mlp._modules["up_proj"] is not gated.up:
@@ -689,7 +692,7 @@ def _fold_projections(parts: _FoldedLayer, x: torch.Tensor):
     o, down = attention._modules["o_proj"], mlp._modules["down_proj"]
     if not (isinstance(o, WeightOnlyLinear) and isinstance(down, WeightOnlyLinear) and _plain(o) and _plain(down)):
         return None
-    qkv, gate_up = attention._quantcore_rotary.group.layer(), gated.group.layer()
+    qkv, gate_up = rotary.group.layer(), gated.group.layer()
     if qkv is None or gate_up is None:
         return None
     if not all(m.norm_fold_takes(x) for m in (qkv, o, gate_up, down)):
