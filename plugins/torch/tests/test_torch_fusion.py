@@ -1150,10 +1150,13 @@ def test_folded_norms_compile_fullgraph(monkeypatch):
     eager = static_decode(model, ids, steps=4)
     torch._dynamo.reset()
     compiled = torch.compile(decode_step, fullgraph=True)
+    counter = model.model.layers[0]._quantcore_sum_out
     for _ in range(2):
+        counter.zero_()
         out = static_decode(model, ids, steps=4, step=compiled)
         torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
         assert torch.equal(out.argmax(-1), eager.argmax(-1))
+        assert counter.item() > 0  # the compiled steps folded
     torch._dynamo.reset()
 
 
