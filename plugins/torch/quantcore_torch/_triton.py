@@ -586,8 +586,11 @@ def _interleaved_rows(
         start: tl.constexpr = BLOCK_K
         first_mask = first < words
         word = tl.load(
-            w32 + row + first[:, None, :], mask=n_mask[None, :, None] & first_mask[:, None, :], other=0,
-            cache_modifier=_W_CACHE, eviction_policy=_W_EVICT,
+            w32 + row + first[:, None, :],
+            mask=n_mask[None, :, None] & first_mask[:, None, :],
+            other=0,
+            cache_modifier=_W_CACHE,
+            eviction_policy=_W_EVICT,
         )
         s, z = _interleaved_params(sz_ptr, rn, n_mask, rg, groups, stride_sn, zero_offset)
         w0, w1, w2, w3, w4, w5, w6, w7 = _dequantized_tile(word, s[:, :, None], z[:, :, None], magic)
@@ -609,8 +612,11 @@ def _interleaved_rows(
     if PREFETCH:
         ahead = first + start // 8
         word = tl.load(
-            w32 + row + ahead[:, None, :], mask=n_mask[None, :, None] & (ahead < words)[:, None, :], other=0,
-            cache_modifier=_W_CACHE, eviction_policy=_W_EVICT,
+            w32 + row + ahead[:, None, :],
+            mask=n_mask[None, :, None] & (ahead < words)[:, None, :],
+            other=0,
+            cache_modifier=_W_CACHE,
+            eviction_policy=_W_EVICT,
         )
     for k0 in range(start, K, BLOCK_K):
         g = k0 // GROUP + rg
@@ -619,13 +625,19 @@ def _interleaved_rows(
         if PREFETCH:  # the next tile's loads in flight during this one's arithmetic
             ahead = col + BLOCK_K // 8
             upcoming = tl.load(
-                w32 + row + ahead[:, None, :], mask=n_mask[None, :, None] & (ahead < words)[:, None, :], other=0,
-                cache_modifier=_W_CACHE, eviction_policy=_W_EVICT,
+                w32 + row + ahead[:, None, :],
+                mask=n_mask[None, :, None] & (ahead < words)[:, None, :],
+                other=0,
+                cache_modifier=_W_CACHE,
+                eviction_policy=_W_EVICT,
             )
         else:
             word = tl.load(
-                w32 + row + col[:, None, :], mask=n_mask[None, :, None] & col_mask[:, None, :], other=0,
-                cache_modifier=_W_CACHE, eviction_policy=_W_EVICT,
+                w32 + row + col[:, None, :],
+                mask=n_mask[None, :, None] & col_mask[:, None, :],
+                other=0,
+                cache_modifier=_W_CACHE,
+                eviction_policy=_W_EVICT,
             )
         if USE_GDC:  # programmatic launch: the first tile's words, scales and zero points load before the wait
             s, z = _interleaved_params(sz_ptr, rn, n_mask, g, groups, stride_sn, zero_offset)
