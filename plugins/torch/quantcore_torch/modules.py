@@ -46,7 +46,7 @@ from quantcore.layers import QuantizedLinear, linear_recomputing_weight
 from . import kernels
 from .packing import dequantize_int4, dequantize_int8, int4_shapes, quantize_int4, quantize_int8
 
-__all__ = ["KernelLayoutMixin", "WeightOnlyLinear", "WeightOnlyStorage"]
+__all__ = ["KernelLayoutMixin", "WeightOnlyEpilogues", "WeightOnlyLinear", "WeightOnlyStorage"]
 
 
 class KernelLayoutMixin(nn.Module):
@@ -251,66 +251,11 @@ class WeightOnlyStorage(KernelLayoutMixin, QuantizedLinear):
         return ", ".join(parts)
 
 
-class WeightOnlyLinear(WeightOnlyStorage):
-    """``y = x @ W.T + b`` with ``W`` stored in int8 or int4, read by a fused weight-only kernel.
-
-    The matmul runs in ``compute_dtype`` when set, else in the input's dtype; the output has the
-    input's dtype. Buffers: ``qweight``, ``scale`` and (int4) ``zero``; ``bias`` is a parameter.
-    :mod:`quantcore_torch.kernels` picks the kernel where the tensors live (and dequantize +
-    ``F.linear`` where no kernel fits); an int4 layer also keeps its weight in the layout of the
-    kernel for its device (``kernel_layout``: the CPU kernel's, or on CUDA tinygemm's or the
-    interleaved Triton kernel's, per ``kernels.INT4_CUDA_KERNEL``; about the size of ``qweight``;
-    not saved, not counted in the module's size), rebuilt whenever the module is built, loaded or
-    moved.
-
-    The constructor allocates uninitialised storage (pass ``device="meta"`` for a skeleton to load
-    a state dict into); :meth:`from_linear` quantizes an existing ``nn.Linear``.
-
-    It is an ``nn.Linear`` to other libraries (:class:`quantcore.layers.QuantizedLinear`): ``weight``
-    reads as the dequantized weight, and assigning ``weight.data`` re-quantizes (how PEFT merges
-    a LoRA adapter). When gradients flow, the backward dequantizes again rather than keeping the
-    float weight alive (training adapters on a frozen quantized base).
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = self.compute_dtype or x.dtype
-        # Tensors read from their dicts: nn.Module.__getattr__ costs about a microsecond a name,
-        # and an eager decode step runs this forward some 150 times.
-        buffers = self._buffers
-        bias = self._parameters["bias"]
-        grad = torch.is_grad_enabled()
-        trains = grad and (x.requires_grad or (bias is not None and bias.requires_grad))
-        fused = self._fused
-        if fused is not None and not trains:
-            y = fused[0].forward(x, fused[1])
-            if y is not None:
-                return y
-        if grad and x.requires_grad:
-            # Gradients flow through this frozen layer (adapters before it): the fused kernels have
-            # no backward, so recompute the weight in the backward instead of keeping it.
-            return linear_recomputing_weight(x.to(dtype), self, dtype, None if bias is None else bias.to(dtype)).to(
-                x.dtype
-            )
-        # A trainable bias alone takes its gradient through a plain addition after the kernel.
-        late_bias = bias if grad and bias is not None and bias.requires_grad else None
-        kernel_bias = None if late_bias is not None else bias
-        # No-op casts skipped: an eager decode step pays for every dispatch.
-        xc = x if x.dtype == dtype else x.to(dtype)
-        if self.bits == 8:
-            y = kernels.int8_weight_only_linear(xc, buffers["qweight"], buffers["scale"], kernel_bias)
-        else:
-            y = kernels.int4_weight_only_linear(
-                xc,
-                buffers["qweight"],
-                buffers["scale"],
-                buffers["zero"],
-                self.group_size,
-                kernel_bias,
-                self._current_kernel_layout(),
-            )
-        if late_bias is not None:
-            y = y + late_bias.to(y.dtype)
-        return y if y.dtype == x.dtype else y.to(x.dtype)
+class WeightOnlyEpilogues(WeightOnlyStorage):
+    """The forwards that fuse a neighbour's work into a :class:`WeightOnlyLinear`'s kernel: the
+    gated MLP's activation, the attention's rotary embedding and cache writes, a decoder layer's
+    RMS norm and residual add. :mod:`quantcore_torch.fusion` calls them; each falls back to the
+    plain forward, or says it cannot run, where its kernel does not take the input."""
 
     def gated_forward(self, h: torch.Tensor) -> torch.Tensor:
         """This layer as a gated MLP's down projection fed ``h [..., 2 * in_features]``, the gate and
@@ -403,6 +348,68 @@ class WeightOnlyLinear(WeightOnlyStorage):
         raises ``ValueError`` elsewhere."""
         layout = self._current_kernel_layout()
         return kernels.int4_residual_linear(x, layout, self._parameters["bias"], h, gain, sq, clear)
+
+
+class WeightOnlyLinear(WeightOnlyEpilogues):
+    """``y = x @ W.T + b`` with ``W`` stored in int8 or int4, read by a fused weight-only kernel.
+
+    The matmul runs in ``compute_dtype`` when set, else in the input's dtype; the output has the
+    input's dtype. Buffers: ``qweight``, ``scale`` and (int4) ``zero``; ``bias`` is a parameter.
+    :mod:`quantcore_torch.kernels` picks the kernel where the tensors live (and dequantize +
+    ``F.linear`` where no kernel fits); an int4 layer also keeps its weight in the layout of the
+    kernel for its device (``kernel_layout``: the CPU kernel's, or on CUDA tinygemm's or the
+    interleaved Triton kernel's, per ``kernels.INT4_CUDA_KERNEL``; about the size of ``qweight``;
+    not saved, not counted in the module's size), rebuilt whenever the module is built, loaded or
+    moved.
+
+    The constructor allocates uninitialised storage (pass ``device="meta"`` for a skeleton to load
+    a state dict into); :meth:`from_linear` quantizes an existing ``nn.Linear``.
+
+    It is an ``nn.Linear`` to other libraries (:class:`quantcore.layers.QuantizedLinear`): ``weight``
+    reads as the dequantized weight, and assigning ``weight.data`` re-quantizes (how PEFT merges
+    a LoRA adapter). When gradients flow, the backward dequantizes again rather than keeping the
+    float weight alive (training adapters on a frozen quantized base).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self.compute_dtype or x.dtype
+        # Tensors read from their dicts: nn.Module.__getattr__ costs about a microsecond a name,
+        # and an eager decode step runs this forward some 150 times.
+        buffers = self._buffers
+        bias = self._parameters["bias"]
+        grad = torch.is_grad_enabled()
+        trains = grad and (x.requires_grad or (bias is not None and bias.requires_grad))
+        fused = self._fused
+        if fused is not None and not trains:
+            y = fused[0].forward(x, fused[1])
+            if y is not None:
+                return y
+        if grad and x.requires_grad:
+            # Gradients flow through this frozen layer (adapters before it): the fused kernels have
+            # no backward, so recompute the weight in the backward instead of keeping it.
+            return linear_recomputing_weight(x.to(dtype), self, dtype, None if bias is None else bias.to(dtype)).to(
+                x.dtype
+            )
+        # A trainable bias alone takes its gradient through a plain addition after the kernel.
+        late_bias = bias if grad and bias is not None and bias.requires_grad else None
+        kernel_bias = None if late_bias is not None else bias
+        # No-op casts skipped: an eager decode step pays for every dispatch.
+        xc = x if x.dtype == dtype else x.to(dtype)
+        if self.bits == 8:
+            y = kernels.int8_weight_only_linear(xc, buffers["qweight"], buffers["scale"], kernel_bias)
+        else:
+            y = kernels.int4_weight_only_linear(
+                xc,
+                buffers["qweight"],
+                buffers["scale"],
+                buffers["zero"],
+                self.group_size,
+                kernel_bias,
+                self._current_kernel_layout(),
+            )
+        if late_bias is not None:
+            y = y + late_bias.to(y.dtype)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The forward through dequantize + ``F.linear``: what every kernel is tested against."""
