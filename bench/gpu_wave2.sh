@@ -24,8 +24,6 @@
 #   attention the decode attention's split configs against SDPA, a step's caches in one graph
 #             (bench_attention.py; ATTENTION_ARGS adds arguments, e.g. "--configs 32x4,64x4")
 #   gptq      GPTQ's time to quantize a 1.1B Llama (bench_gptq.py), beside plain rounding
-#   loads     the gemv part once for each QUANTCORE_TRITON_LOADS setting (LOADS_SETTINGS, default
-#             every one), each in its own process: the interleaved int4 kernels' cache hints
 #   check-fold  whether fuse_projections(norms=True) folds in a compiled step (check_fold.py)
 #   dequant   the prefill path's dequantize: Triton kernel, packing's ops, the fp32 formula
 # From the repository root, carrying .whl (torchao-0.17.0, built for torch 2.11) and .devsite
@@ -78,11 +76,6 @@ for part in "$@"; do
     dequant) timeout ${T_DEQUANT:-60} python3 bench/bench_dequantize.py --device cuda --out "$out/dequant_cuda.json" ;;
     attention) timeout ${T_ATTENTION:-120} python3 bench/bench_attention.py ${ATTENTION_ARGS:-} --out "$out/attention.json" ;;
     gptq) timeout ${T_GPTQ:-130} python3 bench/bench_gptq.py --model llama-1.1b --device cuda --out "$out/gptq_cuda.json" ;;
-    loads) for v in ${LOADS_SETTINGS:-none weights-cg weights-first input-last both}; do
-             echo "--- QUANTCORE_TRITON_LOADS=$v"
-             QUANTCORE_TRITON_LOADS=$v timeout ${T_GEMV:-90} python3 bench/bench_gemv.py --model "$model" --stack ${GEMV_ARGS:-} \
-               --out "$out/gemv_${model}_loads_$v.json" 2>&1 | grep -v -E "Warning|warnings.warn"
-           done ;;
     check-fold) timeout ${T_CHECK:-150} python3 bench/check_fold.py 2>&1 | grep -v -E "Warning|warnings.warn" ;;
   esac
 done

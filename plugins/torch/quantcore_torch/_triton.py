@@ -382,24 +382,6 @@ def _switch(environ, name: str) -> bool | None:
     return None if value is None else value == "1"
 
 
-def load_hints_setting(environ=os.environ) -> str:
-    """``QUANTCORE_TRITON_LOADS``: the cache hints of the interleaved int4 kernels' loads.
-    ``none`` (the default): none. ``weights-cg``: the weight words cached in L2 only (``ld.global.cg``),
-    leaving the multiprocessor's L1 to the input every program of a linear loads. ``weights-first``:
-    the words marked to leave L1 first (``evict_first``). ``input-last``: the input marked to stay
-    (``evict_last``). ``both``: ``weights-first`` and ``input-last``. Hints, not arithmetic: every
-    setting gives the same bits."""
-    return choice("QUANTCORE_TRITON_LOADS", LOAD_HINTS, "none", environ)
-
-
-LOAD_HINTS = ("none", "weights-cg", "weights-first", "input-last", "both")
-LOADS = load_hints_setting()
-# Read by the kernels when they compile (a constexpr global is part of a kernel's cache key).
-_W_CACHE = tl.constexpr(".cg" if LOADS == "weights-cg" else "")
-_W_EVICT = tl.constexpr("evict_first" if LOADS in ("weights-first", "both") else "")
-_X_EVICT = tl.constexpr("evict_last" if LOADS in ("input-last", "both") else "")
-
-
 # The config of INT4_INTERLEAVED each fused linear of a 1.1B and a 7B Llama ran fastest with on an
 # H100, its weight streamed from HBM as a decode step reads it (the tenth run's sweep,
 # bench/bench_gemv.py --wide-int4): by (N, K), the rows of the stack and its inputs. The autotuner
@@ -499,10 +481,10 @@ def _interleaved_input_tile(pairs, g, rj, mask, GROUP: tl.constexpr, BF16: tl.co
 def _pair_runs(pair, mask, WPG: tl.constexpr, BF16: tl.constexpr):
     """The eight inputs the words at ``pair``'s places meet (fp32, ``pair``'s shape each): four
     32-bit pairs, ``WPG`` (a group's words a row) apart, the first at ``pair``."""
-    x0, x1 = _pair_to_float(tl.load(pair, mask=mask, other=0, eviction_policy=_X_EVICT), BF16)
-    x2, x3 = _pair_to_float(tl.load(pair + WPG, mask=mask, other=0, eviction_policy=_X_EVICT), BF16)
-    x4, x5 = _pair_to_float(tl.load(pair + 2 * WPG, mask=mask, other=0, eviction_policy=_X_EVICT), BF16)
-    x6, x7 = _pair_to_float(tl.load(pair + 3 * WPG, mask=mask, other=0, eviction_policy=_X_EVICT), BF16)
+    x0, x1 = _pair_to_float(tl.load(pair, mask=mask, other=0), BF16)
+    x2, x3 = _pair_to_float(tl.load(pair + WPG, mask=mask, other=0), BF16)
+    x4, x5 = _pair_to_float(tl.load(pair + 2 * WPG, mask=mask, other=0), BF16)
+    x6, x7 = _pair_to_float(tl.load(pair + 3 * WPG, mask=mask, other=0), BF16)
     return x0, x1, x2, x3, x4, x5, x6, x7
 
 
@@ -585,13 +567,7 @@ def _interleaved_rows(
     if PRE:  # the first tile's products alone after the wait; the loop takes the rest
         start: tl.constexpr = BLOCK_K
         first_mask = first < words
-        word = tl.load(
-            w32 + row + first[:, None, :],
-            mask=n_mask[None, :, None] & first_mask[:, None, :],
-            other=0,
-            cache_modifier=_W_CACHE,
-            eviction_policy=_W_EVICT,
-        )
+        word = tl.load(w32 + row + first[:, None, :], mask=n_mask[None, :, None] & first_mask[:, None, :], other=0)
         s, z = _interleaved_params(sz_ptr, rn, n_mask, rg, groups, stride_sn, zero_offset)
         w0, w1, w2, w3, w4, w5, w6, w7 = _dequantized_tile(word, s[:, :, None], z[:, :, None], magic)
         if USE_GDC:  # computed before the wait, not sunk past it to their uses
@@ -611,13 +587,7 @@ def _interleaved_rows(
             early = _early_load(early_ptr, EARLY)
     if PREFETCH:
         ahead = first + start // 8
-        word = tl.load(
-            w32 + row + ahead[:, None, :],
-            mask=n_mask[None, :, None] & (ahead < words)[:, None, :],
-            other=0,
-            cache_modifier=_W_CACHE,
-            eviction_policy=_W_EVICT,
-        )
+        word = tl.load(w32 + row + ahead[:, None, :], mask=n_mask[None, :, None] & (ahead < words)[:, None, :], other=0)
     for k0 in range(start, K, BLOCK_K):
         g = k0 // GROUP + rg
         col = first + k0 // 8
@@ -625,20 +595,10 @@ def _interleaved_rows(
         if PREFETCH:  # the next tile's loads in flight during this one's arithmetic
             ahead = col + BLOCK_K // 8
             upcoming = tl.load(
-                w32 + row + ahead[:, None, :],
-                mask=n_mask[None, :, None] & (ahead < words)[:, None, :],
-                other=0,
-                cache_modifier=_W_CACHE,
-                eviction_policy=_W_EVICT,
+                w32 + row + ahead[:, None, :], mask=n_mask[None, :, None] & (ahead < words)[:, None, :], other=0
             )
         else:
-            word = tl.load(
-                w32 + row + col[:, None, :],
-                mask=n_mask[None, :, None] & col_mask[:, None, :],
-                other=0,
-                cache_modifier=_W_CACHE,
-                eviction_policy=_W_EVICT,
-            )
+            word = tl.load(w32 + row + col[:, None, :], mask=n_mask[None, :, None] & col_mask[:, None, :], other=0)
         if USE_GDC:  # programmatic launch: the first tile's words, scales and zero points load before the wait
             s, z = _interleaved_params(sz_ptr, rn, n_mask, g, groups, stride_sn, zero_offset)
             if k0 == 0:
@@ -713,7 +673,7 @@ def _spread_tile(
     mask = col_mask[:, None] & n_mask[None, :]
     g = col // WPG
     at = w_ptr.to(tl.pointer_type(tl.uint32)) + row + col[:, None]
-    word = tl.load(at, mask=mask, other=0, cache_modifier=_W_CACHE, eviction_policy=_W_EVICT)
+    word = tl.load(at, mask=mask, other=0)
     params = params_row + g[:, None]
     s = tl.load(sz_ptr + params, mask=mask, other=0.0).to(tl.float32)
     z = tl.load(sz_ptr + zero_offset + params, mask=mask, other=0.0).to(tl.float32)

@@ -394,18 +394,6 @@ def test_dequantizing_before_the_wait_follows_the_trigger_unless_set(kernels):
         pre({"QUANTCORE_TRITON_PDL_PRE": "on"})
 
 
-def test_the_load_hints_setting_names_its_choices(kernels):
-    hints = kernels.load_hints_setting
-    assert hints({}) == "none" and hints({"QUANTCORE_TRITON_LOADS": " both "}) == "both"
-    assert all(hints({"QUANTCORE_TRITON_LOADS": v}) == v for v in kernels.LOAD_HINTS)
-    with pytest.raises(ValueError, match=r"QUANTCORE_TRITON_LOADS must be one of none, weights-cg, .*got 'cg'"):
-        hints({"QUANTCORE_TRITON_LOADS": "cg"})
-    # Unset, the kernels carry no hint: their code is what it was before the setting existed.
-    if not os.environ.get("QUANTCORE_TRITON_LOADS", "").strip():
-        assert kernels.LOADS == "none"
-        assert (kernels._W_CACHE.value, kernels._W_EVICT.value, kernels._X_EVICT.value) == ("", "", "")
-
-
 def test_dequantizing_before_the_wait_only_where_the_tile_fits_the_registers(kernels):
     # 64 weights a thread at most: every pinned 1.1B config on the H100, none of 7B's (whose
     # dequantized tiles spilled or took twice the registers offline, the loss at 7B).
