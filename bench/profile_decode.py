@@ -35,6 +35,8 @@ LINEAR = ("gemv", "gemm", "nvjet", "xmma", "tinygemm", "kgemm", "splitkreduce")
 # quantcore_torch._triton's kernels.
 LINEAR += ("_int8_row_kernel", "_int8_dot_kernel", "_int4_row_kernel", "_int4_dot_kernel", "_int4_interleaved_kernel")
 LINEAR += ("_int4_interleaved_rope_kernel",)  # q/k/v with the rotary embedding and the cache writes
+# quantcore_torch._fold's: o and down with the residual add, gate/up after the folded norm.
+LINEAR += ("_int4_interleaved_residual_kernel", "_int4_interleaved_norm_kernel")
 # On the CPU (the smoke test) the events are operators: the matmuls and the weight-only ops.
 LINEAR += ("aten::mm", "aten::addmm", "_weight_int8pack_mm", "_weight_int4pack_mm")
 
