@@ -58,6 +58,7 @@ __all__ = [
     "int8_gate_up_mm",
     "int8_glu_mm",
     "int8_mm",
+    "int8_qkv_rope",
 ]
 
 
@@ -246,6 +247,35 @@ def _gdc_done(USE_GDC: tl.constexpr):
         tl.extra.cuda.gdc_launch_dependents()
 
 
+@triton.jit
+def _int8_rows(
+    x_ptr, w_ptr, s_ptr, rn, n_mask, K, stride_wn,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_GDC: tl.constexpr, GLU: tl.constexpr,
+):  # fmt: skip
+    """The int8 one-row kernels' sums: ``scale[n] * sum_k x[k] * w[n, k]`` in fp32 for the rows
+    ``rn`` (``n_mask``: those that exist), a ``[BLOCK_N, BLOCK_K]`` tile a step, reduced once at
+    the end; the next kernel may launch after them (``USE_GDC``'s late trigger)."""
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        if USE_GDC:  # programmatic launch: the first weight tile loads before the wait
+            w = tl.load(
+                w_ptr + rn[:, None] * stride_wn + kk[None, :], mask=n_mask[:, None] & (kk[None, :] < K), other=0
+            )
+            if k0 == 0:
+                _gdc_wait(USE_GDC)
+            xk = _row_input(x_ptr, kk, K, GLU)
+        else:  # the input first, the order these configs were tuned with
+            xk = _row_input(x_ptr, kk, K, GLU)
+            w = tl.load(
+                w_ptr + rn[:, None] * stride_wn + kk[None, :], mask=n_mask[:, None] & (kk[None, :] < K), other=0
+            )
+        acc += _int8_to_float(w) * xk[None, :]
+    _gdc_done(USE_GDC)
+    return tl.sum(acc, axis=1) * tl.load(s_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
+
+
 @triton.autotune(configs=_configs(INT8_ROW, "BLOCK_K"), key=["N", "K", "GLU", "GATE_UP"])
 @triton.jit
 def _int8_row_kernel(
@@ -270,25 +300,7 @@ def _int8_row_kernel(
     (see :func:`_row_input`). ``GATE_UP``: the weight is a gated MLP's gate and up projections
     stacked, and ``y`` (``N // 2`` wide) gets ``silu(gate) * up`` (see :func:`_store_gate_up`)."""
     rn, n_mask = _tile_rows(N, BLOCK_N, GATE_UP)
-    rk = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + rk
-        if USE_GDC:  # programmatic launch: the first weight tile loads before the wait
-            w = tl.load(
-                w_ptr + rn[:, None] * stride_wn + kk[None, :], mask=n_mask[:, None] & (kk[None, :] < K), other=0
-            )
-            if k0 == 0:
-                _gdc_wait(USE_GDC)
-            xk = _row_input(x_ptr, kk, K, GLU)
-        else:  # the input first, the order these configs were tuned with
-            xk = _row_input(x_ptr, kk, K, GLU)
-            w = tl.load(
-                w_ptr + rn[:, None] * stride_wn + kk[None, :], mask=n_mask[:, None] & (kk[None, :] < K), other=0
-            )
-        acc += _int8_to_float(w) * xk[None, :]
-    _gdc_done(USE_GDC)
-    out = tl.sum(acc, axis=1) * tl.load(s_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
+    out = _int8_rows(x_ptr, w_ptr, s_ptr, rn, n_mask, K, stride_wn, BLOCK_N, BLOCK_K, USE_GDC, GLU)
     if GATE_UP:
         _store_gate_up(out, b_ptr, y_ptr, rn, n_mask, N, BLOCK_N, HAS_BIAS)
     else:
@@ -948,6 +960,25 @@ def _int4_interleaved_rope_kernel(
     )  # fmt: skip
     if NORM:
         out = _norm_scaled(out, sq, K, eps)
+    _store_qkv_rope(
+        out, b_ptr, q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, rn, n_mask, NQ, ROTATED, cache_len,
+        HALF, BLOCK_N, HAS_BIAS,
+    )  # fmt: skip
+
+
+@triton.autotune(configs=_configs(INT8_ROW, "BLOCK_K"), key=["N", "K", "NQ", "ROTATED"])
+@triton.jit
+def _int8_rope_kernel(
+    x_ptr, w_ptr, s_ptr, b_ptr, q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, N, K, stride_wn, NQ, ROTATED,
+    cache_len, HAS_BIAS: tl.constexpr, HALF: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    USE_GDC: tl.constexpr = False,
+):  # fmt: skip
+    """:func:`_int4_interleaved_rope_kernel` on an int8 weight (``w [N, K]``, ``scale [N]``, the
+    stacked q/k/v rows of :func:`_int8_row_kernel`'s storage): the sums of the int8 one-row
+    kernel, then the same epilogue (q and k rotated, q written out, k and v into the static cache
+    at ``pos_ptr[0]``)."""
+    rn, n_mask = _rope_tile_rows(N, ROTATED, HALF, BLOCK_N)
+    out = _int8_rows(x_ptr, w_ptr, s_ptr, rn, n_mask, K, stride_wn, BLOCK_N, BLOCK_K, USE_GDC, False)
     _store_qkv_rope(
         out, b_ptr, q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, rn, n_mask, NQ, ROTATED, cache_len,
         HALF, BLOCK_N, HAS_BIAS,
@@ -1656,6 +1687,32 @@ def _int4_interleaved_rope_launch(
     return q
 
 
+_INT8_ROPE = _Launcher(_int8_rope_kernel, pdl=True)
+
+
+def _int8_rope_launch(x, qweight, scale, bias, cos, sin, keys, values, position, q_features: int):
+    """One token through :func:`_int8_rope_kernel`: returns q, writes k and v."""
+    k = x.shape[-1]
+    n = qweight.shape[0]
+    problem = qkv_rope_mismatch(x, n, cos, sin, keys, values, position, q_features)
+    if problem is None and (qweight.shape[1] != k or scale.numel() != n):
+        problem = f"an int8 weight of {k} inputs and a scale a row, got {tuple(qweight.shape)}, {tuple(scale.shape)}"
+    if problem is not None:
+        raise ValueError(problem)
+    cos, sin = cos.reshape(-1), sin.reshape(-1)
+    cos, sin = (cos if cos.is_contiguous() else cos.contiguous()), (sin if sin.is_contiguous() else sin.contiguous())
+    head = keys.shape[-1]
+    q = x.new_empty((*x.shape[:-1], q_features))
+    inputs = (x, qweight, scale, scale if bias is None else bias, q, keys, values, cos, sin, position)
+    args = (*inputs, n, k, qweight.stride(0), q_features, q_features + keys.shape[1] * head, keys.shape[2])
+    aligned = tuple(t.data_ptr() % 16 == 0 for t in (keys, values, cos, sin, position))
+    key = (*_key(x, qweight, scale, bias), "rope", q_features, *keys.shape, cos.dtype, position.dtype, *aligned)
+    if not _INT8_ROPE.run_kept(key, args):
+        constexprs = {"HAS_BIAS": bias is not None, "HALF": head // 2, "USE_GDC": False}
+        _eager(_INT8_ROPE, key, x, _row_grid(n, False), args, constexprs)
+    return q
+
+
 def _key(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> tuple:
     """What a compiled kernel was specialized on (with ``M``): sizes, dtypes, the pointers' 16-byte alignment."""
     aligned = (x.data_ptr() % 16 == 0, weight.data_ptr() % 16 == 0, scale.data_ptr() % 16 == 0)
@@ -1784,6 +1841,49 @@ def _int4_interleaved_qkv_rope_op(
 @_int4_interleaved_qkv_rope_op.register_fake
 def _(x, words, scales_and_zeros, group_size, bias, cos, sin, keys, values, position, q_features, sq=None, eps=0.0):
     return x.new_empty((*x.shape[:-1], q_features))
+
+
+@torch.library.custom_op("quantcore_torch::int8_qkv_rope", mutates_args=("keys", "values"), **_TAGS)
+def _int8_qkv_rope_op(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    position: torch.Tensor,
+    q_features: int,
+) -> torch.Tensor:
+    return _int8_rope_launch(x.contiguous(), qweight, scale, bias, cos, sin, keys, values, position, q_features)
+
+
+@_int8_qkv_rope_op.register_fake
+def _(x, qweight, scale, bias, cos, sin, keys, values, position, q_features):
+    return x.new_empty((*x.shape[:-1], q_features))
+
+
+def int8_qkv_rope(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    position: torch.Tensor,
+    q_features: int,
+) -> torch.Tensor:
+    """:func:`int4_interleaved_qkv_rope` on an int8 weight (``qweight [N, K]``, ``scale [N]``): the
+    stacked q/k/v projections of one token with the rotary embedding and the static cache's
+    writes in the kernel's epilogue; returns q rotated, writes k rotated and v at ``position[0]``."""
+    if torch.compiler.is_compiling():
+        return _int8_qkv_rope_op(x, qweight, scale, bias, cos, sin, keys, values, position, q_features)
+    return _int8_rope_launch(
+        x if x.is_contiguous() else x.contiguous(), qweight, scale, bias, cos, sin, keys, values, position, q_features
+    )
 
 
 def int8_mm(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

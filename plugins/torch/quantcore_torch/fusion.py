@@ -473,10 +473,10 @@ def _rotary_mismatch(attention: nn.Module) -> str | None:
     fused = getattr(q, "_fused", None)
     if fused is None or fused[0].members != (q, k, v) or fused[0].linear is None:
         return "q_proj, k_proj and v_proj do not run as one fused group, in that order"
-    if q.bits != 4 or kernels.INT4_CUDA_KERNEL != "interleaved":
+    if q.bits == 4 and kernels.INT4_CUDA_KERNEL != "interleaved":
         return (
-            "the q/k/v rotary kernel is int4 on the interleaved layout only "
-            f"(QUANTCORE_INT4_CUDA_KERNEL=interleaved; it is {q.bits}-bit, {kernels.INT4_CUDA_KERNEL})"
+            "the int4 q/k/v rotary kernel runs on the interleaved layout only "
+            f"(QUANTCORE_INT4_CUDA_KERNEL=interleaved; it is {kernels.INT4_CUDA_KERNEL})"
         )
     head = getattr(attention, "head_dim", 0)
     if not head or head % 16 or q.out_features % head or k.out_features != v.out_features or k.out_features % head:
@@ -872,8 +872,8 @@ def fuse_projections(
         rotated and v into the cache, three kernels fewer a layer; where the class would run
         transformers' SDPA attention, the attention then runs as quantcore's decode attention
         (:func:`~quantcore_torch.kernels.decode_attention`). For the attentions
-        :data:`ROTARY_ATTENTIONS` names (Llama, Mistral, Qwen2), int4 on the interleaved layout
-        (``QUANTCORE_INT4_CUDA_KERNEL=interleaved``), with q/k/v fused; the attention's forward is
+        :data:`ROTARY_ATTENTIONS` names (Llama, Mistral, Qwen2), int8, or int4 on the interleaved
+        layout (``QUANTCORE_INT4_CUDA_KERNEL=interleaved``), with q/k/v fused; the attention's forward is
         patched on the instance (:func:`unfuse_projections` removes it). Anything else the kernel
         does not take (the prefill, batches, caches other than transformers' ``StaticCache``,
         sliding-window layers, the CPU) runs the attention's own forward.

@@ -81,6 +81,7 @@ __all__ = [
     "int4_weight_only_linear",
     "int8_gate_up_linear",
     "int8_gated_linear",
+    "int8_qkv_rope_linear",
     "int8_reference_linear",
     "int8_weight_only_linear",
     "interleave_int4",
@@ -295,6 +296,32 @@ def int8_gate_up_linear(
     if _one_half_row(x):
         return _TRITON.int8_gate_up_mm(x, qweight, scale, bias)
     return gated_input(int8_weight_only_linear(x, qweight, scale, bias))
+
+
+def int8_qkv_rope_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    position: torch.Tensor,
+    q_features: int,
+) -> torch.Tensor | None:
+    """:func:`int4_qkv_rope_linear` on an int8 weight: an attention's q, k and v projections
+    stacked (``q_features`` q rows, then k's, then v's) for one decode token, the rotary embedding
+    and the static cache's writes in the kernel's epilogue. One fp16 / bf16 row on CUDA only
+    (:func:`quantcore_torch._triton.int8_qkv_rope`); anything else returns ``None``, having
+    written nothing."""
+    if not _one_half_row(x) or qweight.shape[-1] != x.shape[-1]:
+        return None
+    if cos.dtype != x.dtype or sin.dtype != x.dtype or not (cos.is_cuda and keys.is_cuda and position.is_cuda):
+        return None
+    if _TRITON.qkv_rope_mismatch(x, qweight.shape[0], cos, sin, keys, values, position, q_features) is not None:
+        return None
+    return _TRITON.int8_qkv_rope(x, qweight, scale, bias, cos, sin, keys, values, position, q_features)
 
 
 # ----------------------------------------------------------------------------- int4

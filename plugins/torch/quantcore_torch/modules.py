@@ -310,20 +310,31 @@ class WeightOnlyEpilogues(WeightOnlyStorage):
         """This layer as an attention's q, k and v projections stacked, at one decode token: q with
         the rotary embedding applied, k rotated and v written into a static cache's ``keys`` and
         ``values`` at ``position`` (:func:`~quantcore_torch.kernels.int4_qkv_rope_linear`). Where
-        the kernel cannot (not int4 on the interleaved layout, training, another compute dtype,
-        shapes it does not take) returns ``None`` and writes nothing. ``sq`` and ``eps``: the
-        attention's RMS norm folded in (:meth:`norm_forward`)."""
-        if not self._kernel_serves(x):
+        the kernel cannot (int4 off the interleaved layout, training, another compute dtype, shapes
+        it does not take) returns ``None`` and writes nothing. An int8 layer runs
+        :func:`~quantcore_torch.kernels.int8_qkv_rope_linear`. ``sq`` and ``eps``: the attention's
+        RMS norm folded in (:meth:`norm_forward`; int4 only)."""
+        if not self._epilogue_serves(x):
             return None
-        layout = self._current_kernel_layout()
         bias = self._parameters["bias"]
+        if self.bits == 8:
+            if sq is not None:
+                raise ValueError("a folded RMS norm (sq) runs in the int4 kernels only; this layer is int8")
+            buffers = self._buffers
+            qweight, scale = buffers["qweight"], buffers["scale"]
+            return kernels.int8_qkv_rope_linear(x, qweight, scale, bias, cos, sin, keys, values, position, q_features)
+        layout = self._current_kernel_layout()
         return kernels.int4_qkv_rope_linear(x, layout, bias, cos, sin, keys, values, position, q_features, sq, eps)
 
-    def _kernel_serves(self, x: torch.Tensor) -> bool:
-        """Int4, not training, and the compute dtype ``x``'s: what the fused epilogues need."""
+    def _epilogue_serves(self, x: torch.Tensor) -> bool:
+        """Not training, and the compute dtype ``x``'s: what every fused epilogue needs."""
         bias = self._parameters["bias"]
         trains = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
-        return self.bits == 4 and not trains and (self.compute_dtype is None or self.compute_dtype == x.dtype)
+        return not trains and (self.compute_dtype is None or self.compute_dtype == x.dtype)
+
+    def _kernel_serves(self, x: torch.Tensor) -> bool:
+        """Int4, not training, and the compute dtype ``x``'s: what the int4 epilogues need."""
+        return self.bits == 4 and self._epilogue_serves(x)
 
     def norm_fold_takes(self, x: torch.Tensor) -> bool:
         """Whether :meth:`norm_forward` and :meth:`residual_forward` run for ``x`` (one fp16 / bf16

@@ -932,8 +932,8 @@ def test_rotary_fusion_reports_what_it_cannot_take(monkeypatch):
     report = fuse_projections(model, rotary=True)
     label = f"{ATTENTIONS[0]}: q_proj+k_proj+v_proj+rotary+cache"
     assert report.rotary == [] and report.skipped[label] == (
-        "the q/k/v rotary kernel is int4 on the interleaved layout only "
-        "(QUANTCORE_INT4_CUDA_KERNEL=interleaved; it is 4-bit, tinygemm)"
+        "the int4 q/k/v rotary kernel runs on the interleaved layout only "
+        "(QUANTCORE_INT4_CUDA_KERNEL=interleaved; it is tinygemm)"
     )
     monkeypatch.setattr(kernels, "INT4_CUDA_KERNEL", "interleaved")
     unfuse_projections(model)
@@ -942,29 +942,60 @@ def test_rotary_fusion_reports_what_it_cannot_take(monkeypatch):
     unfuse_projections(model)
     assert fuse_projections(model, rotary=True).rotary == ATTENTIONS
     assert fuse_projections(model, rotary=True).skipped[label] == "already fused"
+    # int8 has its own rotary kernel, whatever the int4 setting says.
+    monkeypatch.setattr(kernels, "INT4_CUDA_KERNEL", "tinygemm")
+    assert fuse_projections(quantized_llama(8, 128), rotary=True).rotary == ATTENTIONS
+
+
+@needs_transformers
+def test_int8_rotary_in_the_qkv_kernel_gives_the_unfolded_decoding(monkeypatch):
+    # An int8 Llama folds as an int4 one does: every decode step takes the q/k/v rotary path (its
+    # kernel's function in PyTorch), the logits are the fused model's bit for bit. On the CPU the
+    # real path declines (None, nothing written) and the attention's own forward runs.
     model = quantized_llama(8, 128)
-    report = fuse_projections(model, rotary=True)
-    assert report.skipped[label].endswith("(QUANTCORE_INT4_CUDA_KERNEL=interleaved; it is 8-bit, interleaved)")
+    fuse_projections(model, activation=True)
+    unfolded = copy.deepcopy(model)
+    assert fuse_projections(model, rotary=True).rotary == ATTENTIONS
+    ids = ids_for()
+    expected = static_decode(unfolded, ids, steps=4)
+    torch.testing.assert_close(static_decode(model, ids, steps=4), expected, rtol=0, atol=0)
+    calls = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(WeightOnlyLinear, "qkv_rope_forward", _rotary_in_pytorch(calls))
+        torch.testing.assert_close(static_decode(model, ids, steps=4), expected, rtol=0, atol=0)
+    assert len(calls) == 4 * len(ATTENTIONS)
+    qkv = model.model.layers[0].self_attn.q_proj._fused[0].linear
+    x = torch.randn(1, 1, qkv.in_features)
+    keys = torch.zeros(1, 2, 8, 32)
+    one = torch.ones(32)
+    assert qkv.qkv_rope_forward(x, one, one, keys, keys.clone(), torch.tensor(0), 128) is None
+    assert not keys.any()
+    counter = torch.zeros((), dtype=torch.int64)
+    with pytest.raises(ValueError, match="int4 kernels only; this layer is int8"):
+        qkv.qkv_rope_forward(x, one, one, keys, keys.clone(), torch.tensor(0), 128, sq=counter)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @needs_transformers
-def test_rotary_in_the_qkv_kernel_on_cuda_eager_and_in_cuda_graphs(monkeypatch):
-    # The real kernel: q rotated, k and v in the cache, at every decode step; eager and replayed
-    # from CUDA graphs, within bf16 rounding of the unfolded model's decoding.
+@pytest.mark.parametrize("bits", [4, 8], ids=["int4", "int8"])
+def test_rotary_in_the_qkv_kernel_on_cuda_eager_and_in_cuda_graphs(bits, monkeypatch):
+    # The real kernel (int4 interleaved, or int8): q rotated, k and v in the cache, at every
+    # decode step; eager and replayed from CUDA graphs, within bf16 rounding of the unfolded
+    # model's decoding.
     from quantcore_torch import kernels
 
     monkeypatch.setattr(kernels, "INT4_CUDA_KERNEL", "interleaved")
-    model = quantized_llama(4, 128, dtype=torch.bfloat16, device="cuda")
+    model = quantized_llama(bits, 128, dtype=torch.bfloat16, device="cuda")
     fuse_projections(model, activation=True)
     unfolded = copy.deepcopy(model)
     assert fuse_projections(model, rotary=True).rotary == ATTENTIONS
     ids = ids_for("cuda", length=7)
     expected = static_decode(unfolded, ids, steps=6)
-    folded, real = [], kernels._TRITON.int4_interleaved_qkv_rope
+    name = "int4_interleaved_qkv_rope" if bits == 4 else "int8_qkv_rope"
+    folded, real = [], getattr(kernels._TRITON, name)
     with pytest.MonkeyPatch.context() as patch:  # eager only: compiled code must not trace the counter
-        patch.setattr(kernels._TRITON, "int4_interleaved_qkv_rope", lambda *a: folded.append(1) or real(*a))
+        patch.setattr(kernels._TRITON, name, lambda *a: folded.append(1) or real(*a))
         torch.testing.assert_close(static_decode(model, ids, steps=6), expected, rtol=2e-2, atol=2e-2)
     assert len(folded) == 6 * len(ATTENTIONS)
     torch._dynamo.reset()
@@ -1189,7 +1220,9 @@ def test_norm_fold_reports_what_it_cannot_take_and_unfuses(monkeypatch):
     assert not [name for name, _ in model.named_buffers() if "_quantcore" in name]
     model = quantized_llama(8, 128)
     report = fuse_projections(model, activation=True, rotary=True, norms=True)
-    assert report.skipped[label].startswith("its attention does not run the rotary q/k/v kernel")
+    # int8 attentions fold the rotary embedding, but the norm fold's kernels are int4 only.
+    assert report.rotary == ATTENTIONS and report.norms == []
+    assert report.skipped[label].startswith("o_proj is not an int4 torch_wo layer")
     model = quantized_llama(4, 32)
     model.model.layers[1].forward = model.model.layers[1].forward  # as accelerate's hooks do
     report = fuse_projections(model, activation=True, rotary=True, norms=True)

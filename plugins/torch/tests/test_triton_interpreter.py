@@ -601,6 +601,62 @@ def test_the_qkv_rope_kernel_rotates_q_and_k_and_writes_the_cache(
     assert torch.equal(values[:, :, others], values0[:, :, others])
 
 
+@pytest.mark.parametrize("dtype", list(ROUNDING), ids=str)
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim", "k"), [(4, 2, 64, 256), (2, 1, 32, 200)])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_the_int8_qkv_rope_kernel_rotates_q_and_k_and_writes_the_cache(
+    kernels, monkeypatch, heads, kv_heads, head_dim, k, dtype, bias
+):
+    # The int8 sibling of the test above: an attention's stacked q/k/v in int8, one token, against
+    # the int8 one-row kernel's output (the same sums, rounded alike) rotated as transformers
+    # rotates it; k and v in the cache at the position, nothing else written; refusals first.
+    _stub_cuda_dispatch(kernels, monkeypatch)
+    torch.manual_seed(heads * k)
+    nq, nkv, length, pos = heads * head_dim, kv_heads * head_dim, 9, 5
+    n = nq + 2 * nkv
+    qweight, scale = quantize_int8((torch.randn(n, k) * 0.05).to(dtype))
+    scale = scale.to(dtype)
+    b = torch.randn(n, dtype=dtype) if bias else None
+    x = torch.randn(1, 1, k, dtype=dtype)
+    angle = 7.0 * torch.arange(head_dim // 2) / head_dim
+    cos = torch.cat((angle.cos(), angle.cos())).to(dtype)[None, None]
+    sin = torch.cat((angle.sin(), angle.sin())).to(dtype)[None, None]
+    keys = torch.randn(1, kv_heads, length, head_dim, dtype=dtype)
+    values = torch.randn(1, kv_heads, length, head_dim, dtype=dtype)
+    keys0, values0 = keys.clone(), values.clone()
+    position = torch.tensor(pos)
+    plain = kernels.int8_mm(x, qweight, scale, b)
+    q_ref, k_ref, v_ref = plain.split((nq, nkv, nkv), dim=-1)
+    q_ref = _rope_reference(q_ref.view(heads, head_dim), cos[0], sin[0]).view(1, 1, nq)
+    k_ref = _rope_reference(k_ref.view(kv_heads, head_dim), cos[0], sin[0])
+    with pytest.raises(ValueError, match="one token"):
+        kernels.int8_qkv_rope(x.expand(1, 2, k), qweight, scale, b, cos, sin, keys, values, position, nq)
+    with pytest.raises(ValueError, match="stacked rows as q"):
+        kernels.int8_qkv_rope(x, qweight, scale, b, cos, sin, keys, values, position, nq - head_dim)
+    with pytest.raises(ValueError, match=f"an int8 weight of {k} inputs"):
+        kernels.int8_qkv_rope(x, qweight[:, :-8], scale, b, cos, sin, keys, values, position, nq)
+    assert torch.equal(keys, keys0) and torch.equal(values, values0)
+    for _ in range(2):  # the second call takes the kept kernel
+        q = kernels.int8_qkv_rope(x, qweight, scale, b, cos, sin, keys, values, position, nq)
+        assert q.shape == (1, 1, nq) and q.dtype == dtype
+        # fp16: the same roundings as PyTorch's; bf16: the interpreter truncates where a GPU rounds.
+        tolerance = 0 if dtype == torch.float16 else ROUNDING[dtype]
+        assert _error(q, q_ref) <= tolerance
+        assert _error(keys[0, :, pos], k_ref) <= tolerance
+        torch.testing.assert_close(values[0, :, pos], v_ref.view(kv_heads, head_dim), rtol=0, atol=0)
+        others = torch.arange(length) != pos
+        assert torch.equal(keys[:, :, others], keys0[:, :, others])
+        assert torch.equal(values[:, :, others], values0[:, :, others])
+    assert kernels._INT8_ROPE.compiled or not kernels._INT8_ROPE.direct
+    # Through the dispatch layer: the same q; a CPU row or an fp32 one is not the kernel's.
+    from quantcore_torch import kernels as dispatch
+
+    keys.copy_(keys0)
+    again = dispatch.int8_qkv_rope_linear(x, qweight, scale, b, cos, sin, keys, values, position, nq)
+    assert torch.equal(again, q)
+    assert dispatch.int8_qkv_rope_linear(x.float(), qweight, scale, b, cos, sin, keys, values, position, nq) is None
+
+
 def _attention_reference(q, keys, values, mask, scale):
     """transformers' SDPA path in fp32: key/value heads repeated for their query heads."""
     heads, groups = keys.shape[1], q.numel() // keys.shape[1] // keys.shape[-1]
