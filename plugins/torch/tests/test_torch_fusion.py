@@ -1009,7 +1009,8 @@ def test_rotary_in_the_qkv_kernel_on_cuda_eager_and_in_cuda_graphs(bits, monkeyp
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("trigger", ["late", "early"])
-def test_programmatic_launches_decode_a_folded_model_to_the_same_bits(trigger, monkeypatch):
+@pytest.mark.parametrize("bits", [4, 8], ids=["int4", "int8"])
+def test_programmatic_launches_decode_a_folded_model_to_the_same_bits(bits, trigger, monkeypatch):
     # TORCHINDUCTOR_ENABLE_PDL=1's settings: inductor's kernels and ours (the q/k/v rotary kernel,
     # the attention's two, the o, gate/up and down projections) launched programmatically in the
     # captured graph of a compiled step, each letting the next one start early. The logits of
@@ -1021,7 +1022,7 @@ def test_programmatic_launches_decode_a_folded_model_to_the_same_bits(trigger, m
         pytest.skip("programmatic dependent launch needs Hopper or later")
     triton_mod = kernels._TRITON
     monkeypatch.setattr(kernels, "INT4_CUDA_KERNEL", "interleaved")
-    model = quantized_llama(4, 128, dtype=torch.bfloat16, device="cuda")
+    model = quantized_llama(bits, 128, dtype=torch.bfloat16, device="cuda")
     fuse_projections(model, activation=True)
     assert fuse_projections(model, rotary=True).rotary == ATTENTIONS
     ids = ids_for("cuda", length=7)
@@ -1040,7 +1041,10 @@ def test_programmatic_launches_decode_a_folded_model_to_the_same_bits(trigger, m
             torch.testing.assert_close(static_decode(model, ids, steps=6, step=compiled), expected, rtol=0, atol=0)
     built = [e for launcher in triton_mod._LAUNCHERS for e in launcher.compiled.values() if e.pdl]
     names = {e.pdl[0].name for e in built}
-    for kernel in ("_int4_interleaved_rope_kernel", "_decode_attention_split_kernel", "_int4_interleaved_kernel"):
+    ours = ["_int4_interleaved_rope_kernel", "_int4_interleaved_kernel"]
+    if bits == 8:
+        ours = ["_int8_rope_kernel", "_int8_row_kernel"]
+    for kernel in (*ours, "_decode_attention_split_kernel"):
         assert kernel in names, names
     torch._dynamo.reset()
     triton_mod.forget_pdl_variants()
