@@ -36,12 +36,13 @@ fusion; without one, the environment's, ``interleaved`` where unset), to compare
 on the quantized model: q/k/v and gate/up as one kernel call each; ``+glu`` (``int8-torch+glu``,
 ``int4-torch@interleaved+glu``) does that and runs each MLP's activation in the fused gate/up
 kernel's epilogue (``fuse_projections(activation=True)``), ``+glu-down`` inside the int8 down
-projection's kernel instead (``activation="down"``); ``+rope`` (``int4-torch@interleaved+glu+rope``)
-fuses too and runs each attention's rotary embedding and static-cache writes in the q/k/v
+projection's kernel instead (``activation="down"``); ``+rope`` (``int4-torch@interleaved+glu+rope``,
+``int8-torch+glu+rope``) fuses too and runs each attention's rotary embedding and static-cache writes in the q/k/v
 kernel's epilogue (``fuse_projections(rotary=True)``) and its attention as quantcore's decode
 attention kernels; ``+rope-sdpa`` folds the same but leaves the attention to the class's SDPA
-function; ``+norms`` (``int4-torch@interleaved+glu+rope+norms``) also runs each decoder layer's
-RMS norms and residual adds in its projections' kernels (``fuse_projections(norms=True)``), and
+function; ``+norms`` (``int4-torch@interleaved+glu+rope+norms``, ``int8-torch+glu+rope+norms``)
+also runs each decoder layer's RMS norms and residual adds in its projections' kernels
+(``fuse_projections(norms=True)``), and
 ``+attn`` (``bf16+attn``) runs any model's SDPA attention at one token as those
 kernels: the float baseline with the same attention. ``+autotune`` autotunes the interleaved
 int4 kernels at every shape, where by default the shapes ``INT4_INTERLEAVED_PINNED`` names run

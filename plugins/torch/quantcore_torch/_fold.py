@@ -33,7 +33,11 @@ import triton.language as tl
 
 from ._triton import (
     INT4_MAGIC,
+    INT8_ROW,
+    _check_gate_up,
+    _configs,
     _int4_interleaved_launch,
+    _int8_rows,
     _interleaved_input,
     _key,
     _launch_row,
@@ -48,7 +52,14 @@ from ._triton import (
 )
 from .rms import SUMSQ_SCALE, sumsq_counter
 
-__all__ = ["SUMSQ_SCALE", "int4_interleaved_norm_mm", "int4_interleaved_residual_mm", "sumsq_counter"]
+__all__ = [
+    "SUMSQ_SCALE",
+    "int4_interleaved_norm_mm",
+    "int4_interleaved_residual_mm",
+    "int8_norm_mm",
+    "int8_residual_mm",
+    "sumsq_counter",
+]
 
 
 @triton.jit
@@ -122,8 +133,46 @@ def _int4_interleaved_norm_kernel(
         _store_row(out, b_ptr, y_ptr, rn, n_mask, HAS_BIAS)
 
 
+@triton.autotune(
+    configs=_configs(INT8_ROW, "BLOCK_K"), key=["N", "K"], restore_value=["sq_ptr", "clear_ptr"]
+)  # the counters put back after each timing run, as for the int4 kernel
+@triton.jit
+def _int8_residual_kernel(
+    x_ptr, w_ptr, s_ptr, b_ptr, h_ptr, g_ptr, xn_ptr, sq_ptr, clear_ptr, y_ptr, N, K, stride_wn,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_GDC: tl.constexpr = False,
+):  # fmt: skip
+    """:func:`_int4_interleaved_residual_kernel` on an int8 weight (``_triton._int8_row_kernel``'s
+    sums): ``y = h + x W^T``, the next norm's input and its sum of squares (:func:`_store_residual`)."""
+    rn, n_mask = _tile_rows(N, BLOCK_N, False)
+    h = tl.load(h_ptr + rn, mask=n_mask, other=0.0)
+    gain = tl.load(g_ptr + rn, mask=n_mask, other=0.0)
+    out = _int8_rows(x_ptr, w_ptr, s_ptr, rn, n_mask, K, stride_wn, BLOCK_N, BLOCK_K, USE_GDC, False)
+    _store_residual(out, b_ptr, h, gain, y_ptr, xn_ptr, sq_ptr, clear_ptr, rn, n_mask, HAS_BIAS)
+
+
+@triton.autotune(configs=_configs(INT8_ROW, "BLOCK_K"), key=["N", "K", "GATE_UP"])
+@triton.jit
+def _int8_norm_kernel(
+    x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, K, stride_wn, sq_ptr, eps,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_GDC: tl.constexpr = False,
+    GATE_UP: tl.constexpr = False,
+):  # fmt: skip
+    """:func:`_int4_interleaved_norm_kernel` on an int8 weight: the sums of ``g * h`` times
+    ``rsqrt(sum(h**2) / K + eps)`` (the sum at ``sq_ptr``, read after the wait the sums start
+    with), then the bias and the epilogue (``GATE_UP``: ``silu(gate) * up``)."""
+    rn, n_mask = _tile_rows(N, BLOCK_N, GATE_UP)
+    out = _int8_rows(x_ptr, w_ptr, s_ptr, rn, n_mask, K, stride_wn, BLOCK_N, BLOCK_K, USE_GDC, False)
+    out = _norm_scaled(out, tl.load(sq_ptr), K, eps)
+    if GATE_UP:
+        _store_gate_up(out, b_ptr, y_ptr, rn, n_mask, N, BLOCK_N, HAS_BIAS)
+    else:
+        _store_row(out, b_ptr, y_ptr, rn, n_mask, HAS_BIAS)
+
+
 _NORM = _Launcher(_int4_interleaved_norm_kernel, pdl=True)
 _RESIDUAL = _Launcher(_int4_interleaved_residual_kernel, pdl=True)
+_NORM8 = _Launcher(_int8_norm_kernel, pdl=True)
+_RESIDUAL8 = _Launcher(_int8_residual_kernel, pdl=True)
 
 
 def int4_interleaved_norm_mm(
@@ -169,13 +218,8 @@ def _residual_launch(x, words, scales_and_zeros, group_size: int, bias, h, gain,
     check_counter(clear, x)
     k = x.shape[-1]
     n = words.shape[0]
-    if h.numel() != n or gain.numel() != n or h.dtype != x.dtype or h.device != x.device or gain.device != x.device:
-        raise ValueError(
-            f"the residual and the next norm's weight have the {n} outputs on {x.device}, the residual in "
-            f"{x.dtype}; got {tuple(h.shape)} {h.dtype} on {h.device} and {tuple(gain.shape)} on {gain.device}"
-        )
+    h, gain = _residual_operands(x, n, h, gain)
     x = _interleaved_input(x if x.is_contiguous() else x.contiguous(), words, scales_and_zeros, group_size)
-    h, gain = h.reshape(-1).contiguous(), gain.reshape(-1).contiguous()
     sz = scales_and_zeros
     xn = x.new_empty((*x.shape[:-1], n))
     inputs = (x, words, sz, sz if bias is None else bias, h, gain, xn, sq, clear)
@@ -186,6 +230,17 @@ def _residual_launch(x, words, scales_and_zeros, group_size: int, bias, h, gain,
     row = {"USE_GDC": False, "PRE": False}
     y = _launch_row(_RESIDUAL, x, inputs, n, k, strides, key, constexprs, row)
     return y, xn
+
+
+def _residual_operands(x: torch.Tensor, n: int, h: torch.Tensor, gain: torch.Tensor) -> tuple:
+    """The residual ``h`` and the next norm's weight ``gain`` flat and contiguous, after refusing
+    any that is not ``n`` values on ``x``'s device (``h`` in ``x``'s dtype)."""
+    if h.numel() != n or gain.numel() != n or h.dtype != x.dtype or h.device != x.device or gain.device != x.device:
+        raise ValueError(
+            f"the residual and the next norm's weight have the {n} outputs on {x.device}, the residual in "
+            f"{x.dtype}; got {tuple(h.shape)} {h.dtype} on {h.device} and {tuple(gain.shape)} on {gain.device}"
+        )
+    return h.reshape(-1).contiguous(), gain.reshape(-1).contiguous()
 
 
 @torch.library.custom_op("quantcore_torch::int4_interleaved_norm_mm", mutates_args=())
@@ -212,4 +267,91 @@ def _residual_op(
 @_residual_op.register_fake
 def _(x, words, scales_and_zeros, group_size, bias, h, gain, sq, clear):
     shape = (*x.shape[:-1], words.shape[0])
+    return x.new_empty(shape), x.new_empty(shape)
+
+
+def int8_norm_mm(
+    x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias, sq: torch.Tensor, eps: float,
+    gate_up: bool = False,
+) -> torch.Tensor:  # fmt: skip
+    """:func:`int4_interleaved_norm_mm` on an int8 weight (``qweight [N, K]``, ``scale [N]``). Under
+    ``torch.compile``, the custom op ``quantcore_torch::int8_norm_mm``."""
+    if torch.compiler.is_compiling():
+        return _norm8_op(x, qweight, scale, bias, sq, eps, gate_up)
+    return _norm8_launch(x if x.is_contiguous() else x.contiguous(), qweight, scale, bias, sq, eps, gate_up)
+
+
+def _check_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> None:
+    if qweight.dim() != 2 or qweight.shape[1] != x.shape[-1] or scale.numel() != qweight.shape[0]:
+        raise ValueError(
+            f"an int8 weight of {x.shape[-1]} inputs and a scale a row, got {tuple(qweight.shape)}, "
+            f"{tuple(scale.shape)}"
+        )
+
+
+def _norm8_launch(x, qweight, scale, bias, sq, eps: float, gate_up: bool) -> torch.Tensor:
+    check_counter(sq, x)
+    _check_int8(x, qweight, scale)
+    n, k = qweight.shape
+    if gate_up:
+        _check_gate_up(n)
+    inputs = (x, qweight, scale, scale if bias is None else bias)
+    key = (*_key(x, qweight, scale, bias), "norm8", gate_up, sq.data_ptr() % 16 == 0)
+    strides = (qweight.stride(0), sq, float(eps))
+    constexprs = {"HAS_BIAS": bias is not None}
+    row = {"USE_GDC": False, "GATE_UP": gate_up}
+    return _launch_row(_NORM8, x, inputs, n, k, strides, key, constexprs, row, gate_up)
+
+
+def int8_residual_mm(
+    x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias, h: torch.Tensor, gain: torch.Tensor,
+    sq: torch.Tensor, clear: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """:func:`int4_interleaved_residual_mm` on an int8 weight. Under ``torch.compile``, the custom
+    op ``quantcore_torch::int8_residual_mm`` (mutating ``sq`` and ``clear``)."""
+    if torch.compiler.is_compiling():
+        return _residual8_op(x, qweight, scale, bias, h, gain, sq, clear)
+    return _residual8_launch(x, qweight, scale, bias, h, gain, sq, clear)
+
+
+def _residual8_launch(x, qweight, scale, bias, h, gain, sq, clear):
+    x = x if x.is_contiguous() else x.contiguous()
+    check_counter(sq, x)
+    check_counter(clear, x)
+    _check_int8(x, qweight, scale)
+    n, k = qweight.shape
+    h, gain = _residual_operands(x, n, h, gain)
+    xn = x.new_empty((*x.shape[:-1], n))
+    inputs = (x, qweight, scale, scale if bias is None else bias, h, gain, xn, sq, clear)
+    aligned = tuple(t.data_ptr() % 16 == 0 for t in (h, gain, xn, sq, clear))
+    key = (*_key(x, qweight, scale, bias), "residual8", gain.dtype, *aligned)
+    constexprs = {"HAS_BIAS": bias is not None}
+    y = _launch_row(_RESIDUAL8, x, inputs, n, k, (qweight.stride(0),), key, constexprs, {"USE_GDC": False})
+    return y, xn
+
+
+@torch.library.custom_op("quantcore_torch::int8_norm_mm", mutates_args=())
+def _norm8_op(
+    x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, sq: torch.Tensor,
+    eps: float, gate_up: bool,
+) -> torch.Tensor:  # fmt: skip
+    return _norm8_launch(x.contiguous(), qweight, scale, bias, sq, eps, gate_up)
+
+
+@_norm8_op.register_fake
+def _(x, qweight, scale, bias, sq, eps, gate_up):
+    return x.new_empty((*x.shape[:-1], qweight.shape[0] // 2 if gate_up else qweight.shape[0]))
+
+
+@torch.library.custom_op("quantcore_torch::int8_residual_mm", mutates_args=("sq", "clear"))
+def _residual8_op(
+    x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, h: torch.Tensor,
+    gain: torch.Tensor, sq: torch.Tensor, clear: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    return _residual8_launch(x.contiguous(), qweight, scale, bias, h, gain, sq, clear)
+
+
+@_residual8_op.register_fake
+def _(x, qweight, scale, bias, h, gain, sq, clear):
+    shape = (*x.shape[:-1], qweight.shape[0])
     return x.new_empty(shape), x.new_empty(shape)

@@ -970,15 +970,18 @@ def _int4_interleaved_rope_kernel(
 @triton.jit
 def _int8_rope_kernel(
     x_ptr, w_ptr, s_ptr, b_ptr, q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, N, K, stride_wn, NQ, ROTATED,
-    cache_len, HAS_BIAS: tl.constexpr, HALF: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    USE_GDC: tl.constexpr = False,
+    cache_len, sq_ptr, eps, HAS_BIAS: tl.constexpr, HALF: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, USE_GDC: tl.constexpr = False, NORM: tl.constexpr = False,
 ):  # fmt: skip
     """:func:`_int4_interleaved_rope_kernel` on an int8 weight (``w [N, K]``, ``scale [N]``, the
     stacked q/k/v rows of :func:`_int8_row_kernel`'s storage): the sums of the int8 one-row
     kernel, then the same epilogue (q and k rotated, q written out, k and v into the static cache
-    at ``pos_ptr[0]``)."""
+    at ``pos_ptr[0]``). ``NORM``: the input is ``g * h``, the sums scaled by the RMS norm from the
+    counter at ``sq_ptr`` (:mod:`._fold`); without it ``sq_ptr`` and ``eps`` are not read."""
     rn, n_mask = _rope_tile_rows(N, ROTATED, HALF, BLOCK_N)
     out = _int8_rows(x_ptr, w_ptr, s_ptr, rn, n_mask, K, stride_wn, BLOCK_N, BLOCK_K, USE_GDC, False)
+    if NORM:
+        out = _norm_scaled(out, tl.load(sq_ptr), K, eps)
     _store_qkv_rope(
         out, b_ptr, q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, rn, n_mask, NQ, ROTATED, cache_len,
         HALF, BLOCK_N, HAS_BIAS,
@@ -1690,8 +1693,11 @@ def _int4_interleaved_rope_launch(
 _INT8_ROPE = _Launcher(_int8_rope_kernel, pdl=True)
 
 
-def _int8_rope_launch(x, qweight, scale, bias, cos, sin, keys, values, position, q_features: int):
-    """One token through :func:`_int8_rope_kernel`: returns q, writes k and v."""
+def _int8_rope_launch(
+    x, qweight, scale, bias, cos, sin, keys, values, position, q_features: int, sq=None, eps: float = 0.0
+):  # fmt: skip
+    """One token through :func:`_int8_rope_kernel`: returns q, writes k and v; ``sq`` (a norm's
+    counter, :mod:`._fold`): the kernel's ``NORM``, with ``eps``."""
     k = x.shape[-1]
     n = qweight.shape[0]
     problem = qkv_rope_mismatch(x, n, cos, sin, keys, values, position, q_features)
@@ -1703,12 +1709,16 @@ def _int8_rope_launch(x, qweight, scale, bias, cos, sin, keys, values, position,
     cos, sin = (cos if cos.is_contiguous() else cos.contiguous()), (sin if sin.is_contiguous() else sin.contiguous())
     head = keys.shape[-1]
     q = x.new_empty((*x.shape[:-1], q_features))
+    if sq is not None:
+        check_counter(sq, x)
     inputs = (x, qweight, scale, scale if bias is None else bias, q, keys, values, cos, sin, position)
-    args = (*inputs, n, k, qweight.stride(0), q_features, q_features + keys.shape[1] * head, keys.shape[2])
+    sizes = (n, k, qweight.stride(0), q_features, q_features + keys.shape[1] * head, keys.shape[2])
+    args = (*inputs, *sizes, position if sq is None else sq, float(eps))
     aligned = tuple(t.data_ptr() % 16 == 0 for t in (keys, values, cos, sin, position))
-    key = (*_key(x, qweight, scale, bias), "rope", q_features, *keys.shape, cos.dtype, position.dtype, *aligned)
+    norm = None if sq is None else sq.data_ptr() % 16 == 0
+    key = (*_key(x, qweight, scale, bias), "rope", q_features, *keys.shape, cos.dtype, position.dtype, *aligned, norm)
     if not _INT8_ROPE.run_kept(key, args):
-        constexprs = {"HAS_BIAS": bias is not None, "HALF": head // 2, "USE_GDC": False}
+        constexprs = {"HAS_BIAS": bias is not None, "HALF": head // 2, "USE_GDC": False, "NORM": sq is not None}
         _eager(_INT8_ROPE, key, x, _row_grid(n, False), args, constexprs)
     return q
 
@@ -1855,12 +1865,16 @@ def _int8_qkv_rope_op(
     values: torch.Tensor,
     position: torch.Tensor,
     q_features: int,
+    sq: torch.Tensor | None = None,
+    eps: float = 0.0,
 ) -> torch.Tensor:
-    return _int8_rope_launch(x.contiguous(), qweight, scale, bias, cos, sin, keys, values, position, q_features)
+    return _int8_rope_launch(
+        x.contiguous(), qweight, scale, bias, cos, sin, keys, values, position, q_features, sq, eps
+    )
 
 
 @_int8_qkv_rope_op.register_fake
-def _(x, qweight, scale, bias, cos, sin, keys, values, position, q_features):
+def _(x, qweight, scale, bias, cos, sin, keys, values, position, q_features, sq=None, eps=0.0):
     return x.new_empty((*x.shape[:-1], q_features))
 
 
@@ -1875,15 +1889,19 @@ def int8_qkv_rope(
     values: torch.Tensor,
     position: torch.Tensor,
     q_features: int,
+    sq: torch.Tensor | None = None,
+    eps: float = 0.0,
 ) -> torch.Tensor:
     """:func:`int4_interleaved_qkv_rope` on an int8 weight (``qweight [N, K]``, ``scale [N]``): the
     stacked q/k/v projections of one token with the rotary embedding and the static cache's
-    writes in the kernel's epilogue; returns q rotated, writes k rotated and v at ``position[0]``."""
+    writes in the kernel's epilogue; returns q rotated, writes k rotated and v at ``position[0]``.
+    ``sq``: ``x`` is ``g * h`` and the sums take the RMS norm's scale from this counter."""
     if torch.compiler.is_compiling():
-        return _int8_qkv_rope_op(x, qweight, scale, bias, cos, sin, keys, values, position, q_features)
+        return _int8_qkv_rope_op(x, qweight, scale, bias, cos, sin, keys, values, position, q_features, sq, eps)
     return _int8_rope_launch(
-        x if x.is_contiguous() else x.contiguous(), qweight, scale, bias, cos, sin, keys, values, position, q_features
-    )
+        x if x.is_contiguous() else x.contiguous(), qweight, scale, bias, cos, sin, keys, values, position,
+        q_features, sq, eps,
+    )  # fmt: skip
 
 
 def int8_mm(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

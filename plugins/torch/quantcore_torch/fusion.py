@@ -783,8 +783,8 @@ def _norm_mismatch(layer: nn.Module) -> str | None:
         if not isinstance(weight, torch.Tensor) or weight.shape != (attention.o_proj.out_features,):
             return f"{name}'s weight is not one value a hidden feature"
     for name, m in (("o_proj", attention._modules.get("o_proj")), ("down_proj", mlp._modules.get("down_proj"))):
-        if not isinstance(m, WeightOnlyLinear) or m.bits != 4:
-            return f"{name} is not an int4 torch_wo layer"
+        if not isinstance(m, WeightOnlyLinear) or m.bits not in (4, 8):
+            return f"{name} is not an int8 or int4 torch_wo layer"
     return None
 
 
@@ -883,7 +883,7 @@ def fuse_projections(
         gate/up kernels scale their sums by the norm; a layer runs four kernels and the
         attention's two instead of eight. For the decoder layers :data:`NORM_LAYERS` names
         whose attention takes ``rotary`` and whose MLP takes ``activation="gate_up"`` (asked for
-        here or by an earlier call), int4 ``o_proj`` and ``down_proj``; the layer's forward is
+        here or by an earlier call), int8 or int4 ``o_proj`` and ``down_proj``; the layer's forward is
         patched on the instance, and a stack's first folded layer holds two int64 counters as
         non-persistent buffers. The outputs are the unfolded layer's within the dtype's
         rounding (the norm's scale multiplies the projection's sums instead of its input).

@@ -81,8 +81,11 @@ __all__ = [
     "int4_weight_only_linear",
     "int8_gate_up_linear",
     "int8_gated_linear",
+    "int8_norm_fold_takes",
+    "int8_norm_linear",
     "int8_qkv_rope_linear",
     "int8_reference_linear",
+    "int8_residual_linear",
     "int8_weight_only_linear",
     "interleave_int4",
     "norm_fold_takes",
@@ -309,19 +312,21 @@ def int8_qkv_rope_linear(
     values: torch.Tensor,
     position: torch.Tensor,
     q_features: int,
+    sq: torch.Tensor | None = None,
+    eps: float = 0.0,
 ) -> torch.Tensor | None:
     """:func:`int4_qkv_rope_linear` on an int8 weight: an attention's q, k and v projections
     stacked (``q_features`` q rows, then k's, then v's) for one decode token, the rotary embedding
     and the static cache's writes in the kernel's epilogue. One fp16 / bf16 row on CUDA only
     (:func:`quantcore_torch._triton.int8_qkv_rope`); anything else returns ``None``, having
-    written nothing."""
+    written nothing. ``sq``, ``eps``: the RMS norm folded in, as there."""
     if not _one_half_row(x) or qweight.shape[-1] != x.shape[-1]:
         return None
     if cos.dtype != x.dtype or sin.dtype != x.dtype or not (cos.is_cuda and keys.is_cuda and position.is_cuda):
         return None
     if _TRITON.qkv_rope_mismatch(x, qweight.shape[0], cos, sin, keys, values, position, q_features) is not None:
         return None
-    return _TRITON.int8_qkv_rope(x, qweight, scale, bias, cos, sin, keys, values, position, q_features)
+    return _TRITON.int8_qkv_rope(x, qweight, scale, bias, cos, sin, keys, values, position, q_features, sq, eps)
 
 
 # ----------------------------------------------------------------------------- int4
@@ -586,6 +591,12 @@ def norm_fold_takes(x: torch.Tensor, layout: Int4Layout | None) -> bool:
     return _FOLD is not None and layout is not None and layout.kind == "interleaved" and _one_half_row(x)
 
 
+def int8_norm_fold_takes(x: torch.Tensor) -> bool:
+    """Whether :func:`int8_norm_linear` and :func:`int8_residual_linear` run their kernels for
+    ``x``: one fp16 / bf16 row on CUDA (Triton installed)."""
+    return _FOLD is not None and _one_half_row(x)
+
+
 def _check_fold(x: torch.Tensor, layout: Int4Layout | None) -> None:
     if not norm_fold_takes(x, layout):
         kind = None if layout is None else layout.kind
@@ -593,6 +604,47 @@ def _check_fold(x: torch.Tensor, layout: Int4Layout | None) -> None:
             "a folded norm's kernels take one fp16 / bf16 row on CUDA and a weight in the interleaved "
             f"int4 layout (Triton installed); got {tuple(x.shape)} {x.dtype} on {x.device}, layout {kind}"
         )
+
+
+def _check_int8_fold(x: torch.Tensor) -> None:
+    if not int8_norm_fold_takes(x):
+        raise ValueError(
+            "a folded norm's int8 kernels take one fp16 / bf16 row on CUDA (Triton installed); "
+            f"got {tuple(x.shape)} {x.dtype} on {x.device}"
+        )
+
+
+def int8_norm_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    sq: torch.Tensor,
+    eps: float,
+    gate_up: bool = False,
+) -> torch.Tensor:
+    """:func:`int4_norm_linear` on an int8 weight (``qweight [N, K]``, ``scale [N]``): ``rms_norm(h)
+    @ W.T + bias`` from ``x = g * h`` and the counter ``sq``; ``gate_up``: ``silu(gate) * up``.
+    Only where :func:`int8_norm_fold_takes`; raises ``ValueError`` elsewhere."""
+    _check_int8_fold(x)
+    return _FOLD.int8_norm_mm(x, qweight, scale, bias, sq, eps, gate_up)
+
+
+def int8_residual_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    h: torch.Tensor,
+    gain: torch.Tensor,
+    sq: torch.Tensor,
+    clear: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`int4_residual_linear` on an int8 weight: ``(y, gain * y)`` with ``y = h + x @ W.T +
+    bias``, ``sum(y**2)`` added to ``sq``, ``clear`` zeroed. Only where
+    :func:`int8_norm_fold_takes`; raises ``ValueError`` elsewhere."""
+    _check_int8_fold(x)
+    return _FOLD.int8_residual_mm(x, qweight, scale, bias, h, gain, sq, clear)
 
 
 def int4_norm_linear(

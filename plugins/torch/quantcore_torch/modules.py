@@ -313,16 +313,15 @@ class WeightOnlyEpilogues(WeightOnlyStorage):
         the kernel cannot (int4 off the interleaved layout, training, another compute dtype, shapes
         it does not take) returns ``None`` and writes nothing. An int8 layer runs
         :func:`~quantcore_torch.kernels.int8_qkv_rope_linear`. ``sq`` and ``eps``: the attention's
-        RMS norm folded in (:meth:`norm_forward`; int4 only)."""
+        RMS norm folded in (:meth:`norm_forward`)."""
         if not self._epilogue_serves(x):
             return None
         bias = self._parameters["bias"]
         if self.bits == 8:
-            if sq is not None:
-                raise ValueError("a folded RMS norm (sq) runs in the int4 kernels only; this layer is int8")
-            buffers = self._buffers
-            qweight, scale = buffers["qweight"], buffers["scale"]
-            return kernels.int8_qkv_rope_linear(x, qweight, scale, bias, cos, sin, keys, values, position, q_features)
+            qweight, scale = self._buffers["qweight"], self._buffers["scale"]
+            return kernels.int8_qkv_rope_linear(
+                x, qweight, scale, bias, cos, sin, keys, values, position, q_features, sq, eps
+            )
         layout = self._current_kernel_layout()
         return kernels.int4_qkv_rope_linear(x, layout, bias, cos, sin, keys, values, position, q_features, sq, eps)
 
@@ -338,8 +337,10 @@ class WeightOnlyEpilogues(WeightOnlyStorage):
 
     def norm_fold_takes(self, x: torch.Tensor) -> bool:
         """Whether :meth:`norm_forward` and :meth:`residual_forward` run for ``x`` (one fp16 / bf16
-        row on CUDA, int4 on the interleaved layout, not training): a decoder layer whose norms are
-        folded (``fuse_projections(norms=True)``) checks every projection before it starts."""
+        row on CUDA, int8 or int4 on the interleaved layout, not training): a decoder layer whose
+        norms are folded (``fuse_projections(norms=True)``) checks every projection before it starts."""
+        if self.bits == 8:
+            return self._epilogue_serves(x) and kernels.int8_norm_fold_takes(x)
         return self._kernel_serves(x) and kernels.norm_fold_takes(x, self._current_kernel_layout())
 
     def norm_forward(self, x: torch.Tensor, sq: torch.Tensor, eps: float, gate_up: bool = False) -> torch.Tensor:
@@ -347,8 +348,10 @@ class WeightOnlyEpilogues(WeightOnlyStorage):
         state, ``sq`` its sum of squares in a counter (:func:`~quantcore_torch.kernels.int4_norm_linear`;
         ``gate_up``: a gated MLP's stacked gate and up, ``silu(gate) * up``). Only where
         :meth:`norm_fold_takes`; raises ``ValueError`` elsewhere."""
-        layout = self._current_kernel_layout()
-        return kernels.int4_norm_linear(x, layout, self._parameters["bias"], sq, eps, gate_up)
+        bias = self._parameters["bias"]
+        if self.bits == 8:
+            return kernels.int8_norm_linear(x, self._buffers["qweight"], self._buffers["scale"], bias, sq, eps, gate_up)
+        return kernels.int4_norm_linear(x, self._current_kernel_layout(), bias, sq, eps, gate_up)
 
     def residual_forward(
         self, x: torch.Tensor, h: torch.Tensor, gain: torch.Tensor, sq: torch.Tensor, clear: torch.Tensor
@@ -357,8 +360,11 @@ class WeightOnlyEpilogues(WeightOnlyStorage):
         in this layer's epilogue, ``sum(y**2)`` added to the counter ``sq``, ``clear`` zeroed
         (:func:`~quantcore_torch.kernels.int4_residual_linear`). Only where :meth:`norm_fold_takes`;
         raises ``ValueError`` elsewhere."""
-        layout = self._current_kernel_layout()
-        return kernels.int4_residual_linear(x, layout, self._parameters["bias"], h, gain, sq, clear)
+        bias = self._parameters["bias"]
+        if self.bits == 8:
+            qweight, scale = self._buffers["qweight"], self._buffers["scale"]
+            return kernels.int8_residual_linear(x, qweight, scale, bias, h, gain, sq, clear)
+        return kernels.int4_residual_linear(x, self._current_kernel_layout(), bias, h, gain, sq, clear)
 
 
 class WeightOnlyLinear(WeightOnlyEpilogues):

@@ -971,8 +971,10 @@ def test_int8_rotary_in_the_qkv_kernel_gives_the_unfolded_decoding(monkeypatch):
     assert qkv.qkv_rope_forward(x, one, one, keys, keys.clone(), torch.tensor(0), 128) is None
     assert not keys.any()
     counter = torch.zeros((), dtype=torch.int64)
-    with pytest.raises(ValueError, match="int4 kernels only; this layer is int8"):
-        qkv.qkv_rope_forward(x, one, one, keys, keys.clone(), torch.tensor(0), 128, sq=counter)
+    assert qkv.qkv_rope_forward(x, one, one, keys, keys.clone(), torch.tensor(0), 128, sq=counter) is None
+    assert not qkv.norm_fold_takes(x.half())  # the CPU: the norm fold's kernels are CUDA only
+    with pytest.raises(ValueError, match="int8 kernels take one fp16 / bf16 row on CUDA"):
+        qkv.norm_forward(x, counter, 1e-6)
 
 
 @pytest.mark.gpu
@@ -1084,16 +1086,15 @@ def _fold_in_pytorch(monkeypatch, calls):
     monkeypatch.setattr(WeightOnlyLinear, "residual_forward", residual_forward)
 
 
-def folded_causal(family: str, monkeypatch, dtype=torch.float32, device="cpu"):
-    """``tiny_causal(family)`` with random norm weights (ones would hide a norm's weight in the
-    wrong place), fused with the activation and the rotary fold: ``(model, unfolded copy)``,
-    the model's norms folded too."""
+def folded_causal(family: str, monkeypatch, dtype=torch.float32, device="cpu", bits=4):
+    """``tiny_causal(family)`` (``bits``: 8, a Llama in int8) with random norm weights (ones would
+    hide a norm's weight in the wrong place), fused with the activation and the rotary fold:
+    ``(model, unfolded copy)``, the model's norms folded too."""
     from quantcore_torch import kernels
 
     monkeypatch.setattr(kernels, "INT4_CUDA_KERNEL", "interleaved")
-    model = (
-        quantized_llama(4, 32 if device == "cpu" else 128, dtype, device) if family == "llama" else tiny_causal(family)
-    )
+    group = 32 if device == "cpu" and bits == 4 else 128
+    model = quantized_llama(bits, group, dtype, device) if family == "llama" else tiny_causal(family)
     torch.manual_seed(5)
     with torch.no_grad():
         for module in model.modules():
@@ -1106,15 +1107,18 @@ def folded_causal(family: str, monkeypatch, dtype=torch.float32, device="cpu"):
     return model, unfolded
 
 
+FOLDED = [("llama", 4), ("mistral", 4), ("qwen2", 4), ("llama", 8)]
+
+
 @needs_transformers
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
-def test_folded_norms_give_the_unfolded_decoding(family, monkeypatch):
+@pytest.mark.parametrize(("family", "bits"), FOLDED, ids=["llama", "mistral", "qwen2", "llama-int8"])
+def test_folded_norms_give_the_unfolded_decoding(family, bits, monkeypatch):
     # Each decode step runs q/k/v, o, gate/up and down a layer with the norms and adds folded in
     # (their functions in PyTorch here): the unfolded model's logits within fp32 rounding. The
     # counters pass as the kernels need: layer 0 reads one made from its input, o_proj adds to
     # ``mid`` and clears ``out``, down_proj adds to ``out`` and clears ``mid``; a step leaves
     # ``mid`` zero and ``out`` holding the last layer's sum.
-    model, unfolded = folded_causal(family, monkeypatch)
+    model, unfolded = folded_causal(family, monkeypatch, bits=bits)
     calls = []
     _fold_in_pytorch(monkeypatch, calls)
     ids = ids_for()
@@ -1224,9 +1228,12 @@ def test_norm_fold_reports_what_it_cannot_take_and_unfuses(monkeypatch):
     assert not [name for name, _ in model.named_buffers() if "_quantcore" in name]
     model = quantized_llama(8, 128)
     report = fuse_projections(model, activation=True, rotary=True, norms=True)
-    # int8 attentions fold the rotary embedding, but the norm fold's kernels are int4 only.
-    assert report.rotary == ATTENTIONS and report.norms == []
-    assert report.skipped[label].startswith("o_proj is not an int4 torch_wo layer")
+    # int8 folds as int4 does: the rotary embedding, the activation, the norms.
+    assert report.rotary == ATTENTIONS and report.norms == LAYERS
+    model = quantized_llama(8, 128)
+    model.model.layers[0].self_attn.o_proj = nn.Linear(128, 128)
+    report = fuse_projections(model, activation=True, rotary=True, norms=True)
+    assert report.skipped[label] == "o_proj is not an int8 or int4 torch_wo layer"
     model = quantized_llama(4, 32)
     model.model.layers[1].forward = model.model.layers[1].forward  # as accelerate's hooks do
     report = fuse_projections(model, activation=True, rotary=True, norms=True)
@@ -1243,23 +1250,31 @@ def test_norm_fold_kernels_refuse_what_they_cannot_take():
         layer.norm_forward(x, sumsq_counter(x), 1e-6)
     with pytest.raises(ValueError, match="one fp16 / bf16 row on CUDA"):
         layer.residual_forward(x, torch.zeros(32), torch.ones(32), sumsq_counter(), sumsq_counter())
+    layer = WeightOnlyLinear.from_linear(nn.Linear(64, 32), bits=8)
+    assert not layer.norm_fold_takes(x) and not layer.norm_fold_takes(x.half())
+    with pytest.raises(ValueError, match="int8 kernels take one fp16 / bf16 row on CUDA"):
+        layer.norm_forward(x, sumsq_counter(x), 1e-6)
+    with pytest.raises(ValueError, match="int8 kernels take one fp16 / bf16 row on CUDA"):
+        layer.residual_forward(x, torch.zeros(32), torch.ones(32), sumsq_counter(), sumsq_counter())
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @needs_transformers
-def test_folded_norms_on_cuda_eager_and_in_cuda_graphs(monkeypatch):
+@pytest.mark.parametrize("bits", [4, 8], ids=["int4", "int8"])
+def test_folded_norms_on_cuda_eager_and_in_cuda_graphs(bits, monkeypatch):
     # The real kernels at every decode step: within bf16 rounding of the unfolded model's
     # decoding, eager and from CUDA graphs; a graph's replays give its recording's bits (the
     # counters are cleared inside the graph, no reset between replays).
     from quantcore_torch import kernels
 
-    model, unfolded = folded_causal("llama", monkeypatch, torch.bfloat16, "cuda")
+    model, unfolded = folded_causal("llama", monkeypatch, torch.bfloat16, "cuda", bits=bits)
     ids = ids_for("cuda", length=7)
     expected = static_decode(unfolded, ids, steps=6)
-    residual, real = [], kernels._FOLD.int4_interleaved_residual_mm
+    name = "int4_interleaved_residual_mm" if bits == 4 else "int8_residual_mm"
+    residual, real = [], getattr(kernels._FOLD, name)
     with pytest.MonkeyPatch.context() as patch:  # eager only
-        patch.setattr(kernels._FOLD, "int4_interleaved_residual_mm", lambda *a: residual.append(1) or real(*a))
+        patch.setattr(kernels._FOLD, name, lambda *a: residual.append(1) or real(*a))
         torch.testing.assert_close(static_decode(model, ids, steps=6), expected, rtol=2e-2, atol=2e-2)
     assert len(residual) == 6 * 2 * len(LAYERS)
     torch._dynamo.reset()
