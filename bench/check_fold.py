@@ -7,10 +7,12 @@ with the stack's ``out`` counter zeroed first (non-zero after a run: the residua
 The twenty-fifth run (docs/benchmarks.md) found with it that torch 2.11's dynamo read the rotary
 and gated patches' checks as false, so the compiled step never folded.
 
-    python bench/check_fold.py
+    python bench/check_fold.py [--method int8-torch+glu+rope+norms]
 """
 
 from __future__ import annotations
+
+import argparse
 
 import _common
 import bench_decode
@@ -19,7 +21,10 @@ import torch
 METHOD = "int4-torch@interleaved+glu+rope+norms"
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--method", default=METHOD, help=f"a bench_decode method with +norms (default {METHOD})")
+    method = parser.parse_args(argv).method
     from quantcore_torch import fusion, kernels
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -30,14 +35,16 @@ def main() -> int:
     torch.manual_seed(0)
     with torch.device("cuda"):
         base = LlamaForCausalLM(LlamaConfig(**shape, tie_word_embeddings=False)).to(torch.bfloat16).eval()
-    model = bench_decode.make_variant(base, METHOD)
+    model = bench_decode.make_variant(base, method)
     layer = model.model.layers[0]
     parts = layer._quantcore_fold
     o = parts.attention.o_proj
     checks = {
         "the fold's projections": lambda x: fusion._fold_projections(parts, x) is not None,
         "o_proj.norm_fold_takes": lambda x: o.norm_fold_takes(x),
-        "kernels.norm_fold_takes": lambda x: kernels.norm_fold_takes(x, o.kernel_layout),
+        "kernels.norm_fold_takes": lambda x: (
+            kernels.int8_norm_fold_takes(x) if o.bits == 8 else kernels.norm_fold_takes(x, o.kernel_layout)
+        ),
         "the rotary patch": lambda x: getattr(parts.attention, "_quantcore_rotary", None) is not None,
         "the gated patch": lambda x: getattr(parts.mlp, "_quantcore_gated", None) is not None,
         "counters on the input's device": lambda x: layer._quantcore_sum_mid.device == x.device,

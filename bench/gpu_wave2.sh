@@ -24,7 +24,8 @@
 #   attention the decode attention's split configs against SDPA, a step's caches in one graph
 #             (bench_attention.py; ATTENTION_ARGS adds arguments, e.g. "--configs 32x4,64x4")
 #   gptq      GPTQ's time to quantize a 1.1B Llama (bench_gptq.py), beside plain rounding
-#   check-fold  whether fuse_projections(norms=True) folds in a compiled step (check_fold.py)
+#   check-fold  whether fuse_projections(norms=True) folds in a compiled step (check_fold.py;
+#             FOLD_METHOD: another bench_decode method, e.g. int8-torch+glu+rope+norms)
 #   dequant   the prefill path's dequantize: Triton kernel, packing's ops, the fp32 formula
 # From the repository root, carrying .whl (torchao-0.17.0, built for torch 2.11) and .devsite
 # (pluggy, attrs, cattrs, bitsandbytes: ../shared/tools/device-site.sh):
@@ -76,7 +77,7 @@ for part in "$@"; do
     dequant) timeout ${T_DEQUANT:-60} python3 bench/bench_dequantize.py --device cuda --out "$out/dequant_cuda.json" ;;
     attention) timeout ${T_ATTENTION:-120} python3 bench/bench_attention.py ${ATTENTION_ARGS:-} --out "$out/attention.json" ;;
     gptq) timeout ${T_GPTQ:-130} python3 bench/bench_gptq.py --model llama-1.1b --device cuda --out "$out/gptq_cuda.json" ;;
-    check-fold) timeout ${T_CHECK:-150} python3 bench/check_fold.py 2>&1 | grep -v -E "Warning|warnings.warn" ;;
+    check-fold) timeout ${T_CHECK:-150} python3 bench/check_fold.py ${FOLD_METHOD:+--method "$FOLD_METHOD"} 2>&1 | grep -v -E "Warning|warnings.warn" ;;
   esac
 done
 echo "=== done ($(date +%T))"
