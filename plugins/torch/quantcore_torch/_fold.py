@@ -48,6 +48,7 @@ from ._triton import (
     _store_row,
     _tile_rows,
     check_counter,
+    int8_weight_mismatch,
     interleaved_autotune,
 )
 from .rms import SUMSQ_SCALE, sumsq_counter
@@ -282,11 +283,9 @@ def int8_norm_mm(
 
 
 def _check_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> None:
-    if qweight.dim() != 2 or qweight.shape[1] != x.shape[-1] or scale.numel() != qweight.shape[0]:
-        raise ValueError(
-            f"an int8 weight of {x.shape[-1]} inputs and a scale a row, got {tuple(qweight.shape)}, "
-            f"{tuple(scale.shape)}"
-        )
+    problem = int8_weight_mismatch(x, qweight, scale)
+    if problem is not None:
+        raise ValueError(problem)
 
 
 def _norm8_launch(x, qweight, scale, bias, sq, eps: float, gate_up: bool) -> torch.Tensor:

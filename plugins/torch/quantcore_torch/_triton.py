@@ -1663,12 +1663,27 @@ def _int4_interleaved_rope_launch(
 ):  # fmt: skip
     """One token through :func:`_int4_interleaved_rope_kernel`: returns q, writes k and v; ``sq``
     (a norm's counter, :mod:`._fold`): the kernel's ``NORM``, with ``eps``."""
-    k = x.shape[-1]
     n = words.shape[0]
     problem = qkv_rope_mismatch(x, n, cos, sin, keys, values, position, q_features)
     if problem is not None:
         raise ValueError(problem)
     x = _interleaved_input(x, words, sz, group_size)
+    weight = (words, sz, sz if bias is None else bias)
+    strides = (words.stride(0), sz.stride(1), sz.stride(0), INT4_MAGIC)
+    key = (*_key(x, words, sz, bias), group_size)
+    constexprs = {"GROUP": group_size, "HAS_BIAS": bias is not None, "PRE": False}
+    rope = (cos, sin, keys, values, position, q_features, sq, eps)
+    return _rope_launch(_INT4_INTERLEAVED_ROPE, x, weight, n, strides, key, constexprs, *rope)
+
+
+def _rope_launch(
+    launcher, x, weight: tuple, n: int, strides: tuple, key: tuple, constexprs: dict,
+    cos, sin, keys, values, position, q_features: int, sq, eps: float,
+):  # fmt: skip
+    """What the q/k/v rotary kernels' launches share, after their checks: ``x`` and the kernel's
+    ``weight`` arguments, then q, the cache, cos, sin and the position; the sizes (``n``, K, the
+    weight's ``strides``, q's rows, the rotated rows, the cache's length); the counter and
+    ``eps``. ``key`` (the weight's part) and ``constexprs`` (the format's) are completed here."""
     cos, sin = cos.reshape(-1), sin.reshape(-1)
     cos, sin = (cos if cos.is_contiguous() else cos.contiguous()), (sin if sin.is_contiguous() else sin.contiguous())
     head = keys.shape[-1]
@@ -1676,17 +1691,15 @@ def _int4_interleaved_rope_launch(
     q = x.new_empty((*x.shape[:-1], q_features))
     if sq is not None:
         check_counter(sq, x)
-    inputs = (x, words, sz, sz if bias is None else bias, q, keys, values, cos, sin, position)
-    sizes = (n, k, words.stride(0), sz.stride(1), sz.stride(0), INT4_MAGIC, q_features, rotated, keys.shape[2])
+    inputs = (x, *weight, q, keys, values, cos, sin, position)
+    sizes = (n, x.shape[-1], *strides, q_features, rotated, keys.shape[2])
     args = (*inputs, *sizes, position if sq is None else sq, float(eps))
     aligned = tuple(t.data_ptr() % 16 == 0 for t in (keys, values, cos, sin, position))
     norm = None if sq is None else sq.data_ptr() % 16 == 0
-    key = (*_key(x, words, sz, bias), group_size, "rope", q_features, *keys.shape, cos.dtype, position.dtype, *aligned)
-    key += (norm,)
-    if not _INT4_INTERLEAVED_ROPE.run_kept(key, args):
-        constexprs = {"GROUP": group_size, "HAS_BIAS": bias is not None, "HALF": head // 2}
-        constexprs |= {"USE_GDC": False, "PRE": False, "NORM": sq is not None}
-        _eager(_INT4_INTERLEAVED_ROPE, key, x, _row_grid(n, False), args, constexprs)
+    key = (*key, "rope", q_features, *keys.shape, cos.dtype, position.dtype, *aligned, norm)
+    if not launcher.run_kept(key, args):
+        constexprs = {**constexprs, "HALF": head // 2, "USE_GDC": False, "NORM": sq is not None}
+        _eager(launcher, key, x, _row_grid(n, False), args, constexprs)
     return q
 
 
@@ -1698,29 +1711,25 @@ def _int8_rope_launch(
 ):  # fmt: skip
     """One token through :func:`_int8_rope_kernel`: returns q, writes k and v; ``sq`` (a norm's
     counter, :mod:`._fold`): the kernel's ``NORM``, with ``eps``."""
-    k = x.shape[-1]
     n = qweight.shape[0]
     problem = qkv_rope_mismatch(x, n, cos, sin, keys, values, position, q_features)
-    if problem is None and (qweight.shape[1] != k or scale.numel() != n):
-        problem = f"an int8 weight of {k} inputs and a scale a row, got {tuple(qweight.shape)}, {tuple(scale.shape)}"
-    if problem is not None:
+    if problem is not None or (problem := int8_weight_mismatch(x, qweight, scale)) is not None:
         raise ValueError(problem)
-    cos, sin = cos.reshape(-1), sin.reshape(-1)
-    cos, sin = (cos if cos.is_contiguous() else cos.contiguous()), (sin if sin.is_contiguous() else sin.contiguous())
-    head = keys.shape[-1]
-    q = x.new_empty((*x.shape[:-1], q_features))
-    if sq is not None:
-        check_counter(sq, x)
-    inputs = (x, qweight, scale, scale if bias is None else bias, q, keys, values, cos, sin, position)
-    sizes = (n, k, qweight.stride(0), q_features, q_features + keys.shape[1] * head, keys.shape[2])
-    args = (*inputs, *sizes, position if sq is None else sq, float(eps))
-    aligned = tuple(t.data_ptr() % 16 == 0 for t in (keys, values, cos, sin, position))
-    norm = None if sq is None else sq.data_ptr() % 16 == 0
-    key = (*_key(x, qweight, scale, bias), "rope", q_features, *keys.shape, cos.dtype, position.dtype, *aligned, norm)
-    if not _INT8_ROPE.run_kept(key, args):
-        constexprs = {"HAS_BIAS": bias is not None, "HALF": head // 2, "USE_GDC": False, "NORM": sq is not None}
-        _eager(_INT8_ROPE, key, x, _row_grid(n, False), args, constexprs)
-    return q
+    weight = (qweight, scale, scale if bias is None else bias)
+    key = _key(x, qweight, scale, bias)
+    constexprs = {"HAS_BIAS": bias is not None}
+    rope = (cos, sin, keys, values, position, q_features, sq, eps)
+    return _rope_launch(_INT8_ROPE, x, weight, n, (qweight.stride(0),), key, constexprs, *rope)
+
+
+def int8_weight_mismatch(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> str | None:
+    """Why an int8 weight (``qweight [N, K]``, a scale a row) does not fit the input ``x``, or ``None``."""
+    if qweight.dim() != 2 or qweight.shape[1] != x.shape[-1] or scale.numel() != qweight.shape[0]:
+        return (
+            f"an int8 weight of {x.shape[-1]} inputs and a scale a row, got {tuple(qweight.shape)}, "
+            f"{tuple(scale.shape)}"
+        )
+    return None
 
 
 def _key(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> tuple:

@@ -301,6 +301,17 @@ def int8_gate_up_linear(
     return gated_input(int8_weight_only_linear(x, qweight, scale, bias))
 
 
+def _rope_takes(x, n: int, cos, sin, keys, values, position, q_features: int) -> bool:
+    """Whether a q/k/v rotary kernel takes these (``n``: the stacked weight's rows): one fp16 /
+    bf16 row on CUDA, cos and sin in its dtype, the cache and the position on CUDA, and the shapes
+    :func:`quantcore_torch._triton.qkv_rope_mismatch` accepts."""
+    if not _one_half_row(x):
+        return False
+    if cos.dtype != x.dtype or sin.dtype != x.dtype or not (cos.is_cuda and keys.is_cuda and position.is_cuda):
+        return False
+    return _TRITON.qkv_rope_mismatch(x, n, cos, sin, keys, values, position, q_features) is None
+
+
 def int8_qkv_rope_linear(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -320,11 +331,9 @@ def int8_qkv_rope_linear(
     and the static cache's writes in the kernel's epilogue. One fp16 / bf16 row on CUDA only
     (:func:`quantcore_torch._triton.int8_qkv_rope`); anything else returns ``None``, having
     written nothing. ``sq``, ``eps``: the RMS norm folded in, as there."""
-    if not _one_half_row(x) or qweight.shape[-1] != x.shape[-1]:
+    if qweight.shape[-1] != x.shape[-1]:
         return None
-    if cos.dtype != x.dtype or sin.dtype != x.dtype or not (cos.is_cuda and keys.is_cuda and position.is_cuda):
-        return None
-    if _TRITON.qkv_rope_mismatch(x, qweight.shape[0], cos, sin, keys, values, position, q_features) is not None:
+    if not _rope_takes(x, qweight.shape[0], cos, sin, keys, values, position, q_features):
         return None
     return _TRITON.int8_qkv_rope(x, qweight, scale, bias, cos, sin, keys, values, position, q_features, sq, eps)
 
@@ -572,12 +581,9 @@ def int4_qkv_rope_linear(
     having written nothing, for the caller to run the projections and the rotation as they are.
     ``sq``: ``x`` is a norm's weight times the hidden state and the projections are of the RMS
     norm's output, the sum of squares in this counter (see :func:`int4_norm_linear`)."""
-    if layout is None or layout.kind != "interleaved" or not _one_half_row(x):
+    if layout is None or layout.kind != "interleaved":
         return None
-    if cos.dtype != x.dtype or sin.dtype != x.dtype or not (cos.is_cuda and keys.is_cuda and position.is_cuda):
-        return None
-    n = layout.weight.shape[0]
-    if _TRITON.qkv_rope_mismatch(x, n, cos, sin, keys, values, position, q_features) is not None:
+    if not _rope_takes(x, layout.weight.shape[0], cos, sin, keys, values, position, q_features):
         return None
     return _TRITON.int4_interleaved_qkv_rope(
         x, layout.weight, layout.scales_and_zeros, layout.group_size, bias, cos, sin, keys, values, position,

@@ -539,6 +539,37 @@ def _rope_reference(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
     return t * cos + torch.cat((-second, first), dim=-1) * sin
 
 
+def _rope_cache(dtype, kv_heads: int, head_dim: int, length: int):
+    """One position's cos and sin (``[1, 1, head_dim]``) and a random static cache's keys and values."""
+    angle = 7.0 * torch.arange(head_dim // 2) / head_dim
+    cos = torch.cat((angle.cos(), angle.cos())).to(dtype)[None, None]
+    sin = torch.cat((angle.sin(), angle.sin())).to(dtype)[None, None]
+    keys = torch.randn(1, kv_heads, length, head_dim, dtype=dtype)
+    values = torch.randn(1, kv_heads, length, head_dim, dtype=dtype)
+    return cos, sin, keys, values
+
+
+def _assert_rope_wrote(q, plain, cos, sin, caches, heads: int, pos: int):
+    """A q/k/v rotary kernel's call: ``q`` and the cache at ``pos`` are the plain kernel's stacked
+    output ``plain`` rotated as transformers rotates it (q and k) and as it is (v), and every other
+    cache slot is its copy in ``caches`` (``keys, values, keys0, values0``)."""
+    keys, values, keys0, values0 = caches
+    kv_heads, length, head_dim = keys.shape[1:]
+    nq, nkv = heads * head_dim, kv_heads * head_dim
+    q_ref, k_ref, v_ref = plain.split((nq, nkv, nkv), dim=-1)
+    q_ref = _rope_reference(q_ref.view(heads, head_dim), cos[0], sin[0]).view(1, 1, nq)
+    k_ref = _rope_reference(k_ref.view(kv_heads, head_dim), cos[0], sin[0])
+    assert q.shape == (1, 1, nq) and q.dtype == plain.dtype
+    # fp16: the same roundings as PyTorch's; bf16: the interpreter truncates where a GPU rounds.
+    tolerance = 0 if plain.dtype == torch.float16 else ROUNDING[plain.dtype]
+    assert _error(q, q_ref) <= tolerance
+    assert _error(keys[0, :, pos], k_ref) <= tolerance
+    torch.testing.assert_close(values[0, :, pos], v_ref.view(kv_heads, head_dim), rtol=0, atol=0)
+    others = torch.arange(length) != pos
+    assert torch.equal(keys[:, :, others], keys0[:, :, others])
+    assert torch.equal(values[:, :, others], values0[:, :, others])
+
+
 @pytest.mark.parametrize("dtype", list(ROUNDING), ids=str)
 @pytest.mark.parametrize(("heads", "kv_heads", "head_dim", "k", "group"), [(4, 2, 64, 256, 64), (2, 1, 32, 512, 128)])
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
@@ -557,30 +588,16 @@ def test_the_qkv_rope_kernel_rotates_q_and_k_and_writes_the_cache(
     layout = dispatch.int4_interleaved_layout(packed, scale, zero, k, group)
     b = torch.randn(n, dtype=dtype) if bias else None
     x = torch.randn(1, 1, k, dtype=dtype)
-    angle = 7.0 * torch.arange(head_dim // 2) / head_dim
-    cos = torch.cat((angle.cos(), angle.cos())).to(dtype)[None, None]
-    sin = torch.cat((angle.sin(), angle.sin())).to(dtype)[None, None]
-    keys = torch.randn(1, kv_heads, length, head_dim, dtype=dtype)
-    values = torch.randn(1, kv_heads, length, head_dim, dtype=dtype)
+    cos, sin, keys, values = _rope_cache(dtype, kv_heads, head_dim, length)
     keys0, values0 = keys.clone(), values.clone()
     position = torch.tensor(pos)
     plain = kernels.int4_interleaved_mm(x, layout.weight, layout.scales_and_zeros, group, b)
-    q_ref, k_ref, v_ref = plain.split((nq, nkv, nkv), dim=-1)
-    q_ref = _rope_reference(q_ref.view(heads, head_dim), cos[0], sin[0]).view(1, 1, nq)
-    k_ref = _rope_reference(k_ref.view(kv_heads, head_dim), cos[0], sin[0])
     for _ in range(2):  # the second call takes the kept kernel
         q = kernels.int4_interleaved_qkv_rope(
             x, layout.weight, layout.scales_and_zeros, group, b, cos, sin, keys, values, position, nq
         )
-        assert q.shape == (1, 1, nq) and q.dtype == dtype
-        # fp16: the same roundings as PyTorch's; bf16: the interpreter truncates where a GPU rounds.
-        tolerance = 0 if dtype == torch.float16 else ROUNDING[dtype]
-        assert _error(q, q_ref) <= tolerance
-        assert _error(keys[0, :, pos], k_ref) <= tolerance
-        torch.testing.assert_close(values[0, :, pos], v_ref.view(kv_heads, head_dim), rtol=0, atol=0)
-        others = torch.arange(length) != pos
-        assert torch.equal(keys[:, :, others], keys0[:, :, others])
-        assert torch.equal(values[:, :, others], values0[:, :, others])
+        _assert_rope_wrote(q, plain, cos, sin, (keys, values, keys0, values0), heads, pos)
+    others = torch.arange(length) != pos
     assert kernels._INT4_INTERLEAVED_ROPE.compiled or not kernels._INT4_INTERLEAVED_ROPE.direct
     # Shapes it cannot take are refused before anything is written.
     keys.copy_(keys0)
@@ -618,17 +635,10 @@ def test_the_int8_qkv_rope_kernel_rotates_q_and_k_and_writes_the_cache(
     scale = scale.to(dtype)
     b = torch.randn(n, dtype=dtype) if bias else None
     x = torch.randn(1, 1, k, dtype=dtype)
-    angle = 7.0 * torch.arange(head_dim // 2) / head_dim
-    cos = torch.cat((angle.cos(), angle.cos())).to(dtype)[None, None]
-    sin = torch.cat((angle.sin(), angle.sin())).to(dtype)[None, None]
-    keys = torch.randn(1, kv_heads, length, head_dim, dtype=dtype)
-    values = torch.randn(1, kv_heads, length, head_dim, dtype=dtype)
+    cos, sin, keys, values = _rope_cache(dtype, kv_heads, head_dim, length)
     keys0, values0 = keys.clone(), values.clone()
     position = torch.tensor(pos)
     plain = kernels.int8_mm(x, qweight, scale, b)
-    q_ref, k_ref, v_ref = plain.split((nq, nkv, nkv), dim=-1)
-    q_ref = _rope_reference(q_ref.view(heads, head_dim), cos[0], sin[0]).view(1, 1, nq)
-    k_ref = _rope_reference(k_ref.view(kv_heads, head_dim), cos[0], sin[0])
     with pytest.raises(ValueError, match="one token"):
         kernels.int8_qkv_rope(x.expand(1, 2, k), qweight, scale, b, cos, sin, keys, values, position, nq)
     with pytest.raises(ValueError, match="stacked rows as q"):
@@ -638,15 +648,7 @@ def test_the_int8_qkv_rope_kernel_rotates_q_and_k_and_writes_the_cache(
     assert torch.equal(keys, keys0) and torch.equal(values, values0)
     for _ in range(2):  # the second call takes the kept kernel
         q = kernels.int8_qkv_rope(x, qweight, scale, b, cos, sin, keys, values, position, nq)
-        assert q.shape == (1, 1, nq) and q.dtype == dtype
-        # fp16: the same roundings as PyTorch's; bf16: the interpreter truncates where a GPU rounds.
-        tolerance = 0 if dtype == torch.float16 else ROUNDING[dtype]
-        assert _error(q, q_ref) <= tolerance
-        assert _error(keys[0, :, pos], k_ref) <= tolerance
-        torch.testing.assert_close(values[0, :, pos], v_ref.view(kv_heads, head_dim), rtol=0, atol=0)
-        others = torch.arange(length) != pos
-        assert torch.equal(keys[:, :, others], keys0[:, :, others])
-        assert torch.equal(values[:, :, others], values0[:, :, others])
+        _assert_rope_wrote(q, plain, cos, sin, (keys, values, keys0, values0), heads, pos)
     assert kernels._INT8_ROPE.compiled or not kernels._INT8_ROPE.direct
     # Through the dispatch layer: the same q; a CPU row or an fp32 one is not the kernel's.
     from quantcore_torch import kernels as dispatch
