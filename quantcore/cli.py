@@ -402,7 +402,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not configs and not args.quantized:
         raise UsageError("give what to compare: --method NAME, --config FILE or --quantized DIR")
     _transformers()
-    evaluation = Evaluation(model_dir, dtype=args.dtype, text=text, max_tokens=args.max_tokens, log=_log(args))
+    evaluation = Evaluation(
+        model_dir, dtype=args.dtype, text=text, max_tokens=args.max_tokens, decode=args.decode, log=_log(args)
+    )
     rows = evaluation.compare(configs)
     if args.quantized:
         rows.append(_score_checkpoint(evaluation, Path(args.quantized)))
@@ -607,6 +609,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="text to score (causal LMs; default: Shakespeare) or sentences, one a line (encoders)",
     )
     p.add_argument("--max-tokens", type=int, default=1024, help="tokens of the text to score (default 1024)")
+    p.add_argument(
+        "--decode",
+        action="store_true",
+        help="score causal LMs a token at a time through a static cache, the path generation takes "
+        "(quantized layers may run other kernels there), instead of in one window",
+    )
     dtype_arg(p)
     p.add_argument("--quiet", action="store_true", help="no progress output")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import inspect
 import math
 import os
 import time
@@ -29,6 +30,8 @@ __all__ = [
     "SENTENCES",
     "Evaluation",
     "QualityRow",
+    "decode_perplexity",
+    "decode_scores",
     "default_text",
     "embed",
     "embedding_similarity",
@@ -170,6 +173,87 @@ def perplexity(
     return {"perplexity": math.exp(nll), "nll": nll, "tokens": count}
 
 
+def decode_scores(model: nn.Module, ids: torch.Tensor, compiled: bool = False) -> dict[str, Any]:
+    """Score ``ids`` (one sequence of token ids) through a causal LM's decode path: each token goes
+    in alone, as generation feeds it, against a transformers ``StaticCache``, and its logits score
+    the next token. Quantized layers often run other kernels for one row than for many (torch_wo's
+    fused weight-only kernels serve only small batches), so this scores the path generation takes,
+    where :func:`perplexity`'s one window scores the prefill's.
+
+    ``compiled``: the step under ``torch.compile(fullgraph=True)`` (``mode="reduce-overhead"``,
+    CUDA graphs, on CUDA), the cache's tensors marked static; a step that cannot compile whole is
+    compiled with graph breaks, and ``fullgraph`` says so.
+
+    Returns ``{"nll": [tokens] fp32 tensor, "predicted": [tokens] int64 tensor (each step's
+    argmax), "fullgraph": bool or None}`` on the model's device.
+    """
+    transformers = _transformers()
+    ids = ids.reshape(-1)
+    if ids.numel() < 2:
+        raise EvaluationError("the text is too short to score: it needs at least two tokens")
+    device = next(model.parameters()).device
+    ids = ids.to(device)
+    cache = transformers.StaticCache(config=model.config, max_cache_len=ids.numel())
+    # transformers 5.x names the argument ``cache`` and deprecates ``past_key_values`` (4.x's name)
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+    def step(token: torch.Tensor, position: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = model(
+            input_ids=token.view(1, 1), cache_position=position, position_ids=position.view(1, 1), use_cache=True,
+            **{cache_arg: cache},
+        ).logits[0, -1].float()  # fmt: skip
+        nll = torch.logsumexp(logits, 0) - logits.gather(0, target.view(1))[0]  # a tensor index: no host sync
+        return nll, logits.argmax()
+
+    fullgraph = None
+    if compiled:
+        step, fullgraph = _compiled_step(step, cache, device, ids)
+    nll = torch.empty(ids.numel() - 1, device=device)
+    predicted = torch.empty(ids.numel() - 1, dtype=torch.long, device=device)
+    with torch.inference_mode():
+        cache.reset()
+        for i in range(ids.numel() - 1):
+            position = torch.tensor([i], device=device)
+            nll[i], predicted[i] = step(ids[i], position, ids[i + 1])  # copied out: a graph's outputs are reused
+    return {"nll": nll, "predicted": predicted, "fullgraph": fullgraph}
+
+
+def _compiled_step(step: Callable, cache: Any, device: torch.device, ids: torch.Tensor) -> tuple[Callable, bool]:
+    """``step`` compiled (see :func:`decode_scores`), tried once on the first token: ``(step, fullgraph)``."""
+    for layer in getattr(cache, "layers", ()):  # transformers 5 (4.x's StaticCache holds lists of tensors)
+        for value in vars(layer).values():
+            if isinstance(value, torch.Tensor):
+                torch._dynamo.mark_static_address(value)
+    for value in (*getattr(cache, "key_cache", ()), *getattr(cache, "value_cache", ())):
+        torch._dynamo.mark_static_address(value)
+    mode = "reduce-overhead" if device.type == "cuda" else None
+    compiled = torch.compile(step, mode=mode, fullgraph=True)
+    with torch.inference_mode():
+        try:
+            compiled(ids[0], torch.tensor([0], device=device), ids[1])
+            return compiled, True
+        except Exception:  # a layer that breaks the graph (bitsandbytes): compile what can be
+            torch._dynamo.reset()
+            return torch.compile(step, mode=mode), False
+
+
+@torch.inference_mode()
+def decode_perplexity(
+    model: nn.Module, tokenizer: Any, text: str, max_tokens: int = 1024, compiled: bool = False
+) -> dict[str, Any]:
+    """Perplexity of a causal LM on the first ``max_tokens`` tokens of ``text``, each token fed
+    alone through a static cache (:func:`decode_scores`): the decode path's perplexity, beside
+    :func:`perplexity`'s one-window (prefill) figure. Returns ``{"perplexity", "nll", "tokens"}``,
+    and ``"fullgraph"`` when ``compiled``."""
+    ids = tokenizer(text, return_tensors="pt").input_ids[0][:max_tokens]
+    scores = decode_scores(model, ids, compiled=compiled)
+    nll = scores["nll"].double().mean().item()
+    result: dict[str, Any] = {"perplexity": math.exp(nll), "nll": nll, "tokens": scores["nll"].numel()}
+    if compiled:
+        result["fullgraph"] = scores["fullgraph"]
+    return result
+
+
 @torch.inference_mode()
 def embed(model: nn.Module, tokenizer: Any, sentences: Sequence[str], batch_size: int = 16) -> torch.Tensor:
     """L2-normalised mean-pooled last hidden states, one row per sentence (sentence-transformers' recipe)."""
@@ -233,6 +317,8 @@ class Evaluation:
 
     :param text: the text for perplexity (causal LMs); default :func:`default_text`.
     :param sentences: the sentences to embed (encoders); default :data:`SENTENCES`.
+    :param decode: score causal LMs through the decode path, a token at a time against a static
+        cache (:func:`decode_perplexity`), instead of in one window; encoders refuse it.
     """
 
     def __init__(
@@ -243,9 +329,13 @@ class Evaluation:
         text: str | None = None,
         sentences: Sequence[str] | None = None,
         max_tokens: int = 1024,
+        decode: bool = False,
         log: Callable[[str], None] | None = None,
     ):
         self.log = log or (lambda message: None)
+        if decode and model_kind(_transformers().AutoConfig.from_pretrained(model_dir)) != "causal-lm":
+            raise EvaluationError(f"{model_dir} is an encoder: only causal LMs decode (drop --decode)")
+        self.decode = decode
         self.log(f"loading {model_dir}")
         self.model, self.tokenizer, self.kind = load_float_model(model_dir, dtype)
         self.params, self.nbytes = _model_nbytes(self.model)
@@ -277,7 +367,8 @@ class Evaluation:
     def _outputs(self, model: nn.Module) -> Any:
         if self.kind == "causal-lm":
             assert self.text is not None
-            return perplexity(model, self.tokenizer, self.text, self.max_tokens)
+            score = decode_perplexity if self.decode else perplexity
+            return score(model, self.tokenizer, self.text, self.max_tokens)
         return embed(model, self.tokenizer, self.sentences)
 
     def _metrics(self, outputs: Any) -> dict[str, float]:

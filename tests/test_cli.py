@@ -250,6 +250,18 @@ def test_eval_causal_lm_reports_perplexity(tiny_llama, text_file):
     assert rows["int4-torch"]["bytes"] < rows["int8-torch"]["bytes"] < rows["float"]["bytes"]
 
 
+def test_eval_decode_scores_the_generation_path(tiny_llama, tiny_bert, text_file, capsys):
+    window = run_json("eval", str(tiny_llama), "--method", "int8-torch", "--text", str(text_file))
+    decode = run_json("eval", str(tiny_llama), "--method", "int8-torch", "--text", str(text_file), "--decode")
+    for w, d in zip(window["rows"], decode["rows"], strict=True):
+        assert d["label"] == w["label"] and d["metrics"]["tokens"] == w["metrics"]["tokens"]
+        # a token at a time through the cache: the same text's perplexity, another path's rounding
+        assert d["metrics"]["perplexity"] == pytest.approx(w["metrics"]["perplexity"], rel=0.01)
+    status, out, err = call(capsys, "eval", str(tiny_bert), "--method", "int8-torch", "--decode")
+    assert (status, out) == (1, "")
+    assert err.startswith("quantcore: error:") and "is an encoder" in err and "--decode" in err
+
+
 def test_eval_encoder_reports_embedding_similarity(tiny_bert, capsys):
     status, out, err = call(capsys, "eval", str(tiny_bert), "--method", "int8-torch")
     assert status == 0, err
