@@ -66,7 +66,7 @@ token and position to the next: a step is one replay, without dynamo's guards an
 trees' checks on the host, which can bound a short step (``bound_decode.py``'s cut steps take it).
 ``+pins=SPEC`` pins the interleaved int4 kernels' configs on the model's fused linears (q+k+v, o,
 gate+up, down; ``+pins=8x2048x8s/8x2048x8s/-/-``: see :func:`pin_spec`), to compare configs in
-a whole step.
+a whole step. ``+group=N`` quantizes with groups of ``N`` columns (``int4-torch+group=64``).
 
 Usage::
 
@@ -130,10 +130,10 @@ FUSING = {"fused": False, "glu": True, "glu-down": "down"}
 
 
 def split_method(method: str) -> tuple[str, set[str]]:
-    """``method`` as its preset (with its ``@kernel``) and its ``+`` suffixes (``pins=SPEC``
-    among them as it is: see :func:`pinned_from`)."""
+    """``method`` as its preset (with its ``@kernel``) and its ``+`` suffixes (``pins=SPEC`` and
+    ``group=N`` among them as they are: see :func:`pinned_from`, :func:`preset_config`)."""
     spec, *suffixes = method.split("+")
-    unknown = {s for s in suffixes if not s.startswith("pins=")} - set(SUFFIXES)
+    unknown = {s for s in suffixes if not s.startswith(("pins=", "group="))} - set(SUFFIXES)
     if unknown:
         raise ValueError(f"{method}: unknown suffix {sorted(unknown)} (known: {', '.join(SUFFIXES)})")
     return spec, set(suffixes)
@@ -267,13 +267,12 @@ def make_variant(base, method: str):
     """A copy of ``base`` quantized with the preset ``method`` (``bf16``: the copy as it is)."""
     spec, suffixes = split_method(method)
     if spec == "bf16":
-        if suffixes & {*FUSING, *ROTARY, "head", "norms"}:
-            raise ValueError(f"{method}: bf16 has no quantized projections to fuse or output head to quantize")
+        if suffixes & {*FUSING, *ROTARY, "head", "norms"} or any(s.startswith("group=") for s in suffixes):
+            raise ValueError(f"{method}: bf16 has no quantized projections to fuse, output head to quantize or groups")
         return copy.deepcopy(base)
     import quantcore
-    from quantcore.cli import resolve_method
 
-    preset, _, kernel = spec.partition("@")
+    kernel = spec.partition("@")[2]
     model = copy.deepcopy(base)
     # The kernel choice holds through the fusion too: a fused stack builds its own layout.
     chosen = contextlib.nullcontext()
@@ -284,7 +283,7 @@ def make_variant(base, method: str):
             raise ValueError(f"{method}: @{kernel} is not an int4 CUDA kernel ({', '.join(kernels.INT4_CUDA_KERNELS)})")
         chosen = _patched(kernels, "INT4_CUDA_KERNEL", kernel)
     with chosen:
-        quantcore.quantize(model, resolve_method(preset), progress=False, default_skips="head" not in suffixes)
+        quantcore.quantize(model, preset_config(method), progress=False, default_skips="head" not in suffixes)
         fusing = sorted(suffixes & FUSING.keys())
         if len(fusing) > 1:
             raise ValueError(f"{method}: one of {', '.join('+' + f for f in FUSING)}, not {fusing}")
@@ -310,6 +309,21 @@ def make_variant(base, method: str):
                     if hasattr(module, "_quantcore_rotary"):
                         module._quantcore_rotary = module._quantcore_rotary._replace(own_attention=False)
     return model
+
+
+def preset_config(method: str):
+    """The config of ``method``'s preset, with the group size its ``+group=N`` suffix sets
+    (``int4-torch+group=64``: SmolLM2's 576 columns are whole groups of 64, not of 128)."""
+    from quantcore.cli import resolve_method
+
+    spec, suffixes = split_method(method)
+    config = resolve_method(spec.partition("@")[0])
+    groups = [s.removeprefix("group=") for s in suffixes if s.startswith("group=")]
+    if not groups:
+        return config
+    if len(groups) > 1 or not groups[0].isdigit() or "group_size" not in config.to_dict():
+        raise ValueError(f"{method}: +group=N once, on a preset with a group size")
+    return type(config).from_dict({**config.to_dict(), "group_size": int(groups[0])})
 
 
 def llama_linears(model: str, fused: bool = False) -> tuple[int, list[tuple[int, int]]]:
