@@ -86,8 +86,8 @@ for part in "$@"; do
       if smol=$(python3 bench/smollm2_parts.py join); then
         eval "$smol"
         QUANTCORE_BENCH_DATA=/tmp/bench_data timeout ${T_PREPARE:-150} python3 bench/prepare_models.py 2>&1 | grep -E "perplexity|Error|error" | tail -3
-        QUANTCORE_BENCH_DATA=/tmp/bench_data timeout ${T_QUALITY:-300} python3 bench/decode_quality.py --device cuda --compiled \
-          --methods "${QUALITY_METHODS:-bf16,int8-torch,int8-torch+glu+rope+norms,int4-torch+group=64,int4-torch+group=64+glu+rope+norms}" \
+        QUANTCORE_BENCH_DATA=/tmp/bench_data timeout ${T_QUALITY:-450} python3 bench/decode_quality.py --device cuda --compiled \
+          --methods "${QUALITY_METHODS:-bf16,int8-torch+glu+rope+norms,int4-torch+group=64+glu+rope+norms}" \
           --out "$out/decode_quality_cuda.json" 2>&1 | grep -v -E "Warning|warnings.warn|W[0-9]{4} |forward_call"
       fi ;;
     check-fold) timeout ${T_CHECK:-150} python3 bench/check_fold.py ${FOLD_METHOD:+--method "$FOLD_METHOD"} 2>&1 | grep -v -E "Warning|warnings.warn" ;;
