@@ -402,8 +402,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not configs and not args.quantized:
         raise UsageError("give what to compare: --method NAME, --config FILE or --quantized DIR")
     _transformers()
+    quiet = args.json or args.quiet
     evaluation = Evaluation(
-        model_dir, dtype=args.dtype, text=text, max_tokens=args.max_tokens, decode=args.decode, log=_log(args)
+        model_dir,
+        dtype=args.dtype,
+        text=text,
+        max_tokens=args.max_tokens,
+        decode=args.decode,
+        progress=False if quiet else None,
+        log=_log(args),
     )
     rows = evaluation.compare(configs)
     if args.quantized:

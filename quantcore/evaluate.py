@@ -14,6 +14,7 @@ import importlib.util
 import inspect
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -173,7 +174,9 @@ def perplexity(
     return {"perplexity": math.exp(nll), "nll": nll, "tokens": count}
 
 
-def decode_scores(model: nn.Module, ids: torch.Tensor, compiled: bool = False) -> dict[str, Any]:
+def decode_scores(
+    model: nn.Module, ids: torch.Tensor, compiled: bool = False, progress: bool | None = None
+) -> dict[str, Any]:
     """Score ``ids`` (one sequence of token ids) through a causal LM's decode path: each token goes
     in alone, as generation feeds it, against a transformers ``StaticCache``, and its logits score
     the next token. Quantized layers often run other kernels for one row than for many (torch_wo's
@@ -183,6 +186,8 @@ def decode_scores(model: nn.Module, ids: torch.Tensor, compiled: bool = False) -
     ``compiled``: the step under ``torch.compile(fullgraph=True)`` (``mode="reduce-overhead"``,
     CUDA graphs, on CUDA), the cache's tensors marked static; a step that cannot compile whole is
     compiled with graph breaks, and ``fullgraph`` says so.
+
+    ``progress``: a progress bar over the tokens on stderr (``None``: where stderr is a terminal).
 
     Returns ``{"nll": [tokens] fp32 tensor, "predicted": [tokens] int64 tensor (each step's
     argmax), "fullgraph": bool or None}`` on the model's device.
@@ -210,12 +215,27 @@ def decode_scores(model: nn.Module, ids: torch.Tensor, compiled: bool = False) -
         step, fullgraph = _compiled_step(step, cache, device, ids)
     nll = torch.empty(ids.numel() - 1, device=device)
     predicted = torch.empty(ids.numel() - 1, dtype=torch.long, device=device)
+    bar = _progress_bar(ids.numel() - 1, progress)
     with torch.inference_mode():
         cache.reset()
         for i in range(ids.numel() - 1):
             position = torch.tensor([i], device=device)
             nll[i], predicted[i] = step(ids[i], position, ids[i + 1])  # copied out: a graph's outputs are reused
+            if bar is not None:
+                bar.update()
+    if bar is not None:
+        bar.close()
     return {"nll": nll, "predicted": predicted, "fullgraph": fullgraph}
+
+
+def _progress_bar(total: int, enabled: bool | None) -> Any:
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="decoding", unit="token", leave=False)
 
 
 def _compiled_step(step: Callable, cache: Any, device: torch.device, ids: torch.Tensor) -> tuple[Callable, bool]:
@@ -239,14 +259,19 @@ def _compiled_step(step: Callable, cache: Any, device: torch.device, ids: torch.
 
 @torch.inference_mode()
 def decode_perplexity(
-    model: nn.Module, tokenizer: Any, text: str, max_tokens: int = 1024, compiled: bool = False
+    model: nn.Module,
+    tokenizer: Any,
+    text: str,
+    max_tokens: int = 1024,
+    compiled: bool = False,
+    progress: bool | None = None,
 ) -> dict[str, Any]:
     """Perplexity of a causal LM on the first ``max_tokens`` tokens of ``text``, each token fed
-    alone through a static cache (:func:`decode_scores`): the decode path's perplexity, beside
-    :func:`perplexity`'s one-window (prefill) figure. Returns ``{"perplexity", "nll", "tokens"}``,
-    and ``"fullgraph"`` when ``compiled``."""
+    alone through a static cache (:func:`decode_scores`, ``compiled`` and ``progress`` as there):
+    the decode path's perplexity, beside :func:`perplexity`'s one-window (prefill) figure.
+    Returns ``{"perplexity", "nll", "tokens"}``, and ``"fullgraph"`` when ``compiled``."""
     ids = tokenizer(text, return_tensors="pt").input_ids[0][:max_tokens]
-    scores = decode_scores(model, ids, compiled=compiled)
+    scores = decode_scores(model, ids, compiled=compiled, progress=progress)
     nll = scores["nll"].double().mean().item()
     result: dict[str, Any] = {"perplexity": math.exp(nll), "nll": nll, "tokens": scores["nll"].numel()}
     if compiled:
@@ -319,6 +344,7 @@ class Evaluation:
     :param sentences: the sentences to embed (encoders); default :data:`SENTENCES`.
     :param decode: score causal LMs through the decode path, a token at a time against a static
         cache (:func:`decode_perplexity`), instead of in one window; encoders refuse it.
+    :param progress: a progress bar over the decoded tokens (``None``: where stderr is a terminal).
     """
 
     def __init__(
@@ -330,12 +356,14 @@ class Evaluation:
         sentences: Sequence[str] | None = None,
         max_tokens: int = 1024,
         decode: bool = False,
+        progress: bool | None = None,
         log: Callable[[str], None] | None = None,
     ):
         self.log = log or (lambda message: None)
         if decode and model_kind(_transformers().AutoConfig.from_pretrained(model_dir)) != "causal-lm":
             raise EvaluationError(f"{model_dir} is an encoder: only causal LMs decode (drop --decode)")
         self.decode = decode
+        self.progress = progress
         self.log(f"loading {model_dir}")
         self.model, self.tokenizer, self.kind = load_float_model(model_dir, dtype)
         self.params, self.nbytes = _model_nbytes(self.model)
@@ -367,8 +395,9 @@ class Evaluation:
     def _outputs(self, model: nn.Module) -> Any:
         if self.kind == "causal-lm":
             assert self.text is not None
-            score = decode_perplexity if self.decode else perplexity
-            return score(model, self.tokenizer, self.text, self.max_tokens)
+            if self.decode:
+                return decode_perplexity(model, self.tokenizer, self.text, self.max_tokens, progress=self.progress)
+            return perplexity(model, self.tokenizer, self.text, self.max_tokens)
         return embed(model, self.tokenizer, self.sentences)
 
     def _metrics(self, outputs: Any) -> dict[str, float]:

@@ -47,6 +47,16 @@ def test_the_decode_path_scores_each_token_as_one_window_does():
     assert (decode_scores(tiny_llama(seed=1), ids)["nll"] - nll).abs().mean() > 0.01
 
 
+def test_a_long_decode_shows_its_progress_where_asked(capsys):
+    model = tiny_llama()
+    ids = torch.randint(0, 96, (12,), generator=torch.Generator().manual_seed(4))
+    decode_scores(model, ids, progress=True)
+    err = capsys.readouterr().err
+    assert "decoding" in err and "/11 " in err  # a bar over the 11 predicted tokens, on stderr
+    decode_scores(model, ids, progress=False)
+    assert capsys.readouterr().err == ""
+
+
 def test_the_compiled_decode_path_scores_as_the_eager_one():
     model = tiny_llama()
     ids = torch.randint(0, 96, (24,), generator=torch.Generator().manual_seed(2))
