@@ -216,15 +216,17 @@ def decode_scores(
     nll = torch.empty(ids.numel() - 1, device=device)
     predicted = torch.empty(ids.numel() - 1, dtype=torch.long, device=device)
     bar = _progress_bar(ids.numel() - 1, progress)
-    with torch.inference_mode():
-        cache.reset()
-        for i in range(ids.numel() - 1):
-            position = torch.tensor([i], device=device)
-            nll[i], predicted[i] = step(ids[i], position, ids[i + 1])  # copied out: a graph's outputs are reused
-            if bar is not None:
-                bar.update()
-    if bar is not None:
-        bar.close()
+    try:
+        with torch.inference_mode():
+            cache.reset()
+            for i in range(ids.numel() - 1):
+                position = torch.tensor([i], device=device)
+                nll[i], predicted[i] = step(ids[i], position, ids[i + 1])  # copied out: a graph's outputs are reused
+                if bar is not None:
+                    bar.update()
+    finally:
+        if bar is not None:
+            bar.close()
     return {"nll": nll, "predicted": predicted, "fullgraph": fullgraph}
 
 
