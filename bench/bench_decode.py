@@ -93,6 +93,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common
 import torch
 
+from quantcore.evaluate import mark_cache_static
+
 LLAMA = {
     "llama-1.1b": _common.LLAMA_SHAPES["1.1b"],
     "llama-7b": _common.LLAMA_SHAPES["7b"],
@@ -457,12 +459,6 @@ class Decoder:
         )
         return out.logits[:, -1].argmax(-1, keepdim=True)
 
-    def _mark_cache_static(self):
-        for layer in self.cache.layers:
-            for value in vars(layer).values():
-                if isinstance(value, torch.Tensor):
-                    torch._dynamo.mark_static_address(value)
-
     def run(self):
         """``(tokens [batch, new], prefill seconds, decode seconds)``."""
         if self.compiled and self.graph_step:
@@ -475,7 +471,7 @@ class Decoder:
             sync(self.device)
             t1 = time.perf_counter()
             if self.compiled and not self.marked:
-                self._mark_cache_static()
+                mark_cache_static(self.cache)
                 self.step = self._compile()
                 self.marked = True
             out = [token]

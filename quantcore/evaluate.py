@@ -37,6 +37,7 @@ __all__ = [
     "embed",
     "embedding_similarity",
     "load_float_model",
+    "mark_cache_static",
     "model_kind",
     "perplexity",
 ]
@@ -240,14 +241,21 @@ def _progress_bar(total: int, enabled: bool | None) -> Any:
     return tqdm(total=total, desc="decoding", unit="token", leave=False)
 
 
-def _compiled_step(step: Callable, cache: Any, device: torch.device, ids: torch.Tensor) -> tuple[Callable, bool]:
-    """``step`` compiled (see :func:`decode_scores`), tried once on the first token: ``(step, fullgraph)``."""
+def mark_cache_static(cache: Any) -> None:
+    """Mark a transformers ``StaticCache``'s tensors as static addresses for ``torch.compile``: the
+    cache mutates them in place (``cumulative_length.add_`` among them), and inductor skips CUDA
+    graphs for mutated inputs that are not static."""
     for layer in getattr(cache, "layers", ()):  # transformers 5 (4.x's StaticCache holds lists of tensors)
         for value in vars(layer).values():
             if isinstance(value, torch.Tensor):
                 torch._dynamo.mark_static_address(value)
     for value in (*getattr(cache, "key_cache", ()), *getattr(cache, "value_cache", ())):
         torch._dynamo.mark_static_address(value)
+
+
+def _compiled_step(step: Callable, cache: Any, device: torch.device, ids: torch.Tensor) -> tuple[Callable, bool]:
+    """``step`` compiled (see :func:`decode_scores`), tried once on the first token: ``(step, fullgraph)``."""
+    mark_cache_static(cache)
     mode = "reduce-overhead" if device.type == "cuda" else None
     compiled = torch.compile(step, mode=mode, fullgraph=True)
     with torch.inference_mode():
