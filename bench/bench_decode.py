@@ -659,9 +659,7 @@ def measure(base, method: str, args, bandwidth: float, rows: list[dict]) -> None
             t = time.perf_counter()
             tokens, _, _ = dec.run()  # warm-up: compiles, records the graphs
             warm = time.perf_counter() - t
-            counters = _fold_counters(model)
-            for counter in counters:  # the residual kernels leave it non-zero: proof the fold ran
-                counter.zero_()
+            counters = zeroed_fold_counters(model)
             runs = [dec.run() for _ in range(args.repeats)]
             peak = torch.cuda.max_memory_allocated() / 2**20 if args.device == "cuda" else None
             row = _row(method, mode, batch, runs, args, warm=warm, peak_mib=peak, step_bytes=nbytes)
@@ -670,7 +668,7 @@ def measure(base, method: str, args, bandwidth: float, rows: list[dict]) -> None
                 fullgraph=dec.fullgraph if mode == "compiled" else None,
                 cudagraph_skips=_cudagraph_skips() - skips0 if mode == "compiled" else None,
                 quantize_s=quantize_s,
-                folded=all(bool(c.item()) for c in counters) if counters else None,
+                folded=folded(counters),
                 tokens_head=tokens[0, :8].tolist(),
                 **extra,
             )
@@ -681,10 +679,20 @@ def measure(base, method: str, args, bandwidth: float, rows: list[dict]) -> None
     del model
 
 
-def _fold_counters(model) -> list[torch.Tensor]:
-    """The ``out`` counters of ``fuse_projections(norms=True)``'s stacks (none without ``+norms``)."""
+def zeroed_fold_counters(model) -> list[torch.Tensor]:
+    """The ``out`` counters of ``fuse_projections(norms=True)``'s stacks (none without ``+norms``),
+    set to zero: the residual kernels leave them non-zero, so :func:`folded` after a run tells
+    whether the fold ran."""
     found = (getattr(m, "_quantcore_sum_out", None) for m in model.modules())
-    return [c for c in found if isinstance(c, torch.Tensor)]
+    counters = [c for c in found if isinstance(c, torch.Tensor)]
+    for counter in counters:
+        counter.zero_()
+    return counters
+
+
+def folded(counters: list[torch.Tensor]) -> bool | None:
+    """Whether every counter of :func:`zeroed_fold_counters` moved since (``None``: no fold)."""
+    return all(bool(c.item()) for c in counters) if counters else None
 
 
 @contextlib.contextmanager

@@ -63,14 +63,12 @@ def score(model, method: str, ids: torch.Tensor, compiled: bool) -> dict:
     paths["decode"] = decode_scores(model, ids)
     seconds = {"decode": time.perf_counter() - start}
     if compiled:
-        counters = bench_decode._fold_counters(model)
-        for counter in counters:
-            counter.zero_()
+        counters = bench_decode.zeroed_fold_counters(model)
         start = time.perf_counter()
         paths["compiled"] = decode_scores(model, ids, compiled=True)
         seconds["compiled"] = time.perf_counter() - start
         # the residual kernels leave the fold's counters non-zero: proof the compiled steps folded
-        paths["compiled"]["folded"] = all(bool(c.item()) for c in counters) if counters else None
+        paths["compiled"]["folded"] = bench_decode.folded(counters)
         torch._dynamo.reset()
     return {"method": method, "paths": paths, "seconds": seconds}
 
