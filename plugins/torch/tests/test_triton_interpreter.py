@@ -847,6 +847,35 @@ def _rms_norm(h: torch.Tensor, gain: torch.Tensor, eps: float) -> torch.Tensor:
     return gain * (hf * torch.rsqrt(hf.square().mean(-1, keepdim=True) + eps)).to(h.dtype)
 
 
+def _block_inputs(dtype, bias, hidden, inner, heads):
+    """A folded block boundary's inputs: o's and gate/up's biases (``None`` without ``bias``), the
+    attention's output, the residual ``h``, the next norm's weight, its counter and the counter
+    the residual kernel clears (holding any value)."""
+    from quantcore_torch import _fold
+
+    b_o = torch.randn(hidden, dtype=dtype) if bias else None
+    b_gu = torch.randn(2 * inner, dtype=dtype) if bias else None
+    attn, h = torch.randn(1, heads, dtype=dtype), torch.randn(1, hidden, dtype=dtype) * 4
+    gain = (torch.rand(hidden) + 0.5).to(dtype)
+    return b_o, b_gu, attn, h, gain, _fold.sumsq_counter(device="cpu"), torch.tensor(77, dtype=torch.int64)
+
+
+def _assert_block_end(y, xn, expected, gain, sq, clear, dtype):
+    """A residual kernel's outputs against the unfused block end ``expected`` (``h + o``): the
+    new residual ``y``, ``xn = g * y``, the other counter cleared, ``sum(y**2)`` counted in
+    ``sq``. Returns ``expected``."""
+    from quantcore_torch import _fold
+
+    assert _error(y, expected) < ROUNDING[dtype]
+    # g * h, rounded once, from the written h (bf16 within its last bit: the interpreter's
+    # conversions to bf16 truncate where a GPU's round to nearest).
+    torch.testing.assert_close(xn, gain * y, rtol=0 if dtype == torch.float16 else 2**-7, atol=0)
+    assert clear.item() == 0
+    # The counter: sum(h**2) in units of 2**-24, each program's share summed in fp32.
+    assert abs(sq.item() - _fold.sumsq_counter(y).item()) < 1e-6 * sq.item()
+    return expected
+
+
 @pytest.mark.parametrize("dtype", list(ROUNDING), ids=str)
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 def test_a_block_boundary_folded_into_the_interleaved_kernels(kernels, monkeypatch, dtype, bias):
@@ -869,21 +898,10 @@ def test_a_block_boundary_folded_into_the_interleaved_kernels(kernels, monkeypat
             group,
             dequantize_int4(packed, scale, zero, k, group, torch.float32),
         )
-    b_o = torch.randn(hidden, dtype=dtype) if bias else None
-    b_gu = torch.randn(2 * inner, dtype=dtype) if bias else None
-    attn, h = torch.randn(1, heads, dtype=dtype), torch.randn(1, hidden, dtype=dtype) * 4
-    gain = (torch.rand(hidden) + 0.5).to(dtype)
-    sq, clear = _fold.sumsq_counter(device="cpu"), torch.tensor(77, dtype=torch.int64)
+    b_o, b_gu, attn, h, gain, sq, clear = _block_inputs(dtype, bias, hidden, inner, heads)
     y, xn = _fold.int4_interleaved_residual_mm(attn, *weights["o"][:3], b_o, h, gain, sq, clear)
     o = torch.nn.functional.linear(attn.float(), weights["o"][3], None if b_o is None else b_o.float()).to(dtype)
-    expected = h + o
-    assert _error(y, expected) < ROUNDING[dtype]
-    # g * h, rounded once, from the written h (bf16 within its last bit: the interpreter's
-    # conversions to bf16 truncate where a GPU's round to nearest).
-    torch.testing.assert_close(xn, gain * y, rtol=0 if dtype == torch.float16 else 2**-7, atol=0)
-    assert clear.item() == 0
-    # The counter: sum(h**2) in units of 2**-24, each program's share summed in fp32.
-    assert abs(sq.item() - _fold.sumsq_counter(y).item()) < 1e-6 * sq.item()
+    expected = _assert_block_end(y, xn, h + o, gain, sq, clear, dtype)
     out = _fold.int4_interleaved_norm_mm(xn, *weights["gate_up"][:3], b_gu, sq, eps, gate_up=True)
     normed = _rms_norm(expected, gain, eps)
     gate, up = (
@@ -917,18 +935,10 @@ def test_a_block_boundary_folded_into_the_int8_kernels(kernels, monkeypatch, dty
     for name, (n, k) in {"o": (hidden, heads), "gate_up": (2 * inner, hidden)}.items():
         qweight, scale = quantize_int8((torch.randn(n, k) * 0.05).to(dtype))
         weights[name] = (qweight, scale.to(dtype), dequantize_int8(qweight, scale.to(dtype), torch.float32))
-    b_o = torch.randn(hidden, dtype=dtype) if bias else None
-    b_gu = torch.randn(2 * inner, dtype=dtype) if bias else None
-    attn, h = torch.randn(1, heads, dtype=dtype), torch.randn(1, hidden, dtype=dtype) * 4
-    gain = (torch.rand(hidden) + 0.5).to(dtype)
-    sq, clear = _fold.sumsq_counter(device="cpu"), torch.tensor(77, dtype=torch.int64)
+    b_o, b_gu, attn, h, gain, sq, clear = _block_inputs(dtype, bias, hidden, inner, heads)
     y, xn = _fold.int8_residual_mm(attn, *weights["o"][:2], b_o, h, gain, sq, clear)
     o = torch.nn.functional.linear(attn.float(), weights["o"][2], None if b_o is None else b_o.float()).to(dtype)
-    expected = h + o
-    assert _error(y, expected) < ROUNDING[dtype]
-    torch.testing.assert_close(xn, gain * y, rtol=0 if dtype == torch.float16 else 2**-7, atol=0)
-    assert clear.item() == 0
-    assert abs(sq.item() - _fold.sumsq_counter(y).item()) < 1e-6 * sq.item()
+    _assert_block_end(y, xn, h + o, gain, sq, clear, dtype)
     normed = _rms_norm(y, gain, eps)  # the written h's norm (bf16: the interpreter truncates h)
     full = torch.nn.functional.linear(normed.float(), weights["gate_up"][2], None if b_gu is None else b_gu.float())
     out = _fold.int8_norm_mm(xn, *weights["gate_up"][:2], b_gu, sq, eps, gate_up=True)
