@@ -63,9 +63,14 @@ def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
     print(json.dumps(data, indent=2, default=str) if args.json else text)
 
 
+def _quiet(args: argparse.Namespace) -> bool:
+    """Whether the command prints no progress (--json or --quiet)."""
+    return bool(args.json or getattr(args, "quiet", False))
+
+
 def _log(args: argparse.Namespace) -> Callable[[str], None]:
     """Progress lines on stderr (quiet with --json or --quiet)."""
-    if args.json or getattr(args, "quiet", False):
+    if _quiet(args):
         return lambda message: None
     return lambda message: print(f"... {message}", file=sys.stderr, flush=True)
 
@@ -204,7 +209,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         quantization_config=config,
         dtype=args.dtype,
         skip_modules=args.skip or None,
-        progress=False if args.json or args.quiet else None,
+        progress=False if _quiet(args) else None,
     )
     loaded = time.perf_counter() - start
     log(f"saving to {out}")
@@ -402,14 +407,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not configs and not args.quantized:
         raise UsageError("give what to compare: --method NAME, --config FILE or --quantized DIR")
     _transformers()
-    quiet = args.json or args.quiet
     evaluation = Evaluation(
         model_dir,
         dtype=args.dtype,
         text=text,
         max_tokens=args.max_tokens,
         decode=args.decode,
-        progress=False if quiet else None,
+        progress=False if _quiet(args) else None,
         log=_log(args),
     )
     rows = evaluation.compare(configs)
